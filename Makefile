@@ -1,0 +1,29 @@
+# One-command entry points (see README).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+
+.PHONY: venv test test-fast lint quickstart clean
+
+$(VENV)/.installed: setup.cfg setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	# The CPU wheel of torch 2.13.0 first: later resolutions then reuse it instead of pulling a CUDA build.
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e '.[test,plot]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+test: venv
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q
+
+test-fast: venv
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not slow"
+
+lint: venv
+	$(VENV)/bin/ruff check actcomp_dist launch tools tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info

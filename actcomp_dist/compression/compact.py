@@ -1,0 +1,87 @@
+"""``compact``: random-projection activation compression (CompAct, arXiv 2410.15352).
+
+Forward computes ``Y = X W^T`` exactly and saves ``Z = X P`` [N, r] with ``P`` [n, r] a seeded
+random projection (``E[P P^T] = I``); ``P`` itself is never saved — it is rebuilt from the
+seeds stored in the autograd context. Backward: ``G_hat = g^T Z`` [m, r], and
+
+- ``lift`` mode returns ``dW ~= G_hat P^T``, an unbiased estimate of ``g^T X``;
+- ``subspace`` mode keeps ``G_hat`` on ``weight.compressed_grad`` and lets
+  :class:`actcomp_dist.optim.SubspaceAdamW` update ``W`` along ``P^T`` (moments m x r).
+
+The projection of a layer is block-diagonal over its :class:`BlockLayout` (one block for
+single-device and column-parallel layers, K for row-parallel ones). Block ``b`` is seeded by
+``projection_seed(seed, layer_id, site, b, epoch)`` with ``epoch = step // resample_every``, so
+every micro-batch of a step, every rank and every recompute rebuilds the same matrix.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from actcomp_dist.compression.base import Compressed, Compressor
+from actcomp_dist.compression.projections import random_projection
+from actcomp_dist.compression.registry import register_compressor
+from actcomp_dist.seeds import projection_seed
+
+
+@register_compressor("compact")
+class CompactCompressor(Compressor):
+    supports_subspace = True
+
+    def __init__(self, config, layout, layer_id, site, schedule) -> None:
+        super().__init__(config, layout, layer_id, site, schedule)
+        self.rank = config.resolve_rank(layout.total_width)
+        self._local_rank = layout.local_rank(self.rank)
+        if any(layout.block_rank(b, self.rank) < 1 for b in layout.blocks):
+            raise ValueError(
+                f"compact rank {self.rank} of layer {layer_id} site {site!r} is smaller than its "
+                f"{layout.num_blocks} projection blocks; raise the rank or lower "
+                f"row_parallel_blocks"
+            )
+        self._cache_key: tuple | None = None
+        self._cache: torch.Tensor | None = None
+
+    @property
+    def compressed_width(self) -> int:
+        return self._local_rank
+
+    def current_seeds(self) -> tuple[int, ...]:
+        epoch = self.schedule.epoch
+        cfg = self.config
+        return tuple(
+            projection_seed(cfg.seed, self.layer_id, self.site, b, epoch)
+            for b in self.layout.blocks
+        )
+
+    def projection(
+        self, seeds: tuple[int, ...], device: torch.device, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """The local projection [n_local, r_local] for the given block seeds."""
+        key = (seeds, device, dtype)
+        if self._cache_key == key:
+            return self._cache
+        blocks = []
+        for block, seed in zip(self.layout.blocks, seeds, strict=True):
+            start, end = self.layout.block_features(block)
+            rank = self.layout.block_rank(block, self.rank)
+            blocks.append(
+                random_projection(self.config.projection, end - start, rank, seed, device, dtype)
+            )
+        p = blocks[0] if len(blocks) == 1 else torch.block_diag(*blocks)
+        if self.config.cache_projection:
+            self._cache_key, self._cache = key, p
+        return p
+
+    def compress(self, x2d: torch.Tensor) -> Compressed:
+        seeds = self.current_seeds()
+        p = self.projection(seeds, x2d.device, x2d.dtype)
+        return Compressed(tokens=x2d @ p, seeds=seeds)  # [N, r]
+
+    def lift(self, ghat, basis, seeds):
+        return ghat @ self.projection(seeds, ghat.device, ghat.dtype).t()  # [m, n]
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, rank={self.rank}, projection={self.config.projection!r}, "
+            f"grad_mode={self.config.grad_mode!r}, blocks={list(self.layout.blocks)}"
+        )

@@ -1,0 +1,79 @@
+"""``subtoken``: rank-1 sub-token projection (VeLoRA, arXiv 2405.17991).
+
+Each token's n features are split into G groups of size d = n/G (the *global* width, so a
+row-parallel shard holds whole groups). Every sub-token is projected on one fixed unit vector
+``v`` [d] and only the scalar ``s = x_group . v`` is saved: ``S`` [N, G]. Backward rebuilds
+``x_group ~= s v`` and so ``dW[:, group j] = (g^T S)[:, j] v^T``; ``dX`` stays exact.
+
+``v`` is the normalised mean of the first training batch's sub-tokens, then frozen. It is a
+buffer (``subtoken_vector``) in the model's state dict, and when the layer is sharded or
+replicated the mean is taken over every rank's sub-tokens (the caller passes an ``all_reduce``)
+so all ranks hold the same ``v``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from actcomp_dist.compression.base import AllReduce, Compressed, Compressor
+from actcomp_dist.compression.registry import register_compressor
+
+
+@register_compressor("subtoken")
+class SubTokenCompressor(Compressor):
+    def __init__(self, config, layout, layer_id, site, schedule) -> None:
+        super().__init__(config, layout, layer_id, site, schedule)
+        groups, width = config.groups, layout.total_width
+        if width % groups != 0:
+            raise ValueError(
+                f"CompressionConfig.groups={groups} must divide the input width {width} of layer "
+                f"{layer_id} site {site!r}"
+            )
+        self.group_width = width // groups
+        if self.in_features % self.group_width != 0:
+            raise ValueError(
+                f"the local input width {self.in_features} of layer {layer_id} site {site!r} does "
+                f"not hold whole sub-tokens of width {self.group_width}"
+            )
+        self.local_groups = self.in_features // self.group_width
+        self.register_buffer("subtoken_vector", torch.zeros(self.group_width))
+        self.register_buffer("subtoken_initialized", torch.zeros((), dtype=torch.bool))
+
+    @property
+    def compressed_width(self) -> int:
+        return self.local_groups
+
+    @torch.no_grad()
+    def maybe_initialize(self, x2d: torch.Tensor, all_reduce: AllReduce | None = None) -> None:
+        if bool(self.subtoken_initialized):
+            return
+        sub = x2d.detach().float().reshape(-1, self.group_width)  # [N*G_local, d]
+        stats = torch.cat([sub.sum(0), sub.new_tensor([sub.shape[0]])])
+        if all_reduce is not None:
+            stats = all_reduce(stats)
+        mean = stats[:-1] / stats[-1]
+        norm = mean.norm()
+        if not torch.isfinite(norm) or norm == 0:
+            raise ValueError(
+                f"subtoken layer {self.layer_id} site {self.site!r}: the first batch's mean "
+                f"sub-token is zero or not finite; cannot choose a projection vector"
+            )
+        self.subtoken_vector.copy_(mean / norm)
+        self.subtoken_initialized.fill_(True)
+
+    def compress(self, x2d: torch.Tensor) -> Compressed:
+        if not bool(self.subtoken_initialized):
+            raise RuntimeError(
+                f"subtoken layer {self.layer_id} site {self.site!r} compressed before its vector "
+                f"was initialised"
+            )
+        v = self.subtoken_vector.to(x2d.dtype)
+        scalars = x2d.reshape(x2d.shape[0], self.local_groups, self.group_width) @ v  # [N, G]
+        return Compressed(tokens=scalars)
+
+    def lift(self, ghat, basis, seeds):
+        v = self.subtoken_vector.to(ghat.dtype)
+        return (ghat.unsqueeze(-1) * v).reshape(ghat.shape[0], self.in_features)  # [m, n]
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, groups={self.local_groups}, group_width={self.group_width}"

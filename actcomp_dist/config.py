@@ -1,0 +1,143 @@
+"""`CompressionConfig`: what a compressed linear layer stores for its backward pass.
+
+One config object describes a method and its knobs; every layer built from it resolves the
+per-layer quantities (the rank for its input width, its seed) itself. The config validates its
+own fields on construction so a bad value fails before any layer, process group or collective
+exists, with a message that names the field and what would be valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+PROJECTIONS = ("gaussian", "rademacher", "sparse")
+GRAD_MODES = ("lift", "subspace")
+LOWRANK_ALGORITHMS = ("sampled", "rsvd")
+DEFAULT_SITES = ("qkv", "fc1", "fc2")
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    """How activations saved for the weight gradient are compressed.
+
+    Fields:
+        method: registered compressor name (``list_compressors()``): ``none``, ``compact``,
+            ``lowrank``, ``subtoken``.
+        rank: for ``compact``/``lowrank``, a ratio of the layer's input width (``0 < rank <= 1``,
+            a float) or an absolute rank (an int, ``1 <= rank <= in_features``).
+        projection: ``compact`` projection kind: ``gaussian`` (N(0, 1/r)), ``rademacher``
+            (+-1/sqrt(r)) or ``sparse`` (very sparse JL, density ``1/sqrt(n)``).
+        grad_mode: ``lift`` returns an ordinary parameter-shaped gradient ``(g^T Z) P^T``;
+            ``subspace`` keeps the m x r gradient on ``weight.compressed_grad`` for
+            :class:`actcomp_dist.optim.SubspaceAdamW` (``compact`` only).
+        resample_every: ``T``; the projection changes every ``T`` optimizer steps.
+        seed: base seed of every projection / sampling seed (design.md section 3).
+        groups: ``subtoken`` sub-tokens per token; must divide the layer's input width.
+        lowrank_algorithm: ``sampled`` (LoRAct's sampled-column orthogonal decomposition) or
+            ``rsvd`` (randomized range finder, the baseline).
+        power_iterations: ``lowrank`` power iterations (0 = none).
+        row_parallel_blocks: K, the number of canonical diagonal blocks of a row-parallel
+            layer's projection; fixed so results do not depend on the tensor-parallel size.
+        cache_projection: keep the current projection on the layer instead of regenerating it
+            in every forward and backward (costs n*r elements per layer, not activations).
+        sites: the model sites whose linear inputs are compressed (used by model builders).
+    """
+
+    method: str = "none"
+    rank: float | int = 0.25
+    projection: str = "gaussian"
+    grad_mode: str = "lift"
+    resample_every: int = 50
+    seed: int = 0
+    groups: int = 32
+    lowrank_algorithm: str = "sampled"
+    power_iterations: int = 0
+    row_parallel_blocks: int = 8
+    cache_projection: bool = True
+    sites: tuple[str, ...] = field(default=DEFAULT_SITES)
+
+    def __post_init__(self) -> None:
+        # Imported here: the registry imports the compressors, which import this module.
+        from actcomp_dist.compression.registry import get_compressor_class
+
+        get_compressor_class(self.method)  # raises ValueError listing the registered names
+        _check_rank(self.rank)
+        _check_choice("projection", self.projection, PROJECTIONS)
+        _check_choice("grad_mode", self.grad_mode, GRAD_MODES)
+        _check_choice("lowrank_algorithm", self.lowrank_algorithm, LOWRANK_ALGORITHMS)
+        _check_int("resample_every", self.resample_every, minimum=1)
+        _check_int("seed", self.seed, minimum=0)
+        _check_int("groups", self.groups, minimum=1)
+        _check_int("power_iterations", self.power_iterations, minimum=0)
+        _check_int("row_parallel_blocks", self.row_parallel_blocks, minimum=1)
+        if self.grad_mode == "subspace" and self.method != "compact":
+            raise ValueError(
+                f"CompressionConfig.grad_mode='subspace' needs method='compact' (a fixed, "
+                f"seeded basis the optimizer can lift into); got method={self.method!r}"
+            )
+        if isinstance(self.sites, str) or not all(isinstance(s, str) for s in self.sites):
+            raise ValueError(
+                f"CompressionConfig.sites must be a list of site names, got {self.sites!r}"
+            )
+        object.__setattr__(self, "sites", tuple(self.sites))
+
+    def resolve_rank(self, width: int) -> int:
+        """The absolute rank for an input of ``width`` features."""
+        if isinstance(self.rank, int):
+            if self.rank > width:
+                raise ValueError(
+                    f"CompressionConfig.rank={self.rank} exceeds the layer input width {width}; "
+                    f"use an int in [1, {width}] or a ratio in (0, 1]"
+                )
+            return self.rank
+        return max(1, min(width, math.ceil(self.rank * width)))
+
+    def replace(self, **changes: Any) -> CompressionConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["sites"] = list(self.sites)
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> CompressionConfig:
+        valid = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - valid)
+        if unknown:
+            raise ValueError(
+                f"unknown compression field(s) {unknown}; valid fields: {sorted(valid)}"
+            )
+        values = dict(values)
+        if "sites" in values and isinstance(values["sites"], list):
+            values["sites"] = tuple(values["sites"])
+        return cls(**values)
+
+
+def _check_rank(rank: Any) -> None:
+    if isinstance(rank, bool) or not isinstance(rank, (int, float)):
+        raise ValueError(f"CompressionConfig.rank must be a number, got {rank!r}")
+    if isinstance(rank, int):
+        if rank < 1:
+            raise ValueError(
+                f"CompressionConfig.rank={rank}: an absolute rank must be >= 1 "
+                f"(or give a ratio in (0, 1] as a float)"
+            )
+    elif not (0.0 < rank <= 1.0) or math.isnan(rank):
+        raise ValueError(
+            f"CompressionConfig.rank={rank}: a ratio of the input width must be in (0, 1] "
+            f"(or give an absolute rank as an int)"
+        )
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"CompressionConfig.{name}={value!r} is not one of {list(choices)}")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"CompressionConfig.{name}={value!r} must be an int >= {minimum}")

@@ -1,0 +1,182 @@
+"""`CompressedLinear` and `compress_linears`: drop-in compressed linears for any PyTorch model.
+
+``CompressedLinear`` *is* an ``nn.Linear`` (same parameters, init, state-dict keys and forward
+result, bit for bit); only what it keeps for the backward pass differs. ``compress_linears``
+swaps matching ``nn.Linear`` modules of an existing model in place, reusing their parameters,
+and gives all of them one shared :class:`CompressionSchedule`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from actcomp_dist.autograd import CompressedLinearFunction
+from actcomp_dist.compression import BlockLayout, build_compressor
+from actcomp_dist.compression.base import AllReduce
+from actcomp_dist.config import CompressionConfig
+from actcomp_dist.seeds import CompressionSchedule
+
+
+class CompressedLinear(nn.Linear):
+    """``nn.Linear`` that saves a compressed activation for its weight gradient.
+
+    Args:
+        compression: the method and its knobs; ``None`` means ``method="none"``.
+        layer_id: the layer's index in the whole model (part of every projection seed).
+        site: the name of the input space (``qkv``, ``fc1``, ...; part of every seed).
+        schedule: the model-wide step counter; a private one is made when omitted.
+        all_reduce: for data-dependent set-up (sub-token vectors), a callable that sums a
+            tensor over every replica of this layer (e.g. over the data-parallel group).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        compression: CompressionConfig | None = None,
+        layer_id: int = 0,
+        site: str = "linear",
+        schedule: CompressionSchedule | None = None,
+        all_reduce: AllReduce | None = None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self._setup_compression(compression, layer_id, site, schedule, all_reduce)
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        compression: CompressionConfig | None = None,
+        *,
+        layer_id: int = 0,
+        site: str = "linear",
+        schedule: CompressionSchedule | None = None,
+        all_reduce: AllReduce | None = None,
+    ) -> CompressedLinear:
+        """Wrap an existing ``nn.Linear``, sharing (not copying) its parameters."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.in_features, layer.out_features = linear.in_features, linear.out_features
+        layer.weight = linear.weight
+        layer.bias = linear.bias
+        layer.train(linear.training)
+        layer._setup_compression(compression, layer_id, site, schedule, all_reduce)
+        return layer
+
+    def _setup_compression(self, compression, layer_id, site, schedule, all_reduce) -> None:
+        compression = compression or CompressionConfig()
+        if schedule is None:
+            schedule = CompressionSchedule(compression.resample_every)
+        self.compression = compression
+        self.layer_id, self.site = layer_id, site
+        self.schedule = schedule
+        self.all_reduce = all_reduce
+        self.compressor = build_compressor(
+            compression, BlockLayout(self.in_features), layer_id, site, schedule
+        ).to(self.weight.device)
+        self.subspace = compression.grad_mode == "subspace"
+        if self.subspace:
+            mark_subspace_parameter(self.weight, self.compressor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            self.compressor.is_identity
+            or not torch.is_grad_enabled()
+            or not self.weight.requires_grad
+        ):
+            # Nothing to compress: the oracle, inference, or a frozen weight (whose backward
+            # needs only W, which autograd saves by itself).
+            return F.linear(x, self.weight, self.bias)
+        if self.training:
+            self.compressor.maybe_initialize(x.reshape(-1, x.shape[-1]), self.all_reduce)
+        return CompressedLinearFunction.apply(
+            x, self.weight, self.bias, self.compressor, self.subspace
+        )
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, method={self.compression.method!r}"
+
+
+def mark_subspace_parameter(weight: nn.Parameter, compressor) -> None:
+    """Tag ``weight`` as updated in its compressor's subspace (read by ``SubspaceAdamW``)."""
+    if not compressor.supports_subspace:
+        raise ValueError(f"method {compressor.name!r} does not support grad_mode='subspace'")
+    weight.compressed_grad = None
+    weight.compressed_grad_seeds = None
+    weight.subspace_projection = compressor.projection
+
+
+_LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+
+
+def compress_linears(
+    model: nn.Module,
+    compression: CompressionConfig,
+    include: Iterable[str] | None = None,
+    exclude: Iterable[str] = (),
+    schedule: CompressionSchedule | None = None,
+    all_reduce: AllReduce | None = None,
+) -> nn.Module:
+    """Replace matching ``nn.Linear`` modules of ``model`` in place by ``CompressedLinear``.
+
+    ``include``/``exclude`` are glob patterns matched against the module's full dotted name and
+    its last component (``"q_proj"`` matches ``model.layers.3.self_attn.q_proj``); ``include=None``
+    takes every ``nn.Linear``. A module's ``layer_id`` is the first integer in its name (the block
+    index, as in ``layers.3``), else its position among the matches; its ``site`` is its last name
+    component. All replaced layers share one schedule, returned by :func:`find_schedule`.
+    """
+    schedule = schedule or CompressionSchedule(compression.resample_every)
+    include = None if include is None else list(include)
+    exclude = list(exclude)
+    targets = [
+        (name, module)
+        for name, module in model.named_modules()
+        if type(module) is nn.Linear and _matches(name, include, exclude)
+    ]
+    if include is not None and not targets:
+        raise ValueError(f"compress_linears: no nn.Linear module matches include={include}")
+    for position, (name, module) in enumerate(targets):
+        index = _LAYER_INDEX.search(name)
+        layer = CompressedLinear.from_linear(
+            module,
+            compression,
+            layer_id=int(index.group(1)) if index else position,
+            site=name.rsplit(".", 1)[-1],
+            schedule=schedule,
+            all_reduce=all_reduce,
+        )
+        _set_submodule(model, name, layer)
+    return model
+
+
+def find_schedule(model: nn.Module) -> CompressionSchedule | None:
+    """The schedule shared by the compressed layers of ``model`` (``None`` if it has none)."""
+    for module in model.modules():
+        schedule = getattr(module, "schedule", None)
+        if isinstance(schedule, CompressionSchedule):
+            return schedule
+    return None
+
+
+def _matches(name: str, include: list[str] | None, exclude: list[str]) -> bool:
+    leaf = name.rsplit(".", 1)[-1]
+
+    def hit(patterns: list[str]) -> bool:
+        return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(leaf, p) for p in patterns)
+
+    return bool(name) and (include is None or hit(include)) and not hit(exclude)
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)

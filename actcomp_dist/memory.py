@@ -1,0 +1,171 @@
+"""Exact memory accounting (design.md section 9).
+
+``saved_activation_bytes`` counts the bytes of every tensor autograd saves for backward while a
+function runs, through ``torch.autograd.graph.saved_tensors_hooks``: each storage is counted
+once (a view and its base share memory), and parameters are excluded (a saved weight often
+arrives as a view whose ``_base`` is the parameter). Counting storages, not tensors, is what
+the allocator really holds, and it is exact and deterministic on any device — unlike RSS or
+allocator peaks, which depend on caching and timing.
+
+``peak_memory_by_category`` wraps PyTorch's ``MemTracker`` for the peak of one training step
+split into parameters, gradients, activations, optimizer state and temporaries; on a GPU it
+also reports ``torch.cuda.max_memory_allocated``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def _is_parameter(t: torch.Tensor) -> bool:
+    while t is not None:
+        if isinstance(t, nn.Parameter):
+            return True
+        t = t._base
+    return False
+
+
+class SavedTensorCounter:
+    """Records every tensor saved for backward inside its context, de-duplicated by storage.
+
+    ``exclude`` adds storages never to count (e.g. a model's buffers). Attribution to modules
+    works when ``track_modules`` is given: a saved tensor is charged to the innermost module
+    whose forward is running.
+    """
+
+    def __init__(
+        self,
+        exclude: Iterable[torch.Tensor] = (),
+        track_modules: nn.Module | None = None,
+    ) -> None:
+        self._excluded = {self._key(t) for t in exclude}
+        self._seen: set[tuple] = set()
+        self.total_bytes = 0
+        self.by_module: dict[str, int] = defaultdict(int)
+        self._root = track_modules
+        self._stack: list[str] = []
+        self._handles: list[Any] = []
+
+    @staticmethod
+    def _key(t: torch.Tensor) -> tuple:
+        storage = t.untyped_storage()
+        return (t.device.type, t.device.index, storage.data_ptr(), storage.nbytes())
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        if _is_parameter(t):
+            return t
+        key = self._key(t)
+        if key in self._excluded or key in self._seen or key[2] == 0:
+            return t
+        self._seen.add(key)
+        nbytes = t.untyped_storage().nbytes()
+        self.total_bytes += nbytes
+        self.by_module[self._stack[-1] if self._stack else ""] += nbytes
+        return t
+
+    def _attach(self) -> None:
+        if self._root is None:
+            return
+        for name, module in self._root.named_modules():
+            self._handles.append(
+                module.register_forward_pre_hook(lambda m, a, name=name: self._stack.append(name))
+            )
+            self._handles.append(
+                module.register_forward_hook(lambda m, a, o: self._stack.pop(), always_call=True)
+            )
+
+    def __enter__(self) -> SavedTensorCounter:
+        self._attach()
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+def saved_activation_bytes(fn: Callable[[], Any], exclude: Iterable[torch.Tensor] = ()) -> int:
+    """Bytes of all tensors saved for backward while ``fn()`` runs (parameters excluded).
+
+    The graph ``fn`` builds is released before returning; call it with the forward of one
+    micro-batch (e.g. ``lambda: model(x).sum()``).
+    """
+    with SavedTensorCounter(exclude) as counter:
+        fn()
+    return counter.total_bytes
+
+
+def saved_activation_bytes_by_module(
+    model: nn.Module, fn: Callable[[], Any], exclude: Iterable[torch.Tensor] = ()
+) -> dict[str, int]:
+    """Like :func:`saved_activation_bytes`, split by the innermost module (dotted name; ``""``
+    for tensors saved outside any submodule) whose forward saved each tensor."""
+    with SavedTensorCounter(exclude, track_modules=model) as counter:
+        fn()
+    return dict(counter.by_module)
+
+
+def group_bytes(by_module: dict[str, int], key: Callable[[str], str]) -> dict[str, int]:
+    """Sum a per-module breakdown by ``key(name)`` (e.g. the last name component = layer kind)."""
+    out: dict[str, int] = defaultdict(int)
+    for name, nbytes in by_module.items():
+        out[key(name)] += nbytes
+    return dict(out)
+
+
+@contextmanager
+def _cuda_peak(device: torch.device, out: dict[str, int]):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    yield
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        out["cuda_max_memory_allocated"] = torch.cuda.max_memory_allocated(device)
+
+
+def peak_memory_by_category(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    step_fn: Callable[[], Any],
+) -> dict[str, int]:
+    """Peak bytes per category during one call of ``step_fn`` (a full training step).
+
+    Keys: ``parameters``, ``buffers``, ``gradients``, ``activations``, ``temporaries``,
+    ``optimizer_state``, ``other`` and ``total`` (MemTracker's categories at the moment of the
+    overall peak); on a GPU also ``cuda_max_memory_allocated``.
+    """
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    device = next(model.parameters()).device
+    tracker = MemTracker()
+    external = [model] + ([optimizer] if optimizer is not None else [])
+    tracker.track_external(*external)
+    out: dict[str, int] = {}
+    with _cuda_peak(device, out), tracker:
+        step_fn()
+    snapshot = tracker.get_tracker_snapshot("peak")
+    per_device = snapshot.get(device) or next(iter(snapshot.values()))
+    for ref_type, nbytes in per_device.items():
+        name = str(getattr(ref_type, "value", ref_type))
+        out[_CATEGORY_NAMES.get(name, name)] = int(nbytes)
+    return out
+
+
+_CATEGORY_NAMES = {
+    "parameter": "parameters",
+    "buffer": "buffers",
+    "gradient": "gradients",
+    "activation": "activations",
+    "temp": "temporaries",
+    "optstate": "optimizer_state",
+}
