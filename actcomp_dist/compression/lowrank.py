@@ -29,7 +29,8 @@ class LowRankCompressor(Compressor):
 
     def __init__(self, config, layout, layer_id, site, schedule) -> None:
         super().__init__(config, layout, layer_id, site, schedule)
-        self.rank = min(config.resolve_rank(layout.total_width), self.in_features)
+        # A sharded layer keeps its share of the rank, so TP does not multiply the bytes.
+        self.rank = layout.local_rank(config.resolve_rank(layout.total_width))
 
     @property
     def compressed_width(self) -> int:

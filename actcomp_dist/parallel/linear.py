@@ -1,0 +1,276 @@
+"""Compressed Megatron-core ``ColumnParallelLinear`` / ``RowParallelLinear``.
+
+The layers subclass megatron-core's, so parameters, initialisation, sharding attributes
+(``tensor_model_parallel``, ``partition_dim``, ``sequence_parallel``) and state dicts are
+Megatron's own. Only ``forward`` changes: it runs :class:`_CompressedParallelLinear`, our
+device-agnostic autograd function whose collectives are plain ``torch.distributed`` calls on
+Megatron's process groups (Megatron's built-in path allocates its sequence-parallel buffers
+with ``torch.cuda.current_device()``), so one source runs on CPU/gloo and GPU/NCCL.
+
+Tensor-parallel rules (design.md section 4):
+
+- **Column-parallel** (QKV, FC1): every TP rank holds the whole input width, so all ranks
+  build the *same* projection (one block). Rank i's ``G_hat_i = g_i^T Z`` is exactly the i-th
+  row block of the single-device ``G_hat``.
+  With sequence parallelism the forward all-gathers ``X`` (the output needs it), but the layer
+  saves only the compressed *local* shard ``Z_loc = X_loc P``; backward all-gathers ``Z``
+  (c/n of the bytes Megatron re-gathers for ``X``) and reduce-scatters ``dX``.
+- **Row-parallel** (FC2, attention output): the input is sharded along the contracted
+  features, so the projection is block-diagonal over K canonical blocks (``row_parallel_blocks``,
+  independent of the TP size); a rank owning K/t blocks concatenates them. No extra
+  communication. The output is all-reduced (or reduce-scattered under SP) as Megatron does.
+
+Both give the same numbers at any TP size up to float reduction order; method ``none`` runs
+the same operations as Megatron's layers and matches them bit for bit (TP without SP).
+
+Each layer counts the bytes it communicates per phase in ``layer.comm["forward"]`` and
+``layer.comm["backward"]`` (:class:`CommCounter`: the buffer this rank contributes to each
+all-gather / reduce-scatter / all-reduce); :meth:`reset_comm` zeroes them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+from actcomp_dist.autograd import accumulate_compressed_grad
+from actcomp_dist.compression import BlockLayout, build_compressor
+from actcomp_dist.compression.base import Compressor
+from actcomp_dist.config import CompressionConfig
+from actcomp_dist.layers import mark_subspace_parameter
+from actcomp_dist.parallel.collectives import (
+    CommCounter,
+    all_gather_dim0,
+    reduce_from_tensor_parallel_region,
+    reduce_scatter_dim0,
+    reduce_scatter_to_sequence_parallel_region,
+)
+from actcomp_dist.seeds import CompressionSchedule
+
+# How the input gradient of the local GEMM is completed across the TP group.
+_DGRAD_NONE = "none"  # row-parallel: each rank's dX is already its own shard
+_DGRAD_ALL_REDUCE = "all_reduce"  # column-parallel, replicated input
+_DGRAD_SEQUENCE_PARALLEL = "sequence_parallel"  # column-parallel, sequence-sharded input
+
+
+class _CompressedParallelLinear(torch.autograd.Function):
+    """``Y = X W^T (+ b)`` on one TP shard, saving the compressed input.
+
+    Inputs are Megatron's sequence-first [s, b, n]. Under sequence parallelism ``x`` is the
+    local [s/t, b, n] shard and the output covers the whole sequence.
+    """
+
+    @staticmethod
+    def forward(
+        ctx, x, weight, bias, compressor: Compressor, subspace: bool, group, dgrad: str, comm
+    ):
+        if dgrad == _DGRAD_SEQUENCE_PARALLEL:
+            total_x = all_gather_dim0(x, group, comm["forward"])  # [s, b, n]
+        else:
+            total_x = x
+        out = torch.matmul(total_x, weight.t())
+        if bias is not None:
+            out = out + bias
+        packed = compressor.compress(x.reshape(-1, x.shape[-1]))  # local tokens only
+        ctx.save_for_backward(weight, packed.tokens, *packed.basis)
+        ctx.compressor, ctx.seeds, ctx.subspace = compressor, packed.seeds, subspace
+        ctx.weight, ctx.group, ctx.dgrad, ctx.counter = weight, group, dgrad, comm["backward"]
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight, tokens, *basis = ctx.saved_tensors
+        compressor, group, counter = ctx.compressor, ctx.group, ctx.counter
+        sequence_parallel = ctx.dgrad == _DGRAD_SEQUENCE_PARALLEL
+        grad_x = grad_w = grad_b = None
+
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out.matmul(weight)  # [s, b, n], a partial sum over the TP group
+            if sequence_parallel:
+                grad_x = reduce_scatter_dim0(grad_x, group, counter)
+            elif ctx.dgrad == _DGRAD_ALL_REDUCE:
+                counter.record("all_reduce", grad_x)
+                dist.all_reduce(grad_x, group=group)  # in place: grad_x is our own buffer
+
+        g2d = grad_out.reshape(-1, grad_out.shape[-1])  # [N, m_local]
+        if ctx.needs_input_grad[1]:
+            if sequence_parallel:
+                chunks_tokens = all_gather_dim0(tokens, group, counter).chunk(
+                    dist.get_world_size(group)
+                )
+            if sequence_parallel and not compressor.basis_is_shared:
+                # Each rank factorised its own tokens: lift every rank's chunk in its own basis.
+                gathered_basis = []
+                for b in basis:
+                    gathered_basis.append(all_gather_dim0(b.unsqueeze(0), group, counter))
+                grad_w = sum(
+                    compressor.lift(
+                        g.t().matmul(t), tuple(gb[i] for gb in gathered_basis), ctx.seeds
+                    )
+                    for i, (g, t) in enumerate(
+                        zip(g2d.chunk(len(chunks_tokens)), chunks_tokens, strict=True)
+                    )
+                )
+            else:
+                if sequence_parallel:
+                    tokens = torch.cat(chunks_tokens)
+                ghat = g2d.t().matmul(tokens)  # [m_local, c]
+                if ctx.subspace:
+                    accumulate_compressed_grad(ctx.weight, ghat, ctx.seeds)
+                else:
+                    grad_w = compressor.lift(ghat, tuple(basis), ctx.seeds)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = g2d.sum(dim=0)
+        return grad_x, grad_w, grad_b, None, None, None, None, None
+
+
+class _CompressedParallelMixin:
+    """Shared set-up of the compressor on a Megatron parallel linear."""
+
+    def _setup_compression(
+        self,
+        compression: CompressionConfig | None,
+        layer_id: int,
+        site: str,
+        schedule: CompressionSchedule | None,
+        layout: BlockLayout,
+    ) -> None:
+        compression = compression or CompressionConfig()
+        self.compression = compression
+        self.layer_id, self.site = layer_id, site
+        self.schedule = schedule or CompressionSchedule(compression.resample_every)
+        self.compressor = build_compressor(compression, layout, layer_id, site, self.schedule)
+        self.compressor.to(self.weight.device)
+        self.subspace = compression.grad_mode == "subspace"
+        if self.subspace:
+            mark_subspace_parameter(self.weight, self.compressor)
+        self.comm = {"forward": CommCounter(), "backward": CommCounter()}
+
+    def reset_comm(self) -> None:
+        for counter in self.comm.values():
+            counter.reset()
+
+    def _maybe_initialize(self, x: torch.Tensor) -> None:
+        if self.training and torch.is_grad_enabled():
+            self.compressor.maybe_initialize(x.reshape(-1, x.shape[-1]), _world_all_reduce)
+
+    def _compressed_forward(self, x, bias, dgrad: str):
+        self._maybe_initialize(x)
+        return _CompressedParallelLinear.apply(
+            x, self.weight, bias, self.compressor, self.subspace, self.tp_group, dgrad, self.comm
+        )
+
+
+def _world_all_reduce(t: torch.Tensor) -> torch.Tensor:
+    """Sum over every rank: sub-token vectors must agree across all TP and DP ranks."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t
+
+
+class CompressedColumnParallelLinear(_CompressedParallelMixin, ColumnParallelLinear):
+    """Megatron ``ColumnParallelLinear`` whose weight gradient uses a compressed input.
+
+    Same constructor as Megatron's, plus ``compression``, ``layer_id``, ``site`` and
+    ``schedule`` (the model-wide step counter). ``forward`` returns ``(output, bias)`` like
+    Megatron's. Not supported: ``gather_output`` at runtime changes, expert layers,
+    ``skip_weight_param_allocation`` / external weights, deferred embedding wgrad.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        *,
+        compression: CompressionConfig | None = None,
+        layer_id: int = 0,
+        site: str = "column",
+        schedule: CompressionSchedule | None = None,
+        **megatron_kwargs,
+    ) -> None:
+        super().__init__(input_size, output_size, **megatron_kwargs)
+        if self.weight is None or self.is_expert or self.config.defer_embedding_wgrad_compute:
+            raise ValueError(
+                "CompressedColumnParallelLinear does not support skip_weight_param_allocation, "
+                "expert layers or deferred embedding wgrad"
+            )
+        if self.config.gradient_accumulation_fusion:
+            raise ValueError(
+                "CompressedColumnParallelLinear computes its own weight gradient; set "
+                "gradient_accumulation_fusion=False"
+            )
+        self._setup_compression(compression, layer_id, site, schedule, BlockLayout(input_size))
+
+    def forward(
+        self, input_: torch.Tensor, weight: torch.Tensor | None = None, runtime_gather_output=None
+    ):
+        if weight is not None and weight is not self.weight:
+            raise ValueError("CompressedColumnParallelLinear does not take an external weight")
+        bias = self.bias if not self.skip_bias_add else None
+        tp_size = dist.get_world_size(self.tp_group)
+        if self.sequence_parallel:
+            dgrad = _DGRAD_SEQUENCE_PARALLEL
+        else:
+            dgrad = _DGRAD_ALL_REDUCE if tp_size > 1 else _DGRAD_NONE
+        gather = self.gather_output if runtime_gather_output is None else runtime_gather_output
+        if gather and tp_size > 1:
+            raise ValueError(
+                "CompressedColumnParallelLinear does not gather its output; its consumers "
+                "(attention, SwiGLU) work on the local shard"
+            )
+        output = self._compressed_forward(input_, bias, dgrad)
+        return output, (self.bias if self.skip_bias_add else None)
+
+
+class CompressedRowParallelLinear(_CompressedParallelMixin, RowParallelLinear):
+    """Megatron ``RowParallelLinear`` whose weight gradient uses a compressed input.
+
+    The projection is block-diagonal over ``compression.row_parallel_blocks`` canonical blocks
+    (K); the TP size must divide K. Same constructor as Megatron's plus ``compression``,
+    ``layer_id``, ``site`` and ``schedule``. Requires ``input_is_parallel=True``.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        *,
+        compression: CompressionConfig | None = None,
+        layer_id: int = 0,
+        site: str = "row",
+        schedule: CompressionSchedule | None = None,
+        **megatron_kwargs,
+    ) -> None:
+        super().__init__(input_size, output_size, **megatron_kwargs)
+        if not self.input_is_parallel or self.is_expert:
+            raise ValueError(
+                "CompressedRowParallelLinear needs input_is_parallel=True and no expert layers"
+            )
+        compression = compression or CompressionConfig()
+        tp_size = dist.get_world_size(self.tp_group)
+        tp_rank = dist.get_rank(self.tp_group)
+        layout = (
+            BlockLayout.for_shard(input_size, compression.row_parallel_blocks, tp_rank, tp_size)
+            if compression.method == "compact"
+            else BlockLayout.for_shard(input_size, tp_size, tp_rank, tp_size)
+        )
+        self._setup_compression(compression, layer_id, site, schedule, layout)
+
+    def forward(self, input_: torch.Tensor):
+        output_parallel = self._compressed_forward(input_, None, _DGRAD_NONE)
+        tp_size = dist.get_world_size(self.tp_group)
+        if self.sequence_parallel:
+            output = reduce_scatter_to_sequence_parallel_region(
+                output_parallel, self.tp_group, self.comm["forward"]
+            )
+        elif tp_size > 1:
+            output = reduce_from_tensor_parallel_region(
+                output_parallel, self.tp_group, self.comm["forward"]
+            )
+        else:
+            output = output_parallel
+        if self.skip_bias_add:
+            return output, self.bias
+        return (output + self.bias if self.bias is not None else output), None

@@ -1,0 +1,395 @@
+"""Typed run configuration: JSON file + ``--set key.path=value`` overrides.
+
+A run config has typed sections (``model``, ``compression``, ``parallel``,
+``activation_checkpointing``, ``data``, ``train``, ``checkpoint``, ``logging``), a top-level
+``run_dir``, and a ``deepspeed`` section handed to DeepSpeed untouched (it validates its own).
+Every section is a dataclass that validates its own fields; :func:`validate_run` checks the rules
+that span sections and the world size. All of it runs before any process group or collective
+exists, so a bad config gives the same clear message on every rank and nothing hangs.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from actcomp_dist.config import CompressionConfig
+
+
+class ConfigError(ValueError):
+    """A user error in a run config (message names the key and the valid values)."""
+
+
+@dataclass
+class ModelSection:
+    """``name``: a named LLaMA config (tiny, 60m, 130m, 350m, 1b, 7b); ``overrides``: any
+    field of :class:`actcomp_dist.models.LlamaConfig` to change (e.g. ``num_layers``)."""
+
+    name: str = "tiny"
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ParallelSection:
+    tensor_parallel: int = 1
+    sequence_parallel: bool = False
+
+    def validate(self) -> None:
+        _positive_int("parallel.tensor_parallel", self.tensor_parallel)
+        _bool("parallel.sequence_parallel", self.sequence_parallel)
+        if self.sequence_parallel and self.tensor_parallel == 1:
+            raise ConfigError(
+                "parallel.sequence_parallel=true needs parallel.tensor_parallel > 1 "
+                "(sequence parallelism shards along the tensor-parallel group)"
+            )
+
+
+AC_MODES = ("none", "selective", "full")
+
+
+@dataclass
+class ActivationCheckpointingSection:
+    """``mode``: ``none``; ``selective`` (recompute the attention core and cheap elementwise
+    ops); ``full`` (store each block's input, recompute the block). ``num_layers``: how many
+    decoder blocks (from the first) are checkpointed; ``null`` = all."""
+
+    mode: str = "none"
+    num_layers: int | None = None
+
+    def validate(self) -> None:
+        if self.mode not in AC_MODES:
+            raise ConfigError(
+                f"activation_checkpointing.mode={self.mode!r} is not one of {list(AC_MODES)}"
+            )
+        if self.num_layers is not None:
+            _non_negative_int("activation_checkpointing.num_layers", self.num_layers)
+
+
+@dataclass
+class DataSection:
+    """``paths``: indexed-dataset prefixes (``PREFIX.bin/.idx``); empty = the embedded default
+    corpus. ``tokenizer``: a SentencePiece ``.model`` (required with ``paths``).
+    ``split``: train/validation/test weights. ``embedded_vocab_size``: vocabulary of the
+    tokenizer trained for the embedded corpus."""
+
+    paths: list[str] = field(default_factory=list)
+    tokenizer: str | None = None
+    seq_length: int = 128
+    split: str = "98,2,0"
+    embedded_vocab_size: int = 2048
+    num_workers: int = 0
+
+    def validate(self) -> None:
+        if not isinstance(self.paths, list) or not all(isinstance(p, str) for p in self.paths):
+            raise ConfigError(f"data.paths must be a list of path prefixes, got {self.paths!r}")
+        if self.paths and not self.tokenizer:
+            raise ConfigError(
+                "data.paths is set but data.tokenizer (a SentencePiece .model) is not"
+            )
+        _positive_int("data.seq_length", self.seq_length)
+        _positive_int("data.embedded_vocab_size", self.embedded_vocab_size)
+        _non_negative_int("data.num_workers", self.num_workers)
+        try:
+            weights = [float(w) for w in self.split.split(",")]
+        except (AttributeError, ValueError):
+            weights = []
+        if len(weights) != 3 or any(w < 0 for w in weights) or weights[0] <= 0:
+            raise ConfigError(
+                f"data.split={self.split!r} must be three non-negative weights "
+                f"'train,valid,test' with train > 0, e.g. '98,2,0'"
+            )
+
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class TrainSection:
+    steps: int = 100
+    micro_batch_size: int = 4
+    global_batch_size: int = 8
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 10
+    lr_decay: str = "cosine"
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    clip_grad: float = 1.0
+    precision: str = "fp32"
+    seed: int = 1234
+    subspace_scale: float = 0.25
+    eval_interval: int = 0
+    eval_iters: int = 4
+
+    def validate(self) -> None:
+        for name in ("steps", "micro_batch_size", "global_batch_size", "eval_iters"):
+            _positive_int(f"train.{name}", getattr(self, name))
+        for name in ("warmup_steps", "eval_interval", "seed"):
+            _non_negative_int(f"train.{name}", getattr(self, name))
+        for name in ("lr", "min_lr", "weight_decay", "clip_grad", "eps"):
+            _non_negative_float(f"train.{name}", getattr(self, name))
+        if self.min_lr > self.lr:
+            raise ConfigError(f"train.min_lr={self.min_lr} exceeds train.lr={self.lr}")
+        if self.lr_decay not in ("cosine", "linear", "constant"):
+            raise ConfigError(
+                f"train.lr_decay={self.lr_decay!r} is not one of ['cosine', 'linear', 'constant']"
+            )
+        if self.precision not in PRECISIONS:
+            raise ConfigError(
+                f"train.precision={self.precision!r} is not one of {list(PRECISIONS)}"
+            )
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"train.betas={self.betas!r} must be two numbers in [0, 1)")
+        if self.subspace_scale <= 0:
+            raise ConfigError(f"train.subspace_scale={self.subspace_scale} must be > 0")
+
+
+@dataclass
+class CheckpointSection:
+    """``dir``: where checkpoints go (default ``RUN_DIR/checkpoints``); ``interval``: save every
+    N steps (0 = only at the end); ``resume``: ``null``, ``latest`` or a checkpoint path;
+    ``keep``: how many complete checkpoints to keep (0 = all)."""
+
+    dir: str | None = None
+    interval: int = 0
+    resume: str | None = None
+    keep: int = 0
+
+    def validate(self) -> None:
+        _non_negative_int("checkpoint.interval", self.interval)
+        _non_negative_int("checkpoint.keep", self.keep)
+
+
+@dataclass
+class LoggingSection:
+    interval: int = 1
+    tensorboard: bool = False
+
+    def validate(self) -> None:
+        _positive_int("logging.interval", self.interval)
+        _bool("logging.tensorboard", self.tensorboard)
+
+
+@dataclass
+class RunConfig:
+    run_dir: str = "runs/default"
+    model: ModelSection = field(default_factory=ModelSection)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    activation_checkpointing: ActivationCheckpointingSection = field(
+        default_factory=ActivationCheckpointingSection
+    )
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    deepspeed: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoint.dir or Path(self.run_dir) / "checkpoints")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"run_dir": self.run_dir}
+        for f in dataclasses.fields(self):
+            if f.name == "run_dir":
+                continue
+            value = getattr(self, f.name)
+            if f.name == "compression":
+                out[f.name] = value.to_dict()
+            elif dataclasses.is_dataclass(value):
+                out[f.name] = dataclasses.asdict(value)
+            else:
+                out[f.name] = copy.deepcopy(value)
+        return out
+
+    def compression_fingerprint(self) -> str:
+        """Hash of everything that changes what a compressed checkpoint means."""
+        blob = json.dumps(self.compression.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+_SECTIONS = {
+    "model": ModelSection,
+    "parallel": ParallelSection,
+    "activation_checkpointing": ActivationCheckpointingSection,
+    "data": DataSection,
+    "train": TrainSection,
+    "checkpoint": CheckpointSection,
+    "logging": LoggingSection,
+}
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"train.lr=3e-4"`` -> (["train", "lr"], 3e-4): JSON when it parses, else a string."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key.path=value")
+    key, raw = text.split("=", 1)
+    path = key.strip().split(".")
+    if not all(path):
+        raise ConfigError(f"--set {text!r}: empty key component")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return path, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    raw = copy.deepcopy(raw)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {text!r}: {part!r} is not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def run_config_from_dict(raw: dict[str, Any], source: str = "<config>") -> RunConfig:
+    """Build and validate a :class:`RunConfig`; unknown keys name the valid ones and ``source``."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the config must be a JSON object")
+    valid_top = {f.name for f in dataclasses.fields(RunConfig)}
+    unknown = sorted(set(raw) - valid_top)
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {unknown}; valid keys: {sorted(valid_top)}")
+    kwargs: dict[str, Any] = {}
+    if "run_dir" in raw:
+        if not isinstance(raw["run_dir"], str) or not raw["run_dir"]:
+            raise ConfigError(f"{source}: run_dir must be a non-empty path string")
+        kwargs["run_dir"] = raw["run_dir"]
+    for name, cls in _SECTIONS.items():
+        if name in raw:
+            kwargs[name] = _section(cls, name, raw[name], source)
+    if "compression" in raw:
+        if not isinstance(raw["compression"], dict):
+            raise ConfigError(f"{source}: section 'compression' must be an object")
+        try:
+            kwargs["compression"] = CompressionConfig.from_dict(raw["compression"])
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"{source}: compression: {err}") from None
+    if "deepspeed" in raw:
+        if not isinstance(raw["deepspeed"], dict):
+            raise ConfigError(f"{source}: section 'deepspeed' must be an object")
+        kwargs["deepspeed"] = copy.deepcopy(raw["deepspeed"])
+    config = RunConfig(**kwargs)
+    for name in _SECTIONS:
+        section = getattr(config, name)
+        if hasattr(section, "validate"):
+            try:
+                section.validate()
+            except ConfigError as err:
+                raise ConfigError(f"{source}: {err}") from None
+    return config
+
+
+def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: not valid JSON: {err}") from None
+    return run_config_from_dict(apply_overrides(raw, list(overrides)), source=str(path))
+
+
+def validate_run(config: RunConfig, world_size: int) -> None:
+    """Cross-section rules that need the world size; raises :class:`ConfigError`."""
+    tp = config.parallel.tensor_parallel
+    if world_size % tp != 0:
+        raise ConfigError(
+            f"parallel.tensor_parallel={tp} does not divide the world size {world_size}"
+        )
+    dp = world_size // tp
+    train = config.train
+    per_step = train.micro_batch_size * dp
+    if train.global_batch_size % per_step != 0:
+        raise ConfigError(
+            f"train.global_batch_size={train.global_batch_size} must be a multiple of "
+            f"micro_batch_size * data_parallel_size = {train.micro_batch_size} * {dp}"
+        )
+    if config.compression.grad_mode == "subspace":
+        stage = config.deepspeed.get("zero_optimization", {}).get("stage", 0)
+        if stage == 3:
+            raise ConfigError(
+                "compression.grad_mode='subspace' is not supported with ZeRO stage 3 (its "
+                "compressed weights are updated outside DeepSpeed's partitioned parameters); "
+                "use ZeRO 0-2 or grad_mode='lift'"
+            )
+    if config.parallel.sequence_parallel and config.data.seq_length % tp != 0:
+        raise ConfigError(
+            f"data.seq_length={config.data.seq_length} must be divisible by "
+            f"parallel.tensor_parallel={tp} with sequence parallelism"
+        )
+    if (
+        config.checkpoint.resume not in (None, "latest")
+        and not Path(config.checkpoint.resume).exists()
+    ):
+        raise ConfigError(f"checkpoint.resume={config.checkpoint.resume!r}: no such checkpoint")
+    for prefix in config.data.paths:
+        for suffix in (".bin", ".idx"):
+            if not Path(prefix + suffix).is_file():
+                raise ConfigError(f"data.paths: {prefix + suffix} not found")
+    if config.data.tokenizer and not Path(config.data.tokenizer).is_file():
+        raise ConfigError(f"data.tokenizer: {config.data.tokenizer} not found")
+
+
+def gradient_accumulation_steps(config: RunConfig, world_size: int) -> int:
+    dp = world_size // config.parallel.tensor_parallel
+    return config.train.global_batch_size // (config.train.micro_batch_size * dp)
+
+
+def _section(cls, name: str, raw: Any, source: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: section {name!r} must be an object")
+    valid = {f.name for f in dataclasses.fields(cls)}
+    if cls is ModelSection:
+        # Unknown model keys are LlamaConfig overrides, checked when the model is built.
+        known = {k: v for k, v in raw.items() if k in valid}
+        overrides = dict(known.pop("overrides", {}))
+        overrides.update({k: v for k, v in raw.items() if k not in valid})
+        return ModelSection(**known, overrides=overrides)
+    unknown = sorted(set(raw) - valid)
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown key(s) {[f'{name}.{k}' for k in unknown]}; valid keys in "
+            f"{name!r}: {sorted(valid)}"
+        )
+    return cls(**copy.deepcopy(raw))
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name}={value!r} must be an int >= 1")
+
+
+def _non_negative_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{name}={value!r} must be an int >= 0")
+
+
+def _non_negative_float(name: str, value: Any) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or value < 0
+        or math.isnan(value)
+    ):
+        raise ConfigError(f"{name}={value!r} must be a number >= 0")
+
+
+def _bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name}={value!r} must be true or false")

@@ -1,0 +1,265 @@
+"""TP invariance of the compressed Megatron layers (2 gloo ranks).
+
+Each case builds the layer at TP=2 (with and without sequence parallelism) and the same layer
+at TP=1 (on a one-rank group) from the same full weights, runs the same input and upstream
+gradient through both, and compares output, input gradient and the rank's weight-gradient
+shard. Tolerances: float32 with reduction order differing between the two layouts (a K-way
+sum split over ranks), so 1e-5 relative; ``none`` against Megatron's own layer is exact.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from tests.distributed import run_distributed
+
+SEQ, BATCH, IN, OUT = 8, 2, 64, 48
+
+
+def _megatron_config(tp: int, sequence_parallel: bool):
+    from megatron.core import ModelParallelConfig
+
+    return ModelParallelConfig(
+        tensor_model_parallel_size=tp,
+        sequence_parallel=sequence_parallel,
+        use_cpu_initialization=True,
+        perform_initialization=True,
+        params_dtype=torch.float32,
+    )
+
+
+def _init(weight):
+    return torch.nn.init.normal_(weight, std=0.02)
+
+
+def _build(kind, tp_group, tp, sequence_parallel, compression, megatron=False):
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    from actcomp_dist.parallel import CompressedColumnParallelLinear, CompressedRowParallelLinear
+
+    common = dict(
+        config=_megatron_config(tp, sequence_parallel and tp > 1),
+        init_method=_init,
+        bias=True,
+        tp_group=tp_group,
+    )
+    extra = {} if megatron else dict(compression=compression, layer_id=1, site=kind)
+    if kind == "column":
+        cls = ColumnParallelLinear if megatron else CompressedColumnParallelLinear
+        return cls(IN, OUT, gather_output=False, **common, **extra)
+    cls = RowParallelLinear if megatron else CompressedRowParallelLinear
+    return cls(IN, OUT, input_is_parallel=True, skip_bias_add=False, **common, **extra)
+
+
+def _load_full(layer, kind, full_w, full_b, rank, tp):
+    with torch.no_grad():
+        if kind == "column":
+            layer.weight.copy_(full_w.chunk(tp, dim=0)[rank])
+            layer.bias.copy_(full_b.chunk(tp, dim=0)[rank])
+        else:
+            layer.weight.copy_(full_w.chunk(tp, dim=1)[rank])
+            layer.bias.copy_(full_b)
+
+
+def _shard_inputs(kind, x, g, rank, tp, sequence_parallel):
+    """The TP=2 layer's input and upstream gradient, cut from the full ones."""
+    if kind == "column":
+        x_local = x.chunk(tp, dim=0)[rank] if sequence_parallel else x
+        g_local = g.chunk(tp, dim=-1)[rank]
+    else:
+        x_local = x.chunk(tp, dim=-1)[rank]
+        g_local = g.chunk(tp, dim=0)[rank] if sequence_parallel else g
+    return x_local.clone().requires_grad_(True), g_local
+
+
+def _run(layer, x, g):
+    out, _ = layer(x)
+    out.backward(g)
+    return out.detach(), x.grad
+
+
+def _weight_grad(layer):
+    w = layer.weight
+    return w.compressed_grad if getattr(w, "compressed_grad", None) is not None else w.grad
+
+
+def _tp_invariance_rank(rank, world, kind, sequence_parallel, cfg_dict):
+    from actcomp_dist import CompressionConfig
+    from actcomp_dist.parallel import state
+
+    state.initialize_model_parallel(tensor_parallel_size=world)
+    tp_group = state.get_tp_group()
+    singles = [dist.new_group([r]) for r in range(world)]
+    compression = CompressionConfig.from_dict(cfg_dict)
+
+    torch.manual_seed(0)
+    full_w = torch.randn(OUT, IN) * 0.1
+    full_b = torch.randn(OUT) * 0.1
+    x = torch.randn(SEQ, BATCH, IN) + 0.5  # offset: a non-zero mean sub-token for subtoken
+    g = torch.randn(SEQ, BATCH, OUT)
+
+    ref = _build(kind, singles[rank], 1, False, compression)
+    _load_full(ref, kind, full_w, full_b, 0, 1)
+    ref_x = x.clone().requires_grad_(True)
+    ref_out, ref_dx = _run(ref, ref_x, g)
+
+    layer = _build(kind, tp_group, world, sequence_parallel, compression)
+    _load_full(layer, kind, full_w, full_b, rank, world)
+    x_local, g_local = _shard_inputs(kind, x, g, rank, world, sequence_parallel)
+    out, dx = _run(layer, x_local, g_local)
+
+    if kind == "column":
+        exp_out = ref_out.chunk(world, dim=-1)[rank]
+        exp_dx = ref_dx.chunk(world, dim=0)[rank] if sequence_parallel else ref_dx
+    else:
+        exp_out = ref_out.chunk(world, dim=0)[rank] if sequence_parallel else ref_out
+        exp_dx = ref_dx.chunk(world, dim=-1)[rank]
+    ref_gw = _weight_grad(ref)
+    if kind == "column":
+        exp_gw = ref_gw.chunk(world, dim=0)[rank]
+    else:
+        width = _weight_grad(layer).shape[1]
+        exp_gw = ref_gw[:, rank * width : (rank + 1) * width]
+    exp_gb = ref.bias.grad.chunk(world)[rank] if kind == "column" else ref.bias.grad
+    gb = layer.bias.grad
+    if kind == "row" and sequence_parallel:
+        # Megatron leaves a sequence-parallel bias gradient partial: the trainer all-reduces it.
+        dist.all_reduce(gb, group=tp_group)
+    return {
+        "out": (out, exp_out),
+        "dx": (dx, exp_dx),
+        "dw": (_weight_grad(layer), exp_gw),
+        "db": (gb, exp_gb),
+    }
+
+
+METHODS = {
+    "none": {"method": "none"},
+    "compact_lift": {"method": "compact", "rank": 0.25, "seed": 7},
+    "compact_subspace": {"method": "compact", "rank": 0.25, "seed": 7, "grad_mode": "subspace"},
+    "compact_rademacher_int_rank": {"method": "compact", "rank": 16, "projection": "rademacher"},
+    "subtoken": {"method": "subtoken", "groups": 8},
+}
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp2", "tp2sp"])
+@pytest.mark.parametrize("kind", ["column", "row"])
+@pytest.mark.parametrize("method", list(METHODS))
+def test_tp2_matches_tp1(tmp_path, method, kind, sequence_parallel):
+    results = run_distributed(
+        _tp_invariance_rank, 2, tmp_path, kind, sequence_parallel, METHODS[method]
+    )
+    for rank, checks in enumerate(results):
+        for name, (got, expected) in checks.items():
+            assert got.shape == expected.shape, (rank, name)
+            torch.testing.assert_close(
+                got,
+                expected,
+                rtol=1e-5,
+                atol=1e-6,
+                msg=lambda m, r=rank, n=name: f"rank {r} {n}: {m}",
+            )
+
+
+def _megatron_equal_rank(rank, world, kind):
+    from actcomp_dist import CompressionConfig
+    from actcomp_dist.parallel import state
+
+    state.initialize_model_parallel(tensor_parallel_size=world)
+    tp_group = state.get_tp_group()
+    torch.manual_seed(0)
+    ours = _build(kind, tp_group, world, False, CompressionConfig(method="none"))
+    torch.manual_seed(0)
+    theirs = _build(kind, tp_group, world, False, None, megatron=True)
+    torch.manual_seed(1)
+    in_width = IN if kind == "column" else IN // world
+    out_width = OUT // world if kind == "column" else OUT
+    x = torch.randn(SEQ, BATCH, in_width)
+    g = torch.randn(SEQ, BATCH, out_width)
+    results = []
+    for layer in (ours, theirs):
+        xi = x.clone().requires_grad_(True)
+        out, dx = _run(layer, xi, g)
+        results.append((out, dx, layer.weight.grad, layer.bias.grad, layer.weight.detach()))
+    return results
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("kind", ["column", "row"])
+def test_none_equals_megatron_exactly(tmp_path, kind):
+    for ours, theirs in run_distributed(_megatron_equal_rank, 2, tmp_path, kind):
+        for a, b in zip(ours, theirs, strict=True):
+            assert torch.equal(a, b)
+
+
+def _lowrank_rank(rank, world, kind, low_rank_input):
+    from actcomp_dist import CompressionConfig
+    from actcomp_dist.parallel import state
+
+    state.initialize_model_parallel(tensor_parallel_size=world)
+    tp_group = state.get_tp_group()
+    singles = [dist.new_group([r]) for r in range(world)]
+    compression = CompressionConfig(method="lowrank", rank=0.5, seed=3)
+    torch.manual_seed(0)
+    full_w = torch.randn(OUT, IN) * 0.1
+    full_b = torch.zeros(OUT)
+    if low_rank_input:
+        x = (torch.randn(SEQ * BATCH, 4) @ torch.randn(4, IN)).reshape(SEQ, BATCH, IN)
+    else:
+        x = torch.randn(SEQ, BATCH, IN)
+    g = torch.randn(SEQ, BATCH, OUT)
+    exact = torch.einsum("sbm,sbn->mn", g, x)
+    errors = {}
+    for tp, group in ((1, singles[rank]), (world, tp_group)):
+        layer = _build(kind, group, tp, False, compression)
+        r = rank if tp > 1 else 0
+        _load_full(layer, kind, full_w, full_b, r, tp)
+        x_local, g_local = _shard_inputs(kind, x, g, r, tp, False)
+        _run(layer, x_local, g_local)
+        exp = exact.chunk(tp, dim=0 if kind == "column" else 1)[r]
+        errors[tp] = ((layer.weight.grad - exp).norm() / exp.norm()).item()
+    return errors
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("kind", ["column", "row"])
+def test_lowrank_exact_on_low_rank_input_at_every_tp(tmp_path, kind):
+    for errors in run_distributed(_lowrank_rank, 2, tmp_path, kind, True):
+        assert errors[1] < 1e-5 and errors[2] < 1e-5, errors
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("kind", ["column", "row"])
+def test_lowrank_error_within_single_device_bound(tmp_path, kind):
+    # Bound: the error of the best rank-k approximation of X's row space (k = n/2) — the
+    # sampled basis cannot beat it, and on a Gaussian input it is far from 1.
+    torch.manual_seed(0)
+    for errors in run_distributed(_lowrank_rank, 2, tmp_path, kind, False):
+        assert 0 < errors[1] < 1.0 and 0 < errors[2] < 1.0, errors
+
+
+def _comm_rank(rank, world, method):
+    from actcomp_dist import CompressionConfig
+    from actcomp_dist.parallel import state
+
+    state.initialize_model_parallel(tensor_parallel_size=world)
+    layer = _build(
+        "column", state.get_tp_group(), world, True, CompressionConfig(method=method, rank=0.25)
+    )
+    x = torch.randn(SEQ // world, BATCH, IN, requires_grad=True)
+    out, _ = layer(x)
+    out.sum().backward()
+    return layer.comm["forward"].nbytes["all_gather"], layer.comm["backward"].nbytes["all_gather"]
+
+
+@pytest.mark.distributed
+def test_sequence_parallel_all_gather_bytes_shrink_by_r_over_n(tmp_path):
+    (fwd_none, bwd_none), _ = run_distributed(_comm_rank, 2, tmp_path, "none")
+    (fwd_compact, bwd_compact), _ = run_distributed(_comm_rank, 2, tmp_path, "compact")
+    itemsize = 4
+    assert fwd_none == fwd_compact == SEQ // 2 * BATCH * IN * itemsize
+    assert bwd_none == SEQ // 2 * BATCH * IN * itemsize
+    assert bwd_compact * IN == bwd_none * (IN // 4)
