@@ -1,7 +1,8 @@
 """The single-device compressed linear autograd function.
 
 Forward computes the output with the same call ``nn.Linear`` makes (so outputs are
-bit-identical) and saves only what the compressor returns. Backward computes the exact input
+bit-identical; under ``torch.autocast`` after the same casts autocast applies to
+``nn.Linear``) and saves only what the compressor returns. Backward computes the exact input
 gradient ``dX = g W`` and the compressed weight gradient ``G_hat = g^T T``; in ``lift`` mode it
 returns ``lift(G_hat)`` as the weight's gradient, in ``subspace`` mode it accumulates ``G_hat``
 on ``weight.compressed_grad`` (the weight's ``.grad`` stays ``None``).
@@ -12,6 +13,8 @@ an optimizer step and recompute inside activation checkpointing).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -40,9 +43,23 @@ def accumulate_compressed_grad(
 class CompressedLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, compressor: Compressor, subspace: bool):
-        out = F.linear(x, weight, bias)
-        packed = compressor.compress(x.reshape(-1, x.shape[-1]))
+        device_type = x.device.type
+        compute_weight, autocast_off = weight, contextlib.nullcontext()
+        if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+            # Autocast does not reach into backward, so cast here exactly as autocast casts
+            # nn.Linear's inputs and run with autocast off: the output matches nn.Linear's
+            # under autocast, the saved tensors are in the autocast dtype, and backward sees
+            # one dtype throughout (autograd casts the returned gradients to the inputs').
+            dtype = torch.get_autocast_dtype(device_type)
+            x, compute_weight = x.to(dtype), weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+            autocast_off = torch.autocast(device_type, enabled=False)
+        with autocast_off:
+            out = F.linear(x, compute_weight, bias)
+            packed = compressor.compress(x.reshape(-1, x.shape[-1]))
+        # The parameter, not its cast copy: no m x n activation is kept alive for backward.
         ctx.save_for_backward(weight, packed.tokens, *packed.basis)
+        ctx.compute_dtype = x.dtype
         ctx.compressor = compressor
         ctx.seeds = packed.seeds
         ctx.subspace = subspace
@@ -53,6 +70,7 @@ class CompressedLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         weight, tokens, *basis = ctx.saved_tensors
+        weight = weight.to(ctx.compute_dtype)  # no-op unless forward ran under autocast
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = grad_out.matmul(weight)  # exact: dX never needs X

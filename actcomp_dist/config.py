@@ -61,9 +61,13 @@ class CompressionConfig:
 
     def __post_init__(self) -> None:
         # Imported here: the registry imports the compressors, which import this module.
-        from actcomp_dist.compression.registry import get_compressor_class
+        from actcomp_dist.compression.registry import list_compressors
 
-        get_compressor_class(self.method)  # raises ValueError listing the registered names
+        if self.method not in list_compressors():
+            raise ValueError(
+                f"CompressionConfig.method={self.method!r} is not a registered compression "
+                f"method; registered methods: {list_compressors()}"
+            )
         _check_rank(self.rank)
         _check_choice("projection", self.projection, PROJECTIONS)
         _check_choice("grad_mode", self.grad_mode, GRAD_MODES)

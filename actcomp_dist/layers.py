@@ -88,6 +88,13 @@ class CompressedLinear(nn.Linear):
         if self.subspace:
             mark_subspace_parameter(self.weight, self.compressor)
 
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        # copy.deepcopy makes new Parameters without their Python attributes; re-tag the copy's
+        # weight so the optimizer still updates it in the (copied) compressor's subspace.
+        if self.subspace:
+            mark_subspace_parameter(self.weight, self.compressor)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (
             self.compressor.is_identity

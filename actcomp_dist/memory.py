@@ -72,12 +72,21 @@ class SavedTensorCounter:
     def _attach(self) -> None:
         if self._root is None:
             return
+
+        # The hooks must return None: a forward hook's return value replaces the module's
+        # output (and a pre-hook's its input).
+        def enter(name: str) -> None:
+            self._stack.append(name)
+
+        def leave() -> None:
+            self._stack.pop()
+
         for name, module in self._root.named_modules():
             self._handles.append(
-                module.register_forward_pre_hook(lambda m, a, name=name: self._stack.append(name))
+                module.register_forward_pre_hook(lambda m, a, name=name: enter(name))
             )
             self._handles.append(
-                module.register_forward_hook(lambda m, a, o: self._stack.pop(), always_call=True)
+                module.register_forward_hook(lambda m, a, o: leave(), always_call=True)
             )
 
     def __enter__(self) -> SavedTensorCounter:
@@ -156,7 +165,8 @@ def peak_memory_by_category(
     snapshot = tracker.get_tracker_snapshot("peak")
     per_device = snapshot.get(device) or next(iter(snapshot.values()))
     for ref_type, nbytes in per_device.items():
-        name = str(getattr(ref_type, "value", ref_type))
+        # MemTracker's keys: its ``_MemRefType`` values ("Parameter", "Optstate", ...), "Total".
+        name = str(getattr(ref_type, "value", ref_type)).lower()
         out[_CATEGORY_NAMES.get(name, name)] = int(nbytes)
     return out
 
@@ -168,4 +178,6 @@ _CATEGORY_NAMES = {
     "activation": "activations",
     "temp": "temporaries",
     "optstate": "optimizer_state",
+    "other": "other",
+    "total": "total",
 }

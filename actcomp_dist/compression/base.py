@@ -71,6 +71,14 @@ class Compressor(nn.Module):
         schedule: CompressionSchedule,
     ) -> None:
         super().__init__()
+        if schedule.resample_every != config.resample_every:
+            # The schedule turns steps into epochs; a different T would silently override the
+            # config's resampling period.
+            raise ValueError(
+                f"CompressionConfig.resample_every={config.resample_every} but the shared "
+                f"CompressionSchedule has resample_every={schedule.resample_every}; build the "
+                f"schedule as CompressionSchedule(config.resample_every)"
+            )
         self.config = config
         self.layout = layout
         self.in_features = layout.local_width

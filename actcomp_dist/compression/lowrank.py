@@ -2,10 +2,11 @@
 
 Data-dependent and calibration-free: for each saved activation ``A`` [N, n] pick k feature
 columns ``S`` with a seeded generator, form ``Y = A^T A[:, S]`` [n, k], orthonormalise
-``Q = qr(Y)`` in float32, optionally refine with power iterations ``Y <- A^T (A Q)``, and save
-``L = A Q`` [N, k] and ``Q`` [n, k]. Backward uses ``A ~= L Q^T``, so
-``dW ~= (g^T L) Q^T`` — exact whenever rank(A) <= k (``range(Q)`` then contains the row space
-of ``A``), and otherwise the error of the best rank-k row-space projection plus sampling error.
+``Q = qr(Y)`` in float32 (float64 for float64 inputs), optionally refine with power
+iterations ``Y <- A^T (A Q)``, and save ``L = A Q`` [N, k] and ``Q`` [n, k]. Backward uses
+``A ~= L Q^T``, so ``dW ~= (g^T L) Q^T`` — exact whenever rank(A) <= k (``range(Q)`` then
+contains the row space of ``A``), and otherwise the error of the best rank-k row-space
+projection plus sampling error.
 
 ``lowrank_algorithm="rsvd"`` replaces the sampled columns by a Gaussian test matrix
 (Halko-Martinsson-Tropp randomized range finder), the baseline LoRAct compares against.
@@ -42,13 +43,15 @@ class LowRankCompressor(Compressor):
             cfg.seed, self.layer_id, self.site, self.layout.first_block, self.schedule.epoch
         )
         generator = seeded_generator(seed, x2d.device)
-        a = x2d.float()  # [N, n]
+        # At least float32 (bf16 Gram matrices lose the small directions); float64 stays float64.
+        a = x2d.to(torch.promote_types(x2d.dtype, torch.float32))  # [N, n]
         n, k = a.shape[1], self.rank
         if cfg.lowrank_algorithm == "sampled":
             columns = torch.randperm(n, generator=generator, device=x2d.device)[:k]
             y = a.t() @ a[:, columns]  # [n, k]
         else:
-            omega = torch.randn(n, k, generator=generator, device=x2d.device)
+            # Drawn in float32 whatever the compute dtype, so a seed means one test matrix.
+            omega = torch.randn(n, k, generator=generator, device=x2d.device).to(a.dtype)
             y = a.t() @ (a @ omega)  # [n, k]
         q = torch.linalg.qr(y).Q
         for _ in range(cfg.power_iterations):

@@ -64,6 +64,18 @@ class SubspaceAdamW(torch.optim.Optimizer):
             p.compressed_grad = None
             p.compressed_grad_seeds = None
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        # torch.optim.Optimizer casts loaded state to each parameter's dtype; the moments here
+        # are float32 for every parameter (bf16 weights included), so take them from the saved
+        # dict instead of from the (possibly bf16-rounded) copies.
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        for saved_id, p in zip(saved_ids, params, strict=True):
+            for key, value in state_dict["state"].get(saved_id, {}).items():
+                if key in ("exp_avg", "exp_avg_sq"):
+                    self.state[p][key] = value.to(p.device, torch.float32, copy=True)
+
     @torch.no_grad()
     def all_reduce_compressed_grads(self) -> None:
         """Average every ``compressed_grad`` over ``process_group`` in one flat all-reduce."""
