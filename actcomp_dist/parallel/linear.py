@@ -39,6 +39,7 @@ from actcomp_dist.compression import BlockLayout, build_compressor
 from actcomp_dist.compression.base import Compressor
 from actcomp_dist.config import CompressionConfig
 from actcomp_dist.layers import mark_subspace_parameter
+from actcomp_dist.optim.subspace_proxy import record_subspace_seeds
 from actcomp_dist.parallel.collectives import (
     CommCounter,
     all_gather_dim0,
@@ -63,7 +64,7 @@ class _CompressedParallelLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, x, weight, bias, compressor: Compressor, subspace: bool, group, dgrad: str, comm
+        ctx, x, weight, bias, proxy, compressor: Compressor, subspace: bool, group, dgrad: str, comm
     ):
         if dgrad == _DGRAD_SEQUENCE_PARALLEL:
             total_x = all_gather_dim0(x, group, comm["forward"])  # [s, b, n]
@@ -77,6 +78,7 @@ class _CompressedParallelLinear(torch.autograd.Function):
         ctx.compressor, ctx.seeds, ctx.subspace = compressor, packed.seeds, subspace
         ctx.weight, ctx.group, ctx.dgrad, ctx.counter = weight, group, dgrad, comm["backward"]
         ctx.has_bias = bias is not None
+        ctx.has_proxy = proxy is not None
         return out
 
     @staticmethod
@@ -84,7 +86,7 @@ class _CompressedParallelLinear(torch.autograd.Function):
         weight, tokens, *basis = ctx.saved_tensors
         compressor, group, counter = ctx.compressor, ctx.group, ctx.counter
         sequence_parallel = ctx.dgrad == _DGRAD_SEQUENCE_PARALLEL
-        grad_x = grad_w = grad_b = None
+        grad_x = grad_w = grad_b = grad_proxy = None
 
         if ctx.needs_input_grad[0]:
             grad_x = grad_out.matmul(weight)  # [s, b, n], a partial sum over the TP group
@@ -95,7 +97,7 @@ class _CompressedParallelLinear(torch.autograd.Function):
                 dist.all_reduce(grad_x, group=group)  # in place: grad_x is our own buffer
 
         g2d = grad_out.reshape(-1, grad_out.shape[-1])  # [N, m_local]
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1] or ctx.has_proxy:
             if sequence_parallel:
                 chunks_tokens = all_gather_dim0(tokens, group, counter).chunk(
                     dist.get_world_size(group)
@@ -117,13 +119,16 @@ class _CompressedParallelLinear(torch.autograd.Function):
                 if sequence_parallel:
                     tokens = torch.cat(chunks_tokens)
                 ghat = g2d.t().matmul(tokens)  # [m_local, c]
-                if ctx.subspace:
+                if ctx.has_proxy:
+                    record_subspace_seeds(ctx.weight, ctx.seeds)
+                    grad_proxy = ghat
+                elif ctx.subspace:
                     accumulate_compressed_grad(ctx.weight, ghat, ctx.seeds)
                 else:
                     grad_w = compressor.lift(ghat, tuple(basis), ctx.seeds)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g2d.sum(dim=0)
-        return grad_x, grad_w, grad_b, None, None, None, None, None
+        return grad_x, grad_w, grad_b, grad_proxy, None, None, None, None, None
 
 
 class _CompressedParallelMixin:
@@ -159,7 +164,15 @@ class _CompressedParallelMixin:
     def _compressed_forward(self, x, bias, dgrad: str):
         self._maybe_initialize(x)
         return _CompressedParallelLinear.apply(
-            x, self.weight, bias, self.compressor, self.subspace, self.tp_group, dgrad, self.comm
+            x,
+            self.weight,
+            bias,
+            getattr(self, "subspace_proxy", None),
+            self.compressor,
+            self.subspace,
+            self.tp_group,
+            dgrad,
+            self.comm,
         )
 
 

@@ -1,0 +1,471 @@
+"""A LLaMA decoder on megatron-core's tensor-parallel building blocks and our compressed layers.
+
+Plain PyTorch modules, sequence-first like megatron-core (``[s, b, h]`` inside the model):
+
+    tokens [b, s] -> VocabParallelEmbedding -> (SP: scatter along s) -> num_layers x block
+      -> final RMSNorm -> (SP: gather along s) -> output layer [s, b, V/t]
+      -> vocab_parallel_cross_entropy -> per-token loss [b, s]
+
+    block(x, rope):  x = x + proj(attention(rope(qkv(norm(x)))))
+                     x = x + fc2(silu(gate) * up),  [gate | up] = fc1(norm(x))
+
+``qkv`` and ``fc1`` are column-parallel, ``proj`` and ``fc2`` row-parallel; all four are
+:class:`~actcomp_dist.parallel.CompressedColumnParallelLinear` /
+:class:`~actcomp_dist.parallel.CompressedRowParallelLinear`. The sites named in
+``CompressionConfig.sites`` (default ``qkv``, ``fc1``, ``fc2``) use the configured method;
+the others use method ``none``, which is Megatron's own computation (the layers are still ours
+because Megatron's sequence-parallel path needs CUDA). Every compressed layer's ``layer_id``
+is its block index in the whole model and all of them share one
+:class:`~actcomp_dist.seeds.CompressionSchedule`, ``model.compression_schedule``. The input
+embedding, the norms and the output layer are never compressed.
+
+**Fused layouts.** Megatron's column-parallel layers shard their weight by contiguous output
+rows, so the fused weights are laid out for that (the layout megatron-core's ``GPTModel`` uses,
+so weights move between the two models by renaming):
+
+- QKV, ``[(heads + 2 * groups) * head_dim, hidden]``: per key/value group ``g`` the rows are
+  ``[q heads of group g | k_g | v_g]``, groups in order. A contiguous shard of rows is a set of
+  whole groups, so a rank holds its query heads together with the key/value heads they read.
+- FC1, ``[2 * ffn, hidden]``: the full weight is ``[gate; up]`` and the layer is built with
+  Megatron's ``stride=2``: the weight is cut into ``2t`` row chunks and rank ``i`` holds chunks
+  ``i`` and ``t + i``, i.e. its shard is ``[gate_i; up_i]``. The SwiGLU splits the local
+  output in halves, so each rank pairs matching gate and up rows.
+
+With megatron's ``use_cpu_initialization`` each layer draws its *full* weight (in the layout
+above) and keeps its shard, so one ``init_seed`` gives the same full model at every TP size.
+Initialisation uses its own ``torch.Generator``: normal(0, ``init_method_std``) for the
+embeddings, QKV, FC1 and the output layer, ``init_method_std / sqrt(2 * num_layers)`` for the
+two projections that write into the residual stream (``proj``, ``fc2``), as megatron-core does.
+:mod:`actcomp_dist.models.weights` maps between these shards and the logical (Hugging Face
+named) q/k/v and gate/up weights.
+
+**Sequence parallelism** (``sequence_parallel=True``, TP > 1): the residual stream, the norms
+and the embedding output are sharded along ``s``; the compressed layers all-gather their input
+(saving only a compressed local shard) and reduce-scatter their output. A norm weight then sees
+only its rank's tokens, so its gradient is completed by an all-reduce inside autograd
+(identity forward, all-reduce backward); norm-weight gradients are final when ``backward``
+returns, and these weights carry no ``sequence_parallel`` attribute for a later reduction.
+At TP = 1 the flag is a no-op. Attention always sees the whole sequence.
+
+**Activation checkpointing hooks**: each block is its own module, ``model.layers[i]``, with a
+plain ``forward(hidden, rope)`` (``rope`` is the ``(cos, sin)`` pair of
+:meth:`LlamaModel.rope`), so a wrapper can checkpoint it; :meth:`LlamaModel.embed` and
+:meth:`LlamaModel.head` are the parts before and after the blocks.
+
+RMSNorm (fp32 statistics) and RoPE (rotate-half, precomputed cos/sin) follow Hugging Face's
+``LlamaForCausalLM`` so logits can be compared with it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from megatron.core import ModelParallelConfig
+from megatron.core.tensor_parallel import (
+    ColumnParallelLinear,
+    VocabParallelEmbedding,
+    vocab_parallel_cross_entropy,
+)
+from torch import nn
+
+from actcomp_dist.config import CompressionConfig
+from actcomp_dist.models.configs import LlamaConfig, check_tensor_parallel, get_model_config
+from actcomp_dist.parallel import CompressedColumnParallelLinear, CompressedRowParallelLinear
+from actcomp_dist.parallel import state as parallel_state
+from actcomp_dist.parallel.collectives import (
+    copy_to_tensor_parallel_region,
+    gather_from_sequence_parallel_region,
+    scatter_to_sequence_parallel_region,
+)
+from actcomp_dist.seeds import CompressionSchedule
+
+#: The linear sites of a block, in forward order.
+SITES = ("qkv", "proj", "fc1", "fc2")
+
+Rope = tuple[torch.Tensor, torch.Tensor]
+
+
+class RMSNorm(nn.Module):
+    """``weight * x / rms(x)`` with the statistics in fp32 (as Hugging Face LLaMA).
+
+    ``sequence_parallel_group``: set when the input is sharded along the sequence; the weight's
+    gradient, a sum over this rank's tokens only, is then all-reduced over the group.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        eps: float,
+        dtype: torch.dtype = torch.float32,
+        sequence_parallel_group: dist.ProcessGroup | None = None,
+    ) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype))
+        self.eps = eps
+        self.sequence_parallel_group = sequence_parallel_group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        weight = self.weight
+        if self.sequence_parallel_group is not None:
+            weight = copy_to_tensor_parallel_region(weight, self.sequence_parallel_group)
+        return weight * normed.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+class RotaryEmbedding(nn.Module):
+    """Precomputed rotary tables for positions ``[0, max_positions)``.
+
+    Frequencies as Hugging Face LLaMA: ``inv_freq[j] = theta ** (-2j / head_dim)``, the angle
+    table duplicated over both halves of the head (``cat(freqs, freqs)``), applied with
+    rotate-half (not interleaved pairs).
+    """
+
+    def __init__(self, head_dim: int, max_positions: int, theta: float) -> None:
+        super().__init__()
+        if head_dim % 2 != 0:
+            raise ValueError(f"rotary embeddings need an even head_dim, got {head_dim}")
+        exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+        inv_freq = 1.0 / (theta**exponents)  # [d/2]
+        positions = torch.arange(max_positions, dtype=torch.float32)
+        angles = torch.outer(positions, inv_freq)  # [s, d/2]
+        angles = torch.cat((angles, angles), dim=-1)  # [s, d]
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, seq_len: int) -> Rope:
+        if seq_len > self.cos.shape[0]:
+            raise ValueError(
+                f"sequence length {seq_len} exceeds the rotary table ({self.cos.shape[0]} "
+                f"positions); raise LlamaConfig.seq_length"
+            )
+        return self.cos[:seq_len], self.sin[:seq_len]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, rope: Rope) -> torch.Tensor:
+    """Rotate ``x`` [b, heads, s, d] by the angles of its positions (``rope`` tables [s, d])."""
+    cos, sin = (t.to(x.dtype) for t in rope)
+    return x * cos + rotate_half(x) * sin
+
+
+@dataclasses.dataclass
+class _Builder:
+    """What every layer of one model is built from: one place that picks the linear classes."""
+
+    config: LlamaConfig
+    compression: CompressionConfig
+    schedule: CompressionSchedule
+    megatron_config: ModelParallelConfig
+    tp_group: dist.ProcessGroup
+    tp_size: int
+    sequence_parallel: bool
+    init_method: Callable[[torch.Tensor], torch.Tensor]
+    output_init_method: Callable[[torch.Tensor], torch.Tensor]
+
+    def _compression_for(self, site: str) -> CompressionConfig:
+        if site in self.compression.sites:
+            return self.compression
+        return self.compression.replace(method="none", grad_mode="lift")
+
+    def column_parallel(self, in_features, out_features, *, site, layer_id, stride=1):
+        return CompressedColumnParallelLinear(
+            in_features,
+            out_features,
+            config=self.megatron_config,
+            init_method=self.init_method,
+            bias=False,
+            gather_output=False,
+            stride=stride,
+            tp_group=self.tp_group,
+            compression=self._compression_for(site),
+            layer_id=layer_id,
+            site=site,
+            schedule=self.schedule,
+        )
+
+    def row_parallel(self, in_features, out_features, *, site, layer_id):
+        return CompressedRowParallelLinear(
+            in_features,
+            out_features,
+            config=self.megatron_config,
+            init_method=self.output_init_method,
+            bias=False,
+            input_is_parallel=True,
+            skip_bias_add=False,
+            tp_group=self.tp_group,
+            compression=self._compression_for(site),
+            layer_id=layer_id,
+            site=site,
+            schedule=self.schedule,
+        )
+
+    def norm(self) -> RMSNorm:
+        return RMSNorm(
+            self.config.hidden_size,
+            self.config.rms_norm_eps,
+            self.config.params_dtype,
+            self.tp_group if self.sequence_parallel else None,
+        )
+
+
+class LlamaAttention(nn.Module):
+    """Causal grouped-query self-attention on this rank's heads (fused QKV, see module doc)."""
+
+    def __init__(self, config: LlamaConfig, layer_id: int, build: _Builder) -> None:
+        super().__init__()
+        self.heads = config.num_attention_heads // build.tp_size
+        self.groups = config.query_groups // build.tp_size
+        self.heads_per_group = config.heads_per_group
+        self.head_dim = config.head_dim
+        qkv_width = (config.num_attention_heads + 2 * config.query_groups) * config.head_dim
+        self.qkv = build.column_parallel(
+            config.hidden_size, qkv_width, site="qkv", layer_id=layer_id
+        )
+        self.proj = build.row_parallel(
+            config.num_attention_heads * config.head_dim,
+            config.hidden_size,
+            site="proj",
+            layer_id=layer_id,
+        )
+
+    def forward(self, x: torch.Tensor, rope: Rope) -> torch.Tensor:
+        mixed, _ = self.qkv(x)  # [s, b, groups * (heads_per_group + 2) * d], s = full sequence
+        s, b = mixed.shape[:2]
+        mixed = mixed.view(s, b, self.groups, self.heads_per_group + 2, self.head_dim)
+        q, k, v = mixed.split([self.heads_per_group, 1, 1], dim=3)
+        q = q.reshape(s, b, self.heads, self.head_dim).permute(1, 2, 0, 3)  # [b, heads, s, d]
+        k = k.squeeze(3).permute(1, 2, 0, 3)  # [b, groups, s, d]
+        v = v.squeeze(3).permute(1, 2, 0, 3)  # [b, groups, s, d]
+        q, k = apply_rotary(q, rope), apply_rotary(k, rope)
+        out = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=self.groups != self.heads
+        )  # [b, heads, s, d]; query head i reads key/value group i // heads_per_group
+        out = out.permute(2, 0, 1, 3).reshape(s, b, self.heads * self.head_dim)
+        out, _ = self.proj(out)  # [s(/t), b, h]
+        return out
+
+
+class SwiGLUMLP(nn.Module):
+    """``fc2(silu(gate) * up)`` with ``[gate | up]`` one fused column-parallel FC1."""
+
+    def __init__(self, config: LlamaConfig, layer_id: int, build: _Builder) -> None:
+        super().__init__()
+        self.fc1 = build.column_parallel(
+            config.hidden_size, 2 * config.ffn_hidden_size, site="fc1", layer_id=layer_id, stride=2
+        )
+        self.fc2 = build.row_parallel(
+            config.ffn_hidden_size, config.hidden_size, site="fc2", layer_id=layer_id
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up, _ = self.fc1(x)  # [s, b, 2 * ffn/t]: this rank's [gate_i | up_i]
+        gate, up = gate_up.chunk(2, dim=-1)
+        out, _ = self.fc2(F.silu(gate) * up)  # [s(/t), b, h]
+        return out
+
+
+class LlamaDecoderLayer(nn.Module):
+    """One pre-norm block; ``forward(hidden, rope)`` is all a checkpointing wrapper needs."""
+
+    def __init__(self, config: LlamaConfig, layer_id: int, build: _Builder) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.input_norm = build.norm()
+        self.attention = LlamaAttention(config, layer_id, build)
+        self.mlp_norm = build.norm()
+        self.mlp = SwiGLUMLP(config, layer_id, build)
+
+    def forward(self, hidden: torch.Tensor, rope: Rope) -> torch.Tensor:
+        hidden = hidden + self.attention(self.input_norm(hidden), rope)
+        return hidden + self.mlp(self.mlp_norm(hidden))
+
+
+class LlamaModel(nn.Module):
+    """The decoder with its vocab-parallel embedding, output layer and loss.
+
+    Needs megatron-core's parallel state
+    (:func:`actcomp_dist.parallel.state.initialize_model_parallel`); the model is
+    tensor-parallel over that TP group and built on the CPU (megatron's ``use_cpu_initialization``): move it with ``.to(device)`` afterwards,
+    or use :func:`build_llama`.
+
+    Args:
+        config: the model shape (:func:`~actcomp_dist.models.configs.get_model_config`).
+        compression: method and sites; ``None`` = method ``none`` (exactly the uncompressed
+            model).
+        sequence_parallel: shard the residual stream along the sequence (no-op at TP = 1).
+        init_seed: seed of the weight initialisation (the same full weights at any TP size).
+    """
+
+    def __init__(
+        self,
+        config: LlamaConfig,
+        compression: CompressionConfig | None = None,
+        *,
+        sequence_parallel: bool = False,
+        init_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        compression = compression or CompressionConfig()
+        unknown = sorted(set(compression.sites) - set(SITES))
+        if unknown:
+            raise ValueError(
+                f"CompressionConfig.sites has unknown site(s) {unknown}; the LLaMA model's "
+                f"sites are {list(SITES)}"
+            )
+        tp_group = parallel_state.get_tp_group()
+        tp_size = dist.get_world_size(tp_group)
+        check_tensor_parallel(config, tp_size)
+        self.config = config
+        self.compression = compression
+        self.tp_group = tp_group
+        self.sequence_parallel = sequence_parallel and tp_size > 1
+        self.compression_schedule = CompressionSchedule(compression.resample_every)
+
+        megatron_config = ModelParallelConfig(
+            tensor_model_parallel_size=tp_size,
+            sequence_parallel=self.sequence_parallel,
+            use_cpu_initialization=True,
+            perform_initialization=True,
+            params_dtype=config.params_dtype,
+            gradient_accumulation_fusion=False,
+        )
+        generator = torch.Generator().manual_seed(init_seed)
+        init_method = functools.partial(
+            nn.init.normal_, mean=0.0, std=config.init_method_std, generator=generator
+        )
+        output_init_method = functools.partial(
+            nn.init.normal_,
+            mean=0.0,
+            std=config.init_method_std / math.sqrt(2.0 * config.num_layers),
+            generator=generator,
+        )
+        build = _Builder(
+            config=config,
+            compression=compression,
+            schedule=self.compression_schedule,
+            megatron_config=megatron_config,
+            tp_group=tp_group,
+            tp_size=tp_size,
+            sequence_parallel=self.sequence_parallel,
+            init_method=init_method,
+            output_init_method=output_init_method,
+        )
+
+        self.embedding = VocabParallelEmbedding(
+            config.vocab_size,
+            config.hidden_size,
+            init_method=init_method,
+            config=megatron_config,
+            tp_group=tp_group,
+        )
+        self.rotary = RotaryEmbedding(config.head_dim, config.seq_length, config.rope_theta)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, layer_id, build) for layer_id in range(config.num_layers)
+        )
+        self.final_norm = build.norm()
+        # Uncompressed, output kept vocab-parallel for the cross-entropy. Under SP its input
+        # arrives through our all-gather, whose backward reduce-scatters; so the layer must
+        # neither gather itself (Megatron's SP path is CUDA-only) nor all-reduce its dgrad.
+        self.output_layer = ColumnParallelLinear(
+            config.hidden_size,
+            config.vocab_size,
+            config=dataclasses.replace(megatron_config, sequence_parallel=False),
+            init_method=init_method,
+            bias=False,
+            gather_output=False,
+            skip_weight_param_allocation=config.tie_embeddings,
+            disable_grad_reduce=self.sequence_parallel,
+            tp_group=tp_group,
+        )
+
+    def rope(self, seq_len: int) -> Rope:
+        """The ``(cos, sin)`` tables the blocks take for a sequence of ``seq_len`` tokens."""
+        return self.rotary(seq_len)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids [b, s] -> the residual stream [s, b, h] ([s/t, b, h] under SP)."""
+        if self.sequence_parallel and tokens.shape[1] % dist.get_world_size(self.tp_group):
+            raise ValueError(
+                f"sequence parallelism needs the sequence length {tokens.shape[1]} to be "
+                f"divisible by the tensor-parallel size {dist.get_world_size(self.tp_group)}"
+            )
+        hidden = self.embedding(tokens.t())  # [s, b, h], summed over the vocab shards
+        if self.sequence_parallel:
+            hidden = scatter_to_sequence_parallel_region(hidden, self.tp_group)
+        return hidden
+
+    def head(
+        self,
+        hidden: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        loss_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Final norm, output layer and (with ``labels``) the per-token loss; see forward."""
+        hidden = self.final_norm(hidden)
+        if self.sequence_parallel:
+            hidden = gather_from_sequence_parallel_region(hidden, self.tp_group)  # [s, b, h]
+        weight = self.embedding.weight if self.config.tie_embeddings else None
+        logits, _ = self.output_layer(hidden, weight=weight)  # [s, b, V/t]
+        if labels is None:
+            return logits.transpose(0, 1)
+        # The cross-entropy works in fp32 and edits its input in place (not saved by autograd).
+        losses = vocab_parallel_cross_entropy(logits.float(), labels.t().contiguous()).t()
+        if loss_mask is not None:
+            losses = losses * loss_mask
+        return losses
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        loss_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token ids [b, s] -> per-token losses [b, s] (fp32; zero where ``loss_mask`` is 0)
+        when ``labels`` [b, s] are given, else this rank's logits [b, s, V/t] (vocab shard
+        ``tp_rank``; the full vocabulary at TP = 1)."""
+        hidden = self.embed(tokens)
+        rope = self.rope(tokens.shape[1])
+        for layer in self.layers:
+            hidden = layer(hidden, rope)
+        return self.head(hidden, labels, loss_mask)
+
+    def loss(
+        self, tokens: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Mean per-token loss over the positions where ``loss_mask`` is 1 (all if ``None``)."""
+        losses = self(tokens, labels, loss_mask)
+        if loss_mask is None:
+            return losses.mean()
+        return losses.sum() / loss_mask.sum().clamp(min=1)
+
+
+def build_llama(
+    config: LlamaConfig | str,
+    compression: CompressionConfig | None = None,
+    *,
+    sequence_parallel: bool = False,
+    init_seed: int = 0,
+    device: torch.device | str | None = None,
+) -> LlamaModel:
+    """Build a :class:`LlamaModel` (``config`` may be a name: ``tiny``, ``60m``, ... ``7b``)
+    and move it to ``device`` (default: :func:`actcomp_dist.parallel.state.get_device`)."""
+    if isinstance(config, str):
+        config = get_model_config(config)
+    model = LlamaModel(
+        config, compression, sequence_parallel=sequence_parallel, init_seed=init_seed
+    )
+    return model.to(device if device is not None else parallel_state.get_device())
