@@ -1,0 +1,70 @@
+"""Activation checkpointing (recompute) that composes with compressed activations.
+
+Applied after the model is built and tensor-parallelised, before the engine wraps it:
+
+- ``full``: each selected decoder block keeps only its input; backward re-runs the block.
+  Inside the recompute the compressed layers save their compressed tensors again, so the
+  transient memory of the recompute is small too.
+- ``selective``: blocks keep their linear inputs (compressed where compression is on) but
+  recompute the cheap, memory-hungry parts: RMSNorm outputs, the attention core (RoPE +
+  scaled-dot-product attention) and the SwiGLU product. The model marks those parts
+  (``LlamaDecoderLayer.recompute``).
+- ``num_layers``: only the first N blocks are checkpointed (``None`` = all).
+
+It uses ``torch.utils.checkpoint`` in its non-reentrant form: the RNG state is restored on
+recompute (dropout would draw the same masks), and compression seeds come from the values
+stored at forward time (the schedule only advances after an optimizer step), so a recompute
+rebuilds exactly the same projection.
+
+Non-reentrant checkpointing keeps the block's inputs alive through a closure, where
+``saved_tensors_hooks`` cannot see them. :func:`checkpoint_with_accounting` therefore also
+routes them through :class:`_KeepForBackward`, an identity whose only effect is to save its
+input in the autograd graph: it costs no memory (same storage) and makes the bytes visible to
+:func:`actcomp_dist.memory.saved_activation_bytes`, as design.md section 9 requires.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+class _KeepForBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def checkpoint_with_accounting(fn, *args):
+    """``fn(*args)`` recomputed in backward; tensor inputs are visible to saved-bytes counters."""
+    if not torch.is_grad_enabled():
+        return fn(*args)
+    args = tuple(
+        _KeepForBackward.apply(a) if isinstance(a, torch.Tensor) and a.requires_grad else a
+        for a in args
+    )
+    return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True)
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str, num_layers: int | None) -> int:
+    """Checkpoint the first ``num_layers`` blocks of ``model.layers``; returns how many."""
+    if mode == "none":
+        return 0
+    layers = list(model.layers)
+    count = len(layers) if num_layers is None else min(num_layers, len(layers))
+    for layer in layers[:count]:
+        if mode == "full":
+            layer.forward = functools.partial(checkpoint_with_accounting, layer.forward)
+        elif mode == "selective":
+            layer.recompute = checkpoint_with_accounting
+        else:
+            raise ValueError(f"unknown activation checkpointing mode {mode!r}")
+    return count

@@ -1,0 +1,195 @@
+"""Checkpoints that resume exactly, and that are never half-written when used.
+
+Layout of ``checkpoint.dir`` (default ``RUN_DIR/checkpoints``)::
+
+    step_0000003/                 one checkpoint
+        step_0000003/...          DeepSpeed's files (model, ZeRO optimizer, LR schedule)
+        rank_00000.pt ...         per rank: RNG states, subspace fp32 masters
+        trainer.json              step, data position, compression schedule, config
+        COMPLETE                  written last, after every rank has finished writing
+
+A checkpoint counts only with its ``COMPLETE`` marker, which rank 0 writes after a barrier
+and which lists every file's size and SHA-256: a crash mid-save leaves the previous complete
+checkpoint as ``latest``, and a damaged file is detected before any rank starts loading (so
+no rank waits in a collective for a peer that failed). The marker also holds the compression
+config: resuming with a different one is refused with both values listed, because the saved
+optimizer moments and sub-token vectors only mean something for the config that made them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+MARKER = "COMPLETE"
+TRAINER_STATE = "trainer.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used (missing, incomplete, damaged, or from another config)."""
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def complete_checkpoints(directory: Path) -> list[Path]:
+    """Complete checkpoints in ``directory``, oldest first."""
+    if not directory.is_dir():
+        return []
+    found = [p for p in directory.glob("step_*") if (p / MARKER).is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def resolve_resume(directory: Path, resume: str | None) -> Path | None:
+    """The checkpoint to resume from: ``None``, ``latest`` (``None`` if there is none yet) or a
+    path, which must be a complete checkpoint."""
+    if resume is None:
+        return None
+    if resume == "latest":
+        found = complete_checkpoints(directory)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / MARKER).is_file():
+        raise CheckpointError(
+            f"checkpoint.resume={resume!r} is not a complete checkpoint (no {MARKER} marker: "
+            f"the save was interrupted or this is not a checkpoint directory)"
+        )
+    return path
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _file_manifest(directory: Path) -> dict[str, dict[str, Any]]:
+    return {
+        str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != MARKER
+    }
+
+
+def rng_state() -> dict[str, Any]:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(
+    directory: Path,
+    step: int,
+    engine,
+    trainer_state: dict[str, Any],
+    rank_state: dict[str, Any],
+    keep: int = 0,
+) -> Path:
+    """Collective: every rank writes its part; rank 0 writes the marker last."""
+    path = directory / checkpoint_name(step)
+    rank = dist.get_rank()
+    if rank == 0:
+        if path.exists():  # an interrupted earlier save of the same step
+            shutil.rmtree(path)
+        path.mkdir(parents=True)
+    dist.barrier()
+    engine.save_checkpoint(str(path), tag=checkpoint_name(step), save_latest=False)
+    torch.save(rank_state, path / f"rank_{rank:05d}.pt")
+    if rank == 0:
+        (path / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2, sort_keys=True))
+    dist.barrier()
+    if rank == 0:
+        marker = {"step": step, "files": _file_manifest(path), **_marker_summary(trainer_state)}
+        tmp = path / (MARKER + ".tmp")
+        tmp.write_text(json.dumps(marker, indent=2, sort_keys=True))
+        tmp.rename(path / MARKER)
+        if keep > 0:
+            for old in complete_checkpoints(directory)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return path
+
+
+def _marker_summary(trainer_state: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "compression": trainer_state["config"]["compression"],
+        "world_size": trainer_state["world_size"],
+        "tensor_parallel": trainer_state["config"]["parallel"]["tensor_parallel"],
+    }
+
+
+def verify_checkpoint(path: Path, compression: dict[str, Any]) -> dict[str, Any]:
+    """Check the marker's file list and the compression config; returns the trainer state.
+
+    Raises :class:`CheckpointError` naming what is wrong.
+    """
+    try:
+        marker = json.loads((path / MARKER).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"checkpoint {path}: unreadable {MARKER} marker ({err})") from None
+    for name, expected in marker["files"].items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"checkpoint {path} is damaged: {name} is missing")
+        if file.stat().st_size != expected["bytes"] or _sha256(file) != expected["sha256"]:
+            raise CheckpointError(
+                f"checkpoint {path} is damaged: {name} differs from what was saved "
+                f"(size or SHA-256 mismatch)"
+            )
+    if marker["compression"] != compression:
+        changed = {
+            key: (marker["compression"].get(key), compression.get(key))
+            for key in sorted(set(marker["compression"]) | set(compression))
+            if marker["compression"].get(key) != compression.get(key)
+        }
+        lines = "; ".join(
+            f"{k}: checkpoint {old!r} -> config {new!r}" for k, (old, new) in changed.items()
+        )
+        raise CheckpointError(
+            f"checkpoint {path} was written with a different compression config ({lines}); "
+            f"resume with the original compression settings or start a new run_dir"
+        )
+    return json.loads((path / TRAINER_STATE).read_text())
+
+
+def load_checkpoint(path: Path, engine) -> dict[str, Any]:
+    """Collective: load DeepSpeed's state; returns this rank's own saved state."""
+    load_path, _ = engine.load_checkpoint(
+        str(path),
+        tag=path.name,
+        load_optimizer_states=True,
+        load_lr_scheduler_states=True,
+    )
+    if load_path is None:
+        raise CheckpointError(f"DeepSpeed found no checkpoint to load in {path}")
+    rank_file = path / f"rank_{dist.get_rank():05d}.pt"
+    if not rank_file.is_file():
+        raise CheckpointError(
+            f"checkpoint {path} has no state for rank {dist.get_rank()}: it was written by "
+            f"a run with a different world size"
+        )
+    return torch.load(rank_file, weights_only=False)

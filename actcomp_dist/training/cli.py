@@ -1,0 +1,48 @@
+"""Command line of ``launch/pretrain.py``: ``--config FILE [--set key.path=value ...]``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from actcomp_dist.training.checkpoint import CheckpointError
+from actcomp_dist.training.config import ConfigError, load_run_config
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Pretrain a LLaMA model with compressed activations (DeepSpeed + Megatron-core TP)."
+    )
+    parser.add_argument("--config", required=True, help="JSON run config (see configs/)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override a config value; VALUE is parsed as JSON when it parses, else a string",
+    )
+    # Added by the deepspeed launcher; the rank layout is read from the environment.
+    parser.add_argument(
+        "--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config = load_run_config(args.config, args.overrides)
+        from actcomp_dist.training.trainer import run_pretraining
+
+        result = run_pretraining(config)
+    except (ConfigError, CheckpointError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    if result.preempted:
+        print(
+            f"stopped at step {result.steps_done} on a preemption signal; resume with "
+            f"checkpoint.resume=latest",
+            flush=True,
+        )
+    return 0

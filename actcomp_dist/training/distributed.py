@@ -1,0 +1,75 @@
+"""Start-up of the process group under every launcher we support.
+
+- ``deepspeed`` and ``torchrun`` set ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``.
+- ``srun`` sets ``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID``; the sbatch script exports
+  ``MASTER_ADDR``/``MASTER_PORT``; we translate.
+- A plain ``python launch/pretrain.py`` is a world of one on 127.0.0.1.
+
+The backend is NCCL when CUDA is available and gloo otherwise, so the same command runs on a
+GPU node and on a laptop. On the CPU each rank uses one intra-op thread unless
+``OMP_NUM_THREADS`` says otherwise (two threads per rank on two cores were 2.4x slower).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class LaunchInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+def launch_info() -> LaunchInfo:
+    """Rank, world size and local rank from the launcher's environment (no collective)."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return LaunchInfo(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        return LaunchInfo(
+            int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+        )
+    return LaunchInfo(0, 1, 0)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed(info: LaunchInfo) -> torch.device:
+    """Initialise ``torch.distributed`` (through DeepSpeed) and return this rank's device."""
+    env = os.environ
+    env.setdefault("RANK", str(info.rank))
+    env.setdefault("WORLD_SIZE", str(info.world_size))
+    env.setdefault("LOCAL_RANK", str(info.local_rank))
+    if info.world_size == 1:
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env.setdefault("MASTER_PORT", str(_free_port()))
+    elif "MASTER_ADDR" not in env:
+        raise RuntimeError(
+            "MASTER_ADDR is not set: launch with deepspeed, torchrun, or the sbatch script in "
+            "launch/slurm/ (which exports MASTER_ADDR/MASTER_PORT for srun)"
+        )
+    if torch.cuda.is_available():
+        torch.cuda.set_device(info.local_rank)
+        device = torch.device("cuda", info.local_rank)
+        backend = "nccl"
+    else:
+        if "OMP_NUM_THREADS" not in env:
+            torch.set_num_threads(1)
+        device = torch.device("cpu")
+        backend = "gloo"
+    if not dist.is_initialized():
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    return device

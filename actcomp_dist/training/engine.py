@@ -1,0 +1,145 @@
+"""The DeepSpeed engine around our model: optimizer, LR schedule, ZeRO, clipping, precision.
+
+Our run config owns the training hyper-parameters (``train.*``); the ``deepspeed`` section owns
+everything else DeepSpeed knows (ZeRO stage and its tuning, communication, ...) and is passed
+on untouched. The keys both could set are derived from ``train.*`` and filled in; if the
+``deepspeed`` section sets one of them to a different value the run stops with an error naming
+both, instead of silently preferring one.
+
+The optimizer is AdamW built here (a plain ``torch.optim.AdamW``, so nothing is compiled on a
+CPU) with weight decay on matrices only, and the LR schedule is ours (warm-up + cosine); both
+are handed to ``deepspeed.initialize`` so DeepSpeed steps, clips and checkpoints them.
+
+``subspace`` mode: the compressed weights are not given to the optimizer. Their m x r
+gradients arrive on ``subspace_proxy`` parameters (see
+:mod:`actcomp_dist.optim.subspace_proxy`) that DeepSpeed treats like any other parameter —
+one data-parallel average, one global norm clip, one LR schedule — and a
+:class:`SubspaceMerger` folds each step into the weights.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from actcomp_dist.optim.subspace_proxy import (
+    SubspaceMerger,
+    attach_subspace_proxies,
+    subspace_layers,
+)
+from actcomp_dist.training.config import ConfigError, RunConfig, gradient_accumulation_steps
+from actcomp_dist.training.schedule import build_lr_scheduler
+
+
+@dataclass
+class Engine:
+    engine: Any  # deepspeed.DeepSpeedEngine
+    optimizer: Any
+    lr_scheduler: Any
+    merger: SubspaceMerger | None
+    gradient_accumulation_steps: int
+
+
+def deepspeed_config(config: RunConfig, world_size: int) -> dict[str, Any]:
+    """The ``deepspeed`` section with the keys derived from ``train.*`` filled in."""
+    ds = copy.deepcopy(config.deepspeed)
+    train = config.train
+    derived = {
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": gradient_accumulation_steps(config, world_size),
+        "train_batch_size": train.global_batch_size,
+        "gradient_clipping": train.clip_grad,
+    }
+    for key, value in derived.items():
+        if key in ds and ds[key] != value:
+            raise ConfigError(
+                f"deepspeed.{key}={ds[key]!r} contradicts the value {value!r} derived from "
+                f"train.* (global_batch_size, micro_batch_size, clip_grad); remove it from the "
+                f"deepspeed section"
+            )
+        ds[key] = value
+    for key in ("optimizer", "scheduler"):
+        if key in ds:
+            raise ConfigError(
+                f"deepspeed.{key} is not used: the optimizer (AdamW) and LR schedule come from "
+                f"train.* (lr, min_lr, warmup_steps, lr_decay, betas, weight_decay)"
+            )
+    for precision, key in (("bf16", "bf16"), ("fp16", "fp16")):
+        wanted = train.precision == precision
+        section = ds.setdefault(key, {})
+        if "enabled" in section and bool(section["enabled"]) != wanted:
+            raise ConfigError(
+                f"deepspeed.{key}.enabled={section['enabled']} contradicts "
+                f"train.precision={train.precision!r}"
+            )
+        section["enabled"] = wanted
+    ds.setdefault("steps_per_print", 10**9)
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+def _param_groups(model: nn.Module, weight_decay: float, exclude: set[int]) -> list[dict]:
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if not param.requires_grad or id(param) in exclude:
+            continue
+        (decay if param.dim() >= 2 else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def build_engine(config: RunConfig, model: nn.Module, world_size: int, mpu) -> Engine:
+    """Create the optimizer, LR schedule and DeepSpeed engine (collective)."""
+    import deepspeed
+
+    train = config.train
+    ds_config = deepspeed_config(config, world_size)
+    merger = None
+    exclude: set[int] = set()
+    proxies: list[nn.Parameter] = []
+    if config.compression.grad_mode == "subspace":
+        stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+        if stage not in (0, 1, 2):
+            raise ConfigError(f"grad_mode='subspace' needs ZeRO stage 0-2, got {stage}")
+        # Before DeepSpeed casts the module (bf16/fp16): the merger keeps fp32 masters.
+        proxies = attach_subspace_proxies(model)
+        exclude = {id(layer.weight) for layer in subspace_layers(model)} | {id(p) for p in proxies}
+        merger = SubspaceMerger(model, train.subspace_scale, train.weight_decay)
+    groups = _param_groups(model, train.weight_decay, exclude)
+    if proxies:
+        groups.append({"params": proxies, "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(
+        [g for g in groups if g["params"]],
+        lr=train.lr,
+        betas=tuple(train.betas),
+        eps=train.eps,
+        foreach=False,
+    )
+    lr_scheduler = build_lr_scheduler(optimizer, train)
+    engine, ds_optimizer, _, ds_scheduler = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        config=ds_config,
+        mpu=mpu,
+    )
+    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    if merger is not None and (stage > 0 or train.precision != "fp32"):
+        # The optimizer's fp32 copy of each proxy lives in DeepSpeed's (partitioned) buffers.
+        from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+        merger.get_fp32 = safe_get_full_fp32_param
+        merger.set_fp32 = safe_set_full_fp32_param
+    return Engine(
+        engine=engine,
+        optimizer=ds_optimizer,
+        lr_scheduler=ds_scheduler,
+        merger=merger,
+        gradient_accumulation_steps=ds_config["gradient_accumulation_steps"],
+    )

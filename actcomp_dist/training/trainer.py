@@ -1,0 +1,377 @@
+"""The pretraining loop: config in, trained model, checkpoints and metrics out.
+
+Order of set-up (each step needs the previous one):
+
+1. validate the config against the world size the launcher announced (no collective yet, so
+   a bad config fails the same way on every rank and nothing hangs);
+2. check the checkpoint to resume from (marker, file hashes, compression config, world size);
+3. process group, Megatron parallel state, seeds;
+4. data: the embedded corpus or the configured indexed datasets, the resumable loader;
+5. model (tensor-parallel LLaMA with compressed layers), then activation checkpointing;
+6. DeepSpeed engine (ZeRO, precision, AdamW, LR schedule, clipping);
+7. resume state; then the loop: micro-batches -> one optimizer step -> subspace merge ->
+   advance the compression schedule -> log / evaluate / checkpoint / preemption check.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from actcomp_dist.memory import SavedTensorCounter
+from actcomp_dist.training import checkpoint as ckpt
+from actcomp_dist.training.activation_checkpointing import apply_activation_checkpointing
+from actcomp_dist.training.config import ConfigError, RunConfig, validate_run
+from actcomp_dist.training.distributed import init_distributed, launch_info
+from actcomp_dist.training.metrics import MetricsLogger, format_bytes
+from actcomp_dist.training.signals import PreemptionHandler
+
+VOCAB_MULTIPLE = 128  # pad the vocabulary like Megatron (per tensor-parallel rank)
+
+
+@dataclass
+class TrainResult:
+    steps_done: int
+    final_loss: float | None
+    val_loss: float | None
+    preempted: bool
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _print0(*args) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, flush=True)
+
+
+def padded_vocab_size(vocab: int, tp: int) -> int:
+    multiple = VOCAB_MULTIPLE * tp
+    return math.ceil(vocab / multiple) * multiple
+
+
+def _check_resume(config: RunConfig, world_size: int) -> tuple[Path | None, dict | None]:
+    directory = config.checkpoint_dir
+    path = ckpt.resolve_resume(directory, config.checkpoint.resume)
+    if path is None:
+        if ckpt.complete_checkpoints(directory):
+            raise ckpt.CheckpointError(
+                f"{directory} already holds checkpoints of a run; set checkpoint.resume=latest "
+                f"to continue it, or choose another run_dir / checkpoint.dir"
+            )
+        return None, None
+    state = ckpt.verify_checkpoint(path, config.compression.to_dict())
+    if state["world_size"] != world_size:
+        raise ckpt.CheckpointError(
+            f"checkpoint {path} was written by {state['world_size']} ranks, this run has "
+            f"{world_size}; exact resume needs the same layout"
+        )
+    return path, state
+
+
+def _build_data(config: RunConfig, dp_rank: int, dp_size: int, consumed: int):
+    from actcomp_dist.data.corpus import ensure_embedded_corpus
+    from actcomp_dist.data.datasets import build_gpt_datasets
+    from actcomp_dist.data.sampler import build_data_loader
+    from actcomp_dist.data.tokenizer import SentencePieceTokenizer
+
+    data, train = config.data, config.train
+    data_dir = Path(config.run_dir) / "data"
+    if data.paths:
+        tokenizer_path, prefixes = data.tokenizer, data.paths
+    else:
+        corpus = ensure_embedded_corpus(data_dir, vocab_size=data.embedded_vocab_size)
+        tokenizer_path, prefixes = corpus.tokenizer_model, [corpus.data_prefix]
+    tokenizer = SentencePieceTokenizer(tokenizer_path)
+    eval_samples = train.eval_iters * train.micro_batch_size * dp_size
+    train_ds, valid_ds = build_gpt_datasets(
+        prefixes,
+        tokenizer,
+        seq_length=data.seq_length,
+        seed=train.seed,
+        split=data.split,
+        train_samples=train.steps * train.global_batch_size,
+        valid_samples=eval_samples,
+        cache_dir=data_dir / "index-cache",
+    )
+    loader = build_data_loader(
+        train_ds,
+        micro_batch_size=train.micro_batch_size,
+        consumed_samples=consumed,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+        num_workers=data.num_workers,
+    )
+    valid_loader = None
+    if valid_ds is not None:
+        valid_loader = build_data_loader(
+            valid_ds,
+            micro_batch_size=train.micro_batch_size,
+            consumed_samples=0,
+            dp_rank=dp_rank,
+            dp_size=dp_size,
+        )
+    return tokenizer, loader, valid_loader
+
+
+def _model_config(config: RunConfig, vocab: int, tp: int):
+    from actcomp_dist.models import get_model_config
+
+    overrides = dict(config.model.overrides)
+    overrides.setdefault("seq_length", config.data.seq_length)
+    overrides.setdefault("vocab_size", padded_vocab_size(vocab, tp))
+    if overrides["vocab_size"] < vocab:
+        raise ConfigError(
+            f"model.vocab_size={overrides['vocab_size']} is smaller than the tokenizer's "
+            f"vocabulary {vocab}"
+        )
+    try:
+        return get_model_config(config.model.name, **overrides)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"model: {err}") from None
+
+
+def _batch_to(batch: dict[str, torch.Tensor], device: torch.device):
+    return (
+        batch["tokens"].to(device),
+        batch["labels"].to(device),
+        batch["loss_mask"].to(device),
+    )
+
+
+def _mean_loss(losses: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    return losses.sum() / loss_mask.sum().clamp(min=1)
+
+
+def _dp_mean(values: list[torch.Tensor], group) -> float:
+    total = torch.stack([v.float() for v in values]).mean().reshape(1)
+    dist.all_reduce(total, group=group)
+    return total.item() / dist.get_world_size(group)
+
+
+def _peak_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def _describe(model, config: RunConfig, measured: int) -> None:
+    from actcomp_dist.models import parameter_count
+
+    comp = config.compression
+    sites = ", ".join(comp.sites) if comp.method != "none" else "-"
+    ranks = sorted(
+        {
+            (m.site, getattr(m.compressor, "rank", None) or m.compressor.compressed_width)
+            for m in model.modules()
+            if hasattr(m, "compressor") and m.compression.method != "none"
+        }
+    )
+    _print0(
+        f"model {config.model.name}: {parameter_count(model.config):,} parameters | "
+        f"compression {comp.method} (sites: {sites}"
+        + (f"; ranks {', '.join(f'{s}={r}' for s, r in ranks)}" if ranks else "")
+        + f") | activation checkpointing {config.activation_checkpointing.mode}"
+    )
+    _print0(f"saved activations per micro-batch (measured, per rank): {format_bytes(measured)}")
+
+
+class Trainer:
+    def __init__(self, config: RunConfig) -> None:
+        self.config = config
+        info = launch_info()
+        validate_run(config, info.world_size)
+        self.resume_path, self.resume_state = _check_resume(config, info.world_size)
+        self.world_size = info.world_size
+        self.device = init_distributed(info)
+
+        from actcomp_dist.parallel import state
+        from actcomp_dist.parallel.deepspeed_mpu import MegatronMPU
+
+        self.ctx = state.initialize_model_parallel(config.parallel.tensor_parallel)
+        train = config.train
+        random.seed(train.seed)
+        np.random.seed(train.seed)
+        torch.manual_seed(train.seed)
+
+        self.step = self.resume_state["step"] if self.resume_state else 0
+        self.consumed = self.resume_state["consumed_samples"] if self.resume_state else 0
+        self.tokenizer, self.loader, self.valid_loader = _build_data(
+            config, self.ctx.dp_rank, self.ctx.dp_size, self.consumed
+        )
+
+        from actcomp_dist.models import build_llama
+
+        model_config = _model_config(config, self.tokenizer.vocab_size, self.ctx.tp_size)
+        self.model = build_llama(
+            model_config,
+            config.compression,
+            sequence_parallel=config.parallel.sequence_parallel,
+            init_seed=train.seed,
+            device=self.device,
+        )
+        ac = config.activation_checkpointing
+        apply_activation_checkpointing(self.model, ac.mode, ac.num_layers)
+
+        from actcomp_dist.training.engine import build_engine
+
+        self.engine = build_engine(config, self.model, self.world_size, MegatronMPU())
+        self.schedule = self.model.compression_schedule
+        if self.resume_path is not None:
+            self._load(self.resume_path)
+
+        self.run_dir = Path(config.run_dir)
+        self.rank = dist.get_rank()
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(
+                json.dumps(config.to_dict(), indent=2, sort_keys=True)
+            )
+        self.logger = MetricsLogger(
+            self.run_dir,
+            enabled=self.rank == 0,
+            tensorboard=config.logging.tensorboard,
+            append=self.resume_path is not None,
+        )
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def _trainer_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "consumed_samples": self.consumed,
+            "schedule": self.schedule.state_dict(),
+            "world_size": self.world_size,
+            "config": self.config.to_dict(),
+        }
+
+    def _rank_state(self) -> dict[str, Any]:
+        merger = self.engine.merger
+        return {
+            "rng": ckpt.rng_state(),
+            "subspace_masters": merger.state_dict() if merger is not None else {},
+        }
+
+    def save(self) -> Path:
+        path = ckpt.save_checkpoint(
+            self.config.checkpoint_dir,
+            self.step,
+            self.engine.engine,
+            self._trainer_state(),
+            self._rank_state(),
+            keep=self.config.checkpoint.keep,
+        )
+        _print0(f"saved checkpoint {path}")
+        return path
+
+    def _load(self, path: Path) -> None:
+        rank_state = ckpt.load_checkpoint(path, self.engine.engine)
+        self.schedule.load_state_dict(self.resume_state["schedule"])
+        ckpt.set_rng_state(rank_state["rng"])
+        if self.engine.merger is not None:
+            self.engine.merger.load_state_dict(rank_state["subspace_masters"])
+        _print0(f"resumed from {path} at step {self.step}")
+
+    # -- loop --------------------------------------------------------------------------------
+    def evaluate(self) -> float | None:
+        if self.valid_loader is None:
+            return None
+        engine = self.engine.engine
+        engine.eval()
+        losses = []
+        with torch.no_grad():
+            for i, batch in enumerate(self.valid_loader):
+                if i >= self.config.train.eval_iters:
+                    break
+                tokens, labels, mask = _batch_to(batch, self.device)
+                losses.append(_mean_loss(engine(tokens, labels, mask), mask))
+        engine.train()
+        return _dp_mean(losses, self.ctx.dp_group) if losses else None
+
+    def train(self) -> TrainResult:
+        config, engine = self.config, self.engine.engine
+        train = config.train
+        handler = PreemptionHandler().install()
+        data = iter(self.loader)
+        history: list[dict[str, Any]] = []
+        last_loss = last_val = None
+        preempted = False
+        engine.train()
+        described = False
+        try:
+            while self.step < train.steps:
+                start = time.perf_counter()
+                lr = self.engine.lr_scheduler.get_last_lr()[0]
+                micro_losses = []
+                saved_bytes = 0
+                for micro in range(self.engine.gradient_accumulation_steps):
+                    tokens, labels, mask = _batch_to(next(data), self.device)
+                    if micro == 0:
+                        with SavedTensorCounter() as counter:
+                            loss = _mean_loss(engine(tokens, labels, mask), mask)
+                        saved_bytes = counter.total_bytes
+                    else:
+                        loss = _mean_loss(engine(tokens, labels, mask), mask)
+                    engine.backward(loss)
+                    engine.step()
+                    micro_losses.append(loss.detach())
+                if self.engine.merger is not None:
+                    self.engine.merger.merge(lr)
+                self.schedule.advance()
+                self.step += 1
+                self.consumed += train.global_batch_size
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                step_time = time.perf_counter() - start
+                if not described:
+                    _describe(self.model, config, saved_bytes)
+                    described = True
+                last_loss = _dp_mean(micro_losses, self.ctx.dp_group)
+                record = {"step": self.step, "loss": last_loss, "lr": lr}
+                grad_norm = engine.get_global_grad_norm()
+                record["grad_norm"] = None if grad_norm is None else float(grad_norm)
+                record["step_time_s"] = step_time
+                record["tokens_per_s"] = (
+                    train.global_batch_size * config.data.seq_length / step_time
+                )
+                record["saved_activation_bytes"] = saved_bytes
+                record["peak_bytes"] = _peak_bytes(self.device)
+                if train.eval_interval and (
+                    self.step % train.eval_interval == 0 or self.step == train.steps
+                ):
+                    last_val = self.evaluate()
+                    if last_val is not None:
+                        record["val_loss"] = last_val
+                history.append(record)
+                if (
+                    self.step % config.logging.interval == 0
+                    or "val_loss" in record
+                    or self.step == train.steps
+                ):
+                    self.logger.log(record)
+                interval = config.checkpoint.interval
+                if interval and self.step % interval == 0 and self.step < train.steps:
+                    self.save()
+                if handler.should_stop(self.device):
+                    _print0(f"preemption signal received: saving at step {self.step} and exiting")
+                    self.save()
+                    preempted = True
+                    break
+            final = config.checkpoint_dir / ckpt.checkpoint_name(self.step) / ckpt.MARKER
+            if not preempted and not final.is_file():
+                self.save()
+        finally:
+            handler.uninstall()
+            self.logger.close()
+        return TrainResult(self.step, last_loss, last_val, preempted, history)
+
+
+def run_pretraining(config: RunConfig) -> TrainResult:
+    return Trainer(config).train()
