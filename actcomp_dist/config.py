@@ -16,6 +16,9 @@ from typing import Any
 PROJECTIONS = ("gaussian", "rademacher", "sparse")
 GRAD_MODES = ("lift", "subspace")
 LOWRANK_ALGORITHMS = ("sampled", "rsvd")
+#: The linear sites of a transformer block, in forward order: fused QKV, attention output,
+#: fused gate/up (FC1) and down (FC2) projections.
+TRANSFORMER_SITES = ("qkv", "proj", "fc1", "fc2")
 DEFAULT_SITES = ("qkv", "fc1", "fc2")
 
 

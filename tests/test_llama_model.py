@@ -23,7 +23,6 @@ import math
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
@@ -50,23 +49,6 @@ from tests.distributed import DistributedError, run_distributed
 TINY = get_model_config("tiny")
 # A shorter sequence keeps the multi-rank and reference tests fast; nothing depends on 128.
 SMALL = TINY.replace(seq_length=32)
-
-
-@pytest.fixture(scope="module")
-def single_rank(tmp_path_factory):
-    """A one-rank gloo world with megatron-core's parallel state at TP=1."""
-    created_world = not dist.is_initialized()
-    if created_world:
-        store = tmp_path_factory.mktemp("dist") / "store"
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-    created_state = not state.is_initialized()
-    if created_state:
-        state.initialize_model_parallel(1)
-    yield
-    if created_state:
-        state.destroy()
-    if created_world:
-        dist.destroy_process_group()
 
 
 def _tokens(config: LlamaConfig, batch: int, seq: int, seed: int) -> torch.Tensor:
@@ -585,7 +567,7 @@ def _gpt_step(model, batch):
 def test_gpt_spec_none_is_megatron_local_spec(megatron_on_cpu):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    from actcomp_dist.models.spec import get_compressed_gpt_layer_spec
+    from actcomp_dist.parallel.spec import get_compressed_gpt_layer_spec
 
     batch = _tokens(SMALL, batch=2, seq=SMALL.seq_length, seed=0)
     local = _gpt_model(SMALL, get_gpt_layer_local_spec(normalization="RMSNorm"), seed=0)
@@ -605,7 +587,7 @@ def test_gpt_spec_compact_matches_llama_model(megatron_on_cpu):
     uncompressed model, only the compressed weights' gradients change."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    from actcomp_dist.models.spec import get_compressed_gpt_layer_spec, gpt_model_parameter_name
+    from actcomp_dist.parallel.spec import get_compressed_gpt_layer_spec, gpt_model_parameter_name
 
     compression = CompressionConfig(method="compact", rank=0.25, seed=11)
     batch = _tokens(SMALL, batch=2, seq=SMALL.seq_length, seed=0)

@@ -66,15 +66,9 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from megatron.core import ModelParallelConfig
-from megatron.core.tensor_parallel import (
-    ColumnParallelLinear,
-    VocabParallelEmbedding,
-    vocab_parallel_cross_entropy,
-)
 from torch import nn
 
-from actcomp_dist.config import CompressionConfig
+from actcomp_dist.config import TRANSFORMER_SITES, CompressionConfig
 from actcomp_dist.models.configs import LlamaConfig, check_tensor_parallel, get_model_config
 from actcomp_dist.parallel import CompressedColumnParallelLinear, CompressedRowParallelLinear
 from actcomp_dist.parallel import state as parallel_state
@@ -83,12 +77,31 @@ from actcomp_dist.parallel.collectives import (
     gather_from_sequence_parallel_region,
     scatter_to_sequence_parallel_region,
 )
+from actcomp_dist.parallel.megatron_layers import (
+    ColumnParallelLinear,
+    ModelParallelConfig,
+    VocabParallelEmbedding,
+    vocab_parallel_cross_entropy,
+)
 from actcomp_dist.seeds import CompressionSchedule
 
 #: The linear sites of a block, in forward order.
-SITES = ("qkv", "proj", "fc1", "fc2")
+SITES = TRANSFORMER_SITES
 
 Rope = tuple[torch.Tensor, torch.Tensor]
+#: ``run(fn, *args)``: how a block evaluates its recomputable parts (norms, attention core,
+#: SwiGLU product); plain calls unless selective activation checkpointing installs a recompute.
+Recompute = Callable[..., torch.Tensor]
+
+
+def _call(fn, *args):
+    return fn(*args)
+
+
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` for a fused ``[gate | up]`` tensor (split on the last dimension)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 class RMSNorm(nn.Module):
@@ -242,21 +255,25 @@ class LlamaAttention(nn.Module):
             layer_id=layer_id,
         )
 
-    def forward(self, x: torch.Tensor, rope: Rope) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Rope, run: Recompute = _call) -> torch.Tensor:
         mixed, _ = self.qkv(x)  # [s, b, groups * (heads_per_group + 2) * d], s = full sequence
+        out = run(self.core, mixed, *rope)  # [s, b, heads * d]
+        out, _ = self.proj(out)  # [s(/t), b, h]
+        return out
+
+    def core(self, mixed: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """RoPE and scaled-dot-product attention: the part selective recompute re-runs."""
         s, b = mixed.shape[:2]
         mixed = mixed.view(s, b, self.groups, self.heads_per_group + 2, self.head_dim)
         q, k, v = mixed.split([self.heads_per_group, 1, 1], dim=3)
         q = q.reshape(s, b, self.heads, self.head_dim).permute(1, 2, 0, 3)  # [b, heads, s, d]
         k = k.squeeze(3).permute(1, 2, 0, 3)  # [b, groups, s, d]
         v = v.squeeze(3).permute(1, 2, 0, 3)  # [b, groups, s, d]
-        q, k = apply_rotary(q, rope), apply_rotary(k, rope)
+        q, k = apply_rotary(q, (cos, sin)), apply_rotary(k, (cos, sin))
         out = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, enable_gqa=self.groups != self.heads
         )  # [b, heads, s, d]; query head i reads key/value group i // heads_per_group
-        out = out.permute(2, 0, 1, 3).reshape(s, b, self.heads * self.head_dim)
-        out, _ = self.proj(out)  # [s(/t), b, h]
-        return out
+        return out.permute(2, 0, 1, 3).reshape(s, b, self.heads * self.head_dim)
 
 
 class SwiGLUMLP(nn.Module):
@@ -271,10 +288,9 @@ class SwiGLUMLP(nn.Module):
             config.ffn_hidden_size, config.hidden_size, site="fc2", layer_id=layer_id
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, run: Recompute = _call) -> torch.Tensor:
         gate_up, _ = self.fc1(x)  # [s, b, 2 * ffn/t]: this rank's [gate_i | up_i]
-        gate, up = gate_up.chunk(2, dim=-1)
-        out, _ = self.fc2(F.silu(gate) * up)  # [s(/t), b, h]
+        out, _ = self.fc2(run(swiglu, gate_up))  # [s(/t), b, h]
         return out
 
 
@@ -288,10 +304,14 @@ class LlamaDecoderLayer(nn.Module):
         self.attention = LlamaAttention(config, layer_id, build)
         self.mlp_norm = build.norm()
         self.mlp = SwiGLUMLP(config, layer_id, build)
+        # Set by selective activation checkpointing (actcomp_dist.training): re-runs the norms,
+        # the attention core and the SwiGLU product in backward instead of keeping their results.
+        self.recompute: Recompute | None = None
 
     def forward(self, hidden: torch.Tensor, rope: Rope) -> torch.Tensor:
-        hidden = hidden + self.attention(self.input_norm(hidden), rope)
-        return hidden + self.mlp(self.mlp_norm(hidden))
+        run = self.recompute or _call
+        hidden = hidden + self.attention(run(self.input_norm, hidden), rope, run)
+        return hidden + self.mlp(run(self.mlp_norm, hidden), run)
 
 
 class LlamaModel(nn.Module):

@@ -48,9 +48,9 @@ from megatron.core.transformer.transformer_layer import (
 )
 from megatron.core.utils import get_pg_rank
 
+from actcomp_dist.config import TRANSFORMER_SITES as SITES
 from actcomp_dist.config import CompressionConfig
-from actcomp_dist.models.llama import SITES
-from actcomp_dist.parallel import CompressedColumnParallelLinear, CompressedRowParallelLinear
+from actcomp_dist.parallel.linear import CompressedColumnParallelLinear, CompressedRowParallelLinear
 from actcomp_dist.seeds import CompressionSchedule
 
 # site -> (submodule that holds the linear, its field, the compressed class)
