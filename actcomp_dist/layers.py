@@ -8,9 +8,10 @@ and gives all of them one shared :class:`CompressionSchedule`.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -164,6 +165,32 @@ def compress_linears(
         )
         _set_submodule(model, name, layer)
     return model
+
+
+@contextlib.contextmanager
+def compression_disabled(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` as if every compressed layer used method ``none`` (saving its full input),
+    e.g. to measure what compression saves on the same model and batch. Subspace layers must
+    not run backward inside (their gradient would not be in the subspace)."""
+    swapped = []
+    for module in model.modules():
+        compressor = getattr(module, "compressor", None)
+        if compressor is None or compressor.is_identity:
+            continue
+        identity = build_compressor(
+            module.compression.replace(method="none", grad_mode="lift"),
+            compressor.layout,
+            compressor.layer_id,
+            compressor.site,
+            compressor.schedule,
+        )
+        swapped.append((module, compressor, module.subspace))
+        module.compressor, module.subspace = identity, False
+    try:
+        yield
+    finally:
+        for module, compressor, subspace in swapped:
+            module.compressor, module.subspace = compressor, subspace
 
 
 def find_schedule(model: nn.Module) -> CompressionSchedule | None:

@@ -353,3 +353,16 @@ def test_tiny_llama_trains(method, grad_mode, reference_losses):
     exact, frozen = reference_losses
     loss = _train(method, grad_mode)
     assert loss < frozen - 0.5 * (frozen - exact)
+
+
+def test_compression_disabled_saves_the_full_input_then_restores():
+    from actcomp_dist.layers import compression_disabled
+    from actcomp_dist.memory import saved_activation_bytes
+
+    layer = CompressedLinear(64, 32, compression=CompressionConfig(method="compact", rank=16))
+    x = torch.randn(10, 64, requires_grad=True)
+    compressed = saved_activation_bytes(lambda: layer(x))
+    with compression_disabled(layer):
+        full = saved_activation_bytes(lambda: layer(x))
+    assert (compressed, full) == (10 * 16 * 4, 10 * 64 * 4)
+    assert saved_activation_bytes(lambda: layer(x)) == compressed
