@@ -22,6 +22,9 @@ test: venv
 test-fast: venv
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not slow"
 
+quickstart: venv
+	OMP_NUM_THREADS=1 $(VENV)/bin/deepspeed --num_gpus 2 launch/pretrain.py --config configs/tiny_compact.json
+
 lint: venv
 	$(VENV)/bin/ruff check actcomp_dist launch tools tests
 
