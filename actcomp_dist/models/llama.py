@@ -104,6 +104,21 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+@functools.cache
+def _apex_fused_rms_norm():
+    """apex's fused RMSNorm kernel when NVIDIA apex is installed, else ``None``.
+
+    apex is optional and never a pip dependency (the PyPI package named ``apex`` is an
+    unrelated project): imported lazily, on CUDA inputs only, with the plain PyTorch
+    implementation as the fallback.
+    """
+    try:
+        from apex.normalization.fused_layer_norm import fused_rms_norm_affine
+    except ImportError:
+        return None
+    return fused_rms_norm_affine
+
+
 class RMSNorm(nn.Module):
     """``weight * x / rms(x)`` with the statistics in fp32 (as Hugging Face LLaMA).
 
@@ -124,11 +139,14 @@ class RMSNorm(nn.Module):
         self.sequence_parallel_group = sequence_parallel_group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         weight = self.weight
         if self.sequence_parallel_group is not None:
             weight = copy_to_tensor_parallel_region(weight, self.sequence_parallel_group)
+        fused = _apex_fused_rms_norm() if x.is_cuda else None
+        if fused is not None:
+            return fused(x, weight, weight.shape, self.eps)
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return weight * normed.to(x.dtype)
 
     def extra_repr(self) -> str:
