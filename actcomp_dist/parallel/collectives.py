@@ -247,7 +247,10 @@ def gather_from_sequence_parallel_region(
     """All-gather along dimension 0 forward; reduce-scatter of the gradient backward.
 
     ``[s/t, b, h] -> [s, b, h]``: where a sequence-sharded activation enters a column-parallel
-    layer under sequence parallelism.
+    layer under sequence parallelism. The backward *sums* the ranks' gradients, which is right
+    only when what consumes the gathered tensor is tensor-parallel (each rank's gradient is a
+    partial sum). If the consumer is replicated (every rank computes the same gradient), the sum
+    double-counts; take this rank's rows of the gradient instead.
     """
     if dist.get_world_size(group) == 1:
         return x
