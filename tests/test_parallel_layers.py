@@ -263,3 +263,21 @@ def test_sequence_parallel_all_gather_bytes_shrink_by_r_over_n(tmp_path):
     assert fwd_none == fwd_compact == SEQ // 2 * BATCH * IN * itemsize
     assert bwd_none == SEQ // 2 * BATCH * IN * itemsize
     assert bwd_compact * IN == bwd_none * (IN // 4)
+
+
+def test_frozen_weight_saves_no_input(single_rank):
+    """Adapters on a frozen base: the base layer's backward needs only W for dX."""
+    from actcomp_dist import CompressionConfig
+    from actcomp_dist.memory import saved_activation_bytes
+    from actcomp_dist.parallel import state
+
+    torch.manual_seed(0)
+    layer = _build("column", state.get_tp_group(), 1, False, CompressionConfig(method="compact"))
+    x = torch.randn(SEQ, BATCH, IN, requires_grad=True)
+    g = torch.randn(SEQ, BATCH, OUT)
+    _, dx_trained = _run(layer, x, g)
+    layer.weight.requires_grad_(False)
+    x.grad = None
+    assert saved_activation_bytes(lambda: layer(x)) == 0
+    _, dx_frozen = _run(layer, x, g)
+    assert torch.equal(dx_frozen, dx_trained)

@@ -73,9 +73,15 @@ class _CompressedParallelLinear(torch.autograd.Function):
         out = torch.matmul(total_x, weight.t())
         if bias is not None:
             out = out + bias
-        packed = compressor.compress(x.reshape(-1, x.shape[-1]))  # local tokens only
-        ctx.save_for_backward(weight, packed.tokens, *packed.basis)
-        ctx.compressor, ctx.seeds, ctx.subspace = compressor, packed.seeds, subspace
+        if ctx.needs_input_grad[1] or proxy is not None:
+            packed = compressor.compress(x.reshape(-1, x.shape[-1]))  # local tokens only
+            ctx.save_for_backward(weight, packed.tokens, *packed.basis)
+            ctx.seeds = packed.seeds
+        else:
+            # A frozen weight (adapters on a frozen base): dX needs only W; save no input.
+            ctx.save_for_backward(weight)
+            ctx.seeds = ()
+        ctx.compressor, ctx.subspace = compressor, subspace
         ctx.weight, ctx.group, ctx.dgrad, ctx.counter = weight, group, dgrad, comm["backward"]
         ctx.has_bias = bias is not None
         ctx.has_proxy = proxy is not None
@@ -83,7 +89,8 @@ class _CompressedParallelLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        weight, tokens, *basis = ctx.saved_tensors
+        weight, *saved = ctx.saved_tensors
+        tokens, basis = (saved[0], saved[1:]) if saved else (None, ())
         compressor, group, counter = ctx.compressor, ctx.group, ctx.counter
         sequence_parallel = ctx.dgrad == _DGRAD_SEQUENCE_PARALLEL
         grad_x = grad_w = grad_b = grad_proxy = None
