@@ -10,17 +10,28 @@ allocator peaks, which depend on caching and timing.
 ``peak_memory_by_category`` wraps PyTorch's ``MemTracker`` for the peak of one training step
 split into parameters, gradients, activations, optimizer state and temporaries; on a GPU it
 also reports ``torch.cuda.max_memory_allocated``.
+
+The analytic model (closed-form predictions of the same saved bytes, and of parameters,
+gradients and optimizer state under ZeRO) is :mod:`actcomp_dist.memory_model`; its main
+functions are re-exported here.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
+
+from actcomp_dist.memory_model import (  # noqa: F401  (re-exported)
+    ActivationSetting,
+    plan_memory,
+    predict_model_states,
+    predict_saved_activations,
+)
 
 
 def _is_parameter(t: torch.Tensor) -> bool:
@@ -145,9 +156,14 @@ def _cuda_peak(device: torch.device, out: dict[str, int]):
 def peak_memory_by_category(
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None,
-    step_fn: Callable[[], Any],
+    step_fn: Callable[[], Any] | Sequence[Callable[[], Any]],
 ) -> dict[str, int]:
     """Peak bytes per category during one call of ``step_fn`` (a full training step).
+
+    With gradient accumulation pass a list of callables instead, one per micro-batch (the last
+    one also stepping the optimizer): they run in order, and MemTracker's per-module statistics
+    are cleared between them (it refuses a second forward of a module in one session; the peak
+    is kept).
 
     Keys: ``parameters``, ``buffers``, ``gradients``, ``activations``, ``temporaries``,
     ``optimizer_state``, ``other`` and ``total`` (MemTracker's categories at the moment of the
@@ -155,13 +171,16 @@ def peak_memory_by_category(
     """
     from torch.distributed._tools.mem_tracker import MemTracker
 
+    phases = [step_fn] if callable(step_fn) else list(step_fn)
     device = next(model.parameters()).device
     tracker = MemTracker()
     external = [model] + ([optimizer] if optimizer is not None else [])
     tracker.track_external(*external)
     out: dict[str, int] = {}
     with _cuda_peak(device, out), tracker:
-        step_fn()
+        for phase in phases:
+            tracker.reset_mod_stats()
+            phase()
     snapshot = tracker.get_tracker_snapshot("peak")
     per_device = snapshot.get(device) or next(iter(snapshot.values()))
     for ref_type, nbytes in per_device.items():

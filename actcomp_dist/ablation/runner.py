@@ -1,0 +1,153 @@
+"""Train one variant through the real training code and measure it.
+
+:func:`train_and_measure` builds :class:`actcomp_dist.training.trainer.Trainer` from a run
+config and calls ``train()`` — the same code ``launch/pretrain.py`` runs, on one process or on
+every rank the ``deepspeed`` launcher started. It then measures, with the trainer's public
+attributes only (``model``, ``engine``, ``loader``, ``schedule``):
+
+- **saved-activation bytes per micro-batch by layer kind**: one more forward of the first
+  training micro-batch under :func:`~actcomp_dist.ablation.measure.measure_saved_bytes`; its
+  total is checked against the trainer's own count (``saved_activation_bytes`` of every step);
+- **peak memory by category**: one more optimizer step (all micro-batches, the subspace merge)
+  under :func:`actcomp_dist.memory.peak_memory_by_category` (MemTracker: parameters,
+  gradients, optimizer state, activations, temporaries); on a GPU the peak is also
+  ``torch.cuda.max_memory_allocated`` over the whole run (its counter is reset first);
+- the predicted bytes of the analytic model (:mod:`actcomp_dist.memory_model`), for the table.
+
+Both extra measurements run after training, so they cannot change the loss curve or the
+validation loss; the trainer's timing covers only its own steps.
+"""
+
+from __future__ import annotations
+
+import functools
+import shutil
+import statistics
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from actcomp_dist.ablation.measure import masked_mean_loss, measure_saved_bytes
+from actcomp_dist.memory import peak_memory_by_category
+from actcomp_dist.memory_model import ActivationSetting, predict_saved_activations
+from actcomp_dist.training.config import RunConfig
+
+
+def median_after_warmup(history: list[dict[str, Any]], key: str, warmup_steps: int) -> float:
+    values = [r[key] for r in history if r["step"] > warmup_steps and r.get(key) is not None]
+    if not values:  # a run shorter than the warm-up: use what there is
+        values = [r[key] for r in history if r.get(key) is not None]
+    return statistics.median(values)
+
+
+def _batch(trainer, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return tuple(batch[k].to(trainer.device) for k in ("tokens", "labels", "loss_mask"))
+
+
+def _peak_step(trainer) -> dict[str, int]:
+    """MemTracker's peak by category over one full optimizer step."""
+    engine = trainer.engine
+    data = iter(trainer.loader)
+    batches = [_batch(trainer, next(data)) for _ in range(engine.gradient_accumulation_steps)]
+
+    lr = engine.lr_scheduler.get_last_lr()[0]
+
+    def micro_step(tokens, labels, mask, last: bool) -> None:
+        loss = masked_mean_loss(engine.engine(tokens, labels, mask), mask)
+        engine.engine.backward(loss)
+        engine.engine.step()  # DeepSpeed steps the optimizer at the last micro-batch only
+        if last and engine.merger is not None:
+            engine.merger.merge(lr)
+
+    phases = [
+        functools.partial(micro_step, *batch, last=i == len(batches) - 1)
+        for i, batch in enumerate(batches)
+    ]
+    # MemTracker tracks torch optimizers; DeepSpeed's ZeRO optimizer wraps one.
+    optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        optimizer = None
+    return peak_memory_by_category(trainer.model, optimizer, phases)
+
+
+def _predicted(trainer, config: RunConfig) -> int:
+    model_config = trainer.model.config
+    setting = ActivationSetting(
+        micro_batch_size=config.train.micro_batch_size,
+        seq_length=config.data.seq_length,
+        dtype_bytes=torch.finfo(next(trainer.model.parameters()).dtype).bits // 8,
+        tensor_parallel=config.parallel.tensor_parallel,
+        sequence_parallel=config.parallel.sequence_parallel,
+        rope_positions=model_config.seq_length,
+        tp_rank=trainer.ctx.tp_rank,
+    )
+    ac = config.activation_checkpointing
+    return predict_saved_activations(
+        model_config, config.compression, setting, ac.mode, ac.num_layers
+    ).total
+
+
+def train_and_measure(config: RunConfig, warmup_steps: int, keep_checkpoints: bool = False):
+    """Train ``config`` and measure it (collective: every rank calls it). Returns the record
+    on rank 0, ``None`` elsewhere. The run's checkpoints are deleted unless asked to keep."""
+    from actcomp_dist.models import parameter_count
+    from actcomp_dist.training.trainer import Trainer
+
+    start = time.perf_counter()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    trainer = Trainer(config)
+    try:
+        result = trainer.train()
+        history = result.history
+        tokens, labels, mask = _batch(trainer, next(iter(trainer.loader)))
+        engine = trainer.engine.engine
+        saved = measure_saved_bytes(
+            trainer.model,
+            lambda: masked_mean_loss(engine(tokens, labels, mask), mask),
+            len(trainer.model.layers),
+        )
+        predicted = _predicted(trainer, config)
+        peak = _peak_step(trainer)
+        record = {
+            "parameters": parameter_count(trainer.model.config),
+            "vocab_size": trainer.model.config.vocab_size,
+            "num_layers": len(trainer.model.layers),
+            "world_size": trainer.world_size,
+            "device": str(trainer.device),
+            "saved_activation_bytes": history[0]["saved_activation_bytes"],
+            "saved_activation_bytes_remeasured": saved.total,
+            "saved_by_kind": saved.by_kind,
+            "saved_per_layer": saved.per_layer,
+            "predicted_saved_activation_bytes": predicted,
+            "peak_by_category": peak,
+            "peak_bytes": (
+                history[-1]["peak_bytes"] if trainer.device.type == "cuda" else peak["total"]
+            ),
+            "step_times": [r["step_time_s"] for r in history],
+            "step_time_s": median_after_warmup(history, "step_time_s", warmup_steps),
+            "tokens_per_s": median_after_warmup(history, "tokens_per_s", warmup_steps),
+            "losses": [r["loss"] for r in history],
+            "val_losses": [[r["step"], r["val_loss"]] for r in history if "val_loss" in r],
+            "final_loss": result.final_loss,
+            "val_loss": result.val_loss,
+            "steps": result.steps_done,
+        }
+    finally:
+        close = getattr(trainer, "close", None)
+        if close is not None:
+            close()
+        else:  # an older trainer: forget the parallel state ourselves
+            from actcomp_dist.parallel import state
+
+            if state.is_initialized():
+                state.destroy()
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if dist.is_initialized():
+        dist.barrier()  # every rank has finished with the checkpoint directory
+    if not keep_checkpoints and rank == 0:
+        shutil.rmtree(config.checkpoint_dir, ignore_errors=True)
+    record["wall_s"] = time.perf_counter() - start
+    return record if rank == 0 else None

@@ -1,0 +1,541 @@
+"""Analytic memory model: what a LLaMA training step keeps on each GPU (design.md section 9).
+
+Two parts, both closed-form and per tensor-parallel rank:
+
+1. **Saved activations per micro-batch** (:func:`predict_saved_activations`): the bytes of the
+   tensors autograd keeps for backward, exactly as
+   :func:`actcomp_dist.memory.saved_activation_bytes` counts them (each storage once, parameters
+   excluded). The formulas were read off the real model, op by op (tiny config, measured with
+   :func:`~actcomp_dist.memory.saved_activation_bytes_by_module`), and are asserted equal to
+   the measurement for every method and checkpointing mode in ``tests/test_memory_plan.py``.
+2. **Model states** (:func:`predict_model_states`): parameters, gradients and optimizer state
+   under DeepSpeed ZeRO stages 0-3 and CompAct's ``subspace`` mode, plus DeepSpeed's gradient
+   bucket. :func:`plan_memory` adds the two, a transient estimate, and says whether it fits.
+
+What one decoder block saves (``N = b*s`` tokens, ``e`` bytes per activation element: 4 fp32,
+2 bf16; ``h`` hidden, ``H``/``G`` query/key-value heads of width ``d``, ``f`` FFN width; per
+rank under TP = t the head counts, ``f`` and the vocabulary are divided by t; under sequence
+parallelism the residual stream (norms, column-parallel inputs) holds ``N/t`` tokens):
+
+- each of the two RMSNorms: ``N h 4 + N 4 + N h e`` (its fp32 input copy, which in fp32 is
+  the input itself; the fp32 rsqrt; the normalised tensor);
+- qkv and fc1 inputs: ``N h e`` each (the norm outputs);
+- attention core: ``N H d e + N G d e`` (q and k after RoPE) ``+ N (H + 2G) d e`` (``v`` is a
+  view of the fused QKV output and keeps all of it alive) ``+ N H d e`` (the output)
+  ``+ b H s 4`` (the fp32 log-sum-exp); plus the RoPE tables: in fp32 the cos/sin buffers
+  themselves, ``2 S d 4`` once per model (``S`` rows); in bf16 a cast copy per use,
+  ``4 s d e`` per block;
+- proj input: nothing more (it *is* the attention output);
+- SwiGLU: ``2 N f e`` (``[gate | up]``) ``+ N f e`` (``silu(gate)``);
+- fc2 input: ``N f e`` (``silu(gate) * up``).
+
+A compressed site saves instead ``N c e`` (``compact``: ``c`` = rank; ``subtoken``: ``c`` =
+groups) and ``lowrank`` also its basis ``n c e``. Only the linear's *input* shrinks: the norms,
+the attention core and the SwiGLU keep what they save, so compressing qkv/fc1/fc2 at r = n/4
+leaves far more than a quarter of a block (see the results section of the README).
+
+``selective`` checkpointing keeps per block: both norm inputs (``2 N h e``), the fused QKV
+output, the attention output (the ``proj`` input) unless ``proj`` is compressed, ``[gate|up]``
+and the site inputs (``Z`` where compressed, the norm / SwiGLU outputs where not).
+``full`` keeps only each block's input ``N h e``; inside the recompute the layers save their
+compressed tensors, which only lowers the transient of one block.
+
+Once per model: the token ids (``N 8``; ``N 9`` at TP > 1), the final norm, the output
+layer's input ``N h e``, the fp32 softmax of the cross-entropy ``N V 4`` (+ a bool and an
+int64 per token) and, with a loss mask, the mask ``N 4`` and its sum.
+
+Assumptions: the attention kernel keeps no s x s matrix (PyTorch's CPU flash kernel and the
+CUDA flash / memory-efficient kernels; on a GPU without them the math path also keeps the
+attention probabilities); DeepSpeed casts parameters, not buffers, to bf16 (measured).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from actcomp_dist.compression.layout import BlockLayout
+from actcomp_dist.config import CompressionConfig
+
+AC_MODES = ("none", "selective", "full")
+_ROW_SITES = ("proj", "fc2")
+
+#: Per-layer kinds, in forward order; model-wide kinds follow.
+LAYER_KINDS = (
+    "block_input",
+    "norm",
+    "qkv",
+    "attention_core",
+    "proj",
+    "fc1",
+    "swiglu",
+    "fc2",
+)
+MODEL_KINDS = ("embedding", "final_norm", "output_layer", "loss")
+
+# The innermost module a saved tensor is charged to -> its kind (see ``module_kind``).
+_MODULE_KINDS = {
+    "input_norm": "norm",
+    "mlp_norm": "norm",
+    "qkv": "qkv",
+    "proj": "proj",
+    "fc1": "fc1",
+    "fc2": "fc2",
+    "attention": "attention_core",
+    "mlp": "swiglu",
+}
+
+
+class ModelShape(Protocol):
+    """What the formulas need of :class:`actcomp_dist.models.LlamaConfig`."""
+
+    hidden_size: int
+    ffn_hidden_size: int
+    num_layers: int
+    num_attention_heads: int
+    vocab_size: int
+    seq_length: int
+
+    @property
+    def query_groups(self) -> int: ...
+
+    @property
+    def head_dim(self) -> int: ...
+
+
+def module_kind(name: str) -> str:
+    """The kind of a dotted module name of :class:`~actcomp_dist.models.LlamaModel`:
+    ``layers.3.attention.qkv`` -> ``qkv``, ``layers.3`` -> ``block_input`` (what checkpointing
+    keeps), ``""`` -> ``loss`` (the cross-entropy runs in the model's own forward)."""
+    parts = name.split(".") if name else []
+    if not parts:
+        return "loss"
+    if parts[0] == "layers" and len(parts) >= 2:
+        rest = parts[2:]
+        if not rest:
+            return "block_input"
+        return _MODULE_KINDS.get(rest[-1], rest[-1])
+    return parts[0]
+
+
+@dataclass(frozen=True)
+class ActivationSetting:
+    """The shape of one micro-batch on one rank.
+
+    Fields:
+        micro_batch_size: sequences per micro-batch (``b``).
+        seq_length: tokens per sequence (``s``).
+        dtype_bytes: bytes per activation element: 4 (fp32) or 2 (bf16 / fp16).
+        tensor_parallel: TP size ``t``.
+        sequence_parallel: residual stream sharded along the sequence (TP > 1 only).
+        loss_mask: the loss is masked (the trainer always passes a mask).
+        rope_positions: rows of the rotary tables (the model's ``seq_length``; default ``s``).
+        tp_rank: which tensor-parallel rank (row-parallel ranks may differ by one rank column).
+    """
+
+    micro_batch_size: int
+    seq_length: int
+    dtype_bytes: int = 4
+    tensor_parallel: int = 1
+    sequence_parallel: bool = False
+    loss_mask: bool = True
+    rope_positions: int | None = None
+    tp_rank: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("micro_batch_size", "seq_length", "tensor_parallel"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"ActivationSetting.{name}={value!r} must be an int >= 1")
+        if self.dtype_bytes not in (2, 4):
+            raise ValueError(f"ActivationSetting.dtype_bytes={self.dtype_bytes} must be 2 or 4")
+
+    @property
+    def tokens(self) -> int:
+        return self.micro_batch_size * self.seq_length
+
+    @property
+    def sp(self) -> bool:
+        return self.sequence_parallel and self.tensor_parallel > 1
+
+
+@dataclass
+class ActivationPrediction:
+    """Predicted saved-activation bytes of one micro-batch on one rank."""
+
+    by_kind: dict[str, int]
+    per_layer: list[int]  # bytes charged to each decoder block (layer-scoped kinds)
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_kind.values())
+
+    @property
+    def layers_total(self) -> int:
+        return sum(self.per_layer)
+
+
+def _site_width(
+    site: str, compression: CompressionConfig, width: int, setting: ActivationSetting
+) -> tuple[int, int]:
+    """``(c, basis)``: the per-token width a linear at ``site`` (full input width ``width``)
+    saves on this rank, and the elements of its saved per-call basis."""
+    t = setting.tensor_parallel
+    method = compression.method if site in compression.sites else "none"
+    row = site in _ROW_SITES
+    local_width = width // t if row else width
+    if method == "none":
+        return local_width, 0
+    if method == "compact":
+        layout = (
+            BlockLayout.for_shard(width, compression.row_parallel_blocks, setting.tp_rank, t)
+            if row
+            else BlockLayout(width)
+        )
+        return layout.local_rank(compression.resolve_rank(width)), 0
+    if method == "lowrank":
+        layout = BlockLayout.for_shard(width, t, setting.tp_rank, t) if row else BlockLayout(width)
+        rank = layout.local_rank(compression.resolve_rank(width))
+        return rank, local_width * rank  # L = A Q, and the basis Q [n, k]
+    if method == "subtoken":
+        return local_width // (width // compression.groups), 0
+    raise ValueError(
+        f"the memory model has no formula for compression method {method!r}; add one to "
+        f"actcomp_dist/memory_model.py (_site_width)"
+    )
+
+
+def _site_saved(
+    site: str,
+    compression: CompressionConfig,
+    width: int,
+    tokens: int,
+    setting: ActivationSetting,
+) -> int:
+    """Bytes a linear at ``site`` saves for ``tokens`` tokens."""
+    c, basis = _site_width(site, compression, width, setting)
+    return (tokens * c + basis) * setting.dtype_bytes
+
+
+def _norm_saved(tokens: int, hidden: int, e: int) -> int:
+    # x.float() (the input itself in fp32), rsqrt [N, 1] fp32, normed in the input dtype.
+    return tokens * hidden * 4 + tokens * 4 + tokens * hidden * e
+
+
+def _compressed(site: str, compression: CompressionConfig) -> bool:
+    return compression.method != "none" and site in compression.sites
+
+
+def _layer_saved(
+    model: ModelShape,
+    compression: CompressionConfig,
+    mode: str,
+    setting: ActivationSetting,
+) -> dict[str, int]:
+    """Bytes one decoder block saves, by kind (rope tables excluded: see the caller)."""
+    e, t = setting.dtype_bytes, setting.tensor_parallel
+    b, s = setting.micro_batch_size, setting.seq_length
+    n_all = setting.tokens  # attention and row-parallel layers see the whole sequence
+    n_res = n_all // t if setting.sp else n_all  # residual stream / column-parallel inputs
+    h, f = model.hidden_size, model.ffn_hidden_size
+    d = model.head_dim
+    heads, groups, ffn = model.num_attention_heads // t, model.query_groups // t, f // t
+    attn_width = model.num_attention_heads * d
+    qkv_out = n_all * (heads + 2 * groups) * d * e
+    attn_out = n_all * heads * d * e
+    out: dict[str, int] = defaultdict(int)
+    if mode == "full":
+        out["block_input"] = n_res * h * e
+        return dict(out)
+    if mode == "none":
+        out["norm"] = 2 * _norm_saved(n_res, h, e)
+        out["qkv"] = _site_saved("qkv", compression, h, n_res, setting)
+        # q and k after RoPE, v (a view of the fused QKV output, which it keeps whole), the
+        # attention output and its fp32 log-sum-exp.
+        out["attention_core"] = (
+            n_all * heads * d * e + n_all * groups * d * e + qkv_out + attn_out + b * heads * s * 4
+        )
+        # Uncompressed, proj's input is the attention output itself (already counted).
+        out["proj"] = (
+            _site_saved("proj", compression, attn_width, n_all, setting)
+            if _compressed("proj", compression)
+            else 0
+        )
+        out["fc1"] = _site_saved("fc1", compression, h, n_res, setting)
+        out["swiglu"] = 2 * n_all * ffn * e + n_all * ffn * e
+        out["fc2"] = _site_saved("fc2", compression, f, n_all, setting)
+        return dict(out)
+    if mode == "selective":
+        # The recomputed parts keep their inputs: both norm inputs, the fused QKV output and
+        # [gate | up]; what they produce is saved only by a consumer that is not recomputed.
+        out["block_input"] = 2 * n_res * h * e
+        out["qkv"] = _site_saved("qkv", compression, h, n_res, setting)
+        out["attention_core"] = qkv_out
+        out["proj"] = _site_saved("proj", compression, attn_width, n_all, setting)
+        out["fc1"] = _site_saved("fc1", compression, h, n_res, setting)
+        out["swiglu"] = 2 * n_all * ffn * e
+        out["fc2"] = _site_saved("fc2", compression, f, n_all, setting)
+        return dict(out)
+    raise ValueError(f"activation checkpointing mode {mode!r} is not one of {list(AC_MODES)}")
+
+
+def predict_saved_activations(
+    model: ModelShape,
+    compression: CompressionConfig | None,
+    setting: ActivationSetting,
+    ac_mode: str = "none",
+    ac_num_layers: int | None = None,
+) -> ActivationPrediction:
+    """Saved-activation bytes of one micro-batch on one rank, by kind and per block.
+
+    ``model`` is a :class:`~actcomp_dist.models.LlamaConfig` with the vocabulary the model is
+    really built with (the trainer pads it to a multiple of 128 * TP). ``ac_num_layers``: the
+    first N blocks are checkpointed (``None`` = all), as ``activation_checkpointing.num_layers``.
+    """
+    compression = compression or CompressionConfig()
+    if ac_mode not in AC_MODES:
+        raise ValueError(
+            f"activation checkpointing mode {ac_mode!r} is not one of {list(AC_MODES)}"
+        )
+    e, t = setting.dtype_bytes, setting.tensor_parallel
+    n_all = setting.tokens
+    n_res = n_all // t if setting.sp else n_all
+    h, d = model.hidden_size, model.head_dim
+    layers = model.num_layers
+    if ac_mode == "none":
+        checkpointed = 0
+    else:
+        checkpointed = layers if ac_num_layers is None else min(ac_num_layers, layers)
+
+    by_kind: dict[str, int] = defaultdict(int)
+    per_layer = []
+    rope_rows = setting.rope_positions or setting.seq_length
+    rope_once = False  # the fp32 tables, shared by every block that keeps them
+    for index in range(layers):
+        mode = ac_mode if index < checkpointed else "none"
+        saved = _layer_saved(model, compression, mode, setting)
+        if mode == "none" and e != 4:
+            # RoPE casts the fp32 tables to the activation dtype: q and k each keep a cos
+            # and a sin copy [s, d].
+            saved["attention_core"] += 4 * setting.seq_length * d * e
+        elif mode == "selective" or (mode == "none" and e == 4):
+            # The tables themselves (the whole buffer): counted once, in the first block.
+            if not rope_once:
+                saved["attention_core"] += 2 * rope_rows * d * 4
+                rope_once = True
+        for kind, nbytes in saved.items():
+            by_kind[kind] += nbytes
+        per_layer.append(sum(saved.values()))
+
+    vocab = model.vocab_size // t
+    # The token ids [b, s] int64; at TP > 1 VocabParallelEmbedding keeps its shifted copy of
+    # them and the bool mask of ids outside this rank's vocabulary shard instead.
+    by_kind["embedding"] = n_all * 8 + (n_all if t > 1 else 0)
+    by_kind["final_norm"] = _norm_saved(n_res, h, e)
+    by_kind["output_layer"] = n_all * h * e  # (gathered under SP)
+    # Cross-entropy: the fp32 softmax [N, V/t], its target mask (bool) and masked targets.
+    loss = n_all * vocab * 4 + n_all * 1 + n_all * 8
+    if setting.loss_mask:
+        loss += n_all * 4 + 4  # the float mask the losses are multiplied by, and its sum
+    by_kind["loss"] = loss
+    return ActivationPrediction(dict(by_kind), per_layer)
+
+
+# -- model states -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelStates:
+    """Bytes per GPU of the model states (after the engine is built, at the optimizer step)."""
+
+    parameters: int
+    gradients: int
+    optimizer_state: int
+    engine_buffers: int  # DeepSpeed's gradient-reduction bucket (ZeRO 1/2)
+    parameters_count: int  # logical parameters of the whole model
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return self.parameters + self.gradients + self.optimizer_state + self.engine_buffers
+
+
+def local_parameter_counts(
+    model: ModelShape, compression: CompressionConfig, tensor_parallel: int = 1
+) -> dict[str, int]:
+    """Parameters on one TP rank: ``total``; ``subspace_weights`` (compressed weights trained
+    in ``subspace`` mode, kept out of the optimizer) and ``subspace_proxies`` (their m x r
+    gradient carriers)."""
+    t = tensor_parallel
+    h, f, d = model.hidden_size, model.ffn_hidden_size, model.head_dim
+    heads, groups = model.num_attention_heads, model.query_groups
+    widths = {  # site: (input width, output width) of the full layer
+        "qkv": (h, (heads + 2 * groups) * d),
+        "proj": (heads * d, h),
+        "fc1": (h, 2 * f),
+        "fc2": (f, h),
+    }
+    block = sum(n * m for n, m in widths.values()) // t + 2 * h
+    embeddings = 2 * model.vocab_size * h // t
+    if getattr(model, "tie_embeddings", False):
+        embeddings //= 2
+    total = embeddings + model.num_layers * block + h
+    weights = proxies = 0
+    if compression.method == "compact" and compression.grad_mode == "subspace":
+        setting = ActivationSetting(1, 1, tensor_parallel=t)
+        for site in compression.sites:
+            n, m = widths[site]
+            local_m = m if site in _ROW_SITES else m // t
+            rank, _ = _site_width(site, compression, n, setting)
+            weights += n * m // t
+            proxies += local_m * rank
+        weights *= model.num_layers
+        proxies *= model.num_layers
+    return {"total": total, "subspace_weights": weights, "subspace_proxies": proxies}
+
+
+def predict_model_states(
+    model: ModelShape,
+    compression: CompressionConfig,
+    *,
+    precision: str = "bf16",
+    zero_stage: int = 1,
+    data_parallel: int = 1,
+    tensor_parallel: int = 1,
+    reduce_bucket_size: int = 500_000_000,
+) -> ModelStates:
+    """Parameters, gradients and AdamW state per GPU under DeepSpeed ZeRO.
+
+    Mixed precision (bf16/fp16) follows the ZeRO paper's accounting: 16-bit parameters and
+    gradients, and an fp32 master copy plus two fp32 moments (12 bytes per parameter) in the
+    optimizer; ZeRO-1 partitions the optimizer state over the data-parallel ranks, ZeRO-2 also
+    the gradients, ZeRO-3 also the parameters. fp32 training has no master copy (8 bytes of
+    moments). ``subspace`` mode: the compressed weights get no m x n gradient and no Adam
+    state; their m x r proxies are ordinary parameters of the optimizer, and in 16-bit
+    training the merger keeps an fp32 master of each compressed weight (not partitioned).
+    ZeRO 1/2 also allocate one gradient bucket of ``reduce_bucket_size`` elements (DeepSpeed's
+    ``zero_optimization.reduce_bucket_size``, default 5e8: 2 GB in fp32, 1 GB in bf16).
+    """
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"precision={precision!r} is not one of ['fp32', 'bf16', 'fp16']")
+    if zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"zero_stage={zero_stage} is not one of 0, 1, 2, 3")
+    counts = local_parameter_counts(model, compression, tensor_parallel)
+    dp = data_parallel
+    p_bytes = 4 if precision == "fp32" else 2
+    weights, proxies = counts["subspace_weights"], counts["subspace_proxies"]
+    model_params = counts["total"] + proxies
+    trained = model_params - weights  # parameters the optimizer steps
+    parameters = model_params * p_bytes
+    gradients = trained * p_bytes
+    optimizer = trained * (8 if precision == "fp32" else 12)
+    if zero_stage >= 1:
+        optimizer = math.ceil(optimizer / dp)
+    if zero_stage >= 2:
+        gradients = math.ceil(gradients / dp)
+    if zero_stage >= 3:
+        parameters = math.ceil(parameters / dp)
+    masters = weights * 4 if precision != "fp32" else 0
+    buffers = reduce_bucket_size * p_bytes if zero_stage in (1, 2) else 0
+    full_t1 = local_parameter_counts(model, CompressionConfig(), 1)["total"]
+    return ModelStates(
+        parameters=parameters,
+        gradients=gradients,
+        optimizer_state=optimizer + masters,
+        engine_buffers=buffers,
+        parameters_count=full_t1,
+        detail={
+            "subspace_weights": weights,
+            "subspace_proxies": proxies,
+            "subspace_masters_bytes": masters,
+        },
+    )
+
+
+# -- the plan -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    states: ModelStates
+    activations: ActivationPrediction
+    transient: int
+    reserve: int
+    gpu_memory: int
+
+    @property
+    def total(self) -> int:
+        return self.states.total + self.activations.total + self.transient + self.reserve
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.gpu_memory
+
+
+def transient_bytes(
+    model: ModelShape,
+    compression: CompressionConfig,
+    setting: ActivationSetting,
+    ac_mode: str,
+) -> int:
+    """An estimate of the short-lived peak on top of the saved activations in backward: the
+    logits (in the activation dtype) and their fp32 gradient, the gradient of the largest
+    activation, and under checkpointing the tensors one recomputed block saves again."""
+    e, t = setting.dtype_bytes, setting.tensor_parallel
+    n = setting.tokens
+    logits = n * (model.vocab_size // t) * (e + 4)
+    largest = 2 * n * max(model.hidden_size, 2 * model.ffn_hidden_size // t) * e
+    recompute = 0
+    if ac_mode != "none":
+        recompute = sum(_layer_saved(model, compression, "none", setting).values())
+    return logits + largest + recompute
+
+
+def plan_memory(
+    model: ModelShape,
+    compression: CompressionConfig,
+    setting: ActivationSetting,
+    *,
+    ac_mode: str = "none",
+    ac_num_layers: int | None = None,
+    precision: str = "bf16",
+    zero_stage: int = 1,
+    data_parallel: int = 1,
+    gpu_memory: int = 80 * 10**9,
+    reserve: int = 2 * 2**30,
+    reduce_bucket_size: int = 500_000_000,
+) -> MemoryPlan:
+    """Everything one GPU holds at the peak of a step; ``reserve`` covers the CUDA context,
+    communication buffers and allocator fragmentation."""
+    states = predict_model_states(
+        model,
+        compression,
+        precision=precision,
+        zero_stage=zero_stage,
+        data_parallel=data_parallel,
+        tensor_parallel=setting.tensor_parallel,
+        reduce_bucket_size=reduce_bucket_size,
+    )
+    activations = predict_saved_activations(model, compression, setting, ac_mode, ac_num_layers)
+    transient = transient_bytes(model, compression, setting, ac_mode)
+    return MemoryPlan(states, activations, transient, reserve, gpu_memory)
+
+
+def largest_micro_batch(plan_for, limit: int = 1 << 16) -> int:
+    """The largest ``b`` with ``plan_for(b).fits`` (0 if not even 1 fits); memory grows with
+    ``b``, so a doubling search then bisection."""
+    if not plan_for(1).fits:
+        return 0
+    low = 1
+    while low < limit and plan_for(min(2 * low, limit)).fits:
+        low = min(2 * low, limit)
+    high = min(2 * low, limit + 1)
+    while high - low > 1:
+        middle = (low + high) // 2
+        if plan_for(middle).fits:
+            low = middle
+        else:
+            high = middle
+    return low

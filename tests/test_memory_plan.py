@@ -1,0 +1,268 @@
+"""The analytic memory model against measurement (design.md section 9).
+
+Reference: :func:`actcomp_dist.memory.saved_activation_bytes` counting, tensor by tensor, what
+the real model saves in the trainer's forward (token ids, loss mask, masked mean), charged to
+layer kinds. The issue asks for predictions within 5% for every variant; the formulas are
+closed-form copies of what each op saves, so the assertion is stricter: equal to the byte, per
+kind and per block, on the tiny config and a 60m-shaped one (2 blocks, short sequences: the
+formulas are per token and per block, so the layer count and length only scale them), in fp32
+and in bf16 (parameters cast, buffers kept fp32, as DeepSpeed's bf16 engine does), and at
+TP = 2 with and without sequence parallelism.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from actcomp_dist import CompressionConfig
+from actcomp_dist.ablation.measure import measure_model_forward
+from actcomp_dist.memory_model import (
+    ActivationSetting,
+    largest_micro_batch,
+    module_kind,
+    plan_memory,
+    predict_model_states,
+    predict_saved_activations,
+)
+from actcomp_dist.models import build_llama, get_model_config, parameter_count
+from actcomp_dist.parallel import state
+from actcomp_dist.training.activation_checkpointing import apply_activation_checkpointing
+from tests.distributed import run_distributed
+
+REPO = Path(__file__).resolve().parents[1]
+
+# (method, options, activation checkpointing mode, checkpointed layers)
+VARIANTS = {
+    "none": ("none", {}, "none", None),
+    "ac_selective": ("none", {}, "selective", None),
+    "ac_full": ("none", {}, "full", None),
+    "ac_full_1layer": ("none", {}, "full", 1),
+    "compact_0.5": ("compact", {"rank": 0.5}, "none", None),
+    "compact_0.25": ("compact", {"rank": 0.25}, "none", None),
+    "compact_0.125": ("compact", {"rank": 0.125}, "none", None),
+    "compact_abs12": ("compact", {"rank": 12}, "none", None),
+    "compact_0.25+ac_full": ("compact", {"rank": 0.25}, "full", None),
+    "compact_0.25+ac_selective": ("compact", {"rank": 0.25}, "selective", None),
+    "compact_all_sites+ac_selective_1layer": (
+        "compact",
+        {"rank": 0.25, "sites": ("qkv", "proj", "fc1", "fc2")},
+        "selective",
+        1,
+    ),
+    "lowrank_0.125": ("lowrank", {"rank": 0.125}, "none", None),
+    "lowrank_0.25+ac_selective": ("lowrank", {"rank": 0.25}, "selective", None),
+    "subtoken_32": ("subtoken", {"groups": 32}, "none", None),
+    "subtoken_16+ac_selective": ("subtoken", {"groups": 16}, "selective", None),
+}
+
+SHAPES = {
+    # name: (model config, micro-batch, sequence length)
+    "tiny": (get_model_config("tiny", seq_length=32), 2, 32),
+    "60m_2layers": (get_model_config("60m", num_layers=2, vocab_size=1024, seq_length=64), 2, 64),
+}
+
+
+def _batch(config, b, s, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, config.vocab_size, (b, s), generator=generator)
+    labels = torch.randint(0, config.vocab_size, (b, s), generator=generator)
+    return tokens, labels, torch.ones(b, s)
+
+
+def _measure(config, compression, mode, num_layers, b, s, dtype, sequence_parallel=False):
+    model = build_llama(config, compression, init_seed=0, sequence_parallel=sequence_parallel)
+    for param in model.parameters():  # what DeepSpeed's bf16 engine does: parameters only
+        param.data = param.data.to(dtype)
+    apply_activation_checkpointing(model, mode, num_layers)
+    return measure_model_forward(model, *_batch(config, b, s))
+
+
+def _assert_prediction_matches(measured, predicted):
+    # The issue's criterion first (within 5%), then the stronger one this model meets.
+    assert abs(predicted.total - measured.total) <= 0.05 * measured.total
+    nonzero = {k: v for k, v in predicted.by_kind.items() if v}
+    assert nonzero == {k: v for k, v in measured.by_kind.items() if v}
+    assert predicted.per_layer == measured.per_layer
+    assert predicted.total == measured.total
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_prediction_equals_measured_saved_bytes(single_rank, variant, shape, dtype):
+    method, options, mode, num_layers = VARIANTS[variant]
+    config, b, s = SHAPES[shape]
+    compression = CompressionConfig(method=method, seed=3, **options)
+    measured = _measure(config, compression, mode, num_layers, b, s, dtype)
+    setting = ActivationSetting(b, s, dtype_bytes=torch.finfo(dtype).bits // 8)
+    predicted = predict_saved_activations(config, compression, setting, mode, num_layers)
+    _assert_prediction_matches(measured, predicted)
+
+
+def test_prediction_scales_with_micro_batch_and_sequence(single_rank):
+    """The formulas are not fitted to one shape: a third shape, never used above."""
+    config = get_model_config("tiny", seq_length=48, num_layers=3)
+    compression = CompressionConfig(method="compact", rank=0.25)
+    measured = _measure(config, compression, "none", None, 3, 48, torch.float32)
+    predicted = predict_saved_activations(config, compression, ActivationSetting(3, 48))
+    _assert_prediction_matches(measured, predicted)
+
+
+def _tp_measure(rank, world_size, sequence_parallel):
+    state.initialize_model_parallel(world_size)
+    config, b, s = SHAPES["tiny"]
+    out = {}
+    for variant in ("none", "ac_selective", "compact_0.25", "lowrank_0.125", "subtoken_32"):
+        method, options, mode, num_layers = VARIANTS[variant]
+        compression = CompressionConfig(method=method, seed=3, **options)
+        measured = _measure(
+            config, compression, mode, num_layers, b, s, torch.float32, sequence_parallel
+        )
+        out[variant] = measured
+    return out
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp2", "tp2_sp"])
+def test_prediction_equals_measured_at_tp2(tmp_path, sequence_parallel):
+    results = run_distributed(_tp_measure, 2, tmp_path, sequence_parallel)
+    config, b, s = SHAPES["tiny"]
+    for tp_rank, per_variant in enumerate(results):
+        setting = ActivationSetting(
+            b, s, tensor_parallel=2, sequence_parallel=sequence_parallel, tp_rank=tp_rank
+        )
+        for variant, measured in per_variant.items():
+            method, options, mode, num_layers = VARIANTS[variant]
+            compression = CompressionConfig(method=method, **options)
+            predicted = predict_saved_activations(config, compression, setting, mode, num_layers)
+            _assert_prediction_matches(measured, predicted)
+
+
+def test_module_kind_names():
+    assert module_kind("layers.11.attention.qkv") == "qkv"
+    assert module_kind("layers.0.attention") == "attention_core"
+    assert module_kind("layers.0.mlp") == "swiglu"
+    assert module_kind("layers.3") == "block_input"
+    assert module_kind("layers.3.mlp_norm") == "norm"
+    assert module_kind("output_layer") == "output_layer"
+    assert module_kind("") == "loss"
+
+
+def test_model_states_closed_form():
+    """Parameter count against the model's own closed form; ZeRO partitioning by hand."""
+    config = get_model_config("60m")
+    none = CompressionConfig()
+    states = predict_model_states(config, none, precision="bf16", zero_stage=1, data_parallel=8)
+    p = parameter_count(config)
+    assert states.parameters_count == p
+    assert states.parameters == 2 * p and states.gradients == 2 * p
+    assert states.optimizer_state == -(-12 * p // 8)
+    assert states.engine_buffers == 500_000_000 * 2
+    stage3 = predict_model_states(config, none, precision="fp32", zero_stage=3, data_parallel=4)
+    assert stage3.parameters == p and stage3.gradients == p and stage3.optimizer_state == 2 * p
+    # subspace: the compressed weights lose their gradient and Adam state, gain an fp32 master;
+    # their m x r proxies (r = n/4) are trained instead.
+    sub = CompressionConfig(method="compact", rank=0.25, grad_mode="subspace")
+    s = predict_model_states(config, sub, precision="bf16", zero_stage=0, data_parallel=1)
+    h, f, layers = config.hidden_size, config.ffn_hidden_size, config.num_layers
+    weights = layers * (h * 3 * h + h * 2 * f + f * h)
+    proxies = layers * (3 * h * (h // 4) + 2 * f * (h // 4) + h * (f // 4))
+    assert s.detail["subspace_weights"] == weights
+    assert s.detail["subspace_proxies"] == proxies
+    assert s.gradients == 2 * (p + proxies - weights)
+    assert s.optimizer_state == 12 * (p + proxies - weights) + 4 * weights
+
+
+def test_largest_micro_batch_is_the_boundary():
+    config = get_model_config("350m")
+    compression = CompressionConfig()
+
+    def plan(b):
+        return plan_memory(
+            config, compression, ActivationSetting(b, 1024, dtype_bytes=2), gpu_memory=40 * 10**9
+        )
+
+    best = largest_micro_batch(plan)
+    assert best >= 1
+    assert plan(best).fits and not plan(best + 1).fits
+
+
+def test_memory_plan_cli_prints_the_table():
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tools" / "memory_plan.py"),
+            "--config",
+            str(REPO / "configs" / "llama1b_compact.json"),
+            "--gpus",
+            "8",
+            "--gpu-memory",
+            "80GB",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    out = result.stdout
+    for row in ("none", "ac_selective", "ac_full", "compact:0.25", "compact:0.125"):
+        assert row in out
+    for seq in ("256", "8192"):
+        assert seq in out
+    assert "largest micro-batch" in out.lower()
+
+
+def test_memory_plan_cli_rejects_bad_memory_string():
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tools" / "memory_plan.py"),
+            "--config",
+            str(REPO / "configs" / "tiny_compact.json"),
+            "--gpu-memory",
+            "lots",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert "--gpu-memory" in result.stderr and "lots" in result.stderr
+
+
+def test_model_states_match_memtracker_and_accumulation_is_tracked(single_rank):
+    """fp32, no ZeRO, a torch AdamW: MemTracker's parameters and optimizer state at the peak
+    of a (steady) 2-micro-batch step against the closed form (Adam keeps 2 fp32 moments per parameter
+    and one fp32 step counter per tensor); its activation peak covers at least one
+    micro-batch's saved bytes."""
+    from actcomp_dist.memory import peak_memory_by_category
+
+    config, b, s = SHAPES["tiny"]
+    compression = CompressionConfig(method="compact", rank=0.25)
+    model = build_llama(config, compression, init_seed=0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=False)
+    batches = [_batch(config, b, s, seed) for seed in range(2)]
+
+    def micro(tokens, labels, mask, last):
+        model.loss(tokens, labels, mask).backward()
+        if last:
+            optimizer.step()
+
+    phases = [
+        lambda batch=batch, last=i == 1: micro(*batch, last) for i, batch in enumerate(batches)
+    ]
+    for phase in phases:  # a first step creates Adam's state: the tracked step is a steady one
+        phase()
+    optimizer.zero_grad(set_to_none=True)
+    peak = peak_memory_by_category(model, optimizer, phases)
+    states = predict_model_states(config, compression, precision="fp32", zero_stage=0)
+    tensors = len(list(model.parameters()))
+    assert peak["parameters"] == states.parameters
+    assert peak["optimizer_state"] == states.optimizer_state + 4 * tensors
+    one_micro_batch = measure_model_forward(model, *batches[0]).total
+    assert peak["activations"] >= 0.9 * one_micro_batch

@@ -1,0 +1,263 @@
+r"""Predict per-GPU memory for a run config on a cluster, and the largest micro-batch that fits.
+
+    python tools/memory_plan.py --config configs/llama1b_compact.json --gpus 8 --gpu-memory 80GB
+    python tools/memory_plan.py --config configs/llama350m_baseline.json --gpus 1 \
+        --gpu-memory 80GB --vocab-size 32000 --micro-batch 64 --seq-lengths 256,1024
+    python tools/memory_plan.py --config configs/llama350m_compact.json --gpus 8 \
+        --variants none,ac_full,compact:0.125,compact:0.25+ac_selective \
+        --set parallel.tensor_parallel=2 --set parallel.sequence_parallel=true
+
+Rows are variants in the grammar of tools/ablate.py (``none``, ``ac_selective``, ``ac_full``,
+``METHOD:ARG[+ac_...]``), columns sequence lengths. For each: saved activations per micro-batch
+(exact per-layer formulas, validated byte for byte against the real model in
+tests/test_memory_plan.py), the predicted peak per GPU (model states under the config's ZeRO
+stage and precision + saved activations + a transient estimate + ``--reserve``), whether it
+fits in ``--gpu-memory``, and the largest micro-batch that does. The model is what the config
+trains: its vocabulary is the tokenizer's (``data.tokenizer``; the embedded corpus's
+``data.embedded_vocab_size`` when no data is configured) unless ``--vocab-size`` says otherwise
+(32000 for the LLaMA tokenizer the published results use).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+DEFAULT_VARIANTS = (
+    "none,ac_selective,ac_full,compact:0.5,compact:0.25,compact:0.125,"
+    "compact:0.25+ac_selective,compact:0.25+ac_full"
+)
+DEFAULT_SEQ_LENGTHS = "256,512,1024,2048,4096,8192"
+_UNITS = {
+    "": 10**9,  # a bare number is GB
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+
+
+def parse_size(text: str, option: str) -> int:
+    """``80GB`` -> 80e9, ``80GiB`` -> 80 * 2**30, ``80`` -> 80 GB."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _UNITS:
+        raise ValueError(
+            f"{option} {text!r} is not a size; use e.g. 80GB, 80GiB, 40960MiB (a bare number is GB)"
+        )
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{option} {text!r} must be comma-separated ints") from None
+    if not values or any(v < 1 for v in values):
+        raise ValueError(f"{option} {text!r} must be comma-separated positive ints")
+    return values
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    parser.add_argument("--config", required=True, help="JSON run config (see configs/)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
+    parser.add_argument("--gpus", type=int, default=1, help="GPUs in the job (default 1)")
+    parser.add_argument("--gpu-memory", default="80GB", help="memory per GPU (default 80GB)")
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS, help="rows (ablate grammar)")
+    parser.add_argument("--seq-lengths", default=DEFAULT_SEQ_LENGTHS, help="columns")
+    parser.add_argument("--micro-batch", type=int, default=None, help="default: the config's")
+    parser.add_argument("--zero-stage", type=int, default=None, help="default: the config's")
+    parser.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16"))
+    parser.add_argument("--vocab-size", type=int, default=None, help="tokenizer vocabulary")
+    parser.add_argument(
+        "--reserve",
+        default="2GiB",
+        help="kept free per GPU for the CUDA context, communication buffers and "
+        "fragmentation (default 2GiB)",
+    )
+    return parser.parse_args(argv)
+
+
+def _vocab(config, override: int | None) -> tuple[int, str]:
+    if override is not None:
+        return override, "--vocab-size"
+    if config.data.tokenizer and Path(config.data.tokenizer).is_file():
+        import sentencepiece
+
+        processor = sentencepiece.SentencePieceProcessor(model_file=config.data.tokenizer)
+        return processor.get_piece_size(), f"tokenizer {config.data.tokenizer}"
+    if not config.data.paths:
+        return (
+            config.data.embedded_vocab_size,
+            "the embedded corpus's tokenizer (pass --vocab-size 32000 for LLaMA's)",
+        )
+    raise ValueError("data.tokenizer is not readable here; pass --vocab-size")
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f}"
+
+
+def _table(title: str, header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
+    return ["", title, fmt.format(*header), *[fmt.format(*r) for r in rows]]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from actcomp_dist.ablation import VariantError, parse_variants
+    from actcomp_dist.memory_model import (
+        ActivationSetting,
+        largest_micro_batch,
+        plan_memory,
+        predict_model_states,
+    )
+    from actcomp_dist.models import check_tensor_parallel, get_model_config
+    from actcomp_dist.training.config import ConfigError, load_run_config
+    from actcomp_dist.training.trainer import padded_vocab_size
+
+    try:
+        gpu_memory = parse_size(args.gpu_memory, "--gpu-memory")
+        reserve = parse_size(args.reserve, "--reserve")
+        seq_lengths = _int_list(args.seq_lengths, "--seq-lengths")
+        variants = parse_variants(args.variants)
+        config = load_run_config(args.config, args.overrides)
+        if args.gpus < 1:
+            raise ValueError(f"--gpus {args.gpus} must be >= 1")
+        tp = config.parallel.tensor_parallel
+        if args.gpus % tp:
+            raise ValueError(f"--gpus {args.gpus} is not divisible by tensor_parallel={tp}")
+        vocab, vocab_source = _vocab(config, args.vocab_size)
+        overrides = dict(config.model.overrides)
+        overrides["vocab_size"] = overrides.get("vocab_size", padded_vocab_size(vocab, tp))
+        overrides.pop("seq_length", None)
+        model = get_model_config(config.model.name, **overrides)
+        check_tensor_parallel(model, tp)
+    except (ValueError, VariantError, ConfigError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    dp = args.gpus // tp
+    micro_batch = args.micro_batch or config.train.micro_batch_size
+    precision = args.precision or config.train.precision
+    zero = config.deepspeed.get("zero_optimization", {})
+    zero_stage = args.zero_stage if args.zero_stage is not None else zero.get("stage", 0)
+    bucket = int(zero.get("reduce_bucket_size", 500_000_000))
+    dtype_bytes = 4 if precision == "fp32" else 2
+
+    def plan(variant, seq, batch):
+        compression = variant.compression(config.compression)
+        setting = ActivationSetting(
+            batch,
+            seq,
+            dtype_bytes=dtype_bytes,
+            tensor_parallel=tp,
+            sequence_parallel=config.parallel.sequence_parallel,
+        )
+        return plan_memory(
+            model.replace(seq_length=seq),
+            compression,
+            setting,
+            ac_mode=variant.ac_mode,
+            ac_num_layers=config.activation_checkpointing.num_layers,
+            precision=precision,
+            zero_stage=zero_stage,
+            data_parallel=dp,
+            gpu_memory=gpu_memory,
+            reserve=reserve,
+            reduce_bucket_size=bucket,
+        )
+
+    first = plan(variants[0], seq_lengths[0], micro_batch)
+    lines = [
+        f"{args.config}: LLaMA {config.model.name}, {first.states.parameters_count:,} parameters "
+        f"(vocabulary {model.vocab_size} from {vocab_source})",
+        f"cluster: {args.gpus} GPUs x {gpu_memory / 1e9:.0f} GB | TP {tp}"
+        f"{' + SP' if config.parallel.sequence_parallel and tp > 1 else ''}, DP {dp} | "
+        f"ZeRO-{zero_stage} | {precision} | micro-batch {micro_batch} | reserve "
+        f"{reserve / 1e9:.1f} GB per GPU",
+    ]
+    state_rows, seen = [], set()
+    for variant in variants:
+        compression = variant.compression(config.compression)
+        key = (compression.method, compression.grad_mode, compression.rank)
+        if key in seen:
+            continue
+        seen.add(key)
+        states = predict_model_states(
+            model,
+            compression,
+            precision=precision,
+            zero_stage=zero_stage,
+            data_parallel=dp,
+            tensor_parallel=tp,
+            reduce_bucket_size=bucket,
+        )
+        label = "uncompressed" if compression.method == "none" else variant.name.split("+")[0]
+        state_rows.append(
+            [
+                f"{label} ({compression.grad_mode})",
+                _gb(states.parameters),
+                _gb(states.gradients),
+                _gb(states.optimizer_state),
+                _gb(states.engine_buffers),
+                _gb(states.total),
+            ]
+        )
+    lines += _table(
+        "Model states per GPU (GB):",
+        ["", "parameters", "gradients", "optimizer", "DS bucket", "total"],
+        state_rows,
+    )
+    header = ["variant"] + [f"s={s}" for s in seq_lengths]
+    activation_rows, peak_rows, batch_rows = [], [], []
+    for variant in variants:
+        plans = [plan(variant, s, micro_batch) for s in seq_lengths]
+        activation_rows.append([variant.name] + [_gb(p.activations.total) for p in plans])
+        peak_rows.append(
+            [variant.name] + [f"{_gb(p.total)} {'fits' if p.fits else 'OOM'}" for p in plans]
+        )
+        batch_rows.append(
+            [variant.name]
+            + [
+                str(largest_micro_batch(lambda b, v=variant, s=s: plan(v, s, b)))
+                for s in seq_lengths
+            ]
+        )
+    lines += _table(
+        f"Saved activations per micro-batch per GPU (GB), micro-batch {micro_batch}:",
+        header,
+        activation_rows,
+    )
+    lines += _table(
+        f"Predicted peak per GPU (GB) at micro-batch {micro_batch} vs {gpu_memory / 1e9:.0f} GB:",
+        header,
+        peak_rows,
+    )
+    lines += _table("Largest micro-batch that fits (0: not even 1):", header, batch_rows)
+    lines += [
+        "",
+        "Activations: exact formulas (tests/test_memory_plan.py). Model states: ZeRO accounting "
+        "(16-bit weights and gradients, fp32 master + Adam moments). The peak adds an estimate "
+        "of backward's transient (logits and their fp32 gradient, one activation gradient, one "
+        "recomputed block under checkpointing) and the reserve; it assumes a flash / "
+        "memory-efficient attention kernel (no s x s matrix).",
+    ]
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
