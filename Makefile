@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
+# DeepSpeed JIT-compiles a CPU communication op on first use (~30-60 s); keep it with this
+# checkout's venv so other checkouts or venvs on the machine never invalidate it.
+export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
 
 .PHONY: venv test test-fast lint quickstart clean
 
