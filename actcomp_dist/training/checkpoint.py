@@ -149,9 +149,12 @@ def verify_checkpoint(path: Path, compression: dict[str, Any]) -> dict[str, Any]
     """
     try:
         marker = json.loads((path / MARKER).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"checkpoint {path}: unreadable {MARKER} marker ({err})") from None
-    for name, expected in marker["files"].items():
+        files, saved_compression = marker["files"], marker["compression"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(
+            f"checkpoint {path}: unreadable {MARKER} marker ({type(err).__name__}: {err})"
+        ) from None
+    for name, expected in files.items():
         file = path / name
         if not file.is_file():
             raise CheckpointError(f"checkpoint {path} is damaged: {name} is missing")
@@ -160,11 +163,11 @@ def verify_checkpoint(path: Path, compression: dict[str, Any]) -> dict[str, Any]
                 f"checkpoint {path} is damaged: {name} differs from what was saved "
                 f"(size or SHA-256 mismatch)"
             )
-    if marker["compression"] != compression:
+    if saved_compression != compression:
         changed = {
-            key: (marker["compression"].get(key), compression.get(key))
-            for key in sorted(set(marker["compression"]) | set(compression))
-            if marker["compression"].get(key) != compression.get(key)
+            key: (saved_compression.get(key), compression.get(key))
+            for key in sorted(set(saved_compression) | set(compression))
+            if saved_compression.get(key) != compression.get(key)
         }
         lines = "; ".join(
             f"{k}: checkpoint {old!r} -> config {new!r}" for k, (old, new) in changed.items()

@@ -7,6 +7,7 @@ import sys
 
 from actcomp_dist.training.checkpoint import CheckpointError
 from actcomp_dist.training.config import ConfigError, load_run_config
+from actcomp_dist.training.distributed import launch_info
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -37,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
 
         result = run_pretraining(config)
     except (ConfigError, CheckpointError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        info = launch_info()
+        print(f"error (rank {info.rank}/{info.world_size}): {err}", file=sys.stderr, flush=True)
         return 2
     if result.preempted:
         print(

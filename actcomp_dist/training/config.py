@@ -328,6 +328,13 @@ def validate_run(config: RunConfig, world_size: int) -> None:
                 "compressed weights are updated outside DeepSpeed's partitioned parameters); "
                 "use ZeRO 0-2 or grad_mode='lift'"
             )
+        if stage == 0 and config.train.precision != "fp32":
+            raise ConfigError(
+                f"compression.grad_mode='subspace' with train.precision="
+                f"{config.train.precision!r} needs ZeRO stage 1 or 2: DeepSpeed's stage-0 "
+                f"{config.train.precision} optimizer does not expose the fp32 copies of the "
+                f"subspace proxies that each step's merge must reset"
+            )
     if config.parallel.sequence_parallel and config.data.seq_length % tp != 0:
         raise ConfigError(
             f"data.seq_length={config.data.seq_length} must be divisible by "
@@ -344,6 +351,31 @@ def validate_run(config: RunConfig, world_size: int) -> None:
                 raise ConfigError(f"data.paths: {prefix + suffix} not found")
     if config.data.tokenizer and not Path(config.data.tokenizer).is_file():
         raise ConfigError(f"data.tokenizer: {config.data.tokenizer} not found")
+
+
+def validate_model(config: RunConfig) -> None:
+    """``model.name`` with its overrides is a valid LlamaConfig that shards
+    ``parallel.tensor_parallel`` ways (the vocabulary, unless overridden, is padded to a
+    multiple of the TP size once the tokenizer is known); raises :class:`ConfigError`.
+
+    Separate from :func:`validate_run` because it imports megatron-core (through the model
+    package), which a run that fails on a cheaper check need not wait for.
+    """
+    from actcomp_dist.models import LlamaConfig, check_tensor_parallel, get_model_config
+
+    model, tp = config.model, config.parallel.tensor_parallel
+    valid = {f.name for f in dataclasses.fields(LlamaConfig)}
+    unknown = sorted(set(model.overrides) - valid)
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {[f'model.{k}' for k in unknown]}; valid keys in 'model': "
+            f"{sorted(valid | {'name', 'overrides'})}"
+        )
+    overrides = {"seq_length": config.data.seq_length, "vocab_size": 128 * tp, **model.overrides}
+    try:
+        check_tensor_parallel(get_model_config(model.name, **overrides), tp)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"model: {err}") from None
 
 
 def gradient_accumulation_steps(config: RunConfig, world_size: int) -> int:

@@ -46,7 +46,10 @@ def _free_port() -> int:
 
 
 def init_distributed(info: LaunchInfo) -> torch.device:
-    """Initialise ``torch.distributed`` (through DeepSpeed) and return this rank's device."""
+    """Initialise ``torch.distributed`` (through DeepSpeed) and return this rank's device.
+
+    A process group that already exists (a notebook, a test harness) is used as it is.
+    """
     env = os.environ
     env.setdefault("RANK", str(info.rank))
     env.setdefault("WORLD_SIZE", str(info.world_size))
@@ -54,7 +57,7 @@ def init_distributed(info: LaunchInfo) -> torch.device:
     if info.world_size == 1:
         env.setdefault("MASTER_ADDR", "127.0.0.1")
         env.setdefault("MASTER_PORT", str(_free_port()))
-    elif "MASTER_ADDR" not in env:
+    elif "MASTER_ADDR" not in env and not dist.is_initialized():
         raise RuntimeError(
             "MASTER_ADDR is not set: launch with deepspeed, torchrun, or the sbatch script in "
             "launch/slurm/ (which exports MASTER_ADDR/MASTER_PORT for srun)"

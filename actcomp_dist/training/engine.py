@@ -107,10 +107,8 @@ def build_engine(config: RunConfig, model: nn.Module, world_size: int, mpu) -> E
         stage = ds_config.get("zero_optimization", {}).get("stage", 0)
         if stage not in (0, 1, 2):
             raise ConfigError(f"grad_mode='subspace' needs ZeRO stage 0-2, got {stage}")
-        # Before DeepSpeed casts the module (bf16/fp16): the merger keeps fp32 masters.
         proxies = attach_subspace_proxies(model)
         exclude = {id(layer.weight) for layer in subspace_layers(model)} | {id(p) for p in proxies}
-        merger = SubspaceMerger(model, train.subspace_scale, train.weight_decay)
     groups = _param_groups(model, train.weight_decay, exclude)
     if proxies:
         groups.append({"params": proxies, "weight_decay": 0.0})
@@ -130,12 +128,18 @@ def build_engine(config: RunConfig, model: nn.Module, world_size: int, mpu) -> E
         mpu=mpu,
     )
     stage = ds_config.get("zero_optimization", {}).get("stage", 0)
-    if merger is not None and (stage > 0 or train.precision != "fp32"):
-        # The optimizer's fp32 copy of each proxy lives in DeepSpeed's (partitioned) buffers.
-        from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+    if proxies:
+        # After deepspeed.initialize: DeepSpeed casts the module to bf16/fp16 in place, and the
+        # merger keeps fp32 masters only of weights that are not fp32 when it is built.
+        merger = SubspaceMerger(model, train.subspace_scale, train.weight_decay)
+        if stage > 0 or train.precision != "fp32":
+            # The optimizer's fp32 copy of each proxy lives in DeepSpeed's (partitioned) buffers.
+            from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 
-        merger.get_fp32 = safe_get_full_fp32_param
-        merger.set_fp32 = safe_set_full_fp32_param
+            merger.get_fp32 = safe_get_full_fp32_param
+            merger.set_fp32 = safe_set_full_fp32_param
+    if stage == 0 and train.precision == "fp32" and train.clip_grad > 0:
+        _keep_fp32_grad_norm(engine)
     return Engine(
         engine=engine,
         optimizer=ds_optimizer,
@@ -143,3 +147,22 @@ def build_engine(config: RunConfig, model: nn.Module, world_size: int, mpu) -> E
         merger=merger,
         gradient_accumulation_steps=ds_config["gradient_accumulation_steps"],
     )
+
+
+def _keep_fp32_grad_norm(engine) -> None:
+    """Make ``engine.get_global_grad_norm()`` report the norm at ZeRO 0 in fp32 too.
+
+    On that path DeepSpeed clips in ``clip_fp32_gradients`` with its own ``clip_grad_norm_``
+    (global over the model-parallel group, proxies included) but drops the norm it computed,
+    so ``get_global_grad_norm()`` would return ``None``. Same computation, result kept.
+    """
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    def clip_fp32_gradients() -> None:
+        engine._global_grad_norm = clip_grad_norm_(
+            parameters=engine.module.parameters(),
+            max_norm=engine.gradient_clipping(),
+            mpu=engine.mpu,
+        )
+
+    engine.clip_fp32_gradients = clip_fp32_gradients

@@ -19,8 +19,16 @@ def format_bytes(n: float) -> str:
 
 
 class MetricsLogger:
+    """``resume_step``: the run continues from a checkpoint at that step: records up to it are
+    kept, later ones (written after the checkpoint by the interrupted run, and about to be
+    recomputed) are dropped, so every step appears once. ``None``: a new run."""
+
     def __init__(
-        self, run_dir: Path, enabled: bool, tensorboard: bool = False, append: bool = False
+        self,
+        run_dir: Path,
+        enabled: bool,
+        tensorboard: bool = False,
+        resume_step: int | None = None,
     ):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
@@ -29,7 +37,17 @@ class MetricsLogger:
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a" if append else "w")  # noqa: SIM115  (closed in close())
+        if resume_step is not None and self.path.is_file():
+            kept = [
+                line
+                for line in self.path.read_text().splitlines()
+                if _step(line) is not None and _step(line) <= resume_step
+            ]
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.replace(self.path)
+        mode = "w" if resume_step is None else "a"
+        self._file = open(self.path, mode)  # noqa: SIM115  (closed in close())
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -77,3 +95,11 @@ class MetricsLogger:
             self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def _step(line: str) -> int | None:
+    """The step of one metrics.jsonl line; ``None`` for a line cut short by a crash."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None

@@ -4,7 +4,8 @@ Order of set-up (each step needs the previous one):
 
 1. validate the config against the world size the launcher announced (no collective yet, so
    a bad config fails the same way on every rank and nothing hangs);
-2. check the checkpoint to resume from (marker, file hashes, compression config, world size);
+2. check the checkpoint to resume from (marker, file hashes, compression config, layout),
+   then the model config (the first check that imports megatron-core);
 3. process group, Megatron parallel state, seeds;
 4. data: the embedded corpus or the configured indexed datasets, the resumable loader;
 5. model (tensor-parallel LLaMA with compressed layers), then activation checkpointing;
@@ -31,7 +32,7 @@ import torch.distributed as dist
 from actcomp_dist.memory import SavedTensorCounter
 from actcomp_dist.training import checkpoint as ckpt
 from actcomp_dist.training.activation_checkpointing import apply_activation_checkpointing
-from actcomp_dist.training.config import ConfigError, RunConfig, validate_run
+from actcomp_dist.training.config import ConfigError, RunConfig, validate_model, validate_run
 from actcomp_dist.training.distributed import init_distributed, launch_info
 from actcomp_dist.training.metrics import MetricsLogger, format_bytes
 from actcomp_dist.training.signals import PreemptionHandler
@@ -69,10 +70,13 @@ def _check_resume(config: RunConfig, world_size: int) -> tuple[Path | None, dict
             )
         return None, None
     state = ckpt.verify_checkpoint(path, config.compression.to_dict())
-    if state["world_size"] != world_size:
+    saved_tp = state["config"]["parallel"]["tensor_parallel"]
+    if state["world_size"] != world_size or saved_tp != config.parallel.tensor_parallel:
         raise ckpt.CheckpointError(
-            f"checkpoint {path} was written by {state['world_size']} ranks, this run has "
-            f"{world_size}; exact resume needs the same layout"
+            f"checkpoint {path} was written by {state['world_size']} ranks at "
+            f"parallel.tensor_parallel={saved_tp}; this run has {world_size} ranks at "
+            f"parallel.tensor_parallel={config.parallel.tensor_parallel}: exact resume needs "
+            f"the same layout"
         )
     return path, state
 
@@ -190,6 +194,7 @@ class Trainer:
         info = launch_info()
         validate_run(config, info.world_size)
         self.resume_path, self.resume_state = _check_resume(config, info.world_size)
+        validate_model(config)
         self.world_size = info.world_size
         self.device = init_distributed(info)
 
@@ -203,6 +208,8 @@ class Trainer:
         torch.manual_seed(train.seed)
 
         self.step = self.resume_state["step"] if self.resume_state else 0
+        # The step of the last checkpoint saved or resumed from (None: none yet).
+        self.saved_step = self.step if self.resume_state else None
         self.consumed = self.resume_state["consumed_samples"] if self.resume_state else 0
         self.tokenizer, self.loader, self.valid_loader = _build_data(
             config, self.ctx.dp_rank, self.ctx.dp_size, self.consumed
@@ -239,7 +246,7 @@ class Trainer:
             self.run_dir,
             enabled=self.rank == 0,
             tensorboard=config.logging.tensorboard,
-            append=self.resume_path is not None,
+            resume_step=self.step if self.resume_path is not None else None,
         )
 
     # -- checkpoints -------------------------------------------------------------------------
@@ -260,6 +267,7 @@ class Trainer:
         }
 
     def save(self) -> Path:
+        self.saved_step = self.step
         path = ckpt.save_checkpoint(
             self.config.checkpoint_dir,
             self.step,
@@ -295,14 +303,30 @@ class Trainer:
         engine.train()
         return _dp_mean(losses, self.ctx.dp_group) if losses else None
 
+    def close(self) -> None:
+        """Forget the parallel state this trainer created (the process group stays), so that
+        :func:`run_pretraining` can run again in the same process."""
+        from actcomp_dist.parallel import state
+
+        if state.is_initialized():
+            state.destroy()
+
     def train(self) -> TrainResult:
         config, engine = self.config, self.engine.engine
         train = config.train
-        handler = PreemptionHandler().install()
+        if self.step >= train.steps:
+            _print0(
+                f"nothing to train: the checkpoint is at step {self.step} and train.steps="
+                f"{train.steps} (raise train.steps to continue this run)"
+            )
+        # One rank watches the stop file (a stat per step on a shared file system); the
+        # all-reduce in should_stop tells the others.
+        stop_file = self.run_dir / "STOP" if self.rank == 0 else None
+        handler = PreemptionHandler(stop_file).install()
         data = iter(self.loader)
         history: list[dict[str, Any]] = []
         last_loss = last_val = None
-        preempted = False
+        preempted = stop_requested = False
         engine.train()
         described = False
         try:
@@ -360,13 +384,17 @@ class Trainer:
                 if interval and self.step % interval == 0 and self.step < train.steps:
                     self.save()
                 if handler.should_stop(self.device):
-                    _print0(f"preemption signal received: saving at step {self.step} and exiting")
-                    self.save()
-                    preempted = True
+                    stop_requested = True
+                    if self.step < train.steps:
+                        _print0(f"preemption requested: saving at step {self.step} and exiting")
+                        preempted = True
                     break
-            final = config.checkpoint_dir / ckpt.checkpoint_name(self.step) / ckpt.MARKER
-            if not preempted and not final.is_file():
+            # At the end, or where a preemption stopped the run; never twice for one step
+            # (an interval save just before, or a resumed run that had nothing left to do).
+            if self.saved_step != self.step:
                 self.save()
+            if stop_requested:
+                handler.consume_stop_file()
         finally:
             handler.uninstall()
             self.logger.close()
@@ -374,4 +402,10 @@ class Trainer:
 
 
 def run_pretraining(config: RunConfig) -> TrainResult:
-    return Trainer(config).train()
+    """Train as ``config`` says; collective (every rank calls it). Returns this rank's
+    history."""
+    trainer = Trainer(config)
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()
