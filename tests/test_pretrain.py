@@ -29,6 +29,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -549,7 +550,15 @@ def test_launcher_trains_the_tiny_config(launched_run):
     assert all((run_dir / "checkpoints" / name / "COMPLETE").is_file() for name in checkpoints)
     output = launched_run["output"]
     assert f"step     {LAUNCHED_STEPS} | loss " in output
-    assert "saved activations per micro-batch (measured, per rank)" in output
+    # The start-up report: measured bytes equal the analytic prediction, and the same batch
+    # run uncompressed saves more.
+    match = re.search(
+        r"saved activations per micro-batch \(per rank\): measured (.+?), predicted (.+?); "
+        r"uncompressed (.+?) -> compression saves",
+        output,
+    )
+    assert match, output[-3000:]
+    assert match.group(1) == match.group(2) != match.group(3)
 
 
 def _rank_pid(launcher: subprocess.Popen, rank: int, timeout: float = 120) -> int:

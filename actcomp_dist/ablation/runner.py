@@ -31,7 +31,6 @@ import torch.distributed as dist
 
 from actcomp_dist.ablation.measure import masked_mean_loss, measure_saved_bytes
 from actcomp_dist.memory import peak_memory_by_category
-from actcomp_dist.memory_model import ActivationSetting, predict_saved_activations
 from actcomp_dist.training.config import RunConfig
 
 
@@ -72,23 +71,6 @@ def _peak_step(trainer) -> dict[str, int]:
     return peak_memory_by_category(trainer.model, optimizer, phases)
 
 
-def _predicted(trainer, config: RunConfig) -> int:
-    model_config = trainer.model.config
-    setting = ActivationSetting(
-        micro_batch_size=config.train.micro_batch_size,
-        seq_length=config.data.seq_length,
-        dtype_bytes=torch.finfo(next(trainer.model.parameters()).dtype).bits // 8,
-        tensor_parallel=config.parallel.tensor_parallel,
-        sequence_parallel=config.parallel.sequence_parallel,
-        rope_positions=model_config.seq_length,
-        tp_rank=trainer.ctx.tp_rank,
-    )
-    ac = config.activation_checkpointing
-    return predict_saved_activations(
-        model_config, config.compression, setting, ac.mode, ac.num_layers
-    ).total
-
-
 def train_and_measure(config: RunConfig, warmup_steps: int, keep_checkpoints: bool = False):
     """Train ``config`` and measure it (collective: every rank calls it). Returns the record
     on rank 0, ``None`` elsewhere. The run's checkpoints are deleted unless asked to keep."""
@@ -109,7 +91,7 @@ def train_and_measure(config: RunConfig, warmup_steps: int, keep_checkpoints: bo
             lambda: masked_mean_loss(engine(tokens, labels, mask), mask),
             len(trainer.model.layers),
         )
-        predicted = _predicted(trainer, config)
+        predicted = trainer.predicted_saved_activation_bytes()
         peak = _peak_step(trainer)
         record = {
             "parameters": parameter_count(trainer.model.config),

@@ -167,7 +167,7 @@ def _peak_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
-def _describe(model, config: RunConfig, measured: int) -> None:
+def _describe(model, config: RunConfig) -> None:
     from actcomp_dist.models import parameter_count
 
     comp = config.compression
@@ -185,14 +185,13 @@ def _describe(model, config: RunConfig, measured: int) -> None:
         + (f"; ranks {', '.join(f'{s}={r}' for s, r in ranks)}" if ranks else "")
         + f") | activation checkpointing {config.activation_checkpointing.mode}"
     )
-    _print0(f"saved activations per micro-batch (measured, per rank): {format_bytes(measured)}")
 
 
 class Trainer:
     def __init__(self, config: RunConfig) -> None:
         self.config = config
         info = launch_info()
-        validate_run(config, info.world_size)
+        self.validate(info.world_size)
         self.resume_path, self.resume_state = _check_resume(config, info.world_size)
         validate_model(config)
         self.world_size = info.world_size
@@ -211,20 +210,9 @@ class Trainer:
         # The step of the last checkpoint saved or resumed from (None: none yet).
         self.saved_step = self.step if self.resume_state else None
         self.consumed = self.resume_state["consumed_samples"] if self.resume_state else 0
-        self.tokenizer, self.loader, self.valid_loader = _build_data(
-            config, self.ctx.dp_rank, self.ctx.dp_size, self.consumed
-        )
-
-        from actcomp_dist.models import build_llama
-
+        self.tokenizer, self.loader, self.valid_loader = self.build_data(self.consumed)
         model_config = _model_config(config, self.tokenizer.vocab_size, self.ctx.tp_size)
-        self.model = build_llama(
-            model_config,
-            config.compression,
-            sequence_parallel=config.parallel.sequence_parallel,
-            init_seed=train.seed,
-            device=self.device,
-        )
+        self.model = self.build_model(model_config)
         ac = config.activation_checkpointing
         apply_activation_checkpointing(self.model, ac.mode, ac.num_layers)
 
@@ -247,6 +235,29 @@ class Trainer:
             enabled=self.rank == 0,
             tensorboard=config.logging.tensorboard,
             resume_step=self.step if self.resume_path is not None else None,
+        )
+
+    # -- set-up hooks (overridden by the fine-tuning trainer) ---------------------------------
+    def validate(self, world_size: int) -> None:
+        """Config rules that need the world size (no collective); raises ConfigError."""
+        validate_run(self.config, world_size)
+
+    def build_data(self, consumed: int):
+        """``(tokenizer, train loader, valid loader or None)`` from data position ``consumed``;
+        the batches are dicts of ``tokens``, ``labels``, ``loss_mask``."""
+        return _build_data(self.config, self.ctx.dp_rank, self.ctx.dp_size, consumed)
+
+    def build_model(self, model_config) -> torch.nn.Module:
+        """The model the engine will train (on ``self.device``), before activation
+        checkpointing and DeepSpeed."""
+        from actcomp_dist.models import build_llama
+
+        return build_llama(
+            model_config,
+            self.config.compression,
+            sequence_parallel=self.config.parallel.sequence_parallel,
+            init_seed=self.config.train.seed,
+            device=self.device,
         )
 
     # -- checkpoints -------------------------------------------------------------------------
@@ -286,6 +297,49 @@ class Trainer:
         if self.engine.merger is not None:
             self.engine.merger.load_state_dict(rank_state["subspace_masters"])
         _print0(f"resumed from {path} at step {self.step}")
+
+    # -- activation memory -------------------------------------------------------------------
+    def predicted_saved_activation_bytes(self) -> int:
+        """The analytic model's saved-activation bytes of one micro-batch on this rank."""
+        from actcomp_dist.memory_model import ActivationSetting, predict_saved_activations
+
+        config, model_config = self.config, self.model.config
+        setting = ActivationSetting(
+            micro_batch_size=config.train.micro_batch_size,
+            seq_length=config.data.seq_length,
+            dtype_bytes=torch.finfo(next(self.model.parameters()).dtype).bits // 8,
+            tensor_parallel=config.parallel.tensor_parallel,
+            sequence_parallel=config.parallel.sequence_parallel,
+            rope_positions=model_config.seq_length,
+            tp_rank=self.ctx.tp_rank,
+        )
+        ac = config.activation_checkpointing
+        return predict_saved_activations(
+            model_config, config.compression, setting, ac.mode, ac.num_layers
+        ).total
+
+    def _report_activation_memory(self, batch, measured: int) -> None:
+        """Print the model summary and the activation memory of one micro-batch: measured,
+        predicted, and measured again on the same batch with compression switched off."""
+        from actcomp_dist.layers import compression_disabled
+
+        _describe(self.model, self.config)
+        predicted = self.predicted_saved_activation_bytes()
+        line = (
+            f"saved activations per micro-batch (per rank): measured {format_bytes(measured)}, "
+            f"predicted {format_bytes(predicted)}"
+        )
+        if self.config.compression.method != "none":
+            tokens, labels, mask = batch
+            # Forward only, same batch; the graph is dropped without a backward.
+            with compression_disabled(self.model), SavedTensorCounter() as counter:
+                self.engine.engine(tokens, labels, mask)
+            full = counter.total_bytes
+            line += (
+                f"; uncompressed {format_bytes(full)} -> compression saves "
+                f"{format_bytes(full - measured)} ({100.0 * (full - measured) / max(full, 1):.1f}%)"
+            )
+        _print0(line)
 
     # -- loop --------------------------------------------------------------------------------
     def evaluate(self) -> float | None:
@@ -341,6 +395,7 @@ class Trainer:
                         with SavedTensorCounter() as counter:
                             loss = _mean_loss(engine(tokens, labels, mask), mask)
                         saved_bytes = counter.total_bytes
+                        first_batch = (tokens, labels, mask)
                     else:
                         loss = _mean_loss(engine(tokens, labels, mask), mask)
                     engine.backward(loss)
@@ -355,7 +410,7 @@ class Trainer:
                     torch.cuda.synchronize(self.device)
                 step_time = time.perf_counter() - start
                 if not described:
-                    _describe(self.model, config, saved_bytes)
+                    self._report_activation_memory(first_batch, saved_bytes)
                     described = True
                 last_loss = _dp_mean(micro_losses, self.ctx.dp_group)
                 record = {"step": self.step, "loss": last_loss, "lr": lr}
