@@ -70,6 +70,12 @@ class SentencePieceTokenizer:
         return self._processor.vocab_size()
 
     @property
+    def bos(self) -> int | None:
+        """Beginning-of-sentence id (SentencePiece's ``<s>``), ``None`` if the model has none."""
+        bos = self._processor.bos_id()
+        return bos if bos >= 0 else None
+
+    @property
     def eod(self) -> int:
         """End-of-document id, appended to every document (SentencePiece's ``</s>``)."""
         return self._processor.eos_id()

@@ -9,11 +9,15 @@ from actcomp_dist.training.checkpoint import CheckpointError
 from actcomp_dist.training.config import ConfigError, load_run_config
 from actcomp_dist.training.distributed import launch_info
 
+PRETRAIN_DESCRIPTION = (
+    "Pretrain a LLaMA model with compressed activations (DeepSpeed + Megatron-core TP)."
+)
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Pretrain a LLaMA model with compressed activations (DeepSpeed + Megatron-core TP)."
-    )
+
+def parse_args(
+    argv: list[str] | None = None, description: str = PRETRAIN_DESCRIPTION
+) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", required=True, help="JSON run config (see configs/)")
     parser.add_argument(
         "--set",
@@ -30,13 +34,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(
+    argv: list[str] | None = None,
+    *,
+    config_class: type | None = None,
+    run=None,
+    description: str = PRETRAIN_DESCRIPTION,
+) -> int:
+    """Parse, load the config (``config_class``, default ``RunConfig``) and ``run`` it
+    (default :func:`~actcomp_dist.training.trainer.run_pretraining`)."""
+    args = parse_args(argv, description)
     try:
-        config = load_run_config(args.config, args.overrides)
-        from actcomp_dist.training.trainer import run_pretraining
+        config = load_run_config(args.config, args.overrides, config_class=config_class)
+        if run is None:
+            from actcomp_dist.training.trainer import run_pretraining as run
 
-        result = run_pretraining(config)
+        result = run(config)
     except (ConfigError, CheckpointError, FileNotFoundError) as err:
         info = launch_info()
         print(f"error (rank {info.rank}/{info.world_size}): {err}", file=sys.stderr, flush=True)

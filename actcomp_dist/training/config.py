@@ -256,11 +256,19 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-def run_config_from_dict(raw: dict[str, Any], source: str = "<config>") -> RunConfig:
-    """Build and validate a :class:`RunConfig`; unknown keys name the valid ones and ``source``."""
+def run_config_from_dict(
+    raw: dict[str, Any], source: str = "<config>", config_class: type | None = None
+) -> RunConfig:
+    """Build and validate a :class:`RunConfig`; unknown keys name the valid ones and ``source``.
+
+    ``config_class``: a :class:`RunConfig` subclass with more (or other) sections, listed in
+    its ``SECTIONS`` class attribute (name -> section dataclass), e.g. the fine-tuning config.
+    """
+    config_class = config_class or RunConfig
+    sections = getattr(config_class, "SECTIONS", _SECTIONS)
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the config must be a JSON object")
-    valid_top = {f.name for f in dataclasses.fields(RunConfig)}
+    valid_top = {f.name for f in dataclasses.fields(config_class)}
     unknown = sorted(set(raw) - valid_top)
     if unknown:
         raise ConfigError(f"{source}: unknown key(s) {unknown}; valid keys: {sorted(valid_top)}")
@@ -269,7 +277,7 @@ def run_config_from_dict(raw: dict[str, Any], source: str = "<config>") -> RunCo
         if not isinstance(raw["run_dir"], str) or not raw["run_dir"]:
             raise ConfigError(f"{source}: run_dir must be a non-empty path string")
         kwargs["run_dir"] = raw["run_dir"]
-    for name, cls in _SECTIONS.items():
+    for name, cls in sections.items():
         if name in raw:
             kwargs[name] = _section(cls, name, raw[name], source)
     if "compression" in raw:
@@ -283,8 +291,8 @@ def run_config_from_dict(raw: dict[str, Any], source: str = "<config>") -> RunCo
         if not isinstance(raw["deepspeed"], dict):
             raise ConfigError(f"{source}: section 'deepspeed' must be an object")
         kwargs["deepspeed"] = copy.deepcopy(raw["deepspeed"])
-    config = RunConfig(**kwargs)
-    for name in _SECTIONS:
+    config = config_class(**kwargs)
+    for name in sections:
         section = getattr(config, name)
         if hasattr(section, "validate"):
             try:
@@ -294,7 +302,9 @@ def run_config_from_dict(raw: dict[str, Any], source: str = "<config>") -> RunCo
     return config
 
 
-def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+def load_run_config(
+    path: str | Path, overrides: list[str] = (), config_class: type | None = None
+) -> RunConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -302,7 +312,9 @@ def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path}: not valid JSON: {err}") from None
-    return run_config_from_dict(apply_overrides(raw, list(overrides)), source=str(path))
+    return run_config_from_dict(
+        apply_overrides(raw, list(overrides)), source=str(path), config_class=config_class
+    )
 
 
 def validate_run(config: RunConfig, world_size: int) -> None:
@@ -387,12 +399,12 @@ def _section(cls, name: str, raw: Any, source: str):
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: section {name!r} must be an object")
     valid = {f.name for f in dataclasses.fields(cls)}
-    if cls is ModelSection:
+    if issubclass(cls, ModelSection):
         # Unknown model keys are LlamaConfig overrides, checked when the model is built.
         known = {k: v for k, v in raw.items() if k in valid}
         overrides = dict(known.pop("overrides", {}))
         overrides.update({k: v for k, v in raw.items() if k not in valid})
-        return ModelSection(**known, overrides=overrides)
+        return cls(**known, overrides=overrides)
     unknown = sorted(set(raw) - valid)
     if unknown:
         raise ConfigError(
