@@ -38,7 +38,7 @@ from actcomp_dist.training.config import (
     ConfigError,
     DataSection,
     RunConfig,
-    apply_overrides,
+    read_raw_config,
     run_config_from_dict,
     validate_run,
 )
@@ -87,15 +87,8 @@ class AblationPlan:
 
 
 def load_base_raw(plan: AblationPlan) -> dict[str, Any]:
-    path = Path(plan.config_path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path}: not valid JSON: {err}") from None
-    raw = apply_overrides(raw, plan.overrides)
-    run_config_from_dict(raw, source=str(path))  # the base itself must be valid
+    raw = read_raw_config(plan.config_path, plan.overrides)
+    run_config_from_dict(raw, source=str(plan.config_path))  # the base itself must be valid
     return raw
 
 

@@ -302,9 +302,8 @@ def run_config_from_dict(
     return config
 
 
-def load_run_config(
-    path: str | Path, overrides: list[str] = (), config_class: type | None = None
-) -> RunConfig:
+def read_raw_config(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
+    """The JSON object of a config file with ``--set`` overrides applied (not validated)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -312,9 +311,14 @@ def load_run_config(
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path}: not valid JSON: {err}") from None
-    return run_config_from_dict(
-        apply_overrides(raw, list(overrides)), source=str(path), config_class=config_class
-    )
+    return apply_overrides(raw, list(overrides))
+
+
+def load_run_config(
+    path: str | Path, overrides: list[str] = (), config_class: type | None = None
+) -> RunConfig:
+    raw = read_raw_config(path, overrides)
+    return run_config_from_dict(raw, source=str(path), config_class=config_class)
 
 
 def validate_run(config: RunConfig, world_size: int) -> None:
