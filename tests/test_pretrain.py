@@ -548,6 +548,11 @@ def test_launcher_trains_the_tiny_config(launched_run):
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert checkpoints == [f"step_{s:07d}" for s in (4, 8, 12, 16)]
     assert all((run_dir / "checkpoints" / name / "COMPLETE").is_file() for name in checkpoints)
+    # The model as built is recorded, so export tools need no guessing.
+    from actcomp_dist.models import LlamaConfig
+
+    state = json.loads((run_dir / "checkpoints" / checkpoints[-1] / "trainer.json").read_text())
+    assert LlamaConfig.from_dict(state["model_config"]).vocab_size == VOCAB
     output = launched_run["output"]
     assert f"step     {LAUNCHED_STEPS} | loss " in output
     # The start-up report: measured bytes equal the analytic prediction, and the same batch

@@ -268,6 +268,8 @@ class Trainer:
             "schedule": self.schedule.state_dict(),
             "world_size": self.world_size,
             "config": self.config.to_dict(),
+            # The model as built (vocabulary padded, overrides applied): what export tools need.
+            "model_config": self.model.config.to_dict(),
         }
 
     def _rank_state(self) -> dict[str, Any]:
