@@ -76,7 +76,7 @@ from actcomp_dist.training.config import (
     _positive_int,
     validate_run,
 )
-from actcomp_dist.training.trainer import Trainer, TrainResult, _print0
+from actcomp_dist.training.trainer import Trainer, TrainResult, _print0, build_loaders
 
 MODES = ("full", "lora", "lori")
 LOSS_ON = ("response", "all")
@@ -482,7 +482,6 @@ class FinetuneTrainer(Trainer):
         return Path(ft.adapter_dir or Path(self.config.run_dir) / "adapter")
 
     def build_data(self, consumed: int):
-        from actcomp_dist.data.sampler import build_data_loader
         from actcomp_dist.data.tokenizer import SentencePieceTokenizer
 
         config = self.config
@@ -514,25 +513,13 @@ class FinetuneTrainer(Trainer):
         train_ds = FinetuneDataset(
             train_samples, train.steps * train.global_batch_size, train.seed, shuffle=True
         )
-        loader = build_data_loader(
-            train_ds,
-            micro_batch_size=train.micro_batch_size,
-            consumed_samples=consumed,
-            dp_rank=dp_rank,
-            dp_size=dp_size,
-            num_workers=data.num_workers,
-        )
-        valid_loader = None
+        valid_ds = None
         if valid_samples:
             eval_samples = train.eval_iters * train.micro_batch_size * dp_size
             valid_ds = FinetuneDataset(valid_samples, eval_samples, train.seed, shuffle=False)
-            valid_loader = build_data_loader(
-                valid_ds,
-                micro_batch_size=train.micro_batch_size,
-                consumed_samples=0,
-                dp_rank=dp_rank,
-                dp_size=dp_size,
-            )
+        loader, valid_loader = build_loaders(
+            self.config, train_ds, valid_ds, dp_rank, dp_size, consumed
+        )
         return tokenizer, loader, valid_loader
 
     def build_model(self, model_config) -> torch.nn.Module:

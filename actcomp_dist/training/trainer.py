@@ -84,7 +84,6 @@ def _check_resume(config: RunConfig, world_size: int) -> tuple[Path | None, dict
 def _build_data(config: RunConfig, dp_rank: int, dp_size: int, consumed: int):
     from actcomp_dist.data.corpus import ensure_embedded_corpus
     from actcomp_dist.data.datasets import build_gpt_datasets
-    from actcomp_dist.data.sampler import build_data_loader
     from actcomp_dist.data.tokenizer import SentencePieceTokenizer
 
     data, train = config.data, config.train
@@ -106,24 +105,30 @@ def _build_data(config: RunConfig, dp_rank: int, dp_size: int, consumed: int):
         valid_samples=eval_samples,
         cache_dir=data_dir / "index-cache",
     )
+    loader, valid_loader = build_loaders(config, train_ds, valid_ds, dp_rank, dp_size, consumed)
+    return tokenizer, loader, valid_loader
+
+
+def build_loaders(config: RunConfig, train_ds, valid_ds, dp_rank: int, dp_size: int, consumed: int):
+    """This rank's train loader from data position ``consumed`` and its validation loader
+    (always from the start; ``None`` without a validation set)."""
+    from actcomp_dist.data.sampler import build_data_loader
+
+    micro = config.train.micro_batch_size
     loader = build_data_loader(
         train_ds,
-        micro_batch_size=train.micro_batch_size,
+        micro_batch_size=micro,
         consumed_samples=consumed,
         dp_rank=dp_rank,
         dp_size=dp_size,
-        num_workers=data.num_workers,
+        num_workers=config.data.num_workers,
     )
     valid_loader = None
     if valid_ds is not None:
         valid_loader = build_data_loader(
-            valid_ds,
-            micro_batch_size=train.micro_batch_size,
-            consumed_samples=0,
-            dp_rank=dp_rank,
-            dp_size=dp_size,
+            valid_ds, micro_batch_size=micro, consumed_samples=0, dp_rank=dp_rank, dp_size=dp_size
         )
-    return tokenizer, loader, valid_loader
+    return loader, valid_loader
 
 
 def _model_config(config: RunConfig, vocab: int, tp: int):
