@@ -30,6 +30,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from actcomp_dist.training.cli import add_override_argument
+
 DEFAULT_VARIANTS = (
     "none,ac_selective,ac_full,compact:0.5,compact:0.25,compact:0.125,compact:0.25+ac_full,"
     "lowrank:0.125,subtoken:32"
@@ -50,14 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--steps", type=int, default=100, help="optimizer steps per run")
     parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY.PATH=VALUE",
-        help="override a base-config value, as in launch/pretrain.py (JSON when it parses)",
-    )
+    add_override_argument(parser)
     parser.add_argument("--nproc", type=int, default=1, help="ranks per run (deepspeed launcher)")
     parser.add_argument("--repeats", type=int, default=1, help="runs per variant, for the spread")
     parser.add_argument(

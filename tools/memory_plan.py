@@ -25,6 +25,8 @@ import re
 import sys
 from pathlib import Path
 
+from actcomp_dist.training.cli import add_override_argument
+
 DEFAULT_VARIANTS = (
     "none,ac_selective,ac_full,compact:0.5,compact:0.25,compact:0.125,"
     "compact:0.25+ac_selective,compact:0.25+ac_full"
@@ -72,7 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         epilog=__doc__.split("\n\n", 1)[1],
     )
     parser.add_argument("--config", required=True, help="JSON run config (see configs/)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
+    add_override_argument(parser)
     parser.add_argument("--gpus", type=int, default=1, help="GPUs in the job (default 1)")
     parser.add_argument("--gpu-memory", default="80GB", help="memory per GPU (default 80GB)")
     parser.add_argument("--variants", default=DEFAULT_VARIANTS, help="rows (ablate grammar)")

@@ -14,11 +14,8 @@ PRETRAIN_DESCRIPTION = (
 )
 
 
-def parse_args(
-    argv: list[str] | None = None, description: str = PRETRAIN_DESCRIPTION
-) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", required=True, help="JSON run config (see configs/)")
+def add_override_argument(parser: argparse.ArgumentParser) -> None:
+    """``--set KEY.PATH=VALUE`` (repeatable), the same in every tool that reads a run config."""
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -27,6 +24,14 @@ def parse_args(
         metavar="KEY.PATH=VALUE",
         help="override a config value; VALUE is parsed as JSON when it parses, else a string",
     )
+
+
+def parse_args(
+    argv: list[str] | None = None, description: str = PRETRAIN_DESCRIPTION
+) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", required=True, help="JSON run config (see configs/)")
+    add_override_argument(parser)
     # Added by the deepspeed launcher; the rank layout is read from the environment.
     parser.add_argument(
         "--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS
