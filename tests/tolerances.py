@@ -1,0 +1,65 @@
+"""Tolerances derived from the numbers, not from one CPU.
+
+Two float computations of the same quantity that differ only in reduction order (a sum split
+over tensor-parallel ranks, a different GEMM blocking, another CPU's SIMD width) are each
+within the classic rounding-error bound of the exact value. For a sum of ``k`` products
+
+    |fl(sum_i a_i b_i) - sum_i a_i b_i| <= gamma_k * sum_i |a_i| |b_i|,
+    gamma_k = k u / (1 - k u),  u = the unit roundoff of the dtype,
+
+and a chain of products ``A B C`` evaluated in any order obeys the same bound with ``k`` the
+sum of the chain's reduction lengths and ``|A| |B| |C|`` (element-wise absolute values) as the
+magnitude. Two such evaluations therefore differ by at most ``2 gamma_k |A||B||C|``. The
+magnitude, not the result, sets the scale: where the terms cancel the result is small but its
+rounding error is not, which is why a fixed relative tolerance fails on some machines and not
+on others.
+"""
+
+from __future__ import annotations
+
+import torch
+
+UNIT_ROUNDOFF = {
+    torch.float64: 2.0**-53,
+    torch.float32: 2.0**-24,
+    torch.bfloat16: 2.0**-8,
+    torch.float16: 2.0**-11,
+}
+
+
+def gamma(length: int, dtype: torch.dtype) -> float:
+    """``gamma_k`` of the rounding-error analysis for a reduction of ``length`` terms."""
+    ku = length * UNIT_ROUNDOFF[dtype]
+    if ku >= 1:
+        raise ValueError(f"a reduction of {length} terms in {dtype} has no meaningful bound")
+    return ku / (1 - ku)
+
+
+def assert_within_rounding(
+    actual: torch.Tensor,
+    expected: torch.Tensor,
+    magnitude: torch.Tensor,
+    length: int,
+    dtype: torch.dtype = torch.float32,
+    msg: str = "",
+) -> None:
+    """``actual`` and ``expected`` are two evaluations in ``dtype`` of one quantity whose terms
+    have element-wise ``magnitude`` (the same computation on absolute values, in float64) and
+    whose reductions add up to ``length``: each is within ``gamma * magnitude`` of the exact
+    value, so they may differ by twice that, element by element."""
+    assert actual.shape == expected.shape == magnitude.shape, (
+        msg,
+        actual.shape,
+        expected.shape,
+        magnitude.shape,
+    )
+    bound = 2 * gamma(length, dtype) * magnitude.double()
+    diff = (actual.double() - expected.double()).abs()
+    excess = diff - bound
+    if (excess > 0).any():
+        worst = int(excess.argmax())
+        raise AssertionError(
+            f"{msg}: {(excess > 0).sum().item()} of {diff.numel()} elements differ by more than "
+            f"the rounding bound 2*gamma_{length}*magnitude; worst at flat index {worst}: "
+            f"|diff| {diff.flatten()[worst].item():.3e} > bound {bound.flatten()[worst].item():.3e}"
+        )
