@@ -9,12 +9,12 @@ export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
 
 .PHONY: venv test test-fast lint quickstart clean
 
-$(VENV)/.installed: setup.cfg setup.py
+$(VENV)/.installed: setup.cfg setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	# The CPU wheel of torch 2.13.0 first: later resolutions then reuse it instead of pulling a CUDA build.
-	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e '.[test,plot]'
+	# The CPU wheel of torch first: later resolutions then reuse it instead of pulling a CUDA build.
+	$(PIP) install --quiet -c constraints.txt torch
+	$(PIP) install --quiet -c constraints.txt -e '.[test,plot]'
 	touch $@
 
 venv: $(VENV)/.installed

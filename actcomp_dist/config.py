@@ -37,7 +37,7 @@ class CompressionConfig:
             ``subspace`` keeps the m x r gradient on ``weight.compressed_grad`` for
             :class:`actcomp_dist.optim.SubspaceAdamW` (``compact`` only).
         resample_every: ``T``; the projection changes every ``T`` optimizer steps.
-        seed: base seed of every projection / sampling seed (design.md section 3).
+        seed: base seed of every projection / sampling seed (see actcomp_dist.seeds).
         groups: ``subtoken`` sub-tokens per token; must divide the layer's input width.
         lowrank_algorithm: ``sampled`` (LoRAct's sampled-column orthogonal decomposition) or
             ``rsvd`` (randomized range finder, the baseline).

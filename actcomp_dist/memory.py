@@ -1,4 +1,4 @@
-"""Exact memory accounting (design.md section 9).
+"""Exact memory accounting.
 
 ``saved_activation_bytes`` counts the bytes of every tensor autograd saves for backward while a
 function runs, through ``torch.autograd.graph.saved_tensors_hooks``: each storage is counted

@@ -1,4 +1,4 @@
-"""Analytic memory model: what a LLaMA training step keeps on each GPU (design.md section 9).
+"""Analytic memory model: what a LLaMA training step keeps on each GPU.
 
 Two parts, both closed-form and per tensor-parallel rank:
 

@@ -1,6 +1,6 @@
 """Projection seeds as one pure function, and the step schedule that selects the epoch.
 
-design.md section 3: ``seed = f(base_seed, layer_id, site, block, epoch)`` with
+The rule: ``seed = f(base_seed, layer_id, site, block, epoch)`` with
 ``epoch = optimizer_step // resample_every``. A pure function (not an RNG stream) is what lets
 every tensor-parallel and data-parallel rank, a recompute inside activation checkpointing, the
 backward pass and the optimizer all rebuild the *same* projection without communicating.

@@ -1,7 +1,7 @@
 """Reference math shared by the core tests: projections built by hand from the seed function,
 and a recorder of the tensors autograd saves for backward.
 
-These are written from the design (design.md sections 2 and 3), not from the package's
+These are written from the published formulas (README's method table, the seed rule), not from the package's
 helpers, so the tests check the package against the specification rather than against itself.
 """
 
@@ -21,7 +21,7 @@ def gaussian_projection(
     base_seed: int, layer_id: int, site: str, epoch: int, width: int, rank: int
 ) -> torch.Tensor:
     """P [width, rank] in float64: a fresh generator seeded by the pure seed function (block 0),
-    entries N(0, 1/rank) drawn in float32 (design.md section 3), then widened."""
+    entries N(0, 1/rank) drawn in float32 (the seed rule), then widened."""
     generator = torch.Generator().manual_seed(projection_seed(base_seed, layer_id, site, 0, epoch))
     p = torch.randn(width, rank, generator=generator, dtype=torch.float32)
     return p.double() / math.sqrt(rank)

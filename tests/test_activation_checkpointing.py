@@ -1,4 +1,4 @@
-"""Activation checkpointing composes with compression (design.md section 6).
+"""Activation checkpointing composes with compression.
 
 References: the same model without checkpointing. Every mode must give a bit-identical loss
 (the forward runs the same float operations), for ``compact`` too because the recompute

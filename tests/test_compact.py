@@ -80,7 +80,7 @@ def test_saved_bytes_exactly_n_r_itemsize(dtype, rank, r):
 
 def test_gaussian_projection_is_the_seeded_formula():
     """Z = X P with P drawn from a fresh generator seeded by projection_seed(seed, layer_id,
-    site, block 0, epoch), N(0, 1/r) in float32 (design.md section 3)."""
+    site, block 0, epoch), N(0, 1/r) in float32."""
     layer = _layer(layer_id=5, site="qkv")
     layer.schedule.advance(120)  # resample_every=50: epoch 2
     x, _ = _data()
@@ -139,7 +139,7 @@ def test_lifted_gradient_is_unbiased(projection):
 
 
 # ---------------------------------------------------------------------------------------------
-# Seeds and the schedule (design.md section 3)
+# Seeds and the schedule
 # ---------------------------------------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""The analytic memory model against measurement (design.md section 9).
+"""The analytic memory model against measurement.
 
 Reference: :func:`actcomp_dist.memory.saved_activation_bytes` counting, tensor by tensor, what
 the real model saves in the trainer's forward (token ids, loss mask, masked mean), charged to

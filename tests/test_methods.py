@@ -2,7 +2,7 @@
 
 A method registered with ``@register_compressor`` joins this matrix automatically (its default
 config fields are used; the rank and group count below fit every built-in method). What every
-method must satisfy (design.md section 2): the forward output and the input and bias
+method must satisfy: the forward output and the input and bias
 gradients are exactly ``nn.Linear``'s, only the weight gradient is approximated, the saved
 tensors are in the compute dtype, nothing of size N x n is kept, and the global RNG is never
 touched. ``none`` is the exact oracle: its weight gradient is bit-identical too.

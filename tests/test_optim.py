@@ -1,6 +1,6 @@
 """``SubspaceAdamW`` and ``clip_grad_norm_`` against hand-written references.
 
-The subspace reference is CompAct's update written out in float64 (design.md section 2.1):
+The subspace reference is CompAct's update written out in float64:
 moments m x r over the compressed gradient G_hat = g^T X P, bias-corrected Adam direction N,
 and the lifted update W <- W (1 - lr wd) - lr alpha N P^T with P rebuilt from the seed of the
 step's epoch. Ordinary parameters in the same optimizer are checked against

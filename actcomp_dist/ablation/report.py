@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import math
 import statistics
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -435,6 +436,15 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out / "results.csv")
     write_markdown(rows, meta, out / "results.md")
+    try:
+        import matplotlib  # noqa: F401  (optional: the `plot` extra)
+    except ImportError:
+        print(
+            "matplotlib is not installed (pip install 'actcomp_dist[plot]'): wrote results.csv "
+            "and results.md, no plots",
+            file=sys.stderr,
+        )
+        return rows
     plot_memory_vs_time(rows, out / "memory_vs_step_time.png", meta["title"])
     plot_loss_curves(rows, out / "loss_curves.png", meta["title"])
     return rows

@@ -128,7 +128,7 @@ def geometry_of(linear: nn.Module) -> AdapterGeometry:
 
 
 def adapter_seed(seed: int, layer_id: int, site: str) -> int:
-    """The seed of A for (adapter seed, layer, site): design.md section 3's pure function, in a
+    """The seed of A for (adapter seed, layer, site): the pure seed function of actcomp_dist.seeds, in a
     namespace of its own so it never coincides with a compression projection's seed."""
     return projection_seed(seed, layer_id, "adapter/" + site, 0, 0)
 

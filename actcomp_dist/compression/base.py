@@ -1,6 +1,6 @@
 """The compressor contract shared by every method.
 
-Every method in this package has the same shape (design.md section 2). For a linear layer
+Every method in this package has the same shape. For a linear layer
 ``Y = X W^T`` with ``X`` [N, n] and ``g = dL/dY`` [N, m]:
 
 - forward saves a token-indexed tensor ``T`` [N, c] (``c`` <= n) plus, for data-dependent

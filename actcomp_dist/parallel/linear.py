@@ -7,7 +7,7 @@ device-agnostic autograd function whose collectives are plain ``torch.distribute
 Megatron's process groups (Megatron's built-in path allocates its sequence-parallel buffers
 with ``torch.cuda.current_device()``), so one source runs on CPU/gloo and GPU/NCCL.
 
-Tensor-parallel rules (design.md section 4):
+Tensor-parallel rules:
 
 - **Column-parallel** (QKV, FC1): every TP rank holds the whole input width, so all ranks
   build the *same* projection (one block). Rank i's ``G_hat_i = g_i^T Z`` is exactly the i-th

@@ -12,7 +12,7 @@ compressed sites swapped: ``linear_qkv`` (site ``qkv``) and ``linear_fc1`` (``fc
 in ``compression.sites`` keep megatron's ``ColumnParallelLinear`` / ``RowParallelLinear``.
 
 **Layer ids.** A compressed layer needs its global layer index (part of every projection seed,
-design.md section 3), but megatron passes ``layer_number`` only to the ``TransformerLayer``;
+see actcomp_dist.seeds), but megatron passes ``layer_number`` only to the ``TransformerLayer``;
 its linears get ``(input_size, output_size, config=, init_method=, bias=, gather_output= /
 input_is_parallel=, skip_bias_add=, is_expert=, tp_comm_buffer_name=, tp_group=[, stride=])``.
 So the spec's layer class is :class:`CompressedTransformerLayer`, a ``TransformerLayer`` that,

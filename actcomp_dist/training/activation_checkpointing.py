@@ -20,7 +20,8 @@ Non-reentrant checkpointing keeps the block's inputs alive through a closure, wh
 ``saved_tensors_hooks`` cannot see them. :func:`checkpoint_with_accounting` therefore also
 routes them through :class:`_KeepForBackward`, an identity whose only effect is to save its
 input in the autograd graph: it costs no memory (same storage) and makes the bytes visible to
-:func:`actcomp_dist.memory.saved_activation_bytes`, as design.md section 9 requires.
+:func:`actcomp_dist.memory.saved_activation_bytes`: checkpointing code that stashes tensors
+outside autograd's saved tensors would escape the count.
 """
 
 from __future__ import annotations
