@@ -7,7 +7,7 @@ PIP    := $(VENV)/bin/pip
 # checkout's venv so other checkouts or venvs on the machine never invalidate it.
 export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
 
-.PHONY: venv test test-fast lint quickstart clean
+.PHONY: venv test test-fast lint quickstart gpu-check clean
 
 $(VENV)/.installed: setup.cfg setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ test-fast: venv
 
 quickstart: venv
 	OMP_NUM_THREADS=1 $(VENV)/bin/deepspeed --num_gpus 2 launch/pretrain.py --config configs/tiny_compact.json
+
+gpu-check: venv
+	$(PY) tools/gpu_check.py
 
 lint: venv
 	$(VENV)/bin/ruff check actcomp_dist launch tools tests

@@ -155,16 +155,20 @@ class TrainSection:
 class CheckpointSection:
     """``dir``: where checkpoints go (default ``RUN_DIR/checkpoints``); ``interval``: save every
     N steps (0 = only at the end); ``resume``: ``null``, ``latest`` or a checkpoint path;
-    ``keep``: how many complete checkpoints to keep (0 = all)."""
+    ``keep``: how many complete checkpoints to keep (0 = all); ``at_end``: save when the run
+    reaches ``train.steps`` (``false`` for measurement runs that need none; a preemption or stop
+    request still saves)."""
 
     dir: str | None = None
     interval: int = 0
     resume: str | None = None
     keep: int = 0
+    at_end: bool = True
 
     def validate(self) -> None:
         _non_negative_int("checkpoint.interval", self.interval)
         _non_negative_int("checkpoint.keep", self.keep)
+        _bool("checkpoint.at_end", self.at_end)
 
 
 @dataclass

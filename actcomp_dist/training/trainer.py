@@ -451,9 +451,10 @@ class Trainer:
                         _print0(f"preemption requested: saving at step {self.step} and exiting")
                         preempted = True
                     break
-            # At the end, or where a preemption stopped the run; never twice for one step
-            # (an interval save just before, or a resumed run that had nothing left to do).
-            if self.saved_step != self.step:
+            # At the end (unless checkpoint.at_end is off), or where a preemption or stop request
+            # stopped the run; never twice for one step (an interval save just before, or a
+            # resumed run that had nothing left to do).
+            if self.saved_step != self.step and (config.checkpoint.at_end or stop_requested):
                 self.save()
             if stop_requested:
                 handler.consume_stop_file()
