@@ -3,11 +3,11 @@
     # Hugging Face (config.json + safetensors, sharded or not) -> per-TP-rank shards
     python tools/convert_hf_llama.py to-tp /models/llama-2-7b-hf /ckpt/llama7b_tp8 --tp 8
 
-    # our shards, or a DeepSpeed checkpoint of a run (ZeRO 0-2), -> Hugging Face layout
-    python tools/convert_hf_llama.py to-hf /ckpt/llama7b_tp8 /models/llama7b-out \
-        --base /models/llama-2-7b-hf
-    python tools/convert_hf_llama.py to-hf runs/x/checkpoints/step_0000100 out_hf \
-        --model-config model.json --dtype bfloat16
+    # our shards, or a training run (ZeRO 0-3), -> Hugging Face layout
+    python tools/convert_hf_llama.py to-tp ... ; python tools/convert_hf_llama.py to-hf \
+        /ckpt/llama7b_tp8 /models/llama7b-out --base /models/llama-2-7b-hf
+    python tools/convert_hf_llama.py to-hf runs/x out_hf --dtype bfloat16     # newest step
+    python tools/convert_hf_llama.py to-hf runs/x/checkpoints/step_0000100 out_hf
 
 A training run does not need ``to-tp``: the fine-tuning launcher loads a Hugging Face directory
 directly, each rank reading only its own slices (:func:`actcomp_dist.models.hf.build_llama_from_hf`).
@@ -15,9 +15,14 @@ directly, each rank reading only its own slices (:func:`actcomp_dist.models.hf.b
 (no process group); the conversion is renaming, fusing and slicing, so HF -> TP -> HF gives
 back the same bytes.
 
-``--model-config`` (for DeepSpeed checkpoints): a JSON file with the
-:class:`~actcomp_dist.models.LlamaConfig` fields of the trained model, or a ``trainer.json``
-whose ``model_config`` entry holds them.
+``to-hf`` from a run accepts the run directory, its ``checkpoints/`` folder or one
+``step_NNNNNNN`` checkpoint; for the first two it converts the newest *complete* step (the one
+with its ``COMPLETE`` marker; an interrupted save is never read). The model config comes from
+that step's ``trainer.json``. ZeRO-3 checkpoints (parameters partitioned over the ranks) are
+consolidated with DeepSpeed's own ``zero_to_fp32`` reader (fp32 masters; tensor parallelism 1).
+``--model-config``: for a bare DeepSpeed checkpoint without ``trainer.json``, a JSON file with the
+:class:`~actcomp_dist.models.LlamaConfig` fields, or a ``trainer.json`` whose ``model_config``
+entry holds them.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from actcomp_dist.models.hf import (
     save_hf_checkpoint,
     write_tp_shards,
 )
+from actcomp_dist.models.weights import weight_layout
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -60,21 +66,72 @@ def _model_config(path: Path) -> LlamaConfig:
     return LlamaConfig.from_dict(values.get("model_config", values))
 
 
+def resolve_checkpoint(source: Path) -> Path:
+    """A run directory, its ``checkpoints/`` folder or one step -> the step to convert: the
+    newest complete one. Anything else is returned as given (a bare DeepSpeed directory)."""
+    from actcomp_dist.training.checkpoint import MARKER, complete_checkpoints
+
+    if (source / MARKER).is_file():
+        return source
+    candidates = [source / "checkpoints", source]
+    run_config = source / "config.json"
+    if run_config.is_file():  # a run directory whose checkpoint.dir points elsewhere
+        configured = json.loads(run_config.read_text()).get("checkpoint", {}).get("dir")
+        if configured:
+            candidates.insert(0, Path(configured))
+    for directory in candidates:
+        found = complete_checkpoints(directory)
+        if found:
+            return found[-1]
+    if any(d.is_dir() and any(d.glob("step_*")) for d in candidates):
+        raise ValueError(
+            f"{source} holds no complete checkpoint (no step_*/{MARKER}: every save was "
+            f"interrupted); nothing to convert"
+        )
+    return source
+
+
+def _read_zero3_shards(checkpoint: Path, config: LlamaConfig) -> list[dict[str, torch.Tensor]]:
+    """The consolidated fp32 parameters of a ZeRO-3 step (DeepSpeed's zero_to_fp32 reads
+    ``checkpoint/<its tag>``, the tag being the step's name)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=checkpoint.name)
+    names = [e.parameter for e in weight_layout(config)]
+    missing = [n for n in names if n not in state]
+    if missing:
+        raise ValueError(f"{checkpoint} lacks {missing[:4]}: not a checkpoint of this model config")
+    return [{n: state[n] for n in names}]
+
+
 def to_hf(args: argparse.Namespace) -> None:
     source = Path(args.source)
     if (source / TP_CONFIG_NAME).is_file():
         config, shards = read_tp_shards(source)
     else:
-        if args.model_config is None:
-            trainer_json = next(iter(source.rglob("trainer.json")), None)
-            if trainer_json is None:
-                raise SystemExit(
-                    f"{source} is not a to-tp directory; for a DeepSpeed checkpoint pass "
-                    f"--model-config"
+        source = resolve_checkpoint(source)
+        trainer_json = source / "trainer.json"
+        model_config = Path(args.model_config) if args.model_config else trainer_json
+        if not model_config.is_file():
+            raise ValueError(
+                f"{source} is neither a to-tp directory nor a checkpoint of a run (no "
+                f"trainer.json); for a bare DeepSpeed checkpoint pass --model-config"
+            )
+        config = _model_config(model_config)
+        run = json.loads(trainer_json.read_text())["config"] if trainer_json.is_file() else {}
+        stage = run.get("deepspeed", {}).get("zero_optimization", {}).get("stage", 0)
+        if stage == 3:
+            tp = run.get("parallel", {}).get("tensor_parallel", 1)
+            if tp != 1:
+                raise ValueError(
+                    f"{source}: ZeRO-3 at parallel.tensor_parallel={tp} cannot be consolidated "
+                    f"(DeepSpeed's zero_to_fp32 reads one model-parallel rank); train with ZeRO "
+                    f"1-2 at TP > 1, or ZeRO-3 at TP 1"
                 )
-            args.model_config = trainer_json
-        config = _model_config(Path(args.model_config))
-        shards = read_deepspeed_shards(source, config)
+            shards = _read_zero3_shards(source, config)
+        else:
+            shards = read_deepspeed_shards(source, config)
+        print(f"converting {source}")
     dtype = _DTYPES[args.dtype] if args.dtype else config.params_dtype
     full = merge_shards(shards, config)
     base = None
@@ -99,7 +156,10 @@ def main(argv: list[str] | None = None) -> None:
     tp.add_argument("--dtype", choices=sorted(_DTYPES), help="cast (default: the checkpoint's)")
     tp.set_defaults(run=to_tp)
     hf = commands.add_parser("to-hf", help="our shards or a DeepSpeed checkpoint -> Hugging Face")
-    hf.add_argument("source", help="a to-tp directory or a DeepSpeed checkpoint directory")
+    hf.add_argument(
+        "source",
+        help="a to-tp directory, a run directory, its checkpoints/ folder or one step",
+    )
     hf.add_argument("output")
     hf.add_argument("--model-config", help="LlamaConfig JSON (DeepSpeed checkpoints)")
     hf.add_argument("--base", help="Hugging Face directory whose other config fields to keep")
