@@ -20,7 +20,9 @@ from actcomp_dist.data.indexed import preprocess_files
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Tokenise text/JSONL into a .bin/.idx dataset.")
     parser.add_argument("--input", nargs="+", required=True, help="text or JSONL files")
-    parser.add_argument("--tokenizer", required=True, help="SentencePiece .model file")
+    parser.add_argument(
+        "--tokenizer", required=True, help="SentencePiece .model or Hugging Face tokenizer.json"
+    )
     parser.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
     parser.add_argument("--json-key", default="text", help="JSONL field holding the text")
     parser.add_argument(

@@ -1,7 +1,7 @@
 """Data pipeline: tokenizer, indexed datasets, the embedded default corpus, GPT datasets.
 
     documents.py   how text and JSONL files split into documents
-    tokenizer.py   SentencePieceTokenizer, train_tokenizer
+    tokenizer.py   load_tokenizer (SentencePiece or Hugging Face tokenizer.json), train_tokenizer
     indexed.py     write_indexed_dataset, preprocess_files (megatron-core .bin/.idx)
     corpus.py      ensure_embedded_corpus: stdlib docstrings -> tokenizer + indexed dataset, cached
     datasets.py    build_gpt_datasets: train/validation via megatron-core's GPT dataset builder

@@ -47,14 +47,14 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 from torch.utils.data import Dataset
 
 from actcomp_dist.data.locking import file_lock
-from actcomp_dist.data.tokenizer import SentencePieceTokenizer
+from actcomp_dist.data.tokenizer import Tokenizer
 
 _SPLIT_NAMES = ("train", "validation", "test")
 
 
 def build_gpt_datasets(
     paths: Sequence[str | Path],
-    tokenizer: SentencePieceTokenizer,
+    tokenizer: Tokenizer,
     *,
     seq_length: int,
     seed: int,

@@ -26,7 +26,7 @@ from typing import TextIO
 from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
 from actcomp_dist.data.documents import iter_documents
-from actcomp_dist.data.tokenizer import SentencePieceTokenizer
+from actcomp_dist.data.tokenizer import Tokenizer, load_tokenizer
 
 ENCODE_BATCH_DOCUMENTS = 512
 
@@ -42,7 +42,7 @@ class IndexedDatasetStats:
 
 def write_indexed_dataset(
     documents: Iterable[str],
-    tokenizer: SentencePieceTokenizer,
+    tokenizer: Tokenizer,
     output_prefix: str | Path,
     *,
     progress_every_s: float = 5.0,
@@ -100,7 +100,7 @@ def preprocess_files(
 
     Missing inputs or tokenizer raise ``FileNotFoundError`` before anything is written.
     """
-    tokenizer = SentencePieceTokenizer(tokenizer_model)
+    tokenizer = load_tokenizer(tokenizer_model)
     documents = iter_documents(input_paths, json_key=json_key)
     return write_indexed_dataset(
         documents, tokenizer, output_prefix, progress_every_s=progress_every_s

@@ -1,4 +1,11 @@
-"""SentencePiece tokenizer: training one on text, and the small wrapper the data pipeline uses.
+"""Tokenizers: SentencePiece (training one on text) and Hugging Face ``tokenizer.json``.
+
+:func:`load_tokenizer` opens either kind from a path (``data.tokenizer``,
+``tools/preprocess_data.py --tokenizer``): a SentencePiece ``.model`` (LLaMA 1/2, the tokenizer
+:func:`train_tokenizer` writes) or a Hugging Face ``tokenizer.json`` (LLaMA 3, Mistral, Qwen, ...;
+read with the ``tokenizers`` package), or a directory holding one of them. Both wrappers offer
+the same small interface: ``vocab_size``, ``bos``, ``eod``, ``encode``, ``encode_batch``,
+``decode`` and ``unique_identifiers``.
 
 Training choices, all made so that ``decode(encode(text)) == text`` for any text:
 
@@ -33,6 +40,13 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import sentencepiece as spm
+
+HF_TOKENIZER_FILE = "tokenizer.json"
+SENTENCEPIECE_FILE = "tokenizer.model"
+# Hugging Face tokenizers name their special tokens freely; without a tokenizer_config.json
+# beside the file, the first of these present in the vocabulary is taken.
+_EOD_NAMES = ("<|end_of_text|>", "<|endoftext|>", "</s>", "<|im_end|>", "<eos>")
+_BOS_NAMES = ("<|begin_of_text|>", "<s>", "<bos>")
 
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
 NEWLINE_PIECE = "\n"
@@ -89,6 +103,120 @@ class SentencePieceTokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._processor.decode([int(token) for token in ids])
+
+
+class HuggingFaceTokenizer:
+    """A Hugging Face ``tokenizer.json`` with the ids the data pipeline needs.
+
+    The end-of-document and beginning-of-sequence tokens are the ``eos_token`` and ``bos_token``
+    of a ``tokenizer_config.json`` beside the file when there is one, else the first of the
+    usual names present in the vocabulary. Text is encoded without the tokenizer's own special
+    tokens: the pipeline adds ``eod`` after each document (and ``bos`` where fine-tuning asks).
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise ImportError(
+                f"{path} is a Hugging Face tokenizer; reading it needs the `tokenizers` package "
+                f"(pip install tokenizers)"
+            ) from None
+        self.model_path = Path(path)
+        data = self.model_path.read_bytes()
+        try:
+            self._tokenizer = Tokenizer.from_str(data.decode("utf-8"))
+        except Exception as err:  # the tokenizers library raises its own exception types
+            raise ValueError(
+                f"{path} is not a readable Hugging Face tokenizer.json: {err}"
+            ) from None
+        special = _special_tokens(self.model_path.parent / "tokenizer_config.json")
+        self._eod = self._token_id(special.get("eos_token"), _EOD_NAMES)
+        if self._eod is None:
+            raise ValueError(
+                f"tokenizer {path} has no end-of-text token (looked for eos_token in "
+                f"tokenizer_config.json and for {list(_EOD_NAMES)})"
+            )
+        self._bos = self._token_id(special.get("bos_token"), _BOS_NAMES)
+        self.unique_identifiers = {
+            "class": type(self).__name__,
+            "model_sha256": hashlib.sha256(data).hexdigest(),
+        }
+
+    def _token_id(self, configured: str | None, names: Sequence[str]) -> int | None:
+        for name in (configured,) if configured else names:
+            token = self._tokenizer.token_to_id(name)
+            if token is not None:
+                return token
+        return None
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def bos(self) -> int | None:
+        return self._bos
+
+    @property
+    def eod(self) -> int:
+        return self._eod
+
+    def encode(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        encodings = self._tokenizer.encode_batch(list(texts), add_special_tokens=False)
+        return [e.ids for e in encodings]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tokenizer.decode([int(token) for token in ids], skip_special_tokens=False)
+
+
+def _special_tokens(config_path: Path) -> dict[str, str]:
+    """``bos_token`` / ``eos_token`` of a ``tokenizer_config.json`` (plain or AddedToken form)."""
+    import json
+
+    if not config_path.is_file():
+        return {}
+    config = json.loads(config_path.read_text())
+    out = {}
+    for key in ("bos_token", "eos_token"):
+        value = config.get(key)
+        if isinstance(value, dict):
+            value = value.get("content")
+        if isinstance(value, str):
+            out[key] = value
+    return out
+
+
+Tokenizer = SentencePieceTokenizer | HuggingFaceTokenizer
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """A SentencePiece ``.model``, a Hugging Face ``tokenizer.json``, or a directory holding one
+    of them (``tokenizer.json`` first). Raises ``FileNotFoundError`` / ``ValueError`` naming the
+    path and what would work."""
+    path = Path(path)
+    if path.is_dir():
+        for name in (HF_TOKENIZER_FILE, SENTENCEPIECE_FILE):
+            if (path / name).is_file():
+                return load_tokenizer(path / name)
+        raise FileNotFoundError(
+            f"tokenizer directory {path} holds neither {HF_TOKENIZER_FILE} nor {SENTENCEPIECE_FILE}"
+        )
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer not found: {path}")
+    with path.open("rb") as stream:
+        head = stream.read(64).lstrip()
+    if head.startswith(b"{"):
+        return HuggingFaceTokenizer(path)
+    try:
+        return SentencePieceTokenizer(path)
+    except RuntimeError:  # SentencePiece's parse error
+        raise ValueError(
+            f"tokenizer {path} is neither a SentencePiece .model nor a Hugging Face tokenizer.json"
+        ) from None
 
 
 def train_tokenizer(

@@ -74,7 +74,8 @@ class ActivationCheckpointingSection:
 @dataclass
 class DataSection:
     """``paths``: indexed-dataset prefixes (``PREFIX.bin/.idx``); empty = the embedded default
-    corpus. ``tokenizer``: a SentencePiece ``.model`` (required with ``paths``).
+    corpus. ``tokenizer``: a SentencePiece ``.model``, a Hugging Face ``tokenizer.json`` or a
+    directory holding one (required with ``paths``).
     ``split``: train/validation/test weights. ``embedded_vocab_size``: vocabulary of the
     tokenizer trained for the embedded corpus."""
 
@@ -90,7 +91,8 @@ class DataSection:
             raise ConfigError(f"data.paths must be a list of path prefixes, got {self.paths!r}")
         if self.paths and not self.tokenizer:
             raise ConfigError(
-                "data.paths is set but data.tokenizer (a SentencePiece .model) is not"
+                "data.paths is set but data.tokenizer (a SentencePiece .model or a Hugging Face "
+                "tokenizer.json) is not"
             )
         _positive_int("data.seq_length", self.seq_length)
         _positive_int("data.embedded_vocab_size", self.embedded_vocab_size)
@@ -369,8 +371,13 @@ def validate_run(config: RunConfig, world_size: int) -> None:
         for suffix in (".bin", ".idx"):
             if not Path(prefix + suffix).is_file():
                 raise ConfigError(f"data.paths: {prefix + suffix} not found")
-    if config.data.tokenizer and not Path(config.data.tokenizer).is_file():
-        raise ConfigError(f"data.tokenizer: {config.data.tokenizer} not found")
+    if config.data.tokenizer:
+        from actcomp_dist.data.tokenizer import load_tokenizer
+
+        try:  # opening it is cheap, and a wrong file fails here, before any collective
+            load_tokenizer(config.data.tokenizer)
+        except (FileNotFoundError, ValueError, ImportError) as err:
+            raise ConfigError(f"data.tokenizer: {err}") from None
 
 
 def validate_model(config: RunConfig) -> None:

@@ -482,12 +482,12 @@ class FinetuneTrainer(Trainer):
         return Path(ft.adapter_dir or Path(self.config.run_dir) / "adapter")
 
     def build_data(self, consumed: int):
-        from actcomp_dist.data.tokenizer import SentencePieceTokenizer
+        from actcomp_dist.data.tokenizer import SentencePieceTokenizer, load_tokenizer
 
         config = self.config
         data, train = config.data, config.train
         if data.tokenizer:
-            tokenizer = SentencePieceTokenizer(data.tokenizer)
+            tokenizer = load_tokenizer(data.tokenizer)
         else:
             from actcomp_dist.data.corpus import ensure_embedded_corpus
 

@@ -84,7 +84,7 @@ def _check_resume(config: RunConfig, world_size: int) -> tuple[Path | None, dict
 def _build_data(config: RunConfig, dp_rank: int, dp_size: int, consumed: int):
     from actcomp_dist.data.corpus import ensure_embedded_corpus
     from actcomp_dist.data.datasets import build_gpt_datasets
-    from actcomp_dist.data.tokenizer import SentencePieceTokenizer
+    from actcomp_dist.data.tokenizer import load_tokenizer
 
     data, train = config.data, config.train
     data_dir = Path(config.run_dir) / "data"
@@ -93,7 +93,7 @@ def _build_data(config: RunConfig, dp_rank: int, dp_size: int, consumed: int):
     else:
         corpus = ensure_embedded_corpus(data_dir, vocab_size=data.embedded_vocab_size)
         tokenizer_path, prefixes = corpus.tokenizer_model, [corpus.data_prefix]
-    tokenizer = SentencePieceTokenizer(tokenizer_path)
+    tokenizer = load_tokenizer(tokenizer_path)
     eval_samples = train.eval_iters * train.micro_batch_size * dp_size
     train_ds, valid_ds = build_gpt_datasets(
         prefixes,
