@@ -42,7 +42,10 @@ compressed tensors, which only lowers the transient of one block.
 
 Once per model: the token ids (``N 8``; ``N 9`` at TP > 1), the final norm, the output
 layer's input ``N h e``, the fp32 softmax of the cross-entropy ``N V 4`` (+ a bool and an
-int64 per token) and, with a loss mask, the mask ``N 4`` and its sum.
+int64 per token) and, with a loss mask, the mask ``N 4`` and its sum. With the chunked loss
+(``loss_chunk_tokens``, :mod:`actcomp_dist.parallel.cross_entropy`) the output layer keeps,
+besides its input, only an fp32 log-sum-exp and an int64 label per token (``N 12``) in place
+of the ``N (4 V + 9)`` of the softmax: the logits are recomputed chunk by chunk in backward.
 
 Assumptions: the attention kernel keeps no s x s matrix (PyTorch's CPU flash kernel and the
 CUDA flash / memory-efficient kernels; on a GPU without them the math path also keeps the
@@ -287,12 +290,15 @@ def predict_saved_activations(
     setting: ActivationSetting,
     ac_mode: str = "none",
     ac_num_layers: int | None = None,
+    loss_chunk_tokens: int | None = None,
 ) -> ActivationPrediction:
     """Saved-activation bytes of one micro-batch on one rank, by kind and per block.
 
     ``model`` is a :class:`~actcomp_dist.models.LlamaConfig` with the vocabulary the model is
     really built with (the trainer pads it to a multiple of 128 * TP). ``ac_num_layers``: the
     first N blocks are checkpointed (``None`` = all), as ``activation_checkpointing.num_layers``.
+    ``loss_chunk_tokens``: the model's chunked loss (``LlamaModel(loss_chunk_tokens=...)``;
+    ``None`` = logits and megatron's cross-entropy).
     """
     compression = compression or CompressionConfig()
     if ac_mode not in AC_MODES:
@@ -335,8 +341,14 @@ def predict_saved_activations(
     by_kind["embedding"] = n_all * 8 + (n_all if t > 1 else 0)
     by_kind["final_norm"] = _norm_saved(n_res, h, e)
     by_kind["output_layer"] = n_all * h * e  # (gathered under SP)
-    # Cross-entropy: the fp32 softmax [N, V/t], its target mask (bool) and masked targets.
-    loss = n_all * vocab * 4 + n_all * 1 + n_all * 8
+    if loss_chunk_tokens is None:
+        # Cross-entropy: the fp32 softmax [N, V/t], its target mask (bool) and masked targets.
+        loss = n_all * vocab * 4 + n_all * 1 + n_all * 8
+    else:
+        # The fused chunked head, inside the output layer: an fp32 log-sum-exp and an int64
+        # copy of the label per token, whatever the chunk size.
+        by_kind["output_layer"] += n_all * (4 + 8)
+        loss = 0
     if setting.loss_mask:
         loss += n_all * 4 + 4  # the float mask the losses are multiplied by, and its sum
     by_kind["loss"] = loss
@@ -479,13 +491,20 @@ def transient_bytes(
     compression: CompressionConfig,
     setting: ActivationSetting,
     ac_mode: str,
+    loss_chunk_tokens: int | None = None,
 ) -> int:
     """An estimate of the short-lived peak on top of the saved activations in backward: the
-    logits (in the activation dtype) and their fp32 gradient, the gradient of the largest
-    activation, and under checkpointing the tensors one recomputed block saves again."""
+    logits (in the activation dtype) and their fp32 gradient (of one chunk with the chunked
+    loss, plus its fp32 accumulator of a 16-bit output weight's gradient), the gradient of the
+    largest activation, and under checkpointing the tensors one recomputed block saves again."""
     e, t = setting.dtype_bytes, setting.tensor_parallel
     n = setting.tokens
-    logits = n * (model.vocab_size // t) * (e + 4)
+    vocab = model.vocab_size // t
+    if loss_chunk_tokens is None:
+        logits = n * vocab * (e + 4)
+    else:
+        logits = min(loss_chunk_tokens, n) * vocab * (e + 4)
+        logits += vocab * model.hidden_size * 4 if e != 4 else 0
     largest = 2 * n * max(model.hidden_size, 2 * model.ffn_hidden_size // t) * e
     recompute = 0
     if ac_mode != "none":
@@ -506,9 +525,11 @@ def plan_memory(
     gpu_memory: int = 80 * 10**9,
     reserve: int = 2 * 2**30,
     reduce_bucket_size: int = 500_000_000,
+    loss_chunk_tokens: int | None = None,
 ) -> MemoryPlan:
     """Everything one GPU holds at the peak of a step; ``reserve`` covers the CUDA context,
-    communication buffers and allocator fragmentation."""
+    communication buffers and allocator fragmentation. ``loss_chunk_tokens``: the model's
+    chunked loss (see :func:`predict_saved_activations`)."""
     states = predict_model_states(
         model,
         compression,
@@ -518,8 +539,10 @@ def plan_memory(
         tensor_parallel=setting.tensor_parallel,
         reduce_bucket_size=reduce_bucket_size,
     )
-    activations = predict_saved_activations(model, compression, setting, ac_mode, ac_num_layers)
-    transient = transient_bytes(model, compression, setting, ac_mode)
+    activations = predict_saved_activations(
+        model, compression, setting, ac_mode, ac_num_layers, loss_chunk_tokens
+    )
+    transient = transient_bytes(model, compression, setting, ac_mode, loss_chunk_tokens)
     return MemoryPlan(states, activations, transient, reserve, gpu_memory)
 
 

@@ -6,6 +6,9 @@ Plain PyTorch modules, sequence-first like megatron-core (``[s, b, h]`` inside t
       -> final RMSNorm -> (SP: gather along s) -> output layer [s, b, V/t]
       -> vocab_parallel_cross_entropy -> per-token loss [b, s]
 
+(with ``loss_chunk_tokens``, the output layer and the cross-entropy run fused, a chunk of tokens
+at a time, and keep no logits: :mod:`actcomp_dist.parallel.cross_entropy`)
+
     block(x, rope):  x = x + proj(attention(rope(qkv(norm(x)))))
                      x = x + fc2(silu(gate) * up),  [gate | up] = fc1(norm(x))
 
@@ -77,8 +80,8 @@ from actcomp_dist.parallel.collectives import (
     gather_from_sequence_parallel_region,
     scatter_to_sequence_parallel_region,
 )
+from actcomp_dist.parallel.cross_entropy import VocabParallelOutputLayer
 from actcomp_dist.parallel.megatron_layers import (
-    ColumnParallelLinear,
     ModelParallelConfig,
     VocabParallelEmbedding,
     vocab_parallel_cross_entropy,
@@ -346,6 +349,12 @@ class LlamaModel(nn.Module):
             model).
         sequence_parallel: shard the residual stream along the sequence (no-op at TP = 1).
         init_seed: seed of the weight initialisation (the same full weights at any TP size).
+        loss_chunk_tokens: with labels, compute the output layer and cross-entropy
+            ``loss_chunk_tokens`` tokens at a time and keep no logits for backward (they are
+            recomputed chunk by chunk;
+            :func:`~actcomp_dist.parallel.cross_entropy.vocab_parallel_linear_cross_entropy`);
+            1024 - 2048 balances memory and GEMM size. ``None``: the logits and megatron's
+            ``vocab_parallel_cross_entropy``, which keeps the fp32 softmax ``[b*s, V/t]``.
     """
 
     def __init__(
@@ -355,8 +364,18 @@ class LlamaModel(nn.Module):
         *,
         sequence_parallel: bool = False,
         init_seed: int = 0,
+        loss_chunk_tokens: int | None = None,
     ) -> None:
         super().__init__()
+        if loss_chunk_tokens is not None and (
+            isinstance(loss_chunk_tokens, bool)
+            or not isinstance(loss_chunk_tokens, int)
+            or loss_chunk_tokens < 1
+        ):
+            raise ValueError(
+                f"loss_chunk_tokens={loss_chunk_tokens!r} must be None (logits kept) or an "
+                f"int >= 1 (tokens per chunk of the chunked loss)"
+            )
         compression = compression or CompressionConfig()
         unknown = sorted(set(compression.sites) - set(SITES))
         if unknown:
@@ -371,6 +390,7 @@ class LlamaModel(nn.Module):
         self.compression = compression
         self.tp_group = tp_group
         self.sequence_parallel = sequence_parallel and tp_size > 1
+        self.loss_chunk_tokens = loss_chunk_tokens
         self.compression_schedule = CompressionSchedule(compression.resample_every)
 
         megatron_config = ModelParallelConfig(
@@ -418,7 +438,7 @@ class LlamaModel(nn.Module):
         # Uncompressed, output kept vocab-parallel for the cross-entropy. Under SP its input
         # arrives through our all-gather, whose backward reduce-scatters; so the layer must
         # neither gather itself (Megatron's SP path is CUDA-only) nor all-reduce its dgrad.
-        self.output_layer = ColumnParallelLinear(
+        self.output_layer = VocabParallelOutputLayer(
             config.hidden_size,
             config.vocab_size,
             config=dataclasses.replace(megatron_config, sequence_parallel=False),
@@ -457,11 +477,18 @@ class LlamaModel(nn.Module):
         if self.sequence_parallel:
             hidden = gather_from_sequence_parallel_region(hidden, self.tp_group)  # [s, b, h]
         weight = self.embedding.weight if self.config.tie_embeddings else None
-        logits, _ = self.output_layer(hidden, weight=weight)  # [s, b, V/t]
-        if labels is None:
-            return logits.transpose(0, 1)
-        # The cross-entropy works in fp32 and edits its input in place (not saved by autograd).
-        losses = vocab_parallel_cross_entropy(logits.float(), labels.t().contiguous()).t()
+        if labels is not None and self.loss_chunk_tokens is not None:
+            # Logits chunk by chunk, in forward and again in backward; none are kept.
+            losses, _ = self.output_layer(
+                hidden, weight=weight, labels=labels.t(), chunk_tokens=self.loss_chunk_tokens
+            )
+            losses = losses.t()
+        else:
+            logits, _ = self.output_layer(hidden, weight=weight)  # [s, b, V/t]
+            if labels is None:
+                return logits.transpose(0, 1)
+            # The cross-entropy works in fp32 and edits its input in place (not saved).
+            losses = vocab_parallel_cross_entropy(logits.float(), labels.t().contiguous()).t()
         if loss_mask is not None:
             losses = losses * loss_mask
         return losses
@@ -498,12 +525,17 @@ def build_llama(
     sequence_parallel: bool = False,
     init_seed: int = 0,
     device: torch.device | str | None = None,
+    loss_chunk_tokens: int | None = None,
 ) -> LlamaModel:
     """Build a :class:`LlamaModel` (``config`` may be a name: ``tiny``, ``60m``, ... ``7b``)
     and move it to ``device`` (default: :func:`actcomp_dist.parallel.state.get_device`)."""
     if isinstance(config, str):
         config = get_model_config(config)
     model = LlamaModel(
-        config, compression, sequence_parallel=sequence_parallel, init_seed=init_seed
+        config,
+        compression,
+        sequence_parallel=sequence_parallel,
+        init_seed=init_seed,
+        loss_chunk_tokens=loss_chunk_tokens,
     )
     return model.to(device if device is not None else parallel_state.get_device())
