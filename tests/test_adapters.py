@@ -448,7 +448,7 @@ def test_save_load_round_trip(tmp_path, single_rank, kind):
 
     from safetensors.torch import load_file
 
-    stored = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    stored = load_file(str(tmp_path / "adapter" / "actcomp_adapter.safetensors"))
     assert any(k.endswith(".A") for k in stored) == (method == "lora")  # LoRI: A never stored
     dense_bytes = SMALL.num_layers * sum(m * RANK * 4 for m, _ in _site_shapes().values())
     stored_bytes = sum(t.numel() * t.element_size() for t in stored.values())
@@ -560,8 +560,8 @@ def test_tp2_adapters_match_tp1(tmp_path, adapter_files, tp1_adapter_reference, 
 
     from actcomp_dist.models.hf import read_hf_state_dict
 
-    written = load_file(str(tmp_path / "out" / "lori" / "adapter_model.safetensors"))
-    expected = load_file(str(reference_dir / "lori" / "adapter_model.safetensors"))
+    written = load_file(str(tmp_path / "out" / "lori" / "actcomp_adapter.safetensors"))
+    expected = load_file(str(reference_dir / "lori" / "actcomp_adapter.safetensors"))
     assert set(written) == set(expected)
     assert all(torch.equal(written[k], expected[k]) for k in expected)
     # Each rank merges its own shard (B_i A or B A_i): the merged export matches TP = 1.

@@ -281,7 +281,7 @@ def test_tiny_finetune_lowers_the_response_loss_in_every_mode(tmp_path, tokenize
             # Only adapter parameters train, and all of them move.
             assert run["trainable"] == sorted(run["adapter_params"]), name
             assert run["changed"] == run["trainable"], name
-        saved = load_file(str(tmp_path / name / "adapter" / "adapter_model.safetensors"))
+        saved = load_file(str(tmp_path / name / "adapter" / "actcomp_adapter.safetensors"))
         suffixes = {key.rsplit(".", 1)[-1] for key in saved}
         expected = {"lora": {"A", "B"}, "lori": {"B"}, "lori_s": {"B_values", "mask_bits"}}
         assert suffixes == expected[name], (name, sorted(saved))
@@ -332,7 +332,7 @@ def test_launcher_runs_the_tiny_lori_config_on_its_synthetic_task(tmp_path, toke
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3] and "val_loss" in records[-1]
-    assert (run_dir / "adapter" / "adapter_config.json").is_file()
+    assert (run_dir / "adapter" / "actcomp_adapter.json").is_file()
     assert (run_dir / "checkpoints").is_dir()
     saved = json.loads((run_dir / "config.json").read_text())
     assert saved["finetune"]["mode"] == "lori"
@@ -390,8 +390,8 @@ def test_resumed_lori_and_lori_s_runs_repeat_the_uninterrupted_ones_exactly(
         assert [{k: r[k] for k in keys} for r in again] == [
             {k: r[k] for k in keys} for r in uninterrupted[3:]
         ], name
-        a = load_file(str(tmp_path / name / "adapter" / "adapter_model.safetensors"))
-        b = load_file(str(tmp_path / f"{name}_resumed" / "adapter" / "adapter_model.safetensors"))
+        a = load_file(str(tmp_path / name / "adapter" / "actcomp_adapter.safetensors"))
+        b = load_file(str(tmp_path / f"{name}_resumed" / "adapter" / "actcomp_adapter.safetensors"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 

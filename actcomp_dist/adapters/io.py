@@ -1,11 +1,13 @@
 """Adapter files: the trained part of an adapter only, independent of the TP size.
 
-A saved adapter is a directory with
+A saved adapter is a directory with two layouts side by side:
 
-- ``adapter_config.json``: the :class:`AdapterConfig` (method, rank, alpha, seed, ...), the
-  adapter name and, per adapted linear, its layer id, site and logical shape;
-- ``adapter_model.safetensors``: per adapted linear (model names), in the linear's logical
-  (unsharded, fused) row order:
+- ours, which resumes training exactly (masks, sparse storage, A regenerated from its seed):
+
+  - ``actcomp_adapter.json``: the :class:`AdapterConfig` (method, rank, alpha, seed, ...), the
+    adapter name and, per adapted linear, its layer id, site and logical shape;
+  - ``actcomp_adapter.safetensors``: per adapted linear (model names), in the linear's logical
+    (unsharded, fused) row order:
 
   ===========================  ===============================================================
   ``<linear>.B``               B [out_features, r] (dense adapters, or masked ones whose
@@ -16,6 +18,13 @@ A saved adapter is a directory with
   ``<linear>.A``               LoRA only (a trained A). LoRI's A is never stored: it is
                                regenerated from the seed in ``adapter_config.json``.
   ===========================  ===============================================================
+
+- PEFT's, which ``peft.PeftModel.from_pretrained(hf_model, directory)`` loads onto the Hugging
+  Face model of the same weights (``adapter_config.json``, ``adapter_model.safetensors``): a
+  LoRA per Hugging Face module, the fused QKV and gate/up adapters split into q/k/v and
+  gate/up (they share A; B's rows are split), A written out (LoRI's frozen A too), LoRI's mask
+  and the adapter's whole scale ``multiplier * alpha / r`` folded into B, so PEFT's own scale is
+  ``lora_alpha / r = 1``.
 
 Column-parallel shards are gathered into (and cut back from) the base weight's row order —
 fused QKV groups, Megatron's stride-2 gate/up chunks — so a file saved at TP = 2 loads at
@@ -37,9 +46,14 @@ from actcomp_dist.adapters.base import ROW, AdapterGeometry
 from actcomp_dist.adapters.config import AdapterConfig
 from actcomp_dist.parallel.collectives import all_gather_dim0
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
+CONFIG_FILE = "actcomp_adapter.json"
+WEIGHTS_FILE = "actcomp_adapter.safetensors"
 FORMAT = "actcomp-adapter/1"
+PEFT_CONFIG_FILE = "adapter_config.json"
+PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
+# PEFT names a CausalLM adapter's tensors after its wrappers: PeftModel.base_model (LoraModel)
+# .model (the transformers model).
+_PEFT_PREFIX = "base_model.model."
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
@@ -86,10 +100,45 @@ def _gather_a(a: torch.Tensor, geometry: AdapterGeometry) -> torch.Tensor:
     return torch.cat(all_gather_dim0(a.unsqueeze(0), geometry.group).unbind(0), dim=1)
 
 
+def _hf_modules(model: nn.Module, path: str, b: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """``(Hugging Face module name, its rows of B)`` for our linear ``path`` with logical B:
+    our LLaMA's fused linears split as its weights are; other models keep their own names."""
+    from actcomp_dist.models.configs import LlamaConfig
+
+    config = getattr(model, "config", None)
+    if not isinstance(config, LlamaConfig):
+        return [(path, b)]
+    from actcomp_dist.models.weights import _unfuse, weight_layout
+
+    (entry,) = [e for e in weight_layout(config) if e.parameter == f"{path}.weight"]
+    parts = _unfuse(entry, b, config)
+    return [(n.removesuffix(".weight"), t) for n, t in zip(entry.logical, parts, strict=True)]
+
+
+def _peft_config(rank: int, targets: set[str]) -> dict:
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": rank,
+        "lora_alpha": rank,  # the scale is folded into B
+        "lora_dropout": 0.0,
+        "target_modules": sorted(targets),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "base_model_name_or_path": None,
+    }
+
+
 @torch.no_grad()
 def save_adapter(model: nn.Module, directory: str | Path, name: str = "default") -> None:
-    """Collective: write adapter ``name`` (trained tensors only) to ``directory`` (rank 0)."""
+    """Collective: write adapter ``name`` (trained tensors only) to ``directory`` (rank 0), in
+    our layout and in PEFT's (see the module docstring)."""
     tensors: dict[str, torch.Tensor] = {}
+    peft: dict[str, torch.Tensor] = {}
+    targets: set[str] = set()
     linears: dict[str, dict] = {}
     config: AdapterConfig | None = None
     for path, adapter in adapters_named(model, name):
@@ -115,12 +164,22 @@ def save_adapter(model: nn.Module, directory: str | Path, name: str = "default")
         if isinstance(adapter.A, nn.Parameter):  # LoRA: trained, not regenerable
             tensors[f"{path}.A"] = _gather_a(adapter.A.detach().contiguous(), geometry).cpu()
         linears[path] = entry
+        a = _gather_a(adapter.current_A(b.device, torch.float32).contiguous(), geometry).cpu()
+        for module, b_rows in _hf_modules(model, path, adapter.scale * b.float()):
+            peft[f"{_PEFT_PREFIX}{module}.lora_A.weight"] = a
+            peft[f"{_PEFT_PREFIX}{module}.lora_B.weight"] = b_rows.contiguous()
+            targets.add(module.rsplit(".", 1)[-1])
     if not dist.is_initialized() or dist.get_rank() == 0:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": FORMAT})
         meta = {"format": FORMAT, "name": name, "config": config.to_dict(), "linears": linears}
         (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        # safetensors refuses tensors sharing storage: A is shared by the split modules.
+        peft = {key: t.clone() for key, t in peft.items()}
+        save_file(peft, str(directory / PEFT_WEIGHTS_FILE), metadata={"format": "pt"})
+        peft_config = _peft_config(config.rank, targets)
+        (directory / PEFT_CONFIG_FILE).write_text(json.dumps(peft_config, indent=2))
     if dist.is_initialized():
         dist.barrier()
 
