@@ -8,6 +8,7 @@ import sys
 from actcomp_dist.training.checkpoint import CheckpointError
 from actcomp_dist.training.config import ConfigError, load_run_config
 from actcomp_dist.training.distributed import launch_info
+from actcomp_dist.training.quiet import quiet_third_party
 
 PRETRAIN_DESCRIPTION = (
     "Pretrain a LLaMA model with compressed activations (DeepSpeed + Megatron-core TP)."
@@ -51,6 +52,7 @@ def main(
     args = parse_args(argv, description)
     try:
         config = load_run_config(args.config, args.overrides, config_class=config_class)
+        quiet_third_party(config.logging.verbose)  # before megatron-core and DeepSpeed load
         if run is None:
             from actcomp_dist.training.trainer import run_pretraining as run
 

@@ -175,12 +175,18 @@ class CheckpointSection:
 
 @dataclass
 class LoggingSection:
+    """``interval``: steps between progress lines and metrics records; ``tensorboard``: also
+    write TensorBoard scalars; ``verbose``: keep the libraries' start-up messages that
+    :mod:`actcomp_dist.training.quiet` filters."""
+
     interval: int = 1
     tensorboard: bool = False
+    verbose: bool = False
 
     def validate(self) -> None:
         _positive_int("logging.interval", self.interval)
         _bool("logging.tensorboard", self.tensorboard)
+        _bool("logging.verbose", self.verbose)
 
 
 @dataclass
