@@ -270,3 +270,20 @@ def test_ablation_on_two_ranks_with_tensor_parallelism(tmp_path, corpus):
     record = json.loads((out / "records.json").read_text())[0]
     assert record["world_size"] == 2 and record["nproc"] == 2
 
+
+def test_naive_variant_combines_with_the_others():
+    assert parse_variant("naive") == Variant("none", None, "none", False)
+    assert parse_variant("naive").name == "naive"
+    assert parse_variant("none+naive") == parse_variant("naive")
+    assert parse_variant("naive+ac_full") == Variant("none", None, "full", False)
+    assert parse_variant("naive+ac_full").name == "ac_full+naive"
+    compact = parse_variant("compact:0.25+ac_selective+naive")
+    assert compact == Variant("compact", 0.25, "selective", False)
+    assert parse_variant(compact.name) == compact
+    assert compact.apply({})["memory"] == {"efficient_ops": False}
+    assert parse_variant("compact:0.25").apply({"memory": {"efficient_ops": False}})["memory"] == {
+        "efficient_ops": True
+    }
+    assert parse_variants("none,naive")[1].slug == "naive"
+    with pytest.raises(VariantError, match="twice"):
+        parse_variant("naive+naive")
