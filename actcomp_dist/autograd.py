@@ -1,4 +1,5 @@
-"""The single-device compressed linear autograd function.
+"""The single-device compressed linear autograd function, and :func:`recompute_in_backward`
+(keep a cheap function's input instead of its output; the memory-efficient block uses it).
 
 Forward computes the output with the same call ``nn.Linear`` makes (so outputs are
 bit-identical; under ``torch.autocast`` after the same casts autocast applies to
@@ -84,3 +85,34 @@ class CompressedLinearFunction(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g2d.sum(0)
         return grad_x, grad_w, grad_b, None, None
+
+
+class _RecomputeInBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, fn, source):
+        ctx.fn = fn
+        ctx.save_for_backward(source)
+        return fn(source)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (source,) = ctx.saved_tensors
+        with torch.enable_grad():
+            source = source.detach().requires_grad_(True)
+            out = ctx.fn(source)
+        (grad_source,) = torch.autograd.grad(out, source, grad_out)
+        return None, grad_source
+
+
+def recompute_in_backward(fn, source: torch.Tensor) -> torch.Tensor:
+    """``fn(source)``, keeping only ``source`` for backward: backward re-runs ``fn`` on it and
+    backpropagates through the re-run (the same ops, hence the same gradient bit for bit).
+
+    ``fn`` must be a pure, deterministic function of one tensor without parameters (e.g. the
+    SwiGLU product of ``[gate | up]``). Unlike ``torch.utils.checkpoint`` the kept tensor goes
+    through ``save_for_backward``, so saved-tensor hooks (and the byte counters built on them)
+    see it, and nothing about RNG state is stored.
+    """
+    if not (torch.is_grad_enabled() and source.requires_grad):
+        return fn(source)
+    return _RecomputeInBackward.apply(fn, source)

@@ -15,7 +15,27 @@ Two parts, both closed-form and per tensor-parallel rank:
 What one decoder block saves (``N = b*s`` tokens, ``e`` bytes per activation element: 4 fp32,
 2 bf16; ``h`` hidden, ``H``/``G`` query/key-value heads of width ``d``, ``f`` FFN width; per
 rank under TP = t the head counts, ``f`` and the vocabulary are divided by t; under sequence
-parallelism the residual stream (norms, column-parallel inputs) holds ``N/t`` tokens):
+parallelism the residual stream (norms, column-parallel inputs) holds ``N/t`` tokens).
+
+With ``efficient_ops`` (the default; :mod:`actcomp_dist.models.efficient_ops`), one tensor per
+op:
+
+- each of the two RMSNorms: ``N h e + N 4`` (its output, which an uncompressed qkv / fc1 keeps
+  as its input too: the same storage, so those sites add nothing; and the fp32 ``rstd``);
+- attention core: ``N H d e + N G d e`` (q and k after RoPE) ``+ N G d e`` (``v``, a copy)
+  ``+ N H d e`` (the output, which is also the uncompressed proj input) ``+ b H s 4`` (the
+  fp32 log-sum-exp); plus the RoPE tables in the activation dtype, ``2 S d e`` once per model;
+- SwiGLU and fc2: ``2 N f e`` (``[gate | up]``, kept by fc2, which recomputes
+  ``silu(gate) * up``), charged to ``fc2``;
+- a compressed site adds its compressed tensor (below);
+- ``selective`` checkpointing recomputes only the attention core (the rest already keeps one
+  tensor): the fused QKV output instead of the core's tensors, and the proj input
+  ``N H d e`` (unless compressed) as a tensor of its own;
+- ``full``: as without ``efficient_ops``;
+- once per model: the final norm ``N h e + N 4`` and, under sequence parallelism only, the
+  output layer's gathered input ``N h e`` (otherwise it is the final norm's output).
+
+Without ``efficient_ops`` (the naive block):
 
 - each of the two RMSNorms: ``N h 4 + N 4 + N h e`` (its fp32 input copy, which in fp32 is
   the input itself; the fp32 rsqrt; the normalised tensor);
@@ -136,6 +156,10 @@ class ActivationSetting:
         loss_mask: the loss is masked (the trainer always passes a mask).
         rope_positions: rows of the rotary tables (the model's ``seq_length``; default ``s``).
         tp_rank: which tensor-parallel rank (row-parallel ranks may differ by one rank column).
+        efficient_ops: the model's ``efficient_ops`` (one tensor per op; ``False``: the naive
+            block).
+        loss_chunk_tokens: the model's chunked loss (``LlamaModel(loss_chunk_tokens=...)``;
+            ``None``: the logits and megatron's cross-entropy).
     """
 
     micro_batch_size: int
@@ -146,6 +170,8 @@ class ActivationSetting:
     loss_mask: bool = True
     rope_positions: int | None = None
     tp_rank: int = 0
+    efficient_ops: bool = True
+    loss_chunk_tokens: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("micro_batch_size", "seq_length", "tensor_parallel"):
@@ -222,7 +248,10 @@ def _site_saved(
     return (tokens * c + basis) * setting.dtype_bytes
 
 
-def _norm_saved(tokens: int, hidden: int, e: int) -> int:
+def _norm_saved(tokens: int, hidden: int, e: int, efficient_ops: bool) -> int:
+    if efficient_ops:
+        # The output in the input dtype and the fp32 rstd [N, 1].
+        return tokens * hidden * e + tokens * 4
     # x.float() (the input itself in fp32), rsqrt [N, 1] fp32, normed in the input dtype.
     return tokens * hidden * 4 + tokens * 4 + tokens * hidden * e
 
@@ -252,8 +281,10 @@ def _layer_saved(
     if mode == "full":
         out["block_input"] = n_res * h * e
         return dict(out)
+    if setting.efficient_ops:
+        return _efficient_layer_saved(model, compression, mode, setting)
     if mode == "none":
-        out["norm"] = 2 * _norm_saved(n_res, h, e)
+        out["norm"] = 2 * _norm_saved(n_res, h, e, False)
         out["qkv"] = _site_saved("qkv", compression, h, n_res, setting)
         # q and k after RoPE, v (a view of the fused QKV output, which it keeps whole), the
         # attention output and its fp32 log-sum-exp.
@@ -284,21 +315,58 @@ def _layer_saved(
     raise ValueError(f"activation checkpointing mode {mode!r} is not one of {list(AC_MODES)}")
 
 
+def _efficient_layer_saved(
+    model: ModelShape,
+    compression: CompressionConfig,
+    mode: str,
+    setting: ActivationSetting,
+) -> dict[str, int]:
+    """:func:`_layer_saved` of the ``efficient_ops`` block (modes ``none`` and ``selective``)."""
+    e, t = setting.dtype_bytes, setting.tensor_parallel
+    b, s = setting.micro_batch_size, setting.seq_length
+    n_all = setting.tokens
+    n_res = n_all // t if setting.sp else n_all
+    h, d = model.hidden_size, model.head_dim
+    heads, groups = model.num_attention_heads // t, model.query_groups // t
+    ffn = model.ffn_hidden_size // t
+    attn_width = model.num_attention_heads * d
+    attn_out = n_all * heads * d * e
+
+    def compressed_bytes(site: str, width: int, tokens: int) -> int:
+        # Uncompressed sites keep a tensor another op already keeps (counted there).
+        if not _compressed(site, compression):
+            return 0
+        return _site_saved(site, compression, width, tokens, setting)
+
+    out: dict[str, int] = defaultdict(int)
+    out["norm"] = 2 * _norm_saved(n_res, h, e, True)
+    out["qkv"] = compressed_bytes("qkv", h, n_res)
+    out["fc1"] = compressed_bytes("fc1", h, n_res)
+    out["fc2"] = 2 * n_all * ffn * e + compressed_bytes("fc2", model.ffn_hidden_size, n_all)
+    if mode == "none":
+        # q, k after RoPE, v (contiguous), the output (also proj's input), the fp32 LSE.
+        out["attention_core"] = n_all * (heads + 2 * groups) * d * e + attn_out + b * heads * s * 4
+        out["proj"] = compressed_bytes("proj", attn_width, n_all)
+    elif mode == "selective":
+        out["attention_core"] = n_all * (heads + 2 * groups) * d * e  # the fused QKV output
+        out["proj"] = _site_saved("proj", compression, attn_width, n_all, setting)
+    else:
+        raise ValueError(f"activation checkpointing mode {mode!r} is not one of {list(AC_MODES)}")
+    return dict(out)
+
+
 def predict_saved_activations(
     model: ModelShape,
     compression: CompressionConfig | None,
     setting: ActivationSetting,
     ac_mode: str = "none",
     ac_num_layers: int | None = None,
-    loss_chunk_tokens: int | None = None,
 ) -> ActivationPrediction:
     """Saved-activation bytes of one micro-batch on one rank, by kind and per block.
 
     ``model`` is a :class:`~actcomp_dist.models.LlamaConfig` with the vocabulary the model is
     really built with (the trainer pads it to a multiple of 128 * TP). ``ac_num_layers``: the
     first N blocks are checkpointed (``None`` = all), as ``activation_checkpointing.num_layers``.
-    ``loss_chunk_tokens``: the model's chunked loss (``LlamaModel(loss_chunk_tokens=...)``;
-    ``None`` = logits and megatron's cross-entropy).
     """
     compression = compression or CompressionConfig()
     if ac_mode not in AC_MODES:
@@ -322,7 +390,13 @@ def predict_saved_activations(
     for index in range(layers):
         mode = ac_mode if index < checkpointed else "none"
         saved = _layer_saved(model, compression, mode, setting)
-        if mode == "none" and e != 4:
+        if setting.efficient_ops:
+            # The tables in the activation dtype (cached on the model), shared by every block
+            # that keeps them: counted once, in the first.
+            if mode != "full" and not rope_once:
+                saved["attention_core"] += 2 * rope_rows * d * e
+                rope_once = True
+        elif mode == "none" and e != 4:
             # RoPE casts the fp32 tables to the activation dtype: q and k each keep a cos
             # and a sin copy [s, d].
             saved["attention_core"] += 4 * setting.seq_length * d * e
@@ -339,9 +413,12 @@ def predict_saved_activations(
     # The token ids [b, s] int64; at TP > 1 VocabParallelEmbedding keeps its shifted copy of
     # them and the bool mask of ids outside this rank's vocabulary shard instead.
     by_kind["embedding"] = n_all * 8 + (n_all if t > 1 else 0)
-    by_kind["final_norm"] = _norm_saved(n_res, h, e)
-    by_kind["output_layer"] = n_all * h * e  # (gathered under SP)
-    if loss_chunk_tokens is None:
+    by_kind["final_norm"] = _norm_saved(n_res, h, e, setting.efficient_ops)
+    if setting.efficient_ops and not setting.sp:
+        by_kind["output_layer"] = 0  # the final norm's output, counted there
+    else:
+        by_kind["output_layer"] = n_all * h * e  # (gathered under SP)
+    if setting.loss_chunk_tokens is None:
         # Cross-entropy: the fp32 softmax [N, V/t], its target mask (bool) and masked targets.
         loss = n_all * vocab * 4 + n_all * 1 + n_all * 8
     else:
@@ -491,7 +568,6 @@ def transient_bytes(
     compression: CompressionConfig,
     setting: ActivationSetting,
     ac_mode: str,
-    loss_chunk_tokens: int | None = None,
 ) -> int:
     """An estimate of the short-lived peak on top of the saved activations in backward: the
     logits (in the activation dtype) and their fp32 gradient (of one chunk with the chunked
@@ -500,10 +576,10 @@ def transient_bytes(
     e, t = setting.dtype_bytes, setting.tensor_parallel
     n = setting.tokens
     vocab = model.vocab_size // t
-    if loss_chunk_tokens is None:
+    if setting.loss_chunk_tokens is None:
         logits = n * vocab * (e + 4)
     else:
-        logits = min(loss_chunk_tokens, n) * vocab * (e + 4)
+        logits = min(setting.loss_chunk_tokens, n) * vocab * (e + 4)
         logits += vocab * model.hidden_size * 4 if e != 4 else 0
     largest = 2 * n * max(model.hidden_size, 2 * model.ffn_hidden_size // t) * e
     recompute = 0
@@ -525,11 +601,9 @@ def plan_memory(
     gpu_memory: int = 80 * 10**9,
     reserve: int = 2 * 2**30,
     reduce_bucket_size: int = 500_000_000,
-    loss_chunk_tokens: int | None = None,
 ) -> MemoryPlan:
     """Everything one GPU holds at the peak of a step; ``reserve`` covers the CUDA context,
-    communication buffers and allocator fragmentation. ``loss_chunk_tokens``: the model's
-    chunked loss (see :func:`predict_saved_activations`)."""
+    communication buffers and allocator fragmentation."""
     states = predict_model_states(
         model,
         compression,
@@ -539,10 +613,8 @@ def plan_memory(
         tensor_parallel=setting.tensor_parallel,
         reduce_bucket_size=reduce_bucket_size,
     )
-    activations = predict_saved_activations(
-        model, compression, setting, ac_mode, ac_num_layers, loss_chunk_tokens
-    )
-    transient = transient_bytes(model, compression, setting, ac_mode, loss_chunk_tokens)
+    activations = predict_saved_activations(model, compression, setting, ac_mode, ac_num_layers)
+    transient = transient_bytes(model, compression, setting, ac_mode)
     return MemoryPlan(states, activations, transient, reserve, gpu_memory)
 
 

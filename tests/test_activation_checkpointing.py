@@ -20,8 +20,13 @@ from actcomp_dist.training.activation_checkpointing import apply_activation_chec
 CONFIG = get_model_config("tiny", seq_length=32, num_layers=2)
 
 
-def _model(method: str, mode: str, num_layers=None):
-    model = build_llama(CONFIG, CompressionConfig(method=method, rank=0.25, seed=3), init_seed=0)
+def _model(method: str, mode: str, num_layers=None, efficient_ops=True):
+    model = build_llama(
+        CONFIG,
+        CompressionConfig(method=method, rank=0.25, seed=3),
+        init_seed=0,
+        efficient_ops=efficient_ops,
+    )
     apply_activation_checkpointing(model, mode, num_layers)
     return model
 
@@ -39,23 +44,27 @@ def _loss_and_grads(model):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+@pytest.mark.parametrize("efficient_ops", [True, False], ids=["efficient", "naive"])
 @pytest.mark.parametrize("method", ["none", "compact"])
 @pytest.mark.parametrize("mode,num_layers", [("selective", None), ("full", None), ("full", 1)])
-def test_checkpointing_matches_no_checkpointing_exactly(single_rank, method, mode, num_layers):
-    ref_loss, ref_grads = _loss_and_grads(_model(method, "none"))
-    loss, grads = _loss_and_grads(_model(method, mode, num_layers))
+def test_checkpointing_matches_no_checkpointing_exactly(
+    single_rank, method, mode, num_layers, efficient_ops
+):
+    ref_loss, ref_grads = _loss_and_grads(_model(method, "none", efficient_ops=efficient_ops))
+    loss, grads = _loss_and_grads(_model(method, mode, num_layers, efficient_ops))
     assert torch.equal(loss, ref_loss)
     for name, grad in ref_grads.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
-def _saved(method: str, mode: str, num_layers=None) -> int:
-    model = _model(method, mode, num_layers)
+def _saved(method: str, mode: str, num_layers=None, efficient_ops=False) -> int:
+    model = _model(method, mode, num_layers, efficient_ops)
     tokens, labels = _batch()
     return saved_activation_bytes(lambda: model.loss(tokens, labels))
 
 
 def test_saved_bytes_fall_with_compression_and_checkpointing(single_rank):
+    """In the naive block; the memory-efficient one is tested in tests/test_efficient_ops.py."""
     none = _saved("none", "none")
     compact = _saved("compact", "none")
     selective_compact = _saved("compact", "selective")

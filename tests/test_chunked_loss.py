@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -233,7 +235,7 @@ def _check_model_runs(results, tp, sequence_parallel):
             )
             for chunk, measured in ((None, plain["saved"]), (MODEL_CHUNK, chunked["saved"])):
                 predicted = predict_saved_activations(
-                    SMALL, CompressionConfig(), setting, loss_chunk_tokens=chunk
+                    SMALL, CompressionConfig(), replace(setting, loss_chunk_tokens=chunk)
                 )
                 assert {k: v for k, v in predicted.by_kind.items() if v} == measured.by_kind
                 assert predicted.total == measured.total
@@ -350,10 +352,13 @@ def test_chunked_head_saves_input_lse_and_labels_only(single_rank, dtype, chunk)
     assert unchunked == n_tokens * HIDDEN * dtype.itemsize + n_tokens * (4 * VOCAB + 1 + 8)
 
 
+@pytest.mark.parametrize("efficient_ops", [False, True], ids=["naive", "efficient"])
 @pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
-def test_tiny_model_head_bytes(single_rank, dtype):
+def test_tiny_model_head_bytes(single_rank, dtype, efficient_ops):
     """The tiny config at its own shape (b = 4, s = 128, V = 2048): the memory model's head
-    terms, measured, equal the closed forms; the loss's 4.0 MiB become 6 KiB."""
+    terms, measured, equal the closed forms; the loss's 4.0 MiB become 6 KiB. (The efficient
+    block's output layer keeps nothing of its own: its input is the final norm's output,
+    which the norm keeps.)"""
     config, b = get_model_config("tiny"), 4
     n_tokens, e = b * config.seq_length, dtype.itemsize
     generator = torch.Generator().manual_seed(0)
@@ -362,20 +367,27 @@ def test_tiny_model_head_bytes(single_rank, dtype):
     mask = torch.ones(b, config.seq_length)
     measured = {}
     for chunk in (None, 1024):
-        model = build_llama(config, init_seed=0, loss_chunk_tokens=chunk)
+        model = build_llama(
+            config, init_seed=0, loss_chunk_tokens=chunk, efficient_ops=efficient_ops
+        )
         for param in model.parameters():  # DeepSpeed's bf16 engine casts parameters only
             param.data = param.data.to(dtype)
         measured[chunk] = measure_model_forward(model, tokens, labels, mask).by_kind
-        setting = ActivationSetting(b, config.seq_length, dtype_bytes=e)
-        predicted = predict_saved_activations(
-            config, CompressionConfig(), setting, loss_chunk_tokens=chunk
+        setting = ActivationSetting(
+            b,
+            config.seq_length,
+            dtype_bytes=e,
+            efficient_ops=efficient_ops,
+            loss_chunk_tokens=chunk,
         )
+        predicted = predict_saved_activations(config, CompressionConfig(), setting)
         assert {k: v for k, v in predicted.by_kind.items() if v} == measured[chunk]
     mask_bytes = n_tokens * 4 + 4  # the loss mask and its sum, the same on both paths
     plain, chunked = measured[None], measured[1024]
-    assert plain["output_layer"] == n_tokens * config.hidden_size * e
+    own_input = 0 if efficient_ops else n_tokens * config.hidden_size * e
+    assert plain.get("output_layer", 0) == own_input
     assert plain["loss"] - mask_bytes == n_tokens * (4 * config.vocab_size + 9) == 4_198_912
-    assert chunked["output_layer"] == n_tokens * config.hidden_size * e + n_tokens * 12
+    assert chunked["output_layer"] == own_input + n_tokens * 12
     assert chunked["loss"] == mask_bytes
     assert n_tokens * 12 == 6144
 

@@ -7,7 +7,8 @@ closed-form copies of what each op saves, so the assertion is stricter: equal to
 kind and per block, on the tiny config and a 60m-shaped one (2 blocks, short sequences: the
 formulas are per token and per block, so the layer count and length only scale them), in fp32
 and in bf16 (parameters cast, buffers kept fp32, as DeepSpeed's bf16 engine does), and at
-TP = 2 with and without sequence parallelism.
+TP = 2 with and without sequence parallelism; each for the memory-efficient block
+(``efficient_ops=True``, the default) and the naive one.
 """
 
 from __future__ import annotations
@@ -74,8 +75,16 @@ def _batch(config, b, s, seed=0):
     return tokens, labels, torch.ones(b, s)
 
 
-def _measure(config, compression, mode, num_layers, b, s, dtype, sequence_parallel=False):
-    model = build_llama(config, compression, init_seed=0, sequence_parallel=sequence_parallel)
+def _measure(
+    config, compression, mode, num_layers, b, s, dtype, sequence_parallel=False, efficient_ops=True
+):
+    model = build_llama(
+        config,
+        compression,
+        init_seed=0,
+        sequence_parallel=sequence_parallel,
+        efficient_ops=efficient_ops,
+    )
     for param in model.parameters():  # what DeepSpeed's bf16 engine does: parameters only
         param.data = param.data.to(dtype)
     apply_activation_checkpointing(model, mode, num_layers)
@@ -91,39 +100,62 @@ def _assert_prediction_matches(measured, predicted):
     assert predicted.total == measured.total
 
 
+EFFICIENT_OPS = pytest.mark.parametrize("efficient_ops", [True, False], ids=["efficient", "naive"])
+
+
+@EFFICIENT_OPS
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_prediction_equals_measured_saved_bytes(single_rank, variant, shape, dtype):
+def test_prediction_equals_measured_saved_bytes(single_rank, variant, shape, dtype, efficient_ops):
     method, options, mode, num_layers = VARIANTS[variant]
     config, b, s = SHAPES[shape]
     compression = CompressionConfig(method=method, seed=3, **options)
-    measured = _measure(config, compression, mode, num_layers, b, s, dtype)
-    setting = ActivationSetting(b, s, dtype_bytes=torch.finfo(dtype).bits // 8)
+    measured = _measure(
+        config, compression, mode, num_layers, b, s, dtype, efficient_ops=efficient_ops
+    )
+    setting = ActivationSetting(
+        b, s, dtype_bytes=torch.finfo(dtype).bits // 8, efficient_ops=efficient_ops
+    )
     predicted = predict_saved_activations(config, compression, setting, mode, num_layers)
     _assert_prediction_matches(measured, predicted)
 
 
-def test_prediction_scales_with_micro_batch_and_sequence(single_rank):
+@EFFICIENT_OPS
+def test_prediction_scales_with_micro_batch_and_sequence(single_rank, efficient_ops):
     """The formulas are not fitted to one shape: a third shape, never used above."""
     config = get_model_config("tiny", seq_length=48, num_layers=3)
     compression = CompressionConfig(method="compact", rank=0.25)
-    measured = _measure(config, compression, "none", None, 3, 48, torch.float32)
-    predicted = predict_saved_activations(config, compression, ActivationSetting(3, 48))
+    measured = _measure(
+        config, compression, "none", None, 3, 48, torch.float32, efficient_ops=efficient_ops
+    )
+    setting = ActivationSetting(3, 48, efficient_ops=efficient_ops)
+    predicted = predict_saved_activations(config, compression, setting)
     _assert_prediction_matches(measured, predicted)
+
+
+TP_VARIANTS = ("none", "ac_selective", "compact_0.25", "lowrank_0.125", "subtoken_32")
 
 
 def _tp_measure(rank, world_size, sequence_parallel):
     state.initialize_model_parallel(world_size)
     config, b, s = SHAPES["tiny"]
     out = {}
-    for variant in ("none", "ac_selective", "compact_0.25", "lowrank_0.125", "subtoken_32"):
-        method, options, mode, num_layers = VARIANTS[variant]
-        compression = CompressionConfig(method=method, seed=3, **options)
-        measured = _measure(
-            config, compression, mode, num_layers, b, s, torch.float32, sequence_parallel
-        )
-        out[variant] = measured
+    for efficient_ops in (True, False):
+        for variant in TP_VARIANTS:
+            method, options, mode, num_layers = VARIANTS[variant]
+            compression = CompressionConfig(method=method, seed=3, **options)
+            out[variant, efficient_ops] = _measure(
+                config,
+                compression,
+                mode,
+                num_layers,
+                b,
+                s,
+                torch.float32,
+                sequence_parallel,
+                efficient_ops,
+            )
     return out
 
 
@@ -133,10 +165,15 @@ def test_prediction_equals_measured_at_tp2(tmp_path, sequence_parallel):
     results = run_distributed(_tp_measure, 2, tmp_path, sequence_parallel)
     config, b, s = SHAPES["tiny"]
     for tp_rank, per_variant in enumerate(results):
-        setting = ActivationSetting(
-            b, s, tensor_parallel=2, sequence_parallel=sequence_parallel, tp_rank=tp_rank
-        )
-        for variant, measured in per_variant.items():
+        for (variant, efficient_ops), measured in per_variant.items():
+            setting = ActivationSetting(
+                b,
+                s,
+                tensor_parallel=2,
+                sequence_parallel=sequence_parallel,
+                tp_rank=tp_rank,
+                efficient_ops=efficient_ops,
+            )
             method, options, mode, num_layers = VARIANTS[variant]
             compression = CompressionConfig(method=method, **options)
             predicted = predict_saved_activations(config, compression, setting, mode, num_layers)

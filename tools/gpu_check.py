@@ -160,6 +160,8 @@ def _predicted_peak(record: dict[str, Any], config) -> dict[str, int]:
         seq_length=config.data.seq_length,
         dtype_bytes=4 if config.train.precision == "fp32" else 2,
         rope_positions=config.data.seq_length,
+        efficient_ops=config.memory.efficient_ops,
+        loss_chunk_tokens=config.memory.chunked_loss_tokens,
     )
     plan = plan_memory(
         model,
@@ -314,6 +316,8 @@ def _planned_micro_batch(setup: Setup, variant, gpu_memory: int) -> int:
             seq_length=setup.batch_seq_length,
             dtype_bytes=4 if config.train.precision == "fp32" else 2,
             rope_positions=setup.batch_seq_length,
+            efficient_ops=variant.efficient_ops,
+            loss_chunk_tokens=config.memory.loss_chunk_tokens if variant.efficient_ops else None,
         )
         return plan_memory(
             model,

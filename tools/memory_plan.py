@@ -8,7 +8,8 @@ r"""Predict per-GPU memory for a run config on a cluster, and the largest micro-
         --set parallel.tensor_parallel=2 --set parallel.sequence_parallel=true
 
 Rows are variants in the grammar of tools/ablate.py (``none``, ``ac_selective``, ``ac_full``,
-``METHOD:ARG[+ac_...]``), columns sequence lengths. For each: saved activations per micro-batch
+``METHOD:ARG[+ac_...]``, and ``naive`` / ``...+naive`` for the naive block that keeps what plain
+autograd keeps; every other row is the memory-efficient block), columns sequence lengths. For each: saved activations per micro-batch
 (exact per-layer formulas, validated byte for byte against the real model in
 tests/test_memory_plan.py), the predicted peak per GPU (model states under the config's ZeRO
 stage and precision + saved activations + a transient estimate + ``--reserve``), whether it
@@ -28,7 +29,7 @@ from pathlib import Path
 from actcomp_dist.training.cli import add_override_argument
 
 DEFAULT_VARIANTS = (
-    "none,ac_selective,ac_full,compact:0.5,compact:0.25,compact:0.125,"
+    "naive,none,ac_selective,ac_full,compact:0.5,compact:0.25,compact:0.125,"
     "compact:0.25+ac_selective,compact:0.25+ac_full"
 )
 DEFAULT_SEQ_LENGTHS = "256,512,1024,2048,4096,8192"
@@ -167,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
             dtype_bytes=dtype_bytes,
             tensor_parallel=tp,
             sequence_parallel=config.parallel.sequence_parallel,
+            efficient_ops=variant.efficient_ops,
+            loss_chunk_tokens=config.memory.loss_chunk_tokens if variant.efficient_ops else None,
         )
         return plan_memory(
             model.replace(seq_length=seq),

@@ -3,7 +3,7 @@
 A variant names one way of saving activation memory; a list is comma-separated::
 
     VARIANTS := VARIANT ("," VARIANT)*
-    VARIANT  := BASE ["+" AC]
+    VARIANT  := BASE ["+" AC] ["+" "naive"] | "naive"   (the parts in any order)
     BASE     := "none" | AC | METHOD ":" ARG
     AC       := "ac_selective" | "ac_full"
     METHOD   := a registered compression method other than none (compact, lowrank, subtoken)
@@ -12,10 +12,16 @@ A variant names one way of saving activation memory; a list is comma-separated::
                 subtoken: the number of sub-token groups per token ("32")
 
 Examples: ``none``, ``ac_full``, ``compact:0.25``, ``compact:0.25+ac_full``,
-``lowrank:0.125+ac_selective``, ``subtoken:32``. ``none+ac_full`` is the same as ``ac_full``.
+``lowrank:0.125+ac_selective``, ``subtoken:32``, ``naive``, ``compact:0.25+naive``.
+``none+ac_full`` is the same as ``ac_full``, ``none+naive`` the same as ``naive``.
+
+``naive`` runs the naive block (``memory.efficient_ops: false``: the norms, attention core and
+SwiGLU keep what plain PyTorch autograd keeps, what most papers measure against); every other
+variant runs the memory-efficient exact block, so ``none`` is the strongest exact baseline.
 
 A variant changes only ``compression.method``, its rank (``compression.rank``) or group count
-(``compression.groups``) and ``activation_checkpointing.mode``; every other setting (sites,
+(``compression.groups``), ``activation_checkpointing.mode`` and ``memory.efficient_ops``;
+every other setting (sites,
 seed, projection, resample period, checkpointed layer count, ...) comes from the base config.
 ``compression.grad_mode`` is kept for ``compact`` and set to ``lift`` for the other methods
 (``subspace`` exists only for ``compact``).
@@ -33,10 +39,12 @@ from actcomp_dist.config import CompressionConfig
 
 AC_NAMES = {"ac_selective": "selective", "ac_full": "full"}
 _RANKED = ("compact", "lowrank")
+NAIVE = "naive"
 GRAMMAR = (
-    "VARIANT := BASE['+'AC]; BASE := none | ac_selective | ac_full | METHOD:ARG; "
-    "AC := ac_selective | ac_full; METHOD:ARG is compact:RANK, lowrank:RANK (RANK a ratio "
-    "like 0.25 or an absolute int like 64) or subtoken:GROUPS (an int)"
+    "VARIANT := BASE['+'AC]['+naive'] | naive; BASE := none | ac_selective | ac_full | "
+    "METHOD:ARG; AC := ac_selective | ac_full; METHOD:ARG is compact:RANK, lowrank:RANK (RANK "
+    "a ratio like 0.25 or an absolute int like 64) or subtoken:GROUPS (an int); '+naive' runs "
+    "the naive block (memory.efficient_ops=false)"
 )
 
 
@@ -46,20 +54,26 @@ class VariantError(ValueError):
 
 @dataclass(frozen=True)
 class Variant:
-    """One parsed variant. ``argument`` is the rank (float ratio or int) or group count."""
+    """One parsed variant. ``argument`` is the rank (float ratio or int) or group count;
+    ``efficient_ops`` is false for ``+naive``."""
 
     method: str = "none"
     argument: float | int | None = None
     ac_mode: str = "none"
+    efficient_ops: bool = True
 
     @property
     def name(self) -> str:
-        """The canonical spelling (``compact:0.25+ac_full``)."""
+        """The canonical spelling (``compact:0.25+ac_full``, ``ac_full+naive``, ``naive``)."""
         if self.method == "none":
             base = "none" if self.ac_mode == "none" else f"ac_{self.ac_mode}"
-            return base
-        base = f"{self.method}:{self.argument}"
-        return base if self.ac_mode == "none" else f"{base}+ac_{self.ac_mode}"
+            if base == "none" and not self.efficient_ops:
+                return NAIVE
+        else:
+            base = f"{self.method}:{self.argument}"
+            if self.ac_mode != "none":
+                base = f"{base}+ac_{self.ac_mode}"
+        return base if self.efficient_ops else f"{base}+{NAIVE}"
 
     @property
     def slug(self) -> str:
@@ -89,6 +103,7 @@ class Variant:
         if self.method != "compact":
             compression["grad_mode"] = "lift"
         raw.setdefault("activation_checkpointing", {})["mode"] = self.ac_mode
+        raw.setdefault("memory", {})["efficient_ops"] = self.efficient_ops
         return raw
 
 
@@ -119,16 +134,26 @@ def parse_variant(text: str) -> Variant:
     variant = text.strip()
     if not variant:
         raise VariantError(f"empty variant in the list; grammar: {GRAMMAR}")
-    parts = variant.split("+")
+    parts = [part.strip() for part in variant.split("+")]
+    naive = parts.count(NAIVE)
+    if naive > 1:
+        raise VariantError(f"variant {variant!r} names 'naive' twice")
+    parts = [part for part in parts if part != NAIVE] or ["none"]
+    efficient_ops = not naive
+    parsed = _parse_compression_and_ac(parts, variant)
+    return Variant(parsed.method, parsed.argument, parsed.ac_mode, efficient_ops)
+
+
+def _parse_compression_and_ac(parts: list[str], variant: str) -> Variant:
     if len(parts) > 2:
         raise VariantError(
             f"variant {variant!r}: at most one '+AC' suffix (ac_selective or ac_full); "
             f"grammar: {GRAMMAR}"
         )
-    base = parts[0].strip()
+    base = parts[0]
     ac_mode = "none"
     if len(parts) == 2:
-        suffix = parts[1].strip()
+        suffix = parts[1]
         if suffix not in AC_NAMES:
             raise VariantError(
                 f"variant {variant!r}: {suffix!r} is not a checkpointing mode; after '+' use "

@@ -359,13 +359,22 @@ def build_llama_from_hf(
     seq_length: int | None = None,
     params_dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
+    efficient_ops: bool = True,
+    loss_chunk_tokens: int | None = None,
 ):
     """Build a :class:`~actcomp_dist.models.LlamaModel` from a Hugging Face LLaMA directory at
     the current tensor-parallel size (needs the parallel state, like ``build_llama``)."""
     from actcomp_dist.models.llama import build_llama
 
     config = read_hf_config(directory, seq_length=seq_length, params_dtype=params_dtype)
-    model = build_llama(config, compression, sequence_parallel=sequence_parallel, device="cpu")
+    model = build_llama(
+        config,
+        compression,
+        sequence_parallel=sequence_parallel,
+        device="cpu",
+        efficient_ops=efficient_ops,
+        loss_chunk_tokens=loss_chunk_tokens,
+    )
     load_hf_weights(model, directory)
     if device is not None:
         model = model.to(device)

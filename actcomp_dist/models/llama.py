@@ -55,6 +55,12 @@ plain ``forward(hidden, rope)`` (``rope`` is the ``(cos, sin)`` pair of
 :meth:`LlamaModel.rope`), so a wrapper can checkpoint it; :meth:`LlamaModel.embed` and
 :meth:`LlamaModel.head` are the parts before and after the blocks.
 
+**What a block keeps for backward** (``efficient_ops``, default ``True``): one tensor per op
+(RMSNorm keeps its output and rstd, attention keeps no alias of the fused QKV output, FC2 takes
+``[gate | up]`` and recomputes the SwiGLU product); ``efficient_ops=False`` is the naive block,
+the same model bit for bit as before the option existed. Forward results are identical. See
+:mod:`actcomp_dist.models.efficient_ops`.
+
 RMSNorm (fp32 statistics) and RoPE (rotate-half, precomputed cos/sin) follow Hugging Face's
 ``LlamaForCausalLM`` so logits can be compared with it.
 """
@@ -71,8 +77,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from actcomp_dist.autograd import recompute_in_backward
 from actcomp_dist.config import TRANSFORMER_SITES, CompressionConfig
 from actcomp_dist.models.configs import LlamaConfig, check_tensor_parallel, get_model_config
+from actcomp_dist.models.efficient_ops import rms_norm
 from actcomp_dist.parallel import CompressedColumnParallelLinear, CompressedRowParallelLinear
 from actcomp_dist.parallel import state as parallel_state
 from actcomp_dist.parallel.collectives import (
@@ -127,6 +135,8 @@ class RMSNorm(nn.Module):
 
     ``sequence_parallel_group``: set when the input is sharded along the sequence; the weight's
     gradient, a sum over this rank's tokens only, is then all-reduced over the group.
+    ``efficient``: keep only the output and the fp32 ``rstd`` for backward
+    (:func:`actcomp_dist.models.efficient_ops.rms_norm`; same forward result).
     """
 
     def __init__(
@@ -135,16 +145,20 @@ class RMSNorm(nn.Module):
         eps: float,
         dtype: torch.dtype = torch.float32,
         sequence_parallel_group: dist.ProcessGroup | None = None,
+        efficient: bool = False,
     ) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype))
         self.eps = eps
         self.sequence_parallel_group = sequence_parallel_group
+        self.efficient = efficient
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight
         if self.sequence_parallel_group is not None:
             weight = copy_to_tensor_parallel_region(weight, self.sequence_parallel_group)
+        if self.efficient:
+            return rms_norm(x, weight, self.eps)
         fused = _apex_fused_rms_norm() if x.is_cuda else None
         if fused is not None:
             return fused(x, weight, weight.shape, self.eps)
@@ -153,7 +167,7 @@ class RMSNorm(nn.Module):
         return weight * normed.to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]}, eps={self.eps}"
+        return f"{self.weight.shape[0]}, eps={self.eps}, efficient={self.efficient}"
 
 
 class RotaryEmbedding(nn.Module):
@@ -162,6 +176,11 @@ class RotaryEmbedding(nn.Module):
     Frequencies as Hugging Face LLaMA: ``inv_freq[j] = theta ** (-2j / head_dim)``, the angle
     table duplicated over both halves of the head (``cat(freqs, freqs)``), applied with
     rotate-half (not interleaved pairs).
+
+    ``forward(seq_len, dtype)`` returns the tables in ``dtype``; a cast copy of the fp32
+    buffers is made once per (dtype, device) and cached here, so bf16 activations do not cast
+    the tables on every call. (The cache is derived state: not in the state dict and rebuilt
+    on first use after ``.to(device)``.)
     """
 
     def __init__(self, head_dim: int, max_positions: int, theta: float) -> None:
@@ -175,14 +194,25 @@ class RotaryEmbedding(nn.Module):
         angles = torch.cat((angles, angles), dim=-1)  # [s, d]
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
+        self._cast_tables: dict[tuple[torch.dtype, torch.device], Rope] = {}
 
-    def forward(self, seq_len: int) -> Rope:
+    def _tables(self, dtype: torch.dtype | None) -> Rope:
+        if dtype is None or dtype == self.cos.dtype:
+            return self.cos, self.sin
+        key = (dtype, self.cos.device)
+        if key not in self._cast_tables:
+            with torch.no_grad():
+                self._cast_tables[key] = (self.cos.to(dtype), self.sin.to(dtype))
+        return self._cast_tables[key]
+
+    def forward(self, seq_len: int, dtype: torch.dtype | None = None) -> Rope:
         if seq_len > self.cos.shape[0]:
             raise ValueError(
                 f"sequence length {seq_len} exceeds the rotary table ({self.cos.shape[0]} "
                 f"positions); raise LlamaConfig.seq_length"
             )
-        return self.cos[:seq_len], self.sin[:seq_len]
+        cos, sin = self._tables(dtype)
+        return cos[:seq_len], sin[:seq_len]
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -209,6 +239,7 @@ class _Builder:
     sequence_parallel: bool
     init_method: Callable[[torch.Tensor], torch.Tensor]
     output_init_method: Callable[[torch.Tensor], torch.Tensor]
+    efficient_ops: bool
 
     def _compression_for(self, site: str) -> CompressionConfig:
         if site in self.compression.sites:
@@ -253,6 +284,7 @@ class _Builder:
             self.config.rms_norm_eps,
             self.config.params_dtype,
             self.tp_group if self.sequence_parallel else None,
+            efficient=self.efficient_ops,
         )
 
 
@@ -265,6 +297,7 @@ class LlamaAttention(nn.Module):
         self.groups = config.query_groups // build.tp_size
         self.heads_per_group = config.heads_per_group
         self.head_dim = config.head_dim
+        self.efficient_ops = build.efficient_ops
         qkv_width = (config.num_attention_heads + 2 * config.query_groups) * config.head_dim
         self.qkv = build.column_parallel(
             config.hidden_size, qkv_width, site="qkv", layer_id=layer_id
@@ -290,6 +323,9 @@ class LlamaAttention(nn.Module):
         q = q.reshape(s, b, self.heads, self.head_dim).permute(1, 2, 0, 3)  # [b, heads, s, d]
         k = k.squeeze(3).permute(1, 2, 0, 3)  # [b, groups, s, d]
         v = v.squeeze(3).permute(1, 2, 0, 3)  # [b, groups, s, d]
+        if self.efficient_ops:
+            # A view of ``mixed`` would keep the whole fused QKV output alive through SDPA.
+            v = v.contiguous()
         q, k = apply_rotary(q, (cos, sin)), apply_rotary(k, (cos, sin))
         out = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, enable_gqa=self.groups != self.heads
@@ -298,10 +334,16 @@ class LlamaAttention(nn.Module):
 
 
 class SwiGLUMLP(nn.Module):
-    """``fc2(silu(gate) * up)`` with ``[gate | up]`` one fused column-parallel FC1."""
+    """``fc2(silu(gate) * up)`` with ``[gate | up]`` one fused column-parallel FC1.
+
+    With ``efficient_ops`` FC2 gets ``[gate | up]`` and the SwiGLU as its input recipe and the
+    product is never kept (see :mod:`actcomp_dist.models.efficient_ops`); adapters on FC2
+    read its real input, so then the product is formed first (keeping ``[gate | up]`` only).
+    """
 
     def __init__(self, config: LlamaConfig, layer_id: int, build: _Builder) -> None:
         super().__init__()
+        self.efficient_ops = build.efficient_ops
         self.fc1 = build.column_parallel(
             config.hidden_size, 2 * config.ffn_hidden_size, site="fc1", layer_id=layer_id, stride=2
         )
@@ -311,7 +353,12 @@ class SwiGLUMLP(nn.Module):
 
     def forward(self, x: torch.Tensor, run: Recompute = _call) -> torch.Tensor:
         gate_up, _ = self.fc1(x)  # [s, b, 2 * ffn/t]: this rank's [gate_i | up_i]
-        out, _ = self.fc2(run(swiglu, gate_up))  # [s(/t), b, h]
+        if not self.efficient_ops:
+            out, _ = self.fc2(run(swiglu, gate_up))  # [s(/t), b, h]
+        elif getattr(self.fc2, "adapters", None):
+            out, _ = self.fc2(recompute_in_backward(swiglu, gate_up))
+        else:
+            out, _ = self.fc2(gate_up, input_fn=swiglu)
         return out
 
 
@@ -321,18 +368,23 @@ class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: LlamaConfig, layer_id: int, build: _Builder) -> None:
         super().__init__()
         self.layer_id = layer_id
+        self.efficient_ops = build.efficient_ops
         self.input_norm = build.norm()
         self.attention = LlamaAttention(config, layer_id, build)
         self.mlp_norm = build.norm()
         self.mlp = SwiGLUMLP(config, layer_id, build)
         # Set by selective activation checkpointing (actcomp_dist.training): re-runs the norms,
         # the attention core and the SwiGLU product in backward instead of keeping their results.
+        # With efficient_ops only the attention core: the efficient norm and SwiGLU keep one
+        # tensor that a consumer keeps anyway, which is less than a recompute keeps (its input
+        # plus the consumer's copy of the output).
         self.recompute: Recompute | None = None
 
     def forward(self, hidden: torch.Tensor, rope: Rope) -> torch.Tensor:
         run = self.recompute or _call
-        hidden = hidden + self.attention(run(self.input_norm, hidden), rope, run)
-        return hidden + self.mlp(run(self.mlp_norm, hidden), run)
+        run_cheap = _call if self.efficient_ops else run
+        hidden = hidden + self.attention(run_cheap(self.input_norm, hidden), rope, run)
+        return hidden + self.mlp(run_cheap(self.mlp_norm, hidden), run_cheap)
 
 
 class LlamaModel(nn.Module):
@@ -355,6 +407,11 @@ class LlamaModel(nn.Module):
             :func:`~actcomp_dist.parallel.cross_entropy.vocab_parallel_linear_cross_entropy`);
             1024 - 2048 balances memory and GEMM size. ``None``: the logits and megatron's
             ``vocab_parallel_cross_entropy``, which keeps the fp32 softmax ``[b*s, V/t]``.
+        efficient_ops: blocks keep one tensor per op for backward (memory-efficient RMSNorm,
+            no QKV alias kept by attention, SwiGLU recomputed inside FC2; see
+            :mod:`actcomp_dist.models.efficient_ops`); ``False`` is the naive block (what
+            papers usually measure against), bit for bit the model before the option existed.
+            Forward results are identical either way.
     """
 
     def __init__(
@@ -365,6 +422,7 @@ class LlamaModel(nn.Module):
         sequence_parallel: bool = False,
         init_seed: int = 0,
         loss_chunk_tokens: int | None = None,
+        efficient_ops: bool = True,
     ) -> None:
         super().__init__()
         if loss_chunk_tokens is not None and (
@@ -391,6 +449,7 @@ class LlamaModel(nn.Module):
         self.tp_group = tp_group
         self.sequence_parallel = sequence_parallel and tp_size > 1
         self.loss_chunk_tokens = loss_chunk_tokens
+        self.efficient_ops = efficient_ops
         self.compression_schedule = CompressionSchedule(compression.resample_every)
 
         megatron_config = ModelParallelConfig(
@@ -421,6 +480,7 @@ class LlamaModel(nn.Module):
             sequence_parallel=self.sequence_parallel,
             init_method=init_method,
             output_init_method=output_init_method,
+            efficient_ops=efficient_ops,
         )
 
         self.embedding = VocabParallelEmbedding(
@@ -450,9 +510,10 @@ class LlamaModel(nn.Module):
             tp_group=tp_group,
         )
 
-    def rope(self, seq_len: int) -> Rope:
-        """The ``(cos, sin)`` tables the blocks take for a sequence of ``seq_len`` tokens."""
-        return self.rotary(seq_len)
+    def rope(self, seq_len: int, dtype: torch.dtype | None = None) -> Rope:
+        """The ``(cos, sin)`` tables the blocks take for a sequence of ``seq_len`` tokens; with
+        ``efficient_ops`` in ``dtype`` (the activations'; cached), else the fp32 buffers."""
+        return self.rotary(seq_len, dtype if self.efficient_ops else None)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token ids [b, s] -> the residual stream [s, b, h] ([s/t, b, h] under SP)."""
@@ -503,7 +564,7 @@ class LlamaModel(nn.Module):
         when ``labels`` [b, s] are given, else this rank's logits [b, s, V/t] (vocab shard
         ``tp_rank``; the full vocabulary at TP = 1)."""
         hidden = self.embed(tokens)
-        rope = self.rope(tokens.shape[1])
+        rope = self.rope(tokens.shape[1], hidden.dtype)
         for layer in self.layers:
             hidden = layer(hidden, rope)
         return self.head(hidden, labels, loss_mask)
@@ -526,6 +587,7 @@ def build_llama(
     init_seed: int = 0,
     device: torch.device | str | None = None,
     loss_chunk_tokens: int | None = None,
+    efficient_ops: bool = True,
 ) -> LlamaModel:
     """Build a :class:`LlamaModel` (``config`` may be a name: ``tiny``, ``60m``, ... ``7b``)
     and move it to ``device`` (default: :func:`actcomp_dist.parallel.state.get_device`)."""
@@ -537,5 +599,6 @@ def build_llama(
         sequence_parallel=sequence_parallel,
         init_seed=init_seed,
         loss_chunk_tokens=loss_chunk_tokens,
+        efficient_ops=efficient_ops,
     )
     return model.to(device if device is not None else parallel_state.get_device())

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
-from actcomp_dist.autograd import accumulate_compressed_grad
+from actcomp_dist.autograd import accumulate_compressed_grad, recompute_in_backward
 from actcomp_dist.compression import BlockLayout, build_compressor
 from actcomp_dist.compression.base import Compressor
 from actcomp_dist.config import CompressionConfig
@@ -136,6 +136,40 @@ class _CompressedParallelLinear(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g2d.sum(dim=0)
         return grad_x, grad_w, grad_b, grad_proxy, None, None, None, None, None
+
+
+class _RecomputedInputParallelLinear(torch.autograd.Function):
+    """``Y = f(R) W^T`` on one TP shard for an *uncompressed* layer whose input ``X = f(R)`` is
+    recomputed from a tensor ``R`` that backward keeps anyway (FC2 after the SwiGLU: ``R`` is
+    ``[gate | up]``, which the SwiGLU's own backward needs).
+
+    Keeps ``R`` only. Backward re-runs ``f`` on it, takes the weight gradient ``g^T X`` exactly
+    as the uncompressed layer does (same ``X``, same GEMM) and backpropagates ``dX = g W``
+    through the re-run ``f`` (the same ops autograd would have recorded). No collective
+    inside: the row-parallel output reduction stays where it is for every row-parallel layer.
+    """
+
+    @staticmethod
+    def forward(ctx, source, weight, input_fn):
+        x = input_fn(source)  # [s, b, n_local]
+        ctx.save_for_backward(source, weight)
+        ctx.input_fn = input_fn
+        return torch.matmul(x, weight.t())
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        source, weight = ctx.saved_tensors
+        with torch.enable_grad():
+            source = source.detach().requires_grad_(ctx.needs_input_grad[0])
+            x = ctx.input_fn(source)
+        grad_source = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out.matmul(weight)  # [s, b, n_local]: this rank's shard of dX
+            (grad_source,) = torch.autograd.grad(x, source, grad_x)
+        if ctx.needs_input_grad[1]:
+            g2d = grad_out.reshape(-1, grad_out.shape[-1])  # [N, m]
+            grad_w = g2d.t().matmul(x.detach().reshape(-1, x.shape[-1]))
+        return grad_source, grad_w, None
 
 
 class _CompressedParallelMixin:
@@ -278,8 +312,33 @@ class CompressedRowParallelLinear(_CompressedParallelMixin, RowParallelLinear):
         )
         self._setup_compression(compression, layer_id, site, schedule, layout)
 
-    def forward(self, input_: torch.Tensor):
-        output_parallel = self._compressed_forward(input_, None, _DGRAD_NONE)
+    @property
+    def recomputes_input(self) -> bool:
+        """Whether ``forward(source, input_fn=f)`` keeps only ``source`` (uncompressed layer,
+        ``lift`` gradients): the weight gradient then needs ``f(source)`` exactly, which is
+        recomputed. A compressed layer keeps its compressed ``f(source)`` and ``source``."""
+        return (
+            self.compressor.is_identity
+            and not self.subspace
+            and getattr(self, "subspace_proxy", None) is None
+        )
+
+    def forward(self, input_: torch.Tensor, input_fn=None):
+        """``input_fn``: the layer's input is ``input_fn(input_)``, a pure function of one
+        tensor that backward needs anyway (FC2: ``swiglu`` of ``[gate | up]``). The layer then
+        never keeps ``input_fn(input_)`` itself: uncompressed it keeps ``input_`` and
+        recomputes; compressed it keeps its compressed tensor and ``input_`` for
+        ``input_fn``'s backward. Forward hooks see ``input_`` (not ``input_fn(input_)``), so
+        callers with hooks that read the layer's input (adapters) must pass the input itself.
+        """
+        if input_fn is None:
+            output_parallel = self._compressed_forward(input_, None, _DGRAD_NONE)
+        elif self.recomputes_input:
+            output_parallel = _RecomputedInputParallelLinear.apply(input_, self.weight, input_fn)
+        else:
+            output_parallel = self._compressed_forward(
+                recompute_in_backward(input_fn, input_), None, _DGRAD_NONE
+            )
         tp_size = dist.get_world_size(self.tp_group)
         if self.sequence_parallel:
             output = reduce_scatter_to_sequence_parallel_region(

@@ -27,6 +27,12 @@ Megatron's fused layouts match ours (:mod:`actcomp_dist.models.llama`): its QKV 
 ``[q heads of group g | k_g | v_g]`` per group and its gated FC1 uses ``stride=2``
 (``[gate_i; up_i]`` per rank).
 
+**Memory-efficient block ops** (``LlamaModel(efficient_ops=True)``) are not part of this spec:
+megatron's ``TransformerLayer`` calls its own norm, core attention and MLP activation, whose
+saved tensors are megatron's (its ``memory_efficient_layer_norm`` option with apex and
+``TransformerConfig.recompute_granularity`` are megatron's own levers). The compressed linears
+here behave as in the naive LLaMA block: a row-parallel FC2 gets its input as a tensor.
+
 On a GPU this is ordinary megatron-core. On CPU, ``GPTModel`` needs megatron's CUDA RNG
 tracker and ``torch.cuda.current_device()`` pointed at the CPU and an explicit causal attention
 mask (its default mask is allocated on ``"cuda"``); the tests do that with test-only shims; the

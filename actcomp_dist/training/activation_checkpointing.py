@@ -8,7 +8,9 @@ Applied after the model is built and tensor-parallelised, before the engine wrap
 - ``selective``: blocks keep their linear inputs (compressed where compression is on) but
   recompute the cheap, memory-hungry parts: RMSNorm outputs, the attention core (RoPE +
   scaled-dot-product attention) and the SwiGLU product. The model marks those parts
-  (``LlamaDecoderLayer.recompute``).
+  (``LlamaDecoderLayer.recompute``). With the memory-efficient block (``efficient_ops``, the
+  default) only the attention core is recomputed: its norms and SwiGLU already keep one tensor
+  that a consumer keeps anyway, and recomputing them would keep their input besides.
 - ``num_layers``: only the first N blocks are checkpointed (``None`` = all).
 
 It uses ``torch.utils.checkpoint`` in its non-reentrant form: the RNG state is restored on

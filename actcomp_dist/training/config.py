@@ -1,7 +1,7 @@
 """Typed run configuration: JSON file + ``--set key.path=value`` overrides.
 
 A run config has typed sections (``model``, ``compression``, ``parallel``,
-``activation_checkpointing``, ``data``, ``train``, ``checkpoint``, ``logging``), a top-level
+``activation_checkpointing``, ``memory``, ``data``, ``train``, ``checkpoint``, ``logging``), a top-level
 ``run_dir``, and a ``deepspeed`` section handed to DeepSpeed untouched (it validates its own).
 Every section is a dataclass that validates its own fields; :func:`validate_run` checks the rules
 that span sections and the world size. All of it runs before any process group or collective
@@ -55,8 +55,8 @@ AC_MODES = ("none", "selective", "full")
 
 @dataclass
 class ActivationCheckpointingSection:
-    """``mode``: ``none``; ``selective`` (recompute the attention core and cheap elementwise
-    ops); ``full`` (store each block's input, recompute the block). ``num_layers``: how many
+    """``mode``: ``none``; ``selective`` (recompute the attention core and, in the naive block,
+    the norms and the SwiGLU product); ``full`` (store each block's input, recompute the block). ``num_layers``: how many
     decoder blocks (from the first) are checkpointed; ``null`` = all."""
 
     mode: str = "none"
@@ -69,6 +69,28 @@ class ActivationCheckpointingSection:
             )
         if self.num_layers is not None:
             _non_negative_int("activation_checkpointing.num_layers", self.num_layers)
+
+
+@dataclass
+class MemorySection:
+    """``efficient_ops``: the decoder blocks keep one tensor per op for backward (memory-
+    efficient RMSNorm, no fused-QKV alias in attention, SwiGLU recomputed inside FC2; exact:
+    same forward, same gradients up to the norm's rounding); ``false``: the naive block
+    (:mod:`actcomp_dist.models.efficient_ops`). ``loss_chunk_tokens``: with the efficient ops,
+    the output layer and cross-entropy run this many tokens at a time and keep no logits
+    (:mod:`actcomp_dist.parallel.cross_entropy`)."""
+
+    efficient_ops: bool = True
+    loss_chunk_tokens: int = 1024
+
+    def validate(self) -> None:
+        _bool("memory.efficient_ops", self.efficient_ops)
+        _positive_int("memory.loss_chunk_tokens", self.loss_chunk_tokens)
+
+    @property
+    def chunked_loss_tokens(self) -> int | None:
+        """What the model and the memory model take as ``loss_chunk_tokens``."""
+        return self.loss_chunk_tokens if self.efficient_ops else None
 
 
 @dataclass
@@ -198,6 +220,7 @@ class RunConfig:
     activation_checkpointing: ActivationCheckpointingSection = field(
         default_factory=ActivationCheckpointingSection
     )
+    memory: MemorySection = field(default_factory=MemorySection)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
@@ -232,6 +255,7 @@ _SECTIONS = {
     "model": ModelSection,
     "parallel": ParallelSection,
     "activation_checkpointing": ActivationCheckpointingSection,
+    "memory": MemorySection,
     "data": DataSection,
     "train": TrainSection,
     "checkpoint": CheckpointSection,

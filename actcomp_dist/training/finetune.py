@@ -536,6 +536,8 @@ class FinetuneTrainer(Trainer):
                 sequence_parallel=config.parallel.sequence_parallel,
                 seq_length=config.data.seq_length,
                 device=self.device,
+                efficient_ops=config.memory.efficient_ops,
+                loss_chunk_tokens=config.memory.chunked_loss_tokens,
             )
             if model.config.vocab_size < self.tokenizer.vocab_size:
                 raise ConfigError(

@@ -189,6 +189,7 @@ def _describe(model, config: RunConfig) -> None:
         f"compression {comp.method} (sites: {sites}"
         + (f"; ranks {', '.join(f'{s}={r}' for s, r in ranks)}" if ranks else "")
         + f") | activation checkpointing {config.activation_checkpointing.mode}"
+        + f" | block ops {'efficient' if config.memory.efficient_ops else 'naive'}"
     )
 
 
@@ -263,6 +264,8 @@ class Trainer:
             sequence_parallel=self.config.parallel.sequence_parallel,
             init_seed=self.config.train.seed,
             device=self.device,
+            efficient_ops=self.config.memory.efficient_ops,
+            loss_chunk_tokens=self.config.memory.chunked_loss_tokens,
         )
 
     # -- checkpoints -------------------------------------------------------------------------
@@ -319,6 +322,8 @@ class Trainer:
             sequence_parallel=config.parallel.sequence_parallel,
             rope_positions=model_config.seq_length,
             tp_rank=self.ctx.tp_rank,
+            efficient_ops=self.config.memory.efficient_ops,
+            loss_chunk_tokens=self.config.memory.chunked_loss_tokens,
         )
         ac = config.activation_checkpointing
         return predict_saved_activations(
@@ -342,9 +347,13 @@ class Trainer:
             with compression_disabled(self.model), SavedTensorCounter() as counter:
                 self.engine.engine(tokens, labels, mask)
             full = counter.total_bytes
+            # In the memory-efficient block an uncompressed site's input is kept by another op
+            # anyway, so compression can add bytes (its compressed copy) instead of saving.
+            verb = "saves" if full >= measured else "adds"
             line += (
-                f"; uncompressed {format_bytes(full)} -> compression saves "
-                f"{format_bytes(full - measured)} ({100.0 * (full - measured) / max(full, 1):.1f}%)"
+                f"; uncompressed {format_bytes(full)} -> compression {verb} "
+                f"{format_bytes(abs(full - measured))} "
+                f"({100.0 * abs(full - measured) / max(full, 1):.1f}%)"
             )
         _print0(line)
 
