@@ -138,7 +138,7 @@ def test_subtoken_groups_must_divide_the_widths(tmp_path, corpus):
         "--out", str(tmp_path / "out"), *corpus,
     )  # fmt: skip
     assert result.returncode == 2
-    assert "7 groups do not divide" in result.stderr
+    assert "CompressionConfig.groups=7 must divide the input width" in result.stderr
 
 
 @pytest.fixture(scope="module")
