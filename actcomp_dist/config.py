@@ -120,16 +120,21 @@ class CompressionConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> CompressionConfig:
-        valid = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - valid)
-        if unknown:
-            raise ValueError(
-                f"unknown compression field(s) {unknown}; valid fields: {sorted(valid)}"
-            )
-        values = dict(values)
+        values = known_fields(cls, values, "compression")
         if "sites" in values and isinstance(values["sites"], list):
             values["sites"] = tuple(values["sites"])
         return cls(**values)
+
+
+def known_fields(cls: type, values: dict[str, Any], what: str) -> dict[str, Any]:
+    """A copy of ``values`` after checking that every key is a field of the dataclass ``cls``;
+    an unknown key raises ``ValueError`` listing the valid ones (``what``: how the message
+    names the config, e.g. ``compression``). The ``from_dict`` of each config dataclass."""
+    valid = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - valid)
+    if unknown:
+        raise ValueError(f"unknown {what} field(s) {unknown}; valid fields: {sorted(valid)}")
+    return dict(values)
 
 
 def _check_rank(rank: Any) -> None:

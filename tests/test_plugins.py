@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from actcomp_dist.compression import registry
+from actcomp_dist.compression.registry import COMPRESSORS
 from tests.test_pretrain import (
     _config,
     _launch,
@@ -87,7 +87,7 @@ def plugin_dir(tmp_path_factory) -> Path:
 @pytest.fixture
 def plugin_registered(plugin_dir, monkeypatch):
     """The plugin imported into this process; the registry and sys.modules restored after."""
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(COMPRESSORS, "_classes", dict(COMPRESSORS._classes))
     monkeypatch.syspath_prepend(str(plugin_dir))
     yield importlib.import_module(PLUGIN)
     sys.modules.pop(PLUGIN, None)
@@ -140,7 +140,7 @@ def test_a_method_without_ablation_option_is_written_alone(monkeypatch):
     from actcomp_dist.compression import register_compressor
     from actcomp_dist.compression.none import NoCompression
 
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(COMPRESSORS, "_classes", dict(COMPRESSORS._classes))
     register_compressor("exact_copy")(type("ExactCopy", (NoCompression,), {}))
     variant = parse_variant("exact_copy+ac_full")
     assert variant == Variant("exact_copy", None, "full") and variant.name == "exact_copy+ac_full"
