@@ -4,6 +4,11 @@ One config object describes a method and its knobs; every layer built from it re
 per-layer quantities (the rank for its input width, its seed) itself. The config validates its
 own fields on construction so a bad value fails before any layer, process group or collective
 exists, with a message that names the field and what would be valid.
+
+The fields are one flat set shared by every method (they are the ``compression.*`` keys of the
+run configs and of the compression fingerprint checkpoints are checked against); each method
+declares which of them it reads (``Compressor.options``) and the valid values of its
+choice-valued ones (``Compressor.choices``), and this config checks those.
 """
 
 from __future__ import annotations
@@ -13,9 +18,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-PROJECTIONS = ("gaussian", "rademacher", "sparse")
 GRAD_MODES = ("lift", "subspace")
-LOWRANK_ALGORITHMS = ("sampled", "rsvd")
 #: The linear sites of a transformer block, in forward order: fused QKV, attention output,
 #: fused gate/up (FC1) and down (FC2) projections.
 TRANSFORMER_SITES = ("qkv", "proj", "fc1", "fc2")
@@ -64,7 +67,7 @@ class CompressionConfig:
 
     def __post_init__(self) -> None:
         # Imported here: the registry imports the compressors, which import this module.
-        from actcomp_dist.compression.registry import list_compressors
+        from actcomp_dist.compression.registry import get_compressor_class, list_compressors
 
         if self.method not in list_compressors():
             raise ValueError(
@@ -72,17 +75,22 @@ class CompressionConfig:
                 f"method; registered methods: {list_compressors()}"
             )
         _check_rank(self.rank)
-        _check_choice("projection", self.projection, PROJECTIONS)
         _check_choice("grad_mode", self.grad_mode, GRAD_MODES)
-        _check_choice("lowrank_algorithm", self.lowrank_algorithm, LOWRANK_ALGORITHMS)
+        # Every method's choice-valued options, whichever method is selected: a config is
+        # valid or not as a whole (an ablation variant may switch to another method).
+        methods = [get_compressor_class(name) for name in list_compressors()]
+        for cls in methods:
+            for name, valid in cls.choices.items():
+                _check_choice(name, getattr(self, name), valid)
         _check_int("resample_every", self.resample_every, minimum=1)
         _check_int("seed", self.seed, minimum=0)
         _check_int("groups", self.groups, minimum=1)
         _check_int("power_iterations", self.power_iterations, minimum=0)
         _check_int("row_parallel_blocks", self.row_parallel_blocks, minimum=1)
-        if self.grad_mode == "subspace" and self.method != "compact":
+        if self.grad_mode == "subspace" and not get_compressor_class(self.method).supports_subspace:
+            supporting = " or ".join(repr(cls.name) for cls in methods if cls.supports_subspace)
             raise ValueError(
-                f"CompressionConfig.grad_mode='subspace' needs method='compact' (a fixed, "
+                f"CompressionConfig.grad_mode='subspace' needs method={supporting} (a fixed, "
                 f"seeded basis the optimizer can lift into); got method={self.method!r}"
             )
         if isinstance(self.sites, str) or not all(isinstance(s, str) for s in self.sites):
@@ -112,16 +120,21 @@ class CompressionConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> CompressionConfig:
-        valid = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - valid)
-        if unknown:
-            raise ValueError(
-                f"unknown compression field(s) {unknown}; valid fields: {sorted(valid)}"
-            )
-        values = dict(values)
+        values = known_fields(cls, values, "compression")
         if "sites" in values and isinstance(values["sites"], list):
             values["sites"] = tuple(values["sites"])
         return cls(**values)
+
+
+def known_fields(cls: type, values: dict[str, Any], what: str) -> dict[str, Any]:
+    """A copy of ``values`` after checking that every key is a field of the dataclass ``cls``;
+    an unknown key raises ``ValueError`` listing the valid ones (``what``: how the message
+    names the config, e.g. ``compression``). The ``from_dict`` of each config dataclass."""
+    valid = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - valid)
+    if unknown:
+        raise ValueError(f"unknown {what} field(s) {unknown}; valid fields: {sorted(valid)}")
+    return dict(values)
 
 
 def _check_rank(rank: Any) -> None:

@@ -49,8 +49,9 @@ Without ``efficient_ops`` (the naive block):
 - SwiGLU: ``2 N f e`` (``[gate | up]``) ``+ N f e`` (``silu(gate)``);
 - fc2 input: ``N f e`` (``silu(gate) * up``).
 
-A compressed site saves instead ``N c e`` (``compact``: ``c`` = rank; ``subtoken``: ``c`` =
-groups) and ``lowrank`` also its basis ``n c e``. Only the linear's *input* shrinks: the norms,
+A compressed site saves instead ``N c e`` plus a per-call basis, as its method declares in
+``Compressor.saved_width`` (``compact``: ``c`` = rank; ``subtoken``: ``c`` = groups;
+``lowrank``: ``c`` = rank and its basis ``n c e``; a plugin's method the same way). Only the linear's *input* shrinks: the norms,
 the attention core and the SwiGLU keep what they save, so compressing qkv/fc1/fc2 at r = n/4
 leaves far more than a quarter of a block (see the results section of the README).
 
@@ -79,7 +80,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from actcomp_dist.compression.layout import BlockLayout
+from actcomp_dist.compression import get_compressor_class, layer_layout
 from actcomp_dist.config import CompressionConfig
 
 AC_MODES = ("none", "selective", "full")
@@ -210,30 +211,18 @@ def _site_width(
     site: str, compression: CompressionConfig, width: int, setting: ActivationSetting
 ) -> tuple[int, int]:
     """``(c, basis)``: the per-token width a linear at ``site`` (full input width ``width``)
-    saves on this rank, and the elements of its saved per-call basis."""
-    t = setting.tensor_parallel
-    method = compression.method if site in compression.sites else "none"
-    row = site in _ROW_SITES
-    local_width = width // t if row else width
-    if method == "none":
-        return local_width, 0
-    if method == "compact":
-        layout = (
-            BlockLayout.for_shard(width, compression.row_parallel_blocks, setting.tp_rank, t)
-            if row
-            else BlockLayout(width)
-        )
-        return layout.local_rank(compression.resolve_rank(width)), 0
-    if method == "lowrank":
-        layout = BlockLayout.for_shard(width, t, setting.tp_rank, t) if row else BlockLayout(width)
-        rank = layout.local_rank(compression.resolve_rank(width))
-        return rank, local_width * rank  # L = A Q, and the basis Q [n, k]
-    if method == "subtoken":
-        return local_width // (width // compression.groups), 0
-    raise ValueError(
-        f"the memory model has no formula for compression method {method!r}; add one to "
-        f"actcomp_dist/memory_model.py (_site_width)"
+    saves on this rank, and the elements of its saved per-call basis (the method's own
+    :meth:`~actcomp_dist.compression.Compressor.saved_width`)."""
+    if site not in compression.sites:
+        compression = compression.replace(method="none", grad_mode="lift")
+    layout = layer_layout(
+        compression,
+        width,
+        row_parallel=site in _ROW_SITES,
+        tp_rank=setting.tp_rank,
+        tp_size=setting.tensor_parallel,
     )
+    return tuple(get_compressor_class(compression.method).saved_width(compression, layout))
 
 
 def _site_saved(
@@ -472,7 +461,7 @@ def local_parameter_counts(
         embeddings //= 2
     total = embeddings + model.num_layers * block + h
     weights = proxies = 0
-    if compression.method == "compact" and compression.grad_mode == "subspace":
+    if compression.grad_mode == "subspace":  # only methods that support it get this far
         setting = ActivationSetting(1, 1, tensor_parallel=t)
         for site in compression.sites:
             n, m = widths[site]

@@ -138,7 +138,7 @@ def test_subtoken_groups_must_divide_the_widths(tmp_path, corpus):
         "--out", str(tmp_path / "out"), *corpus,
     )  # fmt: skip
     assert result.returncode == 2
-    assert "7 groups do not divide" in result.stderr
+    assert "CompressionConfig.groups=7 must divide the input width" in result.stderr
 
 
 @pytest.fixture(scope="module")
@@ -219,6 +219,11 @@ def test_ablation_bytes_equal_direct_measurement(single_rank, ablation):
             compression,
             init_seed=train["seed"],
             efficient_ops=resolved["memory"]["efficient_ops"],
+            loss_chunk_tokens=(
+                resolved["memory"]["loss_chunk_tokens"]
+                if resolved["memory"]["efficient_ops"]
+                else None
+            ),
         )
         apply_activation_checkpointing(model, resolved["activation_checkpointing"]["mode"], None)
         tokens = torch.randint(0, config.vocab_size, (b, s))

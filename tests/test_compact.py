@@ -16,8 +16,7 @@ from compression_reference import gaussian_projection, relative_error, saved_ten
 from torch import nn
 
 from actcomp_dist import CompressedLinear, CompressionConfig, CompressionSchedule, projection_seed
-from actcomp_dist.compression.projections import random_projection
-from actcomp_dist.config import PROJECTIONS
+from actcomp_dist.compression.projections import PROJECTIONS, random_projection
 from actcomp_dist.memory import saved_activation_bytes
 
 N_IN, N_OUT = 32, 8

@@ -12,7 +12,7 @@ import torch
 from compression_reference import relative_error, saved_tensors
 
 from actcomp_dist import CompressedLinear, CompressionConfig
-from actcomp_dist.config import LOWRANK_ALGORITHMS
+from actcomp_dist.compression.lowrank import LOWRANK_ALGORITHMS
 from actcomp_dist.memory import saved_activation_bytes
 
 N_TOKENS, N_IN, N_OUT = 96, 32, 16

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from actcomp_dist import CompressionConfig
+from actcomp_dist import CompressionConfig, list_compressors
 from actcomp_dist.ablation.measure import measure_model_forward
 from actcomp_dist.memory_model import (
     ActivationSetting,
@@ -98,6 +98,11 @@ def _assert_prediction_matches(measured, predicted):
     assert nonzero == {k: v for k, v in measured.by_kind.items() if v}
     assert predicted.per_layer == measured.per_layer
     assert predicted.total == measured.total
+
+
+def test_every_registered_method_has_a_variant():
+    """A new method joins the byte-exact comparison below by adding a row to VARIANTS."""
+    assert set(list_compressors()) <= {method for method, *_ in VARIANTS.values()}
 
 
 EFFICIENT_OPS = pytest.mark.parametrize("efficient_ops", [True, False], ids=["efficient", "naive"])

@@ -16,7 +16,8 @@ from compression_reference import saved_tensors
 from torch import nn
 
 from actcomp_dist import CompressedLinear, CompressionConfig, list_compressors
-from actcomp_dist.config import LOWRANK_ALGORITHMS, PROJECTIONS
+from actcomp_dist.compression import get_compressor_class
+from actcomp_dist.memory import saved_activation_bytes
 
 IN_FEATURES, OUT_FEATURES = 32, 24
 DTYPES = [torch.float32, torch.bfloat16]
@@ -25,15 +26,13 @@ INPUT_SHAPES = [(64, IN_FEATURES), (4, 16, IN_FEATURES)]
 
 
 def _method_configs() -> list[pytest.param]:
-    """One config per method, and per variant where a method has kinds (projections,
-    algorithms). rank=0.5 and groups=4 compress every built-in method to half the width."""
+    """One config per method, and per value of each choice-valued option it declares
+    (projections, algorithms). rank=0.5 and groups=4 compress every built-in method to a
+    fraction of the width."""
     out = []
     for method in list_compressors():
-        variants: list[dict] = [{}]
-        if method == "compact":
-            variants = [{"projection": p} for p in PROJECTIONS]
-        elif method == "lowrank":
-            variants = [{"lowrank_algorithm": a} for a in LOWRANK_ALGORITHMS]
+        choices = get_compressor_class(method).choices
+        variants = [{name: v} for name, values in choices.items() for v in values] or [{}]
         for extra in variants:
             cfg = CompressionConfig(method=method, rank=0.5, groups=4, seed=7, **extra)
             out.append(pytest.param(cfg, id="-".join([method, *map(str, extra.values())])))
@@ -204,3 +203,34 @@ def test_no_grad_and_frozen_weight_match_nn_linear(cfg):
     out, dx = _run(layer, x, grad_out)
     assert torch.equal(out, out_ref) and torch.equal(dx, dx_ref)
     assert torch.equal(layer.bias.grad, reference.bias.grad)
+
+
+@pytest.mark.parametrize("cfg", METHOD_CONFIGS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_declared_saved_width_is_what_the_layer_saves(cfg, dtype):
+    """``saved_width`` (what the memory model predicts from) is, to the byte, what the layer
+    keeps: ``N * per_token + basis`` elements of the compute dtype."""
+    _, layer = _pair(cfg, dtype)
+    x, _ = _inputs(INPUT_SHAPES[1], dtype)
+    x.requires_grad_()
+    layer(x)  # data-dependent set-up first, as in training
+    declared = get_compressor_class(cfg.method).saved_width(cfg, layer.compressor.layout)
+    assert declared.per_token == layer.compressor.compressed_width
+    n_tokens = x.numel() // IN_FEATURES
+    itemsize = torch.finfo(dtype).bits // 8
+    expected = (n_tokens * declared.per_token + declared.basis) * itemsize
+    assert saved_activation_bytes(lambda: layer(x).sum()) == expected
+
+
+@pytest.mark.parametrize("method", list_compressors())
+def test_declared_options_are_config_fields(method):
+    """What a method declares names real ``CompressionConfig`` fields, and its ablation option
+    is one it reads; every declared choice is accepted by the config."""
+    cls = get_compressor_class(method)
+    fields = set(CompressionConfig().to_dict())
+    assert set(cls.options) <= fields
+    assert set(cls.choices) <= set(cls.options)
+    assert cls.ablation_option is None or cls.ablation_option in cls.options
+    for option, values in cls.choices.items():
+        for value in values:
+            assert getattr(CompressionConfig(method=method, **{option: value}), option) == value

@@ -571,13 +571,19 @@ def test_launcher_trains_the_tiny_config(launched_run):
     assert f"step     {LAUNCHED_STEPS} | loss " in output
     # The start-up report: measured bytes equal the analytic prediction, and the same batch
     # run uncompressed saves more.
+    measured, predicted, uncompressed = startup_saved_bytes(output)
+    assert measured == predicted != uncompressed
+
+
+def startup_saved_bytes(output: str) -> tuple[str, str, str]:
+    """The start-up report's saved bytes per micro-batch: measured, predicted, uncompressed."""
     match = re.search(
         r"saved activations per micro-batch \(per rank\): measured (.+?), predicted (.+?); "
         r"uncompressed (.+?) -> compression (saves|adds)",
         output,
     )
     assert match, output[-3000:]
-    assert match.group(1) == match.group(2) != match.group(3)
+    return match.group(1), match.group(2), match.group(3)
 
 
 def _rank_pid(launcher: subprocess.Popen, rank: int, timeout: float = 120) -> int:

@@ -10,9 +10,10 @@ r"""Compare compressed activations with activation checkpointing: memory, speed 
 
 Variants (comma-separated): ``none``, ``ac_selective``, ``ac_full``, or ``METHOD:ARG`` with an
 optional ``+ac_selective`` / ``+ac_full``: ``compact:RANK``, ``lowrank:RANK`` (RANK a ratio of
-the input width such as 0.25, or an absolute rank such as 64) and ``subtoken:GROUPS``. A
-variant changes only the compression method and rank/groups and the checkpointing mode of the
-config; see actcomp_dist/ablation/variants.py for the full grammar.
+the input width such as 0.25, or an absolute rank such as 64) and ``subtoken:GROUPS``, and the methods of ``--plugin MODULE`` (repeatable; added to the config's
+``plugins`` list, so every run imports it). A variant changes only the compression method and
+its option (rank, groups, ...) and the checkpointing mode of the config; see
+actcomp_dist/ablation/variants.py for the full grammar.
 
 Every variant trains the same model on the same data from the same initialisation with the real
 training code (``Trainer``; ``--nproc N`` runs it on N ranks with the ``deepspeed`` launcher),
@@ -30,7 +31,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from actcomp_dist.training.cli import add_override_argument
+from actcomp_dist.training.cli import add_override_argument, add_plugin_argument
 
 DEFAULT_VARIANTS = (
     "none,ac_selective,ac_full,compact:0.5,compact:0.25,compact:0.125,compact:0.25+ac_full,"
@@ -53,6 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=100, help="optimizer steps per run")
     parser.add_argument("--out", required=True, help="output directory")
     add_override_argument(parser)
+    add_plugin_argument(parser)
     parser.add_argument("--nproc", type=int, default=1, help="ranks per run (deepspeed launcher)")
     parser.add_argument("--repeats", type=int, default=1, help="runs per variant, for the spread")
     parser.add_argument(
@@ -80,11 +82,19 @@ def main(argv: list[str] | None = None) -> int:
         run_ablation,
     )
     from actcomp_dist.ablation.report import summary_lines, write_report
-    from actcomp_dist.training.config import ConfigError
+    from actcomp_dist.training.config import (
+        ConfigError,
+        import_plugins,
+        read_raw_config,
+        with_plugins,
+    )
 
     command = "python tools/ablate.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     out = Path(args.out)
     try:
+        # Plugins first: the variants may name the methods they register.
+        raw = with_plugins(read_raw_config(args.config, args.overrides), args.plugins)
+        import_plugins(raw.get("plugins", []), f"{args.config}: plugins")
         variants = parse_variants(args.variants)
         if args.report_only:
             records = json.loads((out / "records.json").read_text())
@@ -100,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                 steps=args.steps,
                 out=out,
                 overrides=args.overrides,
+                plugins=args.plugins,
                 nproc=args.nproc,
                 repeats=args.repeats,
                 warmup_steps=args.warmup_steps,

@@ -9,7 +9,9 @@ r"""Predict per-GPU memory for a run config on a cluster, and the largest micro-
 
 Rows are variants in the grammar of tools/ablate.py (``none``, ``ac_selective``, ``ac_full``,
 ``METHOD:ARG[+ac_...]``, and ``naive`` / ``...+naive`` for the naive block that keeps what plain
-autograd keeps; every other row is the memory-efficient block), columns sequence lengths. For each: saved activations per micro-batch
+autograd keeps; every other row is the memory-efficient block), columns sequence lengths;
+``--plugin MODULE`` imports a module that registers more methods (README, "Adding a
+compression method"). For each: saved activations per micro-batch
 (exact per-layer formulas, validated byte for byte against the real model in
 tests/test_memory_plan.py), the predicted peak per GPU (model states under the config's ZeRO
 stage and precision + saved activations + a transient estimate + ``--reserve``), whether it
@@ -26,7 +28,7 @@ import re
 import sys
 from pathlib import Path
 
-from actcomp_dist.training.cli import add_override_argument
+from actcomp_dist.training.cli import add_override_argument, add_plugin_argument
 
 DEFAULT_VARIANTS = (
     "naive,none,ac_selective,ac_full,compact:0.5,compact:0.25,compact:0.125,"
@@ -76,6 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--config", required=True, help="JSON run config (see configs/)")
     add_override_argument(parser)
+    add_plugin_argument(parser)
     parser.add_argument("--gpus", type=int, default=1, help="GPUs in the job (default 1)")
     parser.add_argument("--gpu-memory", default="80GB", help="memory per GPU (default 80GB)")
     parser.add_argument("--variants", default=DEFAULT_VARIANTS, help="rows (ablate grammar)")
@@ -129,15 +132,22 @@ def main(argv: list[str] | None = None) -> int:
         predict_model_states,
     )
     from actcomp_dist.models import check_tensor_parallel, get_model_config
-    from actcomp_dist.training.config import ConfigError, load_run_config
+    from actcomp_dist.training.config import (
+        ConfigError,
+        read_raw_config,
+        run_config_from_dict,
+        with_plugins,
+    )
     from actcomp_dist.training.trainer import padded_vocab_size
 
     try:
         gpu_memory = parse_size(args.gpu_memory, "--gpu-memory")
         reserve = parse_size(args.reserve, "--reserve")
         seq_lengths = _int_list(args.seq_lengths, "--seq-lengths")
+        # The config first: it imports the plugins, whose methods the variants may name.
+        raw = with_plugins(read_raw_config(args.config, args.overrides), args.plugins)
+        config = run_config_from_dict(raw, source=args.config)
         variants = parse_variants(args.variants)
-        config = load_run_config(args.config, args.overrides)
         if args.gpus < 1:
             raise ValueError(f"--gpus {args.gpus} must be >= 1")
         tp = config.parallel.tensor_parallel

@@ -41,6 +41,7 @@ from actcomp_dist.training.config import (
     read_raw_config,
     run_config_from_dict,
     validate_run,
+    with_plugins,
 )
 from actcomp_dist.training.metrics import format_bytes
 
@@ -68,6 +69,7 @@ class AblationPlan:
     steps: int
     out: Path
     overrides: list[str] = field(default_factory=list)
+    plugins: list[str] = field(default_factory=list)  # --plugin: added to the config's list
     nproc: int = 1
     repeats: int = 1
     warmup_steps: int | None = None
@@ -87,7 +89,7 @@ class AblationPlan:
 
 
 def load_base_raw(plan: AblationPlan) -> dict[str, Any]:
-    raw = read_raw_config(plan.config_path, plan.overrides)
+    raw = with_plugins(read_raw_config(plan.config_path, plan.overrides), plan.plugins)
     run_config_from_dict(raw, source=str(plan.config_path))  # the base itself must be valid
     return raw
 

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from actcomp_dist.config import TRANSFORMER_SITES, CompressionConfig
+from actcomp_dist.config import TRANSFORMER_SITES, CompressionConfig, known_fields
 
 
 @dataclass(frozen=True)
@@ -110,11 +110,7 @@ class AdapterConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> AdapterConfig:
-        valid = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - valid)
-        if unknown:
-            raise ValueError(f"unknown adapter field(s) {unknown}; valid fields: {sorted(valid)}")
-        values = dict(values)
+        values = known_fields(cls, values, "adapter")
         if isinstance(values.get("targets"), list):
             values["targets"] = tuple(values["targets"])
         return cls(**values)

@@ -19,7 +19,7 @@ from torch import nn
 
 from actcomp_dist.adapters.base import ROW, LowRankAdapter, generate_A
 from actcomp_dist.adapters.registry import register_adapter
-from actcomp_dist.compression import BlockLayout, build_compressor
+from actcomp_dist.compression import build_compressor, layer_layout
 from actcomp_dist.config import CompressionConfig
 from actcomp_dist.seeds import CompressionSchedule
 
@@ -36,19 +36,13 @@ class LoRAAdapter(LowRankAdapter):
         self.compression = config.input_compression or CompressionConfig()
         self.subspace = False
         self.schedule = schedule or CompressionSchedule(self.compression.resample_every)
-        if geometry.mode == ROW and self.compression.method == "compact":
-            layout = BlockLayout.for_shard(
-                geometry.in_features,
-                self.compression.row_parallel_blocks,
-                geometry.tp_rank,
-                geometry.tp_size,
-            )
-        elif geometry.mode == ROW:
-            layout = BlockLayout.for_shard(
-                geometry.in_features, geometry.tp_size, geometry.tp_rank, geometry.tp_size
-            )
-        else:
-            layout = BlockLayout(geometry.in_features)
+        layout = layer_layout(
+            self.compression,
+            geometry.in_features,
+            row_parallel=geometry.mode == ROW,
+            tp_rank=geometry.tp_rank,
+            tp_size=geometry.tp_size,
+        )
         self.compressor = build_compressor(
             self.compression, layout, layer_id, "adapter/" + site, self.schedule
         ).to(self.A.device)

@@ -4,32 +4,24 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from actcomp_dist.registry import Registry
+
 if TYPE_CHECKING:
     from actcomp_dist.adapters.base import LowRankAdapter
 
-_REGISTRY: dict[str, type[LowRankAdapter]] = {}
+ADAPTERS: Registry[type[LowRankAdapter]] = Registry("adapter method", attribute="method")
 
 
 def register_adapter(name: str):
     """Class decorator that registers a :class:`LowRankAdapter` subclass under ``name``."""
-
-    def decorate(cls):
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"adapter {name!r} is already registered by {_REGISTRY[name]}")
-        cls.method = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return decorate
+    return ADAPTERS.register(name)
 
 
 def get_adapter_class(name: str):
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown adapter method {name!r}; registered: {list_adapter_methods()}")
-    return _REGISTRY[name]
+    return ADAPTERS.get(name)
 
 
 def list_adapter_methods() -> list[str]:
     """Names of the registered adapter methods, sorted (importing ``actcomp_dist.adapters``
     registers the built-in ones)."""
-    return sorted(_REGISTRY)
+    return ADAPTERS.names()

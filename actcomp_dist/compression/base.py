@@ -26,12 +26,28 @@ data parallelism ``subspace`` mode all-reduces ``G_hat`` (m x c) instead of ``dW
 Compressors are ``nn.Module``\\ s only so that state that belongs to the model (sub-token
 vectors) lands in its state dict; they hold no parameters and run no collectives themselves
 (``all_reduce`` callables are passed in by the parallel layers).
+
+**What a method declares.** The rest of the system never compares method names; it asks the
+method's class (class attributes and classmethods, answerable before any layer exists):
+
+=========================  ===============================================================
+``options``                the ``CompressionConfig`` fields the method reads
+``choices``                valid values of its choice-valued options (validated by the config)
+``supports_subspace``      ``grad_mode="subspace"`` is allowed (a fixed, seeded basis)
+``basis_is_shared``        every rank lifts with the same basis (TP-invariant weight gradient)
+``saved_width``            per-token width and basis elements saved for a layout (the memory
+                           model and the layer use this one formula)
+``row_parallel_layout``    the blocks of a row-parallel (feature-sharded) layer
+``ablation_option``        the option ``METHOD:ARG`` sets in the ablation grammar, parsed by
+                           ``parse_ablation_argument``
+=========================  ===============================================================
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import nn
@@ -41,6 +57,13 @@ from actcomp_dist.config import CompressionConfig
 from actcomp_dist.seeds import CompressionSchedule
 
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+class SavedWidth(NamedTuple):
+    """What one compressed linear keeps for backward, in elements of the compute dtype."""
+
+    per_token: int  # c: the width of the token tensor T [N, c]
+    basis: int = 0  # elements of the per-call basis saved beside it (independent of N)
 
 
 @dataclass
@@ -56,11 +79,21 @@ class Compressor(nn.Module):
     """Base class; subclasses register with ``@register_compressor(name)``."""
 
     name: str = ""
+    #: The ``CompressionConfig`` fields this method reads, besides the ones every method
+    #: shares (``method``, ``grad_mode``, ``seed``, ``resample_every``, ``sites``).
+    options: ClassVar[tuple[str, ...]] = ()
+    #: Choice-valued options and their valid values. ``CompressionConfig`` checks these for
+    #: every registered method, whatever the selected one (an ablation may switch methods).
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {}
     #: The lift of every rank uses the same basis, so token-gathered ``T`` can be lifted at
-    #: once (false for methods whose basis is computed from each rank's own data).
-    basis_is_shared: bool = True
+    #: once and the weight gradient is the same at every TP size (false for methods whose
+    #: basis is computed from each rank's own data).
+    basis_is_shared: ClassVar[bool] = True
     #: The compressed gradient lives in a fixed, seeded subspace an optimizer can update in.
-    supports_subspace: bool = False
+    supports_subspace: ClassVar[bool] = False
+    #: The option ``METHOD:ARG`` of the ablation grammar sets (``None``: the method takes no
+    #: argument and is spelled ``METHOD`` alone).
+    ablation_option: ClassVar[str | None] = None
 
     def __init__(
         self,
@@ -79,12 +112,39 @@ class Compressor(nn.Module):
                 f"CompressionSchedule has resample_every={schedule.resample_every}; build the "
                 f"schedule as CompressionSchedule(config.resample_every)"
             )
+        try:
+            self.saved_width(config, layout)  # the shape checks, before anything is built
+        except ValueError as err:
+            raise ValueError(f"layer {layer_id} site {site!r}: {err}") from None
         self.config = config
         self.layout = layout
         self.in_features = layout.local_width
         self.layer_id = layer_id
         self.site = site
         self.schedule = schedule
+
+    @classmethod
+    def saved_width(cls, config: CompressionConfig, layout: BlockLayout) -> SavedWidth:
+        """What a layer of ``layout`` keeps per token and in its basis; raises ``ValueError``
+        naming the field when ``config`` does not fit the layer's width. The layer and the
+        analytic memory model both use this, so prediction and measurement cannot drift."""
+        raise NotImplementedError(f"{cls.__name__} does not declare saved_width")
+
+    @classmethod
+    def row_parallel_layout(
+        cls, config: CompressionConfig, width: int, tp_rank: int, tp_size: int
+    ) -> BlockLayout:
+        """The layout of a row-parallel layer whose ``width`` input features are sharded over
+        ``tp_size`` ranks. Default: one block per rank (the rank's own shard); a method whose
+        basis should not depend on the TP size uses ``config.row_parallel_blocks`` canonical
+        blocks instead (``compact``)."""
+        return BlockLayout.for_shard(width, tp_size, tp_rank, tp_size)
+
+    @classmethod
+    def parse_ablation_argument(cls, text: str) -> Any:
+        """``ARG`` of the ablation's ``METHOD:ARG`` -> the value of :attr:`ablation_option`;
+        raises ``ValueError`` saying what would be valid."""
+        raise ValueError(f"{cls.name} takes no argument; write {cls.name!r} alone")
 
     @property
     def is_identity(self) -> bool:
@@ -94,7 +154,7 @@ class Compressor(nn.Module):
     @property
     def compressed_width(self) -> int:
         """``c``: the width of the saved token tensor for this (local) layer."""
-        raise NotImplementedError
+        return self.saved_width(self.config, self.layout).per_token
 
     def maybe_initialize(self, x2d: torch.Tensor, all_reduce: AllReduce | None = None) -> None:
         """One-time data-dependent set-up from the first training batch (default: none)."""
@@ -111,3 +171,15 @@ class Compressor(nn.Module):
 
     def extra_repr(self) -> str:
         return f"layer_id={self.layer_id}, site={self.site!r}, in_features={self.in_features}"
+
+
+def parse_rank_argument(text: str) -> float | int:
+    """A rank as the ablation grammar writes it: a ratio of the input width with a decimal
+    point (``0.25``) or an absolute rank without one (``64``)."""
+    try:
+        return float(text) if "." in text or "e" in text else int(text)
+    except ValueError:
+        raise ValueError(
+            f"the rank {text!r} is not a number; use a ratio of the input width such as 0.25 "
+            f"or an absolute rank such as 64"
+        ) from None

@@ -18,32 +18,50 @@ from __future__ import annotations
 
 import torch
 
-from actcomp_dist.compression.base import Compressed, Compressor
-from actcomp_dist.compression.projections import random_projection
+from actcomp_dist.compression.base import (
+    Compressed,
+    Compressor,
+    SavedWidth,
+    parse_rank_argument,
+)
+from actcomp_dist.compression.layout import BlockLayout
+from actcomp_dist.compression.projections import PROJECTIONS, random_projection
 from actcomp_dist.compression.registry import register_compressor
 from actcomp_dist.seeds import projection_seed
 
 
 @register_compressor("compact")
 class CompactCompressor(Compressor):
+    options = ("rank", "projection", "row_parallel_blocks", "cache_projection")
+    choices = {"projection": PROJECTIONS}
     supports_subspace = True
+    ablation_option = "rank"
 
     def __init__(self, config, layout, layer_id, site, schedule) -> None:
         super().__init__(config, layout, layer_id, site, schedule)
         self.rank = config.resolve_rank(layout.total_width)
-        self._local_rank = layout.local_rank(self.rank)
-        if any(layout.block_rank(b, self.rank) < 1 for b in layout.blocks):
-            raise ValueError(
-                f"compact rank {self.rank} of layer {layer_id} site {site!r} is smaller than its "
-                f"{layout.num_blocks} projection blocks; raise the rank or lower "
-                f"row_parallel_blocks"
-            )
         self._cache_key: tuple | None = None
         self._cache: torch.Tensor | None = None
 
-    @property
-    def compressed_width(self) -> int:
-        return self._local_rank
+    @classmethod
+    def saved_width(cls, config, layout) -> SavedWidth:
+        rank = config.resolve_rank(layout.total_width)
+        if any(layout.block_rank(b, rank) < 1 for b in layout.blocks):
+            raise ValueError(
+                f"compact rank {rank} of an input of width {layout.total_width} is smaller "
+                f"than its {layout.num_blocks} projection blocks; raise CompressionConfig.rank "
+                f"or lower CompressionConfig.row_parallel_blocks"
+            )
+        return SavedWidth(layout.local_rank(rank))  # Z = X P; P is rebuilt from the seeds
+
+    @classmethod
+    def row_parallel_layout(cls, config, width, tp_rank, tp_size) -> BlockLayout:
+        # K canonical blocks whatever the TP size: the same projection at TP = 1, 2, 4, 8.
+        return BlockLayout.for_shard(width, config.row_parallel_blocks, tp_rank, tp_size)
+
+    @classmethod
+    def parse_ablation_argument(cls, text: str) -> float | int:
+        return parse_rank_argument(text)
 
     def current_seeds(self) -> tuple[int, ...]:
         epoch = self.schedule.epoch

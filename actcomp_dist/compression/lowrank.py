@@ -19,23 +19,38 @@ from __future__ import annotations
 
 import torch
 
-from actcomp_dist.compression.base import Compressed, Compressor
+from actcomp_dist.compression.base import (
+    Compressed,
+    Compressor,
+    SavedWidth,
+    parse_rank_argument,
+)
 from actcomp_dist.compression.registry import register_compressor
 from actcomp_dist.seeds import projection_seed, seeded_generator
+
+LOWRANK_ALGORITHMS = ("sampled", "rsvd")
 
 
 @register_compressor("lowrank")
 class LowRankCompressor(Compressor):
+    options = ("rank", "lowrank_algorithm", "power_iterations")
+    choices = {"lowrank_algorithm": LOWRANK_ALGORITHMS}
     basis_is_shared = False
+    ablation_option = "rank"
 
     def __init__(self, config, layout, layer_id, site, schedule) -> None:
         super().__init__(config, layout, layer_id, site, schedule)
-        # A sharded layer keeps its share of the rank, so TP does not multiply the bytes.
-        self.rank = layout.local_rank(config.resolve_rank(layout.total_width))
+        self.rank = self.saved_width(config, layout).per_token
 
-    @property
-    def compressed_width(self) -> int:
-        return self.rank
+    @classmethod
+    def saved_width(cls, config, layout) -> SavedWidth:
+        # A sharded layer keeps its share of the rank, so TP does not multiply the bytes.
+        rank = layout.local_rank(config.resolve_rank(layout.total_width))
+        return SavedWidth(rank, layout.local_width * rank)  # L = A Q [N, k], and Q [n, k]
+
+    @classmethod
+    def parse_ablation_argument(cls, text: str) -> float | int:
+        return parse_rank_argument(text)
 
     def compress(self, x2d: torch.Tensor) -> Compressed:
         cfg = self.config

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from actcomp_dist.compression.base import Compressed, Compressor
+from actcomp_dist.compression.base import Compressed, Compressor, SavedWidth
 from actcomp_dist.compression.registry import register_compressor
 
 
@@ -16,9 +16,9 @@ class NoCompression(Compressor):
     def is_identity(self) -> bool:
         return True
 
-    @property
-    def compressed_width(self) -> int:
-        return self.in_features
+    @classmethod
+    def saved_width(cls, config, layout) -> SavedWidth:
+        return SavedWidth(layout.local_width)
 
     def compress(self, x2d: torch.Tensor) -> Compressed:
         return Compressed(tokens=x2d)

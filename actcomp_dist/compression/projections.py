@@ -22,6 +22,8 @@ import torch
 
 from actcomp_dist.seeds import seeded_generator
 
+PROJECTIONS = ("gaussian", "rademacher", "sparse")
+
 
 def random_projection(
     kind: str, rows: int, cols: int, seed: int, device: torch.device, dtype: torch.dtype

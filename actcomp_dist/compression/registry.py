@@ -1,40 +1,31 @@
-"""The compressor registry: a method is one file in this package plus one decorator line.
+"""The compressor registry: ``@register_compressor("name")`` beside the class.
 
-``@register_compressor("name")`` beside the class; configs refer to methods by name, and an
-unknown name raises ``ValueError`` listing what is registered.
+Configs refer to methods by name, and an unknown name raises ``ValueError`` listing what is
+registered. Built-in methods register when ``actcomp_dist.compression`` is imported; a plugin
+module registers its own when the run config's ``plugins`` list imports it.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from actcomp_dist.registry import Registry
+
 if TYPE_CHECKING:
     from actcomp_dist.compression.base import Compressor
 
-_REGISTRY: dict[str, type[Compressor]] = {}
+COMPRESSORS: Registry[type[Compressor]] = Registry("compression method", attribute="name")
 
 
 def register_compressor(name: str):
     """Class decorator that registers a :class:`Compressor` subclass under ``name``."""
-
-    def decorate(cls: type[Compressor]) -> type[Compressor]:
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"compressor {name!r} is already registered by {_REGISTRY[name]}")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return decorate
+    return COMPRESSORS.register(name)
 
 
 def get_compressor_class(name: str) -> type[Compressor]:
-    if name not in _REGISTRY:
-        raise ValueError(
-            f"unknown compression method {name!r}; registered methods: {list_compressors()}"
-        )
-    return _REGISTRY[name]
+    return COMPRESSORS.get(name)
 
 
 def list_compressors() -> list[str]:
     """Names of the registered compression methods, sorted."""
-    return sorted(_REGISTRY)
+    return COMPRESSORS.names()

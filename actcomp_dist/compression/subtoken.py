@@ -13,35 +13,49 @@ so all ranks hold the same ``v``.
 
 from __future__ import annotations
 
+import re
+
 import torch
 
-from actcomp_dist.compression.base import AllReduce, Compressed, Compressor
+from actcomp_dist.compression.base import AllReduce, Compressed, Compressor, SavedWidth
 from actcomp_dist.compression.registry import register_compressor
 
 
 @register_compressor("subtoken")
 class SubTokenCompressor(Compressor):
+    options = ("groups",)
+    ablation_option = "groups"
+
     def __init__(self, config, layout, layer_id, site, schedule) -> None:
         super().__init__(config, layout, layer_id, site, schedule)
-        groups, width = config.groups, layout.total_width
-        if width % groups != 0:
-            raise ValueError(
-                f"CompressionConfig.groups={groups} must divide the input width {width} of layer "
-                f"{layer_id} site {site!r}"
-            )
-        self.group_width = width // groups
-        if self.in_features % self.group_width != 0:
-            raise ValueError(
-                f"the local input width {self.in_features} of layer {layer_id} site {site!r} does "
-                f"not hold whole sub-tokens of width {self.group_width}"
-            )
-        self.local_groups = self.in_features // self.group_width
+        self.group_width = layout.total_width // config.groups
+        self.local_groups = self.saved_width(config, layout).per_token
         self.register_buffer("subtoken_vector", torch.zeros(self.group_width))
         self.register_buffer("subtoken_initialized", torch.zeros((), dtype=torch.bool))
 
-    @property
-    def compressed_width(self) -> int:
-        return self.local_groups
+    @classmethod
+    def saved_width(cls, config, layout) -> SavedWidth:
+        groups, width = config.groups, layout.total_width
+        if width % groups != 0:
+            raise ValueError(
+                f"CompressionConfig.groups={groups} must divide the input width {width}"
+            )
+        group_width = width // groups
+        if layout.local_width % group_width != 0:
+            raise ValueError(
+                f"the local input width {layout.local_width} does not hold whole sub-tokens of "
+                f"width {group_width}"
+            )
+        return SavedWidth(layout.local_width // group_width)  # one scalar per sub-token
+
+    @classmethod
+    def parse_ablation_argument(cls, text: str) -> int:
+        if not re.fullmatch(r"[0-9]+", text) or int(text) < 1:
+            raise ValueError(
+                f"subtoken takes the number of sub-token groups, a positive int such as 32, "
+                f"not {text!r}"
+            )
+        return int(text)
 
     @torch.no_grad()
     def maybe_initialize(self, x2d: torch.Tensor, all_reduce: AllReduce | None = None) -> None:

@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 
+from actcomp_dist.config import known_fields
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -132,11 +134,7 @@ class LlamaConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> LlamaConfig:
-        valid = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - valid)
-        if unknown:
-            raise ValueError(f"unknown model field(s) {unknown}; valid fields: {sorted(valid)}")
-        return cls(**values)
+        return cls(**known_fields(cls, values, "model"))
 
 
 def _check_positive_int(name: str, value: Any) -> None:

@@ -35,7 +35,7 @@ import torch.distributed as dist
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
 from actcomp_dist.autograd import accumulate_compressed_grad, recompute_in_backward
-from actcomp_dist.compression import BlockLayout, build_compressor
+from actcomp_dist.compression import BlockLayout, build_compressor, layer_layout
 from actcomp_dist.compression.base import Compressor
 from actcomp_dist.config import CompressionConfig
 from actcomp_dist.layers import mark_subspace_parameter
@@ -281,8 +281,9 @@ class CompressedColumnParallelLinear(_CompressedParallelMixin, ColumnParallelLin
 class CompressedRowParallelLinear(_CompressedParallelMixin, RowParallelLinear):
     """Megatron ``RowParallelLinear`` whose weight gradient uses a compressed input.
 
-    The projection is block-diagonal over ``compression.row_parallel_blocks`` canonical blocks
-    (K); the TP size must divide K. Same constructor as Megatron's plus ``compression``,
+    The layout of the sharded input is the method's ``row_parallel_layout`` (``compact``: a
+    projection block-diagonal over ``compression.row_parallel_blocks`` canonical blocks K; the
+    TP size must divide K). Same constructor as Megatron's plus ``compression``,
     ``layer_id``, ``site`` and ``schedule``. Requires ``input_is_parallel=True``.
     """
 
@@ -305,10 +306,8 @@ class CompressedRowParallelLinear(_CompressedParallelMixin, RowParallelLinear):
         compression = compression or CompressionConfig()
         tp_size = dist.get_world_size(self.tp_group)
         tp_rank = dist.get_rank(self.tp_group)
-        layout = (
-            BlockLayout.for_shard(input_size, compression.row_parallel_blocks, tp_rank, tp_size)
-            if compression.method == "compact"
-            else BlockLayout.for_shard(input_size, tp_size, tp_rank, tp_size)
+        layout = layer_layout(
+            compression, input_size, row_parallel=True, tp_rank=tp_rank, tp_size=tp_size
         )
         self._setup_compression(compression, layer_id, site, schedule, layout)
 

@@ -27,6 +27,21 @@ def add_override_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_plugin_argument(parser: argparse.ArgumentParser) -> None:
+    """``--plugin MODULE`` (repeatable): added to the config's ``plugins`` list, the same in
+    every tool that reads a run config and a variant list (modules are imported before either
+    is checked, and the runs a tool starts import them too)."""
+    parser.add_argument(
+        "--plugin",
+        dest="plugins",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import MODULE (on PYTHONPATH) before reading the config and the variants, e.g. "
+        "a module that registers a compression method; added to the config's plugins list",
+    )
+
+
 def parse_args(
     argv: list[str] | None = None, description: str = PRETRAIN_DESCRIPTION
 ) -> argparse.Namespace:

@@ -1,8 +1,10 @@
 """Typed run configuration: JSON file + ``--set key.path=value`` overrides.
 
 A run config has typed sections (``model``, ``compression``, ``parallel``,
-``activation_checkpointing``, ``memory``, ``data``, ``train``, ``checkpoint``, ``logging``), a top-level
-``run_dir``, and a ``deepspeed`` section handed to DeepSpeed untouched (it validates its own).
+``activation_checkpointing``, ``memory``, ``data``, ``train``, ``checkpoint``, ``logging``), a
+top-level ``run_dir``, a top-level ``plugins`` list (modules imported before anything is
+validated, so a compression method they register can be named in the config), and a
+``deepspeed`` section handed to DeepSpeed untouched (it validates its own).
 Every section is a dataclass that validates its own fields; :func:`validate_run` checks the rules
 that span sections and the world size. All of it runs before any process group or collective
 exists, so a bad config gives the same clear message on every rank and nothing hangs.
@@ -13,6 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import importlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -214,6 +217,7 @@ class LoggingSection:
 @dataclass
 class RunConfig:
     run_dir: str = "runs/default"
+    plugins: list[str] = field(default_factory=list)
     model: ModelSection = field(default_factory=ModelSection)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     parallel: ParallelSection = field(default_factory=ParallelSection)
@@ -309,6 +313,8 @@ def run_config_from_dict(
     if unknown:
         raise ConfigError(f"{source}: unknown key(s) {unknown}; valid keys: {sorted(valid_top)}")
     kwargs: dict[str, Any] = {}
+    if "plugins" in raw:
+        kwargs["plugins"] = import_plugins(raw["plugins"], f"{source}: plugins")
     if "run_dir" in raw:
         if not isinstance(raw["run_dir"], str) or not raw["run_dir"]:
             raise ConfigError(f"{source}: run_dir must be a non-empty path string")
@@ -336,6 +342,40 @@ def run_config_from_dict(
             except ConfigError as err:
                 raise ConfigError(f"{source}: {err}") from None
     return config
+
+
+def import_plugins(plugins: Any, where: str = "plugins") -> list[str]:
+    """Import each module named in ``plugins`` (a list of module names) and return the list.
+
+    A plugin registers what it defines when imported (``@register_compressor``), so this runs
+    before any compression config is validated; it runs on every rank, before any collective,
+    and a module that cannot be imported is a :class:`ConfigError` naming it (``where`` says
+    which key or option listed it).
+    """
+    if not isinstance(plugins, list) or not all(isinstance(p, str) and p for p in plugins):
+        raise ConfigError(f"{where} must be a list of module names, got {plugins!r}")
+    for name in plugins:
+        try:
+            importlib.import_module(name)
+        except Exception as err:  # noqa: BLE001  (any import failure is the user's module's)
+            reason = str(err).splitlines()[0] if str(err) else ""
+            raise ConfigError(
+                f"{where}: cannot import module {name!r} ({type(err).__name__}: {reason}); a "
+                f"plugin is a module importable on every rank (on PYTHONPATH) that registers "
+                f"its methods with @register_compressor when imported"
+            ) from None
+    return list(plugins)
+
+
+def with_plugins(raw: dict[str, Any], plugins: list[str]) -> dict[str, Any]:
+    """A copy of ``raw`` whose ``plugins`` list also names ``plugins`` (``--plugin``)."""
+    raw = copy.deepcopy(raw)
+    listed = raw.get("plugins", [])
+    if plugins:
+        if not isinstance(listed, list):
+            raise ConfigError(f"plugins must be a list of module names, got {listed!r}")
+        raw["plugins"] = listed + [p for p in plugins if p not in listed]
+    return raw
 
 
 def read_raw_config(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
