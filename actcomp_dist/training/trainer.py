@@ -10,8 +10,10 @@ Order of set-up (each step needs the previous one):
 4. data: the embedded corpus or the configured indexed datasets, the resumable loader;
 5. model (tensor-parallel LLaMA with compressed layers), then activation checkpointing;
 6. DeepSpeed engine (ZeRO, precision, AdamW, LR schedule, clipping);
-7. resume state; then the loop: micro-batches -> one optimizer step -> subspace merge ->
-   advance the compression schedule -> log / evaluate / checkpoint / preemption check.
+7. resume state; then the loop: micro-batches -> one optimizer step -> (if DeepSpeed applied
+   it) subspace merge and compression schedule -> non-finite verdict -> log / evaluate /
+   checkpoint / preemption check. A non-finite loss or gradient norm is caught before the
+   optimizer step changes anything (see :mod:`actcomp_dist.training.guard`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,12 @@ from actcomp_dist.training import checkpoint as ckpt
 from actcomp_dist.training.activation_checkpointing import apply_activation_checkpointing
 from actcomp_dist.training.config import ConfigError, RunConfig, validate_model, validate_run
 from actcomp_dist.training.distributed import init_distributed, launch_info
+from actcomp_dist.training.guard import (
+    NonFiniteError,
+    NonFiniteGuard,
+    parameters_finite,
+    poison,
+)
 from actcomp_dist.training.metrics import MetricsLogger, format_bytes
 from actcomp_dist.training.signals import PreemptionHandler
 
@@ -225,6 +233,7 @@ class Trainer:
 
         self.engine = build_engine(config, self.model, self.world_size, MegatronMPU())
         self.schedule = self.model.compression_schedule
+        self.guard = NonFiniteGuard(train.on_nonfinite, train.max_skipped_steps, train.precision)
         if self.resume_path is not None:
             self._load(self.resume_path)
 
@@ -271,6 +280,9 @@ class Trainer:
             "step": self.step,
             "consumed_samples": self.consumed,
             "schedule": self.schedule.state_dict(),
+            "guard": self.guard.state_dict(),
+            # Every parameter finite on every rank, checked when this state was saved.
+            "healthy": True,
             "world_size": self.world_size,
             "config": self.config.to_dict(),
             # The model as built (vocabulary padded, overrides applied): what export tools need.
@@ -285,6 +297,16 @@ class Trainer:
         }
 
     def save(self) -> Path:
+        """Collective. Refuses (:class:`NonFiniteError`, nothing written) to save parameters
+        that are not all finite: such a state can only have been reached around the guard
+        (a fault in memory, a path without DeepSpeed's overflow check)."""
+        merger = self.engine.merger
+        masters = list(merger.masters.values()) if merger is not None else []
+        if not parameters_finite(self.model, masters):
+            raise NonFiniteError(
+                f"step {self.step}: some parameters are not finite; nothing saved (the last "
+                f"checkpoint is intact)"
+            )
         self.saved_step = self.step
         path = ckpt.save_checkpoint(
             self.config.checkpoint_dir,
@@ -300,6 +322,7 @@ class Trainer:
     def _load(self, path: Path) -> None:
         rank_state = ckpt.load_checkpoint(path, self.engine.engine)
         self.schedule.load_state_dict(self.resume_state["schedule"])
+        self.guard.load_state_dict(self.resume_state.get("guard", {}))
         ckpt.set_rng_state(rank_state["rng"])
         if self.engine.merger is not None:
             self.engine.merger.load_state_dict(rank_state["subspace_masters"])
@@ -396,7 +419,8 @@ class Trainer:
                 lr = self.engine.lr_scheduler.get_last_lr()[0]
                 micro_losses = []
                 saved_bytes = 0
-                for micro in range(self.engine.gradient_accumulation_steps):
+                accumulation = self.engine.gradient_accumulation_steps
+                for micro in range(accumulation):
                     tokens, labels, mask = _batch_to(next(data), self.device)
                     if micro == 0:
                         with SavedTensorCounter() as counter:
@@ -405,12 +429,22 @@ class Trainer:
                         first_batch = (tokens, labels, mask)
                     else:
                         loss = _mean_loss(engine(tokens, labels, mask), mask)
+                    micro_losses.append(loss.detach())
+                    if micro == accumulation - 1:
+                        # Before the backward that ends the step: the same verdict on every
+                        # rank; a non-finite loss makes DeepSpeed skip the step (guard.py).
+                        last_loss = _dp_mean(micro_losses, self.ctx.dp_group)
+                        loss_finite = math.isfinite(last_loss)
+                        if not loss_finite:
+                            loss = poison(loss)
                     engine.backward(loss)
                     engine.step()
-                    micro_losses.append(loss.detach())
-                if self.engine.merger is not None:
-                    self.engine.merger.merge(lr)
-                self.schedule.advance()
+                applied = engine.was_step_applied()
+                if applied:
+                    if self.engine.merger is not None:
+                        self.engine.merger.merge(lr)
+                    self.schedule.advance()
+                stop_reason = self.guard.after_step(self.step + 1, loss_finite, applied)
                 self.step += 1
                 self.consumed += train.global_batch_size
                 if self.device.type == "cuda":
@@ -419,7 +453,6 @@ class Trainer:
                 if not described:
                     self._report_activation_memory(first_batch, saved_bytes)
                     described = True
-                last_loss = _dp_mean(micro_losses, self.ctx.dp_group)
                 record = {"step": self.step, "loss": last_loss, "lr": lr}
                 grad_norm = engine.get_global_grad_norm()
                 record["grad_norm"] = None if grad_norm is None else float(grad_norm)
@@ -429,6 +462,13 @@ class Trainer:
                 )
                 record["saved_activation_bytes"] = saved_bytes
                 record["peak_bytes"] = _peak_bytes(self.device)
+                record["skipped_steps"] = engine.skipped_steps
+                if not applied:
+                    record["skipped"] = True
+                if stop_reason is not None:
+                    history.append(record)
+                    self.logger.log(record)
+                    raise NonFiniteError(stop_reason)
                 if train.eval_interval and (
                     self.step % train.eval_interval == 0 or self.step == train.steps
                 ):
@@ -439,6 +479,7 @@ class Trainer:
                 if (
                     self.step % config.logging.interval == 0
                     or "val_loss" in record
+                    or not applied
                     or self.step == train.steps
                 ):
                     self.logger.log(record)

@@ -1,0 +1,308 @@
+"""Reliability (issue 16): the non-finite guard, safe checkpoint rotation, strict metrics.
+
+Faults are injected into real runs (2 gloo ranks forked by :func:`tests.distributed.run_distributed`,
+the launcher's own ``main`` so exit codes and messages are the ones a user sees, DeepSpeed
+ZeRO 0 and 1, the ``compact`` model on the small test corpus of ``tests/test_pretrain.py``):
+
+- a NaN written into one weight on one rank (a memory fault, a corrupted shard): every step's
+  loss is NaN on that rank;
+- a NaN gradient on one rank for one step (the loss stays finite: only the gradient norm tells).
+
+References: the state before the faulty step (parameters, AdamW moments and step counts, LR
+schedule, compression schedule: all bit-identical after a skipped step), the closed-form LR
+schedule, the checkpoint directory's bytes before the failing run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from actcomp_dist.training import checkpoint as ckpt
+from actcomp_dist.training.config import load_run_config
+from actcomp_dist.training.guard import NONFINITE_EXIT_CODE
+from actcomp_dist.training.schedule import learning_rate
+from tests import test_pretrain
+from tests.distributed import run_distributed
+from tests.test_pretrain import _config, _tree_hashes
+
+corpus = test_pretrain.corpus  # the module-scoped corpus fixture, shared
+
+
+def _strict(line: str) -> dict:
+    """``json.loads`` that rejects NaN / Infinity, as strict JSON parsers do."""
+
+    def reject(constant: str):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    return json.loads(line, parse_constant=reject)
+
+
+def _strict_metrics(run_dir: Path) -> list[dict]:
+    return [_strict(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# -- fault injection (in the rank) -------------------------------------------------------------
+
+
+def _poison_weight(trainer, rank: int, at_step: int) -> None:
+    """From the first forward of step ``at_step + 1`` on, one weight of rank 1 is NaN."""
+    weight = trainer.model.final_norm.weight
+
+    def pre_hook(module, args):
+        if rank == 1 and trainer.step == at_step:
+            with torch.no_grad():
+                weight[0] = float("nan")
+
+    trainer.model.register_forward_pre_hook(pre_hook)
+
+
+def _snapshot(trainer) -> dict:
+    """Everything a skipped step must leave alone."""
+    engine = trainer.engine.engine
+    optimizer = engine.basic_optimizer  # the torch AdamW (over ZeRO's fp32 partitions at ZeRO 1)
+    moments = [
+        value.clone() if torch.is_tensor(value) else value
+        for state in optimizer.state.values()
+        for value in state.values()
+    ]
+    return {
+        "parameters": [p.detach().clone() for p in trainer.model.parameters()],
+        "optimizer_parameters": [
+            p.detach().clone() for group in optimizer.param_groups for p in group["params"]
+        ],
+        "optimizer_state": moments,
+        "lr_schedule": engine.lr_scheduler.state_dict()["last_epoch"],
+        "compression_schedule": trainer.schedule.state_dict(),
+    }
+
+
+def _poison_gradient(trainer, rank: int, at_step: int, snapshots: dict) -> None:
+    """Rank 0's gradient of one weight is NaN in step ``at_step + 1`` only; the state is
+    recorded before that step and before the next one."""
+    weight = trainer.model.final_norm.weight
+    weight.register_hook(
+        lambda grad: grad * float("nan") if rank == 0 and trainer.step == at_step else grad
+    )
+
+    def pre_hook(module, args):
+        for name, step in (("before", at_step), ("after", at_step + 1)):
+            if trainer.step == step and name not in snapshots:
+                snapshots[name] = _snapshot(trainer)
+
+    trainer.model.register_forward_pre_hook(pre_hook)
+
+
+def _run_with_faults(config, faults, snapshots):
+    from actcomp_dist.training.trainer import Trainer
+
+    trainer = Trainer(config)
+    try:
+        rank = torch.distributed.get_rank()
+        for kind, at_step in faults:
+            if kind == "weight":
+                _poison_weight(trainer, rank, at_step)
+            else:
+                _poison_gradient(trainer, rank, at_step, snapshots)
+        return trainer.train()
+    finally:
+        trainer.close()
+
+
+def _main(config_file: Path, overrides: list[str], faults=()) -> dict:
+    """``launch/pretrain.py``'s ``main`` in this rank: exit code, stderr, recorded state."""
+    from actcomp_dist.training.cli import main
+
+    argv = ["--config", str(config_file)]
+    for override in overrides:
+        argv += ["--set", override]
+    snapshots: dict = {}
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        code = main(
+            argv, run=functools.partial(_run_with_faults, faults=faults, snapshots=snapshots)
+        )
+    return {"code": code, "stderr": stderr.getvalue(), "snapshots": snapshots}
+
+
+def _write_config(path: Path, raw: dict) -> Path:
+    path.write_text(json.dumps(raw))
+    return path
+
+
+# -- stop: the default ---------------------------------------------------------------------------
+
+
+def _stop_rank(rank: int, world_size: int, config_file: str) -> dict:
+    checkpoints = Path(config_file).parent / "run" / "checkpoints"
+    metrics = checkpoints.parent / "metrics.jsonl"
+    results = {"infinite_lr": _main(config_file, ["train.lr=Infinity"])}
+    results["good"] = _main(config_file, ["train.steps=2"])
+    torch.distributed.barrier()
+    if rank == 0:
+        results["hashes_before"] = _tree_hashes(checkpoints)
+    results["diverged"] = _main(config_file, ["train.steps=4"], faults=[("weight", 2)])
+    if rank == 0:
+        results["hashes_after"] = _tree_hashes(checkpoints)
+        results["metrics_after"] = metrics.read_text()
+    torch.distributed.barrier()
+    results["resumed"] = _main(config_file, ["train.steps=4"])
+    return results
+
+
+@pytest.mark.distributed
+def test_non_finite_loss_stops_without_saving_and_the_good_checkpoint_resumes(tmp_path, corpus):
+    """``train.lr=Infinity`` is refused (exit 2 on every rank, nothing written). Then a run
+    resumes from a good checkpoint at step 2 (``keep=1``) and its loss turns NaN on one rank
+    at step 3: both ranks exit with code 3 and one line; the checkpoint directory is byte for
+    byte what it was (nothing saved, nothing rotated away); metrics.jsonl is strict JSON and
+    logs step 3 as skipped with ``loss: null``. The same command without the fault resumes
+    from step 2 and finishes, and its record of step 3 replaces the diverged one."""
+    run_dir = tmp_path / "run"
+    raw = _config(
+        run_dir,
+        corpus,
+        "train.eval_interval=0",
+        "checkpoint.interval=1",
+        "checkpoint.keep=1",
+        "checkpoint.resume=latest",
+    )
+    config_file = _write_config(tmp_path / "config.json", raw)
+    ranks = run_distributed(_stop_rank, 2, tmp_path, str(config_file), timeout=300)
+
+    for rank, results in enumerate(ranks):
+        refused = results["infinite_lr"]
+        assert refused["code"] == 2
+        assert f"error (rank {rank}/2): " in refused["stderr"]
+        assert "train.lr=inf must be finite" in refused["stderr"]
+        assert results["good"]["code"] == 0, results["good"]["stderr"]
+        diverged = results["diverged"]
+        assert diverged["code"] == NONFINITE_EXIT_CODE, diverged["stderr"]
+        assert f"stopped (rank {rank}/2): step 3: non-finite loss" in diverged["stderr"]
+        assert "Traceback" not in diverged["stderr"]
+        assert results["resumed"]["code"] == 0, results["resumed"]["stderr"]
+
+    before, after = ranks[0]["hashes_before"], ranks[0]["hashes_after"]
+    assert before == after
+    assert before and all(name.startswith("step_0000002/") for name in before)
+    diverged_records = [_strict(line) for line in ranks[0]["metrics_after"].splitlines()]
+    assert [r["step"] for r in diverged_records] == [1, 2, 3]
+    last = diverged_records[-1]
+    assert last["skipped"] is True and last["loss"] is None and last["skipped_steps"] == 1
+    assert {"loss", "grad_norm"} <= set(last["nonfinite"])
+
+    records = _strict_metrics(run_dir)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all(r["loss"] is not None and "nonfinite" not in r for r in records)
+    assert [r["step"] for r in records[2:]] == [3, 4] and "skipped" not in records[2]
+    checkpoints = run_dir / "checkpoints"
+    assert [p.name for p in checkpoints.iterdir()] == ["step_0000004"]
+    assert ckpt.is_healthy(checkpoints / "step_0000004")
+
+
+# -- skip --------------------------------------------------------------------------------------
+
+SKIP_LAYOUTS = {
+    # ZeRO 0 in fp32: the overflow check the trainer adds (engine.py).
+    "lift_zero0": ["deepspeed.zero_optimization.stage=0"],
+    # ZeRO 1: DeepSpeed's own. The subspace merge (outside DeepSpeed) must be skipped too:
+    # with weight decay, a merge changes the weights even when the proxies hold no update.
+    "subspace_zero1": [
+        "compression.grad_mode=subspace",
+        "compression.resample_every=1",
+        "train.weight_decay=0.1",
+    ],
+}
+
+
+def _skip_rank(rank: int, world_size: int, config_files: list[str]) -> list[dict]:
+    # Step 2: a NaN gradient (loss finite); from step 4 on: a NaN weight (loss NaN).
+    faults = [("gradient", 1), ("weight", 3)]
+    return [_main(config_file, [], faults=faults) for config_file in config_files]
+
+
+@pytest.mark.distributed
+def test_skip_policy_leaves_the_state_alone_counts_and_stops_after_n(tmp_path, corpus):
+    """``train.on_nonfinite=skip``, ``max_skipped_steps=2``: step 2 (NaN gradient on one rank)
+    is skipped — parameters, AdamW state, LR schedule and compression schedule bit-identical
+    before and after it — and training goes on; steps 4 and 5 (NaN loss) are skipped and the
+    run stops there with exit code 3. The lr of each step is the closed-form schedule at the
+    number of steps applied before it; the checkpoint of step 3 is written and healthy; nothing
+    after it; every metrics line is strict JSON."""
+    files = []
+    for name, overrides in SKIP_LAYOUTS.items():
+        raw = _config(
+            tmp_path / name,
+            corpus,
+            *overrides,
+            "train.eval_interval=0",
+            "train.on_nonfinite=skip",
+            "train.max_skipped_steps=2",
+            "checkpoint.interval=3",
+        )
+        files.append(str(_write_config(tmp_path / f"{name}.json", raw)))
+    ranks = run_distributed(_skip_rank, 2, tmp_path, files, timeout=300)
+
+    for index, name in enumerate(SKIP_LAYOUTS):
+        for rank in range(2):
+            result = ranks[rank][index]
+            assert result["code"] == NONFINITE_EXIT_CODE, (name, result["stderr"])
+            assert "step 5: 2 steps in a row skipped (last: non-finite loss" in result["stderr"]
+            before, after = result["snapshots"]["before"], result["snapshots"]["after"]
+            assert before.keys() == after.keys()
+            for key in before:
+                assert _equal(before[key], after[key]), (name, rank, key)
+        records = _strict_metrics(tmp_path / name)
+        assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+        assert [r.get("skipped", False) for r in records] == [False, True, False, True, True]
+        assert [r["skipped_steps"] for r in records] == [0, 1, 1, 2, 3]
+        assert records[1]["nonfinite"] == ["grad_norm"] and records[1]["loss"] is not None
+        assert {"loss", "grad_norm"} <= set(records[3]["nonfinite"])
+        train = load_run_config(files[index]).train
+        applied_before = [0, 1, 1, 2, 2]
+        assert [r["lr"] for r in records] == pytest.approx(
+            [learning_rate(n, train) for n in applied_before], rel=1e-12
+        )
+        checkpoints = tmp_path / name / "checkpoints"
+        assert [p.name for p in checkpoints.iterdir()] == ["step_0000003"]
+        assert ckpt.is_healthy(checkpoints / "step_0000003")
+
+
+def _equal(a, b) -> bool:
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b, strict=True))
+    if torch.is_tensor(a):
+        return torch.equal(a, b)
+    return a == b
+
+
+# -- rotation ------------------------------------------------------------------------------------
+
+
+def _fake_checkpoint(directory: Path, step: int, healthy: bool | None) -> Path:
+    path = directory / ckpt.checkpoint_name(step)
+    path.mkdir(parents=True)
+    if healthy is not None:  # None: an incomplete save (no marker)
+        (path / ckpt.MARKER).write_text(json.dumps({"step": step, "healthy": healthy}))
+    return path
+
+
+def test_rotation_keeps_the_newest_healthy_checkpoint(tmp_path):
+    """``keep=1`` deletes older complete checkpoints but never the newest healthy one, and
+    never a directory without a marker (a save that may be under way)."""
+    states = {1: True, 2: True, 3: False, 4: False, 5: None}
+    paths = {step: _fake_checkpoint(tmp_path, step, h) for step, h in states.items()}
+    deleted = ckpt.rotate_checkpoints(tmp_path, keep=1)
+    assert deleted == [paths[1], paths[3]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ckpt.checkpoint_name(s) for s in (2, 4, 5)
+    ]
+    # With a healthy newest checkpoint, the older healthy one goes.
+    _fake_checkpoint(tmp_path, 6, True)
+    assert ckpt.rotate_checkpoints(tmp_path, keep=1) == [paths[2], paths[4]]
