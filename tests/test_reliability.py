@@ -19,6 +19,11 @@ import contextlib
 import functools
 import io
 import json
+import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -30,7 +35,7 @@ from actcomp_dist.training.guard import NONFINITE_EXIT_CODE
 from actcomp_dist.training.schedule import learning_rate
 from tests import test_pretrain
 from tests.distributed import run_distributed
-from tests.test_pretrain import _config, _tree_hashes
+from tests.test_pretrain import ROOT, _config, _srun_ranks, _tree_hashes, _wait
 
 corpus = test_pretrain.corpus  # the module-scoped corpus fixture, shared
 
@@ -123,12 +128,17 @@ def _main(config_file: Path, overrides: list[str], faults=()) -> dict:
     for override in overrides:
         argv += ["--set", override]
     snapshots: dict = {}
-    stderr = io.StringIO()
-    with contextlib.redirect_stderr(stderr):
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         code = main(
             argv, run=functools.partial(_run_with_faults, faults=faults, snapshots=snapshots)
         )
-    return {"code": code, "stderr": stderr.getvalue(), "snapshots": snapshots}
+    return {
+        "code": code,
+        "stdout": stdout.getvalue(),
+        "stderr": stderr.getvalue(),
+        "snapshots": snapshots,
+    }
 
 
 def _write_config(path: Path, raw: dict) -> Path:
@@ -306,3 +316,93 @@ def test_rotation_keeps_the_newest_healthy_checkpoint(tmp_path):
     # With a healthy newest checkpoint, the older healthy one goes.
     _fake_checkpoint(tmp_path, 6, True)
     assert ckpt.rotate_checkpoints(tmp_path, keep=1) == [paths[2], paths[4]]
+
+
+# -- one run per run directory -------------------------------------------------------------------
+
+
+def _wait_for_metrics(run_dir: Path, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while (
+        not (run_dir / "metrics.jsonl").is_file()
+        or not (run_dir / "metrics.jsonl").read_text().strip()
+    ):
+        assert process.poll() is None, "the first run ended too early"
+        assert time.monotonic() < deadline, "the first run logged nothing"
+        time.sleep(0.05)
+
+
+@pytest.mark.distributed
+def test_second_run_on_a_busy_run_dir_is_refused_and_the_first_goes_on(tmp_path, corpus):
+    """While a run trains (one process), a second run on the same run_dir (two ranks started
+    as ``srun`` starts them, before any process group) is refused on every rank with exit
+    code 2 and one line naming the holder's host and pid; the first run then stops cleanly
+    (stop file), with every step logged once and its checkpoint, and removes its lock."""
+    run_dir = tmp_path / "run"
+    raw = _config(run_dir, corpus, "train.steps=10000", "train.eval_interval=0")
+    config_file = _write_config(tmp_path / "config.json", raw)
+    command = [sys.executable, "launch/pretrain.py", "--config", str(config_file)]
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen(
+            command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        _wait_for_metrics(run_dir, first)
+        lock = json.loads((run_dir / "LOCK").read_text())
+        assert (lock["host"], lock["pid"]) == (socket.gethostname(), first.pid)
+        second = _srun_ranks(config_file, [], tmp_path)
+        codes = [_wait(process, timeout=120) for process in second]
+        (run_dir / "STOP").touch()
+        assert _wait(first, timeout=120) == 0, (tmp_path / "first.log").read_text()[-3000:]
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert codes == [2, 2]
+    for rank in range(2):
+        err = (tmp_path / f"rank{rank}.err").read_text()
+        expected = f"is in use by another run: host {socket.gethostname()} pid {first.pid}"
+        assert f"error (rank {rank}/2): run_dir {run_dir}" in err and expected in err, err
+        assert "Traceback" not in err
+    records = _strict_metrics(run_dir)
+    steps = [r["step"] for r in records]
+    assert steps == list(range(1, len(steps) + 1))
+    assert (run_dir / "checkpoints" / ckpt.checkpoint_name(steps[-1]) / ckpt.MARKER).is_file()
+    assert not (run_dir / "LOCK").exists()
+
+
+def _lock_rank(rank: int, world_size: int, config_file: str, live: dict, stale: dict) -> list:
+    lock = Path(config_file).parent / "run" / "LOCK"
+    results = []
+    for holder in (live, stale):
+        if rank == 0:
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            lock.write_text(json.dumps(holder))
+        torch.distributed.barrier()
+        results.append(_main(config_file, []))
+        torch.distributed.barrier()  # rank 0 has released the lock, if it held it
+        results[-1]["lock_left"] = lock.exists()
+    return results
+
+
+@pytest.mark.distributed
+def test_lock_decided_by_rank_0_reaches_every_rank_and_a_stale_lock_is_taken_over(tmp_path, corpus):
+    """Inside one process group (rank 0 decides and broadcasts; no rank hangs): a lock held
+    by a live process on this host refuses the run on both ranks (exit 2, the lock left
+    alone); a lock whose process is gone is taken over with a message, the run trains, and
+    the lock is removed at the end."""
+    raw = _config(tmp_path / "run", corpus, "train.steps=1", "train.eval_interval=0")
+    config_file = _write_config(tmp_path / "config.json", raw)
+    finished = subprocess.Popen(["true"])
+    finished.wait()  # its pid is now free (and not reused within this test, in practice)
+    host = socket.gethostname()
+    live = {"host": host, "pid": os.getpid(), "slurm_job": None}
+    stale = {"host": host, "pid": finished.pid, "slurm_job": None}
+    ranks = run_distributed(_lock_rank, 2, tmp_path, str(config_file), live, stale, timeout=300)
+    for rank, (refused, taken_over) in enumerate(ranks):
+        assert refused["code"] == 2 and refused["lock_left"], refused["stderr"]
+        assert f"error (rank {rank}/2): " in refused["stderr"]
+        assert f"is in use by another run: host {host} pid {os.getpid()}" in refused["stderr"]
+        assert taken_over["code"] == 0, taken_over["stderr"]
+        assert not taken_over["lock_left"]
+    message = f"pid {finished.pid}: process {finished.pid} on this host is gone"
+    assert message in ranks[0][1]["stdout"]

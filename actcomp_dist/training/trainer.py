@@ -4,9 +4,11 @@ Order of set-up (each step needs the previous one):
 
 1. validate the config against the world size the launcher announced (no collective yet, so
    a bad config fails the same way on every rank and nothing hangs);
-2. check the checkpoint to resume from (marker, file hashes, compression config, layout),
-   then the model config (the first check that imports megatron-core);
-3. process group, Megatron parallel state, seeds;
+2. check that no live run holds ``RUN_DIR/LOCK``, the checkpoint to resume from (marker,
+   file hashes, compression config, layout), then the model config (the first check that
+   imports megatron-core);
+3. process group; rank 0 takes the run-directory lock (:mod:`actcomp_dist.training.run_lock`);
+   Megatron parallel state, seeds;
 4. data: the embedded corpus or the configured indexed datasets, the resumable loader;
 5. model (tensor-parallel LLaMA with compressed layers), then activation checkpointing;
 6. DeepSpeed engine (ZeRO, precision, AdamW, LR schedule, clipping);
@@ -43,6 +45,7 @@ from actcomp_dist.training.guard import (
     poison,
 )
 from actcomp_dist.training.metrics import MetricsLogger, format_bytes
+from actcomp_dist.training.run_lock import acquire_run_lock, check_run_lock
 from actcomp_dist.training.signals import PreemptionHandler
 
 VOCAB_MULTIPLE = 128  # pad the vocabulary like Megatron (per tensor-parallel rank)
@@ -205,11 +208,21 @@ class Trainer:
         self.config = config
         info = launch_info()
         self.validate(info.world_size)
+        check_run_lock(config.run_dir)
         self.resume_path, self.resume_state = _check_resume(config, info.world_size)
         validate_model(config)
         self.world_size = info.world_size
         self.device = init_distributed(info)
+        self.run_lock = acquire_run_lock(config.run_dir)
+        try:
+            self._set_up()
+        except BaseException:
+            self.close()
+            raise
 
+    def _set_up(self) -> None:
+        """Everything after the process group and the lock (released if this raises)."""
+        config = self.config
         from actcomp_dist.parallel import state
         from actcomp_dist.parallel.deepspeed_mpu import MegatronMPU
 
@@ -388,10 +401,13 @@ class Trainer:
         return _dp_mean(losses, self.ctx.dp_group) if losses else None
 
     def close(self) -> None:
-        """Forget the parallel state this trainer created (the process group stays), so that
-        :func:`run_pretraining` can run again in the same process."""
+        """Release the run-directory lock and forget the parallel state this trainer created
+        (the process group stays), so that :func:`run_pretraining` can run again in the same
+        process. Idempotent."""
         from actcomp_dist.parallel import state
 
+        if self.run_lock is not None:
+            self.run_lock.release()
         if state.is_initialized():
             state.destroy()
 
