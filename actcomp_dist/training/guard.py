@@ -35,8 +35,6 @@ row) under either policy.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 
@@ -107,7 +105,3 @@ def parameters_finite(model: torch.nn.Module, extra: list[torch.Tensor] = ()) ->
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return not bool(flag.item())
-
-
-def is_finite(value: float | None) -> bool:
-    return value is not None and math.isfinite(value)
