@@ -30,8 +30,9 @@ import pytest
 import torch
 
 from actcomp_dist.training import checkpoint as ckpt
+from actcomp_dist.training import run_lock
 from actcomp_dist.training.config import load_run_config
-from actcomp_dist.training.guard import NONFINITE_EXIT_CODE
+from actcomp_dist.training.guard import NONFINITE_EXIT_CODE, NonFiniteGuard
 from actcomp_dist.training.schedule import learning_rate
 from tests import test_pretrain
 from tests.distributed import run_distributed
@@ -221,6 +222,8 @@ def test_non_finite_loss_stops_without_saving_and_the_good_checkpoint_resumes(tm
 SKIP_LAYOUTS = {
     # ZeRO 0 in fp32: the overflow check the trainer adds (engine.py).
     "lift_zero0": ["deepspeed.zero_optimization.stage=0"],
+    # ZeRO 1 in bf16: DeepSpeed's check_grad_overflow.
+    "lift_bf16_zero1": ["train.precision=bf16"],
     # ZeRO 1: DeepSpeed's own. The subspace merge (outside DeepSpeed) must be skipped too:
     # with weight decay, a merge changes the weights even when the proxies hold no update.
     "subspace_zero1": [
@@ -406,3 +409,50 @@ def test_lock_decided_by_rank_0_reaches_every_rank_and_a_stale_lock_is_taken_ove
         assert not taken_over["lock_left"]
     message = f"pid {finished.pid}: process {finished.pid} on this host is gone"
     assert message in ranks[0][1]["stdout"]
+
+
+def test_lock_from_another_host_is_refused_and_one_from_this_slurm_job_is_stale(
+    tmp_path, monkeypatch
+):
+    """Before any process group: a lock from another host cannot be checked and refuses the
+    run, naming the file to remove; the same lock held by this SLURM job (a requeued job) is
+    stale; no lock at all passes."""
+    run_lock.check_run_lock(tmp_path)
+    holder = {"host": "other-node", "pid": 1, "slurm_job": "4242"}
+    (tmp_path / run_lock.LOCK).write_text(json.dumps(holder))
+    monkeypatch.setenv("SLURM_JOB_ID", "17")
+    with pytest.raises(run_lock.RunLockError) as error:
+        run_lock.check_run_lock(tmp_path)
+    assert str(error.value) == (
+        f"run_dir {tmp_path} is in use by another run: host other-node pid 1 (SLURM job 4242); "
+        f"wait for it to finish, use another run_dir, or remove {tmp_path / 'LOCK'} if that "
+        f"run is not running"
+    )
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    run_lock.check_run_lock(tmp_path)
+
+
+def test_guard_verdicts():
+    """The policy table of guard.py: ``stop`` ends at the first non-finite step; ``skip`` after
+    N in a row (an applied step resets the count); an fp16 skip with a finite loss (the loss
+    scaler's search) is tolerated under ``stop`` up to N in a row; a non-finite loss that
+    DeepSpeed nevertheless applied always stops."""
+    stop = NonFiniteGuard("stop", max_skipped_steps=2, precision="fp32")
+    assert stop.after_step(1, loss_finite=True, applied=True) is None
+    assert "step 2: non-finite gradient norm" in stop.after_step(2, True, applied=False)
+    assert "step 3: non-finite loss" in NonFiniteGuard("stop", 2, "bf16").after_step(
+        3, False, False
+    )
+
+    skip = NonFiniteGuard("skip", max_skipped_steps=2, precision="fp32")
+    verdicts = [
+        skip.after_step(step, loss_finite, applied)
+        for step, loss_finite, applied in [(1, False, False), (2, True, True), (3, True, False)]
+    ]
+    assert verdicts == [None, None, None]
+    assert "step 4: 2 steps in a row skipped" in skip.after_step(4, False, False)
+
+    fp16 = NonFiniteGuard("stop", max_skipped_steps=2, precision="fp16")
+    assert fp16.after_step(1, loss_finite=True, applied=False) is None
+    assert "2 steps in a row skipped" in fp16.after_step(2, True, False)
+    assert "DeepSpeed applied the update" in fp16.after_step(3, False, True)
