@@ -411,16 +411,17 @@ def test_lock_decided_by_rank_0_reaches_every_rank_and_a_stale_lock_is_taken_ove
     assert message in ranks[0][1]["stdout"]
 
 
-def test_lock_from_another_host_is_refused_and_one_from_this_slurm_job_is_stale(
+def test_lock_from_another_host_is_refused_and_one_from_before_a_requeue_is_stale(
     tmp_path, monkeypatch
 ):
     """Before any process group: a lock from another host cannot be checked and refuses the
-    run, naming the file to remove; the same lock held by this SLURM job (a requeued job) is
-    stale; no lock at all passes."""
+    run, naming the file to remove — also inside the same SLURM job (two runs in one
+    allocation); held by this SLURM job before its requeue, it is stale. No lock passes."""
     run_lock.check_run_lock(tmp_path)
-    holder = {"host": "other-node", "pid": 1, "slurm_job": "4242"}
+    holder = {"host": "other-node", "pid": 1, "slurm_job": "4242", "slurm_restart": 0}
     (tmp_path / run_lock.LOCK).write_text(json.dumps(holder))
-    monkeypatch.setenv("SLURM_JOB_ID", "17")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
     with pytest.raises(run_lock.RunLockError) as error:
         run_lock.check_run_lock(tmp_path)
     assert str(error.value) == (
@@ -428,7 +429,7 @@ def test_lock_from_another_host_is_refused_and_one_from_this_slurm_job_is_stale(
         f"wait for it to finish, use another run_dir, or remove {tmp_path / 'LOCK'} if that "
         f"run is not running"
     )
-    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
     run_lock.check_run_lock(tmp_path)
 
 

@@ -20,8 +20,9 @@ one wins stage 2 and the other is refused there — unless both also use the sam
 crash with the port in use, not exit code 2).
 
 A lock is *stale*, and is taken over with a message, when its holder ran on this host and
-that pid is gone, or when it belongs to this SLURM job (a requeued job resumes the run its
-earlier incarnation held). A lock from another host cannot be checked: the error says to
+that pid is gone, or when an earlier incarnation of this SLURM job held it (same
+``SLURM_JOB_ID``, smaller ``SLURM_RESTART_COUNT``: a requeued job resumes the run it held
+before; two runs inside one allocation still exclude each other). A lock from another host cannot be checked: the error says to
 remove the file if that run is not running. Rank 0 removes the lock when the run ends, also
 on an exception or a preemption (:meth:`RunLock.release` from the trainer's ``close``).
 """
@@ -46,11 +47,20 @@ class RunLockError(ConfigError):
 
 
 def _holder_identity() -> dict:
-    return {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job": _slurm_job()}
+    job, restart = _slurm_job()
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "slurm_job": job,
+        "slurm_restart": restart,
+    }
 
 
-def _slurm_job() -> str | None:
-    return os.environ.get("SLURM_JOB_ID")
+def _slurm_job() -> tuple[str | None, int]:
+    """This SLURM job's id and incarnation (``SLURM_RESTART_COUNT`` grows with each
+    requeue); ``(None, 0)`` outside SLURM."""
+    env = os.environ
+    return env.get("SLURM_JOB_ID"), int(env.get("SLURM_RESTART_COUNT", "0") or 0)
 
 
 def _read(path: Path) -> dict | None:
@@ -75,8 +85,15 @@ def _pid_alive(pid: int) -> bool:
 
 def _stale(holder: dict) -> str | None:
     """Why the lock ``holder`` is stale, or ``None`` if it may still be running."""
-    if holder.get("slurm_job") is not None and holder.get("slurm_job") == _slurm_job():
-        return f"it belongs to this SLURM job {holder['slurm_job']} (requeued)"
+    job, restart = _slurm_job()
+    held_restart = holder.get("slurm_restart", 0)
+    if (
+        job is not None
+        and holder.get("slurm_job") == job
+        and isinstance(held_restart, int)
+        and held_restart < restart
+    ):
+        return f"it was held by this SLURM job {job} before its requeue {restart}"
     pid = holder.get("pid")
     if holder.get("host") == socket.gethostname() and isinstance(pid, int):
         if not _pid_alive(pid):
