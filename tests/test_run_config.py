@@ -106,6 +106,17 @@ def test_resolved_config_round_trips_through_json():
         (["train.steps=2.5"], "train.steps=2.5 must be an int >= 1"),
         (["train.lr=-1"], "train.lr=-1 must be a number >= 0"),
         (["train.min_lr=1.0"], "train.min_lr=1.0 exceeds train.lr=0.003"),
+        (["train.lr=Infinity"], "train.lr=inf must be finite"),
+        (["train.lr=NaN"], "train.lr=nan must be a number >= 0"),
+        (["train.lr=1e6"], "train.lr=1000000.0 is above 1.0"),
+        (["train.min_lr=-Infinity"], "train.min_lr=-inf must be a number >= 0"),
+        (["train.clip_grad=Infinity"], "train.clip_grad=inf must be finite"),
+        (["train.weight_decay=1000"], "train.lr * train.weight_decay = 0.003 * 1000 must be < 1"),
+        (
+            ["train.on_nonfinite=ignore"],
+            "train.on_nonfinite='ignore' is not one of ['stop', 'skip']",
+        ),
+        (["train.max_skipped_steps=0"], "train.max_skipped_steps=0 must be an int >= 1"),
         (["train.precision=fp8"], "train.precision='fp8' is not one of ['fp32', 'bf16', 'fp16']"),
         (["train.lr_decay=step"], "train.lr_decay='step' is not one of"),
         (["train.betas=[0.9]"], "train.betas=[0.9] must be two numbers in [0, 1)"),
@@ -242,6 +253,15 @@ def test_deepspeed_section_is_completed_from_train():
         (['deepspeed.optimizer={"type": "Adam"}'], "deepspeed.optimizer is not used"),
         (['deepspeed.scheduler={"type": "WarmupLR"}'], "deepspeed.scheduler is not used"),
         (['deepspeed.fp16={"enabled": true}'], "deepspeed.fp16.enabled=True contradicts"),
+        # The non-finite guard needs DeepSpeed's skip of steps with a non-finite norm.
+        (
+            ["deepspeed.bf16.check_grad_overflow=false"],
+            "deepspeed.bf16.check_grad_overflow=False would let DeepSpeed apply",
+        ),
+        (
+            ["deepspeed.zero_optimization.compute_grad_norm=false"],
+            "deepspeed.zero_optimization.compute_grad_norm=False would let",
+        ),
     ],
 )
 def test_deepspeed_section_contradicting_train_is_refused(overrides, message):

@@ -14,6 +14,13 @@ checkpoint as ``latest``, and a damaged file is detected before any rank starts 
 no rank waits in a collective for a peer that failed). The marker also holds the compression
 config: resuming with a different one is refused with both values listed, because the saved
 optimizer moments and sub-token vectors only mean something for the config that made them.
+
+**Rotation** (``checkpoint.keep = N``) runs only once the new checkpoint's marker exists, and
+deletes complete checkpoints beyond the newest N except the newest *healthy* one: the marker
+records whether the trainer verified the state it saved (every parameter finite on every
+rank, the last step's loss and gradient norm finite or the step skipped). The trainer never
+writes an unhealthy checkpoint; checkpoints without the record (older versions, other tools)
+count as unverified, so a run of them never pushes out the last verified one.
 """
 
 from __future__ import annotations
@@ -128,14 +135,35 @@ def save_checkpoint(
         tmp.write_text(json.dumps(marker, indent=2, sort_keys=True))
         tmp.rename(path / MARKER)
         if keep > 0:
-            for old in complete_checkpoints(directory)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+            rotate_checkpoints(directory, keep)
     dist.barrier()
     return path
 
 
+def is_healthy(path: Path) -> bool:
+    """Whether the marker of checkpoint ``path`` records a verified (finite) state."""
+    try:
+        return json.loads((path / MARKER).read_text()).get("healthy") is True
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return False
+
+
+def rotate_checkpoints(directory: Path, keep: int) -> list[Path]:
+    """Delete complete checkpoints older than the newest ``keep``, never the newest healthy
+    one; returns the deleted paths. Incomplete directories are left alone (a save of another
+    step may be under way)."""
+    found = complete_checkpoints(directory)
+    healthy = [p for p in found if is_healthy(p)]
+    protected = set(found[-keep:]) | set(healthy[-1:])
+    deleted = [p for p in found if p not in protected]
+    for old in deleted:
+        shutil.rmtree(old, ignore_errors=True)
+    return deleted
+
+
 def _marker_summary(trainer_state: dict[str, Any]) -> dict[str, Any]:
     return {
+        "healthy": trainer_state.get("healthy") is True,
         "compression": trainer_state["config"]["compression"],
         "world_size": trainer_state["world_size"],
         "tensor_parallel": trainer_state["config"]["parallel"]["tensor_parallel"],

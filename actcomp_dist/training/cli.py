@@ -8,6 +8,7 @@ import sys
 from actcomp_dist.training.checkpoint import CheckpointError
 from actcomp_dist.training.config import ConfigError, load_run_config
 from actcomp_dist.training.distributed import launch_info
+from actcomp_dist.training.guard import NONFINITE_EXIT_CODE, NonFiniteError
 from actcomp_dist.training.quiet import quiet_third_party
 
 PRETRAIN_DESCRIPTION = (
@@ -63,7 +64,9 @@ def main(
     description: str = PRETRAIN_DESCRIPTION,
 ) -> int:
     """Parse, load the config (``config_class``, default ``RunConfig``) and ``run`` it
-    (default :func:`~actcomp_dist.training.trainer.run_pretraining`)."""
+    (default :func:`~actcomp_dist.training.trainer.run_pretraining`). Exit status: 0 done or
+    preempted, 2 a user error (config, data, checkpoint), 3 training stopped on a non-finite
+    loss or gradient norm (:mod:`actcomp_dist.training.guard`)."""
     args = parse_args(argv, description)
     try:
         config = load_run_config(args.config, args.overrides, config_class=config_class)
@@ -76,6 +79,10 @@ def main(
         info = launch_info()
         print(f"error (rank {info.rank}/{info.world_size}): {err}", file=sys.stderr, flush=True)
         return 2
+    except NonFiniteError as err:
+        info = launch_info()
+        print(f"stopped (rank {info.rank}/{info.world_size}): {err}", file=sys.stderr, flush=True)
+        return NONFINITE_EXIT_CODE
     if result.preempted:
         print(
             f"stopped at step {result.steps_done} on a preemption signal; resume with "

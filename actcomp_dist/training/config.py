@@ -134,10 +134,18 @@ class DataSection:
 
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+NONFINITE_POLICIES = ("stop", "skip")
+# AdamW moves every weight by about lr per step whatever the gradient's scale, so a peak
+# learning rate above 1 rewrites weights initialised at ~0.02 in one step: a typo, not a recipe.
+MAX_LR = 1.0
 
 
 @dataclass
 class TrainSection:
+    """``on_nonfinite``: what a step with a non-finite loss or gradient norm does — ``stop``
+    (save nothing, exit with :data:`~actcomp_dist.training.guard.NONFINITE_EXIT_CODE`) or
+    ``skip`` (no update at all; after ``max_skipped_steps`` skipped steps in a row, stop)."""
+
     steps: int = 100
     micro_batch_size: int = 4
     global_batch_size: int = 8
@@ -154,16 +162,33 @@ class TrainSection:
     subspace_scale: float = 0.25
     eval_interval: int = 0
     eval_iters: int = 4
+    on_nonfinite: str = "stop"
+    max_skipped_steps: int = 10
 
     def validate(self) -> None:
         for name in ("steps", "micro_batch_size", "global_batch_size", "eval_iters"):
             _positive_int(f"train.{name}", getattr(self, name))
+        _positive_int("train.max_skipped_steps", self.max_skipped_steps)
         for name in ("warmup_steps", "eval_interval", "seed"):
             _non_negative_int(f"train.{name}", getattr(self, name))
-        for name in ("lr", "min_lr", "weight_decay", "clip_grad", "eps"):
+        for name in ("lr", "min_lr", "weight_decay", "clip_grad", "eps", "subspace_scale"):
             _non_negative_float(f"train.{name}", getattr(self, name))
+        if self.lr > MAX_LR:
+            raise ConfigError(
+                f"train.lr={self.lr} is above {MAX_LR}: AdamW would move every weight by about "
+                f"that much per step; use a learning rate in [0, {MAX_LR}]"
+            )
         if self.min_lr > self.lr:
             raise ConfigError(f"train.min_lr={self.min_lr} exceeds train.lr={self.lr}")
+        if self.lr * self.weight_decay >= 1:
+            raise ConfigError(
+                f"train.lr * train.weight_decay = {self.lr} * {self.weight_decay} must be < 1 "
+                f"(decoupled decay multiplies the weights by 1 - lr * weight_decay each step)"
+            )
+        if self.on_nonfinite not in NONFINITE_POLICIES:
+            raise ConfigError(
+                f"train.on_nonfinite={self.on_nonfinite!r} is not one of {list(NONFINITE_POLICIES)}"
+            )
         if self.lr_decay not in ("cosine", "linear", "constant"):
             raise ConfigError(
                 f"train.lr_decay={self.lr_decay!r} is not one of ['cosine', 'linear', 'constant']"
@@ -172,7 +197,11 @@ class TrainSection:
             raise ConfigError(
                 f"train.precision={self.precision!r} is not one of {list(PRECISIONS)}"
             )
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+        if (
+            not isinstance(self.betas, list)
+            or len(self.betas) != 2
+            or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas)
+        ):
             raise ConfigError(f"train.betas={self.betas!r} must be two numbers in [0, 1)")
         if self.subspace_scale <= 0:
             raise ConfigError(f"train.subspace_scale={self.subspace_scale} must be > 0")
@@ -513,10 +542,13 @@ def _non_negative_float(name: str, value: Any) -> None:
     if (
         isinstance(value, bool)
         or not isinstance(value, (int, float))
-        or value < 0
         or math.isnan(value)
+        or value < 0
     ):
         raise ConfigError(f"{name}={value!r} must be a number >= 0")
+    # Python's JSON parser accepts Infinity (and NaN, refused above).
+    if math.isinf(value):
+        raise ConfigError(f"{name}={value!r} must be finite")
 
 
 def _bool(name: str, value: Any) -> None:

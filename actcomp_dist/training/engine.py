@@ -20,6 +20,7 @@ one data-parallel average, one global norm clip, one LR schedule — and a
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,6 +68,18 @@ def deepspeed_config(config: RunConfig, world_size: int) -> dict[str, Any]:
             raise ConfigError(
                 f"deepspeed.{key} is not used: the optimizer (AdamW) and LR schedule come from "
                 f"train.* (lr, min_lr, warmup_steps, lr_decay, betas, weight_decay)"
+            )
+    # The non-finite guard (training/guard.py) relies on DeepSpeed skipping a step whose
+    # gradient norm is not finite; these two switches turn that check off.
+    for section, key in (
+        ("bf16", "check_grad_overflow"),
+        ("zero_optimization", "compute_grad_norm"),
+    ):
+        if ds.get(section, {}).get(key, True) is not True:
+            raise ConfigError(
+                f"deepspeed.{section}.{key}={ds[section][key]!r} would let DeepSpeed apply "
+                f"steps with non-finite gradients, which the non-finite guard "
+                f"(train.on_nonfinite) relies on it to skip; remove it"
             )
     for precision, key in (("bf16", "bf16"), ("fp16", "fp16")):
         wanted = train.precision == precision
@@ -138,8 +151,8 @@ def build_engine(config: RunConfig, model: nn.Module, world_size: int, mpu) -> E
 
             merger.get_fp32 = safe_get_full_fp32_param
             merger.set_fp32 = safe_set_full_fp32_param
-    if stage == 0 and train.precision == "fp32" and train.clip_grad > 0:
-        _keep_fp32_grad_norm(engine)
+    if stage == 0 and train.precision == "fp32":
+        _skip_non_finite_fp32_steps(engine)
     return Engine(
         engine=engine,
         optimizer=ds_optimizer,
@@ -149,20 +162,34 @@ def build_engine(config: RunConfig, model: nn.Module, world_size: int, mpu) -> E
     )
 
 
-def _keep_fp32_grad_norm(engine) -> None:
-    """Make ``engine.get_global_grad_norm()`` report the norm at ZeRO 0 in fp32 too.
+def _skip_non_finite_fp32_steps(engine) -> None:
+    """Give ZeRO 0 in fp32 the overflow skip every other DeepSpeed path has.
 
-    On that path DeepSpeed clips in ``clip_fp32_gradients`` with its own ``clip_grad_norm_``
-    (global over the model-parallel group, proxies included) but drops the norm it computed,
-    so ``get_global_grad_norm()`` would return ``None``. Same computation, result kept.
+    There DeepSpeed steps the torch optimizer directly: it clips in ``clip_fp32_gradients``
+    with its own ``clip_grad_norm_`` (global over the model-parallel group, proxies included)
+    but drops the norm (``get_global_grad_norm()`` would be ``None``), and it steps whatever
+    the gradients hold. Here the optimizer's ``step`` computes the same norm first (clipping
+    as DeepSpeed would; ``max_norm=inf`` leaves the gradients alone when clipping is off) and
+    sets ``overflow`` instead of stepping when it is not finite; DeepSpeed's
+    ``_take_model_step`` reads ``optimizer.overflow`` and ``optimizer._global_grad_norm``, so
+    the skip is counted and the LR schedule held as on the ZeRO paths. The gradients are
+    all-reduced over data parallelism by then, so every rank computes the same norm.
     """
     from deepspeed.runtime.utils import clip_grad_norm_
 
-    def clip_fp32_gradients() -> None:
-        engine._global_grad_norm = clip_grad_norm_(
-            parameters=engine.module.parameters(),
-            max_norm=engine.gradient_clipping(),
-            mpu=engine.mpu,
-        )
+    optimizer = engine.optimizer  # the torch AdamW itself: no DeepSpeed wrapper at ZeRO 0 fp32
+    step = optimizer.step
+    max_norm = engine.gradient_clipping() or math.inf
 
-    engine.clip_fp32_gradients = clip_fp32_gradients
+    def guarded_step(closure=None):
+        norm = clip_grad_norm_(
+            parameters=engine.module.parameters(), max_norm=max_norm, mpu=engine.mpu
+        )
+        optimizer._global_grad_norm = norm
+        optimizer.overflow = not bool(torch.isfinite(norm).all())
+        if optimizer.overflow:
+            return None
+        return step(closure)
+
+    optimizer.step = guarded_step
+    engine.clip_fp32_gradients = lambda: None  # done in guarded_step, before the check

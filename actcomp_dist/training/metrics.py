@@ -1,10 +1,16 @@
 """Progress output: one human-readable line per logging interval on rank 0, the same values
 as JSON lines in ``RUN_DIR/metrics.jsonl``, and TensorBoard scalars when it is installed and
-enabled."""
+enabled.
+
+``metrics.jsonl`` is strict JSON (RFC 8259 has no NaN or Infinity, and strict parsers reject
+Python's bare ``NaN``): a non-finite value is written as ``null`` and its key listed in
+``"nonfinite"``, e.g. ``{"step": 7, "loss": null, ..., "nonfinite": ["loss", "grad_norm"]}``.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -61,12 +67,13 @@ class MetricsLogger:
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        self._file.write(json.dumps(record) + "\n")
+        self._file.write(json.dumps(strict_record(record), allow_nan=False) + "\n")
         self._file.flush()
         if self._tb is not None:
             for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    self._tb.add_scalar(key, value, record["step"])
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    if key != "step":
+                        self._tb.add_scalar(key, value, record["step"])
         print(self.format(record), flush=True)
 
     @staticmethod
@@ -88,6 +95,8 @@ class MetricsLogger:
             parts.append(f"saved act {format_bytes(record['saved_activation_bytes'])}")
         if "peak_bytes" in record:
             parts.append(f"peak {format_bytes(record['peak_bytes'])}")
+        if record.get("skipped"):
+            parts.append(f"step skipped ({record.get('skipped_steps', '?')} so far)")
         return " | ".join(parts)
 
     def close(self) -> None:
@@ -95,6 +104,21 @@ class MetricsLogger:
             self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def strict_record(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` with each non-finite float replaced by ``None`` and listed in
+    ``"nonfinite"`` (absent when every value is finite)."""
+    nonfinite = [
+        key
+        for key, value in record.items()
+        if isinstance(value, float) and not math.isfinite(value)
+    ]
+    if not nonfinite:
+        return record
+    out = {key: (None if key in nonfinite else value) for key, value in record.items()}
+    out["nonfinite"] = nonfinite
+    return out
 
 
 def _step(line: str) -> int | None:

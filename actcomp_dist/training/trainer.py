@@ -4,14 +4,18 @@ Order of set-up (each step needs the previous one):
 
 1. validate the config against the world size the launcher announced (no collective yet, so
    a bad config fails the same way on every rank and nothing hangs);
-2. check the checkpoint to resume from (marker, file hashes, compression config, layout),
-   then the model config (the first check that imports megatron-core);
-3. process group, Megatron parallel state, seeds;
+2. check that no live run holds ``RUN_DIR/LOCK``, the checkpoint to resume from (marker,
+   file hashes, compression config, layout), then the model config (the first check that
+   imports megatron-core);
+3. process group; rank 0 takes the run-directory lock (:mod:`actcomp_dist.training.run_lock`);
+   Megatron parallel state, seeds;
 4. data: the embedded corpus or the configured indexed datasets, the resumable loader;
 5. model (tensor-parallel LLaMA with compressed layers), then activation checkpointing;
 6. DeepSpeed engine (ZeRO, precision, AdamW, LR schedule, clipping);
-7. resume state; then the loop: micro-batches -> one optimizer step -> subspace merge ->
-   advance the compression schedule -> log / evaluate / checkpoint / preemption check.
+7. resume state; then the loop: micro-batches -> one optimizer step -> (if DeepSpeed applied
+   it) subspace merge and compression schedule -> non-finite verdict -> log / evaluate /
+   checkpoint / preemption check. A non-finite loss or gradient norm is caught before the
+   optimizer step changes anything (see :mod:`actcomp_dist.training.guard`).
 """
 
 from __future__ import annotations
@@ -34,7 +38,14 @@ from actcomp_dist.training import checkpoint as ckpt
 from actcomp_dist.training.activation_checkpointing import apply_activation_checkpointing
 from actcomp_dist.training.config import ConfigError, RunConfig, validate_model, validate_run
 from actcomp_dist.training.distributed import init_distributed, launch_info
+from actcomp_dist.training.guard import (
+    NonFiniteError,
+    NonFiniteGuard,
+    parameters_finite,
+    poison,
+)
 from actcomp_dist.training.metrics import MetricsLogger, format_bytes
+from actcomp_dist.training.run_lock import acquire_run_lock, check_run_lock
 from actcomp_dist.training.signals import PreemptionHandler
 
 VOCAB_MULTIPLE = 128  # pad the vocabulary like Megatron (per tensor-parallel rank)
@@ -198,11 +209,21 @@ class Trainer:
         self.config = config
         info = launch_info()
         self.validate(info.world_size)
+        check_run_lock(config.run_dir)
         self.resume_path, self.resume_state = _check_resume(config, info.world_size)
         validate_model(config)
         self.world_size = info.world_size
         self.device = init_distributed(info)
+        self.run_lock = acquire_run_lock(config.run_dir)
+        try:
+            self._set_up()
+        except BaseException:
+            self.close()
+            raise
 
+    def _set_up(self) -> None:
+        """Everything after the process group and the lock (released if this raises)."""
+        config = self.config
         from actcomp_dist.parallel import state
         from actcomp_dist.parallel.deepspeed_mpu import MegatronMPU
 
@@ -226,6 +247,7 @@ class Trainer:
 
         self.engine = build_engine(config, self.model, self.world_size, MegatronMPU())
         self.schedule = self.model.compression_schedule
+        self.guard = NonFiniteGuard(train.on_nonfinite, train.max_skipped_steps, train.precision)
         if self.resume_path is not None:
             self._load(self.resume_path)
 
@@ -274,6 +296,9 @@ class Trainer:
             "step": self.step,
             "consumed_samples": self.consumed,
             "schedule": self.schedule.state_dict(),
+            "guard": self.guard.state_dict(),
+            # Every parameter finite on every rank, checked when this state was saved.
+            "healthy": True,
             "world_size": self.world_size,
             "config": self.config.to_dict(),
             # The model as built (vocabulary padded, overrides applied): what export tools need.
@@ -288,6 +313,16 @@ class Trainer:
         }
 
     def save(self) -> Path:
+        """Collective. Refuses (:class:`NonFiniteError`, nothing written) to save parameters
+        that are not all finite: such a state can only have been reached around the guard
+        (a fault in memory, a path without DeepSpeed's overflow check)."""
+        merger = self.engine.merger
+        masters = list(merger.masters.values()) if merger is not None else []
+        if not parameters_finite(self.model, masters):
+            raise NonFiniteError(
+                f"step {self.step}: some parameters are not finite; nothing saved (the last "
+                f"checkpoint is intact)"
+            )
         self.saved_step = self.step
         path = ckpt.save_checkpoint(
             self.config.checkpoint_dir,
@@ -303,6 +338,7 @@ class Trainer:
     def _load(self, path: Path) -> None:
         rank_state = ckpt.load_checkpoint(path, self.engine.engine)
         self.schedule.load_state_dict(self.resume_state["schedule"])
+        self.guard.load_state_dict(self.resume_state.get("guard", {}))
         ckpt.set_rng_state(rank_state["rng"])
         if self.engine.merger is not None:
             self.engine.merger.load_state_dict(rank_state["subspace_masters"])
@@ -374,10 +410,13 @@ class Trainer:
         return _dp_mean(losses, self.ctx.dp_group) if losses else None
 
     def close(self) -> None:
-        """Forget the parallel state this trainer created (the process group stays), so that
-        :func:`run_pretraining` can run again in the same process."""
+        """Release the run-directory lock and forget the parallel state this trainer created
+        (the process group stays), so that :func:`run_pretraining` can run again in the same
+        process. Idempotent."""
         from actcomp_dist.parallel import state
 
+        if self.run_lock is not None:
+            self.run_lock.release()
         if state.is_initialized():
             state.destroy()
 
@@ -405,7 +444,8 @@ class Trainer:
                 lr = self.engine.lr_scheduler.get_last_lr()[0]
                 micro_losses = []
                 saved_bytes = 0
-                for micro in range(self.engine.gradient_accumulation_steps):
+                accumulation = self.engine.gradient_accumulation_steps
+                for micro in range(accumulation):
                     tokens, labels, mask = _batch_to(next(data), self.device)
                     if micro == 0:
                         with SavedTensorCounter() as counter:
@@ -414,12 +454,22 @@ class Trainer:
                         first_batch = (tokens, labels, mask)
                     else:
                         loss = _mean_loss(engine(tokens, labels, mask), mask)
+                    micro_losses.append(loss.detach())
+                    if micro == accumulation - 1:
+                        # Before the backward that ends the step: the same verdict on every
+                        # rank; a non-finite loss makes DeepSpeed skip the step (guard.py).
+                        last_loss = _dp_mean(micro_losses, self.ctx.dp_group)
+                        loss_finite = math.isfinite(last_loss)
+                        if not loss_finite:
+                            loss = poison(loss)
                     engine.backward(loss)
                     engine.step()
-                    micro_losses.append(loss.detach())
-                if self.engine.merger is not None:
-                    self.engine.merger.merge(lr)
-                self.schedule.advance()
+                applied = engine.was_step_applied()
+                if applied:
+                    if self.engine.merger is not None:
+                        self.engine.merger.merge(lr)
+                    self.schedule.advance()
+                stop_reason = self.guard.after_step(self.step + 1, loss_finite, applied)
                 self.step += 1
                 self.consumed += train.global_batch_size
                 if self.device.type == "cuda":
@@ -428,7 +478,6 @@ class Trainer:
                 if not described:
                     self._report_activation_memory(first_batch, saved_bytes)
                     described = True
-                last_loss = _dp_mean(micro_losses, self.ctx.dp_group)
                 record = {"step": self.step, "loss": last_loss, "lr": lr}
                 grad_norm = engine.get_global_grad_norm()
                 record["grad_norm"] = None if grad_norm is None else float(grad_norm)
@@ -438,6 +487,13 @@ class Trainer:
                 )
                 record["saved_activation_bytes"] = saved_bytes
                 record["peak_bytes"] = _peak_bytes(self.device)
+                record["skipped_steps"] = engine.skipped_steps
+                if not applied:
+                    record["skipped"] = True
+                if stop_reason is not None:
+                    history.append(record)
+                    self.logger.log(record)
+                    raise NonFiniteError(stop_reason)
                 if train.eval_interval and (
                     self.step % train.eval_interval == 0 or self.step == train.steps
                 ):
@@ -448,6 +504,7 @@ class Trainer:
                 if (
                     self.step % config.logging.interval == 0
                     or "val_loss" in record
+                    or not applied
                     or self.step == train.steps
                 ):
                     self.logger.log(record)
