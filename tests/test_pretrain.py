@@ -322,7 +322,12 @@ def _subspace_rank(rank: int, world_size: int, raws: list[dict]) -> list[dict]:
         history = trainer.train().history
 
         model = build_llama(
-            trainer.model.config, config.compression, init_seed=train.seed, device="cpu"
+            trainer.model.config,
+            config.compression,
+            init_seed=train.seed,
+            device="cpu",
+            efficient_ops=config.memory.efficient_ops,  # the same block and head as trained
+            loss_chunk_tokens=config.memory.chunked_loss_tokens,
         )
         matrices = [p for p in model.parameters() if p.dim() >= 2]
         vectors = [p for p in model.parameters() if p.dim() < 2]
