@@ -362,6 +362,36 @@ class ModelStates:
         return self.parameters + self.gradients + self.optimizer_state + self.engine_buffers
 
 
+def _site_widths(model: ModelShape) -> dict[str, tuple[int, int]]:
+    """site: (input width, output width) of the full (unsharded) linear."""
+    h, f, d = model.hidden_size, model.ffn_hidden_size, model.head_dim
+    heads, groups = model.num_attention_heads, model.query_groups
+    return {
+        "qkv": (h, (heads + 2 * groups) * d),
+        "proj": (heads * d, h),
+        "fc1": (h, 2 * f),
+        "fc2": (f, h),
+    }
+
+
+def compact_site_shapes(
+    model: ModelShape, compression: CompressionConfig, tensor_parallel: int = 1
+) -> list[tuple[int, int, int]]:
+    """``(n_local, m_local, r_local)`` of each ``compact`` site of one block on TP rank 0: the
+    local weight is [m_local, n_local], its projection [n_local, r_local]."""
+    if compression.method != "compact":
+        return []
+    t = tensor_parallel
+    setting = ActivationSetting(1, 1, tensor_parallel=t)
+    shapes = []
+    for site in compression.sites:
+        n, m = _site_widths(model)[site]
+        row = site in _ROW_SITES
+        rank, _ = _site_width(site, compression, n, setting)
+        shapes.append((n // t if row else n, m if row else m // t, rank))
+    return shapes
+
+
 def local_parameter_counts(
     model: ModelShape, compression: CompressionConfig, tensor_parallel: int = 1
 ) -> dict[str, int]:
@@ -369,31 +399,31 @@ def local_parameter_counts(
     in ``subspace`` mode, kept out of the optimizer) and ``subspace_proxies`` (their m x r
     gradient carriers)."""
     t = tensor_parallel
-    h, f, d = model.hidden_size, model.ffn_hidden_size, model.head_dim
-    heads, groups = model.num_attention_heads, model.query_groups
-    widths = {  # site: (input width, output width) of the full layer
-        "qkv": (h, (heads + 2 * groups) * d),
-        "proj": (heads * d, h),
-        "fc1": (h, 2 * f),
-        "fc2": (f, h),
-    }
-    block = sum(n * m for n, m in widths.values()) // t + 2 * h
+    h = model.hidden_size
+    block = sum(n * m for n, m in _site_widths(model).values()) // t + 2 * h
     embeddings = 2 * model.vocab_size * h // t
     if getattr(model, "tie_embeddings", False):
         embeddings //= 2
     total = embeddings + model.num_layers * block + h
     weights = proxies = 0
-    if compression.method == "compact" and compression.grad_mode == "subspace":
-        setting = ActivationSetting(1, 1, tensor_parallel=t)
-        for site in compression.sites:
-            n, m = widths[site]
-            local_m = m if site in _ROW_SITES else m // t
-            rank, _ = _site_width(site, compression, n, setting)
-            weights += n * m // t
-            proxies += local_m * rank
+    if compression.grad_mode == "subspace":
+        for n, m, r in compact_site_shapes(model, compression, t):
+            weights += n * m
+            proxies += m * r
         weights *= model.num_layers
         proxies *= model.num_layers
     return {"total": total, "subspace_weights": weights, "subspace_proxies": proxies}
+
+
+def subspace_master_elements(
+    model: ModelShape, compression: CompressionConfig, tensor_parallel: int, data_parallel: int
+) -> int:
+    """fp32 master elements the subspace merger keeps on data-parallel rank 0 (the largest
+    share): ``ceil(m / D)`` rows of every compressed weight."""
+    if compression.grad_mode != "subspace":
+        return 0
+    shapes = compact_site_shapes(model, compression, tensor_parallel)
+    return model.num_layers * sum(-(-m // data_parallel) * n for n, m, _ in shapes)
 
 
 def predict_model_states(
@@ -414,7 +444,8 @@ def predict_model_states(
     the gradients, ZeRO-3 also the parameters. fp32 training has no master copy (8 bytes of
     moments). ``subspace`` mode: the compressed weights get no m x n gradient and no Adam
     state; their m x r proxies are ordinary parameters of the optimizer, and in 16-bit
-    training the merger keeps an fp32 master of each compressed weight (not partitioned).
+    training the merger keeps an fp32 master of each compressed weight, partitioned by output
+    rows over the data-parallel ranks at every ZeRO stage (``ceil(m / D)`` rows per rank).
     ZeRO 1/2 also allocate one gradient bucket of ``reduce_bucket_size`` elements (DeepSpeed's
     ``zero_optimization.reduce_bucket_size``, default 5e8: 2 GB in fp32, 1 GB in bf16).
     """
@@ -437,7 +468,9 @@ def predict_model_states(
         gradients = math.ceil(gradients / dp)
     if zero_stage >= 3:
         parameters = math.ceil(parameters / dp)
-    masters = weights * 4 if precision != "fp32" else 0
+    masters = 0
+    if precision != "fp32":
+        masters = 4 * subspace_master_elements(model, compression, tensor_parallel, dp)
     buffers = reduce_bucket_size * p_bytes if zero_stage in (1, 2) else 0
     full_t1 = local_parameter_counts(model, CompressionConfig(), 1)["total"]
     return ModelStates(
