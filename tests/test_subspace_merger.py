@@ -82,7 +82,8 @@ def _reference(w0: torch.Tensor, deltas: list[torch.Tensor], layer_id: int) -> t
     """float64 masters after the two merges, and the magnitude of their terms."""
     n = w0.shape[1]
     w, magnitude = w0.double(), w0.double().abs()
-    p = gaussian_projection(SEED, layer_id, "fc1", 0, n, RANK)  # [n, r]; epoch 0 both steps
+    # [n, r], epoch 0 at both steps; rounded to bf16 like the forward's (and the merge's) P.
+    p = gaussian_projection(SEED, layer_id, "fc1", 0, n, RANK).float().bfloat16().double()
     for delta in deltas:
         w = w * (1 - LR * WEIGHT_DECAY) + ALPHA * delta.double() @ p.t()
         magnitude = magnitude + ALPHA * delta.double().abs() @ p.abs().t()

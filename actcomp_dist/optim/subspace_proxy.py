@@ -169,7 +169,10 @@ class SubspaceMerger:
             if self.weight_decay:
                 master.mul_(1.0 - lr * self.weight_decay)
             if seeds is not None:
-                projection = layer.compressor.projection(seeds, delta.device, torch.float32)
+                # The P the forward used (the weight's dtype, so the projection cache holds
+                # one dtype), widened: the gradient G_hat = g^T X P was formed with it.
+                projection = layer.compressor.projection(seeds, delta.device, weight.dtype)
+                projection = projection.float()  # [n, r]
                 rows = delta[start : start + master.shape[0]].float()  # [rows, r]
                 master.add_((rows @ projection.t()).mul_(self.subspace_scale))
             if master is not weight:
