@@ -356,10 +356,17 @@ class ModelStates:
     engine_buffers: int  # DeepSpeed's gradient-reduction bucket (ZeRO 1/2)
     parameters_count: int  # logical parameters of the whole model
     detail: dict[str, Any] = field(default_factory=dict)
+    projection_cache: int = 0  # compact's cached P of each compressed layer (n x r)
 
     @property
     def total(self) -> int:
-        return self.parameters + self.gradients + self.optimizer_state + self.engine_buffers
+        return (
+            self.parameters
+            + self.gradients
+            + self.optimizer_state
+            + self.engine_buffers
+            + self.projection_cache
+        )
 
 
 def _site_widths(model: ModelShape) -> dict[str, tuple[int, int]]:
@@ -436,17 +443,33 @@ def predict_model_states(
     tensor_parallel: int = 1,
     reduce_bucket_size: int = 500_000_000,
 ) -> ModelStates:
-    """Parameters, gradients and AdamW state per GPU under DeepSpeed ZeRO.
+    """Parameters, gradients and AdamW state per GPU under DeepSpeed ZeRO, at their peak: the
+    optimizer step.
 
-    Mixed precision (bf16/fp16) follows the ZeRO paper's accounting: 16-bit parameters and
-    gradients, and an fp32 master copy plus two fp32 moments (12 bytes per parameter) in the
-    optimizer; ZeRO-1 partitions the optimizer state over the data-parallel ranks, ZeRO-2 also
-    the gradients, ZeRO-3 also the parameters. fp32 training has no master copy (8 bytes of
-    moments). ``subspace`` mode: the compressed weights get no m x n gradient and no Adam
-    state; their m x r proxies are ordinary parameters of the optimizer, and in 16-bit
-    training the merger keeps an fp32 master of each compressed weight, partitioned by output
-    rows over the data-parallel ranks at every ZeRO stage (``ceil(m / D)`` rows per rank).
-    ZeRO 1/2 also allocate one gradient bucket of ``reduce_bucket_size`` elements (DeepSpeed's
+    The ZeRO paper's accounting, corrected by what DeepSpeed 0.19 allocates (measured by
+    :func:`actcomp_dist.memory.model_state_bytes` in ``tests/test_model_states.py``):
+
+    - parameters in the training precision; ZeRO-3 keeps 1/D of them (parameters below its
+      ``stage3_param_persistence_threshold``, 1e5 elements by default, stay whole on every
+      rank; not modelled: at 1B only the norm vectors are that small);
+    - optimizer state: two fp32 Adam moments, plus an fp32 master copy wherever DeepSpeed
+      keeps one — in 16-bit training always, and at ZeRO 1-3 in fp32 too (its partition of
+      the flat fp32 weights is a copy): 12 bytes per trained parameter, 8 for fp32 at ZeRO 0;
+      ZeRO 1-3 keep 1/D of it;
+    - gradients: the larger of what backward leaves (16-bit gradients: all of them at ZeRO 0
+      and 1, 1/D at ZeRO 2 and 3; bf16 at ZeRO 0 adds fp32 accumulators of all of them; ZeRO 0
+      also gives the compressed weights of ``subspace`` mode a zero gradient) and what the
+      step holds while it steps parameter group g (ZeRO 1-3): 1/D of the gradients of group g
+      and of the groups after it, and an fp32 copy of group g's partition. The groups are the trainer's, in its order: matrices
+      (weight decay), vectors (none), ``subspace`` proxies.
+
+    ``subspace`` mode: the compressed weights get no m x n gradient and no Adam state; their
+    m x r proxies are ordinary parameters of the optimizer, and in 16-bit training the merger
+    keeps an fp32 master of each compressed weight, partitioned by output rows over the
+    data-parallel ranks (``ceil(m / D)`` rows per rank). With ``cache_projection`` every
+    ``compact`` layer keeps its current P [n_local, r_local] in the compute dtype
+    (``projection_cache``; row-parallel layers hold their block-diagonal P densely). ZeRO 1/2
+    also allocate one gradient bucket of ``reduce_bucket_size`` elements (DeepSpeed's
     ``zero_optimization.reduce_bucket_size``, default 5e8: 2 GB in fp32, 1 GB in bf16).
     """
     if precision not in ("fp32", "bf16", "fp16"):
@@ -459,30 +482,54 @@ def predict_model_states(
     weights, proxies = counts["subspace_weights"], counts["subspace_proxies"]
     model_params = counts["total"] + proxies
     trained = model_params - weights  # parameters the optimizer steps
+    vectors = model.num_layers * 2 * model.hidden_size + model.hidden_size  # the RMSNorms
+    groups = [trained - vectors - proxies, vectors, proxies]  # the trainer's, in its order
     parameters = model_params * p_bytes
-    gradients = trained * p_bytes
-    optimizer = trained * (8 if precision == "fp32" else 12)
-    if zero_stage >= 1:
-        optimizer = math.ceil(optimizer / dp)
-    if zero_stage >= 2:
-        gradients = math.ceil(gradients / dp)
     if zero_stage >= 3:
         parameters = math.ceil(parameters / dp)
+    optimizer = trained * (8 if precision == "fp32" and zero_stage == 0 else 12)
+    if zero_stage >= 1:
+        optimizer = math.ceil(optimizer / dp)
+    if zero_stage == 0:
+        # DeepSpeed's ZeRO-0 reduction gives every parameter without a gradient a zero one:
+        # the compressed weights of subspace mode get an m x n gradient after all.
+        gradients = model_params * p_bytes + (0 if precision == "fp32" else trained * 4)
+    else:
+        held = trained * p_bytes if zero_stage == 1 else math.ceil(trained / dp) * p_bytes
+        stepping = max(
+            (
+                math.ceil(group / dp) * (p_bytes + 4)
+                + sum(groups[later] for later in range(g + 1, len(groups))) * p_bytes / dp
+            )
+            for g, group in enumerate(groups)
+        )
+        gradients = max(held, math.ceil(stepping))
     masters = 0
     if precision != "fp32":
         masters = 4 * subspace_master_elements(model, compression, tensor_parallel, dp)
     buffers = reduce_bucket_size * p_bytes if zero_stage in (1, 2) else 0
+    cache = 0
+    if compression.cache_projection:
+        shapes = compact_site_shapes(model, compression, tensor_parallel)
+        cache = model.num_layers * sum(n * r for n, _, r in shapes) * p_bytes
     full_t1 = local_parameter_counts(model, CompressionConfig(), 1)["total"]
     return ModelStates(
         parameters=parameters,
         gradients=gradients,
         optimizer_state=optimizer + masters,
         engine_buffers=buffers,
+        projection_cache=cache,
         parameters_count=full_t1,
         detail={
             "subspace_weights": weights,
             "subspace_proxies": proxies,
             "subspace_masters_bytes": masters,
+            # What each rank hands to the data-parallel gradient reduction per step, in the
+            # gradients' dtype: the m x r gradients of subspace layers, and all others.
+            "dp_reduction_bytes": {
+                "compressed": proxies * p_bytes,
+                "ordinary": (trained - proxies) * p_bytes,
+            },
         },
     )
 

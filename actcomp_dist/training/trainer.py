@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from actcomp_dist.memory import SavedTensorCounter
+from actcomp_dist.memory import ModelStateProbe, SavedTensorCounter
 from actcomp_dist.training import checkpoint as ckpt
 from actcomp_dist.training.activation_checkpointing import apply_activation_checkpointing
 from actcomp_dist.training.config import ConfigError, RunConfig, validate_model, validate_run
@@ -225,6 +225,7 @@ class Trainer:
 
         self.engine = build_engine(config, self.model, self.world_size, MegatronMPU())
         self.schedule = self.model.compression_schedule
+        self.model_states = ModelStateProbe(self.model, self.engine.optimizer, self.engine.merger)
         if self.resume_path is not None:
             self._load(self.resume_path)
 
@@ -348,6 +349,13 @@ class Trainer:
             )
         _print0(line)
 
+    def _report_model_states(self) -> None:
+        """Print this rank's model-state bytes measured in the first optimizer step, the
+        planner's prediction and the data-parallel gradient reduction per step."""
+        from actcomp_dist.training.model_states import describe_model_states
+
+        _print0(describe_model_states(self.config, self.model, self.ctx, self.model_states.last))
+
     # -- loop --------------------------------------------------------------------------------
     def evaluate(self) -> float | None:
         if self.valid_loader is None:
@@ -396,6 +404,7 @@ class Trainer:
                 lr = self.engine.lr_scheduler.get_last_lr()[0]
                 micro_losses = []
                 saved_bytes = 0
+                self.model_states.reset()
                 for micro in range(self.engine.gradient_accumulation_steps):
                     tokens, labels, mask = _batch_to(next(data), self.device)
                     if micro == 0:
@@ -406,6 +415,8 @@ class Trainer:
                     else:
                         loss = _mean_loss(engine(tokens, labels, mask), mask)
                     engine.backward(loss)
+                    if micro == self.engine.gradient_accumulation_steps - 1:
+                        self.model_states.measure()  # what backward left, before the step
                     engine.step()
                     micro_losses.append(loss.detach())
                 if self.engine.merger is not None:
@@ -418,6 +429,7 @@ class Trainer:
                 step_time = time.perf_counter() - start
                 if not described:
                     self._report_activation_memory(first_batch, saved_bytes)
+                    self._report_model_states()
                     described = True
                 last_loss = _dp_mean(micro_losses, self.ctx.dp_group)
                 record = {"step": self.step, "loss": last_loss, "lr": lr}
@@ -429,6 +441,7 @@ class Trainer:
                 )
                 record["saved_activation_bytes"] = saved_bytes
                 record["peak_bytes"] = _peak_bytes(self.device)
+                record["model_state_bytes"] = self.model_states.last
                 if train.eval_interval and (
                     self.step % train.eval_interval == 0 or self.step == train.steps
                 ):
