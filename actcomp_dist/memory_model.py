@@ -457,11 +457,11 @@ def predict_model_states(
       the flat fp32 weights is a copy): 12 bytes per trained parameter, 8 for fp32 at ZeRO 0;
       ZeRO 1-3 keep 1/D of it;
     - gradients: the larger of what backward leaves (16-bit gradients: all of them at ZeRO 0
-      and 1, 1/D at ZeRO 2 and 3; bf16 at ZeRO 0 adds fp32 accumulators of all of them; ZeRO 0
-      also gives the compressed weights of ``subspace`` mode a zero gradient) and what the
-      step holds while it steps parameter group g (ZeRO 1-3): 1/D of the gradients of group g
-      and of the groups after it, and an fp32 copy of group g's partition. The groups are the trainer's, in its order: matrices
-      (weight decay), vectors (none), ``subspace`` proxies.
+      and 1, 1/D at ZeRO 2 and 3; bf16 at ZeRO 0 adds fp32 accumulators of all of them) and
+      what the step holds while it steps parameter group g (ZeRO 1-3): 1/D of the gradients of
+      group g and of the groups after it, and an fp32 copy of group g's partition. The groups
+      are the trainer's, in its order: matrices (weight decay), vectors (none), ``subspace``
+      proxies.
 
     ``subspace`` mode: the compressed weights get no m x n gradient and no Adam state; their
     m x r proxies are ordinary parameters of the optimizer, and in 16-bit training the merger
@@ -491,9 +491,7 @@ def predict_model_states(
     if zero_stage >= 1:
         optimizer = math.ceil(optimizer / dp)
     if zero_stage == 0:
-        # DeepSpeed's ZeRO-0 reduction gives every parameter without a gradient a zero one:
-        # the compressed weights of subspace mode get an m x n gradient after all.
-        gradients = model_params * p_bytes + (0 if precision == "fp32" else trained * 4)
+        gradients = trained * (p_bytes if precision == "fp32" else p_bytes + 4)
     else:
         held = trained * p_bytes if zero_stage == 1 else math.ceil(trained / dp) * p_bytes
         stepping = max(

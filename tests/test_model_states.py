@@ -95,6 +95,10 @@ def test_measured_model_states_match_the_planner(tmp_path, corpus):
         assert result["reduction"] == reduction, name
         assert (reduction["compressed"] > 0) == ("subspace" in name), name
     by_name = dict(zip(LAYOUTS, ranks[0], strict=True))
+    # ZeRO 0 reduces no m x n gradient for the subspace weights (DeepSpeed would otherwise give
+    # each a zero one): gradients are exactly the trained parameters', no alignment padding.
+    zero0 = by_name["zero0_fp32_subspace"]
+    assert zero0["recorded"][-1]["gradients"] == zero0["predicted"].gradients
     # bf16 at DP=2: each rank keeps half of every compressed weight's fp32 master.
     masters = by_name["zero2_bf16_subspace"]["recorded"][-1]["subspace_masters"]
     weights = by_name["zero2_bf16_subspace"]["predicted"].detail["subspace_weights"]

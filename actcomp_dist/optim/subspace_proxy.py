@@ -83,6 +83,27 @@ def attach_subspace_proxies(model: nn.Module) -> list[nn.Parameter]:
     return proxies
 
 
+def skip_subspace_weights_in_zero0_reduction(engine, model: nn.Module) -> None:
+    """At ZeRO 0 DeepSpeed's data-parallel reduction collects every parameter that requires a
+    gradient and gives one without a gradient a zero tensor, so that all ranks reduce the same
+    sizes. A subspace weight never has a gradient (its m x r one is on its proxy): each step
+    would allocate an m x n zero gradient per compressed weight and all-reduce it. Hide those
+    weights from that one collection (every rank hides the same ones)."""
+    weights = [layer.weight for layer in subspace_layers(model) if layer.weight.requires_grad]
+    collect = engine._get_gradients_for_reduction
+
+    def gradients_for_reduction():
+        for weight in weights:
+            weight.requires_grad_(False)
+        try:
+            return collect()
+        finally:
+            for weight in weights:
+                weight.requires_grad_(True)
+
+    engine._get_gradients_for_reduction = gradients_for_reduction
+
+
 FP32Getter = Callable[[nn.Parameter], torch.Tensor]
 FP32Setter = Callable[[nn.Parameter, torch.Tensor], None]
 

@@ -29,6 +29,7 @@ from torch import nn
 from actcomp_dist.optim.subspace_proxy import (
     SubspaceMerger,
     attach_subspace_proxies,
+    skip_subspace_weights_in_zero0_reduction,
     subspace_layers,
 )
 from actcomp_dist.training.config import ConfigError, RunConfig, gradient_accumulation_steps
@@ -144,6 +145,8 @@ def build_engine(config: RunConfig, model: nn.Module, world_size: int, mpu) -> E
 
             merger.get_fp32 = safe_get_full_fp32_param
             merger.set_fp32 = safe_set_full_fp32_param
+        if stage == 0:
+            skip_subspace_weights_in_zero0_reduction(engine, model)
     if stage == 0 and train.precision == "fp32" and train.clip_grad > 0:
         _keep_fp32_grad_norm(engine)
     return Engine(
