@@ -14,8 +14,11 @@ partitions and Adam's step counters (observed below 0.02%).
 from __future__ import annotations
 
 import pytest
+import torch
+from torch import nn
 
 from actcomp_dist.data.corpus import ensure_embedded_corpus
+from actcomp_dist.memory import ModelStateProbe, model_state_bytes
 from tests.distributed import run_distributed
 from tests.test_pretrain import VOCAB, _config
 
@@ -103,3 +106,27 @@ def test_measured_model_states_match_the_planner(tmp_path, corpus):
     masters = by_name["zero2_bf16_subspace"]["recorded"][-1]["subspace_masters"]
     weights = by_name["zero2_bf16_subspace"]["predicted"].detail["subspace_weights"]
     assert masters == 4 * weights // 2
+
+
+def test_model_state_bytes_counts_each_storage_once_by_category():
+    """Closed form on a plain model: two parameters that are views of one flat buffer (as in
+    ZeRO's flat groups) count as the buffer; a module buffer is not model state; inside
+    AdamW's step the gradients (own storages) and the moments plus a 4-byte step counter per
+    parameter exist."""
+    flat = torch.zeros(110)  # 100 used + 10 elements of padding
+    model = nn.Module()
+    model.a = nn.Parameter(flat[:64].view(8, 8))
+    model.b = nn.Parameter(flat[64:100].view(6, 6))
+    model.register_buffer("table", torch.ones(1000))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    probe = ModelStateProbe(model, optimizer)
+    model.a.grad, model.b.grad = torch.ones(8, 8), torch.ones(6, 6)
+    optimizer.step()
+    measured = probe.last
+    assert measured["parameters"] == 110 * 4
+    assert measured["gradients"] == 100 * 4
+    assert measured["optimizer_state"] == 2 * 100 * 4 + 2 * 4
+    assert measured["total"] == 110 * 4 + 100 * 4 + 808
+    optimizer.zero_grad(set_to_none=True)  # after the step: no gradients
+    assert model_state_bytes(model, optimizer)["gradients"] == 0
+    probe.remove()
