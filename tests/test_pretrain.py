@@ -574,6 +574,15 @@ def test_launcher_trains_the_tiny_config(launched_run):
     )
     assert match, output[-3000:]
     assert match.group(1) == match.group(2) != match.group(3)
+    # Model states of the second step, measured and predicted (tests/test_model_states.py
+    # checks them by category); lift mode reduces no m x n gradient as m x r.
+    match = re.search(
+        r"model states per rank: measured ([\d.]+) MiB \(.+?\); predicted ([\d.]+) MiB \| "
+        r"data-parallel gradient reduction per step: 0 B compressed",
+        output,
+    )
+    assert match, output[-3000:]
+    assert abs(float(match.group(1)) - float(match.group(2))) <= 0.05 * float(match.group(2))
 
 
 def _rank_pid(launcher: subprocess.Popen, rank: int, timeout: float = 120) -> int:

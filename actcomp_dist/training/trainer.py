@@ -350,7 +350,7 @@ class Trainer:
         _print0(line)
 
     def _report_model_states(self) -> None:
-        """Print this rank's model-state bytes measured in the first optimizer step, the
+        """Print this rank's model-state bytes measured in the last optimizer step, the
         planner's prediction and the data-parallel gradient reduction per step."""
         from actcomp_dist.training.model_states import describe_model_states
 
@@ -397,7 +397,7 @@ class Trainer:
         last_loss = last_val = None
         preempted = stop_requested = False
         engine.train()
-        described = False
+        described = states_reported = False
         try:
             while self.step < train.steps:
                 start = time.perf_counter()
@@ -429,8 +429,11 @@ class Trainer:
                 step_time = time.perf_counter() - start
                 if not described:
                     self._report_activation_memory(first_batch, saved_bytes)
-                    self._report_model_states()
                     described = True
+                # After the second step: the first creates Adam's moments group by group.
+                if not states_reported and (history or self.step == train.steps):
+                    self._report_model_states()
+                    states_reported = True
                 last_loss = _dp_mean(micro_losses, self.ctx.dp_group)
                 record = {"step": self.step, "loss": last_loss, "lr": lr}
                 grad_norm = engine.get_global_grad_norm()
