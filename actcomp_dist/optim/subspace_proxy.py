@@ -132,8 +132,9 @@ class SubspaceMerger:
     all-gathered into every rank's weight — ZeRO-1's partition of optimizer state applied to
     the one piece DeepSpeed cannot hold. Rows, not a flat split, because a row's update
     ``alpha * S[i] P^T`` needs only row ``i`` of ``S``: no rank forms the whole m x n update
-    either. Each output row is computed by the same operations at every D, so the weights do
-    not depend on the data-parallel size. fp32 weights are their own masters: there is nothing
+    either. Each output row is the same length-r product at every D (a GEMM may block fewer
+    rows differently: the results agree within the rounding of that product, which the tests
+    bound). fp32 weights are their own masters: there is nothing
     to partition, and every rank applies the whole (identical) update without communication.
 
     Why not DeepSpeed's own partitioned state: DeepSpeed keeps fp32 masters only of the
