@@ -11,6 +11,12 @@ allocator peaks, which depend on caching and timing.
 split into parameters, gradients, activations, optimizer state and temporaries; on a GPU it
 also reports ``torch.cuda.max_memory_allocated``.
 
+``model_state_bytes`` counts what a rank holds between steps and inside one — parameters,
+gradients, optimizer state, the subspace merger's fp32 masters, cached projections — from the
+live tensors, each storage once (so a parameter that is a view of an engine's flat buffer counts
+as the buffer); ``ModelStateProbe`` takes it inside each optimizer step, the only moment where
+gradients and Adam's moments coexist.
+
 The analytic model (closed-form predictions of the same saved bytes, and of parameters,
 gradients and optimizer state under ZeRO) is :mod:`actcomp_dist.memory_model`; its main
 functions are re-exported here.
