@@ -205,8 +205,13 @@ def test_model_states_closed_form():
     assert states.parameters == 2 * p and states.gradients == 2 * p
     assert states.optimizer_state == -(-12 * p // 8)
     assert states.engine_buffers == 500_000_000 * 2
+    # fp32 at ZeRO 1-3: DeepSpeed's fp32 partition is a copy (12 bytes of optimizer state per
+    # parameter, not 8); the step holds the largest group's gradient partition twice (its
+    # gradients and the fp32 copy it steps with), and 1/D of the later groups' (the norms).
     stage3 = predict_model_states(config, none, precision="fp32", zero_stage=3, data_parallel=4)
-    assert stage3.parameters == p and stage3.gradients == p and stage3.optimizer_state == 2 * p
+    norms = config.num_layers * 2 * config.hidden_size + config.hidden_size
+    assert stage3.parameters == p and stage3.optimizer_state == 3 * p
+    assert stage3.gradients == -(-(p - norms) // 4) * 8 + norms
     # subspace: the compressed weights lose their gradient and Adam state, gain an fp32 master;
     # their m x r proxies (r = n/4) are trained instead.
     sub = CompressionConfig(method="compact", rank=0.25, grad_mode="subspace")
@@ -216,7 +221,8 @@ def test_model_states_closed_form():
     proxies = layers * (3 * h * (h // 4) + 2 * f * (h // 4) + h * (f // 4))
     assert s.detail["subspace_weights"] == weights
     assert s.detail["subspace_proxies"] == proxies
-    assert s.gradients == 2 * (p + proxies - weights)
+    # ZeRO 0 in bf16: 16-bit gradients and fp32 accumulators of the trained parameters.
+    assert s.gradients == 6 * (p + proxies - weights)
     assert s.optimizer_state == 12 * (p + proxies - weights) + 4 * weights
 
 

@@ -228,12 +228,25 @@ def main(argv: list[str] | None = None) -> int:
                 _gb(states.gradients),
                 _gb(states.optimizer_state),
                 _gb(states.engine_buffers),
+                _gb(states.projection_cache),
                 _gb(states.total),
+                _gb(states.detail["dp_reduction_bytes"]["compressed"]),
+                _gb(states.detail["dp_reduction_bytes"]["ordinary"]),
             ]
         )
     lines += _table(
         "Model states per GPU (GB):",
-        ["", "parameters", "gradients", "optimizer", "DS bucket", "total"],
+        [
+            "",
+            "parameters",
+            "gradients",
+            "optimizer",
+            "DS bucket",
+            "P cache",
+            "total",
+            "| DP grads: m x r",
+            "other",
+        ],
         state_rows,
     )
     header = ["variant"] + [f"s={s}" for s in seq_lengths]
@@ -264,8 +277,11 @@ def main(argv: list[str] | None = None) -> int:
     lines += _table("Largest micro-batch that fits (0: not even 1):", header, batch_rows)
     lines += [
         "",
-        "Activations: exact formulas (tests/test_memory_plan.py). Model states: ZeRO accounting "
-        "(16-bit weights and gradients, fp32 master + Adam moments). The peak adds an estimate "
+        "Activations: exact formulas (tests/test_memory_plan.py). Model states: DeepSpeed's "
+        "ZeRO accounting at the optimizer step, checked against the bytes of live tensors "
+        "(tests/test_model_states.py); 'DP grads': gradient bytes each rank hands to the "
+        "data-parallel reduction per step (subspace m x r gradients, all others). The peak "
+        "adds an estimate "
         "of backward's transient (logits and their fp32 gradient, one activation gradient, one "
         "recomputed block under checkpointing) and the reserve; it assumes a flash / "
         "memory-efficient attention kernel (no s x s matrix).",

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from actcomp_dist.memory import SavedTensorCounter
+from actcomp_dist.memory import ModelStateProbe, SavedTensorCounter
 from actcomp_dist.training import checkpoint as ckpt
 from actcomp_dist.training.activation_checkpointing import apply_activation_checkpointing
 from actcomp_dist.training.config import ConfigError, RunConfig, validate_model, validate_run
@@ -248,6 +248,7 @@ class Trainer:
         self.engine = build_engine(config, self.model, self.world_size, MegatronMPU())
         self.schedule = self.model.compression_schedule
         self.guard = NonFiniteGuard(train.on_nonfinite, train.max_skipped_steps, train.precision)
+        self.model_states = ModelStateProbe(self.model, self.engine.optimizer, self.engine.merger)
         if self.resume_path is not None:
             self._load(self.resume_path)
 
@@ -393,6 +394,13 @@ class Trainer:
             )
         _print0(line)
 
+    def _report_model_states(self) -> None:
+        """Print this rank's model-state bytes measured in the last optimizer step, the
+        planner's prediction and the data-parallel gradient reduction per step."""
+        from actcomp_dist.training.model_states import describe_model_states
+
+        _print0(describe_model_states(self.config, self.model, self.ctx, self.model_states.last))
+
     # -- loop --------------------------------------------------------------------------------
     def evaluate(self) -> float | None:
         if self.valid_loader is None:
@@ -437,13 +445,14 @@ class Trainer:
         last_loss = last_val = None
         preempted = stop_requested = False
         engine.train()
-        described = False
+        described = states_reported = False
         try:
             while self.step < train.steps:
                 start = time.perf_counter()
                 lr = self.engine.lr_scheduler.get_last_lr()[0]
                 micro_losses = []
                 saved_bytes = 0
+                self.model_states.reset()
                 accumulation = self.engine.gradient_accumulation_steps
                 for micro in range(accumulation):
                     tokens, labels, mask = _batch_to(next(data), self.device)
@@ -463,6 +472,8 @@ class Trainer:
                         if not loss_finite:
                             loss = poison(loss)
                     engine.backward(loss)
+                    if micro == accumulation - 1:
+                        self.model_states.measure()  # what backward left, before the step
                     engine.step()
                 applied = engine.was_step_applied()
                 if applied:
@@ -478,6 +489,10 @@ class Trainer:
                 if not described:
                     self._report_activation_memory(first_batch, saved_bytes)
                     described = True
+                # After the second step: the first creates Adam's moments group by group.
+                if not states_reported and (history or self.step == train.steps):
+                    self._report_model_states()
+                    states_reported = True
                 record = {"step": self.step, "loss": last_loss, "lr": lr}
                 grad_norm = engine.get_global_grad_norm()
                 record["grad_norm"] = None if grad_norm is None else float(grad_norm)
@@ -487,6 +502,7 @@ class Trainer:
                 )
                 record["saved_activation_bytes"] = saved_bytes
                 record["peak_bytes"] = _peak_bytes(self.device)
+                record["model_state_bytes"] = self.model_states.last
                 record["skipped_steps"] = engine.skipped_steps
                 if not applied:
                     record["skipped"] = True
