@@ -318,7 +318,7 @@ class Trainer:
         that are not all finite: such a state can only have been reached around the guard
         (a fault in memory, a path without DeepSpeed's overflow check)."""
         merger = self.engine.merger
-        masters = list(merger.masters.values()) if merger is not None else []
+        masters = [m for _, m in merger.masters.values()] if merger is not None else []
         if not parameters_finite(self.model, masters):
             raise NonFiniteError(
                 f"step {self.step}: some parameters are not finite; nothing saved (the last "
