@@ -468,7 +468,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--stages", default="tests,runs,max_batch", help="comma-separated subset to run"
     )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="keep the libraries' start-up warnings that actcomp_dist/training/quiet.py filters",
+    )
     args = parser.parse_args(argv)
+    from actcomp_dist.training.quiet import quiet_third_party
+
+    quiet_third_party(args.verbose)
 
     import torch
 

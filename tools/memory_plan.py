@@ -93,17 +93,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="kept free per GPU for the CUDA context, communication buffers and "
         "fragmentation (default 2GiB)",
     )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="keep the libraries' start-up warnings that actcomp_dist/training/quiet.py filters",
+    )
     return parser.parse_args(argv)
 
 
 def _vocab(config, override: int | None) -> tuple[int, str]:
     if override is not None:
         return override, "--vocab-size"
-    if config.data.tokenizer and Path(config.data.tokenizer).is_file():
-        import sentencepiece
+    if config.data.tokenizer and Path(config.data.tokenizer).exists():
+        from actcomp_dist.data.tokenizer import load_tokenizer
 
-        processor = sentencepiece.SentencePieceProcessor(model_file=config.data.tokenizer)
-        return processor.get_piece_size(), f"tokenizer {config.data.tokenizer}"
+        tokenizer = load_tokenizer(config.data.tokenizer)  # SentencePiece or tokenizer.json
+        return tokenizer.vocab_size, f"tokenizer {config.data.tokenizer}"
     if not config.data.paths:
         return (
             config.data.embedded_vocab_size,
@@ -124,6 +129,9 @@ def _table(title: str, header: list[str], rows: list[list[str]]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from actcomp_dist.training.quiet import quiet_third_party
+
+    quiet_third_party(args.verbose)  # before megatron-core and DeepSpeed are imported
     from actcomp_dist.ablation import VariantError, parse_variants
     from actcomp_dist.memory_model import (
         ActivationSetting,
