@@ -32,6 +32,7 @@ from actcomp_dist.memory_model import (
 )
 from actcomp_dist.models import build_llama, get_model_config, parameter_count
 from actcomp_dist.parallel import state
+from actcomp_dist.storage import StoragePolicy
 from actcomp_dist.training.activation_checkpointing import apply_activation_checkpointing
 from tests.distributed import run_distributed
 
@@ -76,7 +77,16 @@ def _batch(config, b, s, seed=0):
 
 
 def _measure(
-    config, compression, mode, num_layers, b, s, dtype, sequence_parallel=False, efficient_ops=True
+    config,
+    compression,
+    mode,
+    num_layers,
+    b,
+    s,
+    dtype,
+    sequence_parallel=False,
+    efficient_ops=True,
+    storage_policy=None,
 ):
     model = build_llama(
         config,
@@ -84,6 +94,7 @@ def _measure(
         init_seed=0,
         sequence_parallel=sequence_parallel,
         efficient_ops=efficient_ops,
+        storage_policy=storage_policy,
     )
     for param in model.parameters():  # what DeepSpeed's bf16 engine does: parameters only
         param.data = param.data.to(dtype)
@@ -122,6 +133,38 @@ def test_prediction_equals_measured_saved_bytes(single_rank, variant, shape, dty
     setting = ActivationSetting(
         b, s, dtype_bytes=torch.finfo(dtype).bits // 8, efficient_ops=efficient_ops
     )
+    predicted = predict_saved_activations(config, compression, setting, mode, num_layers)
+    _assert_prediction_matches(measured, predicted)
+
+
+# name: (VARIANTS row, memory.policy); every 8-bit policy with every checkpointing mode, with
+# compressed sites (proj compressed: it keeps its own compressed tensor, not the packed output).
+STORAGE_VARIANTS = {
+    "int8": ("none", {"attention": "int8", "swiglu": "int8"}),
+    "fp8": ("none", {"attention": "fp8", "swiglu": "fp8"}),
+    "attention_int8": ("none", {"attention": "int8"}),
+    "swiglu_fp8": ("none", {"swiglu": "fp8"}),
+    "int8+ac_selective": ("ac_selective", {"attention": "int8", "swiglu": "int8"}),
+    "fp8+ac_full_1layer": ("ac_full_1layer", {"attention": "fp8", "swiglu": "fp8"}),
+    "compact_0.25+int8": ("compact_0.25", {"attention": "int8", "swiglu": "int8"}),
+    "compact_all_sites+fp8": (
+        "compact_all_sites+ac_selective_1layer",
+        {"attention": "fp8", "swiglu": "fp8"},
+    ),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("variant", list(STORAGE_VARIANTS))
+def test_prediction_equals_measured_with_storage_policies(single_rank, variant, shape, dtype):
+    row, policy = STORAGE_VARIANTS[variant]
+    method, options, mode, num_layers = VARIANTS[row]
+    config, b, s = SHAPES[shape]
+    storage = StoragePolicy.from_mapping(policy)
+    compression = CompressionConfig(method=method, **options)
+    measured = _measure(config, compression, mode, num_layers, b, s, dtype, storage_policy=storage)
+    setting = ActivationSetting(b, s, dtype_bytes=torch.finfo(dtype).bits // 8, storage=storage)
     predicted = predict_saved_activations(config, compression, setting, mode, num_layers)
     _assert_prediction_matches(measured, predicted)
 
