@@ -59,7 +59,8 @@ plain ``forward(hidden, rope)`` (``rope`` is the ``(cos, sin)`` pair of
 (RMSNorm keeps its output and rstd, attention keeps no alias of the fused QKV output, FC2 takes
 ``[gate | up]`` and recomputes the SwiGLU product); ``efficient_ops=False`` is the naive block,
 the same model bit for bit as before the option existed. Forward results are identical. See
-:mod:`actcomp_dist.models.efficient_ops`.
+:mod:`actcomp_dist.models.efficient_ops`. ``storage_policy`` (``memory.policy``) can keep
+attention's q, k, v, o and SwiGLU's ``[gate | up]`` in 8 bits (:mod:`actcomp_dist.storage`).
 
 RMSNorm (fp32 statistics) and RoPE (rotate-half, precomputed cos/sin) follow Hugging Face's
 ``LlamaForCausalLM`` so logits can be compared with it.
