@@ -19,6 +19,11 @@ Policies implemented (:data:`IMPLEMENTED`):
   mantissa bits: per element ``|x - x_hat| <= 2^-4 |x|`` for ``|x| / s >= 2^-6`` (normal
   range), and ``<= 2^-10 s`` below it (subnormal spacing 2^-9). Bytes: ``numel + 4 rows``.
 
+Under tensor parallelism each rank packs its own shard (its heads' q, k, v; its
+``[gate_i | up_i]``; its slice of the attention output), so an fp8 row scale covers the rank's
+part of a row, and int8 groups are the TP = 1 groups whenever 64 divides the shard's halves.
+The memory model (:mod:`actcomp_dist.memory_model`) counts the packed bytes exactly.
+
 Named but not implemented yet (refused at start-up with that reason): ``recompute``,
 ``compress``, ``lowrank:R``, ``offload``, and 8-bit storage of ``norm``, ``block_input`` and the
 linear sites. (The norm output is also the next uncompressed linear's input, one storage for

@@ -183,6 +183,7 @@ def test_prediction_scales_with_micro_batch_and_sequence(single_rank, efficient_
 
 
 TP_VARIANTS = ("none", "ac_selective", "compact_0.25", "lowrank_0.125", "subtoken_32")
+TP_STORAGE_VARIANTS = ("int8", "fp8", "int8+ac_selective", "compact_all_sites+fp8")
 
 
 def _tp_measure(rank, world_size, sequence_parallel):
@@ -204,6 +205,21 @@ def _tp_measure(rank, world_size, sequence_parallel):
                 sequence_parallel,
                 efficient_ops,
             )
+    for name in TP_STORAGE_VARIANTS:
+        row, policy = STORAGE_VARIANTS[name]
+        method, options, mode, num_layers = VARIANTS[row]
+        compression = CompressionConfig(method=method, seed=3, **options)
+        out[name, "storage"] = _measure(
+            config,
+            compression,
+            mode,
+            num_layers,
+            b,
+            s,
+            torch.float32,
+            sequence_parallel,
+            storage_policy=StoragePolicy.from_mapping(policy),
+        )
     return out
 
 
@@ -214,6 +230,10 @@ def test_prediction_equals_measured_at_tp2(tmp_path, sequence_parallel):
     config, b, s = SHAPES["tiny"]
     for tp_rank, per_variant in enumerate(results):
         for (variant, efficient_ops), measured in per_variant.items():
+            storage = StoragePolicy()
+            if efficient_ops == "storage":
+                variant, policy = STORAGE_VARIANTS[variant]
+                efficient_ops, storage = True, StoragePolicy.from_mapping(policy)
             setting = ActivationSetting(
                 b,
                 s,
@@ -221,6 +241,7 @@ def test_prediction_equals_measured_at_tp2(tmp_path, sequence_parallel):
                 sequence_parallel=sequence_parallel,
                 tp_rank=tp_rank,
                 efficient_ops=efficient_ops,
+                storage=storage,
             )
             method, options, mode, num_layers = VARIANTS[variant]
             compression = CompressionConfig(method=method, **options)
