@@ -82,6 +82,7 @@ from typing import Any, Protocol
 
 from actcomp_dist.compression import get_compressor_class, layer_layout
 from actcomp_dist.config import CompressionConfig
+from actcomp_dist.storage import StoragePolicy
 
 AC_MODES = ("none", "selective", "full")
 _ROW_SITES = ("proj", "fc2")
@@ -161,6 +162,7 @@ class ActivationSetting:
             block).
         loss_chunk_tokens: the model's chunked loss (``LlamaModel(loss_chunk_tokens=...)``;
             ``None``: the logits and megatron's cross-entropy).
+        storage: the model's storage policy (``memory.policy``; :mod:`actcomp_dist.storage`).
     """
 
     micro_batch_size: int
@@ -173,6 +175,7 @@ class ActivationSetting:
     tp_rank: int = 0
     efficient_ops: bool = True
     loss_chunk_tokens: int | None = None
+    storage: StoragePolicy = field(default_factory=StoragePolicy)
 
     def __post_init__(self) -> None:
         for name in ("micro_batch_size", "seq_length", "tensor_parallel"):
@@ -327,18 +330,40 @@ def _efficient_layer_saved(
             return 0
         return _site_saved(site, compression, width, tokens, setting)
 
+    storage = setting.storage
+    attention_8bit = storage.quantizer("attention") is not None
     out: dict[str, int] = defaultdict(int)
     out["norm"] = 2 * _norm_saved(n_res, h, e, True)
     out["qkv"] = compressed_bytes("qkv", h, n_res)
     out["fc1"] = compressed_bytes("fc1", h, n_res)
-    out["fc2"] = 2 * n_all * ffn * e + compressed_bytes("fc2", model.ffn_hidden_size, n_all)
-    if mode == "none":
+    # [gate | up] [N, 2f/t] (packed under an 8-bit ``swiglu`` policy, scales per row of 2f/t).
+    gate_up = storage.saved_bytes("swiglu", n_all * 2 * ffn, 2 * ffn, e)
+    out["fc2"] = gate_up + compressed_bytes("fc2", model.ffn_hidden_size, n_all)
+    # The attention output as proj's input [N, H d / t]; packed by proj itself under an 8-bit
+    # ``attention`` policy when proj is uncompressed.
+    proj_input = storage.saved_bytes("attention", n_all * heads * d, heads * d, e)
+    if mode == "none" and attention_8bit:
+        # q, k, v packed (rows of d); neither the output nor the log-sum-exp is kept.
+        q_and_kv = n_all * heads * d, n_all * groups * d
+        out["attention_core"] = storage.saved_bytes(
+            "attention", q_and_kv[0], d, e
+        ) + 2 * storage.saved_bytes("attention", q_and_kv[1], d, e)
+        out["proj"] = (
+            compressed_bytes("proj", attn_width, n_all)
+            if _compressed("proj", compression)
+            else proj_input
+        )
+    elif mode == "none":
         # q, k after RoPE, v (contiguous), the output (also proj's input), the fp32 LSE.
         out["attention_core"] = n_all * (heads + 2 * groups) * d * e + attn_out + b * heads * s * 4
         out["proj"] = compressed_bytes("proj", attn_width, n_all)
     elif mode == "selective":
         out["attention_core"] = n_all * (heads + 2 * groups) * d * e  # the fused QKV output
-        out["proj"] = _site_saved("proj", compression, attn_width, n_all, setting)
+        out["proj"] = (
+            _site_saved("proj", compression, attn_width, n_all, setting)
+            if _compressed("proj", compression)
+            else proj_input
+        )
     else:
         raise ValueError(f"activation checkpointing mode {mode!r} is not one of {list(AC_MODES)}")
     return dict(out)

@@ -728,6 +728,12 @@ BAD_INPUTS = {
         None,
         "unknown key(s) ['train.stepz']; valid keys in 'train'",
     ),
+    "storage_policy_not_implemented": (
+        ["memory.policy.swiglu=offload"],
+        None,
+        "memory.policy.swiglu='offload' is not implemented yet for kind 'swiglu'; implemented: "
+        "['keep', 'int8', 'fp8']",
+    ),
     "missing_data": (
         ['data.paths=["/nonexistent/corpus"]'],
         None,

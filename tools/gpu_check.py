@@ -162,6 +162,7 @@ def _predicted_peak(record: dict[str, Any], config) -> dict[str, int]:
         rope_positions=config.data.seq_length,
         efficient_ops=config.memory.efficient_ops,
         loss_chunk_tokens=config.memory.chunked_loss_tokens,
+        storage=config.memory.storage_policy,
     )
     plan = plan_memory(
         model,
@@ -318,6 +319,7 @@ def _planned_micro_batch(setup: Setup, variant, gpu_memory: int) -> int:
             rope_positions=setup.batch_seq_length,
             efficient_ops=variant.efficient_ops,
             loss_chunk_tokens=config.memory.loss_chunk_tokens if variant.efficient_ops else None,
+            storage=variant.storage_policy(config.memory.policy),
         )
         return plan_memory(
             model,

@@ -188,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             sequence_parallel=config.parallel.sequence_parallel,
             efficient_ops=variant.efficient_ops,
             loss_chunk_tokens=config.memory.loss_chunk_tokens if variant.efficient_ops else None,
+            storage=variant.storage_policy(config.memory.policy),
         )
         return plan_memory(
             model.replace(seq_length=seq),

@@ -289,6 +289,7 @@ class Trainer:
             device=self.device,
             efficient_ops=self.config.memory.efficient_ops,
             loss_chunk_tokens=self.config.memory.chunked_loss_tokens,
+            storage_policy=self.config.memory.storage_policy,
         )
 
     # -- checkpoints -------------------------------------------------------------------------
@@ -361,6 +362,7 @@ class Trainer:
             tp_rank=self.ctx.tp_rank,
             efficient_ops=self.config.memory.efficient_ops,
             loss_chunk_tokens=self.config.memory.chunked_loss_tokens,
+            storage=self.config.memory.storage_policy,
         )
         ac = config.activation_checkpointing
         return predict_saved_activations(
