@@ -714,6 +714,15 @@ BAD_INPUTS = {
         None,
         "parallel.tensor_parallel=3 does not divide the world size 2",
     ),
+    "block_projection_tp": (
+        [
+            "parallel.tensor_parallel=2",
+            "compression.row_parallel_projection=block",
+            "compression.row_parallel_blocks=3",
+        ],
+        None,
+        "compression.row_parallel_projection='block' needs the tensor-parallel size 2",
+    ),
     "subspace_zero3": (
         ["compression.grad_mode=subspace", "deepspeed.zero_optimization.stage=3"],
         None,
