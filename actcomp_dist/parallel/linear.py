@@ -413,7 +413,8 @@ class CompressedRowParallelLinear(_CompressedParallelMixin, RowParallelLinear):
         """
         tp_size = dist.get_world_size(self.tp_group)
         # A dense row-parallel projection sums the partial Z with the output, in one collective.
-        fused = self.compressor.layout.partial_sum
+        # An identity compressor on that layout (``compression_disabled``) keeps X_i itself.
+        fused = self.compressor.layout.partial_sum and not self.compressor.is_identity
         if not fused:
             reduce = _REDUCE_NONE
         else:
