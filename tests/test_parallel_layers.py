@@ -429,6 +429,7 @@ def test_row_parallel_dense_tp1_equals_compressed_linear_exactly(
 
 def _dense_comm_rank(rank, world, sequence_parallel):
     from actcomp_dist import CompressionConfig
+    from actcomp_dist.layers import compression_disabled
     from actcomp_dist.parallel import state
 
     state.initialize_model_parallel(tensor_parallel_size=world)
@@ -437,7 +438,15 @@ def _dense_comm_rank(rank, world, sequence_parallel):
     x = torch.randn(SEQ, BATCH, IN // world, requires_grad=True)
     out, _ = layer(x)
     out.sum().backward()
-    return {phase: (dict(c.nbytes), dict(c.calls)) for phase, c in layer.comm.items()}
+    comm = {phase: (dict(c.nbytes), dict(c.calls)) for phase, c in layer.comm.items()}
+    # Switched off (the trainer's uncompressed measurement), the layer reduces its output
+    # alone, also on the recompute path of an ``input_fn`` (FC2's SwiGLU; here a negation,
+    # exact): each element is the same two-term sum, so the output is bit-identical.
+    with compression_disabled(layer):
+        for input_fn in (None, torch.neg):
+            plain, _ = layer(x, input_fn=input_fn)
+            assert torch.equal(plain, out if input_fn is None else -out)
+    return comm
 
 
 @pytest.mark.distributed
