@@ -427,13 +427,13 @@ def test_row_parallel_dense_tp1_equals_compressed_linear_exactly(
         assert torch.equal(a, b), name
 
 
-def _dense_comm_rank(rank, world, sequence_parallel):
+def _row_comm_rank(rank, world, sequence_parallel, projection):
     from actcomp_dist import CompressionConfig
     from actcomp_dist.layers import compression_disabled
     from actcomp_dist.parallel import state
 
     state.initialize_model_parallel(tensor_parallel_size=world)
-    compression = CompressionConfig(method="compact", rank=0.25)
+    compression = CompressionConfig(method="compact", rank=0.25, row_parallel_projection=projection)
     layer = _build("row", state.get_tp_group(), world, sequence_parallel, compression)
     x = torch.randn(SEQ, BATCH, IN // world, requires_grad=True)
     out, _ = layer(x)
@@ -450,18 +450,20 @@ def _dense_comm_rank(rank, world, sequence_parallel):
 
 
 @pytest.mark.distributed
+@pytest.mark.parametrize("projection", ["dense", "block"])
 @pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp2", "tp2sp"])
-def test_dense_row_parallel_sums_z_in_the_output_collective(tmp_path, sequence_parallel):
-    """``Z`` [N, r] travels in the collective that sums the output [N, m]: one call each way,
-    (m + r)/m of Megatron's bytes; nothing else is communicated."""
+def test_row_parallel_communication_per_phase(tmp_path, sequence_parallel, projection):
+    """``dense``: ``Z`` [N, r] travels in the collective that sums the output [N, m], one call
+    each way, (m + r)/m of Megatron's bytes. ``block``: Megatron's collectives alone. Forward
+    collectives count in ``comm["forward"]``, their backward adjoints in ``comm["backward"]``."""
     tokens, rank_r, itemsize = SEQ * BATCH, IN // 4, 4
-    width = (OUT + rank_r) * itemsize
+    width = (OUT + (rank_r if projection == "dense" else 0)) * itemsize
     zero = dict.fromkeys(("all_gather", "reduce_scatter", "all_reduce"), 0)
     if sequence_parallel:
         forward = {**zero, "reduce_scatter": tokens * width}
         backward = {**zero, "all_gather": tokens // 2 * width}
     else:
         forward, backward = {**zero, "all_reduce": tokens * width}, zero
-    for comm in run_distributed(_dense_comm_rank, 2, tmp_path, sequence_parallel):
+    for comm in run_distributed(_row_comm_rank, 2, tmp_path, sequence_parallel, projection):
         assert comm["forward"] == (forward, {k: int(v > 0) for k, v in forward.items()})
         assert comm["backward"] == (backward, {k: int(v > 0) for k, v in backward.items()})

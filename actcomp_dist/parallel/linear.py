@@ -431,7 +431,7 @@ class CompressedRowParallelLinear(_CompressedParallelMixin, RowParallelLinear):
             output = output_parallel
         elif self.sequence_parallel:
             output = reduce_scatter_to_sequence_parallel_region(
-                output_parallel, self.tp_group, self.comm["forward"]
+                output_parallel, self.tp_group, self.comm["forward"], self.comm["backward"]
             )
         elif tp_size > 1:
             output = reduce_from_tensor_parallel_region(
