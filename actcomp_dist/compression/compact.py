@@ -136,7 +136,12 @@ class CompactCompressor(Compressor):
         return ghat @ self.projection(seeds, ghat.device, ghat.dtype).t()  # [m, n]
 
     def extra_repr(self) -> str:
+        if self.layout.partial_sum:
+            first, last = self.layout.shard_rows(0)
+            shape = f"rows=[{first}, {last}) of a dense P"
+        else:
+            shape = f"blocks={list(self.layout.blocks)}"
         return (
             f"{super().extra_repr()}, rank={self.rank}, projection={self.config.projection!r}, "
-            f"grad_mode={self.config.grad_mode!r}, blocks={list(self.layout.blocks)}"
+            f"grad_mode={self.config.grad_mode!r}, {shape}"
         )
