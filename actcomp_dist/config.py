@@ -23,6 +23,8 @@ GRAD_MODES = ("lift", "subspace")
 #: fused gate/up (FC1) and down (FC2) projections.
 TRANSFORMER_SITES = ("qkv", "proj", "fc1", "fc2")
 DEFAULT_SITES = ("qkv", "fc1", "fc2")
+#: The sites whose linear is row-parallel (input sharded along its features) under TP.
+ROW_PARALLEL_SITES = ("proj", "fc2")
 
 
 @dataclass(frozen=True)
@@ -45,8 +47,13 @@ class CompressionConfig:
         lowrank_algorithm: ``sampled`` (LoRAct's sampled-column orthogonal decomposition) or
             ``rsvd`` (randomized range finder, the baseline).
         power_iterations: ``lowrank`` power iterations (0 = none).
-        row_parallel_blocks: K, the number of canonical diagonal blocks of a row-parallel
-            layer's projection; fixed so results do not depend on the tensor-parallel size.
+        row_parallel_projection: ``compact``'s projection of a row-parallel (feature-sharded)
+            layer: ``dense`` (the single-device layer's P; rank i multiplies its shard by its
+            rows of P and the partial ``Z`` are summed in the collective of the layer's output)
+            or ``block`` (block-diagonal over ``row_parallel_blocks``; no extra communication,
+            r/t saved per token and rank).
+        row_parallel_blocks: K, the number of canonical diagonal blocks of a ``block``
+            row-parallel projection; fixed so results do not depend on the tensor-parallel size.
         cache_projection: keep the current projection on the layer (n*r elements per layer,
             in the compute dtype) instead of regenerating it from its seed in every forward,
             backward and subspace update. Off by default: from 60m up regenerating costs far
@@ -66,6 +73,7 @@ class CompressionConfig:
     groups: int = 32
     lowrank_algorithm: str = "sampled"
     power_iterations: int = 0
+    row_parallel_projection: str = "dense"
     row_parallel_blocks: int = 8
     cache_projection: bool = False
     sites: tuple[str, ...] = field(default=DEFAULT_SITES)

@@ -80,7 +80,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from actcomp_dist.compression import get_compressor_class, layer_layout
+from actcomp_dist.compression import BlockLayout, get_compressor_class, layer_layout
 from actcomp_dist.config import CompressionConfig
 from actcomp_dist.storage import StoragePolicy
 
@@ -216,6 +216,14 @@ def _site_width(
     """``(c, basis)``: the per-token width a linear at ``site`` (full input width ``width``)
     saves on this rank, and the elements of its saved per-call basis (the method's own
     :meth:`~actcomp_dist.compression.Compressor.saved_width`)."""
+    compression, layout = _site_layout(site, compression, width, setting)
+    return tuple(get_compressor_class(compression.method).saved_width(compression, layout))
+
+
+def _site_layout(
+    site: str, compression: CompressionConfig, width: int, setting: ActivationSetting
+) -> tuple[CompressionConfig, BlockLayout]:
+    """The compression a linear at ``site`` runs (``none`` off its sites) and its layout."""
     if site not in compression.sites:
         compression = compression.replace(method="none", grad_mode="lift")
     layout = layer_layout(
@@ -225,7 +233,7 @@ def _site_width(
         tp_rank=setting.tp_rank,
         tp_size=setting.tensor_parallel,
     )
-    return tuple(get_compressor_class(compression.method).saved_width(compression, layout))
+    return compression, layout
 
 
 def _site_saved(
@@ -235,7 +243,12 @@ def _site_saved(
     tokens: int,
     setting: ActivationSetting,
 ) -> int:
-    """Bytes a linear at ``site`` saves for ``tokens`` tokens."""
+    """Bytes a linear at ``site`` saves for ``tokens`` tokens (the tokens of its input).
+
+    A dense row-parallel projection keeps ``Z`` after the reduction that sums it with the
+    output: under sequence parallelism that is a reduce-scatter, leaving tokens/t."""
+    if setting.sp and _site_layout(site, compression, width, setting)[1].partial_sum:
+        tokens //= setting.tensor_parallel
     c, basis = _site_width(site, compression, width, setting)
     return (tokens * c + basis) * setting.dtype_bytes
 

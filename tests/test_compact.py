@@ -292,3 +292,24 @@ def test_deep_copy_keeps_subspace_mode():
     assert clone.weight.grad is None
     assert torch.equal(clone.weight.compressed_grad, layer.weight.compressed_grad)
     assert torch.equal(clone.weight, layer.weight)
+
+
+@pytest.mark.parametrize("projection", PROJECTIONS)
+@pytest.mark.parametrize("tp", [2, 4])
+def test_dense_row_shards_stack_to_the_single_device_projection(projection, tp):
+    """``row_parallel_projection='dense'``: rank i's projection is rows [i*n/t, (i+1)*n/t) of
+    the single-device layer's P (same seed; ``sparse`` keeps its density 1/sqrt(n) of the
+    full width), and each rank's saved width is the full r."""
+    from actcomp_dist.compression import build_compressor, layer_layout
+
+    config = CompressionConfig(method="compact", rank=0.25, seed=11, projection=projection)
+    single = _layer(projection=projection, site="fc2").compressor
+    seeds = single.current_seeds()
+    full = single.projection(seeds, torch.device("cpu"), torch.float32)  # [n, r]
+    shards = []
+    for rank in range(tp):
+        layout = layer_layout(config, N_IN, row_parallel=True, tp_rank=rank, tp_size=tp)
+        shard = build_compressor(config, layout, 0, "fc2", single.schedule)
+        assert shard.compressed_width == full.shape[1] and shard.in_features == N_IN // tp
+        shards.append(shard.projection(shard.current_seeds(), torch.device("cpu"), torch.float32))
+    assert torch.equal(torch.cat(shards), full)

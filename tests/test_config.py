@@ -30,6 +30,10 @@ from actcomp_dist import CompressedLinear, CompressionConfig, list_compressors
         ({"seed": -1}, "CompressionConfig.seed=-1"),
         ({"power_iterations": -1}, "CompressionConfig.power_iterations=-1"),
         ({"row_parallel_blocks": 0}, "CompressionConfig.row_parallel_blocks=0"),
+        (
+            {"row_parallel_projection": "diagonal"},
+            "CompressionConfig.row_parallel_projection='diagonal' is not one of ['dense', 'block']",
+        ),
         ({"sites": "qkv"}, "CompressionConfig.sites"),
         (
             {"method": "lowrank", "grad_mode": "subspace"},

@@ -196,6 +196,8 @@ def _tp_invariance_rank(rank, world, kind, sequence_parallel, cfg_dict):
         split = {"out": -1, "dx": 0 if sequence_parallel else None, "dw": 0, "db": 0}
     else:
         split = {"out": 0 if sequence_parallel else None, "dx": -1, "dw": 1, "db": None}
+        if layer.compressor.layout.partial_sum and compression.grad_mode == "subspace":
+            split["dw"] = None  # a dense row shard's G_hat [m, r] is the same on every rank
 
     def part(name, t):
         return t if split[name] is None else t.chunk(world, dim=split[name])[rank]
@@ -373,3 +375,95 @@ def test_frozen_weight_saves_no_input(single_rank):
     assert saved_activation_bytes(lambda: layer(x)) == 0
     _, dx_frozen = _run(layer, x, g)
     assert torch.equal(dx_frozen, dx_trained)
+
+
+@pytest.mark.parametrize("grad_mode", ["lift", "subspace"])
+@pytest.mark.parametrize("projection", ["gaussian", "sparse"])
+def test_row_parallel_dense_tp1_equals_compressed_linear_exactly(
+    single_rank, grad_mode, projection
+):
+    """At TP=1 the dense row-parallel layer is the single-device ``CompressedLinear``: the
+    same P (same seed, layer and site), the same GEMMs, so every result is bit-identical.
+    Without a bias: ``CompressedLinear`` adds it inside its GEMM, Megatron's row-parallel
+    layer after the output reduction (an equally exact but differently rounded sum)."""
+    from actcomp_dist import CompressedLinear, CompressionConfig
+    from actcomp_dist.parallel import CompressedRowParallelLinear, state
+
+    compression = CompressionConfig(
+        method="compact", rank=0.25, seed=7, grad_mode=grad_mode, projection=projection
+    )
+    assert compression.row_parallel_projection == "dense"  # the default
+    torch.manual_seed(0)
+    row = CompressedRowParallelLinear(
+        IN,
+        OUT,
+        config=_megatron_config(1, False),
+        init_method=_init,
+        bias=False,
+        input_is_parallel=True,
+        skip_bias_add=False,
+        tp_group=state.get_tp_group(),
+        compression=compression,
+        layer_id=1,
+        site="fc2",
+    )
+    single = CompressedLinear(IN, OUT, bias=False, compression=compression, layer_id=1, site="fc2")
+    with torch.no_grad():
+        single.weight.copy_(row.weight)
+    x = torch.randn(SEQ, BATCH, IN)
+    g = torch.randn(SEQ, BATCH, OUT)
+    results = []
+    for layer in (row, single):
+        xi = x.clone().requires_grad_(True)
+        out = layer(xi)
+        out = out[0] if isinstance(out, tuple) else out
+        out.backward(g)
+        results.append((out.detach(), xi.grad, _weight_grad(layer)))
+    assert torch.equal(
+        row.compressor.projection(row.compressor.current_seeds(), x.device, x.dtype),
+        single.compressor.projection(single.compressor.current_seeds(), x.device, x.dtype),
+    )
+    for name, a, b in zip(("out", "dx", "dw"), *results, strict=True):
+        assert torch.equal(a, b), name
+
+
+def _row_comm_rank(rank, world, sequence_parallel, projection):
+    from actcomp_dist import CompressionConfig
+    from actcomp_dist.layers import compression_disabled
+    from actcomp_dist.parallel import state
+
+    state.initialize_model_parallel(tensor_parallel_size=world)
+    compression = CompressionConfig(method="compact", rank=0.25, row_parallel_projection=projection)
+    layer = _build("row", state.get_tp_group(), world, sequence_parallel, compression)
+    x = torch.randn(SEQ, BATCH, IN // world, requires_grad=True)
+    out, _ = layer(x)
+    out.sum().backward()
+    comm = {phase: (dict(c.nbytes), dict(c.calls)) for phase, c in layer.comm.items()}
+    # Switched off (the trainer's uncompressed measurement), the layer reduces its output
+    # alone, also on the recompute path of an ``input_fn`` (FC2's SwiGLU; here a negation,
+    # exact): each element is the same two-term sum, so the output is bit-identical.
+    with compression_disabled(layer):
+        for input_fn in (None, torch.neg):
+            plain, _ = layer(x, input_fn=input_fn)
+            assert torch.equal(plain, out if input_fn is None else -out)
+    return comm
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("projection", ["dense", "block"])
+@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp2", "tp2sp"])
+def test_row_parallel_communication_per_phase(tmp_path, sequence_parallel, projection):
+    """``dense``: ``Z`` [N, r] travels in the collective that sums the output [N, m], one call
+    each way, (m + r)/m of Megatron's bytes. ``block``: Megatron's collectives alone. Forward
+    collectives count in ``comm["forward"]``, their backward adjoints in ``comm["backward"]``."""
+    tokens, rank_r, itemsize = SEQ * BATCH, IN // 4, 4
+    width = (OUT + (rank_r if projection == "dense" else 0)) * itemsize
+    zero = dict.fromkeys(("all_gather", "reduce_scatter", "all_reduce"), 0)
+    if sequence_parallel:
+        forward = {**zero, "reduce_scatter": tokens * width}
+        backward = {**zero, "all_gather": tokens // 2 * width}
+    else:
+        forward, backward = {**zero, "all_reduce": tokens * width}, zero
+    for comm in run_distributed(_row_comm_rank, 2, tmp_path, sequence_parallel, projection):
+        assert comm["forward"] == (forward, {k: int(v > 0) for k, v in forward.items()})
+        assert comm["backward"] == (backward, {k: int(v > 0) for k, v in backward.items()})

@@ -34,6 +34,14 @@ def _compressed_layers(model):
         yield from (layer.attention.qkv, layer.mlp.fc1, layer.mlp.fc2)
 
 
+def _named_dense_rows(model):
+    """The layers whose projection is a dense row shard (``G_hat`` replicated over TP)."""
+    for name, module in model.named_modules():
+        compressor = getattr(module, "compressor", None)
+        if compressor is not None and compressor.layout.partial_sum:
+            yield name, module
+
+
 def _capture_magnitudes(model):
     """Hooks that record, per compressed layer, ``|g|^T |X| |P|`` [m, r] in float64: the
     magnitude of the terms of its compressed gradient ``g^T X P``."""
@@ -49,6 +57,8 @@ def _capture_magnitudes(model):
         seeds = layer.compressor.current_seeds()
         p = layer.weight.subspace_projection(seeds, x.device, torch.float64).abs()  # [n, r]
         xp = x @ p  # [N, r]
+        if layer.compressor.layout.partial_sum:  # Z sums every rank's features: so do its terms
+            torch.distributed.all_reduce(xp, group=layer.tp_group)
 
         def grad_hook(grad):
             g = grad.detach().double().abs().reshape(-1, grad.shape[-1])  # [N, m]
@@ -83,6 +93,7 @@ def _subspace_run(rank, world_size, tp):
 
     from actcomp_dist import CompressionConfig
     from actcomp_dist.models import build_llama, gather_full, get_model_config
+    from actcomp_dist.models.weights import weight_layout
     from actcomp_dist.optim import SubspaceAdamW
     from actcomp_dist.parallel import state
 
@@ -117,6 +128,14 @@ def _subspace_run(rank, world_size, tp):
         for n, p in model.named_parameters()
     }
     compressed = {k: v.clone() for k, v in gather_full(model, local).items()}
+    # A dense row-parallel layer's G_hat [m, r] is not sharded: every TP rank holds all of it.
+    dense_rows = {f"{name}.weight" for name, layer in _named_dense_rows(model)}
+    replicated = {
+        entry.logical[0]: entry.parameter
+        for entry in weight_layout(config)
+        if entry.parameter in dense_rows
+    }
+    compressed.update({k: local[p].clone() for k, p in replicated.items()})
     # The magnitudes of the data-parallel mean: the mean of the replicas' magnitudes.
     local = {
         n: magnitudes[p] if p in magnitudes else torch.zeros_like(p, dtype=torch.float64)
@@ -126,6 +145,7 @@ def _subspace_run(rank, world_size, tp):
         dist.all_reduce(tensor, group=ctx.dp_group)
         tensor.div_(ctx.dp_size)
     magnitude = gather_full(model, local)
+    magnitude.update({k: local[p] for k, p in replicated.items()})
     subspace = [p for p in model.parameters() if hasattr(p, "subspace_projection")]
     before = {p: p.detach().clone() for p in subspace}
     steps = {p: (p.compressed_grad.clone(), p.compressed_grad_seeds) for p in subspace}

@@ -132,6 +132,14 @@ LAYOUTS = {
     "subspace_zero0": ["compression.grad_mode=subspace", "deepspeed.zero_optimization.stage=0"],
     "subspace_zero1": ["compression.grad_mode=subspace", "deepspeed.zero_optimization.stage=1"],
     "subspace_zero2": ["compression.grad_mode=subspace", "deepspeed.zero_optimization.stage=2"],
+    # FC2's dense row-parallel G_hat is the same on both TP ranks: its proxy is replicated,
+    # counted once in the norm, and each rank lifts it with its own rows of P.
+    "subspace_tp2": ["compression.grad_mode=subspace", "parallel.tensor_parallel=2"],
+    "subspace_tp2_sp": [
+        "compression.grad_mode=subspace",
+        "parallel.tensor_parallel=2",
+        "parallel.sequence_parallel=true",
+    ],
     # Uncompressed: the memory-efficient FC2 takes [gate | up] and recomputes the SwiGLU
     # product, through ZeRO-3's parameter gathering hooks too.
     "none_zero0": ["compression.method=none", "deepspeed.zero_optimization.stage=0"],
@@ -143,7 +151,7 @@ LAYOUTS = {
 @pytest.mark.distributed
 def test_zero_stages_and_tensor_parallel_match_plain_data_parallel(tmp_path, corpus):
     """``compact`` in ``lift`` mode under ZeRO 1/2/3 and at TP=2 (+SP), and in ``subspace`` mode
-    under ZeRO 1/2, train like ZeRO 0 (DP=2; at TP=2 DP=1 with 2 accumulated micro-batches of
+    under ZeRO 1/2 and at TP=2 (+SP), train like ZeRO 0 (DP=2; at TP=2 DP=1 with 2 accumulated micro-batches of
     the same samples). Gradient norms agree too, so the proxies' m x r gradients are in the
     norm DeepSpeed clips with under every stage. Uncompressed, ZeRO-3 trains like ZeRO 0."""
     raws = [
@@ -743,6 +751,15 @@ BAD_INPUTS = {
         ["parallel.tensor_parallel=3"],
         None,
         "parallel.tensor_parallel=3 does not divide the world size 2",
+    ),
+    "block_projection_tp": (
+        [
+            "parallel.tensor_parallel=2",
+            "compression.row_parallel_projection=block",
+            "compression.row_parallel_blocks=3",
+        ],
+        None,
+        "compression.row_parallel_projection='block' needs the tensor-parallel size 2",
     ),
     "subspace_zero3": (
         ["compression.grad_mode=subspace", "deepspeed.zero_optimization.stage=3"],

@@ -184,6 +184,17 @@ def test_missing_or_invalid_config_file(tmp_path):
             2,
             "compression.grad_mode='subspace' with train.precision='bf16' needs ZeRO stage 1 or 2",
         ),
+        (
+            [
+                "compression.method=compact",
+                "parallel.tensor_parallel=2",
+                "compression.row_parallel_projection=block",
+                "compression.row_parallel_blocks=3",
+            ],
+            2,
+            "parallel.tensor_parallel=2: compression.row_parallel_projection='block' needs the "
+            "tensor-parallel size 2 to divide compression.row_parallel_blocks=3",
+        ),
         (["checkpoint.resume=/no/such/ckpt"], 1, "checkpoint.resume='/no/such/ckpt': no such"),
         (
             ['data.paths=["/no/such/data"]', "data.tokenizer=x.model"],
@@ -223,6 +234,8 @@ def test_valid_layouts_pass_and_give_the_accumulation_steps():
         ([], 2, 1),
         (["parallel.tensor_parallel=2", "parallel.sequence_parallel=true"], 2, 2),
         (["train.global_batch_size=32"], 4, 2),
+        # The dense row-parallel projection serves any TP size; K=3 blocks are then unused.
+        (["parallel.tensor_parallel=2", "compression.row_parallel_blocks=3"], 2, 2),
     ]:
         config = _tiny(*overrides)
         validate_run(config, world_size)

@@ -36,8 +36,10 @@ class LoRAAdapter(LowRankAdapter):
         self.compression = config.input_compression or CompressionConfig()
         self.subspace = False
         self.schedule = schedule or CompressionSchedule(self.compression.resample_every)
+        # A row-parallel adapter's A sees only its rank's features and sums nothing with its
+        # compressed input, so it keeps the block-diagonal layout (each rank its own Z_i).
         layout = layer_layout(
-            self.compression,
+            self.compression.replace(row_parallel_projection="block"),
             geometry.in_features,
             row_parallel=geometry.mode == ROW,
             tp_rank=geometry.tp_rank,

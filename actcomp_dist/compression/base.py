@@ -38,6 +38,7 @@ method's class (class attributes and classmethods, answerable before any layer e
 ``saved_width``            per-token width and basis elements saved for a layout (the memory
                            model and the layer use this one formula)
 ``row_parallel_layout``    the blocks of a row-parallel (feature-sharded) layer
+``check_tensor_parallel``  raises ``ValueError`` for a TP size that layout cannot serve
 ``ablation_option``        the option ``METHOD:ARG`` sets in the ablation grammar, parsed by
                            ``parse_ablation_argument``
 =========================  ===============================================================
@@ -139,6 +140,12 @@ class Compressor(nn.Module):
         basis should not depend on the TP size uses ``config.row_parallel_blocks`` canonical
         blocks instead (``compact``)."""
         return BlockLayout.for_shard(width, tp_size, tp_rank, tp_size)
+
+    @classmethod
+    def check_tensor_parallel(cls, config: CompressionConfig, tp_size: int) -> None:
+        """Raises ``ValueError`` naming the field when :meth:`row_parallel_layout` cannot serve
+        a tensor-parallel size of ``tp_size`` (whatever the width); run configs check this
+        before any process group exists. Default: every size is served."""
 
     @classmethod
     def parse_ablation_argument(cls, text: str) -> Any:

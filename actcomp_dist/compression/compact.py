@@ -8,10 +8,24 @@ seeds stored in the autograd context. Backward: ``G_hat = g^T Z`` [m, r], and
 - ``subspace`` mode keeps ``G_hat`` on ``weight.compressed_grad`` and lets
   :class:`actcomp_dist.optim.SubspaceAdamW` update ``W`` along ``P^T`` (moments m x r).
 
-The projection of a layer is block-diagonal over its :class:`BlockLayout` (one block for
-single-device and column-parallel layers, K for row-parallel ones). Block ``b`` is seeded by
-``projection_seed(seed, layer_id, site, b, epoch)`` with ``epoch = step // resample_every``, so
-every micro-batch of a step, every rank and every recompute rebuilds the same matrix.
+The projection of a layer is block-diagonal over its :class:`BlockLayout`: one block for
+single-device and column-parallel layers. A row-parallel layer (input sharded along its
+features over t ranks) has two layouts, ``row_parallel_projection``:
+
+- ``dense`` (default): the single-device layer's P. Rank i holds rows ``[i*n/t, (i+1)*n/t)``
+  of it and computes the partial ``Z_i = X_i P_i``; the layer sums the partials in the
+  collective that sums its output (``Z = sum_i Z_i = X P``), so every rank saves the full
+  ``Z`` [N, r] (its N/t tokens under sequence parallelism) and ``G_hat`` [m, r] is the same on
+  every rank; rank i's weight gradient is ``G_hat P_i^T``. Rank i draws the whole n x r
+  matrix and keeps its rows (a generator cannot skip ahead to a row deterministically on
+  every device): n*r random numbers per rank instead of n*r/t, no activation memory.
+- ``block``: block-diagonal over K = ``row_parallel_blocks`` canonical blocks whatever t, a
+  rank owning K/t of them. No extra communication, r/t saved per token and rank, but only
+  r/K of P's entries are non-zero.
+
+Block ``b`` is seeded by ``projection_seed(seed, layer_id, site, b, epoch)`` with
+``epoch = step // resample_every``, so every micro-batch of a step, every rank and every
+recompute rebuilds the same matrix.
 """
 
 from __future__ import annotations
@@ -29,11 +43,19 @@ from actcomp_dist.compression.projections import PROJECTIONS, random_projection
 from actcomp_dist.compression.registry import register_compressor
 from actcomp_dist.seeds import projection_seed
 
+ROW_PARALLEL_PROJECTIONS = ("dense", "block")
+
 
 @register_compressor("compact")
 class CompactCompressor(Compressor):
-    options = ("rank", "projection", "row_parallel_blocks", "cache_projection")
-    choices = {"projection": PROJECTIONS}
+    options = (
+        "rank",
+        "projection",
+        "row_parallel_projection",
+        "row_parallel_blocks",
+        "cache_projection",
+    )
+    choices = {"projection": PROJECTIONS, "row_parallel_projection": ROW_PARALLEL_PROJECTIONS}
     supports_subspace = True
     ablation_option = "rank"
 
@@ -56,8 +78,21 @@ class CompactCompressor(Compressor):
 
     @classmethod
     def row_parallel_layout(cls, config, width, tp_rank, tp_size) -> BlockLayout:
+        cls.check_tensor_parallel(config, tp_size)
+        if config.row_parallel_projection == "dense":
+            return BlockLayout.dense_shard(width, tp_rank, tp_size)
         # K canonical blocks whatever the TP size: the same projection at TP = 1, 2, 4, 8.
         return BlockLayout.for_shard(width, config.row_parallel_blocks, tp_rank, tp_size)
+
+    @classmethod
+    def check_tensor_parallel(cls, config, tp_size: int) -> None:
+        if config.row_parallel_projection == "block" and config.row_parallel_blocks % tp_size:
+            raise ValueError(
+                f"compression.row_parallel_projection='block' needs the tensor-parallel size "
+                f"{tp_size} to divide compression.row_parallel_blocks="
+                f"{config.row_parallel_blocks}; use a multiple of {tp_size} or "
+                f"row_parallel_projection='dense'"
+            )
 
     @classmethod
     def parse_ablation_argument(cls, text: str) -> float | int:
@@ -82,9 +117,11 @@ class CompactCompressor(Compressor):
         for block, seed in zip(self.layout.blocks, seeds, strict=True):
             start, end = self.layout.block_features(block)
             rank = self.layout.block_rank(block, self.rank)
-            blocks.append(
-                random_projection(self.config.projection, end - start, rank, seed, device, dtype)
-            )
+            p = random_projection(self.config.projection, end - start, rank, seed, device, dtype)
+            if self.layout.partial_sum:
+                first, last = self.layout.shard_rows(block)
+                p = p[first:last].contiguous()  # free the other ranks' rows at once
+            blocks.append(p)
         p = blocks[0] if len(blocks) == 1 else torch.block_diag(*blocks)
         if self.config.cache_projection:
             self._cache_key, self._cache = key, p
@@ -99,7 +136,12 @@ class CompactCompressor(Compressor):
         return ghat @ self.projection(seeds, ghat.device, ghat.dtype).t()  # [m, n]
 
     def extra_repr(self) -> str:
+        if self.layout.partial_sum:
+            first, last = self.layout.shard_rows(0)
+            shape = f"rows=[{first}, {last}) of a dense P"
+        else:
+            shape = f"blocks={list(self.layout.blocks)}"
         return (
             f"{super().extra_repr()}, rank={self.rank}, projection={self.config.projection!r}, "
-            f"grad_mode={self.config.grad_mode!r}, blocks={list(self.layout.blocks)}"
+            f"grad_mode={self.config.grad_mode!r}, {shape}"
         )

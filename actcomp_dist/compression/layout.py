@@ -9,6 +9,12 @@ Single-device and column-parallel layers use one block covering the whole width.
 Block ``b`` covers features ``[b*n//K, (b+1)*n//K)`` and gets rank ``(b+1)*r//K - b*r//K``:
 blocks may differ in size by one, and rank-shard boundaries ``i*n/t`` land on block boundaries
 whenever ``t`` divides both ``n`` and ``K``.
+
+A *dense row shard* (:meth:`BlockLayout.dense_shard`) is the other way to shard a projection
+over features: one block covering the whole width n and all r columns, of which rank i holds
+rows ``[i*n/t, (i+1)*n/t)``. Its ``X_i P_i`` is then a *partial* ``Z`` [N, r] that the layer
+must sum over the tensor-parallel group (``partial_sum``); the summed ``Z`` is the
+single-device layer's at every t.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ class BlockLayout:
     num_blocks: int = 1  # K
     first_block: int = 0  # first canonical block this layer (rank) owns
     end_block: int | None = None  # one past the last owned block; None = all
+    row_shards: int = 1  # t of a dense row shard: the features of the single block are split
+    row_shard: int = 0  # the shard (rank) this layout holds
 
     def __post_init__(self) -> None:
         if self.num_blocks < 1 or self.num_blocks > self.total_width:
@@ -33,6 +41,31 @@ class BlockLayout:
             object.__setattr__(self, "end_block", self.num_blocks)
         if not 0 <= self.first_block < self.end_block <= self.num_blocks:
             raise ValueError(f"invalid owned block range [{self.first_block}, {self.end_block})")
+        if self.row_shards > 1 and self.num_blocks != 1:
+            raise ValueError("a dense row shard has one block")
+        if not 0 <= self.row_shard < self.row_shards:
+            raise ValueError(f"row shard {self.row_shard} is not in [0, {self.row_shards})")
+
+    @classmethod
+    def dense_shard(cls, total_width: int, rank: int, world: int) -> BlockLayout:
+        """Rank ``rank``'s rows ``[rank*n/world, (rank+1)*n/world)`` of one dense block."""
+        if total_width % world != 0:
+            raise ValueError(
+                f"an input width of {total_width} cannot be split evenly over a "
+                f"tensor-parallel size of {world}"
+            )
+        return cls(total_width, row_shards=world, row_shard=rank)
+
+    @property
+    def partial_sum(self) -> bool:
+        """Whether the compressed tokens of this layout are partial sums over the shards."""
+        return self.row_shards > 1
+
+    def shard_rows(self, block: int) -> tuple[int, int]:
+        """The rows of ``block``'s projection this layout holds, relative to the block."""
+        start, end = self.block_features(block)
+        size = (end - start) // self.row_shards
+        return self.row_shard * size, (self.row_shard + 1) * size
 
     @classmethod
     def for_shard(cls, total_width: int, num_blocks: int, rank: int, world: int) -> BlockLayout:
@@ -59,6 +92,8 @@ class BlockLayout:
 
     @property
     def local_width(self) -> int:
+        if self.partial_sum:
+            return self.total_width // self.row_shards
         return self.block_features(self.end_block - 1)[1] - self.block_features(self.first_block)[0]
 
     def local_rank(self, rank: int) -> int:

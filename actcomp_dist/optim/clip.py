@@ -32,7 +32,8 @@ def clip_grad_norm_(
     """Scale all gradients so their joint L2 norm is at most ``max_norm``; returns the norm
     before clipping. With ``process_group`` the squared norms of the local shards are summed
     over it (pass the tensor-parallel group for TP-sharded weights; replicated ones must then be
-    passed on one rank only)."""
+    passed on one rank only, and so must the weight of a dense row-parallel ``compact`` layer
+    in ``subspace`` mode: its ``compressed_grad`` [m, r] is the same on every TP rank)."""
     grads = gradients(parameters)
     if grads:
         squared = torch.stack([g.float().pow(2).sum() for g in grads]).sum()

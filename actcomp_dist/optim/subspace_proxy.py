@@ -61,7 +61,10 @@ def attach_subspace_proxies(model: nn.Module) -> list[nn.Parameter]:
     receives ``G_hat`` as its gradient; returns the new parameters.
 
     Tensor-parallel attributes are copied from the weight: a column-parallel weight's rows
-    and a row-parallel weight's (block-diagonal) columns are sharded the same way in ``S``.
+    and a block-diagonal row-parallel weight's columns are sharded the same way in ``S``. A
+    dense row-parallel layer's ``S`` [m, r] is replicated instead (its ``G_hat`` is the same on
+    every TP rank, each lifting it with its own rows of P), so it gets no such attributes and
+    gradient norms count it once, like any replicated parameter.
     Call after the model is built and before the engine/optimizer is created.
     """
     proxies = []
@@ -75,8 +78,9 @@ def attach_subspace_proxies(model: nn.Module) -> list[nn.Parameter]:
                 dtype=weight.dtype,
             )
         )
+        replicated = layer.compressor.layout.partial_sum
         for attr in ("tensor_model_parallel", "partition_dim", "partition_stride", "allreduce"):
-            if hasattr(weight, attr):
+            if hasattr(weight, attr) and not replicated:
                 setattr(proxy, attr, getattr(weight, attr))
         layer.subspace_proxy = proxy
         proxies.append(proxy)

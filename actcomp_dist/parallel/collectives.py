@@ -195,13 +195,13 @@ class _GatherFromSequenceParallelRegion(torch.autograd.Function):
 
 class _ReduceScatterToSequenceParallelRegion(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, group, counter):
-        ctx.group, ctx.counter = group, counter
+    def forward(ctx, x, group, counter, backward_counter):
+        ctx.group, ctx.counter = group, backward_counter
         return reduce_scatter_dim0(x, group, counter)
 
     @staticmethod
     def backward(ctx, grad_output):
-        return all_gather_dim0(grad_output, ctx.group, ctx.counter), None, None
+        return all_gather_dim0(grad_output, ctx.group, ctx.counter), None, None, None
 
 
 class _ScatterToSequenceParallelRegion(torch.autograd.Function):
@@ -258,16 +258,21 @@ def gather_from_sequence_parallel_region(
 
 
 def reduce_scatter_to_sequence_parallel_region(
-    x: torch.Tensor, group: dist.ProcessGroup, counter: CommCounter | None = None
+    x: torch.Tensor,
+    group: dist.ProcessGroup,
+    counter: CommCounter | None = None,
+    backward_counter: CommCounter | None = None,
 ) -> torch.Tensor:
     """Reduce-scatter along dimension 0 forward; all-gather of the gradient backward.
 
     ``[s, b, h] -> [s/t, b, h]``: where a row-parallel layer's partial products are summed
-    and re-sharded along the sequence under sequence parallelism.
+    and re-sharded along the sequence under sequence parallelism. The backward all-gather is
+    counted in ``backward_counter`` if given, else in ``counter``.
     """
     if dist.get_world_size(group) == 1:
         return x
-    return _ReduceScatterToSequenceParallelRegion.apply(x, group, counter)
+    backward_counter = counter if backward_counter is None else backward_counter
+    return _ReduceScatterToSequenceParallelRegion.apply(x, group, counter, backward_counter)
 
 
 def scatter_to_sequence_parallel_region(

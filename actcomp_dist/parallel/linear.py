@@ -16,9 +16,23 @@ Tensor-parallel rules:
   saves only the compressed *local* shard ``Z_loc = X_loc P``; backward all-gathers ``Z``
   (c/n of the bytes Megatron re-gathers for ``X``) and reduce-scatters ``dX``.
 - **Row-parallel** (FC2, attention output): the input is sharded along the contracted
-  features, so the projection is block-diagonal over K canonical blocks (``row_parallel_blocks``,
-  independent of the TP size); a rank owning K/t blocks concatenates them. No extra
-  communication. The output is all-reduced (or reduce-scattered under SP) as Megatron does.
+  features. What the layer saves is the method's ``row_parallel_layout``:
+
+  - a *dense row shard* (``compact`` with ``row_parallel_projection="dense"``, the default):
+    rank i computes the partial ``Z_i = X_i P_i`` with its rows of the single-device P; the
+    partials are summed in the collective that sums the output: ``[Y_i | Z_i]`` goes into one
+    all-reduce (one reduce-scatter along the sequence under SP, which leaves each rank the
+    ``Z`` of its N/t tokens; backward all-gathers ``[dY | Z]`` in one collective, the
+    all-gather Megatron does for ``dY`` anyway, r/m wider). Every rank then holds the full
+    ``Z``, so ``G_hat`` [m, r] is the same on every rank and rank i's weight gradient is
+    ``G_hat P_i^T``: exactly the single-device layer's columns. Cost: r/m more bytes in the
+    output's collectives; ``Z`` is N x r per rank (N/t x r under SP).
+  - block-diagonal (``compact`` with ``row_parallel_projection="block"``, and the other
+    methods' one block per rank): each rank compresses its own features and saves its own
+    ``Z_i``; no extra communication. ``compact`` uses K canonical blocks
+    (``row_parallel_blocks``, independent of the TP size); a rank owning K/t blocks
+    concatenates them. The output is all-reduced (or reduce-scattered under SP) as Megatron
+    does.
 
 Both give the same numbers at any TP size up to float reduction order; method ``none`` runs
 the same operations as Megatron's layers and matches them bit for bit (TP without SP).
@@ -54,6 +68,12 @@ _DGRAD_NONE = "none"  # row-parallel: each rank's dX is already its own shard
 _DGRAD_ALL_REDUCE = "all_reduce"  # column-parallel, replicated input
 _DGRAD_SEQUENCE_PARALLEL = "sequence_parallel"  # column-parallel, sequence-sharded input
 
+# Whether the autograd function itself sums its output over the TP group (dense row-parallel
+# CompAct, whose partial Z travels in the same collective) or leaves that to the layer.
+_REDUCE_NONE = "none"
+_REDUCE_ALL = "all_reduce"
+_REDUCE_SCATTER = "reduce_scatter"  # along the sequence: sequence parallelism
+
 
 class _CompressedParallelLinear(torch.autograd.Function):
     """``Y = X W^T (+ b)`` on one TP shard, saving the compressed input.
@@ -64,7 +84,17 @@ class _CompressedParallelLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, x, weight, bias, proxy, compressor: Compressor, subspace: bool, group, dgrad: str, comm
+        ctx,
+        x,
+        weight,
+        bias,
+        proxy,
+        compressor: Compressor,
+        subspace: bool,
+        group,
+        dgrad: str,
+        comm,
+        output_reduce: str,
     ):
         if dgrad == _DGRAD_SEQUENCE_PARALLEL:
             total_x = all_gather_dim0(x, group, comm["forward"])  # [s, b, n]
@@ -75,14 +105,24 @@ class _CompressedParallelLinear(torch.autograd.Function):
             out = out + bias
         if ctx.needs_input_grad[1] or proxy is not None:
             packed = compressor.compress(x.reshape(-1, x.shape[-1]))  # local tokens only
-            ctx.save_for_backward(weight, packed.tokens, *packed.basis)
+            tokens = packed.tokens
             ctx.seeds = packed.seeds
         else:
             # A frozen weight (adapters on a frozen base): dX needs only W; save no input.
-            ctx.save_for_backward(weight)
+            packed, tokens = None, None
             ctx.seeds = ()
+        if output_reduce != _REDUCE_NONE:
+            # Dense row-parallel: the output and Z are both partial sums over the TP group.
+            out, tokens = _reduce_output_and_tokens(
+                out, tokens, group, output_reduce, comm["forward"]
+            )
+        if packed is not None:
+            ctx.save_for_backward(weight, tokens, *packed.basis)
+        else:
+            ctx.save_for_backward(weight)
         ctx.compressor, ctx.subspace = compressor, subspace
         ctx.weight, ctx.group, ctx.dgrad, ctx.counter = weight, group, dgrad, comm["backward"]
+        ctx.output_reduce = output_reduce
         ctx.has_bias = bias is not None
         ctx.has_proxy = proxy is not None
         return out
@@ -94,6 +134,9 @@ class _CompressedParallelLinear(torch.autograd.Function):
         compressor, group, counter = ctx.compressor, ctx.group, ctx.counter
         sequence_parallel = ctx.dgrad == _DGRAD_SEQUENCE_PARALLEL
         grad_x = grad_w = grad_b = grad_proxy = None
+        if ctx.output_reduce == _REDUCE_SCATTER:
+            # The adjoint of the forward reduce-scatter, and the full Z, in one all-gather.
+            grad_out, tokens = _gather_grad_and_tokens(grad_out, tokens, group, counter)
 
         if ctx.needs_input_grad[0]:
             grad_x = grad_out.matmul(weight)  # [s, b, n], a partial sum over the TP group
@@ -135,7 +178,43 @@ class _CompressedParallelLinear(torch.autograd.Function):
                     grad_w = compressor.lift(ghat, tuple(basis), ctx.seeds)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g2d.sum(dim=0)
-        return grad_x, grad_w, grad_b, grad_proxy, None, None, None, None, None
+        return grad_x, grad_w, grad_b, grad_proxy, None, None, None, None, None, None
+
+
+def _reduce_output_and_tokens(out, tokens, group, output_reduce: str, counter: CommCounter):
+    """Sum the partial output [s, b, m] and partial ``Z`` [N, r] (N = s*b, or ``None``) over
+    ``group`` in one collective: an all-reduce, or under sequence parallelism a reduce-scatter
+    along the sequence. Returns this rank's output and ``Z`` ([s/t, b, m] and [N/t, r] under
+    SP); rows of [N, .] are sequence-major, so splitting them splits the sequence."""
+    s, b, m = out.shape
+    parts = [out.reshape(s * b, m)]
+    if tokens is not None:
+        parts.append(tokens.to(out.dtype))
+    buffer = torch.cat(parts, dim=1)  # [N, m + r]: our own buffer
+    if output_reduce == _REDUCE_SCATTER:
+        buffer = reduce_scatter_dim0(buffer, group, counter)  # [N/t, m + r]
+    else:
+        counter.record("all_reduce", buffer)
+        dist.all_reduce(buffer, group=group)
+    out = buffer[:, :m].reshape(buffer.shape[0] // b, b, m)
+    if tokens is not None:
+        # A copy: a view would keep the whole [N, m + r] buffer alive until backward.
+        tokens = buffer[:, m:].to(tokens.dtype, copy=True, memory_format=torch.contiguous_format)
+    return out, tokens
+
+
+def _gather_grad_and_tokens(grad_out, tokens, group, counter: CommCounter):
+    """All-gather the sequence-sharded output gradient [s/t, b, m] and saved ``Z`` [N/t, r]
+    (or ``None``) in one collective: the full [s, b, m] gradient and [N, r] ``Z``."""
+    s_local, b, m = grad_out.shape
+    parts = [grad_out.reshape(s_local * b, m)]
+    if tokens is not None:
+        parts.append(tokens.to(grad_out.dtype))
+    buffer = all_gather_dim0(torch.cat(parts, dim=1), group, counter)  # [N, m + r]
+    grad_out = buffer[:, :m].reshape(buffer.shape[0] // b, b, m)
+    if tokens is not None:
+        tokens = buffer[:, m:].to(tokens.dtype)
+    return grad_out, tokens
 
 
 class _RecomputedInputParallelLinear(torch.autograd.Function):
@@ -209,7 +288,7 @@ class _CompressedParallelMixin:
         if self.training and torch.is_grad_enabled():
             self.compressor.maybe_initialize(x.reshape(-1, x.shape[-1]), _world_all_reduce)
 
-    def _compressed_forward(self, x, bias, dgrad: str):
+    def _compressed_forward(self, x, bias, dgrad: str, output_reduce: str = _REDUCE_NONE):
         self._maybe_initialize(x)
         return _CompressedParallelLinear.apply(
             x,
@@ -221,6 +300,7 @@ class _CompressedParallelMixin:
             self.tp_group,
             dgrad,
             self.comm,
+            output_reduce,
         )
 
 
@@ -288,9 +368,10 @@ class CompressedColumnParallelLinear(_CompressedParallelMixin, ColumnParallelLin
 class CompressedRowParallelLinear(_CompressedParallelMixin, RowParallelLinear):
     """Megatron ``RowParallelLinear`` whose weight gradient uses a compressed input.
 
-    The layout of the sharded input is the method's ``row_parallel_layout`` (``compact``: a
-    projection block-diagonal over ``compression.row_parallel_blocks`` canonical blocks K; the
-    TP size must divide K). Same constructor as Megatron's plus ``compression``,
+    The layout of the sharded input is the method's ``row_parallel_layout`` (``compact``: the
+    dense single-device projection, or with ``row_parallel_projection="block"`` one
+    block-diagonal over ``compression.row_parallel_blocks`` canonical blocks K, which the TP
+    size must divide). Same constructor as Megatron's plus ``compression``,
     ``layer_id``, ``site`` and ``schedule``. Requires ``input_is_parallel=True``.
     """
 
@@ -339,20 +420,29 @@ class CompressedRowParallelLinear(_CompressedParallelMixin, RowParallelLinear):
         ``storage``: with ``input_fn``, keep ``input_`` packed by this 8-bit quantizer
         (:mod:`actcomp_dist.storage`); backward reads its dequantised copy.
         """
+        tp_size = dist.get_world_size(self.tp_group)
+        # A dense row-parallel projection sums the partial Z with the output, in one collective.
+        # An identity compressor on that layout (``compression_disabled``) keeps X_i itself.
+        fused = self.compressor.layout.partial_sum and not self.compressor.is_identity
+        if not fused:
+            reduce = _REDUCE_NONE
+        else:
+            reduce = _REDUCE_SCATTER if self.sequence_parallel else _REDUCE_ALL
         if input_fn is None:
-            output_parallel = self._compressed_forward(input_, None, _DGRAD_NONE)
+            output_parallel = self._compressed_forward(input_, None, _DGRAD_NONE, reduce)
         elif self.recomputes_input:
             output_parallel = _RecomputedInputParallelLinear.apply(
                 input_, self.weight, input_fn, storage
             )
         else:
             output_parallel = self._compressed_forward(
-                recompute_in_backward(input_fn, input_, storage), None, _DGRAD_NONE
+                recompute_in_backward(input_fn, input_, storage), None, _DGRAD_NONE, reduce
             )
-        tp_size = dist.get_world_size(self.tp_group)
-        if self.sequence_parallel:
+        if fused:
+            output = output_parallel
+        elif self.sequence_parallel:
             output = reduce_scatter_to_sequence_parallel_region(
-                output_parallel, self.tp_group, self.comm["forward"]
+                output_parallel, self.tp_group, self.comm["forward"], self.comm["backward"]
             )
         elif tp_size > 1:
             output = reduce_from_tensor_parallel_region(

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from actcomp_dist.config import CompressionConfig
+from actcomp_dist.config import ROW_PARALLEL_SITES, CompressionConfig
 from actcomp_dist.storage import StoragePolicy
 
 
@@ -456,6 +456,14 @@ def validate_run(config: RunConfig, world_size: int) -> None:
         raise ConfigError(
             f"parallel.tensor_parallel={tp} does not divide the world size {world_size}"
         )
+    compression = config.compression
+    if any(site in compression.sites for site in ROW_PARALLEL_SITES):
+        from actcomp_dist.compression import get_compressor_class
+
+        try:  # a TP size the method's row-parallel layout cannot serve
+            get_compressor_class(compression.method).check_tensor_parallel(compression, tp)
+        except ValueError as err:
+            raise ConfigError(f"parallel.tensor_parallel={tp}: {err}") from None
     dp = world_size // tp
     train = config.train
     per_step = train.micro_batch_size * dp
