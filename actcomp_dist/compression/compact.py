@@ -120,7 +120,9 @@ class CompactCompressor(Compressor):
             p = random_projection(self.config.projection, end - start, rank, seed, device, dtype)
             if self.layout.partial_sum:
                 first, last = self.layout.shard_rows(block)
-                p = p[first:last].contiguous()  # free the other ranks' rows at once
+                # A row slice of a contiguous P is itself contiguous and would keep all of P
+                # alive: copy this rank's rows so the other ranks' rows are freed at once.
+                p = p[first:last].clone()
             blocks.append(p)
         p = blocks[0] if len(blocks) == 1 else torch.block_diag(*blocks)
         if self.config.cache_projection:
