@@ -308,6 +308,11 @@ def test_deepspeed_config_file_is_the_deepspeed_section(tmp_path):
         ConfigError, match=re.escape(f"deepspeed.zero_optimization.stage is 2 in {ds_file} but 1")
     ):
         load_run_config(TINY, [], deepspeed_file=ds_file)
+    # The command line as DeepSpeed's own flags write it.
+    from actcomp_dist.training.cli import parse_args
+
+    args = parse_args(["--config", str(TINY), "--deepspeed", "--deepspeed_config", str(ds_file)])
+    assert args.deepspeed_config == str(ds_file)
     with pytest.raises(ConfigError, match="--deepspeed_config .*missing.json: file not found"):
         load_run_config(TINY, [], deepspeed_file=tmp_path / "missing.json")
 
@@ -401,8 +406,9 @@ def test_bad_wandb_section_is_refused(overrides, message):
 def test_a_logger_that_is_not_installed_names_its_extra(override, module):
     if not _missing(module):
         pytest.skip(f"{module} is installed here")
+    config = _tiny(override)  # reading the config needs no logger; running it does
     with pytest.raises(ConfigError, match=re.escape(f"pip install 'actcomp_dist[{module}]'")):
-        _tiny(override)
+        validate_run(config, world_size=2)
 
 
 # -- LR schedule --------------------------------------------------------------------------------

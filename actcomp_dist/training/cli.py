@@ -58,6 +58,9 @@ def parse_args(
         "both must agree; 'auto' for the batch sizes, clipping and precision, which come from "
         "train.*)",
     )
+    # DeepSpeed's add_config_arguments pairs --deepspeed_config with a --deepspeed switch;
+    # accepted so that command lines written for it work (DeepSpeed is always used here).
+    parser.add_argument("--deepspeed", action="store_true", help=argparse.SUPPRESS)
     add_override_argument(parser)
     # Added by the deepspeed launcher; the rank layout is read from the environment.
     parser.add_argument(

@@ -327,8 +327,6 @@ class LoggingSection:
         _positive_int("logging.interval", self.interval)
         _bool("logging.tensorboard", self.tensorboard)
         _bool("logging.verbose", self.verbose)
-        if self.tensorboard:
-            _installed("tensorboard", "logging.tensorboard=true", "tensorboard")
         if self.wandb is None:
             return
         if not isinstance(self.wandb, dict):
@@ -349,17 +347,20 @@ class LoggingSection:
         mode = self.wandb.get("mode", "online")
         if mode not in WANDB_MODES:
             raise ConfigError(f"logging.wandb.mode={mode!r} is not one of {list(WANDB_MODES)}")
-        _installed("wandb", "logging.wandb", "wandb")
 
-
-def _installed(module: str, key: str, extra: str) -> None:
-    """A :class:`ConfigError` naming ``key`` and the extra to install when ``module`` is not
-    importable (checked with the config, before any process group or file exists)."""
-    if importlib.util.find_spec(module) is None:
-        raise ConfigError(
-            f"{key} needs the {module} package, which is not installed: pip install "
-            f"'actcomp_dist[{extra}]' (or pip install {module}), or turn {key} off"
-        )
+    def check_installed(self) -> None:
+        """The loggers this section enables are importable; else a :class:`ConfigError`
+        naming the key and the extra. Checked for a run (:func:`validate_run`), not when a
+        config is only read (the memory planner needs no logger)."""
+        for enabled, module, key, off in (
+            (self.tensorboard, "tensorboard", "logging.tensorboard", "set it to false"),
+            (self.wandb is not None, "wandb", "logging.wandb", "set it to null"),
+        ):
+            if enabled and importlib.util.find_spec(module) is None:
+                raise ConfigError(
+                    f"{key} needs the {module} package, which is not installed: pip install "
+                    f"'actcomp_dist[{module}]' (or pip install {module}), or {off}"
+                )
 
 
 @dataclass
@@ -573,6 +574,7 @@ def validate_run(config: RunConfig, world_size: int) -> None:
             f"train.global_batch_size={train.global_batch_size} must be a multiple of "
             f"micro_batch_size * data_parallel_size = {train.micro_batch_size} * {dp}"
         )
+    config.logging.check_installed()
     # The deepspeed section, completed from train.*, checked here (before the data cache or
     # the run directory is written) rather than when DeepSpeed first reads it.
     from actcomp_dist.training.deepspeed_config import check_deepspeed_config, deepspeed_config
