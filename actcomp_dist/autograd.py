@@ -89,30 +89,39 @@ class CompressedLinearFunction(torch.autograd.Function):
 
 class _RecomputeInBackward(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, fn, source):
-        ctx.fn = fn
-        ctx.save_for_backward(source)
+    def forward(ctx, fn, source, storage):
+        ctx.fn, ctx.storage = fn, storage
+        if storage is None:
+            ctx.save_for_backward(source)
+        else:
+            ctx.save_for_backward(*storage.pack(source))
+            ctx.source_like = torch.empty_like(source, device="meta")
         return fn(source)
 
     @staticmethod
     def backward(ctx, grad_out):
-        (source,) = ctx.saved_tensors
+        if ctx.storage is None:
+            (source,) = ctx.saved_tensors
+        else:
+            source = ctx.storage.unpack(ctx.saved_tensors, ctx.source_like)
         with torch.enable_grad():
             source = source.detach().requires_grad_(True)
             out = ctx.fn(source)
         (grad_source,) = torch.autograd.grad(out, source, grad_out)
-        return None, grad_source
+        return None, grad_source, None
 
 
-def recompute_in_backward(fn, source: torch.Tensor) -> torch.Tensor:
+def recompute_in_backward(fn, source: torch.Tensor, storage=None) -> torch.Tensor:
     """``fn(source)``, keeping only ``source`` for backward: backward re-runs ``fn`` on it and
     backpropagates through the re-run (the same ops, hence the same gradient bit for bit).
 
     ``fn`` must be a pure, deterministic function of one tensor without parameters (e.g. the
     SwiGLU product of ``[gate | up]``). Unlike ``torch.utils.checkpoint`` the kept tensor goes
     through ``save_for_backward``, so saved-tensor hooks (and the byte counters built on them)
-    see it, and nothing about RNG state is stored.
+    see it, and nothing about RNG state is stored. ``storage``: keep ``source`` packed by
+    this 8-bit quantizer (:mod:`actcomp_dist.storage`) and re-run ``fn`` on its dequantised
+    copy.
     """
     if not (torch.is_grad_enabled() and source.requires_grad):
         return fn(source)
-    return _RecomputeInBackward.apply(fn, source)
+    return _RecomputeInBackward.apply(fn, source, storage)

@@ -11,6 +11,12 @@ allocator peaks, which depend on caching and timing.
 split into parameters, gradients, activations, optimizer state and temporaries; on a GPU it
 also reports ``torch.cuda.max_memory_allocated``.
 
+``model_state_bytes`` counts what a rank holds between steps and inside one — parameters,
+gradients, optimizer state, the subspace merger's fp32 masters, cached projections — from the
+live tensors, each storage once (so a parameter that is a view of an engine's flat buffer counts
+as the buffer); ``ModelStateProbe`` takes it inside each optimizer step, the only moment where
+gradients and Adam's moments coexist.
+
 The analytic model (closed-form predictions of the same saved bytes, and of parameters,
 gradients and optimizer state under ZeRO) is :mod:`actcomp_dist.memory_model`; its main
 functions are re-exported here.
@@ -200,3 +206,164 @@ _CATEGORY_NAMES = {
     "other": "other",
     "total": "total",
 }
+
+
+# -- model states (measured) --------------------------------------------------------------------
+
+MODEL_STATE_CATEGORIES = (
+    "parameters",
+    "gradients",
+    "optimizer_state",
+    "subspace_masters",
+    "projection_cache",
+    "other",
+)
+
+
+def _storage_key(t: torch.Tensor) -> tuple:
+    storage = t.untyped_storage()
+    return (t.device.type, t.device.index, storage.data_ptr(), storage.nbytes())
+
+
+def _torch_optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:
+    """``optimizer`` and the optimizers it wraps (DeepSpeed's ZeRO / bf16 optimizers keep the
+    torch optimizer they step in ``.optimizer``)."""
+    found, seen = [], set()
+    while optimizer is not None and id(optimizer) not in seen:
+        seen.add(id(optimizer))
+        if isinstance(optimizer, torch.optim.Optimizer):
+            found.append(optimizer)
+        optimizer = getattr(optimizer, "optimizer", None)
+    return found
+
+
+def _held_tensors(value: Any, depth: int = 3) -> Iterable[torch.Tensor]:
+    """Tensors directly in ``value`` or in its lists / tuples / dicts (``depth`` levels)."""
+    if isinstance(value, torch.Tensor):
+        yield value
+        ds_tensor = getattr(value, "ds_tensor", None)  # a ZeRO-3 parameter's own partition
+        if isinstance(ds_tensor, torch.Tensor):
+            yield ds_tensor
+    elif depth > 0 and isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _held_tensors(item, depth - 1)
+    elif depth > 0 and isinstance(value, dict):
+        for item in value.values():
+            yield from _held_tensors(item, depth - 1)
+
+
+def _attribute_category(name: str) -> str:
+    """Category of a tensor an engine's optimizer holds in attribute ``name`` (DeepSpeed's
+    naming: ``averaged_gradients``, ``grads_in_partition``, ``bit16_groups_flat``,
+    ``fp16_partitioned_groups_flat``, ``fp32_partitioned_groups_flat``, ``ipg_buffer``...)."""
+    name = name.lower()
+    if "grad" in name:
+        return "gradients"
+    if "fp32" in name:
+        return "optimizer_state"
+    if any(key in name for key in ("bit16", "fp16", "bf16", "param")):
+        return "parameters"
+    return "other"
+
+
+def model_state_bytes(
+    model: nn.Module, optimizer: Any = None, merger: Any = None
+) -> dict[str, int]:
+    """Bytes this rank holds of the model states, from the live tensors, each storage counted
+    once (a view of a flat buffer is the buffer), by category (:data:`MODEL_STATE_CATEGORIES`)
+    and ``total``. The model's buffers are not model state and are left out.
+
+    - ``parameters``: the model's parameters (under ZeRO-3 their partitions);
+    - ``gradients``: their ``.grad``, the gradients of the optimizer's own parameters (ZeRO's
+      fp32 partitions) and the gradient buffers the engine's optimizer holds;
+    - ``optimizer_state``: the torch optimizer's parameters that are not the model's (ZeRO's
+      fp32 master partitions) and its state (Adam's moments);
+    - ``subspace_masters``: the fp32 masters of a :class:`~actcomp_dist.optim.subspace_proxy.
+      SubspaceMerger` (this rank's rows);
+    - ``projection_cache``: the projections ``compact`` layers keep (``cache_projection``);
+    - ``other``: any other tensor the engine's optimizer holds (e.g. a reduction bucket).
+
+    ``optimizer`` may be a torch optimizer or an engine's wrapper of one (DeepSpeed's ZeRO
+    optimizers). Gradients exist only between backward and the end of the optimizer step, and
+    Adam creates its moments in its first step: measure inside a step
+    (:class:`ModelStateProbe`) to see them.
+    """
+    seen: set[tuple] = set()
+    out = dict.fromkeys(MODEL_STATE_CATEGORIES, 0)
+
+    def add(category: str, tensor: torch.Tensor | None) -> None:
+        if tensor is None or tensor.device.type == "meta":
+            return
+        key = _storage_key(tensor)
+        if key in seen or key[2] == 0:
+            return
+        seen.add(key)
+        if category is not None:
+            out[category] += key[3]
+
+    for buffer in model.buffers():
+        add(None, buffer)
+    parameters = list(model.parameters())
+    for param in parameters:
+        for tensor in _held_tensors(param, depth=0):
+            add("parameters", tensor)
+    for param in parameters:
+        add("gradients", param.grad)
+    torch_optimizers = _torch_optimizers(optimizer)
+    for opt in torch_optimizers:
+        for group in opt.param_groups:
+            for param in group["params"]:
+                add("optimizer_state", param)
+                add("gradients", param.grad)
+        for state in opt.state.values():
+            for tensor in _held_tensors(state):
+                add("optimizer_state", tensor)
+    if merger is not None:
+        for _, master in merger.masters.values():
+            add("subspace_masters", master)
+    for module in model.modules():
+        cache = getattr(getattr(module, "compressor", None), "_cache", None)
+        if isinstance(cache, torch.Tensor):
+            add("projection_cache", cache)
+    wrapper = optimizer
+    while wrapper is not None and not isinstance(wrapper, torch.optim.Optimizer):
+        for name, value in vars(wrapper).items():
+            if isinstance(value, nn.Module):
+                continue
+            for tensor in _held_tensors(value):
+                add(_attribute_category(name), tensor)
+        wrapper = getattr(wrapper, "optimizer", None)
+    out["total"] = sum(out[c] for c in MODEL_STATE_CATEGORIES)
+    return out
+
+
+class ModelStateProbe:
+    """Measures :func:`model_state_bytes` at every step of the torch optimizer inside
+    ``optimizer`` (after its update, before the engine frees the gradients it stepped with:
+    gradients, Adam's moments and fp32 masters all exist then). An engine that steps its
+    parameter groups one at a time (DeepSpeed ZeRO 1/2) fires the hook once per group; the
+    largest total of one optimizer step is kept in ``last``; call :meth:`measure` after the
+    last backward of a step too (before the engine's step reduces and frees gradients) and
+    :meth:`reset` before each step.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: Any, merger: Any = None) -> None:
+        self.model, self.optimizer, self.merger = model, optimizer, merger
+        self.last: dict[str, int] | None = None
+        self._handles = [
+            opt.register_step_post_hook(lambda *args: self.measure())
+            for opt in _torch_optimizers(optimizer)[-1:]
+        ]
+
+    def measure(self) -> None:
+        current = model_state_bytes(self.model, self.optimizer, self.merger)
+        if self.last is None or current["total"] > self.last["total"]:
+            self.last = current
+
+    def reset(self) -> None:
+        self.last = None
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()

@@ -82,6 +82,7 @@ from typing import Any, Protocol
 
 from actcomp_dist.compression import get_compressor_class, layer_layout
 from actcomp_dist.config import CompressionConfig
+from actcomp_dist.storage import StoragePolicy
 
 AC_MODES = ("none", "selective", "full")
 _ROW_SITES = ("proj", "fc2")
@@ -161,6 +162,7 @@ class ActivationSetting:
             block).
         loss_chunk_tokens: the model's chunked loss (``LlamaModel(loss_chunk_tokens=...)``;
             ``None``: the logits and megatron's cross-entropy).
+        storage: the model's storage policy (``memory.policy``; :mod:`actcomp_dist.storage`).
     """
 
     micro_batch_size: int
@@ -173,6 +175,7 @@ class ActivationSetting:
     tp_rank: int = 0
     efficient_ops: bool = True
     loss_chunk_tokens: int | None = None
+    storage: StoragePolicy = field(default_factory=StoragePolicy)
 
     def __post_init__(self) -> None:
         for name in ("micro_batch_size", "seq_length", "tensor_parallel"):
@@ -327,18 +330,40 @@ def _efficient_layer_saved(
             return 0
         return _site_saved(site, compression, width, tokens, setting)
 
+    storage = setting.storage
+    attention_8bit = storage.quantizer("attention") is not None
     out: dict[str, int] = defaultdict(int)
     out["norm"] = 2 * _norm_saved(n_res, h, e, True)
     out["qkv"] = compressed_bytes("qkv", h, n_res)
     out["fc1"] = compressed_bytes("fc1", h, n_res)
-    out["fc2"] = 2 * n_all * ffn * e + compressed_bytes("fc2", model.ffn_hidden_size, n_all)
-    if mode == "none":
+    # [gate | up] [N, 2f/t] (packed under an 8-bit ``swiglu`` policy, scales per row of 2f/t).
+    gate_up = storage.saved_bytes("swiglu", n_all * 2 * ffn, 2 * ffn, e)
+    out["fc2"] = gate_up + compressed_bytes("fc2", model.ffn_hidden_size, n_all)
+    # The attention output as proj's input [N, H d / t]; packed by proj itself under an 8-bit
+    # ``attention`` policy when proj is uncompressed.
+    proj_input = storage.saved_bytes("attention", n_all * heads * d, heads * d, e)
+    if mode == "none" and attention_8bit:
+        # q, k, v packed (rows of d); neither the output nor the log-sum-exp is kept.
+        q_and_kv = n_all * heads * d, n_all * groups * d
+        out["attention_core"] = storage.saved_bytes(
+            "attention", q_and_kv[0], d, e
+        ) + 2 * storage.saved_bytes("attention", q_and_kv[1], d, e)
+        out["proj"] = (
+            compressed_bytes("proj", attn_width, n_all)
+            if _compressed("proj", compression)
+            else proj_input
+        )
+    elif mode == "none":
         # q, k after RoPE, v (contiguous), the output (also proj's input), the fp32 LSE.
         out["attention_core"] = n_all * (heads + 2 * groups) * d * e + attn_out + b * heads * s * 4
         out["proj"] = compressed_bytes("proj", attn_width, n_all)
     elif mode == "selective":
         out["attention_core"] = n_all * (heads + 2 * groups) * d * e  # the fused QKV output
-        out["proj"] = _site_saved("proj", compression, attn_width, n_all, setting)
+        out["proj"] = (
+            _site_saved("proj", compression, attn_width, n_all, setting)
+            if _compressed("proj", compression)
+            else proj_input
+        )
     else:
         raise ValueError(f"activation checkpointing mode {mode!r} is not one of {list(AC_MODES)}")
     return dict(out)
@@ -434,10 +459,48 @@ class ModelStates:
     engine_buffers: int  # DeepSpeed's gradient-reduction bucket (ZeRO 1/2)
     parameters_count: int  # logical parameters of the whole model
     detail: dict[str, Any] = field(default_factory=dict)
+    projection_cache: int = 0  # compact's cached P of each compressed layer (n x r)
 
     @property
     def total(self) -> int:
-        return self.parameters + self.gradients + self.optimizer_state + self.engine_buffers
+        return (
+            self.parameters
+            + self.gradients
+            + self.optimizer_state
+            + self.engine_buffers
+            + self.projection_cache
+        )
+
+
+def _site_widths(model: ModelShape) -> dict[str, tuple[int, int]]:
+    """site: (input width, output width) of the full (unsharded) linear."""
+    h, f, d = model.hidden_size, model.ffn_hidden_size, model.head_dim
+    heads, groups = model.num_attention_heads, model.query_groups
+    return {
+        "qkv": (h, (heads + 2 * groups) * d),
+        "proj": (heads * d, h),
+        "fc1": (h, 2 * f),
+        "fc2": (f, h),
+    }
+
+
+def projected_site_shapes(
+    model: ModelShape, compression: CompressionConfig, tensor_parallel: int = 1
+) -> list[tuple[int, int, int]]:
+    """``(n_local, m_local, r_local)`` of each compressed site of one block on TP rank 0 for a
+    method with a fixed, seeded projection (it declares ``supports_subspace``: ``compact``): the
+    local weight is [m_local, n_local], its projection [n_local, r_local]."""
+    if not get_compressor_class(compression.method).supports_subspace:
+        return []
+    t = tensor_parallel
+    setting = ActivationSetting(1, 1, tensor_parallel=t)
+    shapes = []
+    for site in compression.sites:
+        n, m = _site_widths(model)[site]
+        row = site in _ROW_SITES
+        rank, _ = _site_width(site, compression, n, setting)
+        shapes.append((n // t if row else n, m if row else m // t, rank))
+    return shapes
 
 
 def local_parameter_counts(
@@ -447,31 +510,31 @@ def local_parameter_counts(
     in ``subspace`` mode, kept out of the optimizer) and ``subspace_proxies`` (their m x r
     gradient carriers)."""
     t = tensor_parallel
-    h, f, d = model.hidden_size, model.ffn_hidden_size, model.head_dim
-    heads, groups = model.num_attention_heads, model.query_groups
-    widths = {  # site: (input width, output width) of the full layer
-        "qkv": (h, (heads + 2 * groups) * d),
-        "proj": (heads * d, h),
-        "fc1": (h, 2 * f),
-        "fc2": (f, h),
-    }
-    block = sum(n * m for n, m in widths.values()) // t + 2 * h
+    h = model.hidden_size
+    block = sum(n * m for n, m in _site_widths(model).values()) // t + 2 * h
     embeddings = 2 * model.vocab_size * h // t
     if getattr(model, "tie_embeddings", False):
         embeddings //= 2
     total = embeddings + model.num_layers * block + h
     weights = proxies = 0
-    if compression.grad_mode == "subspace":  # only methods that support it get this far
-        setting = ActivationSetting(1, 1, tensor_parallel=t)
-        for site in compression.sites:
-            n, m = widths[site]
-            local_m = m if site in _ROW_SITES else m // t
-            rank, _ = _site_width(site, compression, n, setting)
-            weights += n * m // t
-            proxies += local_m * rank
+    if compression.grad_mode == "subspace":
+        for n, m, r in projected_site_shapes(model, compression, t):
+            weights += n * m
+            proxies += m * r
         weights *= model.num_layers
         proxies *= model.num_layers
     return {"total": total, "subspace_weights": weights, "subspace_proxies": proxies}
+
+
+def subspace_master_elements(
+    model: ModelShape, compression: CompressionConfig, tensor_parallel: int, data_parallel: int
+) -> int:
+    """fp32 master elements the subspace merger keeps on data-parallel rank 0 (the largest
+    share): ``ceil(m / D)`` rows of every compressed weight."""
+    if compression.grad_mode != "subspace":
+        return 0
+    shapes = projected_site_shapes(model, compression, tensor_parallel)
+    return model.num_layers * sum(-(-m // data_parallel) * n for n, m, _ in shapes)
 
 
 def predict_model_states(
@@ -484,16 +547,33 @@ def predict_model_states(
     tensor_parallel: int = 1,
     reduce_bucket_size: int = 500_000_000,
 ) -> ModelStates:
-    """Parameters, gradients and AdamW state per GPU under DeepSpeed ZeRO.
+    """Parameters, gradients and AdamW state per GPU under DeepSpeed ZeRO, at their peak: the
+    optimizer step.
 
-    Mixed precision (bf16/fp16) follows the ZeRO paper's accounting: 16-bit parameters and
-    gradients, and an fp32 master copy plus two fp32 moments (12 bytes per parameter) in the
-    optimizer; ZeRO-1 partitions the optimizer state over the data-parallel ranks, ZeRO-2 also
-    the gradients, ZeRO-3 also the parameters. fp32 training has no master copy (8 bytes of
-    moments). ``subspace`` mode: the compressed weights get no m x n gradient and no Adam
-    state; their m x r proxies are ordinary parameters of the optimizer, and in 16-bit
-    training the merger keeps an fp32 master of each compressed weight (not partitioned).
-    ZeRO 1/2 also allocate one gradient bucket of ``reduce_bucket_size`` elements (DeepSpeed's
+    The ZeRO paper's accounting, corrected by what DeepSpeed 0.19 allocates (measured by
+    :func:`actcomp_dist.memory.model_state_bytes` in ``tests/test_model_states.py``):
+
+    - parameters in the training precision; ZeRO-3 keeps 1/D of them (parameters below its
+      ``stage3_param_persistence_threshold``, 1e5 elements by default, stay whole on every
+      rank; not modelled: at 1B only the norm vectors are that small);
+    - optimizer state: two fp32 Adam moments, plus an fp32 master copy wherever DeepSpeed
+      keeps one — in 16-bit training always, and at ZeRO 1-3 in fp32 too (its partition of
+      the flat fp32 weights is a copy): 12 bytes per trained parameter, 8 for fp32 at ZeRO 0;
+      ZeRO 1-3 keep 1/D of it;
+    - gradients: the larger of what backward leaves (16-bit gradients: all of them at ZeRO 0
+      and 1, 1/D at ZeRO 2 and 3; bf16 at ZeRO 0 adds fp32 accumulators of all of them) and
+      what the step holds while it steps parameter group g (ZeRO 1-3): 1/D of the gradients of
+      group g and of the groups after it, and an fp32 copy of group g's partition. The groups
+      are the trainer's, in its order: matrices (weight decay), vectors (none), ``subspace``
+      proxies.
+
+    ``subspace`` mode: the compressed weights get no m x n gradient and no Adam state; their
+    m x r proxies are ordinary parameters of the optimizer, and in 16-bit training the merger
+    keeps an fp32 master of each compressed weight, partitioned by output rows over the
+    data-parallel ranks (``ceil(m / D)`` rows per rank). With ``cache_projection`` every
+    ``compact`` layer keeps its current P [n_local, r_local] in the compute dtype
+    (``projection_cache``; row-parallel layers hold their block-diagonal P densely). ZeRO 1/2
+    also allocate one gradient bucket of ``reduce_bucket_size`` elements (DeepSpeed's
     ``zero_optimization.reduce_bucket_size``, default 5e8: 2 GB in fp32, 1 GB in bf16).
     """
     if precision not in ("fp32", "bf16", "fp16"):
@@ -506,28 +586,52 @@ def predict_model_states(
     weights, proxies = counts["subspace_weights"], counts["subspace_proxies"]
     model_params = counts["total"] + proxies
     trained = model_params - weights  # parameters the optimizer steps
+    vectors = model.num_layers * 2 * model.hidden_size + model.hidden_size  # the RMSNorms
+    groups = [trained - vectors - proxies, vectors, proxies]  # the trainer's, in its order
     parameters = model_params * p_bytes
-    gradients = trained * p_bytes
-    optimizer = trained * (8 if precision == "fp32" else 12)
-    if zero_stage >= 1:
-        optimizer = math.ceil(optimizer / dp)
-    if zero_stage >= 2:
-        gradients = math.ceil(gradients / dp)
     if zero_stage >= 3:
         parameters = math.ceil(parameters / dp)
-    masters = weights * 4 if precision != "fp32" else 0
+    optimizer = trained * (8 if precision == "fp32" and zero_stage == 0 else 12)
+    if zero_stage >= 1:
+        optimizer = math.ceil(optimizer / dp)
+    if zero_stage == 0:
+        gradients = trained * (p_bytes if precision == "fp32" else p_bytes + 4)
+    else:
+        held = trained * p_bytes if zero_stage == 1 else math.ceil(trained / dp) * p_bytes
+        stepping = max(
+            (
+                math.ceil(group / dp) * (p_bytes + 4)
+                + sum(groups[later] for later in range(g + 1, len(groups))) * p_bytes / dp
+            )
+            for g, group in enumerate(groups)
+        )
+        gradients = max(held, math.ceil(stepping))
+    masters = 0
+    if precision != "fp32":
+        masters = 4 * subspace_master_elements(model, compression, tensor_parallel, dp)
     buffers = reduce_bucket_size * p_bytes if zero_stage in (1, 2) else 0
+    cache = 0
+    if compression.cache_projection:
+        shapes = projected_site_shapes(model, compression, tensor_parallel)
+        cache = model.num_layers * sum(n * r for n, _, r in shapes) * p_bytes
     full_t1 = local_parameter_counts(model, CompressionConfig(), 1)["total"]
     return ModelStates(
         parameters=parameters,
         gradients=gradients,
         optimizer_state=optimizer + masters,
         engine_buffers=buffers,
+        projection_cache=cache,
         parameters_count=full_t1,
         detail={
             "subspace_weights": weights,
             "subspace_proxies": proxies,
             "subspace_masters_bytes": masters,
+            # What each rank hands to the data-parallel gradient reduction per step, in the
+            # gradients' dtype: the m x r gradients of subspace layers, and all others.
+            "dp_reduction_bytes": {
+                "compressed": proxies * p_bytes,
+                "ordinary": (trained - proxies) * p_bytes,
+            },
         },
     )
 

@@ -315,7 +315,7 @@ def test_memory_section_is_validated():
     with pytest.raises(ConfigError, match=r"memory.chunked.*valid keys in 'memory'"):
         run_config_from_dict({"memory": {"chunked": True}})
     fields = {f.name for f in dataclasses.fields(run_config_from_dict({}).memory)}
-    assert fields == {"efficient_ops", "loss_chunk_tokens"}
+    assert fields == {"efficient_ops", "loss_chunk_tokens", "policy"}
     memory = run_config_from_dict({}).memory
     assert memory.chunked_loss_tokens == memory.loss_chunk_tokens == 1024
     naive = run_config_from_dict({"memory": {"efficient_ops": False}}).memory

@@ -41,7 +41,14 @@ def test_dry_run_measures_every_stage_and_writes_the_report(tmp_path):
     # Every variant ran through the trainer; saved bytes are exact against the analytic model
     # on any device, and the planner's peak is within the 5% the GPU check reports against.
     rows = stages["runs"]["rows"]
-    assert [r["variant"] for r in rows] == ["none", "ac_selective", "ac_full", "compact:0.25"]
+    assert [r["variant"] for r in rows] == [
+        "none",
+        "ac_selective",
+        "ac_full",
+        "compact:0.25",
+        "int8",
+        "fp8",
+    ]
     for row in rows:
         assert row["saved_activation_bytes"] == row["predicted_saved_activation_bytes"], row
         assert abs(row["peak_error"]) < 0.05, row

@@ -32,6 +32,7 @@ from actcomp_dist.memory_model import (
 )
 from actcomp_dist.models import build_llama, get_model_config, parameter_count
 from actcomp_dist.parallel import state
+from actcomp_dist.storage import StoragePolicy
 from actcomp_dist.training.activation_checkpointing import apply_activation_checkpointing
 from tests.distributed import run_distributed
 
@@ -76,7 +77,16 @@ def _batch(config, b, s, seed=0):
 
 
 def _measure(
-    config, compression, mode, num_layers, b, s, dtype, sequence_parallel=False, efficient_ops=True
+    config,
+    compression,
+    mode,
+    num_layers,
+    b,
+    s,
+    dtype,
+    sequence_parallel=False,
+    efficient_ops=True,
+    storage_policy=None,
 ):
     model = build_llama(
         config,
@@ -84,6 +94,7 @@ def _measure(
         init_seed=0,
         sequence_parallel=sequence_parallel,
         efficient_ops=efficient_ops,
+        storage_policy=storage_policy,
     )
     for param in model.parameters():  # what DeepSpeed's bf16 engine does: parameters only
         param.data = param.data.to(dtype)
@@ -126,6 +137,38 @@ def test_prediction_equals_measured_saved_bytes(single_rank, variant, shape, dty
     _assert_prediction_matches(measured, predicted)
 
 
+# name: (VARIANTS row, memory.policy); every 8-bit policy with every checkpointing mode, with
+# compressed sites (proj compressed: it keeps its own compressed tensor, not the packed output).
+STORAGE_VARIANTS = {
+    "int8": ("none", {"attention": "int8", "swiglu": "int8"}),
+    "fp8": ("none", {"attention": "fp8", "swiglu": "fp8"}),
+    "attention_int8": ("none", {"attention": "int8"}),
+    "swiglu_fp8": ("none", {"swiglu": "fp8"}),
+    "int8+ac_selective": ("ac_selective", {"attention": "int8", "swiglu": "int8"}),
+    "fp8+ac_full_1layer": ("ac_full_1layer", {"attention": "fp8", "swiglu": "fp8"}),
+    "compact_0.25+int8": ("compact_0.25", {"attention": "int8", "swiglu": "int8"}),
+    "compact_all_sites+fp8": (
+        "compact_all_sites+ac_selective_1layer",
+        {"attention": "fp8", "swiglu": "fp8"},
+    ),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("variant", list(STORAGE_VARIANTS))
+def test_prediction_equals_measured_with_storage_policies(single_rank, variant, shape, dtype):
+    row, policy = STORAGE_VARIANTS[variant]
+    method, options, mode, num_layers = VARIANTS[row]
+    config, b, s = SHAPES[shape]
+    storage = StoragePolicy.from_mapping(policy)
+    compression = CompressionConfig(method=method, **options)
+    measured = _measure(config, compression, mode, num_layers, b, s, dtype, storage_policy=storage)
+    setting = ActivationSetting(b, s, dtype_bytes=torch.finfo(dtype).bits // 8, storage=storage)
+    predicted = predict_saved_activations(config, compression, setting, mode, num_layers)
+    _assert_prediction_matches(measured, predicted)
+
+
 @EFFICIENT_OPS
 def test_prediction_scales_with_micro_batch_and_sequence(single_rank, efficient_ops):
     """The formulas are not fitted to one shape: a third shape, never used above."""
@@ -140,6 +183,7 @@ def test_prediction_scales_with_micro_batch_and_sequence(single_rank, efficient_
 
 
 TP_VARIANTS = ("none", "ac_selective", "compact_0.25", "lowrank_0.125", "subtoken_32")
+TP_STORAGE_VARIANTS = ("int8", "fp8", "int8+ac_selective", "compact_all_sites+fp8")
 
 
 def _tp_measure(rank, world_size, sequence_parallel):
@@ -161,6 +205,21 @@ def _tp_measure(rank, world_size, sequence_parallel):
                 sequence_parallel,
                 efficient_ops,
             )
+    for name in TP_STORAGE_VARIANTS:
+        row, policy = STORAGE_VARIANTS[name]
+        method, options, mode, num_layers = VARIANTS[row]
+        compression = CompressionConfig(method=method, seed=3, **options)
+        out[name, "storage"] = _measure(
+            config,
+            compression,
+            mode,
+            num_layers,
+            b,
+            s,
+            torch.float32,
+            sequence_parallel,
+            storage_policy=StoragePolicy.from_mapping(policy),
+        )
     return out
 
 
@@ -171,6 +230,10 @@ def test_prediction_equals_measured_at_tp2(tmp_path, sequence_parallel):
     config, b, s = SHAPES["tiny"]
     for tp_rank, per_variant in enumerate(results):
         for (variant, efficient_ops), measured in per_variant.items():
+            storage = StoragePolicy()
+            if efficient_ops == "storage":
+                variant, policy = STORAGE_VARIANTS[variant]
+                efficient_ops, storage = True, StoragePolicy.from_mapping(policy)
             setting = ActivationSetting(
                 b,
                 s,
@@ -178,6 +241,7 @@ def test_prediction_equals_measured_at_tp2(tmp_path, sequence_parallel):
                 sequence_parallel=sequence_parallel,
                 tp_rank=tp_rank,
                 efficient_ops=efficient_ops,
+                storage=storage,
             )
             method, options, mode, num_layers = VARIANTS[variant]
             compression = CompressionConfig(method=method, **options)
@@ -205,8 +269,13 @@ def test_model_states_closed_form():
     assert states.parameters == 2 * p and states.gradients == 2 * p
     assert states.optimizer_state == -(-12 * p // 8)
     assert states.engine_buffers == 500_000_000 * 2
+    # fp32 at ZeRO 1-3: DeepSpeed's fp32 partition is a copy (12 bytes of optimizer state per
+    # parameter, not 8); the step holds the largest group's gradient partition twice (its
+    # gradients and the fp32 copy it steps with), and 1/D of the later groups' (the norms).
     stage3 = predict_model_states(config, none, precision="fp32", zero_stage=3, data_parallel=4)
-    assert stage3.parameters == p and stage3.gradients == p and stage3.optimizer_state == 2 * p
+    norms = config.num_layers * 2 * config.hidden_size + config.hidden_size
+    assert stage3.parameters == p and stage3.optimizer_state == 3 * p
+    assert stage3.gradients == -(-(p - norms) // 4) * 8 + norms
     # subspace: the compressed weights lose their gradient and Adam state, gain an fp32 master;
     # their m x r proxies (r = n/4) are trained instead.
     sub = CompressionConfig(method="compact", rank=0.25, grad_mode="subspace")
@@ -216,7 +285,8 @@ def test_model_states_closed_form():
     proxies = layers * (3 * h * (h // 4) + 2 * f * (h // 4) + h * (f // 4))
     assert s.detail["subspace_weights"] == weights
     assert s.detail["subspace_proxies"] == proxies
-    assert s.gradients == 2 * (p + proxies - weights)
+    # ZeRO 0 in bf16: 16-bit gradients and fp32 accumulators of the trained parameters.
+    assert s.gradients == 6 * (p + proxies - weights)
     assert s.optimizer_state == 12 * (p + proxies - weights) + 4 * weights
 
 

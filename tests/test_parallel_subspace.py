@@ -39,8 +39,13 @@ def _capture_magnitudes(model):
     magnitude of the terms of its compressed gradient ``g^T X P``."""
     magnitudes = {}
 
-    def hook(layer, inputs, output):
-        x = inputs[0].detach().double().abs().reshape(-1, inputs[0].shape[-1])  # [N, n]
+    def hook(layer, inputs, kwargs, output):
+        # FC2 of the memory-efficient block receives [gate | up] and the SwiGLU as its input
+        # recipe (``input_fn``): its input X is the recipe's result.
+        x = inputs[0].detach()
+        if kwargs.get("input_fn") is not None:
+            x = kwargs["input_fn"](x)
+        x = x.double().abs().reshape(-1, x.shape[-1])  # [N, n]
         seeds = layer.compressor.current_seeds()
         p = layer.weight.subspace_projection(seeds, x.device, torch.float64).abs()  # [n, r]
         xp = x @ p  # [N, r]
@@ -51,7 +56,9 @@ def _capture_magnitudes(model):
 
         output[0].register_hook(grad_hook)
 
-    handles = [layer.register_forward_hook(hook) for layer in _compressed_layers(model)]
+    handles = [
+        layer.register_forward_hook(hook, with_kwargs=True) for layer in _compressed_layers(model)
+    ]
     return magnitudes, handles
 
 

@@ -177,6 +177,12 @@ RESUME_CASES = {
         "parallel.tensor_parallel=2",
         "parallel.sequence_parallel=true",
     ],
+    # The fp32 masters of the bf16 weights are partitioned over the 2 data-parallel ranks.
+    "compact_subspace_bf16_zero2": [
+        "compression.grad_mode=subspace",
+        "train.precision=bf16",
+        "deepspeed.zero_optimization.stage=2",
+    ],
     # Sub-token vectors are set from the first batch: they must come back from the checkpoint.
     "subtoken_zero1": ["compression.method=subtoken", "compression.groups=8"],
 }
@@ -322,7 +328,12 @@ def _subspace_rank(rank: int, world_size: int, raws: list[dict]) -> list[dict]:
         history = trainer.train().history
 
         model = build_llama(
-            trainer.model.config, config.compression, init_seed=train.seed, device="cpu"
+            trainer.model.config,
+            config.compression,
+            init_seed=train.seed,
+            device="cpu",
+            efficient_ops=config.memory.efficient_ops,  # the same block and head as trained
+            loss_chunk_tokens=config.memory.chunked_loss_tokens,
         )
         matrices = [p for p in model.parameters() if p.dim() >= 2]
         vectors = [p for p in model.parameters() if p.dim() < 2]
@@ -437,7 +448,8 @@ def _bf16_subspace_rank(rank: int, world_size: int, raws: list[dict]) -> list[di
             {
                 "history": history,
                 "weights": [layer.weight.detach().clone() for layer in layers],
-                "masters": [None if m is None else m.clone() for m in masters],
+                # (first row, fp32 master of this rank's rows) or None
+                "masters": [None if m is None else (m[0], m[1].clone()) for m in masters],
             }
         )
         trainer.close()
@@ -448,7 +460,8 @@ def _bf16_subspace_rank(rank: int, world_size: int, raws: list[dict]) -> list[di
 def test_bf16_subspace_keeps_fp32_masters_of_the_compressed_weights(tmp_path, corpus):
     """In bf16 (ZeRO 1 and 2) each subspace weight is updated in an fp32 master and copied to
     the bf16 weight, so updates far below bf16's resolution accumulate; training follows the
-    fp32 run (bf16 forward: losses within 1e-2 over 3 steps)."""
+    fp32 run (bf16 forward: losses within 1e-2 over 3 steps). Each of the 2 data-parallel
+    ranks keeps the master of its half of the rows only."""
     common = ["compression.grad_mode=subspace", "train.steps=3", "train.eval_interval=0"]
     raws = [
         _config(tmp_path / "fp32", corpus, *common),
@@ -467,10 +480,12 @@ def test_bf16_subspace_keeps_fp32_masters_of_the_compressed_weights(tmp_path, co
         torch.testing.assert_close(
             _losses(run["history"]), _losses(fp32["history"]), rtol=1e-2, atol=0
         )
-        for weight, master in zip(run["weights"], run["masters"], strict=True):
+        for weight, (start, master) in zip(run["weights"], run["masters"], strict=True):
+            rows = weight[start : start + master.shape[0]]
             assert weight.dtype == torch.bfloat16 and master.dtype == torch.float32
-            assert torch.equal(weight, master.to(torch.bfloat16))
-            assert not torch.equal(master, weight.float())  # finer than bf16
+            assert master.shape[0] == weight.shape[0] // 2  # rank 0's half
+            assert torch.equal(rows, master.to(torch.bfloat16))
+            assert not torch.equal(master, rows.float())  # finer than bf16
 
 
 # -- through the deepspeed launcher --------------------------------------------------------------
@@ -577,6 +592,15 @@ def test_launcher_trains_the_tiny_config(launched_run):
     # run uncompressed saves more.
     measured, predicted, uncompressed = startup_saved_bytes(output)
     assert measured == predicted != uncompressed
+    # Model states of the second step, measured and predicted (tests/test_model_states.py
+    # checks them by category); lift mode reduces no m x n gradient as m x r.
+    match = re.search(
+        r"model states per rank: measured ([\d.]+) MiB \(.+?\); predicted ([\d.]+) MiB \| "
+        r"data-parallel gradient reduction per step: 0 B compressed",
+        output,
+    )
+    assert match, output[-3000:]
+    assert abs(float(match.group(1)) - float(match.group(2))) <= 0.05 * float(match.group(2))
 
 
 def startup_saved_bytes(output: str) -> tuple[str, str, str]:
@@ -709,6 +733,12 @@ BAD_INPUTS = {
         ["train.stepz=3"],
         None,
         "unknown key(s) ['train.stepz']; valid keys in 'train'",
+    ),
+    "storage_policy_not_implemented": (
+        ["memory.policy.swiglu=offload"],
+        None,
+        "memory.policy.swiglu='offload' is not implemented yet for kind 'swiglu'; implemented: "
+        "['keep', 'int8', 'fp8']",
     ),
     "missing_data": (
         ['data.paths=["/nonexistent/corpus"]'],

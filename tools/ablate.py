@@ -69,11 +69,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="train nothing: redo the tables and pictures from OUT/records.json and "
         "OUT/meta.json of an earlier run",
     )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="keep the libraries' start-up warnings that actcomp_dist/training/quiet.py filters",
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from actcomp_dist.training.quiet import quiet_third_party
+
+    quiet_third_party(args.verbose)  # before megatron-core and DeepSpeed are imported
     from actcomp_dist.ablation import VariantError, parse_variants
     from actcomp_dist.ablation.orchestrate import (
         AblationError,

@@ -12,7 +12,7 @@ covers is recorded as skipped:
 1. **tests**: the CUDA tests (``pytest -m gpu``, tests/test_gpu.py): compressed layers in bf16
    on the device against float64, the parallel layers on an NCCL world of one, SDPA's fused
    attention kernels against the math kernel, saved bytes on the device against the analytic
-   model, apex's fused norm when importable.
+   model, apex's fused norm when importable, the 8-bit storage policies on the device.
 2. **runs**: ``--steps`` steps of the 60m and 350m configs through the real trainer
    (:func:`actcomp_dist.ablation.run_ablation`, one process) for each variant: peak allocated
    bytes (``torch.cuda.max_memory_allocated``), saved-activation bytes, tokens/s and model flops
@@ -52,8 +52,8 @@ from actcomp_dist.training.flops import model_flops_per_token, peak_flops
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_TESTS = "tests/test_gpu.py"
-VARIANTS = ("none", "ac_selective", "ac_full", "compact:0.25")
-MAX_BATCH_VARIANTS = ("none", "ac_full", "compact:0.25")
+VARIANTS = ("none", "ac_selective", "ac_full", "compact:0.25", "int8", "fp8")
+MAX_BATCH_VARIANTS = ("none", "ac_full", "compact:0.25", "int8")
 
 
 class Setup:
@@ -140,6 +140,7 @@ def _predicted_peak(record: dict[str, Any], config) -> dict[str, int]:
         rope_positions=config.data.seq_length,
         efficient_ops=config.memory.efficient_ops,
         loss_chunk_tokens=config.memory.chunked_loss_tokens,
+        storage=config.memory.storage_policy,
     )
     plan = plan_memory(
         model,
@@ -296,6 +297,7 @@ def _planned_micro_batch(setup: Setup, variant, gpu_memory: int) -> int:
             rope_positions=setup.batch_seq_length,
             efficient_ops=variant.efficient_ops,
             loss_chunk_tokens=config.memory.loss_chunk_tokens if variant.efficient_ops else None,
+            storage=variant.storage_policy(config.memory.policy),
         )
         return plan_memory(
             model,
@@ -446,7 +448,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--stages", default="tests,runs,max_batch", help="comma-separated subset to run"
     )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="keep the libraries' start-up warnings that actcomp_dist/training/quiet.py filters",
+    )
     args = parser.parse_args(argv)
+    from actcomp_dist.training.quiet import quiet_third_party
+
+    quiet_third_party(args.verbose)
 
     import torch
 

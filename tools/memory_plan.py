@@ -93,17 +93,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="kept free per GPU for the CUDA context, communication buffers and "
         "fragmentation (default 2GiB)",
     )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="keep the libraries' start-up warnings that actcomp_dist/training/quiet.py filters",
+    )
     return parser.parse_args(argv)
 
 
 def _vocab(config, override: int | None) -> tuple[int, str]:
     if override is not None:
         return override, "--vocab-size"
-    if config.data.tokenizer and Path(config.data.tokenizer).is_file():
-        import sentencepiece
+    if config.data.tokenizer and Path(config.data.tokenizer).exists():
+        from actcomp_dist.data.tokenizer import load_tokenizer
 
-        processor = sentencepiece.SentencePieceProcessor(model_file=config.data.tokenizer)
-        return processor.get_piece_size(), f"tokenizer {config.data.tokenizer}"
+        tokenizer = load_tokenizer(config.data.tokenizer)  # SentencePiece or tokenizer.json
+        return tokenizer.vocab_size, f"tokenizer {config.data.tokenizer}"
     if not config.data.paths:
         return (
             config.data.embedded_vocab_size,
@@ -124,6 +129,9 @@ def _table(title: str, header: list[str], rows: list[list[str]]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from actcomp_dist.training.quiet import quiet_third_party
+
+    quiet_third_party(args.verbose)  # before megatron-core and DeepSpeed are imported
     from actcomp_dist.ablation import VariantError, parse_variants
     from actcomp_dist.memory_model import (
         ActivationSetting,
@@ -180,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             sequence_parallel=config.parallel.sequence_parallel,
             efficient_ops=variant.efficient_ops,
             loss_chunk_tokens=config.memory.loss_chunk_tokens if variant.efficient_ops else None,
+            storage=variant.storage_policy(config.memory.policy),
         )
         return plan_memory(
             model.replace(seq_length=seq),
@@ -228,12 +237,25 @@ def main(argv: list[str] | None = None) -> int:
                 _gb(states.gradients),
                 _gb(states.optimizer_state),
                 _gb(states.engine_buffers),
+                _gb(states.projection_cache),
                 _gb(states.total),
+                _gb(states.detail["dp_reduction_bytes"]["compressed"]),
+                _gb(states.detail["dp_reduction_bytes"]["ordinary"]),
             ]
         )
     lines += _table(
         "Model states per GPU (GB):",
-        ["", "parameters", "gradients", "optimizer", "DS bucket", "total"],
+        [
+            "",
+            "parameters",
+            "gradients",
+            "optimizer",
+            "DS bucket",
+            "P cache",
+            "total",
+            "| DP grads: m x r",
+            "other",
+        ],
         state_rows,
     )
     header = ["variant"] + [f"s={s}" for s in seq_lengths]
@@ -264,8 +286,11 @@ def main(argv: list[str] | None = None) -> int:
     lines += _table("Largest micro-batch that fits (0: not even 1):", header, batch_rows)
     lines += [
         "",
-        "Activations: exact formulas (tests/test_memory_plan.py). Model states: ZeRO accounting "
-        "(16-bit weights and gradients, fp32 master + Adam moments). The peak adds an estimate "
+        "Activations: exact formulas (tests/test_memory_plan.py). Model states: DeepSpeed's "
+        "ZeRO accounting at the optimizer step, checked against the bytes of live tensors "
+        "(tests/test_model_states.py); 'DP grads': gradient bytes each rank hands to the "
+        "data-parallel reduction per step (subspace m x r gradients, all others). The peak "
+        "adds an estimate "
         "of backward's transient (logits and their fp32 gradient, one activation gradient, one "
         "recomputed block under checkpointing) and the reserve; it assumes a flash / "
         "memory-efficient attention kernel (no s x s matrix).",

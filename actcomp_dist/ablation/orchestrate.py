@@ -245,6 +245,7 @@ def run_ablation(plan: AblationPlan, log: Callable[[str], None] = print) -> list
                 "argument": run.variant.argument,
                 "ac_mode": run.variant.ac_mode,
                 "efficient_ops": run.variant.efficient_ops,
+                "storage": run.variant.storage,
                 "grad_mode": run.config.compression.grad_mode,
                 "repeat": run.repeat,
                 "order": index,

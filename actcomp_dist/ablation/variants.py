@@ -3,9 +3,11 @@
 A variant names one way of saving activation memory; a list is comma-separated::
 
     VARIANTS := VARIANT ("," VARIANT)*
-    VARIANT  := BASE ["+" AC] ["+" "naive"] | "naive"   (the parts in any order)
+    VARIANT  := BASE ["+" AC] ["+" STORAGE] ["+" "naive"] | STORAGE | "naive"
+                (the parts in any order)
     BASE     := "none" | AC | METHOD ":" ARG | METHOD
     AC       := "ac_selective" | "ac_full"
+    STORAGE  := "int8" | "fp8"   (``memory.policy`` of ``attention`` and ``swiglu``)
     METHOD   := a registered compression method other than none (compact, lowrank, subtoken,
                 and any method a plugin registers)
     ARG      := the value of the option the method names as its ``ablation_option``, parsed
@@ -15,16 +17,20 @@ A variant names one way of saving activation memory; a list is comma-separated::
                 an ablation option is written alone (``METHOD``).
 
 Examples: ``none``, ``ac_full``, ``compact:0.25``, ``compact:0.25+ac_full``,
-``lowrank:0.125+ac_selective``, ``subtoken:32``, ``naive``, ``compact:0.25+naive``.
+``lowrank:0.125+ac_selective``, ``subtoken:32``, ``naive``, ``compact:0.25+naive``, ``int8``,
+``fp8+ac_selective``, ``compact:0.25+int8``.
 ``none+ac_full`` is the same as ``ac_full``, ``none+naive`` the same as ``naive``.
 
 ``naive`` runs the naive block (``memory.efficient_ops: false``: the norms, attention core and
 SwiGLU keep what plain PyTorch autograd keeps, what most papers measure against); every other
 variant runs the memory-efficient exact block, so ``none`` is the strongest exact baseline.
+``int8`` / ``fp8`` store the attention's q, k, v, o and SwiGLU's ``[gate | up]`` in 8 bits
+(``memory.policy``: ``attention`` and ``swiglu``; :mod:`actcomp_dist.storage`); the other kinds
+keep the base config's policy. They need the efficient block (not with ``naive``).
 
 A variant changes only ``compression.method``, the method's ablation option
 (``compression.rank``, ``compression.groups``, ...), ``activation_checkpointing.mode`` and
-``memory.efficient_ops``; every other setting (sites, seed, projection, resample period,
+``memory.efficient_ops`` and (``int8`` / ``fp8``) ``memory.policy``; every other setting (sites, seed, projection, resample period,
 checkpointed layer count, ...) comes from the base config. ``compression.grad_mode`` is kept for methods that support
 ``subspace`` and set to ``lift`` for the others.
 """
@@ -38,11 +44,16 @@ from typing import Any
 
 from actcomp_dist.compression import get_compressor_class, layer_layout, list_compressors
 from actcomp_dist.config import CompressionConfig
+from actcomp_dist.storage import StoragePolicy
 
 AC_NAMES = {"ac_selective": "selective", "ac_full": "full"}
 NAIVE = "naive"
+STORAGE_NAMES = ("int8", "fp8")
+#: The kinds an ``int8`` / ``fp8`` variant stores in 8 bits.
+STORAGE_KINDS = ("attention", "swiglu")
 GRAMMAR = (
-    "VARIANT := BASE['+'AC]['+naive'] | naive; BASE := none | ac_selective | ac_full | "
+    "VARIANT := BASE['+'AC]['+'STORAGE]['+naive'] | STORAGE | naive; STORAGE := int8 | fp8; "
+    "BASE := none | ac_selective | ac_full | "
     "METHOD:ARG | METHOD; AC := ac_selective | ac_full; METHOD:ARG is compact:RANK, "
     "lowrank:RANK (RANK a ratio like 0.25 or an absolute int like 64) or subtoken:GROUPS (an "
     "int); '+naive' runs the naive block (memory.efficient_ops=false)"
@@ -56,16 +67,26 @@ class VariantError(ValueError):
 @dataclass(frozen=True)
 class Variant:
     """One parsed variant. ``argument`` is the value of the method's ablation option (rank,
-    group count, ...); ``efficient_ops`` is false for ``+naive``."""
+    group count, ...); ``efficient_ops`` is false for ``+naive``; ``storage`` is ``int8``,
+    ``fp8`` or ``None`` (the base config's ``memory.policy``)."""
 
     method: str = "none"
     argument: float | int | None = None
     ac_mode: str = "none"
     efficient_ops: bool = True
+    storage: str | None = None
 
     @property
     def name(self) -> str:
-        """The canonical spelling (``compact:0.25+ac_full``, ``ac_full+naive``, ``naive``)."""
+        """The canonical spelling (``compact:0.25+ac_full``, ``ac_full+naive``, ``naive``,
+        ``compact:0.25+int8``, ``int8+ac_selective``)."""
+        base = self._base_name
+        if self.storage is None:
+            return base
+        return self.storage if base == "none" else f"{base}+{self.storage}"
+
+    @property
+    def _base_name(self) -> str:
         if self.method == "none":
             base = "none" if self.ac_mode == "none" else f"ac_{self.ac_mode}"
             if base == "none" and not self.efficient_ops:
@@ -91,6 +112,13 @@ class Variant:
             changes["grad_mode"] = "lift"
         return changes
 
+    def storage_policy(self, base: dict[str, str] | None = None) -> StoragePolicy:
+        """``memory.policy`` ``base`` with this variant's 8-bit kinds."""
+        policy = dict(base or {})
+        if self.storage is not None:
+            policy.update({kind: self.storage for kind in STORAGE_KINDS})
+        return StoragePolicy.from_mapping(policy)
+
     def compression(self, base: CompressionConfig) -> CompressionConfig:
         """``base`` with this variant's method and option."""
         return base.replace(**self.compression_changes())
@@ -100,7 +128,11 @@ class Variant:
         raw = copy.deepcopy(raw)
         raw.setdefault("compression", {}).update(self.compression_changes())
         raw.setdefault("activation_checkpointing", {})["mode"] = self.ac_mode
-        raw.setdefault("memory", {})["efficient_ops"] = self.efficient_ops
+        memory = raw.setdefault("memory", {})
+        memory["efficient_ops"] = self.efficient_ops
+        if self.storage is not None:
+            policy = memory.setdefault("policy", {})
+            policy.update({kind: self.storage for kind in STORAGE_KINDS})
         return raw
 
 
@@ -123,9 +155,23 @@ def parse_variant(text: str) -> Variant:
     naive = parts.count(NAIVE)
     if naive > 1:
         raise VariantError(f"variant {variant!r} names 'naive' twice")
-    parts = [part for part in parts if part != NAIVE] or ["none"]
+    storages = [part for part in parts if part in STORAGE_NAMES]
+    if len(storages) > 1:
+        raise VariantError(f"variant {variant!r}: at most one of {list(STORAGE_NAMES)}")
+    if storages and naive:
+        raise VariantError(
+            f"variant {variant!r}: {storages[0]} storage needs the memory-efficient block; "
+            f"drop '+naive'"
+        )
+    parts = [part for part in parts if part != NAIVE and part not in STORAGE_NAMES] or ["none"]
     parsed = _parse_compression_and_ac(parts, variant)
-    return Variant(parsed.method, parsed.argument, parsed.ac_mode, efficient_ops=not naive)
+    return Variant(
+        parsed.method,
+        parsed.argument,
+        parsed.ac_mode,
+        efficient_ops=not naive,
+        storage=storages[0] if storages else None,
+    )
 
 
 def _parse_compression_and_ac(parts: list[str], variant: str) -> Variant:

@@ -361,6 +361,7 @@ def build_llama_from_hf(
     device: torch.device | str | None = None,
     efficient_ops: bool = True,
     loss_chunk_tokens: int | None = None,
+    storage_policy=None,
 ):
     """Build a :class:`~actcomp_dist.models.LlamaModel` from a Hugging Face LLaMA directory at
     the current tensor-parallel size (needs the parallel state, like ``build_llama``)."""
@@ -374,6 +375,7 @@ def build_llama_from_hf(
         device="cpu",
         efficient_ops=efficient_ops,
         loss_chunk_tokens=loss_chunk_tokens,
+        storage_policy=storage_policy,
     )
     load_hf_weights(model, directory)
     if device is not None:

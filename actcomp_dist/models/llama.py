@@ -59,7 +59,8 @@ plain ``forward(hidden, rope)`` (``rope`` is the ``(cos, sin)`` pair of
 (RMSNorm keeps its output and rstd, attention keeps no alias of the fused QKV output, FC2 takes
 ``[gate | up]`` and recomputes the SwiGLU product); ``efficient_ops=False`` is the naive block,
 the same model bit for bit as before the option existed. Forward results are identical. See
-:mod:`actcomp_dist.models.efficient_ops`.
+:mod:`actcomp_dist.models.efficient_ops`. ``storage_policy`` (``memory.policy``) can keep
+attention's q, k, v, o and SwiGLU's ``[gate | up]`` in 8 bits (:mod:`actcomp_dist.storage`).
 
 RMSNorm (fp32 statistics) and RoPE (rotate-half, precomputed cos/sin) follow Hugging Face's
 ``LlamaForCausalLM`` so logits can be compared with it.
@@ -95,6 +96,7 @@ from actcomp_dist.parallel.megatron_layers import (
     vocab_parallel_cross_entropy,
 )
 from actcomp_dist.seeds import CompressionSchedule
+from actcomp_dist.storage import StoragePolicy, attention_with_stored_inputs
 
 #: The linear sites of a block, in forward order.
 SITES = TRANSFORMER_SITES
@@ -107,6 +109,10 @@ Recompute = Callable[..., torch.Tensor]
 
 def _call(fn, *args):
     return fn(*args)
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
@@ -240,6 +246,7 @@ class _Builder:
     init_method: Callable[[torch.Tensor], torch.Tensor]
     output_init_method: Callable[[torch.Tensor], torch.Tensor]
     efficient_ops: bool
+    storage: StoragePolicy
 
     def _compression_for(self, site: str) -> CompressionConfig:
         if site in self.compression.sites:
@@ -298,6 +305,7 @@ class LlamaAttention(nn.Module):
         self.heads_per_group = config.heads_per_group
         self.head_dim = config.head_dim
         self.efficient_ops = build.efficient_ops
+        self.storage = build.storage.quantizer("attention")  # None: q, k, v, o kept as they are
         qkv_width = (config.num_attention_heads + 2 * config.query_groups) * config.head_dim
         self.qkv = build.column_parallel(
             config.hidden_size, qkv_width, site="qkv", layer_id=layer_id
@@ -312,8 +320,16 @@ class LlamaAttention(nn.Module):
     def forward(self, x: torch.Tensor, rope: Rope, run: Recompute = _call) -> torch.Tensor:
         mixed, _ = self.qkv(x)  # [s, b, groups * (heads_per_group + 2) * d], s = full sequence
         out = run(self.core, mixed, *rope)  # [s, b, heads * d]
-        out, _ = self.proj(out)  # [s(/t), b, h]
+        if self.storage is not None and self.proj.recomputes_input and not self._proj_adapters:
+            # proj keeps the attention output packed (its input is the output itself).
+            out, _ = self.proj(out, input_fn=_identity, storage=self.storage)
+        else:
+            out, _ = self.proj(out)  # [s(/t), b, h]
         return out
+
+    @property
+    def _proj_adapters(self) -> bool:
+        return bool(getattr(self.proj, "adapters", None))
 
     def core(self, mixed: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """RoPE and scaled-dot-product attention: the part selective recompute re-runs."""
@@ -327,9 +343,13 @@ class LlamaAttention(nn.Module):
             # A view of ``mixed`` would keep the whole fused QKV output alive through SDPA.
             v = v.contiguous()
         q, k = apply_rotary(q, (cos, sin)), apply_rotary(k, (cos, sin))
-        out = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, enable_gqa=self.groups != self.heads
-        )  # [b, heads, s, d]; query head i reads key/value group i // heads_per_group
+        if self.storage is not None:
+            # Keeps 8-bit q, k, v; backward re-runs SDPA on them (actcomp_dist.storage).
+            out = attention_with_stored_inputs(q, k, v, self.storage, self.groups != self.heads)
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, enable_gqa=self.groups != self.heads
+            )  # [b, heads, s, d]; query head i reads key/value group i // heads_per_group
         return out.permute(2, 0, 1, 3).reshape(s, b, self.heads * self.head_dim)
 
 
@@ -344,6 +364,7 @@ class SwiGLUMLP(nn.Module):
     def __init__(self, config: LlamaConfig, layer_id: int, build: _Builder) -> None:
         super().__init__()
         self.efficient_ops = build.efficient_ops
+        self.storage = build.storage.quantizer("swiglu")  # None: [gate | up] kept as it is
         self.fc1 = build.column_parallel(
             config.hidden_size, 2 * config.ffn_hidden_size, site="fc1", layer_id=layer_id, stride=2
         )
@@ -356,9 +377,9 @@ class SwiGLUMLP(nn.Module):
         if not self.efficient_ops:
             out, _ = self.fc2(run(swiglu, gate_up))  # [s(/t), b, h]
         elif getattr(self.fc2, "adapters", None):
-            out, _ = self.fc2(recompute_in_backward(swiglu, gate_up))
+            out, _ = self.fc2(recompute_in_backward(swiglu, gate_up, self.storage))
         else:
-            out, _ = self.fc2(gate_up, input_fn=swiglu)
+            out, _ = self.fc2(gate_up, input_fn=swiglu, storage=self.storage)
         return out
 
 
@@ -412,6 +433,8 @@ class LlamaModel(nn.Module):
             :mod:`actcomp_dist.models.efficient_ops`); ``False`` is the naive block (what
             papers usually measure against), bit for bit the model before the option existed.
             Forward results are identical either way.
+        storage_policy: how each kind of saved tensor is stored (:mod:`actcomp_dist.storage`;
+            ``None``: kept as it is). Policies other than ``keep`` need ``efficient_ops``.
     """
 
     def __init__(
@@ -423,8 +446,15 @@ class LlamaModel(nn.Module):
         init_seed: int = 0,
         loss_chunk_tokens: int | None = None,
         efficient_ops: bool = True,
+        storage_policy: StoragePolicy | None = None,
     ) -> None:
         super().__init__()
+        storage_policy = storage_policy or StoragePolicy()
+        if not efficient_ops and not storage_policy.is_exact:
+            raise ValueError(
+                f"memory.policy {storage_policy.changes()} needs the memory-efficient block "
+                f"(efficient_ops=True); the naive block keeps every tensor as it is"
+            )
         if loss_chunk_tokens is not None and (
             isinstance(loss_chunk_tokens, bool)
             or not isinstance(loss_chunk_tokens, int)
@@ -450,6 +480,7 @@ class LlamaModel(nn.Module):
         self.sequence_parallel = sequence_parallel and tp_size > 1
         self.loss_chunk_tokens = loss_chunk_tokens
         self.efficient_ops = efficient_ops
+        self.storage_policy = storage_policy
         self.compression_schedule = CompressionSchedule(compression.resample_every)
 
         megatron_config = ModelParallelConfig(
@@ -481,6 +512,7 @@ class LlamaModel(nn.Module):
             init_method=init_method,
             output_init_method=output_init_method,
             efficient_ops=efficient_ops,
+            storage=storage_policy,
         )
 
         self.embedding = VocabParallelEmbedding(
@@ -588,6 +620,7 @@ def build_llama(
     device: torch.device | str | None = None,
     loss_chunk_tokens: int | None = None,
     efficient_ops: bool = True,
+    storage_policy: StoragePolicy | None = None,
 ) -> LlamaModel:
     """Build a :class:`LlamaModel` (``config`` may be a name: ``tiny``, ``60m``, ... ``7b``)
     and move it to ``device`` (default: :func:`actcomp_dist.parallel.state.get_device`)."""
@@ -600,5 +633,6 @@ def build_llama(
         init_seed=init_seed,
         loss_chunk_tokens=loss_chunk_tokens,
         efficient_ops=efficient_ops,
+        storage_policy=storage_policy,
     )
     return model.to(device if device is not None else parallel_state.get_device())

@@ -8,7 +8,8 @@ such a weight the optimizer keeps Adam moments of shape [m, r] (float32) and app
     W <- W * (1 - lr * weight_decay) - lr * alpha * N P^T
 
 with ``alpha`` = ``subspace_scale`` (CompAct's default 0.25 for pretraining). ``P`` is rebuilt
-from the stored seeds, never stored. Moments are kept when ``P`` is resampled (the paper's
+from the stored seeds (or taken from the layer's cache) in the weight's dtype — the values the
+forward pass multiplied by — and widened to float32 for the update. Moments are kept when ``P`` is resampled (the paper's
 default). Every other parameter in the same optimizer gets plain AdamW (the same update rule
 as ``torch.optim.AdamW``).
 
@@ -132,6 +133,7 @@ class SubspaceAdamW(torch.optim.Optimizer):
             else:
                 p.add_((exp_avg / denom).mul_(-step_size).to(p.dtype))
             return
-        projection = p.subspace_projection(p.compressed_grad_seeds, p.device, torch.float32)
+        # The projection in the weight's dtype (as the forward used it), widened to fp32.
+        projection = p.subspace_projection(p.compressed_grad_seeds, p.device, p.dtype).float()
         direction = (exp_avg / denom) @ projection.t()  # [m, n]
         p.add_(direction.mul_(-step_size * group["subspace_scale"]).to(p.dtype))

@@ -22,14 +22,17 @@ seeds recorded when the gradient was formed. Moments persist across resamples, a
 paper.
 
 ``W`` itself is not given to the engine's optimizer. When the model runs in bf16/fp16 the
-merger keeps an fp32 master copy of ``W`` so that small updates are not lost to rounding.
+merger keeps an fp32 master copy of ``W`` so that small updates are not lost to rounding,
+partitioned by output rows over the data-parallel ranks (see :class:`SubspaceMerger`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 
@@ -80,8 +83,38 @@ def attach_subspace_proxies(model: nn.Module) -> list[nn.Parameter]:
     return proxies
 
 
+def skip_subspace_weights_in_zero0_reduction(engine, model: nn.Module) -> None:
+    """At ZeRO 0 DeepSpeed's data-parallel reduction collects every parameter that requires a
+    gradient and gives one without a gradient a zero tensor, so that all ranks reduce the same
+    sizes. A subspace weight never has a gradient (its m x r one is on its proxy): each step
+    would allocate an m x n zero gradient per compressed weight and all-reduce it. Hide those
+    weights from that one collection (every rank hides the same ones)."""
+    weights = [layer.weight for layer in subspace_layers(model) if layer.weight.requires_grad]
+    collect = engine._get_gradients_for_reduction
+
+    def gradients_for_reduction():
+        for weight in weights:
+            weight.requires_grad_(False)
+        try:
+            return collect()
+        finally:
+            for weight in weights:
+                weight.requires_grad_(True)
+
+    engine._get_gradients_for_reduction = gradients_for_reduction
+
+
 FP32Getter = Callable[[nn.Parameter], torch.Tensor]
 FP32Setter = Callable[[nn.Parameter, torch.Tensor], None]
+
+
+def owned_rows(rows: int, dp_rank: int, dp_size: int) -> tuple[int, int]:
+    """``(start, end)`` of the rows data-parallel rank ``dp_rank`` owns of a weight with
+    ``rows`` rows: contiguous chunks of ``ceil(rows / dp_size)`` (the last ones may be short or
+    empty)."""
+    chunk = -(-rows // dp_size)
+    start = min(rows, dp_rank * chunk)
+    return start, min(rows, start + chunk)
 
 
 class SubspaceMerger:
@@ -91,6 +124,23 @@ class SubspaceMerger:
     ``deepspeed.utils.safe_get_full_fp32_param`` / ``safe_set_full_fp32_param``, which are
     collective under ZeRO, so every rank must call :meth:`merge`); by default the parameter
     itself is used.
+
+    **Partitioned fp32 masters.** A weight kept in bf16/fp16 needs an fp32 master (m x n, as
+    large as the weight twice over). With ``process_group`` (the data-parallel group) each of
+    its D ranks keeps the master of its own contiguous ``ceil(m / D)`` output rows only
+    (:func:`owned_rows`), applies the step to those rows, and the updated 16-bit rows are
+    all-gathered into every rank's weight — ZeRO-1's partition of optimizer state applied to
+    the one piece DeepSpeed cannot hold. Rows, not a flat split, because a row's update
+    ``alpha * S[i] P^T`` needs only row ``i`` of ``S``: no rank forms the whole m x n update
+    either. Each output row is the same length-r product at every D (a GEMM may block fewer
+    rows differently: the results agree within the rounding of that product, which the tests
+    bound). fp32 weights are their own masters: there is nothing
+    to partition, and every rank applies the whole (identical) update without communication.
+
+    Why not DeepSpeed's own partitioned state: DeepSpeed keeps fp32 masters only of the
+    parameters its optimizer steps, with their full m x n gradients in its flat buffers —
+    exactly what ``subspace`` mode exists to avoid. The m x r proxies *are* DeepSpeed
+    parameters, so their fp32 copies and Adam moments are already partitioned by ZeRO 1/2.
     """
 
     def __init__(
@@ -100,6 +150,7 @@ class SubspaceMerger:
         weight_decay: float,
         get_fp32: FP32Getter | None = None,
         set_fp32: FP32Setter | None = None,
+        process_group: dist.ProcessGroup | None = None,
     ) -> None:
         self.layers = subspace_layers(model)
         missing = [layer for layer in self.layers if getattr(layer, "subspace_proxy", None) is None]
@@ -109,40 +160,88 @@ class SubspaceMerger:
         self.weight_decay = weight_decay
         self.get_fp32 = get_fp32 or (lambda p: p.detach().float())
         self.set_fp32 = set_fp32
-        self.masters = {
-            id(layer): layer.weight.detach().float().clone()
-            for layer in self.layers
-            if layer.weight.dtype != torch.float32
-        }
+        self.process_group = process_group
+        self.dp_size = dist.get_world_size(process_group) if process_group is not None else 1
+        self.dp_rank = dist.get_rank(process_group) if process_group is not None else 0
+        # id(layer) -> (first row, fp32 master of this rank's rows [end - start, n])
+        self.masters: dict[int, tuple[int, torch.Tensor]] = {}
+        for layer in self.layers:
+            weight = layer.weight
+            if weight.dtype == torch.float32:
+                continue
+            start, end = owned_rows(weight.shape[0], self.dp_rank, self.dp_size)
+            self.masters[id(layer)] = (start, weight.detach()[start:end].float().clone())
 
     def proxy_parameters(self) -> list[nn.Parameter]:
         return [layer.subspace_proxy for layer in self.layers]
 
+    def master_bytes(self) -> int:
+        """Bytes of the fp32 masters this rank keeps."""
+        return sum(m.numel() * m.element_size() for _, m in self.masters.values())
+
     @torch.no_grad()
     def merge(self, lr: float) -> None:
-        """``W <- W (1 - lr wd) + alpha S P^T``, then ``S <- 0``; call once after each step."""
+        """``W <- W (1 - lr wd) + alpha S P^T``, then ``S <- 0``; call once after each step
+        (collective over ``process_group`` when masters are partitioned)."""
         for layer in self.layers:
             proxy, weight = layer.subspace_proxy, layer.weight
             seeds = getattr(weight, "compressed_grad_seeds", None)
             delta = self.get_fp32(proxy)  # [m, r]
-            master = self.masters.get(id(layer), weight)
+            start, master = self.masters.get(id(layer), (0, weight))
             if self.weight_decay:
                 master.mul_(1.0 - lr * self.weight_decay)
             if seeds is not None:
-                projection = layer.compressor.projection(seeds, delta.device, torch.float32)
-                master.add_((delta.float() @ projection.t()).mul_(self.subspace_scale))
+                # The P the forward used (the weight's dtype, so the projection cache holds
+                # one dtype), widened: the gradient G_hat = g^T X P was formed with it.
+                projection = layer.compressor.projection(seeds, delta.device, weight.dtype)
+                projection = projection.float()  # [n, r]
+                rows = delta[start : start + master.shape[0]].float()  # [rows, r]
+                master.add_((rows @ projection.t()).mul_(self.subspace_scale))
             if master is not weight:
-                weight.copy_(master)
+                self._gather_rows(weight, master)
             proxy.zero_()
             if self.set_fp32 is not None:
                 self.set_fp32(proxy, torch.zeros_like(delta, dtype=torch.float32))
             weight.compressed_grad_seeds = None
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        names = {id(layer): str(i) for i, layer in enumerate(self.layers)}
-        return {names[key]: master for key, master in self.masters.items()}
+    def _gather_rows(self, weight: torch.Tensor, master: torch.Tensor) -> None:
+        """Every rank's updated rows, rounded to the weight's dtype, into ``weight``."""
+        if self.dp_size == 1:
+            weight.copy_(master)
+            return
+        rows, chunk = weight.shape[0], -(-weight.shape[0] // self.dp_size)
+        # One padded chunk per rank ([D * chunk, n]); all_gather of equal shapes works on
+        # gloo and NCCL alike.
+        gathered = torch.empty(
+            (self.dp_size * chunk, *weight.shape[1:]), device=weight.device, dtype=weight.dtype
+        )
+        local = torch.zeros((chunk, *weight.shape[1:]), device=weight.device, dtype=weight.dtype)
+        local[: master.shape[0]].copy_(master)
+        dist.all_gather(list(gathered.chunk(self.dp_size)), local, group=self.process_group)
+        weight.copy_(gathered[:rows])
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's masters (its rows only) and the partition they belong to."""
+        names = {id(layer): str(i) for i, layer in enumerate(self.layers)}
+        return {
+            "dp_size": self.dp_size,
+            "dp_rank": self.dp_rank,
+            "masters": {names[key]: master for key, (_, master) in self.masters.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "masters" not in state:  # saved before the masters were partitioned: whole weights
+            for i, layer in enumerate(self.layers):
+                if id(layer) in self.masters:
+                    start, master = self.masters[id(layer)]
+                    master.copy_(state[str(i)][start : start + master.shape[0]])
+            return
+        if (state["dp_size"], state["dp_rank"]) != (self.dp_size, self.dp_rank):
+            raise ValueError(
+                f"subspace masters were saved by data-parallel rank {state['dp_rank']} of "
+                f"{state['dp_size']}; this is rank {self.dp_rank} of {self.dp_size} (resume "
+                f"with the same data-parallel size)"
+            )
         for i, layer in enumerate(self.layers):
             if id(layer) in self.masters:
-                self.masters[id(layer)].copy_(state[str(i)])
+                self.masters[id(layer)][1].copy_(state["masters"][str(i)])

@@ -150,15 +150,22 @@ class _RecomputedInputParallelLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, source, weight, input_fn):
+    def forward(ctx, source, weight, input_fn, storage):
         x = input_fn(source)  # [s, b, n_local]
-        ctx.save_for_backward(source, weight)
-        ctx.input_fn = input_fn
+        # ``storage`` (an 8-bit policy, actcomp_dist.storage) keeps ``R`` packed instead.
+        packed = (source,) if storage is None else storage.pack(source)
+        ctx.save_for_backward(weight, *packed)
+        ctx.input_fn, ctx.storage = input_fn, storage
+        ctx.source_like = torch.empty_like(source, device="meta")
         return torch.matmul(x, weight.t())
 
     @staticmethod
     def backward(ctx, grad_out):
-        source, weight = ctx.saved_tensors
+        weight, *packed = ctx.saved_tensors
+        if ctx.storage is None:
+            (source,) = packed
+        else:
+            source = ctx.storage.unpack(tuple(packed), ctx.source_like)
         with torch.enable_grad():
             source = source.detach().requires_grad_(ctx.needs_input_grad[0])
             x = ctx.input_fn(source)
@@ -169,7 +176,7 @@ class _RecomputedInputParallelLinear(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             g2d = grad_out.reshape(-1, grad_out.shape[-1])  # [N, m]
             grad_w = g2d.t().matmul(x.detach().reshape(-1, x.shape[-1]))
-        return grad_source, grad_w, None
+        return grad_source, grad_w, None, None
 
 
 class _CompressedParallelMixin:
@@ -322,21 +329,25 @@ class CompressedRowParallelLinear(_CompressedParallelMixin, RowParallelLinear):
             and getattr(self, "subspace_proxy", None) is None
         )
 
-    def forward(self, input_: torch.Tensor, input_fn=None):
+    def forward(self, input_: torch.Tensor, input_fn=None, storage=None):
         """``input_fn``: the layer's input is ``input_fn(input_)``, a pure function of one
         tensor that backward needs anyway (FC2: ``swiglu`` of ``[gate | up]``). The layer then
         never keeps ``input_fn(input_)`` itself: uncompressed it keeps ``input_`` and
         recomputes; compressed it keeps its compressed tensor and ``input_`` for
         ``input_fn``'s backward. Forward hooks see ``input_`` (not ``input_fn(input_)``), so
         callers with hooks that read the layer's input (adapters) must pass the input itself.
+        ``storage``: with ``input_fn``, keep ``input_`` packed by this 8-bit quantizer
+        (:mod:`actcomp_dist.storage`); backward reads its dequantised copy.
         """
         if input_fn is None:
             output_parallel = self._compressed_forward(input_, None, _DGRAD_NONE)
         elif self.recomputes_input:
-            output_parallel = _RecomputedInputParallelLinear.apply(input_, self.weight, input_fn)
+            output_parallel = _RecomputedInputParallelLinear.apply(
+                input_, self.weight, input_fn, storage
+            )
         else:
             output_parallel = self._compressed_forward(
-                recompute_in_backward(input_fn, input_), None, _DGRAD_NONE
+                recompute_in_backward(input_fn, input_, storage), None, _DGRAD_NONE
             )
         tp_size = dist.get_world_size(self.tp_group)
         if self.sequence_parallel:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from actcomp_dist.config import CompressionConfig
+from actcomp_dist.storage import StoragePolicy
 
 
 class ConfigError(ValueError):
@@ -82,14 +83,36 @@ class MemorySection:
     same forward, same gradients up to the norm's rounding); ``false``: the naive block
     (:mod:`actcomp_dist.models.efficient_ops`). ``loss_chunk_tokens``: with the efficient ops,
     the output layer and cross-entropy run this many tokens at a time and keep no logits
-    (:mod:`actcomp_dist.parallel.cross_entropy`)."""
+    (:mod:`actcomp_dist.parallel.cross_entropy`). ``policy``: kind of saved tensor -> storage
+    policy (``{"swiglu": "int8", "attention": "fp8"}``; unset kinds ``keep``;
+    :mod:`actcomp_dist.storage`)."""
 
     efficient_ops: bool = True
     loss_chunk_tokens: int = 1024
+    policy: dict[str, str] = field(default_factory=dict)
 
     def validate(self) -> None:
         _bool("memory.efficient_ops", self.efficient_ops)
         _positive_int("memory.loss_chunk_tokens", self.loss_chunk_tokens)
+        if not isinstance(self.policy, dict):
+            raise ConfigError(
+                f"memory.policy={self.policy!r} must be an object mapping a kind to a policy"
+            )
+        try:
+            storage = StoragePolicy.from_mapping(self.policy)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        if not self.efficient_ops and not storage.is_exact:
+            raise ConfigError(
+                f"memory.policy={storage.changes()} needs memory.efficient_ops=true (the naive "
+                f"block keeps every tensor as it is); set the policies to 'keep' or use the "
+                f"efficient block"
+            )
+
+    @property
+    def storage_policy(self) -> StoragePolicy:
+        """What the model and the memory model take as ``storage_policy``."""
+        return StoragePolicy.from_mapping(self.policy)
 
     @property
     def chunked_loss_tokens(self) -> int | None:

@@ -27,6 +27,7 @@ from torch import nn
 from actcomp_dist.optim.subspace_proxy import (
     SubspaceMerger,
     attach_subspace_proxies,
+    skip_subspace_weights_in_zero0_reduction,
     subspace_layers,
 )
 from actcomp_dist.training.config import ConfigError, RunConfig
@@ -92,13 +93,21 @@ def build_engine(config: RunConfig, model: nn.Module, world_size: int, mpu) -> E
     if proxies:
         # After deepspeed.initialize: DeepSpeed casts the module to bf16/fp16 in place, and the
         # merger keeps fp32 masters only of weights that are not fp32 when it is built.
-        merger = SubspaceMerger(model, train.subspace_scale, train.weight_decay)
+        # The fp32 masters of 16-bit weights are partitioned over the data-parallel group.
+        merger = SubspaceMerger(
+            model,
+            train.subspace_scale,
+            train.weight_decay,
+            process_group=mpu.get_data_parallel_group() if mpu is not None else None,
+        )
         if stage > 0 or train.precision != "fp32":
             # The optimizer's fp32 copy of each proxy lives in DeepSpeed's (partitioned) buffers.
             from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 
             merger.get_fp32 = safe_get_full_fp32_param
             merger.set_fp32 = safe_set_full_fp32_param
+        if stage == 0:
+            skip_subspace_weights_in_zero0_reduction(engine, model)
     if stage == 0 and train.precision == "fp32":
         _skip_non_finite_fp32_steps(engine)
     return Engine(

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from actcomp_dist.memory import SavedTensorCounter
+from actcomp_dist.memory import ModelStateProbe, SavedTensorCounter
 from actcomp_dist.training import checkpoint as ckpt
 from actcomp_dist.training.activation_checkpointing import apply_activation_checkpointing
 from actcomp_dist.training.config import ConfigError, RunConfig, validate_model, validate_run
@@ -280,6 +280,7 @@ class Trainer:
         self.engine = build_engine(config, self.model, self.world_size, MegatronMPU())
         self.schedule = self.model.compression_schedule
         self.guard = NonFiniteGuard(train.on_nonfinite, train.max_skipped_steps, train.precision)
+        self.model_states = ModelStateProbe(self.model, self.engine.optimizer, self.engine.merger)
         # A resume may extend the run or change its LR settings: said with the first record
         # this run logs, and the restored LR schedule made to follow the new settings.
         self.resume_changes = (
@@ -330,6 +331,7 @@ class Trainer:
             device=self.device,
             efficient_ops=self.config.memory.efficient_ops,
             loss_chunk_tokens=self.config.memory.chunked_loss_tokens,
+            storage_policy=self.config.memory.storage_policy,
         )
 
     # -- checkpoints -------------------------------------------------------------------------
@@ -359,7 +361,7 @@ class Trainer:
         that are not all finite: such a state can only have been reached around the guard
         (a fault in memory, a path without DeepSpeed's overflow check)."""
         merger = self.engine.merger
-        masters = list(merger.masters.values()) if merger is not None else []
+        masters = [m for _, m in merger.masters.values()] if merger is not None else []
         if not parameters_finite(self.model, masters):
             raise NonFiniteError(
                 f"step {self.step}: some parameters are not finite; nothing saved (the last "
@@ -402,6 +404,7 @@ class Trainer:
             tp_rank=self.ctx.tp_rank,
             efficient_ops=self.config.memory.efficient_ops,
             loss_chunk_tokens=self.config.memory.chunked_loss_tokens,
+            storage=self.config.memory.storage_policy,
         )
         ac = config.activation_checkpointing
         return predict_saved_activations(
@@ -434,6 +437,13 @@ class Trainer:
                 f"({100.0 * abs(full - measured) / max(full, 1):.1f}%)"
             )
         _print0(line)
+
+    def _report_model_states(self) -> None:
+        """Print this rank's model-state bytes measured in the last optimizer step, the
+        planner's prediction and the data-parallel gradient reduction per step."""
+        from actcomp_dist.training.model_states import describe_model_states
+
+        _print0(describe_model_states(self.config, self.model, self.ctx, self.model_states.last))
 
     # -- loop --------------------------------------------------------------------------------
     def evaluate(self) -> float | None:
@@ -487,13 +497,14 @@ class Trainer:
         interval_time = 0.0
         pending_changes = dict(self.resume_changes)
         engine.train()
-        described = False
+        described = states_reported = False
         try:
             while self.step < train.steps:
                 start = time.perf_counter()
                 lr = self.engine.lr_scheduler.get_last_lr()[0]
                 micro_losses = []
                 saved_bytes = 0
+                self.model_states.reset()
                 accumulation = self.engine.gradient_accumulation_steps
                 for micro in range(accumulation):
                     tokens, labels, mask = _batch_to(next(data), self.device)
@@ -513,6 +524,8 @@ class Trainer:
                         if not loss_finite:
                             loss = poison(loss)
                     engine.backward(loss)
+                    if micro == accumulation - 1:
+                        self.model_states.measure()  # what backward left, before the step
                     engine.step()
                 applied = engine.was_step_applied()
                 if applied:
@@ -528,6 +541,10 @@ class Trainer:
                 if not described:
                     self._report_activation_memory(first_batch, saved_bytes)
                     described = True
+                # After the second step: the first creates Adam's moments group by group.
+                if not states_reported and (history or self.step == train.steps):
+                    self._report_model_states()
+                    states_reported = True
                 interval_losses.append(last_loss)
                 interval_time += step_time
                 record = {"step": self.step, "loss": last_loss, "lr": lr}
@@ -537,6 +554,7 @@ class Trainer:
                 record["tokens_per_s"] = tokens_per_step / step_time
                 record["saved_activation_bytes"] = saved_bytes
                 record.update(_memory_record(self.device))
+                record["model_state_bytes"] = self.model_states.last
                 record["skipped_steps"] = engine.skipped_steps
                 if not applied:
                     record["skipped"] = True
