@@ -284,6 +284,148 @@ def test_deepspeed_section_contradicting_train_is_refused(overrides, message):
         deepspeed_config(_tiny(*overrides), world_size=2)
 
 
+def test_auto_takes_the_value_derived_from_train():
+    """DeepSpeed config files shared with Hugging Face's trainer say "auto" for the keys the
+    trainer derives: the same section as leaving them out."""
+    auto = _tiny(
+        "train.precision=bf16",
+        'deepspeed={"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", '
+        '"gradient_accumulation_steps": "auto", "gradient_clipping": "auto", '
+        '"bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"}, '
+        '"zero_optimization": {"stage": 2}}',
+    )
+    plain = _tiny("train.precision=bf16", "deepspeed.zero_optimization.stage=2")
+    assert deepspeed_config(auto, world_size=2) == deepspeed_config(plain, world_size=2)
+    with pytest.raises(
+        ConfigError,
+        match=re.escape("deepspeed.zero_optimization.reduce_bucket_size='auto' cannot be derived"),
+    ):
+        deepspeed_config(_tiny("deepspeed.zero_optimization.reduce_bucket_size=auto"), 2)
+
+
+def test_deepspeed_config_file_is_the_deepspeed_section(tmp_path):
+    """``--deepspeed_config FILE``: the file's keys join the run config's deepspeed section;
+    a key both set differently is refused naming both; ``--set`` wins over either."""
+    # tiny_compact.json's own deepspeed section: {"zero_optimization": {"stage": 1}}.
+    ds_file = tmp_path / "ds.json"
+    ds_file.write_text(
+        json.dumps(
+            {"zero_optimization": {"stage": 1, "overlap_comm": False}, "train_batch_size": "auto"}
+        )
+    )
+    config = load_run_config(TINY, [], deepspeed_file=ds_file)
+    assert config.deepspeed["zero_optimization"] == {"stage": 1, "overlap_comm": False}
+    assert deepspeed_config(config, world_size=2)["train_batch_size"] == 8
+    config = load_run_config(TINY, ["deepspeed.zero_optimization.stage=3"], deepspeed_file=ds_file)
+    assert config.deepspeed["zero_optimization"]["stage"] == 3
+    ds_file.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    with pytest.raises(
+        ConfigError, match=re.escape(f"deepspeed.zero_optimization.stage is 2 in {ds_file} but 1")
+    ):
+        load_run_config(TINY, [], deepspeed_file=ds_file)
+    # The command line as DeepSpeed's own flags write it.
+    from actcomp_dist.training.cli import parse_args
+
+    args = parse_args(["--config", str(TINY), "--deepspeed", "--deepspeed_config", str(ds_file)])
+    assert args.deepspeed_config == str(ds_file)
+    with pytest.raises(ConfigError, match="--deepspeed_config .*missing.json: file not found"):
+        load_run_config(TINY, [], deepspeed_file=tmp_path / "missing.json")
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["deepspeed.zero_optimization.stagee=1"],
+            "deepspeed: 1 validation error for DeepSpeedZeroConfig stagee Extra inputs are not "
+            "permitted",
+        ),
+        (["deepspeed.bf16=true"], "deepspeed.bf16=True must be an object"),
+    ],
+)
+def test_a_bad_deepspeed_section_fails_with_the_config(overrides, message):
+    """DeepSpeed's own parser reads the completed section in validate_run (before any file is
+    written), one line naming the section."""
+    with pytest.raises(ConfigError, match=re.escape(message)) as raised:
+        validate_run(_tiny(*overrides), world_size=2)
+    assert "\n" not in str(raised.value) and "errors.pydantic.dev" not in str(raised.value)
+
+
+# -- data.paths: one path, blends -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "paths, prefixes, weights",
+    [
+        ("corpus/a", ["corpus/a"], None),
+        (["corpus/a", "corpus/b"], ["corpus/a", "corpus/b"], None),
+        (["0.3", "corpus/a", "0.7", "corpus/b"], ["corpus/a", "corpus/b"], [0.3, 0.7]),
+        ([0.3, "corpus/a", 0.7, "corpus/b"], ["corpus/a", "corpus/b"], [0.3, 0.7]),
+        ([[0.3, "corpus/a"], ["0.7", "corpus/b"]], ["corpus/a", "corpus/b"], [0.3, 0.7]),
+    ],
+)
+def test_data_paths_forms(paths, prefixes, weights):
+    config = _tiny(f"data.paths={json.dumps(paths)}", "data.tokenizer=tok.model")
+    assert (config.data.prefixes, config.data.weights) == (prefixes, weights)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["data.tokenizer=tok.model"],
+            "data.tokenizer='tok.model' is set but data.paths is not",
+        ),
+        (
+            ['data.paths=["0", "corpus/a", "1", "corpus/b"]', "data.tokenizer=tok.model"],
+            "blending weights must be finite numbers > 0, got [0.0, 1.0]",
+        ),
+        (
+            ['data.paths=[[0.5, "corpus/a", "x"]]', "data.tokenizer=tok.model"],
+            "each pair must be [weight, prefix]",
+        ),
+        (['data.paths=["corpus/a", 3]', "data.tokenizer=tok.model"], "data.paths=['corpus/a', 3]"),
+    ],
+)
+def test_bad_data_paths_are_refused(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        _tiny(*overrides)
+
+
+# -- logging extras -----------------------------------------------------------------------------
+
+
+def _missing(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is None
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (['logging.wandb={"mode": "sometimes"}'], "logging.wandb.mode='sometimes' is not one of"),
+        (['logging.wandb={"projekt": "x"}'], "unknown key(s) ['logging.wandb.projekt']"),
+        (["logging.wandb=true"], "logging.wandb=True must be null or an object"),
+    ],
+)
+def test_bad_wandb_section_is_refused(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        _tiny(*overrides)
+
+
+@pytest.mark.parametrize(
+    "override, module",
+    [('logging.wandb={"mode": "offline"}', "wandb"), ("logging.tensorboard=true", "tensorboard")],
+)
+def test_a_logger_that_is_not_installed_names_its_extra(override, module):
+    if not _missing(module):
+        pytest.skip(f"{module} is installed here")
+    config = _tiny(override)  # reading the config needs no logger; running it does
+    with pytest.raises(ConfigError, match=re.escape(f"pip install 'actcomp_dist[{module}]'")):
+        validate_run(config, world_size=2)
+
+
 # -- LR schedule --------------------------------------------------------------------------------
 
 

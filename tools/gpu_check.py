@@ -23,7 +23,8 @@ covers is recorded as skipped:
 Model flops per token are ``6 P + 12 L h s`` (parameters ``P``, forward and backward, plus the
 attention score and value products; recomputation is not counted, as in the usual MFU
 definition). The peak dense bf16 rate comes from a table of known devices (``--peak-tflops``
-overrides it; unknown devices report no MFU).
+overrides it; unknown devices report no MFU); both live in
+:mod:`actcomp_dist.training.flops`, shared with the trainer's progress output.
 
 ``--dry-run`` takes the same path on the CPU: the tiny config at s = 64, a few steps, MemTracker's
 peak in place of the CUDA allocator's, and at most two micro-batch sizes per variant. CI runs it
@@ -47,19 +48,12 @@ import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 from typing import Any
 
+from actcomp_dist.training.flops import model_flops_per_token, peak_flops
+
 ROOT = Path(__file__).resolve().parents[1]
 GPU_TESTS = "tests/test_gpu.py"
 VARIANTS = ("none", "ac_selective", "ac_full", "compact:0.25", "int8", "fp8")
 MAX_BATCH_VARIANTS = ("none", "ac_full", "compact:0.25", "int8")
-# Dense bf16 tensor-core peak in TFLOP/s, by a substring of torch.cuda.get_device_name().
-PEAK_TFLOPS = {
-    "H200": 989.0,
-    "H100 PCIe": 756.0,
-    "H100": 989.0,
-    "A100": 312.0,
-    "L40S": 362.0,
-    "A10G": 125.0,
-}
 
 
 class Setup:
@@ -93,22 +87,6 @@ def device_name(dry_run: bool) -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
     return "cpu-dry-run" if dry_run else "cpu"
-
-
-def peak_flops(name: str, override_tflops: float | None) -> float | None:
-    if override_tflops is not None:
-        return override_tflops * 1e12
-    for key, tflops in PEAK_TFLOPS.items():
-        if key in name:
-            return tflops * 1e12
-    return None
-
-
-def model_flops_per_token(model_config, seq_length: int) -> float:
-    from actcomp_dist.models import parameter_count
-
-    c = model_config
-    return 6.0 * parameter_count(c) + 12.0 * c.num_layers * c.hidden_size * seq_length
 
 
 # -- stage 1: the CUDA tests ---------------------------------------------------------------------

@@ -278,7 +278,7 @@ def describe(plan: AblationPlan, records: list[dict[str, Any]], command: str) ->
     train, data = config.train, config.data
     tokens = train.global_batch_size * data.seq_length
     if data.paths:
-        data_text = f"indexed dataset {', '.join(data.paths)}"
+        data_text = f"indexed dataset {', '.join(data.prefixes)}"
     else:
         corpus = plan.out / "data"
         data_text = f"the embedded corpus (Python standard-library docstrings) built in {corpus}"

@@ -1,4 +1,5 @@
-"""Command line of ``launch/pretrain.py``: ``--config FILE [--set key.path=value ...]``."""
+"""Command line of ``launch/pretrain.py``: ``--config FILE [--deepspeed_config FILE]
+[--set key.path=value ...]``."""
 
 from __future__ import annotations
 
@@ -48,6 +49,18 @@ def parse_args(
 ) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", required=True, help="JSON run config (see configs/)")
+    parser.add_argument(
+        "--deepspeed_config",
+        "--deepspeed-config",
+        default=None,
+        metavar="FILE",
+        help="a DeepSpeed JSON config used as the run config's deepspeed section (keys set in "
+        "both must agree; 'auto' for the batch sizes, clipping and precision, which come from "
+        "train.*)",
+    )
+    # DeepSpeed's add_config_arguments pairs --deepspeed_config with a --deepspeed switch;
+    # accepted so that command lines written for it work (DeepSpeed is always used here).
+    parser.add_argument("--deepspeed", action="store_true", help=argparse.SUPPRESS)
     add_override_argument(parser)
     # Added by the deepspeed launcher; the rank layout is read from the environment.
     parser.add_argument(
@@ -69,7 +82,12 @@ def main(
     loss or gradient norm (:mod:`actcomp_dist.training.guard`)."""
     args = parse_args(argv, description)
     try:
-        config = load_run_config(args.config, args.overrides, config_class=config_class)
+        config = load_run_config(
+            args.config,
+            args.overrides,
+            config_class=config_class,
+            deepspeed_file=args.deepspeed_config,
+        )
         quiet_third_party(config.logging.verbose)  # before megatron-core and DeepSpeed load
         if run is None:
             from actcomp_dist.training.trainer import run_pretraining as run
@@ -83,7 +101,7 @@ def main(
         info = launch_info()
         print(f"stopped (rank {info.rank}/{info.world_size}): {err}", file=sys.stderr, flush=True)
         return NONFINITE_EXIT_CODE
-    if result.preempted:
+    if result.preempted and launch_info().rank == 0:  # every rank knows; one says it
         print(
             f"stopped at step {result.steps_done} on a preemption signal; resume with "
             f"checkpoint.resume=latest",

@@ -16,11 +16,12 @@ import copy
 import dataclasses
 import hashlib
 import importlib
+import importlib.util
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from actcomp_dist.config import ROW_PARALLEL_SITES, CompressionConfig
 from actcomp_dist.storage import StoragePolicy
@@ -121,26 +122,39 @@ class MemorySection:
 
 @dataclass
 class DataSection:
-    """``paths``: indexed-dataset prefixes (``PREFIX.bin/.idx``); empty = the embedded default
-    corpus. ``tokenizer``: a SentencePiece ``.model``, a Hugging Face ``tokenizer.json`` or a
-    directory holding one (required with ``paths``).
+    """``paths``: indexed-dataset prefixes (``PREFIX.bin/.idx``): one string, a list, or a
+    weighted blend in Megatron's form, ``["0.3", "prefixA", "0.7", "prefixB"]`` or
+    ``[[0.3, "prefixA"], [0.7, "prefixB"]]`` (weights are normalised; without weights several
+    prefixes are blended by their token counts); empty = the embedded default corpus.
+    ``tokenizer``: a SentencePiece ``.model``, a Hugging Face ``tokenizer.json`` or a
+    directory holding one (required with ``paths``, and only with them).
     ``split``: train/validation/test weights. ``embedded_vocab_size``: vocabulary of the
     tokenizer trained for the embedded corpus."""
 
-    paths: list[str] = field(default_factory=list)
+    paths: list[str] | str = field(default_factory=list)
     tokenizer: str | None = None
     seq_length: int = 128
     split: str = "98,2,0"
     embedded_vocab_size: int = 2048
     num_workers: int = 0
+    # Pretraining reads tokens from ``paths`` (or the embedded corpus and its own tokenizer),
+    # so a tokenizer without paths would be ignored; subclasses with other sources say False.
+    tokenizer_needs_paths: ClassVar[bool] = True
 
     def validate(self) -> None:
-        if not isinstance(self.paths, list) or not all(isinstance(p, str) for p in self.paths):
-            raise ConfigError(f"data.paths must be a list of path prefixes, got {self.paths!r}")
+        if isinstance(self.paths, str):
+            self.paths = [self.paths] if self.paths else []
+        parse_blend(self.paths)
         if self.paths and not self.tokenizer:
             raise ConfigError(
                 "data.paths is set but data.tokenizer (a SentencePiece .model or a Hugging Face "
                 "tokenizer.json) is not"
+            )
+        if self.tokenizer and not self.paths and self.tokenizer_needs_paths:
+            raise ConfigError(
+                f"data.tokenizer={self.tokenizer!r} is set but data.paths is not: the embedded "
+                f"corpus brings its own tokenizer; set data.paths to the indexed datasets "
+                f"written with this tokenizer, or remove data.tokenizer"
             )
         _positive_int("data.seq_length", self.seq_length)
         _positive_int("data.embedded_vocab_size", self.embedded_vocab_size)
@@ -154,6 +168,70 @@ class DataSection:
                 f"data.split={self.split!r} must be three non-negative weights "
                 f"'train,valid,test' with train > 0, e.g. '98,2,0'"
             )
+
+    @property
+    def prefixes(self) -> list[str]:
+        """The dataset prefixes of ``paths``, without blending weights."""
+        return parse_blend(self.paths)[0]
+
+    @property
+    def weights(self) -> list[float] | None:
+        """The blending weights of ``paths`` (``None``: not given)."""
+        return parse_blend(self.paths)[1]
+
+
+def _number(value: Any) -> float | None:
+    """``value`` as a float when it is a number or a string holding one, else ``None``."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def parse_blend(paths: Any) -> tuple[list[str], list[float] | None]:
+    """``data.paths`` -> ``(prefixes, weights or None)``.
+
+    Megatron-LM's rule for a flat list: an even-length list whose even positions all parse as
+    numbers is ``weight, prefix, weight, prefix, ...``; any other list of strings is prefixes.
+    A list of ``[weight, prefix]`` pairs is a blend too. Weights must be finite and > 0.
+    """
+    form = (
+        'a prefix string, a list of prefixes, ["0.3", "prefixA", "0.7", "prefixB"] or '
+        '[[0.3, "prefixA"], [0.7, "prefixB"]]'
+    )
+    if isinstance(paths, str):
+        paths = [paths]
+    if not isinstance(paths, list):
+        raise ConfigError(f"data.paths={paths!r} must be {form}")
+    if paths and all(isinstance(p, list) for p in paths):
+        pairs = paths
+        if not all(len(p) == 2 and isinstance(p[1], str) for p in pairs):
+            raise ConfigError(f"data.paths={paths!r}: each pair must be [weight, prefix]; {form}")
+        weights, prefixes = [_number(p[0]) for p in pairs], [p[1] for p in pairs]
+    elif (
+        len(paths) >= 2
+        and len(paths) % 2 == 0
+        and all(_number(w) is not None for w in paths[0::2])
+        and all(isinstance(p, str) for p in paths[1::2])
+    ):
+        weights, prefixes = [_number(w) for w in paths[0::2]], list(paths[1::2])
+    elif all(isinstance(p, str) and p for p in paths):
+        return list(paths), None
+    else:
+        raise ConfigError(f"data.paths={paths!r} must be {form}")
+    if any(w is None or not math.isfinite(w) or w <= 0 for w in weights):
+        raise ConfigError(
+            f"data.paths={paths!r}: blending weights must be finite numbers > 0, got {weights}"
+        )
+    if not all(prefixes):
+        raise ConfigError(f"data.paths={paths!r}: empty prefix")
+    return prefixes, weights
 
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -250,20 +328,62 @@ class CheckpointSection:
         _bool("checkpoint.at_end", self.at_end)
 
 
+WANDB_KEYS = ("project", "name", "mode")
+WANDB_MODES = ("online", "offline", "disabled")
+
+
 @dataclass
 class LoggingSection:
     """``interval``: steps between progress lines and metrics records; ``tensorboard``: also
-    write TensorBoard scalars; ``verbose``: keep the libraries' start-up messages that
+    write TensorBoard scalars to ``RUN_DIR/tensorboard`` (extra ``tensorboard``); ``wandb``:
+    ``null`` or ``{"project": ..., "name": ..., "mode": "online" | "offline" | "disabled"}``
+    to log to Weights & Biases (extra ``wandb``; offline writes ``RUN_DIR/wandb`` and needs no
+    network); ``verbose``: keep the libraries' start-up messages that
     :mod:`actcomp_dist.training.quiet` filters."""
 
     interval: int = 1
     tensorboard: bool = False
+    wandb: dict[str, Any] | None = None
     verbose: bool = False
 
     def validate(self) -> None:
         _positive_int("logging.interval", self.interval)
         _bool("logging.tensorboard", self.tensorboard)
         _bool("logging.verbose", self.verbose)
+        if self.wandb is None:
+            return
+        if not isinstance(self.wandb, dict):
+            raise ConfigError(
+                f"logging.wandb={self.wandb!r} must be null or an object with keys "
+                f"{list(WANDB_KEYS)}"
+            )
+        unknown = sorted(set(self.wandb) - set(WANDB_KEYS))
+        if unknown:
+            raise ConfigError(
+                f"unknown key(s) {[f'logging.wandb.{k}' for k in unknown]}; valid keys in "
+                f"'logging.wandb': {list(WANDB_KEYS)}"
+            )
+        for key in ("project", "name"):
+            value = self.wandb.get(key)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ConfigError(f"logging.wandb.{key}={value!r} must be a non-empty string")
+        mode = self.wandb.get("mode", "online")
+        if mode not in WANDB_MODES:
+            raise ConfigError(f"logging.wandb.mode={mode!r} is not one of {list(WANDB_MODES)}")
+
+    def check_installed(self) -> None:
+        """The loggers this section enables are importable; else a :class:`ConfigError`
+        naming the key and the extra. Checked for a run (:func:`validate_run`), not when a
+        config is only read (the memory planner needs no logger)."""
+        for enabled, module, key, off in (
+            (self.tensorboard, "tensorboard", "logging.tensorboard", "set it to false"),
+            (self.wandb is not None, "wandb", "logging.wandb", "set it to null"),
+        ):
+            if enabled and importlib.util.find_spec(module) is None:
+                raise ConfigError(
+                    f"{key} needs the {module} package, which is not installed: pip install "
+                    f"'actcomp_dist[{module}]' (or pip install {module}), or {off}"
+                )
 
 
 @dataclass
@@ -430,8 +550,12 @@ def with_plugins(raw: dict[str, Any], plugins: list[str]) -> dict[str, Any]:
     return raw
 
 
-def read_raw_config(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
-    """The JSON object of a config file with ``--set`` overrides applied (not validated)."""
+def read_raw_config(
+    path: str | Path, overrides: list[str] = (), deepspeed_file: str | Path | None = None
+) -> dict[str, Any]:
+    """The JSON object of a config file, with the DeepSpeed config file ``deepspeed_file`` as
+    its ``deepspeed`` section (``--deepspeed_config``), then the ``--set`` overrides applied
+    (not validated)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -439,13 +563,22 @@ def read_raw_config(path: str | Path, overrides: list[str] = ()) -> dict[str, An
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path}: not valid JSON: {err}") from None
+    if deepspeed_file is not None:
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the config must be a JSON object")
+        from actcomp_dist.training.deepspeed_config import merge_deepspeed_file
+
+        raw = merge_deepspeed_file(raw, deepspeed_file)
     return apply_overrides(raw, list(overrides))
 
 
 def load_run_config(
-    path: str | Path, overrides: list[str] = (), config_class: type | None = None
+    path: str | Path,
+    overrides: list[str] = (),
+    config_class: type | None = None,
+    deepspeed_file: str | Path | None = None,
 ) -> RunConfig:
-    raw = read_raw_config(path, overrides)
+    raw = read_raw_config(path, overrides, deepspeed_file)
     return run_config_from_dict(raw, source=str(path), config_class=config_class)
 
 
@@ -472,6 +605,12 @@ def validate_run(config: RunConfig, world_size: int) -> None:
             f"train.global_batch_size={train.global_batch_size} must be a multiple of "
             f"micro_batch_size * data_parallel_size = {train.micro_batch_size} * {dp}"
         )
+    config.logging.check_installed()
+    # The deepspeed section, completed from train.*, checked here (before the data cache or
+    # the run directory is written) rather than when DeepSpeed first reads it.
+    from actcomp_dist.training.deepspeed_config import check_deepspeed_config, deepspeed_config
+
+    check_deepspeed_config(deepspeed_config(config, world_size))
     if config.compression.grad_mode == "subspace":
         stage = config.deepspeed.get("zero_optimization", {}).get("stage", 0)
         if stage == 3:
@@ -497,7 +636,7 @@ def validate_run(config: RunConfig, world_size: int) -> None:
         and not Path(config.checkpoint.resume).exists()
     ):
         raise ConfigError(f"checkpoint.resume={config.checkpoint.resume!r}: no such checkpoint")
-    for prefix in config.data.paths:
+    for prefix in config.data.prefixes:
         for suffix in (".bin", ".idx"):
             if not Path(prefix + suffix).is_file():
                 raise ConfigError(f"data.paths: {prefix + suffix} not found")

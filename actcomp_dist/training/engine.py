@@ -1,10 +1,8 @@
 """The DeepSpeed engine around our model: optimizer, LR schedule, ZeRO, clipping, precision.
 
 Our run config owns the training hyper-parameters (``train.*``); the ``deepspeed`` section owns
-everything else DeepSpeed knows (ZeRO stage and its tuning, communication, ...) and is passed
-on untouched. The keys both could set are derived from ``train.*`` and filled in; if the
-``deepspeed`` section sets one of them to a different value the run stops with an error naming
-both, instead of silently preferring one.
+everything else DeepSpeed knows (ZeRO stage and its tuning, communication, ...): see
+:mod:`actcomp_dist.training.deepspeed_config` for how the two meet.
 
 The optimizer is AdamW built here (a plain ``torch.optim.AdamW``, so nothing is compiled on a
 CPU) with weight decay on matrices only, and the LR schedule is ours (warm-up + cosine); both
@@ -19,7 +17,6 @@ one data-parallel average, one global norm clip, one LR schedule — and a
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -33,7 +30,8 @@ from actcomp_dist.optim.subspace_proxy import (
     skip_subspace_weights_in_zero0_reduction,
     subspace_layers,
 )
-from actcomp_dist.training.config import ConfigError, RunConfig, gradient_accumulation_steps
+from actcomp_dist.training.config import ConfigError, RunConfig
+from actcomp_dist.training.deepspeed_config import deepspeed_config
 from actcomp_dist.training.schedule import build_lr_scheduler
 
 
@@ -44,56 +42,6 @@ class Engine:
     lr_scheduler: Any
     merger: SubspaceMerger | None
     gradient_accumulation_steps: int
-
-
-def deepspeed_config(config: RunConfig, world_size: int) -> dict[str, Any]:
-    """The ``deepspeed`` section with the keys derived from ``train.*`` filled in."""
-    ds = copy.deepcopy(config.deepspeed)
-    train = config.train
-    derived = {
-        "train_micro_batch_size_per_gpu": train.micro_batch_size,
-        "gradient_accumulation_steps": gradient_accumulation_steps(config, world_size),
-        "train_batch_size": train.global_batch_size,
-        "gradient_clipping": train.clip_grad,
-    }
-    for key, value in derived.items():
-        if key in ds and ds[key] != value:
-            raise ConfigError(
-                f"deepspeed.{key}={ds[key]!r} contradicts the value {value!r} derived from "
-                f"train.* (global_batch_size, micro_batch_size, clip_grad); remove it from the "
-                f"deepspeed section"
-            )
-        ds[key] = value
-    for key in ("optimizer", "scheduler"):
-        if key in ds:
-            raise ConfigError(
-                f"deepspeed.{key} is not used: the optimizer (AdamW) and LR schedule come from "
-                f"train.* (lr, min_lr, warmup_steps, lr_decay, betas, weight_decay)"
-            )
-    # The non-finite guard (training/guard.py) relies on DeepSpeed skipping a step whose
-    # gradient norm is not finite; these two switches turn that check off.
-    for section, key in (
-        ("bf16", "check_grad_overflow"),
-        ("zero_optimization", "compute_grad_norm"),
-    ):
-        if ds.get(section, {}).get(key, True) is not True:
-            raise ConfigError(
-                f"deepspeed.{section}.{key}={ds[section][key]!r} would let DeepSpeed apply "
-                f"steps with non-finite gradients, which the non-finite guard "
-                f"(train.on_nonfinite) relies on it to skip; remove it"
-            )
-    for precision, key in (("bf16", "bf16"), ("fp16", "fp16")):
-        wanted = train.precision == precision
-        section = ds.setdefault(key, {})
-        if "enabled" in section and bool(section["enabled"]) != wanted:
-            raise ConfigError(
-                f"deepspeed.{key}.enabled={section['enabled']} contradicts "
-                f"train.precision={train.precision!r}"
-            )
-        section["enabled"] = wanted
-    ds.setdefault("steps_per_print", 10**9)
-    ds.setdefault("wall_clock_breakdown", False)
-    return ds
 
 
 def _param_groups(model: nn.Module, weight_decay: float, exclude: set[int]) -> list[dict]:

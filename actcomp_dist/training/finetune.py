@@ -103,6 +103,8 @@ class FinetuneDataSection(DataSection):
     append_eos: bool = True
     synthetic_task: str | None = None
     synthetic_rows: int = 512
+    # data.tokenizer serves the JSONL files of data.train / data.valid.
+    tokenizer_needs_paths = False
 
     def validate(self) -> None:
         if self.paths:

@@ -33,3 +33,20 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, train: TrainSection):
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: learning_rate(step, train) / base
     )
+
+
+def restart_lr_schedule(scheduler, train: TrainSection) -> None:
+    """Make a ``LambdaLR`` restored from a checkpoint follow ``train``'s schedule.
+
+    Its state (``base_lrs``, and the optimizer's current ``lr``) holds the learning rates of
+    the run that wrote the checkpoint, while its lambda is built from this run's ``train``:
+    with other LR settings (a resume that changes ``train.lr`` or ``train.steps``) the next
+    step would use the old rate and the later ones a mix of both. Here the base and the
+    current rate are recomputed from ``train`` at the restored step.
+    """
+    base = train.lr if train.lr > 0 else 1.0
+    scheduler.base_lrs = [base for _ in scheduler.base_lrs]
+    lrs = [base * lr_lambda(scheduler.last_epoch) for lr_lambda in scheduler.lr_lambdas]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    scheduler._last_lr = lrs

@@ -38,14 +38,16 @@ from actcomp_dist.training import checkpoint as ckpt
 from actcomp_dist.training.activation_checkpointing import apply_activation_checkpointing
 from actcomp_dist.training.config import ConfigError, RunConfig, validate_model, validate_run
 from actcomp_dist.training.distributed import init_distributed, launch_info
+from actcomp_dist.training.flops import device_peak_flops, model_flops_per_token
 from actcomp_dist.training.guard import (
     NonFiniteError,
     NonFiniteGuard,
     parameters_finite,
     poison,
 )
-from actcomp_dist.training.metrics import MetricsLogger, format_bytes
+from actcomp_dist.training.metrics import MetricsLogger, format_bytes, format_duration
 from actcomp_dist.training.run_lock import acquire_run_lock, check_run_lock
+from actcomp_dist.training.schedule import restart_lr_schedule
 from actcomp_dist.training.signals import PreemptionHandler
 
 VOCAB_MULTIPLE = 128  # pad the vocabulary like Megatron (per tensor-parallel rank)
@@ -99,8 +101,9 @@ def _build_data(config: RunConfig, dp_rank: int, dp_size: int, consumed: int):
 
     data, train = config.data, config.train
     data_dir = Path(config.run_dir) / "data"
+    weights = None
     if data.paths:
-        tokenizer_path, prefixes = data.tokenizer, data.paths
+        tokenizer_path, prefixes, weights = data.tokenizer, data.prefixes, data.weights
     else:
         corpus = ensure_embedded_corpus(data_dir, vocab_size=data.embedded_vocab_size)
         tokenizer_path, prefixes = corpus.tokenizer_model, [corpus.data_prefix]
@@ -115,6 +118,7 @@ def _build_data(config: RunConfig, dp_rank: int, dp_size: int, consumed: int):
         train_samples=train.steps * train.global_batch_size,
         valid_samples=eval_samples,
         cache_dir=data_dir / "index-cache",
+        weights=weights,
     )
     loader, valid_loader = build_loaders(config, train_ds, valid_ds, dp_rank, dp_size, consumed)
     return tokenizer, loader, valid_loader
@@ -177,10 +181,37 @@ def _dp_mean(values: list[torch.Tensor], group) -> float:
     return total.item() / dist.get_world_size(group)
 
 
-def _peak_bytes(device: torch.device) -> int:
+def _memory_record(device: torch.device) -> dict[str, int]:
+    """This rank's memory, named by what it is: the CUDA allocator's allocated, reserved and
+    peak allocated bytes on a GPU, the process's peak resident set on a CPU; ``peak_bytes`` is
+    the peak of either."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+        peak = torch.cuda.max_memory_allocated(device)
+        return {
+            "allocated_bytes": torch.cuda.memory_allocated(device),
+            "reserved_bytes": torch.cuda.memory_reserved(device),
+            "peak_allocated_bytes": peak,
+            "peak_bytes": peak,
+        }
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    return {"peak_rss_bytes": peak, "peak_bytes": peak}
+
+
+# A resumed run that changes one of these trains another schedule than the one it started:
+# allowed (extending a run is common), but said in the log and in metrics.jsonl.
+RESUME_WATCHED = ("steps", "lr", "min_lr", "warmup_steps", "lr_decay")
+
+
+def resume_changes(saved: dict[str, Any], config: RunConfig) -> dict[str, list]:
+    """``{"train.KEY": [checkpoint value, config value]}`` for each :data:`RESUME_WATCHED` key
+    that differs between the checkpoint's config ``saved`` and ``config``."""
+    now = config.to_dict()["train"]
+    before = saved.get("train", {})
+    return {
+        f"train.{key}": [before.get(key), now[key]]
+        for key in RESUME_WATCHED
+        if before.get(key) != now[key]
+    }
 
 
 def _describe(model, config: RunConfig) -> None:
@@ -207,6 +238,7 @@ def _describe(model, config: RunConfig) -> None:
 class Trainer:
     def __init__(self, config: RunConfig) -> None:
         self.config = config
+        self.created = time.perf_counter()  # start-up time, for the end-of-run summary
         info = launch_info()
         self.validate(info.world_size)
         check_run_lock(config.run_dir)
@@ -249,8 +281,15 @@ class Trainer:
         self.schedule = self.model.compression_schedule
         self.guard = NonFiniteGuard(train.on_nonfinite, train.max_skipped_steps, train.precision)
         self.model_states = ModelStateProbe(self.model, self.engine.optimizer, self.engine.merger)
+        # A resume may extend the run or change its LR settings: said with the first record
+        # this run logs, and the restored LR schedule made to follow the new settings.
+        self.resume_changes = (
+            resume_changes(self.resume_state["config"], config) if self.resume_state else {}
+        )
         if self.resume_path is not None:
             self._load(self.resume_path)
+            if self.resume_changes:
+                restart_lr_schedule(self.engine.lr_scheduler, train)
 
         self.run_dir = Path(config.run_dir)
         self.rank = dist.get_rank()
@@ -264,6 +303,9 @@ class Trainer:
             enabled=self.rank == 0,
             tensorboard=config.logging.tensorboard,
             resume_step=self.step if self.resume_path is not None else None,
+            total_steps=train.steps,
+            wandb=config.logging.wandb,
+            config=config.to_dict(),
         )
 
     # -- set-up hooks (overridden by the fine-tuning trainer) ---------------------------------
@@ -446,6 +488,14 @@ class Trainer:
         history: list[dict[str, Any]] = []
         last_loss = last_val = None
         preempted = stop_requested = False
+        tokens_per_step = train.global_batch_size * config.data.seq_length
+        flops_per_token = model_flops_per_token(self.model.config, config.data.seq_length)
+        peak_flops = device_peak_flops(self.device)
+        first_step, started = self.step, time.perf_counter()
+        # The steps since the last logged record: their losses and time (the record's means).
+        interval_losses: list[float] = []
+        interval_time = 0.0
+        pending_changes = dict(self.resume_changes)
         engine.train()
         described = states_reported = False
         try:
@@ -495,22 +545,33 @@ class Trainer:
                 if not states_reported and (history or self.step == train.steps):
                     self._report_model_states()
                     states_reported = True
+                interval_losses.append(last_loss)
+                interval_time += step_time
                 record = {"step": self.step, "loss": last_loss, "lr": lr}
                 grad_norm = engine.get_global_grad_norm()
                 record["grad_norm"] = None if grad_norm is None else float(grad_norm)
                 record["step_time_s"] = step_time
-                record["tokens_per_s"] = (
-                    train.global_batch_size * config.data.seq_length / step_time
-                )
+                record["tokens_per_s"] = tokens_per_step / step_time
                 record["saved_activation_bytes"] = saved_bytes
-                record["peak_bytes"] = _peak_bytes(self.device)
+                record.update(_memory_record(self.device))
                 record["model_state_bytes"] = self.model_states.last
                 record["skipped_steps"] = engine.skipped_steps
                 if not applied:
                     record["skipped"] = True
                 if stop_reason is not None:
                     history.append(record)
-                    self.logger.log(record)
+                    self.logger.log(
+                        self._interval_record(
+                            record,
+                            interval_losses,
+                            interval_time,
+                            started,
+                            first_step,
+                            flops_per_token,
+                            peak_flops,
+                            pending_changes,
+                        )
+                    )
                     raise NonFiniteError(stop_reason)
                 if train.eval_interval and (
                     self.step % train.eval_interval == 0 or self.step == train.steps
@@ -525,7 +586,19 @@ class Trainer:
                     or not applied
                     or self.step == train.steps
                 ):
-                    self.logger.log(record)
+                    self.logger.log(
+                        self._interval_record(
+                            record,
+                            interval_losses,
+                            interval_time,
+                            started,
+                            first_step,
+                            flops_per_token,
+                            peak_flops,
+                            pending_changes,
+                        )
+                    )
+                    interval_losses, interval_time, pending_changes = [], 0.0, {}
                 interval = config.checkpoint.interval
                 if interval and self.step % interval == 0 and self.step < train.steps:
                     self.save()
@@ -545,7 +618,84 @@ class Trainer:
         finally:
             handler.uninstall()
             self.logger.close()
-        return TrainResult(self.step, last_loss, last_val, preempted, history)
+        result = TrainResult(self.step, last_loss, last_val, preempted, history)
+        _print0(self.summary(result, first_step, started))
+        return result
+
+    def _interval_record(
+        self,
+        record: dict[str, Any],
+        losses: list[float],
+        seconds: float,
+        started: float,
+        first_step: int,
+        flops_per_token: float,
+        peak_flops: float | None,
+        changes: dict[str, list],
+    ) -> dict[str, Any]:
+        """The record logged for the interval that ends with ``record``'s step: the mean loss
+        and step time over the interval's ``losses`` and ``seconds``, tokens seen, time, ETA,
+        achieved model TFLOP/s and MFU, and the schedule changes of a resume (once)."""
+        train = self.config.train
+        tokens_per_step = train.global_batch_size * self.config.data.seq_length
+        out = dict(record)
+        out["loss"] = math.fsum(losses) / len(losses)
+        out["interval_steps"] = len(losses)
+        out["step_time_s"] = seconds / len(losses)
+        out["tokens_per_s"] = tokens_per_step / out["step_time_s"]
+        out["tokens"] = self.step * tokens_per_step
+        out["time"] = time.time()
+        elapsed = time.perf_counter() - started
+        out["elapsed_s"] = elapsed
+        done = self.step - first_step
+        out["eta_s"] = elapsed / done * (train.steps - self.step) if done else None
+        # Model flops of the whole model over every rank's time, per device.
+        out["model_tflops_per_s"] = out["tokens_per_s"] * flops_per_token / 1e12 / self.world_size
+        if peak_flops is not None:
+            out["mfu"] = out["model_tflops_per_s"] * 1e12 / peak_flops
+        if changes:
+            out["resume_changed"] = changes
+            out["warnings"] = [
+                f"resumed from step {self.resume_state['step']} with a changed schedule: "
+                + ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changes.items())
+            ]
+        return out
+
+    def summary(self, result: TrainResult, first_step: int, started: float) -> str:
+        """The end-of-run report: what was trained, how fast, where everything went.
+        ``started``: when the loop started (``time.perf_counter``)."""
+        train = self.config.train
+        steps = result.steps_done - first_step
+        tokens = steps * train.global_batch_size * self.config.data.seq_length
+        seconds = time.perf_counter() - started
+        how = "stopped early (preemption)" if result.preempted else "done"
+        lines = [
+            f"{how}: step {result.steps_done}/{train.steps}, {steps} steps this run "
+            f"({tokens:,} tokens) in {format_duration(seconds)}"
+            + (f" ({tokens / seconds:,.0f} tok/s)" if steps and seconds > 0 else "")
+            + f" after {format_duration(started - self.created)} of start-up"
+        ]
+        losses = []
+        if result.final_loss is not None:
+            losses.append(f"loss {result.final_loss:.4f} at step {result.steps_done}")
+        if result.val_loss is not None:
+            losses.append(f"val_loss {result.val_loss:.4f}")
+        if losses:
+            lines.append("  " + ", ".join(losses))
+        if self.saved_step is not None:
+            checkpoint = self.config.checkpoint_dir / ckpt.checkpoint_name(self.saved_step)
+            lines.append(f"  checkpoint: {checkpoint}")
+            lines.append(
+                f"  export to Hugging Face: python tools/convert_hf_llama.py to-hf {checkpoint} "
+                f"OUT_DIR"
+            )
+        lines.append(f"  metrics: {self.logger.path}")
+        if self.config.logging.tensorboard:
+            lines.append(f"  tensorboard: {self.run_dir / 'tensorboard'}")
+        if self.config.logging.wandb is not None:
+            url = self.logger.wandb_url
+            lines.append(f"  wandb: {url or self.run_dir / 'wandb'}")
+        return "\n".join(lines)
 
 
 def run_pretraining(config: RunConfig) -> TrainResult:
