@@ -14,7 +14,7 @@ $(VENV)/.installed: setup.cfg setup.py constraints.txt
 	$(PIP) install --quiet --upgrade pip
 	# The CPU wheel of torch first: later resolutions then reuse it instead of pulling a CUDA build.
 	$(PIP) install --quiet -c constraints.txt torch
-	$(PIP) install --quiet -c constraints.txt -e '.[test,plot]'
+	$(PIP) install --quiet -c constraints.txt -e '.[test,plot,tensorboard]'
 	touch $@
 
 venv: $(VENV)/.installed
