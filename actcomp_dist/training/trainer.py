@@ -498,6 +498,21 @@ class Trainer:
         pending_changes = dict(self.resume_changes)
         engine.train()
         described = states_reported = False
+
+        def log_interval(record: dict[str, Any]) -> None:
+            self.logger.log(
+                self._interval_record(
+                    record,
+                    interval_losses,
+                    interval_time,
+                    started,
+                    first_step,
+                    flops_per_token,
+                    peak_flops,
+                    pending_changes,
+                )
+            )
+
         try:
             while self.step < train.steps:
                 start = time.perf_counter()
@@ -560,18 +575,7 @@ class Trainer:
                     record["skipped"] = True
                 if stop_reason is not None:
                     history.append(record)
-                    self.logger.log(
-                        self._interval_record(
-                            record,
-                            interval_losses,
-                            interval_time,
-                            started,
-                            first_step,
-                            flops_per_token,
-                            peak_flops,
-                            pending_changes,
-                        )
-                    )
+                    log_interval(record)
                     raise NonFiniteError(stop_reason)
                 if train.eval_interval and (
                     self.step % train.eval_interval == 0 or self.step == train.steps
@@ -586,18 +590,7 @@ class Trainer:
                     or not applied
                     or self.step == train.steps
                 ):
-                    self.logger.log(
-                        self._interval_record(
-                            record,
-                            interval_losses,
-                            interval_time,
-                            started,
-                            first_step,
-                            flops_per_token,
-                            peak_flops,
-                            pending_changes,
-                        )
-                    )
+                    log_interval(record)
                     interval_losses, interval_time, pending_changes = [], 0.0, {}
                 interval = config.checkpoint.interval
                 if interval and self.step % interval == 0 and self.step < train.steps:
