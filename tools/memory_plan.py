@@ -6,6 +6,8 @@ r"""Predict per-GPU memory for a run config on a cluster, and the largest micro-
     python tools/memory_plan.py --config configs/llama350m_compact.json --gpus 8 \
         --variants none,ac_full,compact:0.125,compact:0.25+ac_selective \
         --set parallel.tensor_parallel=2 --set parallel.sequence_parallel=true
+    python tools/memory_plan.py --config configs/llama1b_compact.json --gpus 8 --vocab-size 32000 \
+        --seq-lengths 4096 --budget 80GB --max-micro-batch --max-time-ratio 1.10 --json plan.json
 
 Rows are variants in the grammar of tools/ablate.py (``none``, ``ac_selective``, ``ac_full``,
 ``METHOD:ARG[+ac_...]``, and ``naive`` / ``...+naive`` for the naive block that keeps what plain
@@ -19,6 +21,13 @@ fits in ``--gpu-memory``, and the largest micro-batch that does. The model is wh
 trains: its vocabulary is the tokenizer's (``data.tokenizer``; the embedded corpus's
 ``data.embedded_vocab_size`` when no data is configured) unless ``--vocab-size`` says otherwise
 (32000 for the LLaMA tokenizer the published results use).
+
+``--budget GB`` adds each variant's predicted step time over ``none``'s (an estimate from
+counted flops and bytes, :mod:`actcomp_dist.cost_model`; ``--calibrate records.json`` fits it
+to ``tools/ablate.py``'s measured step times) and, per sequence length, the fastest variant
+that fits (``--max-micro-batch``: the one fitting the largest micro-batch within
+``--max-time-ratio``). ``--json FILE`` writes everything printed (keys in README, "Choosing a
+policy").
 """
 
 from __future__ import annotations
