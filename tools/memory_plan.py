@@ -127,8 +127,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--max-time-ratio",
-        type=float,
-        default=1.10,
+        type=str,
+        default="1.10",
         help="with --max-micro-batch: the slowest predicted step time over none's (default 1.10)",
     )
     parser.add_argument(
@@ -139,8 +139,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--peak-tflops",
-        type=float,
-        default=DEFAULT_PEAK_TFLOPS,
+        type=str,
+        default=str(DEFAULT_PEAK_TFLOPS),
         help=f"cost model: dense bf16 TFLOP/s per GPU (default {DEFAULT_PEAK_TFLOPS:g})",
     )
     parser.add_argument(
@@ -182,6 +182,16 @@ def _table(title: str, header: list[str], rows: list[list[str]]) -> list[str]:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
     return ["", title, fmt.format(*header), *[fmt.format(*r) for r in rows]]
+
+
+def _number(text: str, option: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{option} {text!r} is not a number") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{option} {text!r} must be a finite number")
+    return value
 
 
 def _ratio_text(ratio: float | None) -> str:
@@ -261,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
             gpu_memory = parse_size(args.budget, "--budget")
         reserve = parse_size(args.reserve, "--reserve")
         memory_bandwidth = parse_size(args.mem_bw, "--mem-bw")
+        args.peak_tflops = _number(args.peak_tflops, "--peak-tflops")
+        args.max_time_ratio = _number(args.max_time_ratio, "--max-time-ratio")
         if not args.peak_tflops > 0 or memory_bandwidth <= 0:
             raise ValueError(
                 f"--peak-tflops {args.peak_tflops} and --mem-bw {args.mem_bw} must be positive"
