@@ -1,0 +1,148 @@
+"""Step-time cost model: the predicted time of one training step of a variant, relative to
+``none`` (the memory-efficient exact block, nothing recomputed, nothing compressed).
+
+It is an estimate from counted work, not a measurement. Per token of one GPU (TP shards
+divide everything by the TP size; it cancels in the ratio):
+
+- base, every variant: the model flops of forward and backward, ``6 P + 12 L h s``
+  (:func:`actcomp_dist.training.flops.model_flops_per_token`);
+- ``recompute`` work:
+  ``ac_selective`` re-runs the attention core forward in backward, ``4 L h s`` flops (the score
+  and value products; the efficient block recomputes only the attention core);
+  ``ac_full`` re-runs the forward of every checkpointed block, ``2 P_block + 4 h s`` flops each;
+- ``storage`` work (``int8`` / ``fp8``): the attention's q, k, v, o and SwiGLU's
+  ``[gate | up]`` are quantised in forward (read 16-bit, write 8-bit) and dequantised in
+  backward (read 8-bit, write 16-bit): 3 bytes moved per stored element each way, over the
+  memory bandwidth; and backward runs the SDPA forward again (``4 L h s`` flops) for the
+  softmax statistics the 8-bit copy does not keep;
+- ``projection`` work (``compact``): per compressed site of input width n, output width m and
+  rank r, the projection ``Z = X P`` (2 n r flops per token) and the weight gradient's
+  ``g^T Z`` (2 m r) instead of ``g^T X`` (2 m n); ``lift`` mode also multiplies
+  ``(g^T Z) P^T`` once per micro-batch (2 m r n flops, spread over the micro-batch's tokens).
+  Compact's work is this difference, which is negative where the rank is small enough.
+
+Assumptions: flop work runs at ``peak_tflops`` and byte work at ``memory_bandwidth`` (both
+at the same efficiency, so the ratio does not need the achieved MFU); communication, the
+optimizer step and kernel launch overheads are the same for every variant and left out;
+``ac_selective`` / ``ac_full`` are the modes; a method other than ``none`` and ``compact``
+has no model (its ratio is ``None``).
+
+Calibration (:func:`calibrate`): one factor per kind of extra work (``recompute``,
+``storage``, ``projection``) multiplies that kind's predicted extra time. From measured step
+times (``tools/ablate.py``'s ``records.json``: the median ``step_time_s`` per variant, over
+``none``'s), each factor is the least-squares fit of ``measured_ratio - 1 = factor * extra``
+over the measured variants with only that kind of extra work; a kind no such variant measures
+keeps factor 1. The extra work of each record is counted on the model it was measured on
+(the record's own config), so the factors carry to other model sizes.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+
+from actcomp_dist.config import CompressionConfig
+from actcomp_dist.memory_model import _site_widths, projected_site_shapes
+from actcomp_dist.training.flops import model_flops_per_token
+
+#: Dense bf16 flop/s and HBM bandwidth of an H100/H200-class GPU (H100 SXM: 989 TFLOP/s,
+#: 3.35 TB/s; H200: 989 TFLOP/s, 4.8 TB/s; the smaller bandwidth is the default).
+DEFAULT_PEAK_TFLOPS = 989.0
+DEFAULT_MEMORY_BANDWIDTH = 3.35e12
+WORK_KINDS = ("recompute", "storage", "projection")
+#: Bytes moved per 8-bit stored element: quantise (read 2, write 1) + dequantise (read 1,
+#: write 2).
+STORAGE_BYTES_PER_ELEMENT = 6
+
+
+@dataclass(frozen=True)
+class Device:
+    peak_flops: float = DEFAULT_PEAK_TFLOPS * 1e12
+    memory_bandwidth: float = DEFAULT_MEMORY_BANDWIDTH
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """Seconds per token: ``base`` (the model flops) and the extra work by kind."""
+
+    base: float
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def ratio(self, factors: dict[str, float] | None = None) -> float:
+        """Step time over ``none``'s (which has ``base`` alone); ``factors`` scale each kind."""
+        factors = factors or {}
+        return 1.0 + sum(factors.get(k, 1.0) * v for k, v in self.extra.items()) / self.base
+
+
+def _block_matrix_weights(model) -> int:
+    """Weights of one block's matrices (q/k/v, output, gate/up, down): its forward costs 2 flops
+    per weight per token."""
+    return sum(n * m for n, m in _site_widths(model).values())
+
+
+def predict_step_time(
+    model,
+    compression: CompressionConfig,
+    *,
+    seq_length: int,
+    micro_batch_size: int,
+    ac_mode: str = "none",
+    ac_num_layers: int | None = None,
+    storage: str | None = None,
+    device: Device = Device(),
+) -> StepTime | None:
+    """Seconds per token of the counted work (module docstring); ``None`` for a compression
+    method the model does not cover."""
+    if compression.method not in ("none", "compact"):
+        return None
+    L, h, s = model.num_layers, model.hidden_size, seq_length
+    flops = device.peak_flops
+    attention_forward = 4.0 * h * s  # per layer and token: scores and values
+    extra = dict.fromkeys(WORK_KINDS, 0.0)
+    checkpointed = L if ac_num_layers is None else min(ac_num_layers, L)
+    if ac_mode == "selective":
+        extra["recompute"] = checkpointed * attention_forward / flops
+    elif ac_mode == "full":
+        block = 2.0 * _block_matrix_weights(model) + attention_forward
+        extra["recompute"] = checkpointed * block / flops
+    if storage is not None:
+        heads, groups, d = model.num_attention_heads, model.query_groups, model.head_dim
+        stored = (2 * heads + 2 * groups) * d + 2 * model.ffn_hidden_size  # q,k,v,o; gate|up
+        extra["storage"] = L * (
+            STORAGE_BYTES_PER_ELEMENT * stored / device.memory_bandwidth + attention_forward / flops
+        )
+    if compression.method == "compact":
+        work = 0.0
+        for n, m, r in projected_site_shapes(model, compression):
+            work += 2.0 * n * r + 2.0 * m * r - 2.0 * m * n
+            if compression.grad_mode == "lift":
+                work += 2.0 * m * r * n / (micro_batch_size * seq_length)
+        extra["projection"] = L * work / flops
+    base = model_flops_per_token(model, seq_length) / flops
+    return StepTime(base, {k: v for k, v in extra.items() if v})
+
+
+def measured_ratios(records: list[dict]) -> dict[str, float]:
+    """Median ``step_time_s`` per variant over ``none``'s, from ``tools/ablate.py`` records."""
+    times: dict[str, list[float]] = {}
+    for record in records:
+        times.setdefault(record["variant"], []).append(float(record["step_time_s"]))
+    if "none" not in times:
+        raise ValueError("the records have no run of 'none', the reference of every ratio")
+    reference = statistics.median(times["none"])
+    return {name: statistics.median(t) / reference for name, t in times.items()}
+
+
+def calibrate(measured: dict[str, float], predicted: dict[str, StepTime]) -> dict[str, float]:
+    """One factor per kind of extra work (module docstring): ``measured`` ratios and the
+    ``predicted`` work of the same variants on the measured model."""
+    factors = {}
+    for kind in WORK_KINDS:
+        pairs = [
+            (p.extra[kind] / p.base, measured[name] - 1.0)
+            for name, p in predicted.items()
+            if name in measured and set(p.extra) == {kind}
+        ]
+        denominator = sum(x * x for x, _ in pairs)
+        factors[kind] = sum(x * y for x, y in pairs) / denominator if denominator else 1.0
+    return factors
