@@ -314,18 +314,28 @@ class CheckpointSection:
     N steps (0 = only at the end); ``resume``: ``null``, ``latest`` or a checkpoint path;
     ``keep``: how many complete checkpoints to keep (0 = all); ``at_end``: save when the run
     reaches ``train.steps`` (``false`` for measurement runs that need none; a preemption or stop
-    request still saves)."""
+    request still saves); ``allow_changes``: dotted config keys a resume may change although
+    the run is then no longer exact (accepted and logged; see
+    :mod:`actcomp_dist.training.drift`)."""
 
     dir: str | None = None
     interval: int = 0
     resume: str | None = None
     keep: int = 0
     at_end: bool = True
+    allow_changes: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         _non_negative_int("checkpoint.interval", self.interval)
         _non_negative_int("checkpoint.keep", self.keep)
         _bool("checkpoint.at_end", self.at_end)
+        if not isinstance(self.allow_changes, list) or not all(
+            isinstance(k, str) for k in self.allow_changes
+        ):
+            raise ConfigError(
+                f"checkpoint.allow_changes={self.allow_changes!r} must be a list of dotted "
+                f'config keys, e.g. ["train.seed"]'
+            )
 
 
 WANDB_KEYS = ("project", "name", "mode")
@@ -636,6 +646,15 @@ def validate_run(config: RunConfig, world_size: int) -> None:
         and not Path(config.checkpoint.resume).exists()
     ):
         raise ConfigError(f"checkpoint.resume={config.checkpoint.resume!r}: no such checkpoint")
+    from actcomp_dist.training.drift import allowable_keys
+
+    allowable = allowable_keys(config)
+    for key in config.checkpoint.allow_changes:
+        if key not in allowable:
+            raise ConfigError(
+                f"checkpoint.allow_changes: {key!r} cannot be allowed (unknown, or a change "
+                f"that alters saved tensor shapes or the compression); allowable: {allowable}"
+            )
     for prefix in config.data.prefixes:
         for suffix in (".bin", ".idx"):
             if not Path(prefix + suffix).is_file():
