@@ -47,7 +47,9 @@ def _pretrain(tmp_path: Path, **sections):
 def test_the_same_config_and_harmless_changes_are_no_drift(tmp_path):
     saved = _saved(_pretrain(tmp_path, model={"name": "tiny", "overrides": {"num_layers": 2}}))
     same_shape = get_model_config("tiny").to_dict()  # the named config spelled as overrides
-    spelled_out = {k: same_shape[k] for k in ("hidden_size", "num_attention_heads", "ffn_hidden_size")}
+    spelled_out = {
+        k: same_shape[k] for k in ("hidden_size", "num_attention_heads", "ffn_hidden_size")
+    }
     harmless = _pretrain(
         tmp_path,
         model={"name": "tiny", "overrides": {"num_layers": 2, **spelled_out}},
