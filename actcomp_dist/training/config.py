@@ -329,6 +329,11 @@ class CheckpointSection:
         _non_negative_int("checkpoint.interval", self.interval)
         _non_negative_int("checkpoint.keep", self.keep)
         _bool("checkpoint.at_end", self.at_end)
+        if self.resume is not None and (not isinstance(self.resume, str) or not self.resume):
+            raise ConfigError(
+                f"checkpoint.resume={self.resume!r} must be null, 'latest' or the path of a "
+                f"checkpoint directory (step_NNNNNNN)"
+            )
         if not isinstance(self.allow_changes, list) or not all(
             isinstance(k, str) for k in self.allow_changes
         ):
@@ -607,6 +612,13 @@ def validate_run(config: RunConfig, world_size: int) -> None:
             get_compressor_class(compression.method).check_tensor_parallel(compression, tp)
         except ValueError as err:
             raise ConfigError(f"parallel.tensor_parallel={tp}: {err}") from None
+    import torch
+
+    if config.train.precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError(
+            "train.precision='fp16' needs a CUDA device (DeepSpeed's fp16 optimizer and loss "
+            "scaler run on GPUs only); use 'bf16' or 'fp32' on a CPU"
+        )
     dp = world_size // tp
     train = config.train
     per_step = train.micro_batch_size * dp
@@ -688,9 +700,44 @@ def validate_model(config: RunConfig) -> None:
         )
     overrides = {"seq_length": config.data.seq_length, "vocab_size": 128 * tp, **model.overrides}
     try:
-        check_tensor_parallel(get_model_config(model.name, **overrides), tp)
+        built = get_model_config(model.name, **overrides)
+        check_tensor_parallel(built, tp)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"model: {err}") from None
+    _check_compression_fits(config.compression, built, tp)
+
+
+def _check_compression_fits(compression, model, tp: int) -> None:
+    """Each compressed site's input width (its shard on each TP rank for a row-parallel site)
+    can hold the compression: the method's ``saved_width`` raises what building the layer
+    would (a rank above the width, groups not dividing it, ...)."""
+    if compression.method == "none":
+        return
+    from actcomp_dist.compression import get_compressor_class, layer_layout
+
+    widths = {
+        "qkv": model.hidden_size,
+        "proj": model.num_attention_heads * model.head_dim,
+        "fc1": model.hidden_size,
+        "fc2": model.ffn_hidden_size,
+    }
+    method = get_compressor_class(compression.method)
+    for site in compression.sites:
+        if site not in widths:
+            continue
+        row = site in ROW_PARALLEL_SITES
+        for tp_rank in range(tp if row else 1):
+            try:
+                layout = layer_layout(
+                    compression, widths[site], row_parallel=row, tp_rank=tp_rank, tp_size=tp
+                )
+                method.saved_width(compression, layout)
+            except ValueError as err:
+                raise ConfigError(
+                    f"compression does not fit site {site!r} (input width {widths[site]}"
+                    + (f", TP rank {tp_rank}/{tp}" if row and tp > 1 else "")
+                    + f"): {err}"
+                ) from None
 
 
 def gradient_accumulation_steps(config: RunConfig, world_size: int) -> int:
