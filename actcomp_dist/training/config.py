@@ -675,9 +675,29 @@ def validate_run(config: RunConfig, world_size: int) -> None:
         from actcomp_dist.data.tokenizer import load_tokenizer
 
         try:  # opening it is cheap, and a wrong file fails here, before any collective
-            load_tokenizer(config.data.tokenizer)
+            tokenizer = load_tokenizer(config.data.tokenizer)
         except (FileNotFoundError, ValueError, ImportError) as err:
             raise ConfigError(f"data.tokenizer: {err}") from None
+        if config.data.prefixes:
+            _check_data_files(config.data.prefixes, tokenizer.vocab_size)
+
+
+def _check_data_files(prefixes: list[str], vocab_size: int) -> None:
+    """Each indexed dataset's .idx parses and agrees with its .bin, and its token ids are inside
+    the tokenizer's vocabulary (:mod:`actcomp_dist.data.check`)."""
+    from actcomp_dist.data.check import MAX_SCAN_BYTES, DataFileError, check_data_files
+    from actcomp_dist.training.distributed import launch_info
+
+    try:
+        skipped = check_data_files(prefixes, vocab_size)
+    except DataFileError as err:
+        raise ConfigError(str(err)) from None
+    if skipped and launch_info().rank == 0:
+        print(
+            f"note: largest token id not checked against the vocabulary for {skipped} (over "
+            f"{MAX_SCAN_BYTES >> 30} GiB each)",
+            flush=True,
+        )
 
 
 def validate_model(config: RunConfig) -> None:
