@@ -389,6 +389,7 @@ class Trainer:
                 f"step {self.step}: some parameters are not finite; nothing saved (the last "
                 f"checkpoint is intact)"
             )
+        ckpt.check_disk_space(self.config.checkpoint_dir, self.step, self._first_save_estimate())
         self.saved_step = self.step
         path = ckpt.save_checkpoint(
             self.config.checkpoint_dir,
@@ -400,6 +401,16 @@ class Trainer:
         )
         _print0(f"saved checkpoint {path}")
         return path
+
+    def _first_save_estimate(self) -> int:
+        """Bytes of a first checkpoint: every weight in the training precision, and per
+        trained weight an fp32 master (mixed precision) and AdamW's two fp32 moments."""
+        weight_bytes = 4 if self.config.train.precision == "fp32" else 2
+        per_trained = 8 + (0 if weight_bytes == 4 else 4)
+        total = sum(p.numel() for p in self.model.parameters())
+        trained = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        # This rank's shard of a TP layer; the ranks of a TP group hold different shards.
+        return (total * weight_bytes + trained * per_trained) * self.ctx.tp_size
 
     def _load(self, path: Path) -> None:
         rank_state = ckpt.load_checkpoint(path, self.engine.engine)
