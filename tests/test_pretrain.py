@@ -801,6 +801,19 @@ BAD_INPUTS = {
         None,
         "is set but data.paths is not: the embedded corpus brings its own tokenizer",
     ),
+    # Resume drift (issue 16 item 3): refused before the engine is built, not a state_dict
+    # traceback after it; the launched run has 2 layers, seed 1234, fp32.
+    "changed_model_shape": (
+        ["checkpoint.resume=latest", "model.overrides.num_layers=3", "train.seed=7"],
+        lambda ckpts: None,
+        "was written with other settings that an exact resume needs (model.num_layers: "
+        "checkpoint 2 -> config 3; train.seed: checkpoint 1234 -> config 7)",
+    ),
+    "shape_change_not_allowable": (
+        ["checkpoint.resume=latest", 'checkpoint.allow_changes=["model.num_layers"]'],
+        lambda ckpts: None,
+        "checkpoint.allow_changes: 'model.num_layers' cannot be allowed",
+    ),
     "checkpoints_without_resume": (
         ["checkpoint.resume=null"],
         lambda ckpts: None,
@@ -844,6 +857,33 @@ def _start_bad_input(name: str, launched_run: dict, tmp_path: Path) -> tuple:
     config = launched_run["config_file"]
     ranks = _srun_ranks(config, [*overrides, f"run_dir={run_dir}"], case_dir)
     return ranks, run_dir, before
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_allowed_change_resumes_and_is_logged(launched_run, tmp_path):
+    """``checkpoint.allow_changes`` lets a deliberate change of an exactness setting through:
+    the run resumes, trains its one more step, and says what changed (log and metrics)."""
+    assert launched_run["returncode"] == 0
+    run_dir = tmp_path / "run"
+    _copy_run(launched_run["run_dir"], run_dir)
+    overrides = [
+        f"run_dir={run_dir}",
+        "checkpoint.resume=latest",
+        f"train.steps={LAUNCHED_STEPS + 1}",
+        "train.seed=7",
+        'checkpoint.allow_changes=["train.seed"]',
+    ]
+    ranks = _srun_ranks(launched_run["config_file"], overrides, tmp_path)
+    assert [_wait(process, timeout=180) for process in ranks] == [0, 0]
+    record = _metrics(run_dir)[-1]
+    assert record["step"] == LAUNCHED_STEPS + 1
+    assert record["resume_changed"] == {
+        "train.steps": [LAUNCHED_STEPS, LAUNCHED_STEPS + 1],
+        "train.seed": [1234, 7],
+    }
+    out = (tmp_path / "rank0.out").read_text()
+    assert "train.seed 1234 -> 7" in out
 
 
 @pytest.mark.slow

@@ -147,7 +147,7 @@ def test_interval_means_summary_and_a_changed_schedule_on_resume(tmp_path, corpu
     assert f"checkpoint: {run_dir / 'checkpoints' / 'step_0000004'}" in out0
     assert f"metrics: {run_dir / 'metrics.jsonl'}" in out0
     assert (
-        "warning: resumed from step 4 with a changed schedule: train.steps 4 -> 6, "
+        "warning: resumed from step 4 with changed settings: train.steps 4 -> 6, "
         "train.lr 0.003 -> 0.002" in out1
     )
     assert "done: step 6/6, 2 steps this run" in out1

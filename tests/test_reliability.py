@@ -457,3 +457,73 @@ def test_guard_verdicts():
     assert fp16.after_step(1, loss_finite=True, applied=False) is None
     assert "2 steps in a row skipped" in fp16.after_step(2, True, False)
     assert "DeepSpeed applied the update" in fp16.after_step(3, False, True)
+
+
+# -- disk space before a save ----------------------------------------------------------------------
+
+
+def _disk_rank(rank: int, world_size: int, config_file: str) -> dict:
+    """Rank 0's filesystem reports ``free["bytes"]`` free (``shutil.disk_usage`` replaced in
+    this forked rank only): too little for a first save (the estimate), plenty (step 1 saved),
+    then one byte less than step 1's checkpoint for the save of step 2."""
+    import collections
+    import shutil
+
+    usage = collections.namedtuple("usage", "total used free")
+    free = {"bytes": 10}
+    shutil.disk_usage = lambda path: usage(1 << 62, 0, free["bytes"])
+    checkpoints = Path(config_file).parent / "run" / "checkpoints"
+    results = {"first": _main(config_file, ["train.steps=1"])}
+    results["first_left"] = sorted(p.name for p in checkpoints.glob("*"))
+    free["bytes"] = 1 << 60
+    results["good"] = _main(config_file, ["train.steps=1"])
+    torch.distributed.barrier()
+    step_1 = checkpoints / "step_0000001"
+    results["step_1_bytes"] = ckpt.checkpoint_bytes(step_1)
+    results["model_config"] = json.loads((step_1 / ckpt.TRAINER_STATE).read_text())["model_config"]
+    free["bytes"] = results["step_1_bytes"] - 1
+    before = _tree_hashes(checkpoints) if rank == 0 else None
+    torch.distributed.barrier()
+    results["second"] = _main(config_file, ["train.steps=2"])
+    torch.distributed.barrier()
+    results["unchanged"] = rank != 0 or _tree_hashes(checkpoints) == before
+    return results
+
+
+@pytest.mark.distributed
+def test_a_save_without_the_disk_space_is_refused_on_every_rank_before_writing(tmp_path, corpus):
+    """Rank 0 compares its filesystem's free bytes with the last checkpoint's size (the first:
+    an estimate from the parameter count) and every rank gets the verdict: exit 2, one line
+    with both numbers, nothing written, the previous checkpoint intact."""
+    from actcomp_dist.models import LlamaConfig, parameter_count
+
+    raw = _config(
+        tmp_path / "run",
+        corpus,
+        "train.eval_interval=0",
+        "checkpoint.interval=1",
+        "checkpoint.resume=latest",
+    )
+    config_file = _write_config(tmp_path / "config.json", raw)
+    ranks = run_distributed(_disk_rank, 2, tmp_path, str(config_file), timeout=300)
+    # fp32 weights and AdamW's two fp32 moments per parameter (all trained, TP=1).
+    params = parameter_count(LlamaConfig.from_dict(ranks[0]["model_config"]))
+    for rank, results in enumerate(ranks):
+        first, second = results["first"], results["second"]
+        assert first["code"] == 2, first["stderr"]
+        assert (
+            f"error (rank {rank}/2): step 1: not enough disk space to save a checkpoint in "
+            f"{tmp_path / 'run' / 'checkpoints'}: 10 bytes free, {12 * params:,} needed "
+            f"(estimated)" in first["stderr"]
+        )
+        assert results["first_left"] == []
+        assert results["good"]["code"] == 0, results["good"]["stderr"]
+        size = results["step_1_bytes"]
+        assert second["code"] == 2, second["stderr"]
+        assert (
+            f"error (rank {rank}/2): step 2: not enough disk space to save a checkpoint in "
+            f"{tmp_path / 'run' / 'checkpoints'}: {size - 1:,} bytes free, {size:,} needed "
+            f"(the size of step_0000001)" in second["stderr"]
+        )
+        assert "Traceback" not in first["stderr"] + second["stderr"]
+        assert results["unchanged"] is True

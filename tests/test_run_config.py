@@ -13,6 +13,7 @@ import signal
 from pathlib import Path
 
 import pytest
+import torch
 
 from actcomp_dist.training import checkpoint as ckpt
 from actcomp_dist.training.config import (
@@ -131,6 +132,11 @@ def test_resolved_config_round_trips_through_json():
         (["memory.policy.norm=fp8"], "memory.policy.norm='fp8' is not implemented yet"),
         (["run_dir="], "run_dir must be a non-empty path string"),
         (["train=3"], "section 'train' must be an object"),
+        (["checkpoint.resume=5"], "checkpoint.resume=5 must be null, 'latest' or the path"),
+        (
+            ['checkpoint.allow_changes="train.seed"'],
+            "checkpoint.allow_changes='train.seed' must be a list of dotted config keys",
+        ),
     ],
 )
 def test_bad_config_names_the_key_the_value_and_the_file(overrides, message):
@@ -196,6 +202,12 @@ def test_missing_or_invalid_config_file(tmp_path):
             "tensor-parallel size 2 to divide compression.row_parallel_blocks=3",
         ),
         (["checkpoint.resume=/no/such/ckpt"], 1, "checkpoint.resume='/no/such/ckpt': no such"),
+        pytest.param(
+            ["train.precision=fp16"],
+            1,
+            "train.precision='fp16' needs a CUDA device",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 runs on a GPU"),
+        ),
         (
             ['data.paths=["/no/such/data"]', "data.tokenizer=x.model"],
             1,
@@ -218,6 +230,28 @@ def test_world_size_rules_fail_before_any_collective(overrides, world_size, mess
         (
             ["parallel.tensor_parallel=2", "model.num_query_groups=1"],
             "LlamaConfig.num_query_groups=1 is not divisible by the tensor-parallel size 2",
+        ),
+        # Compression that the layer builders would reject (tiny: hidden 128, ffn 352).
+        (
+            ["compression.rank=200"],
+            "compression does not fit site 'qkv' (input width 128): CompressionConfig.rank=200 "
+            "exceeds the layer input width 128",
+        ),
+        (
+            ["compression.method=subtoken", "compression.groups=3"],
+            "compression does not fit site 'qkv' (input width 128): CompressionConfig.groups=3 "
+            "must divide the input width 128",
+        ),
+        (
+            [
+                "compression.method=compact",
+                'compression.sites=["fc2"]',
+                "compression.rank=2",
+                "parallel.tensor_parallel=2",
+                "compression.row_parallel_projection=block",
+                "compression.row_parallel_blocks=4",
+            ],
+            "compression does not fit site 'fc2' (input width 352, TP rank 0/2): compact rank 2",
         ),
     ],
 )

@@ -108,6 +108,50 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def checkpoint_bytes(path: Path) -> int | None:
+    """The bytes of complete checkpoint ``path`` (its marker's file list), ``None`` if
+    unreadable."""
+    try:
+        files = json.loads((path / MARKER).read_text())["files"]
+        return sum(int(f["bytes"]) for f in files.values())
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None
+
+
+def free_bytes(directory: Path) -> int:
+    """Free bytes for an unprivileged writer on the filesystem ``directory`` is (or will be)
+    on: its nearest existing ancestor's."""
+    directory = Path(directory).absolute()
+    while not directory.exists() and directory.parent != directory:
+        directory = directory.parent
+    return shutil.disk_usage(directory).free
+
+
+def check_disk_space(directory: Path, step: int, first_estimate: int) -> None:
+    """Rank 0's verdict, broadcast (collective, call on every rank, before any rank writes):
+    raises :class:`CheckpointError` on every rank with the free and needed bytes when the
+    filesystem of ``directory`` cannot hold the next checkpoint. The need is the newest complete
+    checkpoint's size (the previous save of this run, or the one resumed from), else
+    ``first_estimate``."""
+    verdict = [None]
+    if dist.get_rank() == 0:
+        found = complete_checkpoints(directory)
+        needed = checkpoint_bytes(found[-1]) if found else None
+        source = f"the size of {found[-1].name}" if needed is not None else "estimated"
+        needed = needed if needed is not None else first_estimate
+        free = free_bytes(directory)
+        if free < needed:
+            verdict = [
+                f"step {step}: not enough disk space to save a checkpoint in {directory}: "
+                f"{free:,} bytes free, {needed:,} needed ({source}); nothing written (the last "
+                f"checkpoint is intact); free space or set checkpoint.dir elsewhere, then resume "
+                f"with checkpoint.resume=latest"
+            ]
+    dist.broadcast_object_list(verdict, src=0)
+    if verdict[0] is not None:
+        raise CheckpointError(verdict[0])
+
+
 def save_checkpoint(
     directory: Path,
     step: int,
@@ -116,7 +160,8 @@ def save_checkpoint(
     rank_state: dict[str, Any],
     keep: int = 0,
 ) -> Path:
-    """Collective: every rank writes its part; rank 0 writes the marker last."""
+    """Collective: every rank writes its part; rank 0 writes the marker last. The caller checks
+    the disk space first (:func:`check_disk_space`)."""
     path = directory / checkpoint_name(step)
     rank = dist.get_rank()
     if rank == 0:

@@ -314,18 +314,33 @@ class CheckpointSection:
     N steps (0 = only at the end); ``resume``: ``null``, ``latest`` or a checkpoint path;
     ``keep``: how many complete checkpoints to keep (0 = all); ``at_end``: save when the run
     reaches ``train.steps`` (``false`` for measurement runs that need none; a preemption or stop
-    request still saves)."""
+    request still saves); ``allow_changes``: dotted config keys a resume may change although
+    the run is then no longer exact (accepted and logged; see
+    :mod:`actcomp_dist.training.drift`)."""
 
     dir: str | None = None
     interval: int = 0
     resume: str | None = None
     keep: int = 0
     at_end: bool = True
+    allow_changes: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         _non_negative_int("checkpoint.interval", self.interval)
         _non_negative_int("checkpoint.keep", self.keep)
         _bool("checkpoint.at_end", self.at_end)
+        if self.resume is not None and (not isinstance(self.resume, str) or not self.resume):
+            raise ConfigError(
+                f"checkpoint.resume={self.resume!r} must be null, 'latest' or the path of a "
+                f"checkpoint directory (step_NNNNNNN)"
+            )
+        if not isinstance(self.allow_changes, list) or not all(
+            isinstance(k, str) for k in self.allow_changes
+        ):
+            raise ConfigError(
+                f"checkpoint.allow_changes={self.allow_changes!r} must be a list of dotted "
+                f'config keys, e.g. ["train.seed"]'
+            )
 
 
 WANDB_KEYS = ("project", "name", "mode")
@@ -597,6 +612,13 @@ def validate_run(config: RunConfig, world_size: int) -> None:
             get_compressor_class(compression.method).check_tensor_parallel(compression, tp)
         except ValueError as err:
             raise ConfigError(f"parallel.tensor_parallel={tp}: {err}") from None
+    import torch
+
+    if config.train.precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError(
+            "train.precision='fp16' needs a CUDA device (DeepSpeed's fp16 optimizer and loss "
+            "scaler run on GPUs only); use 'bf16' or 'fp32' on a CPU"
+        )
     dp = world_size // tp
     train = config.train
     per_step = train.micro_batch_size * dp
@@ -636,6 +658,15 @@ def validate_run(config: RunConfig, world_size: int) -> None:
         and not Path(config.checkpoint.resume).exists()
     ):
         raise ConfigError(f"checkpoint.resume={config.checkpoint.resume!r}: no such checkpoint")
+    from actcomp_dist.training.drift import allowable_keys
+
+    allowable = allowable_keys(config)
+    for key in config.checkpoint.allow_changes:
+        if key not in allowable:
+            raise ConfigError(
+                f"checkpoint.allow_changes: {key!r} cannot be allowed (unknown, or a change "
+                f"that alters saved tensor shapes or the compression); allowable: {allowable}"
+            )
     for prefix in config.data.prefixes:
         for suffix in (".bin", ".idx"):
             if not Path(prefix + suffix).is_file():
@@ -644,9 +675,29 @@ def validate_run(config: RunConfig, world_size: int) -> None:
         from actcomp_dist.data.tokenizer import load_tokenizer
 
         try:  # opening it is cheap, and a wrong file fails here, before any collective
-            load_tokenizer(config.data.tokenizer)
+            tokenizer = load_tokenizer(config.data.tokenizer)
         except (FileNotFoundError, ValueError, ImportError) as err:
             raise ConfigError(f"data.tokenizer: {err}") from None
+        if config.data.prefixes:
+            _check_data_files(config.data.prefixes, tokenizer.vocab_size)
+
+
+def _check_data_files(prefixes: list[str], vocab_size: int) -> None:
+    """Each indexed dataset's .idx parses and agrees with its .bin, and its token ids are inside
+    the tokenizer's vocabulary (:mod:`actcomp_dist.data.check`)."""
+    from actcomp_dist.data.check import MAX_SCAN_BYTES, DataFileError, check_data_files
+    from actcomp_dist.training.distributed import launch_info
+
+    try:
+        skipped = check_data_files(prefixes, vocab_size)
+    except DataFileError as err:
+        raise ConfigError(str(err)) from None
+    if skipped and launch_info().rank == 0:
+        print(
+            f"note: largest token id not checked against the vocabulary for {skipped} (over "
+            f"{MAX_SCAN_BYTES >> 30} GiB each)",
+            flush=True,
+        )
 
 
 def validate_model(config: RunConfig) -> None:
@@ -669,9 +720,44 @@ def validate_model(config: RunConfig) -> None:
         )
     overrides = {"seq_length": config.data.seq_length, "vocab_size": 128 * tp, **model.overrides}
     try:
-        check_tensor_parallel(get_model_config(model.name, **overrides), tp)
+        built = get_model_config(model.name, **overrides)
+        check_tensor_parallel(built, tp)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"model: {err}") from None
+    _check_compression_fits(config.compression, built, tp)
+
+
+def _check_compression_fits(compression, model, tp: int) -> None:
+    """Each compressed site's input width (its shard on each TP rank for a row-parallel site)
+    can hold the compression: the method's ``saved_width`` raises what building the layer
+    would (a rank above the width, groups not dividing it, ...)."""
+    if compression.method == "none":
+        return
+    from actcomp_dist.compression import get_compressor_class, layer_layout
+
+    widths = {
+        "qkv": model.hidden_size,
+        "proj": model.num_attention_heads * model.head_dim,
+        "fc1": model.hidden_size,
+        "fc2": model.ffn_hidden_size,
+    }
+    method = get_compressor_class(compression.method)
+    for site in compression.sites:
+        if site not in widths:
+            continue
+        row = site in ROW_PARALLEL_SITES
+        for tp_rank in range(tp if row else 1):
+            try:
+                layout = layer_layout(
+                    compression, widths[site], row_parallel=row, tp_rank=tp_rank, tp_size=tp
+                )
+                method.saved_width(compression, layout)
+            except ValueError as err:
+                raise ConfigError(
+                    f"compression does not fit site {site!r} (input width {widths[site]}"
+                    + (f", TP rank {tp_rank}/{tp}" if row and tp > 1 else "")
+                    + f"): {err}"
+                ) from None
 
 
 def gradient_accumulation_steps(config: RunConfig, world_size: int) -> int:

@@ -38,6 +38,7 @@ from actcomp_dist.training import checkpoint as ckpt
 from actcomp_dist.training.activation_checkpointing import apply_activation_checkpointing
 from actcomp_dist.training.config import ConfigError, RunConfig, validate_model, validate_run
 from actcomp_dist.training.distributed import init_distributed, launch_info
+from actcomp_dist.training.drift import data_fingerprint, describe, refused, resume_drift
 from actcomp_dist.training.flops import device_peak_flops, model_flops_per_token
 from actcomp_dist.training.guard import (
     NonFiniteError,
@@ -72,7 +73,11 @@ def padded_vocab_size(vocab: int, tp: int) -> int:
     return math.ceil(vocab / multiple) * multiple
 
 
-def _check_resume(config: RunConfig, world_size: int) -> tuple[Path | None, dict | None]:
+def _check_resume(config: RunConfig, world_size: int) -> tuple[Path | None, dict | None, dict]:
+    """The checkpoint to resume from, its trainer state and the accepted changes of
+    exactness-relevant settings (``checkpoint.allow_changes``), or ``(None, None, {})``; raises
+    :class:`~actcomp_dist.training.checkpoint.CheckpointError` (no collective, nothing
+    written) for a damaged checkpoint or one whose settings this config changes."""
     directory = config.checkpoint_dir
     path = ckpt.resolve_resume(directory, config.checkpoint.resume)
     if path is None:
@@ -81,7 +86,7 @@ def _check_resume(config: RunConfig, world_size: int) -> tuple[Path | None, dict
                 f"{directory} already holds checkpoints of a run; set checkpoint.resume=latest "
                 f"to continue it, or choose another run_dir / checkpoint.dir"
             )
-        return None, None
+        return None, None, {}
     state = ckpt.verify_checkpoint(path, config.compression.to_dict())
     saved_tp = state["config"]["parallel"]["tensor_parallel"]
     if state["world_size"] != world_size or saved_tp != config.parallel.tensor_parallel:
@@ -91,7 +96,15 @@ def _check_resume(config: RunConfig, world_size: int) -> tuple[Path | None, dict
             f"parallel.tensor_parallel={config.parallel.tensor_parallel}: exact resume needs "
             f"the same layout"
         )
-    return path, state
+    drift = resume_drift(state, config)
+    not_allowed = refused(drift, config.checkpoint.allow_changes)
+    if not_allowed:
+        raise ckpt.CheckpointError(
+            f"checkpoint {path} was written with other settings that an exact resume needs "
+            f"({describe(not_allowed)}); resume with the original settings, list a deliberate "
+            f"change in checkpoint.allow_changes, or start a new run_dir"
+        )
+    return path, state, drift
 
 
 def _build_data(config: RunConfig, dp_rank: int, dp_size: int, consumed: int):
@@ -242,7 +255,11 @@ class Trainer:
         info = launch_info()
         self.validate(info.world_size)
         check_run_lock(config.run_dir)
-        self.resume_path, self.resume_state = _check_resume(config, info.world_size)
+        self.resume_path, self.resume_state, self.accepted_drift = _check_resume(
+            config, info.world_size
+        )
+        # The data identity, saved with every checkpoint (compared on resume).
+        self.fingerprint = data_fingerprint(config)
         validate_model(config)
         self.world_size = info.world_size
         self.device = init_distributed(info)
@@ -283,12 +300,15 @@ class Trainer:
         self.model_states = ModelStateProbe(self.model, self.engine.optimizer, self.engine.merger)
         # A resume may extend the run or change its LR settings: said with the first record
         # this run logs, and the restored LR schedule made to follow the new settings.
-        self.resume_changes = (
+        # Accepted changes of exactness-relevant settings (checkpoint.allow_changes) are
+        # logged the same way.
+        schedule_changes = (
             resume_changes(self.resume_state["config"], config) if self.resume_state else {}
         )
+        self.resume_changes = {**schedule_changes, **self.accepted_drift}
         if self.resume_path is not None:
             self._load(self.resume_path)
-            if self.resume_changes:
+            if schedule_changes:
                 restart_lr_schedule(self.engine.lr_scheduler, train)
 
         self.run_dir = Path(config.run_dir)
@@ -347,6 +367,8 @@ class Trainer:
             "config": self.config.to_dict(),
             # The model as built (vocabulary padded, overrides applied): what export tools need.
             "model_config": self.model.config.to_dict(),
+            # The tokenizer's and the data files' identity (compared on resume).
+            "fingerprint": self.fingerprint,
         }
 
     def _rank_state(self) -> dict[str, Any]:
@@ -367,6 +389,7 @@ class Trainer:
                 f"step {self.step}: some parameters are not finite; nothing saved (the last "
                 f"checkpoint is intact)"
             )
+        ckpt.check_disk_space(self.config.checkpoint_dir, self.step, self._first_save_estimate())
         self.saved_step = self.step
         path = ckpt.save_checkpoint(
             self.config.checkpoint_dir,
@@ -378,6 +401,16 @@ class Trainer:
         )
         _print0(f"saved checkpoint {path}")
         return path
+
+    def _first_save_estimate(self) -> int:
+        """Bytes of a first checkpoint: every weight in the training precision, and per
+        trained weight an fp32 master (mixed precision) and AdamW's two fp32 moments."""
+        weight_bytes = 4 if self.config.train.precision == "fp32" else 2
+        per_trained = 8 + (0 if weight_bytes == 4 else 4)
+        total = sum(p.numel() for p in self.model.parameters())
+        trained = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        # This rank's shard of a TP layer; the ranks of a TP group hold different shards.
+        return (total * weight_bytes + trained * per_trained) * self.ctx.tp_size
 
     def _load(self, path: Path) -> None:
         rank_state = ckpt.load_checkpoint(path, self.engine.engine)
@@ -649,7 +682,7 @@ class Trainer:
         if changes:
             out["resume_changed"] = changes
             out["warnings"] = [
-                f"resumed from step {self.resume_state['step']} with a changed schedule: "
+                f"resumed from step {self.resume_state['step']} with changed settings: "
                 + ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changes.items())
             ]
         return out
