@@ -13,9 +13,14 @@ from actcomp_dist.training import quiet
 
 @pytest.fixture
 def clean_filters():
+    """No filter of ours installed during the test (an earlier test in this process may have
+    run a launcher entry point that installed them); everything restored afterwards."""
     saved_filters = warnings.filters[:]
     logger = logging.getLogger("DeepSpeed")
     saved_logger_filters = logger.filters[:]
+    ours = {pattern for _, pattern in quiet.WARNINGS}
+    warnings.filters[:] = [f for f in saved_filters if getattr(f[1], "pattern", None) not in ours]
+    logger.filters[:] = [f for f in saved_logger_filters if not isinstance(f, quiet._DropMessages)]
     yield
     warnings.filters[:] = saved_filters
     logger.filters[:] = saved_logger_filters
