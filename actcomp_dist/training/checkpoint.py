@@ -73,7 +73,8 @@ def resolve_resume(directory: Path, resume: str | None) -> Path | None:
     return path
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, read in 1 MiB chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as stream:
         for chunk in iter(lambda: stream.read(1 << 20), b""):
@@ -83,7 +84,7 @@ def _sha256(path: Path) -> str:
 
 def _file_manifest(directory: Path) -> dict[str, dict[str, Any]]:
     return {
-        str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
         for p in sorted(directory.rglob("*"))
         if p.is_file() and p.name != MARKER
     }
@@ -231,7 +232,7 @@ def verify_checkpoint(path: Path, compression: dict[str, Any]) -> dict[str, Any]
         file = path / name
         if not file.is_file():
             raise CheckpointError(f"checkpoint {path} is damaged: {name} is missing")
-        if file.stat().st_size != expected["bytes"] or _sha256(file) != expected["sha256"]:
+        if file.stat().st_size != expected["bytes"] or file_sha256(file) != expected["sha256"]:
             raise CheckpointError(
                 f"checkpoint {path} is damaged: {name} differs from what was saved "
                 f"(size or SHA-256 mismatch)"

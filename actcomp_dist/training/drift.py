@@ -18,9 +18,10 @@ fine-tuning JSONL files are hashed whole (they are small).
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
+
+from actcomp_dist.training.checkpoint import file_sha256
 
 # Config keys (dotted prefixes) whose change breaks an exact resume. ``data.num_workers`` only
 # changes how batches are loaded, not which.
@@ -53,14 +54,6 @@ ALLOWABLE = (
 SCHEDULE_KEYS = ("steps", "lr", "min_lr", "warmup_steps", "lr_decay")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _tokenizer_file(path: Path) -> Path | None:
     from actcomp_dist.data.tokenizer import HF_TOKENIZER_FILE, SENTENCEPIECE_FILE
 
@@ -81,15 +74,15 @@ def data_fingerprint(config) -> dict[str, Any]:
     if data.tokenizer:
         file = _tokenizer_file(Path(data.tokenizer))
         if file is not None:
-            out["fingerprint.tokenizer"] = _sha256(file)
+            out["fingerprint.tokenizer"] = file_sha256(file)
     for prefix in data.prefixes:
         bin_file, idx_file = Path(prefix + ".bin"), Path(prefix + ".idx")
         if bin_file.is_file() and idx_file.is_file():
-            out[f"fingerprint.data.{prefix}"] = f"{bin_file.stat().st_size}:{_sha256(idx_file)}"
+            out[f"fingerprint.data.{prefix}"] = f"{bin_file.stat().st_size}:{file_sha256(idx_file)}"
     for name in ("train", "valid"):
         for file in getattr(data, name, None) or []:
             if Path(file).is_file():
-                out[f"fingerprint.file.{file}"] = _sha256(Path(file))
+                out[f"fingerprint.file.{file}"] = file_sha256(Path(file))
     return out
 
 
