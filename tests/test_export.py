@@ -127,3 +127,21 @@ def test_exported_run_loads_in_transformers_and_generates(runs, tmp_path):
     generated = model.generate(prompt, max_new_tokens=6, do_sample=False)
     assert generated.shape == (1, 10)
     assert torch.equal(generated[:, :4], prompt)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_deepspeed_finds_the_newest_step_through_latest(runs):
+    """``checkpoints/latest`` names the newest complete step's DeepSpeed tag, so DeepSpeed's
+    own zero_to_fp32 reader needs no ``--tag``: pointed at ``checkpoints/`` it returns exactly
+    what reading step 2 by its tag returns."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    checkpoints = runs["zero3"][0] / "checkpoints"
+    assert (checkpoints / "latest").read_text() == "step_0000002/step_0000002"
+    through_latest = get_fp32_state_dict_from_zero_checkpoint(str(checkpoints))
+    by_tag = get_fp32_state_dict_from_zero_checkpoint(
+        str(checkpoints / "step_0000002"), tag="step_0000002"
+    )
+    assert through_latest.keys() == by_tag.keys()
+    assert all(torch.equal(through_latest[k], by_tag[k]) for k in by_tag)

@@ -259,7 +259,7 @@ def test_stop_file_checkpoints_at_the_next_step_and_the_run_resumes(tmp_path, co
     assert (finished.preempted, finished.steps_done) == (False, 3)
     assert [r["step"] for r in finished.history] == [2, 3]
     assert (again.steps_done, again.history) == (3, [])
-    names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    names = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
     assert names == ["step_0000001", "step_0000003"]
     assert _compared(redo.history) == _compared(finished.history)
     assert _compared(_metrics(run_dir)) == _compared(stopped.history + finished.history)
@@ -582,8 +582,11 @@ def test_launcher_trains_the_tiny_config(launched_run):
     assert json.loads((run_dir / "config.json").read_text()) == json.loads(
         json.dumps(config.to_dict())
     )
-    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
     assert checkpoints == [f"step_{s:07d}" for s in (4, 8, 12, 16)]
+    # DeepSpeed's own tools find the newest step through `latest` (written after its marker).
+    latest = (run_dir / "checkpoints" / "latest").read_text()
+    assert latest == "step_0000016/step_0000016"
     assert all((run_dir / "checkpoints" / name / "COMPLETE").is_file() for name in checkpoints)
     # The model as built is recorded, so export tools need no guessing.
     from actcomp_dist.models import LlamaConfig

@@ -213,8 +213,9 @@ def test_non_finite_loss_stops_without_saving_and_the_good_checkpoint_resumes(tm
     assert all(r["loss"] is not None and "nonfinite" not in r for r in records)
     assert [r["step"] for r in records[2:]] == [3, 4] and "skipped" not in records[2]
     checkpoints = run_dir / "checkpoints"
-    assert [p.name for p in checkpoints.iterdir()] == ["step_0000004"]
+    assert [p.name for p in checkpoints.glob("step_*")] == ["step_0000004"]
     assert ckpt.is_healthy(checkpoints / "step_0000004")
+    assert (checkpoints / "latest").read_text() == "step_0000004/step_0000004"
 
 
 # -- skip --------------------------------------------------------------------------------------
@@ -283,7 +284,7 @@ def test_skip_policy_leaves_the_state_alone_counts_and_stops_after_n(tmp_path, c
             [learning_rate(n, train) for n in applied_before], rel=1e-12
         )
         checkpoints = tmp_path / name / "checkpoints"
-        assert [p.name for p in checkpoints.iterdir()] == ["step_0000003"]
+        assert [p.name for p in checkpoints.glob("step_*")] == ["step_0000003"]
         assert ckpt.is_healthy(checkpoints / "step_0000003")
 
 

@@ -7,6 +7,8 @@ Layout of ``checkpoint.dir`` (default ``RUN_DIR/checkpoints``)::
         rank_00000.pt ...         per rank: RNG states, subspace fp32 masters
         trainer.json              step, data position, compression schedule, config
         COMPLETE                  written last, after every rank has finished writing
+    latest                        DeepSpeed's pointer to the newest complete step's tag
+                                  (``step_0000003/step_0000003``), rewritten after each marker
 
 A checkpoint counts only with its ``COMPLETE`` marker, which rank 0 writes after a barrier
 and which lists every file's size and SHA-256: a crash mid-save leaves the previous complete
@@ -182,8 +184,23 @@ def save_checkpoint(
         tmp.rename(path / MARKER)
         if keep > 0:
             rotate_checkpoints(directory, keep)
+        write_latest(directory, path)
     dist.barrier()
     return path
+
+
+LATEST = "latest"
+
+
+def write_latest(directory: Path, path: Path) -> None:
+    """DeepSpeed's ``latest`` file in ``directory``, naming checkpoint ``path``'s DeepSpeed tag
+    as a path relative to ``directory`` (``step_N/step_N``), so DeepSpeed's own tools
+    (``zero_to_fp32.py``, ``engine.load_checkpoint``) pointed at the checkpoint directory find
+    the newest complete step without ``--tag``. Written after the marker (and after rotation,
+    which never deletes the newest checkpoint), atomically."""
+    tmp = directory / (LATEST + ".tmp")
+    tmp.write_text(f"{path.name}/{path.name}")
+    tmp.rename(directory / LATEST)
 
 
 def is_healthy(path: Path) -> bool:
