@@ -1,9 +1,13 @@
 """Shared fixtures."""
 
+import os
+from pathlib import Path
+
 import pytest
 import torch.distributed as dist
 
 from actcomp_dist.parallel import state
+from actcomp_dist.training.distributed import CPU_ALLREDUCE_BUFFER_PREFIX
 
 
 @pytest.fixture(scope="module")
@@ -21,3 +25,25 @@ def single_rank(tmp_path_factory):
         state.destroy()
     if created_world:
         dist.destroy_process_group()
+
+
+def _deepspeed_cpu_buffers() -> set[Path]:
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        return set()
+    return set(shm.glob(f"{CPU_ALLREDUCE_BUFFER_PREFIX}_{os.getuid()}_*"))
+
+
+@pytest.fixture(scope="session")
+def _deepspeed_cpu_buffers_before_suite() -> set[Path]:
+    return _deepspeed_cpu_buffers()
+
+
+@pytest.fixture(autouse=True)
+def _release_deepspeed_cpu_buffers(_deepspeed_cpu_buffers_before_suite):
+    """A rank killed before the launcher unlinks DeepSpeed's 69 MB /dev/shm all-reduce buffer
+    leaves it behind; after each test remove those the suite created (the processes of a test
+    and of its module fixtures have ended by then), so a long suite does not fill RAM."""
+    yield
+    for path in _deepspeed_cpu_buffers() - _deepspeed_cpu_buffers_before_suite:
+        path.unlink(missing_ok=True)
