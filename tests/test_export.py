@@ -229,3 +229,97 @@ def test_deepspeed_finds_the_newest_step_through_latest(runs):
     )
     assert through_latest.keys() == by_tag.keys()
     assert all(torch.equal(through_latest[k], by_tag[k]) for k in by_tag)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_to_hf_refuses_a_missing_or_changed_tokenizer(runs, corpus, tmp_path, capsys):
+    """A moved tokenizer, or one whose SHA-256 is not the one the checkpoint recorded: one
+    line naming the checkpoint and ``--tokenizer``, exit 2; ``--tokenizer`` then works."""
+    from tools.convert_hf_llama import main
+
+    for case, edit in (
+        ("missing", lambda s: s["config"]["data"].update(tokenizer=str(tmp_path / "gone.model"))),
+        ("changed", lambda s: s["fingerprint"].update({"fingerprint.tokenizer": "0" * 64})),
+    ):
+        copy = tmp_path / case
+        shutil.copytree(runs["zero1"][0], copy)
+        trainer_json = copy / "checkpoints" / "step_0000002" / "trainer.json"
+        state = json.loads(trainer_json.read_text())
+        edit(state)
+        trainer_json.write_text(json.dumps(state))
+        with pytest.raises(SystemExit) as exit_info:
+            main(["to-hf", str(copy), str(tmp_path / f"{case}_hf")])
+        assert exit_info.value.code == 2
+        message = capsys.readouterr().err
+        assert "--tokenizer" in message and "step_0000002" in message, message
+        assert (
+            main(
+                [
+                    "to-hf",
+                    str(copy),
+                    str(tmp_path / f"{case}_ok"),
+                    "--tokenizer",
+                    str(corpus.tokenizer_model),
+                ]
+            )
+            == 0
+        )
+        assert (tmp_path / f"{case}_ok" / "tokenizer.model").read_bytes() == (
+            corpus.tokenizer_model.read_bytes()
+        )
+
+
+@pytest.mark.parametrize("with_config", [False, True])
+def test_a_tokenizer_json_export_loads_in_transformers(tmp_path, with_config):
+    """A Hugging Face ``tokenizer.json`` (byte-level BPE, Llama-3 names, trained here): the
+    export copies it (and a ``tokenizer_config.json`` beside it, which then decides the special
+    tokens) and ``AutoTokenizer`` gives our ids and text back."""
+    transformers = pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    from actcomp_dist.data.corpus import stdlib_docstring_documents
+    from actcomp_dist.data.tokenizer import load_tokenizer
+    from actcomp_dist.models.hf_tokenizer import write_tokenizer_files
+
+    documents = [text for _, text in stdlib_docstring_documents(max_bytes=40_000)]
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=specials,
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(documents, trainer)
+    source = tmp_path / "source"
+    source.mkdir()
+    tokenizer.save(str(source / "tokenizer.json"))
+    if with_config:  # an instruction model's: its turns end with <|eot_id|>
+        config = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "chat_template": "x"}
+        (source / "tokenizer_config.json").write_text(json.dumps(config))
+    ours = load_tokenizer(source)
+    out = tmp_path / "hf"
+    out.mkdir()
+    ids = write_tokenizer_files(out, source, model_max_length=256)
+    assert ids == {
+        "bos_token_id": 0,
+        "eos_token_id": 2 if with_config else 1,
+        "pad_token_id": ids["eos_token_id"],
+    }
+    assert (ours.bos, ours.eod) == (ids["bos_token_id"], ids["eos_token_id"])
+    assert json.loads((out / "generation_config.json").read_text()) == ids
+    assert (out / "tokenizer.json").read_bytes() == (source / "tokenizer.json").read_bytes()
+
+    loaded = transformers.AutoTokenizer.from_pretrained(out)
+    assert (loaded.bos_token_id, loaded.eos_token_id, loaded.pad_token_id) == (
+        ours.bos,
+        ours.eod,
+        ours.eod,
+    )
+    if with_config:
+        assert loaded.chat_template == "x"  # the original's settings are kept
+    for text in [*documents[:20], "  indented\n\tcode = {'a': 1}  # ünïcödé € 漢字"]:
+        encoded = loaded(text, add_special_tokens=False).input_ids
+        assert encoded == ours.encode(text)
+        assert loaded.decode(encoded) == text
