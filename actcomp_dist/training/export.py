@@ -2,8 +2,9 @@
 
 The trainer calls :func:`export_at_end` once, after the last step and the final checkpoint of a
 run that reached ``train.steps`` (not after a preemption or a failure). The weights are the live
-model's, gathered over the TP group one parameter at a time (and over the ZeRO-3 partitions
-first), in the parameters' dtype; adapters of a LoRA / LoRI fine-tune are merged into the
+model's, gathered over the TP group one parameter at a time, in the parameters' dtype; under
+ZeRO-3 every rank first gathers its whole (TP-local) model, as the adapters' merge reads
+whole weights, so that must fit in one rank's memory; adapters of a LoRA / LoRI fine-tune are merged into the
 weights they sit on (the export is the fine-tuned model; the adapter itself is in
 ``finetune.adapter_dir``). The tokenizer the run trained with, its special-token ids and a
 ``generation_config.json`` go along (:mod:`actcomp_dist.models.hf_tokenizer`). Rank 0 writes.
