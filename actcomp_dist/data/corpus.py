@@ -105,6 +105,18 @@ def stdlib_docstring_documents(
     return documents
 
 
+def embedded_corpus_directory(
+    cache_dir: str | Path,
+    *,
+    vocab_size: int = DEFAULT_VOCAB_SIZE,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> Path:
+    """Where :func:`ensure_embedded_corpus` keeps this corpus under ``cache_dir`` (nothing is
+    built: export tools find a finished run's tokenizer here)."""
+    python = f"{sys.version_info.major}.{sys.version_info.minor}"
+    return Path(cache_dir) / f"stdlib-docstrings-py{python}-vocab{vocab_size}-max{max_bytes}"
+
+
 def ensure_embedded_corpus(
     cache_dir: str | Path,
     *,
@@ -115,8 +127,7 @@ def ensure_embedded_corpus(
 
     Call it on every rank: one process builds, the others wait for it and reuse the result.
     """
-    python = f"{sys.version_info.major}.{sys.version_info.minor}"
-    directory = Path(cache_dir) / f"stdlib-docstrings-py{python}-vocab{vocab_size}-max{max_bytes}"
+    directory = embedded_corpus_directory(cache_dir, vocab_size=vocab_size, max_bytes=max_bytes)
 
     def build(staging: Path) -> None:
         _build_corpus_directory(staging, vocab_size=vocab_size, max_bytes=max_bytes)

@@ -39,6 +39,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from actcomp_dist.models.configs import LlamaConfig, check_tensor_parallel
+from actcomp_dist.models.hf_tokenizer import special_token_ids, write_tokenizer_files
 from actcomp_dist.models.weights import (
     WeightEntry,
     _merge,
@@ -481,13 +482,17 @@ def export_hf(
     base_directory: str | Path | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     local_tensor: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+    tokenizer: str | Path | None = None,
 ) -> None:
     """Collective: write ``model`` as a Hugging Face LLaMA directory (rank 0 writes).
 
     ``dtype``: cast on export (default: the parameters' dtype). ``base_directory``: the
     checkpoint the model was loaded from; its ``config.json`` fields other than the
     architecture (token ids, ``max_position_embeddings``) and its tokenizer / generation
-    files are carried over. ``local_tensor``: see :func:`iter_full_weights`.
+    files are carried over. ``local_tensor``: see :func:`iter_full_weights`. ``tokenizer``:
+    the tokenizer the model was trained with (a SentencePiece ``.model`` or a
+    ``tokenizer.json``); its files, special-token ids and a ``generation_config.json`` are
+    written (:mod:`actcomp_dist.models.hf_tokenizer`), replacing the base directory's.
     """
     is_writer = dist.get_rank() == 0
     dtype = dtype or model.config.params_dtype
@@ -499,15 +504,25 @@ def export_hf(
 
     if is_writer:
         hf_config = config_to_hf(model.config, dtype=dtype, base=base)
+        if tokenizer is not None:
+            hf_config.update(special_token_ids(tokenizer))
         save_hf_checkpoint(directory, tensors(), hf_config, max_shard_bytes=max_shard_bytes)
-        for name in COMPANION_FILES if base_directory else ():
-            source = Path(base_directory) / name
-            if source.is_file():
-                shutil.copyfile(source, Path(directory) / name)
+        copy_companion_files(base_directory, directory)
+        if tokenizer is not None:
+            write_tokenizer_files(directory, tokenizer, model_max_length=model.config.seq_length)
     else:
         for _ in tensors():  # take part in every gather
             pass
     dist.barrier()
+
+
+def copy_companion_files(base_directory: str | Path | None, directory: str | Path) -> None:
+    """Copy the tokenizer and generation files of ``base_directory`` (if any) into
+    ``directory``."""
+    for name in COMPANION_FILES if base_directory else ():
+        source = Path(base_directory) / name
+        if source.is_file():
+            shutil.copyfile(source, Path(directory) / name)
 
 
 # ----------------------------------------------------------------------------- our shards

@@ -265,8 +265,20 @@ class TrainSection:
     eval_iters: int = 4
     on_nonfinite: str = "stop"
     max_skipped_steps: int = 10
+    # ``false``; ``true`` (RUN_DIR/hf) or a directory: the Hugging Face export at the end.
+    export_hf: bool | str = False
 
     def validate(self) -> None:
+        if not isinstance(self.export_hf, (bool, str)) or self.export_hf == "":
+            raise ConfigError(
+                f"train.export_hf={self.export_hf!r} must be false, true (RUN_DIR/hf) or a "
+                f"directory path"
+            )
+        if isinstance(self.export_hf, str) and Path(self.export_hf).is_file():
+            raise ConfigError(
+                f"train.export_hf={self.export_hf!r} is a file; give a directory for the "
+                f"Hugging Face export"
+            )
         for name in ("steps", "micro_batch_size", "global_batch_size", "eval_iters"):
             _positive_int(f"train.{name}", getattr(self, name))
         _positive_int("train.max_skipped_steps", self.max_skipped_steps)

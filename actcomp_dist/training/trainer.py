@@ -645,6 +645,10 @@ class Trainer:
             handler.uninstall()
             self.logger.close()
         result = TrainResult(self.step, last_loss, last_val, preempted, history)
+        if not preempted:
+            from actcomp_dist.training.export import export_at_end
+
+            self.hf_export = export_at_end(self)
         _print0(self.summary(result, first_step, started))
         return result
 
@@ -708,13 +712,16 @@ class Trainer:
             losses.append(f"val_loss {result.val_loss:.4f}")
         if losses:
             lines.append("  " + ", ".join(losses))
+        export = getattr(self, "hf_export", None)
         if self.saved_step is not None:
             checkpoint = self.config.checkpoint_dir / ckpt.checkpoint_name(self.saved_step)
             lines.append(f"  checkpoint: {checkpoint}")
-            lines.append(
-                f"  export to Hugging Face: python tools/convert_hf_llama.py to-hf {checkpoint} "
-                f"OUT_DIR"
-            )
+            if export is None:
+                lines.append(
+                    f"  export to Hugging Face: actcomp-convert-hf to-hf {checkpoint} OUT_DIR"
+                )
+        if export is not None:
+            lines.append(f"  Hugging Face export: {export}")
         lines.append(f"  metrics: {self.logger.path}")
         if self.config.logging.tensorboard:
             lines.append(f"  tensorboard: {self.run_dir / 'tensorboard'}")
