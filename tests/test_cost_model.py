@@ -23,7 +23,6 @@ from actcomp_dist.cost_model import (
     predict_step_time,
 )
 from actcomp_dist.memory_model import (
-    ActivationSetting,
     largest_micro_batch,
     plan_memory,
     predict_model_states,
@@ -80,13 +79,7 @@ def test_json_equals_the_memory_model_called_directly(memory_plan, tmp_path):
         compression = variant.compression(config.compression)
 
         def plan(batch, seq, variant=variant, compression=compression):
-            setting = ActivationSetting(
-                batch,
-                seq,
-                dtype_bytes=2,
-                loss_chunk_tokens=config.memory.loss_chunk_tokens,
-                storage=variant.storage_policy(config.memory.policy),
-            )
+            setting = variant.activation_setting(config.memory, batch, seq, dtype_bytes=2)
             return plan_memory(
                 model.replace(seq_length=seq),
                 compression,

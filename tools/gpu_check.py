@@ -274,7 +274,7 @@ def _attempt(setup: Setup, variant, micro_batch: int, out: Path) -> float | None
 
 
 def _planned_micro_batch(setup: Setup, variant, gpu_memory: int) -> int:
-    from actcomp_dist.memory_model import ActivationSetting, largest_micro_batch, plan_memory
+    from actcomp_dist.memory_model import largest_micro_batch, plan_memory
     from actcomp_dist.models import get_model_config
     from actcomp_dist.training.config import load_run_config
     from actcomp_dist.training.trainer import padded_vocab_size
@@ -290,14 +290,12 @@ def _planned_micro_batch(setup: Setup, variant, gpu_memory: int) -> int:
     zero = config.deepspeed.get("zero_optimization", {})
 
     def plan_for(batch: int):
-        setting = ActivationSetting(
-            micro_batch_size=batch,
-            seq_length=setup.batch_seq_length,
+        setting = variant.activation_setting(
+            config.memory,
+            batch,
+            setup.batch_seq_length,
             dtype_bytes=4 if config.train.precision == "fp32" else 2,
             rope_positions=setup.batch_seq_length,
-            efficient_ops=variant.efficient_ops,
-            loss_chunk_tokens=config.memory.loss_chunk_tokens if variant.efficient_ops else None,
-            storage=variant.storage_policy(config.memory.policy),
         )
         return plan_memory(
             model,

@@ -40,11 +40,15 @@ from __future__ import annotations
 import copy
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from actcomp_dist.compression import get_compressor_class, layer_layout, list_compressors
 from actcomp_dist.config import CompressionConfig
+from actcomp_dist.memory_model import ActivationSetting
 from actcomp_dist.storage import StoragePolicy
+
+if TYPE_CHECKING:
+    from actcomp_dist.training.config import MemoryConfig
 
 AC_NAMES = {"ac_selective": "selective", "ac_full": "full"}
 NAIVE = "naive"
@@ -118,6 +122,22 @@ class Variant:
         if self.storage is not None:
             policy.update({kind: self.storage for kind in STORAGE_KINDS})
         return StoragePolicy.from_mapping(policy)
+
+    def activation_setting(
+        self, memory: MemoryConfig, micro_batch_size: int, seq_length: int, **shape: Any
+    ) -> ActivationSetting:
+        """The memory model's setting for this variant on a run whose memory section is
+        ``memory``: the variant's ops, the run's loss chunking when the ops are efficient, and
+        the run's ``memory.policy`` with the variant's 8-bit kinds. ``shape`` takes the other
+        :class:`ActivationSetting` fields (``dtype_bytes``, ``tensor_parallel``, ...)."""
+        return ActivationSetting(
+            micro_batch_size,
+            seq_length,
+            efficient_ops=self.efficient_ops,
+            loss_chunk_tokens=memory.loss_chunk_tokens if self.efficient_ops else None,
+            storage=self.storage_policy(memory.policy),
+            **shape,
+        )
 
     def compression(self, base: CompressionConfig) -> CompressionConfig:
         """``base`` with this variant's method and option."""

@@ -251,7 +251,6 @@ def main(argv: list[str] | None = None) -> int:
     from actcomp_dist.ablation import VariantError, parse_variants
     from actcomp_dist.cost_model import Device, calibrate, measured_ratios, predict_step_time
     from actcomp_dist.memory_model import (
-        ActivationSetting,
         largest_micro_batch,
         plan_memory,
         predict_model_states,
@@ -324,15 +323,13 @@ def main(argv: list[str] | None = None) -> int:
 
     def plan(variant, seq, batch):
         compression = variant.compression(config.compression)
-        setting = ActivationSetting(
+        setting = variant.activation_setting(
+            config.memory,
             batch,
             seq,
             dtype_bytes=dtype_bytes,
             tensor_parallel=tp,
             sequence_parallel=config.parallel.sequence_parallel,
-            efficient_ops=variant.efficient_ops,
-            loss_chunk_tokens=config.memory.loss_chunk_tokens if variant.efficient_ops else None,
-            storage=variant.storage_policy(config.memory.policy),
         )
         return plan_memory(
             model.replace(seq_length=seq),
