@@ -76,7 +76,7 @@ from actcomp_dist.training.config import (
     _positive_int,
     validate_run,
 )
-from actcomp_dist.training.trainer import Trainer, TrainResult, _print0, build_loaders
+from actcomp_dist.training.trainer import Trainer, TrainResult, build_loaders, print0
 
 MODES = ("full", "lora", "lori")
 LOSS_ON = ("response", "all")
@@ -507,7 +507,7 @@ class FinetuneTrainer(Trainer):
             valid_rows = [r for path in data.valid for r in read_jsonl(path)]
         train_samples, dropped = encode_rows(train_rows, tokenizer, data)
         valid_samples, valid_dropped = encode_rows(valid_rows, tokenizer, data)
-        _print0(
+        print0(
             f"fine-tuning data: {len(train_samples)} training rows ({dropped} dropped), "
             f"{len(valid_samples)} validation rows ({valid_dropped} dropped)"
         )
@@ -555,9 +555,9 @@ class FinetuneTrainer(Trainer):
             if config.finetune.mask is not None:
                 self._start_masked(model)
             count = adapter_parameter_count(model, "default")
-            _print0(f"finetune {mode}: adapters on {len(sites)} linears, {count:,} trainable")
+            print0(f"finetune {mode}: adapters on {len(sites)} linears, {count:,} trainable")
         else:
-            _print0("finetune full: every weight trains")
+            print0("finetune full: every weight trains")
         return model
 
     def _start_masked(self, model) -> None:
@@ -570,7 +570,7 @@ class FinetuneTrainer(Trainer):
         load_adapter(model, mask["calibration_adapter"], "default")
         threshold = compute_masks(model, name="default")
         start_masked_training(model, "default")
-        _print0(
+        print0(
             f"LoRI-S: masks from {mask['calibration_adapter']} at sparsity "
             f"{self.config.finetune.adapter_config().sparsity} (threshold {threshold:.3g}); "
             f"B restarts from 0"
@@ -582,7 +582,7 @@ class FinetuneTrainer(Trainer):
             from actcomp_dist.adapters import save_adapter
 
             save_adapter(self.model, self.adapter_dir, "default")
-            _print0(f"saved adapter {self.adapter_dir}")
+            print0(f"saved adapter {self.adapter_dir}")
         return path
 
 
