@@ -174,7 +174,7 @@ class FinetuneSection:
 
     def adapter_config(self):
         """The :class:`~actcomp_dist.adapters.AdapterConfig` of a lora / lori run."""
-        from actcomp_dist.adapters import AdapterConfig
+        from actcomp_dist.adapters import AdapterConfig  # megatron-core: see the module docstring
 
         values = {} if self.adapter is None else self.adapter
         if not isinstance(values, dict):
@@ -265,7 +265,7 @@ def validate_finetune(config: FinetuneRunConfig, world_size: int) -> None:
 
 
 def check_calibration_adapter(ft: FinetuneSection) -> None:
-    from actcomp_dist.adapters import read_adapter_config
+    from actcomp_dist.adapters import read_adapter_config  # megatron-core: see the module docstring
 
     directory = ft.mask["calibration_adapter"]
     try:
