@@ -25,13 +25,12 @@ import torch
 from safetensors.torch import load_file
 
 from actcomp_dist.data.corpus import ensure_embedded_corpus
+from actcomp_dist.data.jsonl import JsonlError, encode_row, read_jsonl
 from actcomp_dist.data.tokenizer import SentencePieceTokenizer
 from actcomp_dist.training.config import ConfigError, apply_overrides
-from actcomp_dist.training.finetune import (
-    encode_row,
+from actcomp_dist.training.finetune_config import (
     finetune_config_from_dict,
     load_finetune_config,
-    read_jsonl,
     validate_finetune,
 )
 from tests.distributed import run_distributed
@@ -144,10 +143,10 @@ def test_cross_section_rules(tmp_path, name, overrides, message):
 def test_bad_jsonl_rows_name_file_and_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"prompt": "a", "response": "b"}\n{"question": "a"}\n')
-    with pytest.raises(ConfigError, match=r"bad.jsonl:2"):
+    with pytest.raises(JsonlError, match=r"bad.jsonl:2"):
         read_jsonl(path)
     path.write_text('{"prompt": "a", "response": 3}\n')
-    with pytest.raises(ConfigError, match=r"bad.jsonl:1.*'response'"):
+    with pytest.raises(JsonlError, match=r"bad.jsonl:1.*'response'"):
         read_jsonl(path)
 
 
@@ -192,7 +191,7 @@ def test_loss_mask_covers_exactly_the_response_and_eos(tokenizer_model):
 def _finetune_rank(rank: int, world_size: int, raws: list[dict]) -> list[dict]:
     """Fine-tune each config; per run: the losses, and for adapter runs what trained."""
     from actcomp_dist.adapters import iter_adapters
-    from actcomp_dist.training.finetune import FinetuneTrainer, finetune_config_from_dict
+    from actcomp_dist.training.finetune import FinetuneTrainer
 
     results = []
     for raw in raws:
@@ -346,7 +345,7 @@ def test_launcher_runs_the_tiny_lori_config_on_its_synthetic_task(tmp_path, toke
 
 
 def _history_rank(rank: int, world_size: int, raws: list[dict]) -> list[list[dict]]:
-    from actcomp_dist.training.finetune import finetune_config_from_dict, run_finetuning
+    from actcomp_dist.training.finetune import run_finetuning
 
     return [run_finetuning(finetune_config_from_dict(raw)).history for raw in raws]
 
@@ -399,7 +398,7 @@ def test_resumed_lori_and_lori_s_runs_repeat_the_uninterrupted_ones_exactly(
 
 
 def _hf_rank(rank: int, world_size: int, raw: dict, tokens: torch.Tensor):
-    from actcomp_dist.training.finetune import FinetuneTrainer, finetune_config_from_dict
+    from actcomp_dist.training.finetune import FinetuneTrainer
 
     trainer = FinetuneTrainer(finetune_config_from_dict(raw))
     try:

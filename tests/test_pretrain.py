@@ -450,8 +450,8 @@ def _bf16_subspace_rank(rank: int, world_size: int, raws: list[dict]) -> list[di
     for raw in raws:
         trainer = Trainer(run_config_from_dict(raw))
         history = trainer.train().history
-        layers = trainer.engine.merger.layers
-        masters = [trainer.engine.merger.masters.get(id(layer)) for layer in layers]
+        layers = trainer.merger.layers
+        masters = [trainer.merger.masters.get(id(layer)) for layer in layers]
         results.append(
             {
                 "history": history,

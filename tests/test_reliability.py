@@ -71,7 +71,7 @@ def _poison_weight(trainer, rank: int, at_step: int) -> None:
 
 def _snapshot(trainer) -> dict:
     """Everything a skipped step must leave alone."""
-    engine = trainer.engine.engine
+    engine = trainer.engine
     optimizer = engine.basic_optimizer  # the torch AdamW (over ZeRO's fp32 partitions at ZeRO 1)
     moments = [
         value.clone() if torch.is_tensor(value) else value

@@ -15,7 +15,7 @@ import pytest
 from actcomp_dist.models import get_model_config
 from actcomp_dist.training.config import ConfigError, run_config_from_dict, validate_run
 from actcomp_dist.training.drift import data_fingerprint, describe, refused, resume_drift
-from actcomp_dist.training.finetune import finetune_config_from_dict
+from actcomp_dist.training.finetune_config import finetune_config_from_dict
 
 
 def _data(tmp_path: Path) -> dict:

@@ -3,15 +3,18 @@
 :func:`train_and_measure` builds :class:`actcomp_dist.training.trainer.Trainer` from a run
 config and calls ``train()`` — the same code ``launch/pretrain.py`` runs, on one process or on
 every rank the ``deepspeed`` launcher started. It then measures, with the trainer's public
-attributes only (``model``, ``engine``, ``loader``, ``schedule``):
+attributes only (``model``, ``engine``, ``optimizer``, ``merger``, ``loader``, ``schedule``,
+``ctx``):
 
 - **saved-activation bytes per micro-batch by layer kind**: one more forward of the first
   training micro-batch under :func:`~actcomp_dist.ablation.measure.measure_saved_bytes`; its
   total is checked against the trainer's own count (``saved_activation_bytes`` of every step);
-- **peak memory by category**: one more optimizer step (all micro-batches, the subspace merge)
-  under :func:`actcomp_dist.memory.peak_memory_by_category` (MemTracker: parameters,
-  gradients, optimizer state, activations, temporaries); on a GPU the peak is also
-  ``torch.cuda.max_memory_allocated`` over the whole run (its counter is reset first);
+- **peak memory by category**: one more optimizer step, the trainer's own
+  :func:`~actcomp_dist.training.step.train_step` (all micro-batches, the subspace merge, the
+  compression schedule's advance) under :func:`actcomp_dist.memory.peak_memory_by_category`
+  (MemTracker: parameters, gradients, optimizer state, activations, temporaries); on a GPU
+  the peak is also ``torch.cuda.max_memory_allocated`` over the whole run (its counter is
+  reset first);
 - the predicted bytes of the analytic model (:mod:`actcomp_dist.memory_model`), for the table.
 
 Both extra measurements run after training, so they cannot change the loss curve or the
@@ -20,7 +23,6 @@ validation loss; the trainer's timing covers only its own steps.
 
 from __future__ import annotations
 
-import functools
 import shutil
 import statistics
 import time
@@ -29,9 +31,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from actcomp_dist.ablation.measure import masked_mean_loss, measure_saved_bytes
+from actcomp_dist.ablation.measure import measure_saved_bytes
 from actcomp_dist.memory import peak_memory_by_category
+from actcomp_dist.models import parameter_count
 from actcomp_dist.training.config import RunConfig
+from actcomp_dist.training.step import batch_to, masked_mean_loss, train_step
+from actcomp_dist.training.trainer import Trainer
 
 
 def median_after_warmup(history: list[dict[str, Any]], key: str, warmup_steps: int) -> float:
@@ -41,42 +46,40 @@ def median_after_warmup(history: list[dict[str, Any]], key: str, warmup_steps: i
     return statistics.median(values)
 
 
-def _batch(trainer, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return tuple(batch[k].to(trainer.device) for k in ("tokens", "labels", "loss_mask"))
-
-
 def _peak_step(trainer) -> dict[str, int]:
-    """MemTracker's peak by category over one full optimizer step."""
-    engine = trainer.engine
+    """MemTracker's peak by category over one full optimizer step: the trainer's own
+    :func:`~actcomp_dist.training.step.train_step` (micro-batches, the optimizer step, the
+    subspace merge, the compression schedule), its micro-batches run as MemTracker's phases."""
     data = iter(trainer.loader)
-    batches = [_batch(trainer, next(data)) for _ in range(engine.gradient_accumulation_steps)]
-
-    lr = engine.lr_scheduler.get_last_lr()[0]
-
-    def micro_step(tokens, labels, mask, last: bool) -> None:
-        loss = masked_mean_loss(engine.engine(tokens, labels, mask), mask)
-        engine.engine.backward(loss)
-        engine.engine.step()  # DeepSpeed steps the optimizer at the last micro-batch only
-        if last and engine.merger is not None:
-            engine.merger.merge(lr)
-
-    phases = [
-        functools.partial(micro_step, *batch, last=i == len(batches) - 1)
-        for i, batch in enumerate(batches)
+    # Moved to the device before the tracker starts, as the trainer's loop holds them.
+    batches = [
+        {key: value.to(trainer.device) for key, value in next(data).items()}
+        for _ in range(trainer.engine.gradient_accumulation_steps())
     ]
     # MemTracker tracks torch optimizers; DeepSpeed's ZeRO optimizer wraps one.
-    optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
     if not isinstance(optimizer, torch.optim.Optimizer):
         optimizer = None
-    return peak_memory_by_category(trainer.model, optimizer, phases)
+    peak: dict[str, int] = {}
+
+    def run_tracked(micro_batches) -> None:
+        peak.update(peak_memory_by_category(trainer.model, optimizer, micro_batches))
+
+    train_step(
+        trainer.engine,
+        iter(batches),
+        trainer.schedule,
+        device=trainer.device,
+        dp_group=trainer.ctx.dp_group,
+        merger=trainer.merger,
+        run_micro_batches=run_tracked,
+    )
+    return peak
 
 
 def train_and_measure(config: RunConfig, warmup_steps: int, keep_checkpoints: bool = False):
     """Train ``config`` and measure it (collective: every rank calls it). Returns the record
     on rank 0, ``None`` elsewhere. The run's checkpoints are deleted unless asked to keep."""
-    from actcomp_dist.models import parameter_count
-    from actcomp_dist.training.trainer import Trainer
-
     start = time.perf_counter()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -84,8 +87,8 @@ def train_and_measure(config: RunConfig, warmup_steps: int, keep_checkpoints: bo
     try:
         result = trainer.train()
         history = result.history
-        tokens, labels, mask = _batch(trainer, next(iter(trainer.loader)))
-        engine = trainer.engine.engine
+        tokens, labels, mask = batch_to(next(iter(trainer.loader)), trainer.device)
+        engine = trainer.engine
         saved = measure_saved_bytes(
             trainer.model,
             lambda: masked_mean_loss(engine(tokens, labels, mask), mask),
@@ -118,14 +121,7 @@ def train_and_measure(config: RunConfig, warmup_steps: int, keep_checkpoints: bo
             "steps": result.steps_done,
         }
     finally:
-        close = getattr(trainer, "close", None)
-        if close is not None:
-            close()
-        else:  # an older trainer: forget the parallel state ourselves
-            from actcomp_dist.parallel import state
-
-            if state.is_initialized():
-                state.destroy()
+        trainer.close()
     rank = dist.get_rank() if dist.is_initialized() else 0
     if dist.is_initialized():
         dist.barrier()  # every rank has finished with the checkpoint directory

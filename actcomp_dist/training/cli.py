@@ -1,10 +1,13 @@
-"""Command line of ``launch/pretrain.py``: ``--config FILE [--deepspeed_config FILE]
-[--set key.path=value ...]``."""
+"""Command line of the launchers (``launch/pretrain.py``, ``launch/finetune.py``):
+``--config FILE [--deepspeed_config FILE] [--set key.path=value ...]``, and their exit status
+(:func:`exit_status`)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from actcomp_dist.training.checkpoint import CheckpointError
 from actcomp_dist.training.config import ConfigError, load_run_config
@@ -69,30 +72,15 @@ def parse_args(
     return parser.parse_args(argv)
 
 
-def main(
-    argv: list[str] | None = None,
-    *,
-    config_class: type | None = None,
-    run=None,
-    description: str = PRETRAIN_DESCRIPTION,
-) -> int:
-    """Parse, load the config (``config_class``, default ``RunConfig``) and ``run`` it
-    (default :func:`~actcomp_dist.training.trainer.run_pretraining`). Exit status: 0 done or
-    preempted, 2 a user error (config, data, checkpoint), 3 training stopped on a non-finite
-    loss or gradient norm (:mod:`actcomp_dist.training.guard`)."""
-    args = parse_args(argv, description)
+def exit_status(train: Callable[[], Any]) -> int:
+    """Run ``train`` (load a config, build a run, train it; returns a
+    :class:`~actcomp_dist.training.trainer.TrainResult`) under the launchers' error contract
+    and return the process's exit status: 0 done or preempted, 2 a user error (config, data,
+    checkpoint: one line on every rank's stderr, raised before any collective, so nothing is
+    written and nothing hangs), 3 training stopped on a non-finite loss or gradient norm
+    (:mod:`actcomp_dist.training.guard`)."""
     try:
-        config = load_run_config(
-            args.config,
-            args.overrides,
-            config_class=config_class,
-            deepspeed_file=args.deepspeed_config,
-        )
-        quiet_third_party(config.logging.verbose)  # before megatron-core and DeepSpeed load
-        if run is None:
-            from actcomp_dist.training.trainer import run_pretraining as run
-
-        result = run(config)
+        result = train()
     except (ConfigError, CheckpointError, FileNotFoundError) as err:
         info = launch_info()
         print(f"error (rank {info.rank}/{info.world_size}): {err}", file=sys.stderr, flush=True)
@@ -108,3 +96,33 @@ def main(
             flush=True,
         )
     return 0
+
+
+def main(
+    argv: list[str] | None = None,
+    *,
+    config_class: type | None = None,
+    run: Callable[[Any], Any] | None = None,
+    description: str = PRETRAIN_DESCRIPTION,
+) -> int:
+    """``launch/pretrain.py`` as a function: parse ``argv``, load the config
+    (``config_class``, default ``RunConfig``) and ``run`` it (default
+    :func:`~actcomp_dist.training.trainer.run_pretraining`) under :func:`exit_status`."""
+    args = parse_args(argv, description)
+
+    def load_and_run():
+        config = load_run_config(
+            args.config,
+            args.overrides,
+            config_class=config_class,
+            deepspeed_file=args.deepspeed_config,
+        )
+        quiet_third_party(config.logging.verbose)
+        if run is not None:
+            return run(config)
+        # megatron-core and DeepSpeed print at import: the trainer comes after the filters.
+        from actcomp_dist.training.trainer import run_pretraining
+
+        return run_pretraining(config)
+
+    return exit_status(load_and_run)

@@ -46,8 +46,8 @@ class ParallelSection:
     sequence_parallel: bool = False
 
     def validate(self) -> None:
-        _positive_int("parallel.tensor_parallel", self.tensor_parallel)
-        _bool("parallel.sequence_parallel", self.sequence_parallel)
+        check_positive_int("parallel.tensor_parallel", self.tensor_parallel)
+        check_bool("parallel.sequence_parallel", self.sequence_parallel)
         if self.sequence_parallel and self.tensor_parallel == 1:
             raise ConfigError(
                 "parallel.sequence_parallel=true needs parallel.tensor_parallel > 1 "
@@ -92,8 +92,8 @@ class MemorySection:
     policy: dict[str, str] = field(default_factory=dict)
 
     def validate(self) -> None:
-        _bool("memory.efficient_ops", self.efficient_ops)
-        _positive_int("memory.loss_chunk_tokens", self.loss_chunk_tokens)
+        check_bool("memory.efficient_ops", self.efficient_ops)
+        check_positive_int("memory.loss_chunk_tokens", self.loss_chunk_tokens)
         if not isinstance(self.policy, dict):
             raise ConfigError(
                 f"memory.policy={self.policy!r} must be an object mapping a kind to a policy"
@@ -156,8 +156,8 @@ class DataSection:
                 f"corpus brings its own tokenizer; set data.paths to the indexed datasets "
                 f"written with this tokenizer, or remove data.tokenizer"
             )
-        _positive_int("data.seq_length", self.seq_length)
-        _positive_int("data.embedded_vocab_size", self.embedded_vocab_size)
+        check_positive_int("data.seq_length", self.seq_length)
+        check_positive_int("data.embedded_vocab_size", self.embedded_vocab_size)
         _non_negative_int("data.num_workers", self.num_workers)
         try:
             weights = [float(w) for w in self.split.split(",")]
@@ -280,8 +280,8 @@ class TrainSection:
                 f"Hugging Face export"
             )
         for name in ("steps", "micro_batch_size", "global_batch_size", "eval_iters"):
-            _positive_int(f"train.{name}", getattr(self, name))
-        _positive_int("train.max_skipped_steps", self.max_skipped_steps)
+            check_positive_int(f"train.{name}", getattr(self, name))
+        check_positive_int("train.max_skipped_steps", self.max_skipped_steps)
         for name in ("warmup_steps", "eval_interval", "seed"):
             _non_negative_int(f"train.{name}", getattr(self, name))
         for name in ("lr", "min_lr", "weight_decay", "clip_grad", "eps", "subspace_scale"):
@@ -340,7 +340,7 @@ class CheckpointSection:
     def validate(self) -> None:
         _non_negative_int("checkpoint.interval", self.interval)
         _non_negative_int("checkpoint.keep", self.keep)
-        _bool("checkpoint.at_end", self.at_end)
+        check_bool("checkpoint.at_end", self.at_end)
         if self.resume is not None and (not isinstance(self.resume, str) or not self.resume):
             raise ConfigError(
                 f"checkpoint.resume={self.resume!r} must be null, 'latest' or the path of a "
@@ -374,9 +374,9 @@ class LoggingSection:
     verbose: bool = False
 
     def validate(self) -> None:
-        _positive_int("logging.interval", self.interval)
-        _bool("logging.tensorboard", self.tensorboard)
-        _bool("logging.verbose", self.verbose)
+        check_positive_int("logging.interval", self.interval)
+        check_bool("logging.tensorboard", self.tensorboard)
+        check_bool("logging.verbose", self.verbose)
         if self.wandb is None:
             return
         if not isinstance(self.wandb, dict):
@@ -430,6 +430,18 @@ class RunConfig:
     logging: LoggingSection = field(default_factory=LoggingSection)
     deepspeed: dict[str, Any] = field(default_factory=dict)
 
+    # The typed sections, by name (a config class that extends RunConfig extends this).
+    SECTIONS: ClassVar[dict[str, type]] = {
+        "model": ModelSection,
+        "parallel": ParallelSection,
+        "activation_checkpointing": ActivationCheckpointingSection,
+        "memory": MemorySection,
+        "data": DataSection,
+        "train": TrainSection,
+        "checkpoint": CheckpointSection,
+        "logging": LoggingSection,
+    }
+
     @property
     def checkpoint_dir(self) -> Path:
         return Path(self.checkpoint.dir or Path(self.run_dir) / "checkpoints")
@@ -452,18 +464,6 @@ class RunConfig:
         """Hash of everything that changes what a compressed checkpoint means."""
         blob = json.dumps(self.compression.to_dict(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
-
-
-_SECTIONS = {
-    "model": ModelSection,
-    "parallel": ParallelSection,
-    "activation_checkpointing": ActivationCheckpointingSection,
-    "memory": MemorySection,
-    "data": DataSection,
-    "train": TrainSection,
-    "checkpoint": CheckpointSection,
-    "logging": LoggingSection,
-}
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -504,7 +504,7 @@ def run_config_from_dict(
     its ``SECTIONS`` class attribute (name -> section dataclass), e.g. the fine-tuning config.
     """
     config_class = config_class or RunConfig
-    sections = getattr(config_class, "SECTIONS", _SECTIONS)
+    sections = config_class.SECTIONS
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the config must be a JSON object")
     valid_top = {f.name for f in dataclasses.fields(config_class)}
@@ -796,7 +796,7 @@ def _section(cls, name: str, raw: Any, source: str):
     return cls(**copy.deepcopy(raw))
 
 
-def _positive_int(name: str, value: Any) -> None:
+def check_positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{name}={value!r} must be an int >= 1")
 
@@ -819,6 +819,6 @@ def _non_negative_float(name: str, value: Any) -> None:
         raise ConfigError(f"{name}={value!r} must be finite")
 
 
-def _bool(name: str, value: Any) -> None:
+def check_bool(name: str, value: Any) -> None:
     if not isinstance(value, bool):
         raise ConfigError(f"{name}={value!r} must be true or false")

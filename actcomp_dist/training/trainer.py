@@ -1,21 +1,33 @@
-"""The pretraining loop: config in, trained model, checkpoints and metrics out.
+"""The pretraining recipe: config in, trained model, checkpoints and metrics out.
 
-Order of set-up (each step needs the previous one):
+:class:`Trainer` builds a run in this fixed order, one small function each (each step needs
+the ones before it):
 
-1. validate the config against the world size the launcher announced (no collective yet, so
-   a bad config fails the same way on every rank and nothing hangs);
-2. check that no live run holds ``RUN_DIR/LOCK``, the checkpoint to resume from (marker,
-   file hashes, compression config, layout), then the model config (the first check that
-   imports megatron-core);
-3. process group; rank 0 takes the run-directory lock (:mod:`actcomp_dist.training.run_lock`);
-   Megatron parallel state, seeds;
-4. data: the embedded corpus or the configured indexed datasets, the resumable loader;
-5. model (tensor-parallel LLaMA with compressed layers), then activation checkpointing;
-6. DeepSpeed engine (ZeRO, precision, AdamW, LR schedule, clipping);
-7. resume state; then the loop: micro-batches -> one optimizer step -> (if DeepSpeed applied
-   it) subspace merge and compression schedule -> non-finite verdict -> log / evaluate /
-   checkpoint / preemption check. A non-finite loss or gradient norm is caught before the
-   optimizer step changes anything (see :mod:`actcomp_dist.training.guard`).
+1. **validate** the config against the world size the launcher announced (no collective yet,
+   so a bad config fails the same way on every rank and nothing hangs);
+2. **resume checks**: no live run holds ``RUN_DIR/LOCK``; the checkpoint to resume from
+   (marker, file hashes, compression config, layout, :func:`check_resume`); then the model
+   config (the first check that imports megatron-core). Still no collective, nothing written;
+3. **distributed init**: the process group; rank 0 takes the run-directory lock
+   (:mod:`actcomp_dist.training.run_lock`);
+4. **parallel state** (Megatron tensor / data-parallel groups) and **seeds**;
+5. **data** (:meth:`Trainer.build_data`): the embedded corpus or the configured indexed
+   datasets, the resumable loader from the checkpoint's data position;
+6. **model** (:meth:`Trainer.build_model`): the tensor-parallel LLaMA with the compression and
+   memory policy of the config applied to its linears, then activation checkpointing;
+7. **engine** (:func:`~actcomp_dist.training.engine.build_engine`): DeepSpeed with ZeRO,
+   precision, AdamW, the LR schedule and clipping; the non-finite guard;
+8. **resume**: weights, optimizer, schedules, RNG and subspace masters from the checkpoint;
+9. **run directory and logging**: ``config.json`` and the metrics logger (rank 0 writes).
+
+Then :meth:`Trainer.train` loops: one :func:`~actcomp_dist.training.step.train_step` (the
+micro-batches, the optimizer step, the subspace merge and the compression schedule) -> the
+non-finite verdict -> measure -> log / evaluate / checkpoint -> preemption check. A
+non-finite loss or gradient norm is caught before the optimizer step changes anything (see
+:mod:`actcomp_dist.training.guard`).
+
+Fine-tuning (:mod:`actcomp_dist.training.finetune`) is this recipe with other
+``validate`` / ``build_data`` / ``build_model`` / ``save`` hooks.
 """
 
 from __future__ import annotations
@@ -33,23 +45,37 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from actcomp_dist.data.corpus import ensure_embedded_corpus
+from actcomp_dist.data.datasets import build_gpt_datasets
+from actcomp_dist.data.sampler import build_data_loader
+from actcomp_dist.data.tokenizer import load_tokenizer
+from actcomp_dist.layers import compression_disabled
 from actcomp_dist.memory import ModelStateProbe, SavedTensorCounter
+from actcomp_dist.memory_model import ActivationSetting, predict_saved_activations
+from actcomp_dist.models import build_llama, get_model_config, parameter_count
+from actcomp_dist.parallel import state as parallel_state
+from actcomp_dist.parallel.deepspeed_mpu import MegatronMPU
 from actcomp_dist.training import checkpoint as ckpt
 from actcomp_dist.training.activation_checkpointing import apply_activation_checkpointing
 from actcomp_dist.training.config import ConfigError, RunConfig, validate_model, validate_run
 from actcomp_dist.training.distributed import init_distributed, launch_info
 from actcomp_dist.training.drift import data_fingerprint, describe, refused, resume_drift
+from actcomp_dist.training.engine import build_engine
+from actcomp_dist.training.export import export_at_end
 from actcomp_dist.training.flops import device_peak_flops, model_flops_per_token
-from actcomp_dist.training.guard import (
-    NonFiniteError,
-    NonFiniteGuard,
-    parameters_finite,
-    poison,
-)
+from actcomp_dist.training.guard import NonFiniteError, NonFiniteGuard, parameters_finite
 from actcomp_dist.training.metrics import MetricsLogger, format_bytes, format_duration
+from actcomp_dist.training.model_states import describe_model_states
 from actcomp_dist.training.run_lock import acquire_run_lock, check_run_lock
 from actcomp_dist.training.schedule import restart_lr_schedule
 from actcomp_dist.training.signals import PreemptionHandler
+from actcomp_dist.training.step import (
+    StepResult,
+    batch_to,
+    data_parallel_mean,
+    masked_mean_loss,
+    train_step,
+)
 
 VOCAB_MULTIPLE = 128  # pad the vocabulary like Megatron (per tensor-parallel rank)
 
@@ -63,7 +89,8 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _print0(*args) -> None:
+def print0(*args) -> None:
+    """``print`` on rank 0 only (every rank before the process group exists)."""
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(*args, flush=True)
 
@@ -73,7 +100,10 @@ def padded_vocab_size(vocab: int, tp: int) -> int:
     return math.ceil(vocab / multiple) * multiple
 
 
-def _check_resume(config: RunConfig, world_size: int) -> tuple[Path | None, dict | None, dict]:
+# -- set-up steps, in the order Trainer runs them ----------------------------------------------
+
+
+def check_resume(config: RunConfig, world_size: int) -> tuple[Path | None, dict | None, dict]:
     """The checkpoint to resume from, its trainer state and the accepted changes of
     exactness-relevant settings (``checkpoint.allow_changes``), or ``(None, None, {})``; raises
     :class:`~actcomp_dist.training.checkpoint.CheckpointError` (no collective, nothing
@@ -107,30 +137,58 @@ def _check_resume(config: RunConfig, world_size: int) -> tuple[Path | None, dict
     return path, state, drift
 
 
-def _build_data(config: RunConfig, dp_rank: int, dp_size: int, consumed: int):
-    from actcomp_dist.data.corpus import ensure_embedded_corpus
-    from actcomp_dist.data.datasets import build_gpt_datasets
-    from actcomp_dist.data.tokenizer import load_tokenizer
+def seed_everything(seed: int) -> None:
+    """Python's, NumPy's and torch's global generators (the model's initialisation and the
+    compression layers draw from their own seeded generators)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
-    data, train = config.data, config.train
+
+def embedded_corpus(config: RunConfig):
+    """The embedded default corpus (tokenizer + indexed dataset), built under
+    ``RUN_DIR/data`` on first use."""
     data_dir = Path(config.run_dir) / "data"
-    weights = None
+    return ensure_embedded_corpus(data_dir, vocab_size=config.data.embedded_vocab_size)
+
+
+def load_run_tokenizer(config: RunConfig, corpus=None):
+    """``data.tokenizer``, or else the embedded corpus's (``corpus``, built if not given)."""
+    if config.data.tokenizer:
+        return load_tokenizer(config.data.tokenizer)
+    return load_tokenizer((corpus or embedded_corpus(config)).tokenizer_model)
+
+
+def total_train_samples(config: RunConfig) -> int:
+    """Samples the whole run trains on (every data-parallel rank together)."""
+    return config.train.steps * config.train.global_batch_size
+
+
+def eval_samples(config: RunConfig, dp_size: int) -> int:
+    """Samples one evaluation reads (``train.eval_iters`` micro-batches on every
+    data-parallel rank)."""
+    return config.train.eval_iters * config.train.micro_batch_size * dp_size
+
+
+def build_pretraining_data(config: RunConfig, dp_rank: int, dp_size: int, consumed: int):
+    """``(tokenizer, train loader, valid loader or None)`` of the configured indexed datasets
+    (``data.paths``) or the embedded corpus, from data position ``consumed``."""
+    data, train = config.data, config.train
     if data.paths:
-        tokenizer_path, prefixes, weights = data.tokenizer, data.prefixes, data.weights
+        corpus, prefixes, weights = None, data.prefixes, data.weights
     else:
-        corpus = ensure_embedded_corpus(data_dir, vocab_size=data.embedded_vocab_size)
-        tokenizer_path, prefixes = corpus.tokenizer_model, [corpus.data_prefix]
-    tokenizer = load_tokenizer(tokenizer_path)
-    eval_samples = train.eval_iters * train.micro_batch_size * dp_size
+        corpus = embedded_corpus(config)
+        prefixes, weights = [corpus.data_prefix], None
+    tokenizer = load_run_tokenizer(config, corpus)
     train_ds, valid_ds = build_gpt_datasets(
         prefixes,
         tokenizer,
         seq_length=data.seq_length,
         seed=train.seed,
         split=data.split,
-        train_samples=train.steps * train.global_batch_size,
-        valid_samples=eval_samples,
-        cache_dir=data_dir / "index-cache",
+        train_samples=total_train_samples(config),
+        valid_samples=eval_samples(config, dp_size),
+        cache_dir=Path(config.run_dir) / "data" / "index-cache",
         weights=weights,
     )
     loader, valid_loader = build_loaders(config, train_ds, valid_ds, dp_rank, dp_size, consumed)
@@ -140,8 +198,6 @@ def _build_data(config: RunConfig, dp_rank: int, dp_size: int, consumed: int):
 def build_loaders(config: RunConfig, train_ds, valid_ds, dp_rank: int, dp_size: int, consumed: int):
     """This rank's train loader from data position ``consumed`` and its validation loader
     (always from the start; ``None`` without a validation set)."""
-    from actcomp_dist.data.sampler import build_data_loader
-
     micro = config.train.micro_batch_size
     loader = build_data_loader(
         train_ds,
@@ -159,9 +215,9 @@ def build_loaders(config: RunConfig, train_ds, valid_ds, dp_rank: int, dp_size: 
     return loader, valid_loader
 
 
-def _model_config(config: RunConfig, vocab: int, tp: int):
-    from actcomp_dist.models import get_model_config
-
+def build_model_config(config: RunConfig, vocab: int, tp: int):
+    """The :class:`~actcomp_dist.models.LlamaConfig` of ``model.name`` with the overrides,
+    the data's sequence length and the tokenizer's vocabulary padded for ``tp`` ranks."""
     overrides = dict(config.model.overrides)
     overrides.setdefault("seq_length", config.data.seq_length)
     overrides.setdefault("vocab_size", padded_vocab_size(vocab, tp))
@@ -176,38 +232,19 @@ def _model_config(config: RunConfig, vocab: int, tp: int):
         raise ConfigError(f"model: {err}") from None
 
 
-def _batch_to(batch: dict[str, torch.Tensor], device: torch.device):
-    return (
-        batch["tokens"].to(device),
-        batch["labels"].to(device),
-        batch["loss_mask"].to(device),
+def build_pretraining_model(config: RunConfig, model_config, device: torch.device):
+    """The LLaMA model on ``device`` with the compression (``compression``) and memory policy
+    (``memory.*``) of ``config`` applied to its linears, initialised from ``train.seed``."""
+    return build_llama(
+        model_config,
+        config.compression,
+        sequence_parallel=config.parallel.sequence_parallel,
+        init_seed=config.train.seed,
+        device=device,
+        efficient_ops=config.memory.efficient_ops,
+        loss_chunk_tokens=config.memory.chunked_loss_tokens,
+        storage_policy=config.memory.storage_policy,
     )
-
-
-def _mean_loss(losses: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    return losses.sum() / loss_mask.sum().clamp(min=1)
-
-
-def _dp_mean(values: list[torch.Tensor], group) -> float:
-    total = torch.stack([v.float() for v in values]).mean().reshape(1)
-    dist.all_reduce(total, group=group)
-    return total.item() / dist.get_world_size(group)
-
-
-def _memory_record(device: torch.device) -> dict[str, int]:
-    """This rank's memory, named by what it is: the CUDA allocator's allocated, reserved and
-    peak allocated bytes on a GPU, the process's peak resident set on a CPU; ``peak_bytes`` is
-    the peak of either."""
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device)
-        return {
-            "allocated_bytes": torch.cuda.memory_allocated(device),
-            "reserved_bytes": torch.cuda.memory_reserved(device),
-            "peak_allocated_bytes": peak,
-            "peak_bytes": peak,
-        }
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-    return {"peak_rss_bytes": peak, "peak_bytes": peak}
 
 
 # A resumed run that changes one of these trains another schedule than the one it started:
@@ -227,9 +264,34 @@ def resume_changes(saved: dict[str, Any], config: RunConfig) -> dict[str, list]:
     }
 
 
-def _describe(model, config: RunConfig) -> None:
-    from actcomp_dist.models import parameter_count
+def write_run_config(run_dir: Path, config: RunConfig) -> None:
+    """``RUN_DIR/config.json``: the config as resolved (defaults, ``--set`` overrides)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True))
 
+
+# -- measurement and reports -------------------------------------------------------------------
+
+
+def memory_record(device: torch.device) -> dict[str, int]:
+    """This rank's memory, named by what it is: the CUDA allocator's allocated, reserved and
+    peak allocated bytes on a GPU, the process's peak resident set on a CPU; ``peak_bytes`` is
+    the peak of either."""
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+        return {
+            "allocated_bytes": torch.cuda.memory_allocated(device),
+            "reserved_bytes": torch.cuda.memory_reserved(device),
+            "peak_allocated_bytes": peak,
+            "peak_bytes": peak,
+        }
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    return {"peak_rss_bytes": peak, "peak_bytes": peak}
+
+
+def describe_model(model, config: RunConfig) -> str:
+    """One line: the model, its compression (sites, ranks), activation checkpointing and
+    block ops."""
     comp = config.compression
     sites = ", ".join(comp.sites) if comp.method != "none" else "-"
     ranks = sorted(
@@ -239,7 +301,7 @@ def _describe(model, config: RunConfig) -> None:
             if hasattr(m, "compressor") and m.compression.method != "none"
         }
     )
-    _print0(
+    return (
         f"model {config.model.name}: {parameter_count(model.config):,} parameters | "
         f"compression {comp.method} (sites: {sites}"
         + (f"; ranks {', '.join(f'{s}={r}' for s, r in ranks)}" if ranks else "")
@@ -248,85 +310,83 @@ def _describe(model, config: RunConfig) -> None:
     )
 
 
+@dataclass
+class LogInterval:
+    """The steps since the last logged record (their losses and time: the logged means),
+    and the resume's changed settings, said once with the first record."""
+
+    started: float  # when the loop started (time.perf_counter)
+    first_step: int
+    flops_per_token: float
+    peak_flops: float | None
+    pending_changes: dict[str, list]
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def add(self, loss: float, seconds: float) -> None:
+        self.losses.append(loss)
+        self.seconds += seconds
+
+    def restart(self) -> None:
+        self.losses, self.seconds, self.pending_changes = [], 0.0, {}
+
+
 class Trainer:
+    """One training run: :meth:`__init__` builds it (collective), :meth:`train` runs it,
+    :meth:`close` releases what it holds. Fine-tuning overrides the hooks ``validate``,
+    ``build_data``, ``build_model`` and ``save``."""
+
     def __init__(self, config: RunConfig) -> None:
         self.config = config
         self.created = time.perf_counter()  # start-up time, for the end-of-run summary
         info = launch_info()
+        self.world_size = info.world_size
+        # 1. validate: no collective yet, so every rank fails alike and nothing hangs.
         self.validate(info.world_size)
+        # 2. resume checks (still no collective, nothing written): no live run holds the
+        # directory, the checkpoint is complete and fits this config, the model config builds.
         check_run_lock(config.run_dir)
-        self.resume_path, self.resume_state, self.accepted_drift = _check_resume(
+        self.resume_path, self.resume_state, self.accepted_drift = check_resume(
             config, info.world_size
         )
         # The data identity, saved with every checkpoint (compared on resume).
         self.fingerprint = data_fingerprint(config)
         validate_model(config)
-        self.world_size = info.world_size
+        # 3. distributed init: the process group, then rank 0 takes the run-directory lock.
         self.device = init_distributed(info)
         self.run_lock = acquire_run_lock(config.run_dir)
         try:
-            self._set_up()
+            self._build()
         except BaseException:
             self.close()
             raise
 
-    def _set_up(self) -> None:
-        """Everything after the process group and the lock (released if this raises)."""
+    def _build(self) -> None:
+        """Steps 4-9 of the set-up (the lock is released by ``__init__`` if one raises)."""
         config = self.config
-        from actcomp_dist.parallel import state
-        from actcomp_dist.parallel.deepspeed_mpu import MegatronMPU
-
-        self.ctx = state.initialize_model_parallel(config.parallel.tensor_parallel)
-        train = config.train
-        random.seed(train.seed)
-        np.random.seed(train.seed)
-        torch.manual_seed(train.seed)
-
-        self.step = self.resume_state["step"] if self.resume_state else 0
+        # 4. parallel state, seeds.
+        self.ctx = parallel_state.initialize_model_parallel(config.parallel.tensor_parallel)
+        seed_everything(config.train.seed)
+        # 5. data, from the checkpoint's data position.
+        resumed = self.resume_state
+        self.step = resumed["step"] if resumed else 0
         # The step of the last checkpoint saved or resumed from (None: none yet).
-        self.saved_step = self.step if self.resume_state else None
-        self.consumed = self.resume_state["consumed_samples"] if self.resume_state else 0
+        self.saved_step = self.step if resumed else None
+        self.consumed = resumed["consumed_samples"] if resumed else 0
         self.tokenizer, self.loader, self.valid_loader = self.build_data(self.consumed)
-        model_config = _model_config(config, self.tokenizer.vocab_size, self.ctx.tp_size)
+        # 6. model: compression and memory policy applied at build, then activation
+        # checkpointing (it wraps the built blocks).
+        model_config = build_model_config(config, self.tokenizer.vocab_size, self.ctx.tp_size)
         self.model = self.build_model(model_config)
         ac = config.activation_checkpointing
         apply_activation_checkpointing(self.model, ac.mode, ac.num_layers)
-
-        from actcomp_dist.training.engine import build_engine
-
-        self.engine = build_engine(config, self.model, self.world_size, MegatronMPU())
-        self.schedule = self.model.compression_schedule
-        self.guard = NonFiniteGuard(train.on_nonfinite, train.max_skipped_steps, train.precision)
-        self.model_states = ModelStateProbe(self.model, self.engine.optimizer, self.engine.merger)
-        # A resume may extend the run or change its LR settings: said with the first record
-        # this run logs, and the restored LR schedule made to follow the new settings.
-        # Accepted changes of exactness-relevant settings (checkpoint.allow_changes) are
-        # logged the same way.
-        schedule_changes = (
-            resume_changes(self.resume_state["config"], config) if self.resume_state else {}
-        )
-        self.resume_changes = {**schedule_changes, **self.accepted_drift}
-        if self.resume_path is not None:
-            self._load(self.resume_path)
-            if schedule_changes:
-                restart_lr_schedule(self.engine.lr_scheduler, train)
-
-        self.run_dir = Path(config.run_dir)
-        self.rank = dist.get_rank()
-        if self.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.json").write_text(
-                json.dumps(config.to_dict(), indent=2, sort_keys=True)
-            )
-        self.logger = MetricsLogger(
-            self.run_dir,
-            enabled=self.rank == 0,
-            tensorboard=config.logging.tensorboard,
-            resume_step=self.step if self.resume_path is not None else None,
-            total_steps=train.steps,
-            wandb=config.logging.wandb,
-            config=config.to_dict(),
-        )
+        # 7. engine: DeepSpeed (ZeRO, precision, AdamW, LR schedule, clipping), the subspace
+        # merger, the compression schedule the layers share, the non-finite guard.
+        self.build_deepspeed()
+        # 8. resume: everything the checkpoint holds.
+        self.apply_resume()
+        # 9. run directory and logging (rank 0 writes).
+        self.build_logging()
 
     # -- set-up hooks (overridden by the fine-tuning trainer) ---------------------------------
     def validate(self, world_size: int) -> None:
@@ -336,22 +396,53 @@ class Trainer:
     def build_data(self, consumed: int):
         """``(tokenizer, train loader, valid loader or None)`` from data position ``consumed``;
         the batches are dicts of ``tokens``, ``labels``, ``loss_mask``."""
-        return _build_data(self.config, self.ctx.dp_rank, self.ctx.dp_size, consumed)
+        return build_pretraining_data(self.config, self.ctx.dp_rank, self.ctx.dp_size, consumed)
 
     def build_model(self, model_config) -> torch.nn.Module:
         """The model the engine will train (on ``self.device``), before activation
         checkpointing and DeepSpeed."""
-        from actcomp_dist.models import build_llama
+        return build_pretraining_model(self.config, model_config, self.device)
 
-        return build_llama(
-            model_config,
-            self.config.compression,
-            sequence_parallel=self.config.parallel.sequence_parallel,
-            init_seed=self.config.train.seed,
-            device=self.device,
-            efficient_ops=self.config.memory.efficient_ops,
-            loss_chunk_tokens=self.config.memory.chunked_loss_tokens,
-            storage_policy=self.config.memory.storage_policy,
+    # -- set-up steps 7-9 ----------------------------------------------------------------------
+    def build_deepspeed(self) -> None:
+        train = self.config.train
+        built = build_engine(self.config, self.model, self.world_size, MegatronMPU())
+        self.engine = built.engine  # deepspeed.DeepSpeedEngine
+        self.optimizer = built.optimizer
+        self.lr_scheduler = built.lr_scheduler
+        self.merger = built.merger
+        self.schedule = self.model.compression_schedule
+        self.guard = NonFiniteGuard(train.on_nonfinite, train.max_skipped_steps, train.precision)
+        self.model_states = ModelStateProbe(self.model, self.optimizer, self.merger)
+
+    def apply_resume(self) -> None:
+        """Load the checkpoint (if any). A resume may extend the run or change its LR
+        settings: said with the first record this run logs, and the restored LR schedule made
+        to follow the new settings. Accepted changes of exactness-relevant settings
+        (``checkpoint.allow_changes``) are logged the same way."""
+        schedule_changes = (
+            resume_changes(self.resume_state["config"], self.config) if self.resume_state else {}
+        )
+        self.resume_changes = {**schedule_changes, **self.accepted_drift}
+        if self.resume_path is not None:
+            self._load(self.resume_path)
+            if schedule_changes:
+                restart_lr_schedule(self.lr_scheduler, self.config.train)
+
+    def build_logging(self) -> None:
+        config = self.config
+        self.run_dir = Path(config.run_dir)
+        self.rank = dist.get_rank()
+        if self.rank == 0:
+            write_run_config(self.run_dir, config)
+        self.logger = MetricsLogger(
+            self.run_dir,
+            enabled=self.rank == 0,
+            tensorboard=config.logging.tensorboard,
+            resume_step=self.step if self.resume_path is not None else None,
+            total_steps=config.train.steps,
+            wandb=config.logging.wandb,
+            config=config.to_dict(),
         )
 
     # -- checkpoints -------------------------------------------------------------------------
@@ -372,17 +463,16 @@ class Trainer:
         }
 
     def _rank_state(self) -> dict[str, Any]:
-        merger = self.engine.merger
         return {
             "rng": ckpt.rng_state(),
-            "subspace_masters": merger.state_dict() if merger is not None else {},
+            "subspace_masters": self.merger.state_dict() if self.merger is not None else {},
         }
 
     def save(self) -> Path:
         """Collective. Refuses (:class:`NonFiniteError`, nothing written) to save parameters
         that are not all finite: such a state can only have been reached around the guard
         (a fault in memory, a path without DeepSpeed's overflow check)."""
-        merger = self.engine.merger
+        merger = self.merger
         masters = [m for _, m in merger.masters.values()] if merger is not None else []
         if not parameters_finite(self.model, masters):
             raise NonFiniteError(
@@ -394,12 +484,12 @@ class Trainer:
         path = ckpt.save_checkpoint(
             self.config.checkpoint_dir,
             self.step,
-            self.engine.engine,
+            self.engine,
             self._trainer_state(),
             self._rank_state(),
             keep=self.config.checkpoint.keep,
         )
-        _print0(f"saved checkpoint {path}")
+        print0(f"saved checkpoint {path}")
         return path
 
     def _first_save_estimate(self) -> int:
@@ -413,19 +503,17 @@ class Trainer:
         return (total * weight_bytes + trained * per_trained) * self.ctx.tp_size
 
     def _load(self, path: Path) -> None:
-        rank_state = ckpt.load_checkpoint(path, self.engine.engine)
+        rank_state = ckpt.load_checkpoint(path, self.engine)
         self.schedule.load_state_dict(self.resume_state["schedule"])
         self.guard.load_state_dict(self.resume_state.get("guard", {}))
         ckpt.set_rng_state(rank_state["rng"])
-        if self.engine.merger is not None:
-            self.engine.merger.load_state_dict(rank_state["subspace_masters"])
-        _print0(f"resumed from {path} at step {self.step}")
+        if self.merger is not None:
+            self.merger.load_state_dict(rank_state["subspace_masters"])
+        print0(f"resumed from {path} at step {self.step}")
 
     # -- activation memory -------------------------------------------------------------------
     def predicted_saved_activation_bytes(self) -> int:
         """The analytic model's saved-activation bytes of one micro-batch on this rank."""
-        from actcomp_dist.memory_model import ActivationSetting, predict_saved_activations
-
         config, model_config = self.config, self.model.config
         setting = ActivationSetting(
             micro_batch_size=config.train.micro_batch_size,
@@ -447,9 +535,7 @@ class Trainer:
     def _report_activation_memory(self, batch, measured: int) -> None:
         """Print the model summary and the activation memory of one micro-batch: measured,
         predicted, and measured again on the same batch with compression switched off."""
-        from actcomp_dist.layers import compression_disabled
-
-        _describe(self.model, self.config)
+        print0(describe_model(self.model, self.config))
         predicted = self.predicted_saved_activation_bytes()
         line = (
             f"saved activations per micro-batch (per rank): measured {format_bytes(measured)}, "
@@ -459,7 +545,7 @@ class Trainer:
             tokens, labels, mask = batch
             # Forward only, same batch; the graph is dropped without a backward.
             with compression_disabled(self.model), SavedTensorCounter() as counter:
-                self.engine.engine(tokens, labels, mask)
+                self.engine(tokens, labels, mask)
             full = counter.total_bytes
             # In the memory-efficient block an uncompressed site's input is kept by another op
             # anyway, so compression can add bytes (its compressed copy) instead of saving.
@@ -469,47 +555,42 @@ class Trainer:
                 f"{format_bytes(abs(full - measured))} "
                 f"({100.0 * abs(full - measured) / max(full, 1):.1f}%)"
             )
-        _print0(line)
+        print0(line)
 
     def _report_model_states(self) -> None:
         """Print this rank's model-state bytes measured in the last optimizer step, the
         planner's prediction and the data-parallel gradient reduction per step."""
-        from actcomp_dist.training.model_states import describe_model_states
-
-        _print0(describe_model_states(self.config, self.model, self.ctx, self.model_states.last))
+        print0(describe_model_states(self.config, self.model, self.ctx, self.model_states.last))
 
     # -- loop --------------------------------------------------------------------------------
     def evaluate(self) -> float | None:
         if self.valid_loader is None:
             return None
-        engine = self.engine.engine
+        engine = self.engine
         engine.eval()
         losses = []
         with torch.no_grad():
             for i, batch in enumerate(self.valid_loader):
                 if i >= self.config.train.eval_iters:
                     break
-                tokens, labels, mask = _batch_to(batch, self.device)
-                losses.append(_mean_loss(engine(tokens, labels, mask), mask))
+                tokens, labels, mask = batch_to(batch, self.device)
+                losses.append(masked_mean_loss(engine(tokens, labels, mask), mask))
         engine.train()
-        return _dp_mean(losses, self.ctx.dp_group) if losses else None
+        return data_parallel_mean(losses, self.ctx.dp_group) if losses else None
 
     def close(self) -> None:
         """Release the run-directory lock and forget the parallel state this trainer created
         (the process group stays), so that :func:`run_pretraining` can run again in the same
         process. Idempotent."""
-        from actcomp_dist.parallel import state
-
         if self.run_lock is not None:
             self.run_lock.release()
-        if state.is_initialized():
-            state.destroy()
+        if parallel_state.is_initialized():
+            parallel_state.destroy()
 
     def train(self) -> TrainResult:
-        config, engine = self.config, self.engine.engine
-        train = config.train
+        config, train = self.config, self.config.train
         if self.step >= train.steps:
-            _print0(
+            print0(
                 f"nothing to train: the checkpoint is at step {self.step} and train.steps="
                 f"{train.steps} (raise train.steps to continue this run)"
             )
@@ -521,117 +602,48 @@ class Trainer:
         history: list[dict[str, Any]] = []
         last_loss = last_val = None
         preempted = stop_requested = False
-        tokens_per_step = train.global_batch_size * config.data.seq_length
-        flops_per_token = model_flops_per_token(self.model.config, config.data.seq_length)
-        peak_flops = device_peak_flops(self.device)
-        first_step, started = self.step, time.perf_counter()
-        # The steps since the last logged record: their losses and time (the record's means).
-        interval_losses: list[float] = []
-        interval_time = 0.0
-        pending_changes = dict(self.resume_changes)
-        engine.train()
+        interval = LogInterval(
+            started=time.perf_counter(),
+            first_step=self.step,
+            flops_per_token=model_flops_per_token(self.model.config, config.data.seq_length),
+            peak_flops=device_peak_flops(self.device),
+            pending_changes=dict(self.resume_changes),
+        )
+        self.engine.train()
         described = states_reported = False
-
-        def log_interval(record: dict[str, Any]) -> None:
-            self.logger.log(
-                self._interval_record(
-                    record,
-                    interval_losses,
-                    interval_time,
-                    started,
-                    first_step,
-                    flops_per_token,
-                    peak_flops,
-                    pending_changes,
-                )
-            )
-
         try:
             while self.step < train.steps:
-                start = time.perf_counter()
-                lr = self.engine.lr_scheduler.get_last_lr()[0]
-                micro_losses = []
-                saved_bytes = 0
-                self.model_states.reset()
-                accumulation = self.engine.gradient_accumulation_steps
-                for micro in range(accumulation):
-                    tokens, labels, mask = _batch_to(next(data), self.device)
-                    if micro == 0:
-                        with SavedTensorCounter() as counter:
-                            loss = _mean_loss(engine(tokens, labels, mask), mask)
-                        saved_bytes = counter.total_bytes
-                        first_batch = (tokens, labels, mask)
-                    else:
-                        loss = _mean_loss(engine(tokens, labels, mask), mask)
-                    micro_losses.append(loss.detach())
-                    if micro == accumulation - 1:
-                        # Before the backward that ends the step: the same verdict on every
-                        # rank; a non-finite loss makes DeepSpeed skip the step (guard.py).
-                        last_loss = _dp_mean(micro_losses, self.ctx.dp_group)
-                        loss_finite = math.isfinite(last_loss)
-                        if not loss_finite:
-                            loss = poison(loss)
-                    engine.backward(loss)
-                    if micro == accumulation - 1:
-                        self.model_states.measure()  # what backward left, before the step
-                    engine.step()
-                applied = engine.was_step_applied()
-                if applied:
-                    if self.engine.merger is not None:
-                        self.engine.merger.merge(lr)
-                    self.schedule.advance()
-                stop_reason = self.guard.after_step(self.step + 1, loss_finite, applied)
-                self.step += 1
-                self.consumed += train.global_batch_size
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                step_time = time.perf_counter() - start
+                result, step_time, stop_reason = self._train_one_step(data)
+                last_loss = result.loss
                 if not described:
-                    self._report_activation_memory(first_batch, saved_bytes)
+                    self._report_activation_memory(
+                        result.first_micro_batch, result.saved_activation_bytes
+                    )
                     described = True
                 # After the second step: the first creates Adam's moments group by group.
                 if not states_reported and (history or self.step == train.steps):
                     self._report_model_states()
                     states_reported = True
-                interval_losses.append(last_loss)
-                interval_time += step_time
-                record = {"step": self.step, "loss": last_loss, "lr": lr}
-                grad_norm = engine.get_global_grad_norm()
-                record["grad_norm"] = None if grad_norm is None else float(grad_norm)
-                record["step_time_s"] = step_time
-                record["tokens_per_s"] = tokens_per_step / step_time
-                record["saved_activation_bytes"] = saved_bytes
-                record.update(_memory_record(self.device))
-                record["model_state_bytes"] = self.model_states.last
-                record["skipped_steps"] = engine.skipped_steps
-                if not applied:
-                    record["skipped"] = True
+                interval.add(result.loss, step_time)
+                record = self._step_record(result, step_time)
                 if stop_reason is not None:
                     history.append(record)
-                    log_interval(record)
+                    self._log(record, interval)
                     raise NonFiniteError(stop_reason)
-                if train.eval_interval and (
-                    self.step % train.eval_interval == 0 or self.step == train.steps
-                ):
+                if self._evaluation_due():
                     last_val = self.evaluate()
                     if last_val is not None:
                         record["val_loss"] = last_val
                 history.append(record)
-                if (
-                    self.step % config.logging.interval == 0
-                    or "val_loss" in record
-                    or not applied
-                    or self.step == train.steps
-                ):
-                    log_interval(record)
-                    interval_losses, interval_time, pending_changes = [], 0.0, {}
-                interval = config.checkpoint.interval
-                if interval and self.step % interval == 0 and self.step < train.steps:
+                if self._log_due(record):
+                    self._log(record, interval)
+                    interval.restart()
+                if self._checkpoint_due():
                     self.save()
                 if handler.should_stop(self.device):
                     stop_requested = True
                     if self.step < train.steps:
-                        _print0(f"preemption requested: saving at step {self.step} and exiting")
+                        print0(f"preemption requested: saving at step {self.step} and exiting")
                         preempted = True
                     break
             # At the end (unless checkpoint.at_end is off), or where a preemption or stop request
@@ -646,50 +658,97 @@ class Trainer:
             self.logger.close()
         result = TrainResult(self.step, last_loss, last_val, preempted, history)
         if not preempted:
-            from actcomp_dist.training.export import export_at_end
-
             self.hf_export = export_at_end(self)
-        _print0(self.summary(result, first_step, started))
+        print0(self.summary(result, interval.first_step, interval.started))
         return result
 
-    def _interval_record(
-        self,
-        record: dict[str, Any],
-        losses: list[float],
-        seconds: float,
-        started: float,
-        first_step: int,
-        flops_per_token: float,
-        peak_flops: float | None,
-        changes: dict[str, list],
-    ) -> dict[str, Any]:
-        """The record logged for the interval that ends with ``record``'s step: the mean loss
-        and step time over the interval's ``losses`` and ``seconds``, tokens seen, time, ETA,
-        achieved model TFLOP/s and MFU, and the schedule changes of a resume (once)."""
+    # -- the loop's parts ----------------------------------------------------------------------
+    def _train_one_step(self, data) -> tuple[StepResult, float, str | None]:
+        """One optimizer step on the next batches of ``data``, the non-finite verdict, the
+        data position moved on: ``(result, seconds, the reason to stop or None)``."""
+        start = time.perf_counter()
+        self.model_states.reset()
+        result = train_step(
+            self.engine,
+            data,
+            self.schedule,
+            device=self.device,
+            dp_group=self.ctx.dp_group,
+            merger=self.merger,
+            count_saved_activations=True,
+            after_last_backward=self.model_states.measure,  # what backward left, before the step
+        )
+        stop_reason = self.guard.after_step(self.step + 1, result.loss_finite, result.applied)
+        self.step += 1
+        self.consumed += self.config.train.global_batch_size
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return result, time.perf_counter() - start, stop_reason
+
+    def _step_record(self, result: StepResult, step_time: float) -> dict[str, Any]:
+        """The metrics of the step just done (``step`` is its 1-based number)."""
         train = self.config.train
         tokens_per_step = train.global_batch_size * self.config.data.seq_length
+        record = {"step": self.step, "loss": result.loss, "lr": result.lr}
+        record["grad_norm"] = result.grad_norm
+        record["step_time_s"] = step_time
+        record["tokens_per_s"] = tokens_per_step / step_time
+        record["saved_activation_bytes"] = result.saved_activation_bytes
+        record.update(memory_record(self.device))
+        record["model_state_bytes"] = self.model_states.last
+        record["skipped_steps"] = self.engine.skipped_steps
+        if not result.applied:
+            record["skipped"] = True
+        return record
+
+    def _evaluation_due(self) -> bool:
+        every = self.config.train.eval_interval
+        return bool(every) and (self.step % every == 0 or self.step == self.config.train.steps)
+
+    def _log_due(self, record: dict[str, Any]) -> bool:
+        return (
+            self.step % self.config.logging.interval == 0
+            or "val_loss" in record
+            or bool(record.get("skipped"))
+            or self.step == self.config.train.steps
+        )
+
+    def _checkpoint_due(self) -> bool:
+        every = self.config.checkpoint.interval
+        return bool(every) and self.step % every == 0 and self.step < self.config.train.steps
+
+    def _log(self, record: dict[str, Any], interval: LogInterval) -> None:
+        """Log the record for the interval that ends with ``record``'s step: the mean loss
+        and step time over the interval, tokens seen, time, ETA, achieved model TFLOP/s and
+        MFU, and the schedule changes of a resume (once)."""
+        train = self.config.train
+        tokens_per_step = train.global_batch_size * self.config.data.seq_length
+        losses = interval.losses
         out = dict(record)
         out["loss"] = math.fsum(losses) / len(losses)
         out["interval_steps"] = len(losses)
-        out["step_time_s"] = seconds / len(losses)
+        out["step_time_s"] = interval.seconds / len(losses)
         out["tokens_per_s"] = tokens_per_step / out["step_time_s"]
         out["tokens"] = self.step * tokens_per_step
         out["time"] = time.time()
-        elapsed = time.perf_counter() - started
+        elapsed = time.perf_counter() - interval.started
         out["elapsed_s"] = elapsed
-        done = self.step - first_step
+        done = self.step - interval.first_step
         out["eta_s"] = elapsed / done * (train.steps - self.step) if done else None
         # Model flops of the whole model over every rank's time, per device.
-        out["model_tflops_per_s"] = out["tokens_per_s"] * flops_per_token / 1e12 / self.world_size
-        if peak_flops is not None:
-            out["mfu"] = out["model_tflops_per_s"] * 1e12 / peak_flops
+        out["model_tflops_per_s"] = (
+            out["tokens_per_s"] * interval.flops_per_token / 1e12 / self.world_size
+        )
+        if interval.peak_flops is not None:
+            out["mfu"] = out["model_tflops_per_s"] * 1e12 / interval.peak_flops
+        changes = interval.pending_changes
         if changes:
             out["resume_changed"] = changes
             out["warnings"] = [
                 f"resumed from step {self.resume_state['step']} with changed settings: "
                 + ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changes.items())
             ]
-        return out
+        self.logger.log(out)
 
     def summary(self, result: TrainResult, first_step: int, started: float) -> str:
         """The end-of-run report: what was trained, how fast, where everything went.
