@@ -265,6 +265,9 @@ class TrainSection:
     eval_iters: int = 4
     on_nonfinite: str = "stop"
     max_skipped_steps: int = 10
+    # Seconds without progress before a rank reports the stopped ranks and exits
+    # (actcomp_dist/training/watchdog.py, which explains the default).
+    collective_timeout_s: float = 600.0
 
     def validate(self) -> None:
         for name in ("steps", "micro_batch_size", "global_batch_size", "eval_iters"):
@@ -274,6 +277,12 @@ class TrainSection:
             _non_negative_int(f"train.{name}", getattr(self, name))
         for name in ("lr", "min_lr", "weight_decay", "clip_grad", "eps", "subspace_scale"):
             _non_negative_float(f"train.{name}", getattr(self, name))
+        _non_negative_float("train.collective_timeout_s", self.collective_timeout_s)
+        if self.collective_timeout_s < 1:
+            raise ConfigError(
+                f"train.collective_timeout_s={self.collective_timeout_s} must be >= 1 (seconds "
+                f"without progress before the job is stopped)"
+            )
         if self.lr > MAX_LR:
             raise ConfigError(
                 f"train.lr={self.lr} is above {MAX_LR}: AdamW would move every weight by about "

@@ -50,6 +50,7 @@ from actcomp_dist.training.metrics import MetricsLogger, format_bytes, format_du
 from actcomp_dist.training.run_lock import acquire_run_lock, check_run_lock
 from actcomp_dist.training.schedule import restart_lr_schedule
 from actcomp_dist.training.signals import PreemptionHandler
+from actcomp_dist.training.watchdog import start_watchdog
 
 VOCAB_MULTIPLE = 128  # pad the vocabulary like Megatron (per tensor-parallel rank)
 
@@ -262,10 +263,12 @@ class Trainer:
         self.fingerprint = data_fingerprint(config)
         validate_model(config)
         self.world_size = info.world_size
-        self.device = init_distributed(info)
+        self.device = init_distributed(info, config.train.collective_timeout_s)
         self.run_lock = acquire_run_lock(config.run_dir)
+        self.watchdog = None
         try:
             self._set_up()
+            self.watchdog = start_watchdog(config, self.model, lambda: self.step, self.run_lock)
         except BaseException:
             self.close()
             raise
@@ -500,6 +503,8 @@ class Trainer:
         process. Idempotent."""
         from actcomp_dist.parallel import state
 
+        if self.watchdog is not None:
+            self.watchdog.stop()
         if self.run_lock is not None:
             self.run_lock.release()
         if state.is_initialized():

@@ -1,0 +1,101 @@
+"""A stopped rank ends the job with a report instead of a hang (issue 16 item 5).
+
+Two gloo ranks through the ``deepspeed`` launcher (so DeepSpeed's CPU shared-memory all-reduce,
+which has no timeout of its own, is in the path); rank 1 gets SIGSTOP mid-run. The reference:
+the checkpoints complete before the stop, verified against their markers afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import time
+
+import pytest
+
+from actcomp_dist.training import checkpoint as ckpt
+from actcomp_dist.training.config import load_run_config
+from actcomp_dist.training.watchdog import (
+    HUNG_EXIT_CODE,
+    STALE_POLLS,
+    describe_hang,
+    poll_interval,
+)
+from tests import test_pretrain
+from tests.test_pretrain import _config, _launch, _rank_pid, _wait, _wait_for_step
+
+corpus = test_pretrain.corpus  # the module-scoped corpus fixture, shared
+
+TIMEOUT_S = 10  # train.collective_timeout_s of the test run; a tiny step takes ~0.1 s
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_sigstop_of_one_rank_stops_the_job_naming_it(tmp_path, corpus):
+    """SIGSTOP to rank 1 after step 4: rank 0 reports, within the timeout plus a few poll
+    intervals, that rank 1 (its pid) stopped responding and exits with code 4; the launcher
+    then ends the job. Every checkpoint that was complete stays complete and verifies."""
+    run_dir = tmp_path / "run"
+    raw = _config(
+        run_dir,
+        corpus,
+        "train.steps=100000",
+        "train.eval_interval=0",
+        "checkpoint.interval=2",
+        f"train.collective_timeout_s={TIMEOUT_S}",
+    )
+    config_file = tmp_path / "config.json"
+    config_file.write_text(json.dumps(raw))
+    log = tmp_path / "launcher.log"
+    launcher = _launch(config_file, [], log)
+    try:
+        rank1 = _rank_pid(launcher, 1)
+        _wait_for_step(run_dir, 4, launcher)
+        os.kill(rank1, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        # The launcher waits up to 30 s for the stopped rank to take its SIGTERM, then kills it.
+        returncode = _wait(launcher, timeout=TIMEOUT_S + 90)
+        waited = time.monotonic() - stopped_at
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.wait()
+    output = log.read_text()
+    assert returncode == HUNG_EXIT_CODE, output[-3000:]
+    match = re.search(r"hung \(rank 0/2\): no progress for 10 s .*", output)
+    assert match, output[-3000:]
+    assert f"stopped responding: rank 1 (host {os.uname().nodename} pid {rank1}" in match[0]
+    assert "resume with checkpoint.resume=latest" in match[0]
+    assert waited < TIMEOUT_S + 90
+    compression = load_run_config(config_file).compression.to_dict()
+    complete = ckpt.complete_checkpoints(run_dir / "checkpoints")
+    assert complete, "no checkpoint was complete before the stop"
+    for path in complete:
+        ckpt.verify_checkpoint(path, compression)
+    latest = (run_dir / "checkpoints" / "latest").read_text()
+    assert latest == f"{complete[-1].name}/{complete[-1].name}"
+
+
+def _beat(step: int, alive: float, pid: int = 1) -> dict:
+    return {"host": "node", "pid": pid, "step": step, "progress": alive, "alive": alive}
+
+
+def test_the_report_names_stopped_and_behind_ranks():
+    """Rank 0 timed out at wall time 100 (stale after 9 s): rank 1's last heartbeat is 40 s
+    old, rank 2 wrote none, rank 3 is alive one step behind; with every rank alive and at one
+    step, the report says a collective is stuck."""
+    stale = STALE_POLLS * poll_interval(30)
+    assert stale == 9.0
+    beats = {0: _beat(7, 99), 1: _beat(7, 60, pid=42), 2: None, 3: _beat(6, 98)}
+    message = describe_hang(beats, 0, 30, stale, now=100)
+    assert message.startswith("no progress for 30 s (train.collective_timeout_s) at step 7; ")
+    assert (
+        "stopped responding: rank 1 (host node pid 42, at step 7, last heartbeat 40 s ago), "
+        "rank 2 (no heartbeat); behind step 7: rank 3 (at step 6); exiting" in message
+    )
+    alive = {0: _beat(7, 99), 1: _beat(7, 98)}
+    assert "every rank is alive at step 7: a collective is stuck (ranks [0, 1])" in describe_hang(
+        alive, 0, 30, stale, now=100
+    )
