@@ -17,6 +17,13 @@ no rank waits in a collective for a peer that failed). The marker also holds the
 config: resuming with a different one is refused with both values listed, because the saved
 optimizer moments and sub-token vectors only mean something for the config that made them.
 
+**Format version.** The marker records :data:`FORMAT_VERSION`, the version of this layout (the
+files above, the marker's and ``trainer.json``'s keys). A reader that finds another version
+refuses the checkpoint before anything is loaded, saying which version it holds and what to do
+(a newer one: resume with the actcomp_dist that wrote it); there is no migration, since version
+1 is the only one so far. Checkpoints written before the marker carried a version have exactly
+the version-1 layout and are read as version 1.
+
 **Rotation** (``checkpoint.keep = N``) runs only once the new checkpoint's marker exists, and
 deletes complete checkpoints beyond the newest N except the newest *healthy* one: the marker
 records whether the trainer verified the state it saved (every parameter finite on every
@@ -40,6 +47,8 @@ import torch.distributed as dist
 
 MARKER = "COMPLETE"
 TRAINER_STATE = "trainer.json"
+# The checkpoint layout this code writes and reads; markers without one are version 1.
+FORMAT_VERSION = 1
 
 
 class CheckpointError(RuntimeError):
@@ -178,7 +187,12 @@ def save_checkpoint(
         (path / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2, sort_keys=True))
     dist.barrier()
     if rank == 0:
-        marker = {"step": step, "files": _file_manifest(path), **_marker_summary(trainer_state)}
+        marker = {
+            "format_version": FORMAT_VERSION,
+            "step": step,
+            "files": _file_manifest(path),
+            **_marker_summary(trainer_state),
+        }
         tmp = path / (MARKER + ".tmp")
         tmp.write_text(json.dumps(marker, indent=2, sort_keys=True))
         tmp.rename(path / MARKER)
@@ -245,6 +259,7 @@ def verify_checkpoint(path: Path, compression: dict[str, Any]) -> dict[str, Any]
         raise CheckpointError(
             f"checkpoint {path}: unreadable {MARKER} marker ({type(err).__name__}: {err})"
         ) from None
+    check_format_version(path, marker)
     for name, expected in files.items():
         file = path / name
         if not file.is_file():
@@ -268,6 +283,29 @@ def verify_checkpoint(path: Path, compression: dict[str, Any]) -> dict[str, Any]
             f"resume with the original compression settings or start a new run_dir"
         )
     return json.loads((path / TRAINER_STATE).read_text())
+
+
+def check_format_version(path: Path, marker: dict[str, Any]) -> None:
+    """Raise :class:`CheckpointError` unless ``marker`` (of checkpoint ``path``) has this code's
+    :data:`FORMAT_VERSION` (no ``format_version``: version 1, the layout before it was
+    recorded)."""
+    version = marker.get("format_version", 1)
+    if version == FORMAT_VERSION and not isinstance(version, bool):
+        return
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+        advice = (
+            "it was written by a newer actcomp_dist: resume with that version, or start a new "
+            "run_dir"
+        )
+    else:
+        advice = (
+            "not a version any actcomp_dist writes: the marker is damaged or from another tool; "
+            "resume from another checkpoint (checkpoint.resume=PATH) or start a new run_dir"
+        )
+    raise CheckpointError(
+        f"checkpoint {path} has format version {version!r}; this actcomp_dist reads version "
+        f"{FORMAT_VERSION} only ({advice})"
+    )
 
 
 def load_checkpoint(path: Path, engine) -> dict[str, Any]:
