@@ -6,11 +6,16 @@ from __future__ import annotations
 import argparse
 import sys
 
+from actcomp_dist.seeds import SeedMismatchError
 from actcomp_dist.training.checkpoint import CheckpointError
 from actcomp_dist.training.config import ConfigError, load_run_config
 from actcomp_dist.training.distributed import launch_info
 from actcomp_dist.training.guard import NONFINITE_EXIT_CODE, NonFiniteError
 from actcomp_dist.training.quiet import quiet_third_party
+
+# Ranks computed different projection seeds (actcomp_dist/seeds.py); 4 is the hung-rank
+# watchdog's (actcomp_dist/training/watchdog.py).
+SEED_MISMATCH_EXIT_CODE = 5
 
 PRETRAIN_DESCRIPTION = (
     "Pretrain a LLaMA model with compressed activations (DeepSpeed + Megatron-core TP)."
@@ -79,7 +84,8 @@ def main(
     """Parse, load the config (``config_class``, default ``RunConfig``) and ``run`` it
     (default :func:`~actcomp_dist.training.trainer.run_pretraining`). Exit status: 0 done or
     preempted, 2 a user error (config, data, checkpoint), 3 training stopped on a non-finite
-    loss or gradient norm (:mod:`actcomp_dist.training.guard`)."""
+    loss or gradient norm (:mod:`actcomp_dist.training.guard`), 4 a rank stopped progressing
+    (the watchdog ends the process itself), 5 the ranks disagree on projection seeds."""
     args = parse_args(argv, description)
     try:
         config = load_run_config(
@@ -101,6 +107,10 @@ def main(
         info = launch_info()
         print(f"stopped (rank {info.rank}/{info.world_size}): {err}", file=sys.stderr, flush=True)
         return NONFINITE_EXIT_CODE
+    except SeedMismatchError as err:
+        info = launch_info()
+        print(f"stopped (rank {info.rank}/{info.world_size}): {err}", file=sys.stderr, flush=True)
+        return SEED_MISMATCH_EXIT_CODE
     if result.preempted and launch_info().rank == 0:  # every rank knows; one says it
         print(
             f"stopped at step {result.steps_done} on a preemption signal; resume with "

@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from actcomp_dist.memory import ModelStateProbe, SavedTensorCounter
+from actcomp_dist.seeds import check_seed_agreement
 from actcomp_dist.training import checkpoint as ckpt
 from actcomp_dist.training.activation_checkpointing import apply_activation_checkpointing
 from actcomp_dist.training.config import ConfigError, RunConfig, validate_model, validate_run
@@ -553,6 +554,7 @@ class Trainer:
 
         try:
             while self.step < train.steps:
+                check_seed_agreement(self.model, self.step)  # at start-up and after resamples
                 start = time.perf_counter()
                 lr = self.engine.lr_scheduler.get_last_lr()[0]
                 micro_losses = []
