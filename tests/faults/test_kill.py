@@ -125,8 +125,9 @@ def test_kill_9_mid_step_and_mid_save_resume_bit_identically(tmp_path, corpus):
     assert [r["step"] for r in reference] == [1, 2, 3, 4, 5, 6]
     for fault in FAULTS:
         assert _compared(_metrics(tmp_path / fault)) == _compared(reference), fault
-        assert f"resumed from {tmp_path / fault / 'checkpoints' / 'step_0000002'}" in (
-            ranks[0][list(files).index(fault)]["stdout"]
+        assert (
+            f"resumed from {tmp_path / fault / 'checkpoints' / 'step_0000002'}"
+            in (ranks[0][list(files).index(fault)]["stdout"])
         )
         # Step 2's files were read, not rewritten; the torn step 4 was replaced by a good one.
         checkpoints = tmp_path / fault / "checkpoints"
