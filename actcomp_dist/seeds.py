@@ -124,7 +124,7 @@ def check_seed_agreement(model: torch.nn.Module, step: int, group=None) -> None:
     mine = torch.tensor([_digest(table)], dtype=torch.int64, device=device)
     gathered = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(gathered, mine, group=group)
-    if len({int(t.item()) for t in gathered}) == 1:
+    if len(set(torch.cat(gathered).tolist())) == 1:  # one device-to-host copy
         return
     tables: list = [None] * world
     dist.all_gather_object(tables, table, group=group)

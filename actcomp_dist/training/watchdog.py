@@ -12,11 +12,14 @@ end that wait (``train.collective_timeout_s``, T):
   main thread waits in a collective: torch's collectives, DeepSpeed's CPU shared-memory
   all-reduce included, release the GIL while they wait. The launcher then stops the other
   ranks (the ``deepspeed`` launcher kills its remaining children once one exits non-zero).
-- **The process group's own timeout**, ``2 T`` (given to ``deepspeed.init_distributed``): a
-  backstop where the watchdog cannot run. It is longer than T so that the watchdog, which can
-  name the ranks, fires first; a gloo or NCCL collective that times out raises instead.
-  DeepSpeed's CPU shared-memory all-reduce (all ranks on one host) has no timeout at all, which
-  is why a stopped rank used to stall such a job forever.
+- **The process group's own timeout**, ``max(2 T, 600 s)`` (given to
+  ``deepspeed.init_distributed``): a backstop where the watchdog does not watch or cannot run.
+  It is longer than T so that the watchdog, which can name the ranks, fires first (a gloo or
+  NCCL collective that times out raises instead, naming nobody), and never below Megatron-LM's
+  default of 10 minutes because it also bounds the start-up collectives, where one rank may
+  legitimately work alone for minutes (building a dataset index, JIT-compiling an op) while the
+  others wait in a barrier. DeepSpeed's CPU shared-memory all-reduce (all ranks on one host)
+  has no timeout at all, which is why a stopped rank used to stall such a job forever.
 
 **Heartbeats** go through a side channel that needs no collective: one small JSON file per rank,
 ``RUN_DIR/heartbeats/rank_NNNNN.json``, rewritten atomically by the watchdog thread every poll
@@ -56,10 +59,16 @@ HEARTBEATS = "heartbeats"
 STALE_POLLS = 3
 
 
+# The process group's timeout is never shorter than this (Megatron-LM's default), for the
+# start-up collectives the watchdog does not watch.
+MIN_PROCESS_GROUP_TIMEOUT_S = 600.0
+
+
 def process_group_timeout(collective_timeout_s: float) -> timedelta:
     """The timeout given to the process group: twice the watchdog's, so that the watchdog
-    (which names the stopped ranks) fires first."""
-    return timedelta(seconds=2 * collective_timeout_s)
+    (which names the stopped ranks) fires first, and at least
+    :data:`MIN_PROCESS_GROUP_TIMEOUT_S`."""
+    return timedelta(seconds=max(2 * collective_timeout_s, MIN_PROCESS_GROUP_TIMEOUT_S))
 
 
 def poll_interval(timeout_s: float) -> float:

@@ -23,6 +23,7 @@ from actcomp_dist.training.watchdog import (
     STALE_POLLS,
     describe_hang,
     poll_interval,
+    process_group_timeout,
 )
 from tests import test_pretrain
 from tests.test_pretrain import _config, _launch, _rank_pid, _wait, _wait_for_step
@@ -103,3 +104,10 @@ def test_the_report_names_stopped_and_behind_ranks():
     assert "every rank is alive at step 7: a collective is stuck (ranks [0, 1])" in describe_hang(
         alive, 0, 30, stale, now=100
     )
+
+
+def test_the_process_group_timeout_is_the_backstop():
+    """Twice the watchdog's (it must fire first), never below Megatron's 10 minutes (the
+    start-up collectives, which the watchdog does not watch)."""
+    assert process_group_timeout(10).total_seconds() == 600
+    assert process_group_timeout(600).total_seconds() == 1200
