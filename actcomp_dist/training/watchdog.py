@@ -25,7 +25,8 @@ end that wait (``train.collective_timeout_s``, T):
 ``RUN_DIR/heartbeats/rank_NNNNN.json``, rewritten atomically by the watchdog thread every poll
 interval (``clamp(T / 10, 1 s, 30 s)``) with the rank's host, pid, last step, the wall time of
 its last progress and the wall time of the write itself (``alive``). A rank whose ``alive`` time
-is older than three poll intervals has stopped responding: its process is stopped, dead, or hung
+is older than three poll intervals has stopped responding (the step it reports is the one of its
+last heartbeat: up to a poll interval old): its process is stopped, dead, or hung
 with its interpreter blocked. A live rank at an earlier step than the others fell behind. The
 files must be visible to every rank, as checkpoints must: a shared run directory on multi-node
 jobs (with a node-local one, a rank sees only the ranks of its own node). Wall clocks of
@@ -106,8 +107,8 @@ def describe_hang(
             stopped.append(f"rank {other} (no heartbeat)")
         elif now - beat["alive"] > stale_s:
             stopped.append(
-                f"rank {other} (host {beat['host']} pid {beat['pid']}, at step {beat['step']}, "
-                f"last heartbeat {now - beat['alive']:.0f} s ago)"
+                f"rank {other} (host {beat['host']} pid {beat['pid']}, last heartbeat "
+                f"{now - beat['alive']:.0f} s ago, at step {beat['step']})"
             )
         elif beat["step"] < front:
             behind.append(f"rank {other} (at step {beat['step']})")
@@ -204,6 +205,7 @@ class Watchdog:
                 self._expire()
 
     def _expire(self) -> None:
+        self._write()  # this rank's own step, current
         beats = read_heartbeats(self.run_dir, self.world_size)
         message = describe_hang(
             beats, self.rank, self.timeout_s, STALE_POLLS * self.poll_s, time.time()

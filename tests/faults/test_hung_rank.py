@@ -97,7 +97,7 @@ def test_the_report_names_stopped_and_behind_ranks():
     message = describe_hang(beats, 0, 30, stale, now=100)
     assert message.startswith("no progress for 30 s (train.collective_timeout_s) at step 7; ")
     assert (
-        "stopped responding: rank 1 (host node pid 42, at step 7, last heartbeat 40 s ago), "
+        "stopped responding: rank 1 (host node pid 42, last heartbeat 40 s ago, at step 7), "
         "rank 2 (no heartbeat); behind step 7: rank 3 (at step 6); exiting" in message
     )
     alive = {0: _beat(7, 99), 1: _beat(7, 98)}
