@@ -11,6 +11,8 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 
 import psutil
@@ -26,7 +28,7 @@ from actcomp_dist.training.watchdog import (
     process_group_timeout,
 )
 from tests import test_pretrain
-from tests.test_pretrain import _config, _launch, _rank_pid, _wait, _wait_for_step
+from tests.test_pretrain import ROOT, _config, _launch, _rank_pid, _wait, _wait_for_step
 
 corpus = test_pretrain.corpus  # the module-scoped corpus fixture, shared
 
@@ -111,3 +113,43 @@ def test_the_process_group_timeout_is_the_backstop():
     start-up collectives, which the watchdog does not watch)."""
     assert process_group_timeout(10).total_seconds() == 600
     assert process_group_timeout(600).total_seconds() == 1200
+
+
+WATCHED_PROCESS = """
+import sys, time
+from pathlib import Path
+from actcomp_dist.training.watchdog import Watchdog
+run_dir = Path(sys.argv[1])
+released = run_dir / "released"
+watchdog = Watchdog(run_dir, 0, 2, 1.0, before_exit=released.touch)
+watchdog.beat(5)
+time.sleep(60)  # a main thread that makes no progress, as one blocked in a collective
+"""
+
+
+def test_a_rank_without_progress_exits_4_after_releasing(tmp_path):
+    """A process whose watchdog (T = 1 s) sees no progress after step 5, and no heartbeat of
+    rank 1: it prints the report, calls ``before_exit`` (the trainer's lock release) and exits
+    with code 4 while its main thread still sleeps."""
+    started = time.monotonic()
+    process = subprocess.Popen(
+        [sys.executable, "-c", WATCHED_PROCESS, str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == HUNG_EXIT_CODE, stderr
+    assert time.monotonic() - started < 30  # not the 60 s sleep
+    assert stderr.startswith(
+        "hung (rank 0/2): no progress for 1 s (train.collective_timeout_s) at step 5; "
+        "stopped responding: rank 1 (no heartbeat); exiting"
+    ), stderr
+    assert (tmp_path / "released").exists()
+    # The heartbeat a peer would read: this rank, alive, at step 5.
+    heartbeat = json.loads((tmp_path / "heartbeats" / "rank_00000.json").read_text())
+    assert (heartbeat["rank"], heartbeat["pid"], heartbeat["step"]) == (0, process.pid, 5)
