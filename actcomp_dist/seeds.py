@@ -7,6 +7,18 @@ backward pass and the optimizer all rebuild the *same* projection without commun
 
 The hash is BLAKE2b over a canonical byte encoding of the tuple, so it is identical across
 processes, Python versions and platforms (Python's ``hash()`` is salted per process).
+
+**Agreement check.** The rule only holds if every rank feeds it the same inputs: one rank with
+another ``compression.seed``, a layer numbered differently, or a compression schedule that
+missed a step would compress with another projection than its peers, and the data-parallel
+gradient average would silently mix subspaces. :func:`check_seed_agreement` (the trainer calls
+it before every optimizer step, so at start-up after a resume and after every resample) makes
+every rank compute, per compressed layer, the seed of canonical block 0 at the current epoch —
+a value every rank can compute whatever blocks it holds, and which changes with any of the
+inputs above — and compares one 64-bit digest of that table across all ranks with one
+all-gather. On a mismatch (every rank sees the same gathered digests, so every rank takes the
+same branch) the tables themselves are gathered and every rank raises
+:class:`SeedMismatchError` naming the layers and the ranks that differ.
 """
 
 from __future__ import annotations
@@ -15,6 +27,7 @@ import hashlib
 import struct
 
 import torch
+import torch.distributed as dist
 
 _SEED_BITS = 63  # torch.Generator.manual_seed takes a non-negative int64
 
@@ -72,3 +85,83 @@ class CompressionSchedule:
 
     def __repr__(self) -> str:
         return f"CompressionSchedule(step={self.step}, resample_every={self.resample_every})"
+
+
+class SeedMismatchError(RuntimeError):
+    """Ranks that must share a projection computed different seeds for it."""
+
+
+def projection_seed_table(model: torch.nn.Module) -> list[tuple[str, int, str, int, int, int]]:
+    """``(module name, layer id, site, base seed, epoch, seed of block 0)`` for every
+    compressing layer of ``model`` (an identity compressor has no projection)."""
+    from actcomp_dist.compression.base import Compressor
+
+    table = []
+    for name, module in model.named_modules():
+        if isinstance(module, Compressor) and not module.is_identity:
+            base, epoch = module.config.seed, module.schedule.epoch
+            seed = projection_seed(base, module.layer_id, module.site, 0, epoch)
+            table.append((name, module.layer_id, module.site, base, epoch, seed))
+    return table
+
+
+def _digest(table: list[tuple]) -> int:
+    payload = repr(table).encode("utf-8")
+    digest = hashlib.blake2b(payload, digest_size=8, person=b"actcomp-agree").digest()
+    return int.from_bytes(digest, "little", signed=True)  # fits an int64 tensor
+
+
+def check_seed_agreement(model: torch.nn.Module, step: int, group=None) -> None:
+    """Collective over ``group`` (default: every rank): raise :class:`SeedMismatchError` on
+    every rank unless all ranks compute the same :func:`projection_seed_table` for ``model``
+    (``step``: for the message). One all-gather of one int64 per rank when they agree."""
+    table = projection_seed_table(model)
+    world = dist.get_world_size(group)
+    if world == 1:
+        return
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    mine = torch.tensor([_digest(table)], dtype=torch.int64, device=device)
+    gathered = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(gathered, mine, group=group)
+    if len(set(torch.cat(gathered).tolist())) == 1:  # one device-to-host copy
+        return
+    tables: list = [None] * world
+    dist.all_gather_object(tables, table, group=group)
+    raise SeedMismatchError(describe_seed_mismatch(tables, step))
+
+
+def describe_seed_mismatch(tables: list[list[tuple]], step: int, limit: int = 3) -> str:
+    """The message for the ranks' seed ``tables`` (rank order): per disagreeing layer, which
+    ranks hold which seed (with its base seed and epoch), the largest group first."""
+    rows = {}
+    for rank, table in enumerate(tables):
+        for name, layer_id, site, base, epoch, seed in table:
+            key = (name, layer_id, site)
+            rows.setdefault(key, {}).setdefault((seed, base, epoch), []).append(rank)
+    # A layer that some rank does not have at all: a differently built model.
+    for key in rows:
+        present = {r for ranks in rows[key].values() for r in ranks}
+        missing = [r for r in range(len(tables)) if r not in present]
+        if missing:
+            rows[key][("missing", None, None)] = missing
+    problems = []
+    for (name, layer_id, site), values in rows.items():
+        if len(values) == 1:
+            continue
+        groups = sorted(values.items(), key=lambda item: (-len(item[1]), item[1]))
+        described = []
+        for (seed, base, epoch), ranks in groups:
+            who = f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
+            if seed == "missing":
+                described.append(f"{who}: no such layer")
+            else:
+                described.append(f"{who}: seed {seed} (compression.seed {base}, epoch {epoch})")
+        problems.append(f"{name} (layer {layer_id}, site {site}): " + " vs ".join(described))
+    shown = "; ".join(problems[:limit])
+    if len(problems) > limit:
+        shown += f"; and {len(problems) - limit} more layers"
+    return (
+        f"step {step}: ranks disagree on projection seeds they must share: {shown}; every rank "
+        f"must run the same config and code and resume from the same checkpoint"
+    )

@@ -740,6 +740,12 @@ def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[:-100])
 
 
+def _set_format_version(path: Path, version: int) -> None:
+    marker = json.loads((path / "COMPLETE").read_text())
+    assert marker["format_version"] == 1  # what a save records
+    (path / "COMPLETE").write_text(json.dumps({**marker, "format_version": version}))
+
+
 def _srun_ranks(config_file: Path, overrides: list[str], log_dir: Path) -> list[subprocess.Popen]:
     """Two ranks started the way ``srun`` starts them: each with its SLURM_PROCID."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
@@ -810,6 +816,12 @@ BAD_INPUTS = {
         ["checkpoint.resume=latest"],
         lambda ckpts: _truncate(ckpts / "step_0000016" / "rank_00001.pt"),
         "is damaged: rank_00001.pt differs from what was saved",
+    ),
+    "newer_format_version": (
+        ["checkpoint.resume=latest"],
+        lambda ckpts: _set_format_version(ckpts / "step_0000016", 2),
+        "has format version 2; this actcomp_dist reads version 1 only (it was written by a "
+        "newer actcomp_dist: resume with that version, or start a new run_dir)",
     ),
     "changed_compression": (
         ["checkpoint.resume=latest", "compression.rank=0.5", "compression.resample_every=4"],

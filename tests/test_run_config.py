@@ -118,6 +118,8 @@ def test_resolved_config_round_trips_through_json():
             "train.on_nonfinite='ignore' is not one of ['stop', 'skip']",
         ),
         (["train.max_skipped_steps=0"], "train.max_skipped_steps=0 must be an int >= 1"),
+        (["train.collective_timeout_s=0.5"], "train.collective_timeout_s=0.5 must be >= 1"),
+        (["train.collective_timeout_s=Infinity"], "train.collective_timeout_s=inf must be finite"),
         (["train.precision=fp8"], "train.precision='fp8' is not one of ['fp32', 'bf16', 'fp16']"),
         (["train.lr_decay=step"], "train.lr_decay='step' is not one of"),
         (["train.betas=[0.9]"], "train.betas=[0.9] must be two numbers in [0, 1)"),

@@ -17,6 +17,20 @@ no rank waits in a collective for a peer that failed). The marker also holds the
 config: resuming with a different one is refused with both values listed, because the saved
 optimizer moments and sub-token vectors only mean something for the config that made them.
 
+**A failed write** (a full disk mid-save, a quota, an I/O error) is recorded on the rank that
+hit it, which still goes through the save's collectives (DeepSpeed's writes included), so no
+rank waits for another; the ranks exchange their outcomes before the marker, and every rank
+raises :class:`CheckpointError` naming the failing ranks, the error and the free bytes, after
+rank 0 removed the incomplete directory (the space check before a save,
+:func:`check_disk_space`, catches most full disks before anything is written).
+
+**Format version.** The marker records :data:`FORMAT_VERSION`, the version of this layout (the
+files above, the marker's and ``trainer.json``'s keys). A reader that finds another version
+refuses the checkpoint before anything is loaded, saying which version it holds and what to do
+(a newer one: resume with the actcomp_dist that wrote it); there is no migration, since version
+1 is the only one so far. Checkpoints written before the marker carried a version have exactly
+the version-1 layout and are read as version 1.
+
 **Rotation** (``checkpoint.keep = N``) runs only once the new checkpoint's marker exists, and
 deletes complete checkpoints beyond the newest N except the newest *healthy* one: the marker
 records whether the trainer verified the state it saved (every parameter finite on every
@@ -27,6 +41,7 @@ count as unverified, so a run of them never pushes out the last verified one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import random
@@ -40,6 +55,8 @@ import torch.distributed as dist
 
 MARKER = "COMPLETE"
 TRAINER_STATE = "trainer.json"
+# The checkpoint layout this code writes and reads; markers without one are version 1.
+FORMAT_VERSION = 1
 
 
 class CheckpointError(RuntimeError):
@@ -172,13 +189,34 @@ def save_checkpoint(
             shutil.rmtree(path)
         path.mkdir(parents=True)
     dist.barrier()
-    engine.save_checkpoint(str(path), tag=checkpoint_name(step), save_latest=False)
-    torch.save(rank_state, path / f"rank_{rank:05d}.pt")
+    errors: list[str] = []
+    with _write_errors_recorded(engine, errors):
+        engine.save_checkpoint(str(path), tag=checkpoint_name(step), save_latest=False)
+    _recorded(errors, torch.save, rank_state, path / f"rank_{rank:05d}.pt")
     if rank == 0:
-        (path / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2, sort_keys=True))
-    dist.barrier()
+        state_text = json.dumps(trainer_state, indent=2, sort_keys=True)
+        _recorded(errors, (path / TRAINER_STATE).write_text, state_text)
+    # Every rank's outcome, and the barrier before the marker.
+    failures: list = [None] * dist.get_world_size()
+    dist.all_gather_object(failures, errors[0] if errors else None)
+    if any(failures):
+        failed = [r for r, f in enumerate(failures) if f]
+        if rank == 0:
+            shutil.rmtree(path, ignore_errors=True)  # frees what the failed save took
+        raise CheckpointError(
+            f"step {step}: writing checkpoint {path} failed on rank "
+            f"{', '.join(map(str, failed))}: {failures[failed[0]]} ({free_bytes(directory):,} "
+            f"bytes free on the file system of {directory} now); the incomplete checkpoint was "
+            f"removed and the last complete one is intact; free space or set checkpoint.dir "
+            f"elsewhere, then resume with checkpoint.resume=latest"
+        )
     if rank == 0:
-        marker = {"step": step, "files": _file_manifest(path), **_marker_summary(trainer_state)}
+        marker = {
+            "format_version": FORMAT_VERSION,
+            "step": step,
+            "files": _file_manifest(path),
+            **_marker_summary(trainer_state),
+        }
         tmp = path / (MARKER + ".tmp")
         tmp.write_text(json.dumps(marker, indent=2, sort_keys=True))
         tmp.rename(path / MARKER)
@@ -187,6 +225,31 @@ def save_checkpoint(
         write_latest(directory, path)
     dist.barrier()
     return path
+
+
+def _recorded(errors: list[str], write, *args, **kwargs) -> None:
+    """``write(*args, **kwargs)``; a failure (a full disk: ``OSError``, or torch's
+    ``RuntimeError`` from its stream writer, e.g. "basic_ios::clear: iostream error") is
+    appended to ``errors`` instead of raised, so that this rank still reaches the save's
+    collectives and every rank learns of it there."""
+    try:
+        write(*args, **kwargs)
+    except (OSError, RuntimeError) as err:
+        errors.append(f"{type(err).__name__}: {err}".strip())
+
+
+@contextlib.contextmanager
+def _write_errors_recorded(engine, errors: list[str]):
+    """DeepSpeed's file writes (its checkpoint engine's ``save``) with failures recorded in
+    ``errors``: ``engine.save_checkpoint`` then runs to its end on every rank, so its own
+    barriers line up whatever rank failed to write."""
+    checkpoint_engine = engine.checkpoint_engine
+    save = checkpoint_engine.save
+    checkpoint_engine.save = lambda *args, **kwargs: _recorded(errors, save, *args, **kwargs)
+    try:
+        yield
+    finally:
+        checkpoint_engine.save = save
 
 
 LATEST = "latest"
@@ -245,6 +308,7 @@ def verify_checkpoint(path: Path, compression: dict[str, Any]) -> dict[str, Any]
         raise CheckpointError(
             f"checkpoint {path}: unreadable {MARKER} marker ({type(err).__name__}: {err})"
         ) from None
+    check_format_version(path, marker)
     for name, expected in files.items():
         file = path / name
         if not file.is_file():
@@ -268,6 +332,29 @@ def verify_checkpoint(path: Path, compression: dict[str, Any]) -> dict[str, Any]
             f"resume with the original compression settings or start a new run_dir"
         )
     return json.loads((path / TRAINER_STATE).read_text())
+
+
+def check_format_version(path: Path, marker: dict[str, Any]) -> None:
+    """Raise :class:`CheckpointError` unless ``marker`` (of checkpoint ``path``) has this code's
+    :data:`FORMAT_VERSION` (no ``format_version``: version 1, the layout before it was
+    recorded)."""
+    version = marker.get("format_version", 1)
+    if version == FORMAT_VERSION and not isinstance(version, bool):
+        return
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+        advice = (
+            "it was written by a newer actcomp_dist: resume with that version, or start a new "
+            "run_dir"
+        )
+    else:
+        advice = (
+            "not a version any actcomp_dist writes: the marker is damaged or from another tool; "
+            "resume from another checkpoint (checkpoint.resume=PATH) or start a new run_dir"
+        )
+    raise CheckpointError(
+        f"checkpoint {path} has format version {version!r}; this actcomp_dist reads version "
+        f"{FORMAT_VERSION} only ({advice})"
+    )
 
 
 def load_checkpoint(path: Path, engine) -> dict[str, Any]:

@@ -9,11 +9,16 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from actcomp_dist.seeds import SeedMismatchError
 from actcomp_dist.training.checkpoint import CheckpointError
 from actcomp_dist.training.config import ConfigError, load_run_config
 from actcomp_dist.training.distributed import launch_info
 from actcomp_dist.training.guard import NONFINITE_EXIT_CODE, NonFiniteError
 from actcomp_dist.training.quiet import quiet_third_party
+
+# Ranks computed different projection seeds (actcomp_dist/seeds.py); 4 is the hung-rank
+# watchdog's (actcomp_dist/training/watchdog.py).
+SEED_MISMATCH_EXIT_CODE = 5
 
 PRETRAIN_DESCRIPTION = (
     "Pretrain a LLaMA model with compressed activations (DeepSpeed + Megatron-core TP)."
@@ -78,7 +83,9 @@ def exit_status(train: Callable[[], Any]) -> int:
     and return the process's exit status: 0 done or preempted, 2 a user error (config, data,
     checkpoint: one line on every rank's stderr, raised before any collective, so nothing is
     written and nothing hangs), 3 training stopped on a non-finite loss or gradient norm
-    (:mod:`actcomp_dist.training.guard`)."""
+    (:mod:`actcomp_dist.training.guard`), 4 a rank stopped progressing (the watchdog,
+    :mod:`actcomp_dist.training.watchdog`, ends the process itself), 5 the ranks disagree on
+    projection seeds (:func:`actcomp_dist.seeds.check_seed_agreement`)."""
     try:
         result = train()
     except (ConfigError, CheckpointError, FileNotFoundError) as err:
@@ -89,6 +96,10 @@ def exit_status(train: Callable[[], Any]) -> int:
         info = launch_info()
         print(f"stopped (rank {info.rank}/{info.world_size}): {err}", file=sys.stderr, flush=True)
         return NONFINITE_EXIT_CODE
+    except SeedMismatchError as err:
+        info = launch_info()
+        print(f"stopped (rank {info.rank}/{info.world_size}): {err}", file=sys.stderr, flush=True)
+        return SEED_MISMATCH_EXIT_CODE
     if result.preempted and launch_info().rank == 0:  # every rank knows; one says it
         print(
             f"stopped at step {result.steps_done} on a preemption signal; resume with "

@@ -267,6 +267,9 @@ class TrainSection:
     max_skipped_steps: int = 10
     # ``false``; ``true`` (RUN_DIR/hf) or a directory: the Hugging Face export at the end.
     export_hf: bool | str = False
+    # Seconds without progress before a rank reports the stopped ranks and exits
+    # (actcomp_dist/training/watchdog.py, which explains the default).
+    collective_timeout_s: float = 600.0
 
     def validate(self) -> None:
         if not isinstance(self.export_hf, (bool, str)) or self.export_hf == "":
@@ -286,6 +289,12 @@ class TrainSection:
             _non_negative_int(f"train.{name}", getattr(self, name))
         for name in ("lr", "min_lr", "weight_decay", "clip_grad", "eps", "subspace_scale"):
             _non_negative_float(f"train.{name}", getattr(self, name))
+        _non_negative_float("train.collective_timeout_s", self.collective_timeout_s)
+        if self.collective_timeout_s < 1:
+            raise ConfigError(
+                f"train.collective_timeout_s={self.collective_timeout_s} must be >= 1 (seconds "
+                f"without progress before the job is stopped)"
+            )
         if self.lr > MAX_LR:
             raise ConfigError(
                 f"train.lr={self.lr} is above {MAX_LR}: AdamW would move every weight by about "

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from actcomp_dist.training.watchdog import process_group_timeout
+
 
 @dataclass(frozen=True)
 class LaunchInfo:
@@ -45,10 +47,13 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def init_distributed(info: LaunchInfo) -> torch.device:
+def init_distributed(info: LaunchInfo, collective_timeout_s: float | None = None) -> torch.device:
     """Initialise ``torch.distributed`` (through DeepSpeed) and return this rank's device.
 
-    A process group that already exists (a notebook, a test harness) is used as it is.
+    ``collective_timeout_s`` (``train.collective_timeout_s``) sets the process group's timeout
+    to :func:`~actcomp_dist.training.watchdog.process_group_timeout` of it (``None``:
+    DeepSpeed's default). A process group that already exists (a notebook, a test harness) is
+    used as it is.
     """
     env = os.environ
     env.setdefault("RANK", str(info.rank))
@@ -74,7 +79,10 @@ def init_distributed(info: LaunchInfo) -> torch.device:
     if not dist.is_initialized():
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+        options = {}
+        if collective_timeout_s is not None:
+            options["timeout"] = process_group_timeout(collective_timeout_s)
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, **options)
         if backend == "gloo":
             _unlink_cpu_allreduce_buffer(info.rank)
     return device

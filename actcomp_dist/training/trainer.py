@@ -55,6 +55,7 @@ from actcomp_dist.memory_model import ActivationSetting, predict_saved_activatio
 from actcomp_dist.models import build_llama, get_model_config, parameter_count
 from actcomp_dist.parallel import state as parallel_state
 from actcomp_dist.parallel.deepspeed_mpu import MegatronMPU
+from actcomp_dist.seeds import check_seed_agreement
 from actcomp_dist.training import checkpoint as ckpt
 from actcomp_dist.training.activation_checkpointing import apply_activation_checkpointing
 from actcomp_dist.training.config import ConfigError, RunConfig, validate_model, validate_run
@@ -76,6 +77,7 @@ from actcomp_dist.training.step import (
     masked_mean_loss,
     train_step,
 )
+from actcomp_dist.training.watchdog import start_watchdog
 
 VOCAB_MULTIPLE = 128  # pad the vocabulary like Megatron (per tensor-parallel rank)
 
@@ -352,11 +354,16 @@ class Trainer:
         # The data identity, saved with every checkpoint (compared on resume).
         self.fingerprint = data_fingerprint(config)
         validate_model(config)
-        # 3. distributed init: the process group, then rank 0 takes the run-directory lock.
-        self.device = init_distributed(info)
+        # 3. distributed init: the process group (collectives time out after
+        #    train.collective_timeout_s), then rank 0 takes the run-directory lock.
+        self.device = init_distributed(info, config.train.collective_timeout_s)
         self.run_lock = acquire_run_lock(config.run_dir)
+        self.watchdog = None
         try:
             self._build()
+            # 10. the watchdog: a rank with no progress for train.collective_timeout_s names
+            #     the stopped ranks and exits (actcomp_dist/training/watchdog.py).
+            self.watchdog = start_watchdog(config, self.model, lambda: self.step, self.run_lock)
         except BaseException:
             self.close()
             raise
@@ -582,6 +589,8 @@ class Trainer:
         """Release the run-directory lock and forget the parallel state this trainer created
         (the process group stays), so that :func:`run_pretraining` can run again in the same
         process. Idempotent."""
+        if self.watchdog is not None:
+            self.watchdog.stop()
         if self.run_lock is not None:
             self.run_lock.release()
         if parallel_state.is_initialized():
@@ -613,6 +622,7 @@ class Trainer:
         described = states_reported = False
         try:
             while self.step < train.steps:
+                check_seed_agreement(self.model, self.step)  # at start-up and after resamples
                 result, step_time, stop_reason = self._train_one_step(data)
                 last_loss = result.loss
                 if not described:
