@@ -157,9 +157,7 @@ class SubspaceMerger:
         process_group: dist.ProcessGroup | None = None,
     ) -> None:
         self.layers = subspace_layers(model)
-        missing = [layer for layer in self.layers if getattr(layer, "subspace_proxy", None) is None]
-        if missing:
-            raise ValueError("call attach_subspace_proxies(model) before SubspaceMerger(model)")
+        self._check_layers()
         self.subspace_scale = subspace_scale
         self.weight_decay = weight_decay
         self.get_fp32 = get_fp32 or (lambda p: p.detach().float())
@@ -175,6 +173,15 @@ class SubspaceMerger:
                 continue
             start, end = owned_rows(weight.shape[0], self.dp_rank, self.dp_size)
             self.masters[id(layer)] = (start, weight.detach()[start:end].float().clone())
+
+    def _check_layers(self) -> None:
+        missing = [layer for layer in self.layers if getattr(layer, "subspace_proxy", None) is None]
+        if missing:
+            raise ValueError("call attach_subspace_proxies(model) before SubspaceMerger(model)")
+
+    def state_tensors(self) -> dict[str, list[torch.Tensor]]:
+        """The tensors this object keeps, by model-state category (for the memory probe)."""
+        return {"subspace_masters": [master for _, master in self.masters.values()]}
 
     def proxy_parameters(self) -> list[nn.Parameter]:
         return [layer.subspace_proxy for layer in self.layers]
