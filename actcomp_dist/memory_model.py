@@ -659,7 +659,8 @@ def predict_model_states(
         parameters_count=full_t1,
         detail={
             "subspace_weights": weights,
-            "subspace_proxies": proxies,
+            "subspace_proxies": proxies,  # m x r parameters DeepSpeed manages (ZeRO 0 only)
+            "subspace_gradient_elements": counts["subspace_proxies"],  # m x r of every weight
             "subspace_masters_bytes": masters,
             "subspace_row_elements": rows,
             # What each rank hands to the data-parallel gradient reduction per step, in the

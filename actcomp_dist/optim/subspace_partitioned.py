@@ -86,7 +86,7 @@ class PartitionedSubspaceAdam(SubspaceMerger):
             weight.compressed_grad_sink = self.reduce_gradient
 
     def _check_layers(self) -> None:
-        proxies = [layer for layer in self.layers if getattr(layer, "subspace_proxy", None)]
+        proxies = [m for m in self.layers if getattr(m, "subspace_proxy", None) is not None]
         if proxies:
             raise ValueError("PartitionedSubspaceAdam keeps the m x r state itself: no proxies")
 
@@ -216,8 +216,9 @@ class PartitionedSubspaceAdam(SubspaceMerger):
         super().load_state_dict(state)
         self.steps = state["steps"]
         for i, layer in enumerate(self.layers):
-            for mine, saved in zip(self.moments[id(layer.weight)], state["moments"][str(i)]):
-                mine.copy_(saved)
+            saved = state["moments"][str(i)]
+            for mine, value in zip(self.moments[id(layer.weight)], saved, strict=True):
+                mine.copy_(value)
 
 
 def _combined_scale(norm: torch.Tensor, loss_scale: float, clip: float) -> torch.Tensor | float:
