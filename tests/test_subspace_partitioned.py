@@ -203,3 +203,25 @@ def test_refuses_proxies_and_owns_no_m_by_r_tensor_whole():
     attach_subspace_proxies(with_proxies)
     with pytest.raises(ValueError, match="no proxies"):
         PartitionedSubspaceAdam(with_proxies, ALPHA, WEIGHT_DECAY, BETAS, EPS)
+
+
+def test_zero1_bf16_with_fp32_gradient_accumulation_is_refused_at_start_up(tmp_path):
+    """DeepSpeed steps ZeRO 1 + bf16 + fp32 gradient accumulation with its BF16_Optimizer,
+    whose norm clip the partitioned state cannot join: one line naming the key, before any
+    collective (validate_run); the default accumulation (the parameters' dtype) is served."""
+    from actcomp_dist.training.config import ConfigError, run_config_from_dict, validate_run
+
+    def config(**deepspeed):
+        return run_config_from_dict(
+            {
+                "run_dir": str(tmp_path / "run"),  # the embedded corpus: no files opened
+                "compression": {"method": "compact", "rank": 0.25, "grad_mode": "subspace"},
+                "train": {"precision": "bf16"},
+                "deepspeed": {"zero_optimization": {"stage": 1}, **deepspeed},
+            }
+        )
+
+    validate_run(config(), 2)
+    validate_run(config(data_types={"grad_accum_dtype": "bf16"}), 2)
+    with pytest.raises(ConfigError, match="deepspeed.data_types.grad_accum_dtype unset or 'bf16'"):
+        validate_run(config(data_types={"grad_accum_dtype": "fp32"}), 2)

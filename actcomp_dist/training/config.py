@@ -649,7 +649,11 @@ def validate_run(config: RunConfig, world_size: int) -> None:
                 f"subspace proxies that each step's merge must reset"
             )
         accumulate = config.deepspeed.get("data_types", {}).get("grad_accum_dtype")
-        if stage == 1 and config.train.precision == "bf16" and accumulate not in (None, "bf16"):
+        if (
+            stage == 1
+            and config.train.precision == "bf16"
+            and accumulate not in (None, "bf16", "bfloat16")
+        ):
             raise ConfigError(
                 f"compression.grad_mode='subspace' with ZeRO stage 1 in bf16 needs "
                 f"deepspeed.data_types.grad_accum_dtype unset or 'bf16', got {accumulate!r}: "
