@@ -1,4 +1,4 @@
-"""Subspace training inside an engine that owns the optimizer (DeepSpeed ZeRO 0-2).
+"""Subspace training inside an engine that owns the optimizer (DeepSpeed ZeRO 0).
 
 CompAct's ``subspace`` mode updates ``W`` along ``P^T`` with Adam moments of shape m x r.
 :class:`~actcomp_dist.optim.SubspaceAdamW` does that for plain PyTorch. Inside DeepSpeed the
@@ -24,6 +24,12 @@ paper.
 ``W`` itself is not given to the engine's optimizer. When the model runs in bf16/fp16 the
 merger keeps an fp32 master copy of ``W`` so that small updates are not lost to rounding,
 partitioned by output rows over the data-parallel ranks (see :class:`SubspaceMerger`).
+
+The trainer uses proxies at ZeRO 0 only: ZeRO 1/2 partition optimizer state and gradients but
+keep every 16-bit parameter whole on every rank, so a proxy would cost ``2 m r`` bytes per rank
+at any data-parallel size. There
+:class:`~actcomp_dist.optim.subspace_partitioned.PartitionedSubspaceAdam` (a
+:class:`SubspaceMerger` without proxies) keeps the m x r state itself, partitioned by rows.
 """
 
 from __future__ import annotations
@@ -143,8 +149,7 @@ class SubspaceMerger:
 
     Why not DeepSpeed's own partitioned state: DeepSpeed keeps fp32 masters only of the
     parameters its optimizer steps, with their full m x n gradients in its flat buffers —
-    exactly what ``subspace`` mode exists to avoid. The m x r proxies *are* DeepSpeed
-    parameters, so their fp32 copies and Adam moments are already partitioned by ZeRO 1/2.
+    exactly what ``subspace`` mode exists to avoid.
     """
 
     def __init__(
