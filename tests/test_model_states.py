@@ -1,8 +1,8 @@
 """Model-state bytes per rank: measured from the live tensors of real DeepSpeed runs against
 the planner (issue 12).
 
-2 gloo ranks train the tiny LLaMA for 2 steps per layout (ZeRO 0-3, fp32 and bf16, ``lift``
-and ``subspace``, DP=2 and TP=2/DP=1); the trainer's probe measures
+2 gloo ranks train the tiny LLaMA (and a 2-block 60m-shaped one) for 2 steps per layout (ZeRO
+0-3, fp32 and bf16, ``lift`` and ``subspace``, DP=2 and TP=2/DP=1); the trainer's probe measures
 :func:`~actcomp_dist.memory.model_state_bytes` around each optimizer step (after the last
 backward and inside each parameter group's update) and records the largest in
 ``metrics.jsonl``. The planner predicts the same peak in closed form. Criterion: the issue's 5%
@@ -43,6 +43,20 @@ LAYOUTS = {
         "compression.grad_mode=subspace",
     ],
     "zero2_bf16_subspace": [
+        "deepspeed.zero_optimization.stage=2",
+        "train.precision=bf16",
+        "compression.grad_mode=subspace",
+    ],
+    # A 60m-shaped model (d 512, FFN 1376, 8 heads; 2 blocks to stay quick on a CPU).
+    "60m_zero2_bf16_lift": [
+        "model.name=60m",
+        "model.overrides.num_layers=2",
+        "deepspeed.zero_optimization.stage=2",
+        "train.precision=bf16",
+    ],
+    "60m_zero2_bf16_subspace": [
+        "model.name=60m",
+        "model.overrides.num_layers=2",
         "deepspeed.zero_optimization.stage=2",
         "train.precision=bf16",
         "compression.grad_mode=subspace",
@@ -120,14 +134,14 @@ def test_measured_model_states_match_the_planner(tmp_path, corpus):
     # ZeRO 1/2: no m x r proxy among the parameters; the moments are this rank's rows only
     # (half of every m x r at DP=2 on an even m), and the model states are at most the lift
     # run's at the same stage — measured on this rank from the live tensors.
-    for stage in (1, 2):
-        subspace, lift = by_name[f"zero{stage}_bf16_subspace"], by_name[f"zero{stage}_bf16_lift"]
+    for layout in ("zero1_bf16", "zero2_bf16", "60m_zero2_bf16"):
+        subspace, lift = by_name[f"{layout}_subspace"], by_name[f"{layout}_lift"]
         detail = subspace["predicted"].detail
         assert subspace["recorded"][-1]["parameters"] == lift["recorded"][-1]["parameters"]
         assert subspace["subspace_moments"] == 8 * detail["subspace_row_elements"]
         assert 2 * detail["subspace_row_elements"] == detail["subspace_gradient_elements"]
         assert detail["subspace_proxies"] == 0
-        assert subspace["recorded"][-1]["total"] <= lift["recorded"][-1]["total"], stage
+        assert subspace["recorded"][-1]["total"] <= lift["recorded"][-1]["total"], layout
 
 
 def test_model_state_bytes_counts_each_storage_once_by_category():
