@@ -21,14 +21,22 @@ import torch
 import torch.nn.functional as F
 
 from actcomp_dist.compression.base import Compressor
+from actcomp_dist.optim.subspace_proxy import record_subspace_seeds
 
 
 def accumulate_compressed_grad(
     weight: torch.nn.Parameter, ghat: torch.Tensor, seeds: tuple[int, ...]
 ) -> None:
     """Add ``ghat`` [m, r] to ``weight.compressed_grad``; every micro-batch of a step must have
-    used the same projection (same seeds), otherwise the sum would mix subspaces."""
+    used the same projection (same seeds), otherwise the sum would mix subspaces. A weight
+    with a ``compressed_grad_sink`` (set by an optimizer that keeps the m x r gradient itself,
+    e.g. partitioned over data parallelism) hands ``ghat`` to it instead."""
     ghat = ghat.to(weight.dtype)
+    sink = getattr(weight, "compressed_grad_sink", None)
+    if sink is not None:
+        record_subspace_seeds(weight, seeds)
+        sink(weight, ghat)
+        return
     if weight.compressed_grad is None:
         weight.compressed_grad = ghat
         weight.compressed_grad_seeds = seeds

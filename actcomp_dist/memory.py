@@ -279,7 +279,9 @@ def model_state_bytes(
     - ``optimizer_state``: the torch optimizer's parameters that are not the model's (ZeRO's
       fp32 master partitions) and its state (Adam's moments);
     - ``subspace_masters``: the fp32 masters of a :class:`~actcomp_dist.optim.subspace_proxy.
-      SubspaceMerger` (this rank's rows);
+      SubspaceMerger` (this rank's rows); the m x r gradients and Adam moments a
+      :class:`~actcomp_dist.optim.subspace_partitioned.PartitionedSubspaceAdam` keeps count
+      as ``gradients`` and ``optimizer_state``;
     - ``projection_cache``: the projections ``compact`` layers keep (``cache_projection``);
     - ``other``: any other tensor the engine's optimizer holds (e.g. a reduction bucket).
 
@@ -319,8 +321,9 @@ def model_state_bytes(
             for tensor in _held_tensors(state):
                 add("optimizer_state", tensor)
     if merger is not None:
-        for _, master in merger.masters.values():
-            add("subspace_masters", master)
+        for category, tensors in merger.state_tensors().items():
+            for tensor in tensors:
+                add(category, tensor)
     for module in model.modules():
         cache = getattr(getattr(module, "compressor", None), "_cache", None)
         if isinstance(cache, torch.Tensor):

@@ -550,6 +550,18 @@ def subspace_master_elements(
     return model.num_layers * sum(-(-m // data_parallel) * n for n, m, _ in shapes)
 
 
+def subspace_row_elements(
+    model: ModelShape, compression: CompressionConfig, tensor_parallel: int, data_parallel: int
+) -> int:
+    """Elements of one m x r tensor per compressed weight restricted to data-parallel rank 0's
+    rows (``ceil(m / D)`` of each): the size of the partitioned subspace gradient, and of each
+    Adam moment, at ZeRO 1/2."""
+    if compression.grad_mode != "subspace":
+        return 0
+    shapes = projected_site_shapes(model, compression, tensor_parallel)
+    return model.num_layers * sum(-(-m // data_parallel) * r for _, m, r in shapes)
+
+
 def predict_model_states(
     model: ModelShape,
     compression: CompressionConfig,
@@ -580,10 +592,13 @@ def predict_model_states(
       are the trainer's, in its order: matrices (weight decay), vectors (none), ``subspace``
       proxies.
 
-    ``subspace`` mode: the compressed weights get no m x n gradient and no Adam state; their
-    m x r proxies are ordinary parameters of the optimizer, and in 16-bit training the merger
-    keeps an fp32 master of each compressed weight, partitioned by output rows over the
-    data-parallel ranks (``ceil(m / D)`` rows per rank). With ``cache_projection`` every
+    ``subspace`` mode: the compressed weights get no m x n gradient and no Adam state, and in
+    16-bit training an fp32 master of each is kept partitioned by output rows over the
+    data-parallel ranks (``ceil(m / D)`` rows per rank). At ZeRO 0 their m x r proxies are
+    ordinary parameters of the optimizer (whole on every rank, like everything at ZeRO 0); at
+    ZeRO 1/2 there are no proxies: the m x r gradient (fp32) and Adam moments are kept for the
+    same ``ceil(m / D)`` rows only, beside DeepSpeed's groups (matrices, vectors), and live
+    through its step. With ``cache_projection`` every
     ``compact`` layer keeps its current P [n_local, r_local] in the compute dtype
     (``projection_cache``; row-parallel layers hold their block-diagonal P densely). ZeRO 1/2
     also allocate one gradient bucket of ``reduce_bucket_size`` elements (DeepSpeed's
@@ -597,8 +612,13 @@ def predict_model_states(
     dp = data_parallel
     p_bytes = 4 if precision == "fp32" else 2
     weights, proxies = counts["subspace_weights"], counts["subspace_proxies"]
+    partitioned = zero_stage in (1, 2) and compression.grad_mode == "subspace"
+    # Elements of this rank's rows of the m x r subspace state (ZeRO 1/2, no proxies).
+    rows = subspace_row_elements(model, compression, tensor_parallel, dp) if partitioned else 0
+    if partitioned:
+        proxies = 0
     model_params = counts["total"] + proxies
-    trained = model_params - weights  # parameters the optimizer steps
+    trained = model_params - weights  # parameters DeepSpeed's optimizer steps
     vectors = model.num_layers * 2 * model.hidden_size + model.hidden_size  # the RMSNorms
     groups = [trained - vectors - proxies, vectors, proxies]  # the trainer's, in its order
     parameters = model_params * p_bytes
@@ -607,6 +627,7 @@ def predict_model_states(
     optimizer = trained * (8 if precision == "fp32" and zero_stage == 0 else 12)
     if zero_stage >= 1:
         optimizer = math.ceil(optimizer / dp)
+    optimizer += 8 * rows  # the subspace Adam moments
     if zero_stage == 0:
         gradients = trained * (p_bytes if precision == "fp32" else p_bytes + 4)
     else:
@@ -619,6 +640,7 @@ def predict_model_states(
             for g, group in enumerate(groups)
         )
         gradients = max(held, math.ceil(stepping))
+    gradients += 4 * rows  # the subspace gradients (fp32 accumulators of this rank's rows)
     masters = 0
     if precision != "fp32":
         masters = 4 * subspace_master_elements(model, compression, tensor_parallel, dp)
@@ -637,12 +659,14 @@ def predict_model_states(
         parameters_count=full_t1,
         detail={
             "subspace_weights": weights,
-            "subspace_proxies": proxies,
+            "subspace_proxies": proxies,  # m x r parameters DeepSpeed manages (ZeRO 0 only)
+            "subspace_gradient_elements": counts["subspace_proxies"],  # m x r of every weight
             "subspace_masters_bytes": masters,
+            "subspace_row_elements": rows,
             # What each rank hands to the data-parallel gradient reduction per step, in the
             # gradients' dtype: the m x r gradients of subspace layers, and all others.
             "dp_reduction_bytes": {
-                "compressed": proxies * p_bytes,
+                "compressed": counts["subspace_proxies"] * p_bytes,
                 "ordinary": (trained - proxies) * p_bytes,
             },
         },

@@ -1,8 +1,8 @@
 """Model-state bytes per rank: measured from the live tensors of real DeepSpeed runs against
 the planner (issue 12).
 
-2 gloo ranks train the tiny LLaMA for 2 steps per layout (ZeRO 0-3, fp32 and bf16, ``lift``
-and ``subspace``, DP=2 and TP=2/DP=1); the trainer's probe measures
+2 gloo ranks train the tiny LLaMA (and a 2-block 60m-shaped one) for 2 steps per layout (ZeRO
+0-3, fp32 and bf16, ``lift`` and ``subspace``, DP=2 and TP=2/DP=1); the trainer's probe measures
 :func:`~actcomp_dist.memory.model_state_bytes` around each optimizer step (after the last
 backward and inside each parameter group's update) and records the largest in
 ``metrics.jsonl``. The planner predicts the same peak in closed form. Criterion: the issue's 5%
@@ -25,6 +25,7 @@ from tests.test_pretrain import VOCAB, _config
 LAYOUTS = {
     "zero0_fp32_lift": ["deepspeed.zero_optimization.stage=0"],
     "zero1_bf16_lift": ["deepspeed.zero_optimization.stage=1", "train.precision=bf16"],
+    "zero2_bf16_lift": ["deepspeed.zero_optimization.stage=2", "train.precision=bf16"],
     # Every tiny matrix is below ZeRO-3's default persistence threshold (1e5 elements: kept
     # whole on every rank, which the planner leaves out); at 1B only the norms are.
     "zero3_bf16_lift": [
@@ -36,7 +37,26 @@ LAYOUTS = {
         "deepspeed.zero_optimization.stage=0",
         "compression.grad_mode=subspace",
     ],
+    "zero1_bf16_subspace": [
+        "deepspeed.zero_optimization.stage=1",
+        "train.precision=bf16",
+        "compression.grad_mode=subspace",
+    ],
     "zero2_bf16_subspace": [
+        "deepspeed.zero_optimization.stage=2",
+        "train.precision=bf16",
+        "compression.grad_mode=subspace",
+    ],
+    # A 60m-shaped model (d 512, FFN 1376, 8 heads; 2 blocks to stay quick on a CPU).
+    "60m_zero2_bf16_lift": [
+        "model.name=60m",
+        "model.overrides.num_layers=2",
+        "deepspeed.zero_optimization.stage=2",
+        "train.precision=bf16",
+    ],
+    "60m_zero2_bf16_subspace": [
+        "model.name=60m",
+        "model.overrides.num_layers=2",
         "deepspeed.zero_optimization.stage=2",
         "train.precision=bf16",
         "compression.grad_mode=subspace",
@@ -68,11 +88,16 @@ def _states_rank(rank: int, world_size: int, raws: list[dict]) -> list[dict]:
         trainer = Trainer(run_config_from_dict(raw))
         history = trainer.train().history
         predicted = predicted_model_states(trainer.config, trainer.model, trainer.ctx.dp_size)
+        merger = trainer.engine.merger
         results.append(
             {
                 "recorded": [r["model_state_bytes"] for r in history],
                 "predicted": predicted,
                 "reduction": gradient_reduction_bytes(trainer.model),
+                # ZeRO 1/2 subspace: the Adam moments this rank keeps ([its rows, r] fp32).
+                "subspace_moments": sum(
+                    4 * m.numel() for pair in getattr(merger, "moments", {}).values() for m in pair
+                ),
             }
         )
         trainer.close()
@@ -106,6 +131,17 @@ def test_measured_model_states_match_the_planner(tmp_path, corpus):
     masters = by_name["zero2_bf16_subspace"]["recorded"][-1]["subspace_masters"]
     weights = by_name["zero2_bf16_subspace"]["predicted"].detail["subspace_weights"]
     assert masters == 4 * weights // 2
+    # ZeRO 1/2: no m x r proxy among the parameters; the moments are this rank's rows only
+    # (half of every m x r at DP=2 on an even m), and the model states are at most the lift
+    # run's at the same stage — measured on this rank from the live tensors.
+    for layout in ("zero1_bf16", "zero2_bf16", "60m_zero2_bf16"):
+        subspace, lift = by_name[f"{layout}_subspace"], by_name[f"{layout}_lift"]
+        detail = subspace["predicted"].detail
+        assert subspace["recorded"][-1]["parameters"] == lift["recorded"][-1]["parameters"]
+        assert subspace["subspace_moments"] == 8 * detail["subspace_row_elements"]
+        assert 2 * detail["subspace_row_elements"] == detail["subspace_gradient_elements"]
+        assert detail["subspace_proxies"] == 0
+        assert subspace["recorded"][-1]["total"] <= lift["recorded"][-1]["total"], layout
 
 
 def test_model_state_bytes_counts_each_storage_once_by_category():
@@ -130,3 +166,34 @@ def test_model_state_bytes_counts_each_storage_once_by_category():
     optimizer.zero_grad(set_to_none=True)  # after the step: no gradients
     assert model_state_bytes(model, optimizer)["gradients"] == 0
     probe.remove()
+
+
+@pytest.mark.parametrize("zero_stage", [1, 2])
+def test_subspace_model_states_of_1b_never_exceed_the_uncompressed_run(zero_stage):
+    """Issue 12's target in the planner (whose ZeRO 1/2 accounting the test above checks
+    against live tensors): LLaMA 1B (vocabulary 32000), bf16, ``compact`` r = n/4 on qkv, fc1
+    and fc2 in ``subspace`` mode keeps no more model state per GPU than the uncompressed run at
+    every data-parallel size from 1 to 4096. At ZeRO 1/2 no m x r tensor is whole on a rank.
+    Without the projection cache (the default, and configs/llama1b_compact.json's): the cache
+    (n x r per layer, 0.46 GB at 1B) is whole on every rank by design."""
+    from actcomp_dist.config import CompressionConfig
+    from actcomp_dist.memory_model import predict_model_states
+    from actcomp_dist.models import get_model_config
+
+    model = get_model_config("1b", vocab_size=32000)
+    compact = CompressionConfig(
+        method="compact",
+        rank=0.25,
+        grad_mode="subspace",
+        sites=["qkv", "fc1", "fc2"],
+    )
+    for dp in (2**k for k in range(13)):
+        states = {
+            name: predict_model_states(
+                model, compression, precision="bf16", zero_stage=zero_stage, data_parallel=dp
+            )
+            for name, compression in (("none", CompressionConfig()), ("subspace", compact))
+        }
+        subspace, none = states["subspace"], states["none"]
+        assert subspace.total <= none.total, (dp, subspace, none)
+        assert subspace.parameters == none.parameters  # no replicated proxies

@@ -132,8 +132,8 @@ LAYOUTS = {
     "subspace_zero0": ["compression.grad_mode=subspace", "deepspeed.zero_optimization.stage=0"],
     "subspace_zero1": ["compression.grad_mode=subspace", "deepspeed.zero_optimization.stage=1"],
     "subspace_zero2": ["compression.grad_mode=subspace", "deepspeed.zero_optimization.stage=2"],
-    # FC2's dense row-parallel G_hat is the same on both TP ranks: its proxy is replicated,
-    # counted once in the norm, and each rank lifts it with its own rows of P.
+    # FC2's dense row-parallel G_hat is the same on both TP ranks: its m x r state is
+    # replicated, counted once in the norm, and each rank lifts it with its own rows of P.
     "subspace_tp2": ["compression.grad_mode=subspace", "parallel.tensor_parallel=2"],
     "subspace_tp2_sp": [
         "compression.grad_mode=subspace",
@@ -152,8 +152,8 @@ LAYOUTS = {
 def test_zero_stages_and_tensor_parallel_match_plain_data_parallel(tmp_path, corpus):
     """``compact`` in ``lift`` mode under ZeRO 1/2/3 and at TP=2 (+SP), and in ``subspace`` mode
     under ZeRO 1/2 and at TP=2 (+SP), train like ZeRO 0 (DP=2; at TP=2 DP=1 with 2 accumulated micro-batches of
-    the same samples). Gradient norms agree too, so the proxies' m x r gradients are in the
-    norm DeepSpeed clips with under every stage. Uncompressed, ZeRO-3 trains like ZeRO 0."""
+    the same samples). Gradient norms agree too, so the m x r gradients (on proxies at ZeRO 0,
+    partitioned at ZeRO 1/2) are in the norm DeepSpeed clips with under every stage. Uncompressed, ZeRO-3 trains like ZeRO 0."""
     raws = [
         _config(tmp_path / name, corpus, "train.eval_interval=0", *overrides)
         for name, overrides in LAYOUTS.items()
@@ -399,9 +399,10 @@ def _subspace_rank(rank: int, world_size: int, raws: list[dict]) -> list[dict]:
 
 @pytest.mark.distributed
 def test_deepspeed_subspace_path_is_the_subspace_adamw_rule(tmp_path, corpus):
-    """Proxies + merger inside DeepSpeed (ZeRO 0, 1, 2; fp32; DP=2) do what ``SubspaceAdamW``
-    does on the whole batch: ``W <- W (1 - lr wd) - lr alpha N P^T`` with N from the m x r Adam
-    moments, one global clip over ordinary and compressed gradients, the scheduled lr.
+    """Proxies + merger (ZeRO 0) and the partitioned m x r state (ZeRO 1, 2) inside DeepSpeed
+    (fp32; DP=2) do what ``SubspaceAdamW`` does on the whole batch:
+    ``W <- W (1 - lr wd) - lr alpha N P^T`` with N from the m x r Adam moments, one global clip
+    over ordinary and compressed gradients, the scheduled lr.
 
     Weight decay and clipping are on (clip 0.5 < every step's norm, so the clip coefficient
     is in every update) and P is resampled every step. Tolerances: float32 against float32

@@ -1,4 +1,4 @@
-"""Subspace training inside an engine that owns the optimizer (DeepSpeed ZeRO 0-2).
+"""Subspace training inside an engine that owns the optimizer (DeepSpeed ZeRO 0).
 
 CompAct's ``subspace`` mode updates ``W`` along ``P^T`` with Adam moments of shape m x r.
 :class:`~actcomp_dist.optim.SubspaceAdamW` does that for plain PyTorch. Inside DeepSpeed the
@@ -24,6 +24,12 @@ paper.
 ``W`` itself is not given to the engine's optimizer. When the model runs in bf16/fp16 the
 merger keeps an fp32 master copy of ``W`` so that small updates are not lost to rounding,
 partitioned by output rows over the data-parallel ranks (see :class:`SubspaceMerger`).
+
+The trainer uses proxies at ZeRO 0 only: ZeRO 1/2 partition optimizer state and gradients but
+keep every 16-bit parameter whole on every rank, so a proxy would cost ``2 m r`` bytes per rank
+at any data-parallel size. There
+:class:`~actcomp_dist.optim.subspace_partitioned.PartitionedSubspaceAdam` (a
+:class:`SubspaceMerger` without proxies) keeps the m x r state itself, partitioned by rows.
 """
 
 from __future__ import annotations
@@ -143,8 +149,7 @@ class SubspaceMerger:
 
     Why not DeepSpeed's own partitioned state: DeepSpeed keeps fp32 masters only of the
     parameters its optimizer steps, with their full m x n gradients in its flat buffers —
-    exactly what ``subspace`` mode exists to avoid. The m x r proxies *are* DeepSpeed
-    parameters, so their fp32 copies and Adam moments are already partitioned by ZeRO 1/2.
+    exactly what ``subspace`` mode exists to avoid.
     """
 
     def __init__(
@@ -157,9 +162,7 @@ class SubspaceMerger:
         process_group: dist.ProcessGroup | None = None,
     ) -> None:
         self.layers = subspace_layers(model)
-        missing = [layer for layer in self.layers if getattr(layer, "subspace_proxy", None) is None]
-        if missing:
-            raise ValueError("call attach_subspace_proxies(model) before SubspaceMerger(model)")
+        self._check_layers()
         self.subspace_scale = subspace_scale
         self.weight_decay = weight_decay
         self.get_fp32 = get_fp32 or (lambda p: p.detach().float())
@@ -175,6 +178,15 @@ class SubspaceMerger:
                 continue
             start, end = owned_rows(weight.shape[0], self.dp_rank, self.dp_size)
             self.masters[id(layer)] = (start, weight.detach()[start:end].float().clone())
+
+    def _check_layers(self) -> None:
+        missing = [layer for layer in self.layers if getattr(layer, "subspace_proxy", None) is None]
+        if missing:
+            raise ValueError("call attach_subspace_proxies(model) before SubspaceMerger(model)")
+
+    def state_tensors(self) -> dict[str, list[torch.Tensor]]:
+        """The tensors this object keeps, by model-state category (for the memory probe)."""
+        return {"subspace_masters": [master for _, master in self.masters.values()]}
 
     def proxy_parameters(self) -> list[nn.Parameter]:
         return [layer.subspace_proxy for layer in self.layers]

@@ -669,6 +669,18 @@ def validate_run(config: RunConfig, world_size: int) -> None:
                 f"{config.train.precision} optimizer does not expose the fp32 copies of the "
                 f"subspace proxies that each step's merge must reset"
             )
+        accumulate = config.deepspeed.get("data_types", {}).get("grad_accum_dtype")
+        if (
+            stage == 1
+            and config.train.precision == "bf16"
+            and accumulate not in (None, "bf16", "bfloat16")
+        ):
+            raise ConfigError(
+                f"compression.grad_mode='subspace' with ZeRO stage 1 in bf16 needs "
+                f"deepspeed.data_types.grad_accum_dtype unset or 'bf16', got {accumulate!r}: "
+                f"DeepSpeed then steps with its BF16_Optimizer, whose gradient-norm clip the "
+                f"partitioned subspace state cannot join"
+            )
     if config.parallel.sequence_parallel and config.data.seq_length % tp != 0:
         raise ConfigError(
             f"data.seq_length={config.data.seq_length} must be divisible by "

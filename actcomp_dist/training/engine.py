@@ -8,11 +8,14 @@ The optimizer is AdamW built here (a plain ``torch.optim.AdamW``, so nothing is 
 CPU) with weight decay on matrices only, and the LR schedule is ours (warm-up + cosine); both
 are handed to ``deepspeed.initialize`` so DeepSpeed steps, clips and checkpoints them.
 
-``subspace`` mode: the compressed weights are not given to the optimizer. Their m x r
-gradients arrive on ``subspace_proxy`` parameters (see
+``subspace`` mode: the compressed weights are not given to the optimizer. At ZeRO 0 their
+m x r gradients arrive on ``subspace_proxy`` parameters (see
 :mod:`actcomp_dist.optim.subspace_proxy`) that DeepSpeed treats like any other parameter —
 one data-parallel average, one global norm clip, one LR schedule — and a
-:class:`SubspaceMerger` folds each step into the weights.
+:class:`SubspaceMerger` folds each step into the weights. At ZeRO 1/2 a proxy would stay whole
+on every rank, so :class:`PartitionedSubspaceAdam` keeps the m x r gradients, Adam moments and
+fp32 masters instead, each rank its rows, and joins DeepSpeed's norm clip
+(:mod:`actcomp_dist.optim.subspace_partitioned`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from actcomp_dist.optim.subspace_partitioned import PartitionedSubspaceAdam
 from actcomp_dist.optim.subspace_proxy import (
     SubspaceMerger,
     attach_subspace_proxies,
@@ -65,11 +69,12 @@ def build_engine(config: RunConfig, model: nn.Module, world_size: int, mpu) -> E
     merger = None
     exclude: set[int] = set()
     proxies: list[nn.Parameter] = []
+    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
     if config.compression.grad_mode == "subspace":
-        stage = ds_config.get("zero_optimization", {}).get("stage", 0)
         if stage not in (0, 1, 2):
             raise ConfigError(f"grad_mode='subspace' needs ZeRO stage 0-2, got {stage}")
-        proxies = attach_subspace_proxies(model)
+        if stage == 0:
+            proxies = attach_subspace_proxies(model)
         exclude = {id(layer.weight) for layer in subspace_layers(model)} | {id(p) for p in proxies}
     groups = _param_groups(model, train.weight_decay, exclude)
     if proxies:
@@ -89,25 +94,28 @@ def build_engine(config: RunConfig, model: nn.Module, world_size: int, mpu) -> E
         config=ds_config,
         mpu=mpu,
     )
-    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
-    if proxies:
-        # After deepspeed.initialize: DeepSpeed casts the module to bf16/fp16 in place, and the
-        # merger keeps fp32 masters only of weights that are not fp32 when it is built.
-        # The fp32 masters of 16-bit weights are partitioned over the data-parallel group.
+    # After deepspeed.initialize: DeepSpeed casts the module to bf16/fp16 in place, and the
+    # merger keeps fp32 masters only of weights that are not fp32 when it is built. The fp32
+    # masters of 16-bit weights are partitioned over the data-parallel group.
+    dp_group = mpu.get_data_parallel_group() if mpu is not None else None
+    if proxies:  # ZeRO 0, fp32 (validate_run refuses 16-bit): the proxies are the torch AdamW's
         merger = SubspaceMerger(
+            model, train.subspace_scale, train.weight_decay, process_group=dp_group
+        )
+        skip_subspace_weights_in_zero0_reduction(engine, model)
+    elif config.compression.grad_mode == "subspace":
+        # ZeRO 1/2: gradients, moments and masters partitioned by rows, outside DeepSpeed
+        # (DeepSpeed would keep a replicated m x r proxy per weight).
+        merger = PartitionedSubspaceAdam(
             model,
             train.subspace_scale,
             train.weight_decay,
-            process_group=mpu.get_data_parallel_group() if mpu is not None else None,
+            betas=tuple(train.betas),
+            eps=train.eps,
+            process_group=dp_group,
+            model_parallel_group=mpu.get_model_parallel_group() if mpu is not None else None,
         )
-        if stage > 0 or train.precision != "fp32":
-            # The optimizer's fp32 copy of each proxy lives in DeepSpeed's (partitioned) buffers.
-            from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
-
-            merger.get_fp32 = safe_get_full_fp32_param
-            merger.set_fp32 = safe_set_full_fp32_param
-        if stage == 0:
-            skip_subspace_weights_in_zero0_reduction(engine, model)
+        merger.attach_to(ds_optimizer)
     if stage == 0 and train.precision == "fp32":
         _skip_non_finite_fp32_steps(engine)
     return Engine(

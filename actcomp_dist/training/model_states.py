@@ -8,6 +8,7 @@ from typing import Any
 from torch import nn
 
 from actcomp_dist.memory_model import ModelStates, predict_model_states
+from actcomp_dist.optim.subspace_proxy import subspace_layers
 from actcomp_dist.training.config import RunConfig
 from actcomp_dist.training.metrics import format_bytes
 
@@ -28,17 +29,22 @@ def predicted_model_states(config: RunConfig, model: nn.Module, dp_size: int) ->
 
 def gradient_reduction_bytes(model: nn.Module) -> dict[str, int]:
     """Bytes of gradients each rank hands to the data-parallel reduction per optimizer step:
-    ``compressed`` (the m x r gradients of ``subspace`` layers, on their proxies) and
+    ``compressed`` (the m x r gradients of ``subspace`` layers: on their proxies at ZeRO 0,
+    reduce-scattered by rows at ZeRO 1/2) and
     ``ordinary`` (every other trained parameter; compressed weights in ``lift`` mode included:
     their gradient is m x n). Gradients travel in the parameters' dtype."""
-    proxies = {id(m.subspace_proxy) for m in model.modules() if hasattr(m, "subspace_proxy")}
     out = {"compressed": 0, "ordinary": 0}
+    for layer in subspace_layers(model):
+        weight = layer.weight
+        out["compressed"] += (
+            weight.shape[0] * layer.compressor.compressed_width * weight.element_size()
+        )
+    proxies = {id(m.subspace_proxy) for m in model.modules() if hasattr(m, "subspace_proxy")}
     for param in model.parameters():
         # ZeRO-3 leaves an empty tensor in the module; ``ds_numel`` is the parameter's size.
         nbytes = getattr(param, "ds_numel", param.numel()) * param.element_size()
-        if id(param) in proxies:
-            out["compressed"] += nbytes
-        elif param.requires_grad and not hasattr(param, "subspace_projection"):
+        trained = param.requires_grad and not hasattr(param, "subspace_projection")
+        if trained and id(param) not in proxies:
             out["ordinary"] += nbytes
     return out
 
