@@ -9,43 +9,14 @@
 The config is the pretraining one plus a ``finetune`` section, ``model.init_from`` and JSONL
 ``data.train`` / ``data.valid`` (see ``actcomp_dist.training.finetune_config``);
 ``--set key=value`` overrides one value. Every rank runs this file: load the config, build the
-run (the pretraining recipe with the fine-tuning hooks), train it. Exit status as
+run (the pretraining recipe with the fine-tuning hooks), train it: the recipe is in
+``actcomp_dist/cli/finetune.py`` (the same as the ``actcomp-finetune`` command). Exit status as
 ``launch/pretrain.py``'s: 0 done or preempted, 2 a user error, 3 stopped on a non-finite loss.
 """
 
 import sys
 
-from actcomp_dist.training.cli import exit_status, parse_args
-from actcomp_dist.training.config import load_run_config
-from actcomp_dist.training.finetune_config import FinetuneRunConfig
-from actcomp_dist.training.quiet import quiet_third_party
-
-DESCRIPTION = "Fine-tune a LLaMA model (full + compressed activations, LoRA, LoRI)."
-
-
-def finetune():
-    """Fine-tune as the command line says; every rank runs it. Returns the TrainResult."""
-    args = parse_args(description=DESCRIPTION)
-    # 1. The config: the file, then --deepspeed_config, then each --set override.
-    config = load_run_config(
-        args.config,
-        args.overrides,
-        config_class=FinetuneRunConfig,
-        deepspeed_file=args.deepspeed_config,
-    )
-    # megatron-core and DeepSpeed print at import: the filters go first, then the trainer.
-    quiet_third_party(config.logging.verbose)
-    from actcomp_dist.training.finetune import FinetuneTrainer
-
-    # 2. The run: the pretraining recipe (training/trainer.py) with the fine-tuning hooks:
-    #    JSONL data, Hugging Face or random init, LoRA / LoRI adapters, adapter saving.
-    trainer = FinetuneTrainer(config)
-    # 3. Train.
-    try:
-        return trainer.train()
-    finally:
-        trainer.close()
-
+from actcomp_dist.cli.finetune import main
 
 if __name__ == "__main__":
-    sys.exit(exit_status(finetune))
+    sys.exit(main())

@@ -88,7 +88,7 @@ def _states_rank(rank: int, world_size: int, raws: list[dict]) -> list[dict]:
         trainer = Trainer(run_config_from_dict(raw))
         history = trainer.train().history
         predicted = predicted_model_states(trainer.config, trainer.model, trainer.ctx.dp_size)
-        merger = trainer.engine.merger
+        merger = trainer.merger
         results.append(
             {
                 "recorded": [r["model_state_bytes"] for r in history],

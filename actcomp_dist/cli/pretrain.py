@@ -1,15 +1,48 @@
-"""``actcomp-pretrain``: the command line of ``launch/pretrain.py`` (see
-:mod:`actcomp_dist.training.cli`)."""
+"""``actcomp-pretrain`` and ``launch/pretrain.py``: the pretraining recipe, top to bottom.
+
+Every rank runs :func:`pretrain`: load the config, build the run, train it. Exit status: 0 done
+or preempted (resume with ``--set checkpoint.resume=latest``), 2 a user error (config, data,
+checkpoint: one line on every rank, before any collective, the run directory untouched), 3
+stopped on a non-finite loss or gradient norm, 4 a rank stopped progressing, 5 the ranks
+disagree on projection seeds.
+"""
 
 from __future__ import annotations
 
 import sys
 
+from actcomp_dist.training.cli import exit_status, parse_args
+from actcomp_dist.training.config import load_run_config
+from actcomp_dist.training.quiet import quiet_third_party
+
+
+def pretrain(argv: list[str] | None = None):
+    """Pretrain as the command line (``argv``, default ``sys.argv``) says; every rank runs it.
+    Returns the TrainResult."""
+    args = parse_args(argv)
+    # 1. The config: the file, then --deepspeed_config, then each --set override. Plugins
+    #    (the config's "plugins" list) are imported first, so their methods validate.
+    config = load_run_config(args.config, args.overrides, deepspeed_file=args.deepspeed_config)
+    # megatron-core and DeepSpeed print at import: the filters go first, then the trainer.
+    quiet_third_party(config.logging.verbose)
+    from actcomp_dist.training.trainer import Trainer
+
+    # 2. The run, in a fixed order (actcomp_dist/training/trainer.py): validate -> resume
+    #    checks -> process group -> parallel state, seeds -> data -> model (compression,
+    #    memory policy, activation checkpointing) -> DeepSpeed engine -> resume -> run dir.
+    trainer = Trainer(config)
+    # 3. Train: one optimizer step at a time (training/step.py), logging, evaluation,
+    #    checkpoints, until train.steps or a preemption (which saves first).
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()
+
 
 def main(argv: list[str] | None = None) -> int:
-    from actcomp_dist.training.cli import main as pretrain_main
-
-    return pretrain_main(argv)
+    """``actcomp-pretrain`` / ``launch/pretrain.py``: :func:`pretrain` under the launchers'
+    error contract (:func:`~actcomp_dist.training.cli.exit_status`); returns the exit status."""
+    return exit_status(lambda: pretrain(argv))
 
 
 if __name__ == "__main__":
