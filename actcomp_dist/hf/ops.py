@@ -1,0 +1,182 @@
+"""Autograd functions behind the patched Hugging Face MLP: SwiGLU that keeps ``gate`` and ``up``.
+
+A Hugging Face MLP computes ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` and keeps, per
+token, ``gate`` (for SiLU), ``silu(gate)`` and ``up`` (for the product) and the product ``h``
+(for ``down_proj``'s weight gradient, or PEFT LoRA A's): four intermediate-sized tensors. The
+functions here keep ``gate`` and ``up`` only (packed by an 8-bit quantizer of
+:mod:`actcomp_dist.storage` when the ``swiglu`` policy asks) and recompute ``h`` in backward:
+
+- :func:`swiglu_linear`: ``down_proj`` is a plain trainable ``nn.Linear``. One function
+  computes ``F.linear(silu(gate) * up, W, b)``; backward recomputes ``h`` once and forms the
+  weight gradient ``g^T h`` and the input gradient ``g W`` in closed form (the same products
+  autograd's linear backward forms), then backpropagates through a re-run of the SwiGLU.
+  No extra matmul.
+- :func:`swiglu`: ``down_proj`` keeps nothing of its input (a frozen ``nn.Linear``, a
+  compressing ``CompressedLinear``, a LoRA layer whose A is compressed): only the product is
+  recomputed, ``down_proj`` is called as usual.
+- :func:`swiglu_then`: any other ``down_proj`` (PEFT LoRA, whose A keeps ``h``; other adapter
+  types): forward runs ``down_proj(swiglu(gate, up))`` without autograd; backward re-runs it
+  under autograd (same RNG state and autocast state, as reentrant activation checkpointing
+  does) and backpropagates, accumulating the adapter's parameter gradients. Costs one more
+  forward of ``down_proj``. Like reentrant checkpointing, parameter gradients arrive through
+  ``.backward()``, not ``torch.autograd.grad``.
+
+Every kept tensor goes through ``save_for_backward``, so saved-tensor hooks (the byte counter
+of :mod:`actcomp_dist.memory`, HF's non-reentrant checkpointing) see exactly what is kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from actcomp_dist.storage import Quantizer
+
+
+def swiglu_product(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up``, the ops of a Hugging Face Llama MLP (``ACT2FN["silu"]``)."""
+    return F.silu(gate) * up
+
+
+def _save(ctx, storage: Quantizer | None, *tensors: torch.Tensor) -> None:
+    ctx.storage = storage
+    if storage is None:
+        ctx.save_for_backward(*tensors)
+        return
+    packed = [storage.pack(t) for t in tensors]
+    ctx.counts = [len(p) for p in packed]
+    ctx.likes = [torch.empty_like(t, device="meta") for t in tensors]
+    ctx.save_for_backward(*(t for p in packed for t in p))
+
+
+def _load(ctx) -> list[torch.Tensor]:
+    """The kept tensors (dequantised), detached and requiring grad for a re-run."""
+    saved = list(ctx.saved_tensors)
+    if ctx.storage is None:
+        tensors = saved
+    else:
+        tensors = []
+        for count, like in zip(ctx.counts, ctx.likes, strict=True):
+            packed, saved = tuple(saved[:count]), saved[count:]
+            tensors.append(ctx.storage.unpack(packed, like))
+    return [t.detach().requires_grad_(True) for t in tensors]
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up, storage):
+        _save(ctx, storage, gate, up)
+        return swiglu_product(gate, up)
+
+    @staticmethod
+    def backward(ctx, grad_h):
+        gate, up = _load(ctx)
+        with torch.enable_grad():
+            h = swiglu_product(gate, up)
+        grad_gate, grad_up = torch.autograd.grad(h, (gate, up), grad_h)
+        return grad_gate, grad_up, None
+
+
+class _SwiGLULinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up, weight, bias, storage):
+        h = swiglu_product(gate, up)  # [..., intermediate]
+        out = F.linear(h, weight, bias)  # under autocast: in the autocast dtype
+        _save(ctx, storage, gate, up)
+        ctx.weight, ctx.has_bias = weight, bias is not None
+        ctx.compute_dtype = out.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        gate, up = _load(ctx)
+        weight = ctx.weight
+        with torch.enable_grad():
+            h = swiglu_product(gate, up)
+        dtype = ctx.compute_dtype  # the dtype forward's linear ran in (autocast or not)
+        grad_out = grad_out.to(dtype)
+        g2d = grad_out.reshape(-1, grad_out.shape[-1])  # [N, out]
+        grad_weight = grad_bias = None
+        if ctx.needs_input_grad[2]:
+            h2d = h.detach().to(dtype).reshape(-1, h.shape[-1])  # [N, intermediate]
+            grad_weight = g2d.t().matmul(h2d).to(weight.dtype)  # [out, intermediate]
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            grad_bias = g2d.sum(0).to(weight.dtype)
+        grad_gate = grad_up = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            grad_h = grad_out.matmul(weight.to(dtype)).to(h.dtype)  # [..., intermediate]
+            grad_gate, grad_up = torch.autograd.grad(h, (gate, up), grad_h)
+        return grad_gate, grad_up, grad_weight, grad_bias, None
+
+
+def _device_types(*tensors: torch.Tensor) -> list[str]:
+    return sorted({t.device.type for t in tensors})
+
+
+class _SwiGLUThen(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, module, storage, gate, up):
+        device = gate.device.type
+        ctx.module = module
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        ctx.cpu_rng = torch.get_rng_state()
+        ctx.device_rng = (
+            torch.get_device_module(device).get_rng_state(gate.device)
+            if device not in ("cpu", "meta")
+            else None
+        )
+        _save(ctx, storage, gate, up)
+        with torch.no_grad():
+            return module(swiglu_product(gate, up))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        gate, up = _load(ctx)
+        device, autocast_enabled, autocast_dtype = ctx.autocast
+        devices = [gate.device] if ctx.device_rng is not None else []
+        # Same RNG draws as forward (an adapter's dropout), without disturbing the global streams.
+        with torch.random.fork_rng(devices=devices, device_type=device):
+            torch.set_rng_state(ctx.cpu_rng)
+            if ctx.device_rng is not None:
+                torch.get_device_module(device).set_rng_state(ctx.device_rng, gate.device)
+            with (
+                torch.enable_grad(),
+                torch.autocast(device, dtype=autocast_dtype, enabled=autocast_enabled),
+            ):
+                out = ctx.module(swiglu_product(gate, up))
+        torch.autograd.backward(out, grad_out)
+        return None, None, gate.grad, up.grad
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, storage: Quantizer | None) -> torch.Tensor:
+    """``silu(gate) * up`` keeping ``gate`` and ``up`` (packed by ``storage``) only."""
+    if not (torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad)):
+        return swiglu_product(gate, up)
+    return _SwiGLU.apply(gate, up, storage)
+
+
+def swiglu_linear(
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    storage: Quantizer | None,
+) -> torch.Tensor:
+    """``F.linear(silu(gate) * up, weight, bias)`` keeping ``gate`` and ``up`` only."""
+    if not torch.is_grad_enabled():
+        return F.linear(swiglu_product(gate, up), weight, bias)
+    return _SwiGLULinear.apply(gate, up, weight, bias, storage)
+
+
+def swiglu_then(
+    module: Callable[[torch.Tensor], torch.Tensor],
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    storage: Quantizer | None,
+) -> torch.Tensor:
+    """``module(silu(gate) * up)`` keeping ``gate`` and ``up`` only; backward re-runs it."""
+    if not (torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad)):
+        return module(swiglu_product(gate, up))
+    return _SwiGLUThen.apply(module, storage, gate, up)
