@@ -180,3 +180,95 @@ def swiglu_then(
     if not (torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad)):
         return module(swiglu_product(gate, up))
     return _SwiGLUThen.apply(module, storage, gate, up)
+
+
+# -- LoRAct's norm mode: the norm output kept once, as low-rank factors, for every consumer ----
+
+
+def _rms_norm_backward(ctx, grad_y, y, weight, rstd):
+    """The closed-form RMSNorm backward of :mod:`actcomp_dist.models.efficient_ops` on a
+    (here reconstructed) output ``y``: ``x_hat = y / weight``,
+    ``dx = rstd (dn - x_hat mean(dn x_hat))`` with ``dn = g weight``, ``dw = sum(g x_hat)``."""
+    x_hat = y.float() / weight.float()  # [..., h]
+    grad_x = grad_w = None
+    if ctx.needs_input_grad[0]:
+        grad_normed = (grad_y * weight).float()
+        dot = (grad_normed * x_hat).mean(-1, keepdim=True)
+        grad_x = (rstd * (grad_normed - x_hat * dot)).to(ctx.x_dtype)
+    if ctx.needs_input_grad[1]:
+        grad_w = (grad_y.float() * x_hat).reshape(-1, y.shape[-1]).sum(0).to(weight.dtype)
+    return grad_x, grad_w
+
+
+class _LowRankRMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps, storage):
+        x32 = x.float()
+        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)  # [..., 1] fp32
+        y = weight * (x32 * rstd).to(x.dtype)  # Hugging Face's ops, bit for bit
+        low, q = storage.pack(y)  # [N, k], [h, k]
+        ctx.save_for_backward(low, q, weight, rstd)
+        ctx.storage, ctx.x_dtype = storage, x.dtype
+        ctx.y_like = torch.empty_like(y, device="meta")
+        ctx.mark_non_differentiable(low, q)
+        return y, low, q
+
+    @staticmethod
+    def backward(ctx, grad_y, _grad_low, _grad_q):
+        low, q, weight, rstd = ctx.saved_tensors
+        y = ctx.storage.unpack((low, q), ctx.y_like)
+        grad_x, grad_w = _rms_norm_backward(ctx, grad_y, y, weight, rstd)
+        return grad_x, grad_w, None, None
+
+
+def low_rank_rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, storage: Quantizer
+) -> torch.Tensor:
+    """RMSNorm keeping ``rstd`` and LoRAct factors ``L``, ``Q`` of its output ``y`` (backward
+    reads ``y ~= L Q^T``). ``y`` carries the factors as ``y.lowrank_factors``, so a linear that
+    reads ``y`` (:func:`factored_input_linear`) keeps the same two tensors, not ``y``."""
+    if not torch.is_grad_enabled():
+        return rms_norm_reference(x, weight, eps)
+    # Factorised even when nothing below needs the norm's gradient (a first norm under PEFT):
+    # the LoRA A that read y keep the factors then.
+    y, low, q = _LowRankRMSNorm.apply(x, weight, eps, storage)
+    y.lowrank_factors = (low, q)
+    return y
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x32 = x.float()
+    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+class _FactoredInputLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, low, q):
+        out = F.linear(x, weight, bias)  # under autocast: in the autocast dtype
+        ctx.save_for_backward(low, q)  # the norm's factors: the same storage, counted once
+        ctx.weight, ctx.has_bias, ctx.compute_dtype = weight, bias is not None, out.dtype
+        ctx.x_dtype = x.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        low, q = ctx.saved_tensors
+        weight, dtype = ctx.weight, ctx.compute_dtype
+        grad_out = grad_out.to(dtype)
+        g2d = grad_out.reshape(-1, grad_out.shape[-1])  # [N, out]
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out.matmul(weight.to(dtype)).to(ctx.x_dtype)
+        if ctx.needs_input_grad[1]:
+            # g^T (L Q^T) = (g^T L) Q^T: never forms the [N, in] reconstruction.
+            grad_weight = (g2d.t().matmul(low.to(dtype))).matmul(q.to(dtype).t())
+            grad_weight = grad_weight.to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = g2d.sum(0).to(weight.dtype)
+        return grad_x, grad_weight, grad_bias, None, None
+
+
+def factored_input_linear(x, weight, bias, factors):
+    """``F.linear(x, weight, bias)`` whose weight gradient reads ``x ~= L Q^T`` from
+    ``factors = (L, Q)`` (kept by the norm that produced ``x``) instead of keeping ``x``."""
+    return _FactoredInputLinear.apply(x, weight, bias, *factors)

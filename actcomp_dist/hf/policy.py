@@ -10,9 +10,18 @@ What each kind's policy does to a Llama / Mistral / Qwen2 block (see :mod:`.fami
   and ``rstd`` besides (two more hidden-sized tensors per norm). Forward is bit-identical;
   backward is the closed form in ``efficient_ops`` (equal to autograd to rounding). A norm
   weight that is exactly zero makes that norm's gradients NaN (``x_hat = y / weight``).
-- ``swiglu``: the MLP keeps ``gate`` and ``up`` only (``keep``), or both packed in 8 bits
-  (``int8``, ``fp8``), and recomputes ``silu(gate) * up`` in backward (:mod:`.ops`); Hugging
-  Face keeps ``gate``, ``silu(gate)``, ``up`` and the product. Needs ``hidden_act="silu"``.
+  ``lowrank:R`` (LoRAct's norm mode, on the two norms of each decoder layer; the final norm
+  stays ``keep``): the norm keeps ``rstd`` and the factors ``L = y Q`` [N, R], ``Q`` [h, R] of
+  its output (:class:`actcomp_dist.storage.LowRankStorage`); every trainable linear reading
+  ``y`` (q/k/v or gate/up, or their PEFT LoRA A) computes its weight gradient as
+  ``(g^T L) Q^T`` from the *same* two tensors, so ``y`` is kept by nobody. The norm's own
+  backward reads ``y ~= L Q^T``. Readers must be ``nn.Linear`` or vanilla PEFT LoRA without
+  dropout (a dropout mask would need ``y`` itself); anything else is refused.
+- ``swiglu``: the MLP keeps ``gate`` and ``up`` only (``keep``), both packed in 8 bits
+  (``int8``, ``fp8``) or as LoRAct factors (``lowrank:R``, LoRAct's act_fn mode: each of
+  ``gate`` and ``up`` as ``(N + I) R`` elements), and recomputes ``silu(gate) * up`` in
+  backward (:mod:`.ops`); Hugging Face keeps ``gate``, ``silu(gate)``, ``up`` and the product.
+  Needs ``hidden_act="silu"``.
 - ``attention``: ``keep`` leaves Hugging Face's attention as it is (with SDPA and no padding
   mask it keeps q, k after RoPE, v, the output and the log-sum-exp: no alias of a projection
   output). ``int8`` / ``fp8`` keep q, k, v packed and re-run SDPA in backward
@@ -20,6 +29,13 @@ What each kind's policy does to a Llama / Mistral / Qwen2 block (see :mod:`.fami
   padding mask only (a batch with padding raises), no attention dropout.
 - ``block_input`` is HF gradient checkpointing's business; the linear sites (``qkv``, ``proj``,
   ``fc1``, ``fc2``) are compressed through ``compression=``: both must stay ``keep``.
+
+Presets: ``"exact"`` (every kind ``keep``: memory-efficient exact ops, losses equal to the
+unpatched model's) and ``"loract"`` (``norm`` and ``swiglu`` at ``lowrank:R`` with
+``R = width // 8``: LoRAct's norm and act_fn modes, Shi et al., arXiv 2509.23472; the rank
+ratio is this package's choice, not a value taken from the paper; LoRAct's layer and pre-norm
+sublayer modes are not implemented). A mapping in the run config's ``memory.policy`` format
+(kind -> policy) gives any other mix, e.g. ``{"norm": "lowrank:16", "attention": "int8"}``.
 
 ``compression`` (a :class:`~actcomp_dist.config.CompressionConfig`) swaps the trainable
 ``nn.Linear`` inputs of q/k/v, gate/up and down (or, under PEFT, their LoRA A) for
@@ -37,56 +53,125 @@ original classes.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from actcomp_dist.config import CompressionConfig
 from actcomp_dist.hf.families import Family, supported_families, supported_names
-from actcomp_dist.hf.ops import swiglu, swiglu_linear, swiglu_then
+from actcomp_dist.hf.ops import (
+    factored_input_linear,
+    low_rank_rms_norm,
+    swiglu,
+    swiglu_linear,
+    swiglu_then,
+)
 from actcomp_dist.layers import CompressedLinear, compress_linears
 from actcomp_dist.models.efficient_ops import rms_norm
-from actcomp_dist.storage import KINDS, Quantizer, StoragePolicy, attention_with_stored_inputs
+from actcomp_dist.storage import (
+    KINDS,
+    POLICIES,
+    Quantizer,
+    StoragePolicy,
+    attention_with_stored_inputs,
+    storage_for,
+)
 
-#: Named policies (``apply_memory_policy(model, "exact")``).
+#: Named policies (``apply_memory_policy(model, "exact")``); ``R`` of ``"loract"`` is resolved
+#: per model as :data:`LORACT_RANK_DIVISOR` below the width of the tensor factorised.
 PRESETS: dict[str, dict[str, str]] = {
     "exact": {},
+    "loract": {"norm": "lowrank:R", "swiglu": "lowrank:R"},
 }
-#: The kinds this package patches; the others must stay ``keep`` (see the module doc).
-HF_KINDS = ("norm", "attention", "swiglu")
+#: ``"loract"``'s rank: width // 8 (the norm output: hidden // 8; gate and up:
+#: intermediate // 8), a compression of 8x per factorised tensor.
+LORACT_RANK_DIVISOR = 8
+#: The kinds this package patches and the policies each takes; other kinds must stay ``keep``.
+HF_IMPLEMENTED: dict[str, tuple[str, ...]] = {
+    "norm": ("keep", "lowrank:R"),
+    "attention": ("keep", "int8", "fp8"),
+    "swiglu": ("keep", "int8", "fp8", "lowrank:R"),
+}
+HF_KINDS = tuple(HF_IMPLEMENTED)
 #: Linear leaves whose inputs ``compression=`` compresses.
 COMPRESSED_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj")
+#: The projections that read each decoder-layer norm's output (LoRAct's norm mode).
+NORM_CONSUMERS = {
+    "input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj"),
+}
 
 
-def resolve_policy(policy: str | Mapping[str, Any] | StoragePolicy) -> StoragePolicy:
+@dataclasses.dataclass(frozen=True)
+class HfPolicy:
+    """The resolved policy of each kind :mod:`actcomp_dist.hf` patches."""
+
+    norm: str = "keep"
+    attention: str = "keep"
+    swiglu: str = "keep"
+
+    def storage(self, kind: str) -> Quantizer | None:
+        return storage_for(getattr(self, kind))
+
+
+def _grammar(value: str) -> str:
+    return "lowrank:R" if isinstance(value, str) and value.startswith("lowrank:") else value
+
+
+def resolve_policy(
+    policy: str | Mapping[str, Any] | StoragePolicy, widths: Mapping[str, int] | None = None
+) -> HfPolicy:
     """A preset name, a ``memory.policy`` mapping or a :class:`StoragePolicy`, checked for
-    what this package serves; raises ``ValueError`` naming the field and the valid values."""
+    what this package serves; raises ``ValueError`` naming the field and the valid values.
+    ``widths`` (``norm``, ``swiglu`` -> width) resolves the ``R`` of ``"loract"``."""
     if isinstance(policy, str):
         if policy not in PRESETS:
             raise ValueError(
                 f"apply_memory_policy: unknown preset {policy!r}; presets: {sorted(PRESETS)} "
                 f"or a memory.policy mapping of kinds {list(HF_KINDS)}"
             )
-        policy = PRESETS[policy]
-    if isinstance(policy, Mapping):
-        policy = StoragePolicy.from_mapping(policy)
-    if not isinstance(policy, StoragePolicy):
+        widths = widths or {}
+        policy = {
+            kind: f"lowrank:{max(1, widths.get(kind, 0) // LORACT_RANK_DIVISOR)}"
+            if value == "lowrank:R"
+            else value
+            for kind, value in PRESETS[policy].items()
+        }
+    elif isinstance(policy, StoragePolicy):
+        policy = policy.changes()
+    if not isinstance(policy, Mapping):
         raise TypeError(
             f"apply_memory_policy: policy must be a preset name, a mapping or a StoragePolicy, "
             f"not {type(policy).__name__}"
         )
-    for kind in KINDS:
-        value = getattr(policy, kind)
+    unknown = sorted(set(policy) - set(KINDS))
+    if unknown:
+        raise ValueError(f"memory.policy has unknown kind(s) {unknown}; valid kinds: {list(KINDS)}")
+    for kind, value in policy.items():
+        where = f"memory.policy.{kind}={value!r}"
+        if _grammar(value) not in POLICIES or (
+            value.startswith("lowrank:") and not value.partition(":")[2].isdigit()
+        ):
+            raise ValueError(f"{where} is not a policy; valid: {list(POLICIES)}")
         if kind not in HF_KINDS and value != "keep":
             raise ValueError(
-                f"memory.policy.{kind}={value!r} is not served on Hugging Face models (block "
-                f"inputs follow HF gradient checkpointing, linear sites are compressed through "
-                f"compression=); kinds served: {list(HF_KINDS)}"
+                f"{where} is not served on Hugging Face models (block inputs follow HF "
+                f"gradient checkpointing, linear sites are compressed through compression=); "
+                f"kinds served: {list(HF_KINDS)}"
             )
-    return policy
+        if kind in HF_KINDS and _grammar(value) not in HF_IMPLEMENTED[kind]:
+            raise ValueError(
+                f"{where} is not served for kind {kind!r} on Hugging Face models; served: "
+                f"{list(HF_IMPLEMENTED[kind])}"
+            )
+        if value.startswith("lowrank:") and int(value.partition(":")[2]) < 1:
+            raise ValueError(f"{where}: the rank R must be >= 1")
+    return HfPolicy(**{k: v for k, v in policy.items() if k in HF_KINDS})
 
 
 # -- the patched classes -------------------------------------------------------------------------
@@ -97,6 +182,28 @@ class _EfficientRMSNorm:
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+
+
+class _LowRankRMSNorm:
+    """RMSNorm keeping ``rstd`` and LoRAct factors of its output (``lowrank:R``)."""
+
+    _actcomp_norm: Quantizer
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return low_rank_rms_norm(
+            hidden_states, self.weight, self.variance_epsilon, self._actcomp_norm
+        )
+
+
+class _FactoredInputLinearModule:
+    """``nn.Linear`` whose weight gradient reads a low-rank norm's factors when its input
+    carries them (``input.lowrank_factors``), instead of keeping the input."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        factors = getattr(x, "lowrank_factors", None)
+        if factors is None or not torch.is_grad_enabled() or not self.weight.requires_grad:
+            return F.linear(x, self.weight, self.bias)
+        return factored_input_linear(x, self.weight, self.bias, factors)
 
 
 def _keeps_no_input(module: nn.Module) -> bool:
@@ -216,6 +323,53 @@ def _find_family(model: nn.Module) -> Family:
     return next(iter(found.values()))
 
 
+def _model_config(model: nn.Module) -> Any:
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if hasattr(config, "hidden_size") and hasattr(config, "intermediate_size"):
+            return config
+    raise ValueError(f"apply_memory_policy: {type(model).__name__} has no model config")
+
+
+def _norm_consumers(model: nn.Module, family: Family) -> tuple[list[nn.Module], list[nn.Module]]:
+    """The decoder-layer norms and the trainable linears that read their outputs (a
+    projection itself, or its PEFT LoRA A); refuses a reader that would keep the full output."""
+    norms, linears = [], []
+    for layer_name, layer in model.named_modules():
+        if _original(type(layer)) is not family.decoder_layer:
+            continue
+        for norm_name, readers in NORM_CONSUMERS.items():
+            norms.append(layer.get_submodule(norm_name))
+            for reader_name in readers:
+                name = f"{layer_name}.{reader_name}"
+                reader = layer.get_submodule(reader_name)
+                linears += _factored_readers(name, reader)
+    return norms, linears
+
+
+def _factored_readers(name: str, reader: nn.Module) -> list[nn.Module]:
+    plain = _original(type(reader)) is nn.Linear
+    if plain:
+        return [reader] if reader.weight.requires_grad else []
+    lora_a, base = getattr(reader, "lora_A", None), getattr(reader, "base_layer", None)
+    if lora_a is not None and base is not None and _original(type(base)) is nn.Linear:
+        out = [base] if base.weight.requires_grad else []
+        for adapter, linear in lora_a.items():
+            dropout = reader.lora_dropout[adapter]
+            if not isinstance(dropout, nn.Identity) or adapter in reader.lora_variant:
+                raise ValueError(
+                    f"apply_memory_policy: norm=lowrank:R serves vanilla LoRA without dropout "
+                    f"(LoraConfig(lora_dropout=0)); {name} adapter {adapter!r} has "
+                    f"{'a variant' if adapter in reader.lora_variant else type(dropout).__name__}"
+                )
+            out.append(linear)
+        return out
+    raise ValueError(
+        f"apply_memory_policy: norm=lowrank:R serves nn.Linear and PEFT LoRA readers of the "
+        f"norm output; {name} is a {type(reader).__name__}"
+    )
+
+
 def _check_mlp(name: str, mlp: nn.Module) -> None:
     act = getattr(getattr(mlp, "config", None), "hidden_act", None)
     if act not in ("silu", "swish"):
@@ -260,8 +414,10 @@ def apply_memory_policy(
     Everything is validated before anything is patched: an unsupported model, a policy a
     module cannot take, or a bad preset raises ``ValueError`` and leaves ``model`` untouched.
     """
-    policy = resolve_policy(policy)
     family = _find_family(model)
+    config = _model_config(model)
+    widths = {"norm": config.hidden_size, "swiglu": config.intermediate_size}
+    policy = resolve_policy(policy, widths)
     modules = list(model.named_modules())
     norms = [(n, m) for n, m in modules if _original(type(m)) is family.norm]
     mlps = [(n, m) for n, m in modules if _original(type(m)) is family.mlp]
@@ -276,14 +432,33 @@ def apply_memory_policy(
             f"apply_memory_policy: compression={compression.method!r} but no trainable "
             f"nn.Linear among {list(COMPRESSED_PROJECTIONS)} (or their PEFT lora_A)"
         )
+    low_rank_norms, consumers = [], []
+    if policy.norm != "keep":
+        if compression is not None:
+            raise ValueError(
+                f"apply_memory_policy: memory.policy.norm={policy.norm!r} and compression="
+                f"{compression.method!r} both store the q/k/v and gate/up inputs; choose one"
+            )
+        low_rank_norms, consumers = _norm_consumers(model, family)
 
+    factored_linear = _patched_class(nn.Linear, _FactoredInputLinearModule)
+    for _, module in modules:  # re-applying: readers of a previous low-rank norm
+        if type(module) is factored_linear:
+            module.__class__ = nn.Linear
+    low_rank_ids = {id(m) for m in low_rank_norms}
     for _, norm in norms:
-        norm.__class__ = _patched_class(family.norm, _EfficientRMSNorm)
+        if id(norm) in low_rank_ids:
+            norm.__class__ = _patched_class(family.norm, _LowRankRMSNorm)
+            norm._actcomp_norm = policy.storage("norm")
+        else:
+            norm.__class__ = _patched_class(family.norm, _EfficientRMSNorm)
+    for linear in consumers:
+        linear.__class__ = factored_linear
     for _, mlp in mlps:
         mlp.__class__ = _patched_class(family.mlp, _SwiGLUMLP)
-        mlp._actcomp_swiglu = policy.quantizer("swiglu")
+        mlp._actcomp_swiglu = policy.storage("swiglu")
     for _, attention in attentions:
-        quantizer = policy.quantizer("attention")
+        quantizer = policy.storage("attention")
         if quantizer is None:
             attention.__class__ = family.attention
             continue
