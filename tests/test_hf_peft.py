@@ -143,3 +143,31 @@ def test_bf16_autocast(lora):
     patched_loss, patched_grads = _loss_and_grads(model, tokens, autocast=True)
     assert torch.equal(patched_loss, loss)
     _assert_as_accurate_as_unpatched(patched_grads, grads, reference, torch.bfloat16)
+
+
+def test_lora_dropout_is_replayed_in_the_recomputed_down_projection():
+    """With LoRA dropout, backward re-runs down_proj (and its dropout) from gate and up: the
+    re-run must draw forward's mask (saved RNG state) and leave the global RNG as forward left
+    it. Same seed before each run: the masks of the unpatched and patched runs are the same."""
+    config = peft.LoraConfig(
+        r=RANK, target_modules=ALL_LINEAR, lora_dropout=0.25, init_lora_weights=False
+    )
+
+    def build():
+        base = make_model()
+        torch.manual_seed(1)
+        return peft.get_peft_model(base, config)
+
+    tokens = _tokens()
+    results = {}
+    for name, model in (("unpatched", build()), ("exact", apply_memory_policy(build(), "exact"))):
+        torch.manual_seed(5)
+        loss, grads = _loss_and_grads(model, tokens)
+        results[name] = (loss, grads, torch.get_rng_state())
+    torch.manual_seed(5)
+    reference = _float64_grads(build(), tokens)
+    assert torch.equal(results["exact"][0], results["unpatched"][0])
+    assert torch.equal(results["exact"][2], results["unpatched"][2])
+    _assert_as_accurate_as_unpatched(
+        results["exact"][1], results["unpatched"][1], reference, torch.float32
+    )

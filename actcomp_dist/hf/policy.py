@@ -41,8 +41,10 @@ sublayer modes are not implemented). A mapping in the run config's ``memory.poli
 ``nn.Linear`` inputs of q/k/v, gate/up and down (or, under PEFT, their LoRA A) for
 :class:`~actcomp_dist.layers.CompressedLinear` (:func:`~actcomp_dist.layers.compress_linears`;
 ``o_proj`` and LoRA B stay exact: B's input ``A x`` is already r wide). A frozen base layer
-keeps nothing for its weight either way. Compressing the input of a projection that follows a
-``keep`` norm removes nothing: the norm keeps the same tensor.
+keeps nothing for its weight either way. With the patches above compression removes nothing
+and adds its ``Z``: a ``keep`` norm keeps the q/k/v and gate/up input anyway, and
+``down_proj``'s input is recomputed from gate/up (``lowrank`` norms refuse it: both would
+store the same input).
 
 Order: apply after the model is built (or loaded) and after or before PEFT's
 ``get_peft_model``; before HF gradient checkpointing or not, either order works; before
