@@ -171,3 +171,32 @@ def test_lora_dropout_is_replayed_in_the_recomputed_down_projection():
     _assert_as_accurate_as_unpatched(
         results["exact"][1], results["unpatched"][1], reference, torch.float32
     )
+
+
+@pytest.mark.parametrize("mode", ["bf16_weights", "autocast"])
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_bf16_8bit_and_low_rank_policies(mode, lora):
+    """bf16 (weights, or fp32 weights under autocast, where RoPE's fp32 tables promote q and k):
+    every policy leaves the loss bit-identical; 8-bit gradients stay within the 8-bit element
+    error of ``exact``'s (relative Frobenius 2^-4, as tests/test_hf_policy.py); low-rank ones
+    are finite."""
+    build = make_lora_model if lora else make_model
+    tokens = _tokens()
+    autocast = mode == "autocast"
+
+    def run(policy):
+        model = build()
+        if not autocast:
+            model = model.to(torch.bfloat16)
+        apply_memory_policy(model, policy)
+        loss, grads = _loss_and_grads(model, tokens, autocast=autocast)
+        return loss, torch.cat([g.float().reshape(-1) for g in grads.values()])
+
+    exact_loss, exact = run("exact")
+    for policy in ({"swiglu": "int8", "attention": "fp8"}, {"swiglu": "fp8", "attention": "int8"}):
+        loss, grads = run(policy)
+        assert torch.equal(loss, exact_loss), policy
+        assert (grads - exact).norm() <= 2.0**-4 * exact.norm(), policy
+    loss, grads = run("loract")
+    assert torch.equal(loss, exact_loss)
+    assert torch.isfinite(grads).all()

@@ -281,6 +281,12 @@ class _StoredInputsAttention:
                 raise ValueError(
                     f"{type(self).__name__}: 8-bit attention does not train on a KV cache prefix"
                 )
+        device = q.device.type
+        if torch.is_autocast_enabled(device):
+            # What autocast does to SDPA's inputs (RoPE in fp32 promotes q and k): the packed
+            # copies and backward's re-run then see one dtype.
+            dtype = torch.get_autocast_dtype(device)
+            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         out = attention_with_stored_inputs(
             q, k, v, self._actcomp_attention, self.num_key_value_groups > 1
         )  # [b, heads, s, d]
