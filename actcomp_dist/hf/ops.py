@@ -14,8 +14,11 @@ functions here keep ``gate`` and ``up`` only (packed by an 8-bit quantizer of
 - :func:`swiglu`: ``down_proj`` keeps nothing of its input (a frozen ``nn.Linear``, a
   compressing ``CompressedLinear``, a LoRA layer whose A is compressed): only the product is
   recomputed, ``down_proj`` is called as usual.
-- :func:`swiglu_then`: any other ``down_proj`` (PEFT LoRA, whose A keeps ``h``; other adapter
-  types): forward runs ``down_proj(swiglu(gate, up))`` without autograd; backward re-runs it
+- A plain PEFT LoRA ``down_proj`` with ``gate`` / ``up`` kept as they are
+  (:mod:`.policy`): the frozen base reads :func:`swiglu`'s product, LoRA A reads
+  :func:`swiglu_linear` (the same two kept tensors).
+- :func:`swiglu_then`: any other ``down_proj`` (LoRA with dropout or packed storage, other
+  adapter types): forward runs ``down_proj(swiglu(gate, up))`` without autograd; backward re-runs it
   under autograd (same RNG state and autocast state, as reentrant activation checkpointing
   does) and backpropagates, accumulating the adapter's parameter gradients. Costs one more
   forward of ``down_proj``. Like reentrant checkpointing, parameter gradients arrive through

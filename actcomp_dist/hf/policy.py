@@ -228,6 +228,29 @@ def _keeps_no_input(module: nn.Module) -> bool:
     )
 
 
+def _vanilla_lora_adapters(module: nn.Module, dtype: torch.dtype) -> list[str] | None:
+    """The active adapters of a PEFT LoRA layer over a frozen ``nn.Linear`` whose adapters are
+    all plain LoRA (``nn.Linear`` A and B, no dropout, no variant) in ``dtype`` (or under
+    autocast); ``None`` for anything else."""
+    base, lora_a = getattr(module, "base_layer", None), getattr(module, "lora_A", None)
+    if base is None or lora_a is None or type(base) is not nn.Linear or base.weight.requires_grad:
+        return None
+    if getattr(module, "merged", False) or getattr(module, "disable_adapters", False):
+        return None
+    names = [name for name in module.active_adapters if name in lora_a]
+    same_dtype = torch.is_autocast_enabled(base.weight.device.type) or all(
+        lora_a[name].weight.dtype == dtype for name in names
+    )
+    plain = all(
+        type(lora_a[name]) is nn.Linear
+        and type(module.lora_B[name]) is nn.Linear
+        and isinstance(module.lora_dropout[name], nn.Identity)
+        and name not in getattr(module, "lora_variant", {})
+        for name in names
+    )
+    return names if plain and same_dtype else None
+
+
 class _SwiGLUMLP:
     """``down_proj(silu(gate_proj(x)) * up_proj(x))`` keeping ``gate`` and ``up`` only."""
 
@@ -240,6 +263,18 @@ class _SwiGLUMLP:
             return swiglu_linear(gate, up, down.weight, down.bias, storage)
         if _keeps_no_input(down):
             return down(swiglu(gate, up, storage))
+        adapters = _vanilla_lora_adapters(down, gate.dtype) if storage is None else None
+        if adapters is not None:
+            # PEFT LoRA's forward with A reading the product through swiglu_linear: the frozen
+            # base keeps nothing, A keeps gate and up (the same tensors swiglu keeps), B keeps
+            # A h. (Packed storage would be packed twice: there down_proj is re-run instead.)
+            result = down.base_layer(swiglu(gate, up, None))
+            result_dtype = result.dtype
+            for name in adapters:
+                lora_a = down.lora_A[name]
+                a_h = swiglu_linear(gate, up, lora_a.weight, lora_a.bias, None)
+                result = result + down.lora_B[name](a_h) * down.scaling[name]
+            return result.to(result_dtype)
         return swiglu_then(down, gate, up, storage)
 
 
