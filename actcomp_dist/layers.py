@@ -139,9 +139,14 @@ def compress_linears(
 
     ``include``/``exclude`` are glob patterns matched against the module's full dotted name and
     its last component (``"q_proj"`` matches ``model.layers.3.self_attn.q_proj``); ``include=None``
-    takes every ``nn.Linear``. A module's ``layer_id`` is the first integer in its name (the block
+    takes every ``nn.Linear``. PEFT's names are matched by role too: LoRA's
+    ``...q_proj.lora_A.default`` also answers to ``"lora_A"`` and ``"q_proj.lora_A"`` (so
+    ``include=["lora_A"]`` compresses every LoRA A input), and a wrapped ``...q_proj.base_layer``
+    to ``"q_proj"``. A module's ``layer_id`` is the first integer in its name (the block
     index, as in ``layers.3``), else its position among the matches; its ``site`` is its last name
-    component. All replaced layers share one schedule, returned by :func:`find_schedule`.
+    component, for PEFT modules the role (``q_proj.lora_A``, ``q_proj``): adapters of different
+    projections get different projection seeds. All replaced layers share one schedule,
+    returned by :func:`find_schedule`.
     """
     schedule = schedule or CompressionSchedule(compression.resample_every)
     include = None if include is None else list(include)
@@ -159,7 +164,7 @@ def compress_linears(
             module,
             compression,
             layer_id=int(index.group(1)) if index else position,
-            site=name.rsplit(".", 1)[-1],
+            site=_aliases(name)[-1],
             schedule=schedule,
             all_reduce=all_reduce,
         )
@@ -202,11 +207,25 @@ def find_schedule(model: nn.Module) -> CompressionSchedule | None:
     return None
 
 
+#: PEFT's adapter containers: ``<projection>.lora_A.<adapter name>``.
+_PEFT_ROLES = ("lora_A", "lora_B")
+
+
+def _aliases(name: str) -> list[str]:
+    """The short names a pattern may match besides the full name; the last one is the site."""
+    parts = name.split(".")
+    if len(parts) >= 3 and parts[-2] in _PEFT_ROLES:
+        return [parts[-1], parts[-2], f"{parts[-3]}.{parts[-2]}"]
+    if len(parts) >= 2 and parts[-1] == "base_layer":
+        return [parts[-1], parts[-2]]
+    return [parts[-1]]
+
+
 def _matches(name: str, include: list[str] | None, exclude: list[str]) -> bool:
-    leaf = name.rsplit(".", 1)[-1]
+    names = [name, *_aliases(name)]
 
     def hit(patterns: list[str]) -> bool:
-        return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(leaf, p) for p in patterns)
+        return any(fnmatch.fnmatchcase(n, p) for n in names for p in patterns)
 
     return bool(name) and (include is None or hit(include)) and not hit(exclude)
 

@@ -24,6 +24,19 @@ Under tensor parallelism each rank packs its own shard (its heads' q, k, v; its
 part of a row, and int8 groups are the TP = 1 groups whenever 64 divides the shard's halves.
 The memory model (:mod:`actcomp_dist.memory_model`) counts the packed bytes exactly.
 
+- ``lowrank:R`` (:class:`LowRankStorage`; served by :mod:`actcomp_dist.hf` for ``norm`` and
+  ``swiglu``, not yet by the LLaMA model, whose run config still refuses it): LoRAct's online
+  low-rank factors (Shi et al., "Memory-Efficient Fine-Tuning via Low-Rank Activation
+  Compression", arXiv 2509.23472). For ``A`` [N, n] (the tensor as rows of its last dimension)
+  and ``k = min(R, n)``: sample ``k`` feature columns ``S`` with a seeded generator, form
+  ``Y = A^T A[:, S]`` [n, k], orthonormalise ``Q = qr(Y)`` in float32 (float64 for float64
+  inputs), keep ``L = A Q`` [N, k] and ``Q`` [n, k] in ``A``'s dtype; backward reads
+  ``A_hat = L Q^T = A Q Q^T``, the projection of every row onto ``range(Q)``. Hence
+  ``||A - A_hat||_F = ||A (I - Q Q^T)||_F``: exact (to rounding) whenever the sampled columns
+  span the column space of ``A`` (``rank(A[:, S]) = rank(A) <= k``), and never below the best
+  rank-k error ``sqrt(sum_{i>k} sigma_i(A)^2)`` (Eckart-Young). Bytes: ``(N + n) k`` elements.
+  No calibration, no state: the factors are computed in each forward.
+
 Named but not implemented yet (refused at start-up with that reason): ``recompute``,
 ``compress``, ``lowrank:R``, ``offload``, and 8-bit storage of ``norm``, ``block_input`` and the
 linear sites. (The norm output is also the next uncompressed linear's input, one storage for
@@ -49,6 +62,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from actcomp_dist.seeds import seeded_generator
 
 #: Kinds of saved tensor a policy can be set for.
 KINDS = ("norm", "attention", "swiglu", "block_input", "qkv", "proj", "fc1", "fc2")
@@ -136,6 +151,51 @@ class Fp8RowScaled(Quantizer):
 
 
 _QUANTIZERS = {"int8": Int8Absmax(), "fp8": Fp8RowScaled()}
+
+
+class LowRankStorage(Quantizer):
+    """``lowrank:R``: LoRAct's sampled-column orthogonal factors ``L = A Q``, ``Q`` (see the
+    module doc). ``seed`` fixes the sampled columns (a fresh generator per call, never the
+    global RNG), so the same input always gives the same factors."""
+
+    def __init__(self, rank: int, seed: int = 0) -> None:
+        if rank < 1:
+            raise ValueError(f"lowrank:R needs R >= 1, got {rank}")
+        self.rank, self.seed = rank, seed
+        self.name = f"lowrank:{rank}"
+
+    def pack(self, x):
+        n = x.shape[-1]
+        a = x.detach().reshape(-1, n)  # [N, n]
+        a = a.to(torch.promote_types(a.dtype, torch.float32))
+        k = min(self.rank, n)
+        generator = seeded_generator(self.seed, x.device)
+        columns = torch.randperm(n, generator=generator, device=x.device)[:k]
+        q = torch.linalg.qr(a.t() @ a[:, columns]).Q  # [n, k], orthonormal columns
+        low = a @ q  # [N, k]
+        return low.to(x.dtype), q.to(x.dtype)
+
+    def unpack(self, packed, like):
+        low, q = packed
+        return (low @ q.t()).to(like.dtype).reshape(like.shape)
+
+    def saved_bytes(self, numel, last_dim, dtype_bytes: int = 4):
+        k = min(self.rank, last_dim)
+        return (numel // last_dim + last_dim) * k * dtype_bytes
+
+
+def storage_for(policy: str) -> Quantizer | None:
+    """The packer of one policy name: ``None`` for ``keep``, the 8-bit quantizers, a
+    :class:`LowRankStorage` for ``lowrank:R``."""
+    if policy == "keep":
+        return None
+    if policy in _QUANTIZERS:
+        return _QUANTIZERS[policy]
+    if _valid_policy_name(policy) and policy.startswith("lowrank:"):
+        return LowRankStorage(int(policy.partition(":")[2]))
+    raise ValueError(
+        f"storage policy {policy!r} has no packer; valid: keep, {list(_QUANTIZERS)}, lowrank:R"
+    )
 
 
 def _valid_policy_name(value: Any) -> bool:
@@ -265,10 +325,12 @@ def element_error_bound(policy: str, x: torch.Tensor) -> torch.Tensor:
 
 __all__ = [
     "IMPLEMENTED",
+    "LowRankStorage",
     "INT8_GROUP",
     "KINDS",
     "POLICIES",
     "StoragePolicy",
     "attention_with_stored_inputs",
     "element_error_bound",
+    "storage_for",
 ]

@@ -1,0 +1,277 @@
+"""Autograd functions behind the patched Hugging Face MLP: SwiGLU that keeps ``gate`` and ``up``.
+
+A Hugging Face MLP computes ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` and keeps, per
+token, ``gate`` (for SiLU), ``silu(gate)`` and ``up`` (for the product) and the product ``h``
+(for ``down_proj``'s weight gradient, or PEFT LoRA A's): four intermediate-sized tensors. The
+functions here keep ``gate`` and ``up`` only (packed by an 8-bit quantizer of
+:mod:`actcomp_dist.storage` when the ``swiglu`` policy asks) and recompute ``h`` in backward:
+
+- :func:`swiglu_linear`: ``down_proj`` is a plain trainable ``nn.Linear``. One function
+  computes ``F.linear(silu(gate) * up, W, b)``; backward recomputes ``h`` once and forms the
+  weight gradient ``g^T h`` and the input gradient ``g W`` in closed form (the same products
+  autograd's linear backward forms), then backpropagates through a re-run of the SwiGLU.
+  No extra matmul.
+- :func:`swiglu`: ``down_proj`` keeps nothing of its input (a frozen ``nn.Linear``, a
+  compressing ``CompressedLinear``, a LoRA layer whose A is compressed): only the product is
+  recomputed, ``down_proj`` is called as usual.
+- A plain PEFT LoRA ``down_proj`` with ``gate`` / ``up`` kept as they are
+  (:mod:`.policy`): the frozen base reads :func:`swiglu`'s product, LoRA A reads
+  :func:`swiglu_linear` (the same two kept tensors).
+- :func:`swiglu_then`: any other ``down_proj`` (LoRA with dropout or packed storage, other
+  adapter types): forward runs ``down_proj(swiglu(gate, up))`` without autograd; backward re-runs it
+  under autograd (same RNG state and autocast state, as reentrant activation checkpointing
+  does) and backpropagates, accumulating the adapter's parameter gradients. Costs one more
+  forward of ``down_proj``. Like reentrant checkpointing, parameter gradients arrive through
+  ``.backward()``, not ``torch.autograd.grad``.
+
+Every kept tensor goes through ``save_for_backward``, so saved-tensor hooks (the byte counter
+of :mod:`actcomp_dist.memory`, HF's non-reentrant checkpointing) see exactly what is kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from actcomp_dist.storage import Quantizer
+
+
+def swiglu_product(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up``, the ops of a Hugging Face Llama MLP (``ACT2FN["silu"]``)."""
+    return F.silu(gate) * up
+
+
+def _save(ctx, storage: Quantizer | None, *tensors: torch.Tensor) -> None:
+    ctx.storage = storage
+    if storage is None:
+        ctx.save_for_backward(*tensors)
+        return
+    packed = [storage.pack(t) for t in tensors]
+    ctx.counts = [len(p) for p in packed]
+    ctx.likes = [torch.empty_like(t, device="meta") for t in tensors]
+    ctx.save_for_backward(*(t for p in packed for t in p))
+
+
+def _load(ctx) -> list[torch.Tensor]:
+    """The kept tensors (dequantised), detached and requiring grad for a re-run."""
+    saved = list(ctx.saved_tensors)
+    if ctx.storage is None:
+        tensors = saved
+    else:
+        tensors = []
+        for count, like in zip(ctx.counts, ctx.likes, strict=True):
+            packed, saved = tuple(saved[:count]), saved[count:]
+            tensors.append(ctx.storage.unpack(packed, like))
+    return [t.detach().requires_grad_(True) for t in tensors]
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up, storage):
+        _save(ctx, storage, gate, up)
+        return swiglu_product(gate, up)
+
+    @staticmethod
+    def backward(ctx, grad_h):
+        gate, up = _load(ctx)
+        with torch.enable_grad():
+            h = swiglu_product(gate, up)
+        grad_gate, grad_up = torch.autograd.grad(h, (gate, up), grad_h)
+        return grad_gate, grad_up, None
+
+
+class _SwiGLULinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up, weight, bias, storage):
+        h = swiglu_product(gate, up)  # [..., intermediate]
+        out = F.linear(h, weight, bias)  # under autocast: in the autocast dtype
+        _save(ctx, storage, gate, up)
+        ctx.weight, ctx.has_bias = weight, bias is not None
+        ctx.compute_dtype = out.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        gate, up = _load(ctx)
+        weight = ctx.weight
+        with torch.enable_grad():
+            h = swiglu_product(gate, up)
+        dtype = ctx.compute_dtype  # the dtype forward's linear ran in (autocast or not)
+        grad_out = grad_out.to(dtype)
+        g2d = grad_out.reshape(-1, grad_out.shape[-1])  # [N, out]
+        grad_weight = grad_bias = None
+        if ctx.needs_input_grad[2]:
+            h2d = h.detach().to(dtype).reshape(-1, h.shape[-1])  # [N, intermediate]
+            grad_weight = g2d.t().matmul(h2d).to(weight.dtype)  # [out, intermediate]
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            grad_bias = g2d.sum(0).to(weight.dtype)
+        grad_gate = grad_up = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            grad_h = grad_out.matmul(weight.to(dtype)).to(h.dtype)  # [..., intermediate]
+            grad_gate, grad_up = torch.autograd.grad(h, (gate, up), grad_h)
+        return grad_gate, grad_up, grad_weight, grad_bias, None
+
+
+def _device_types(*tensors: torch.Tensor) -> list[str]:
+    return sorted({t.device.type for t in tensors})
+
+
+class _SwiGLUThen(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, module, storage, gate, up):
+        device = gate.device.type
+        ctx.module = module
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        ctx.cpu_rng = torch.get_rng_state()
+        ctx.device_rng = (
+            torch.get_device_module(device).get_rng_state(gate.device)
+            if device not in ("cpu", "meta")
+            else None
+        )
+        _save(ctx, storage, gate, up)
+        with torch.no_grad():
+            return module(swiglu_product(gate, up))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        gate, up = _load(ctx)
+        device, autocast_enabled, autocast_dtype = ctx.autocast
+        devices = [gate.device] if ctx.device_rng is not None else []
+        # Same RNG draws as forward (an adapter's dropout), without disturbing the global streams.
+        with torch.random.fork_rng(devices=devices, device_type=device):
+            torch.set_rng_state(ctx.cpu_rng)
+            if ctx.device_rng is not None:
+                torch.get_device_module(device).set_rng_state(ctx.device_rng, gate.device)
+            with (
+                torch.enable_grad(),
+                torch.autocast(device, dtype=autocast_dtype, enabled=autocast_enabled),
+            ):
+                out = ctx.module(swiglu_product(gate, up))
+        torch.autograd.backward(out, grad_out)
+        return None, None, gate.grad, up.grad
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, storage: Quantizer | None) -> torch.Tensor:
+    """``silu(gate) * up`` keeping ``gate`` and ``up`` (packed by ``storage``) only."""
+    if not (torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad)):
+        return swiglu_product(gate, up)
+    return _SwiGLU.apply(gate, up, storage)
+
+
+def swiglu_linear(
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    storage: Quantizer | None,
+) -> torch.Tensor:
+    """``F.linear(silu(gate) * up, weight, bias)`` keeping ``gate`` and ``up`` only."""
+    if not torch.is_grad_enabled():
+        return F.linear(swiglu_product(gate, up), weight, bias)
+    return _SwiGLULinear.apply(gate, up, weight, bias, storage)
+
+
+def swiglu_then(
+    module: Callable[[torch.Tensor], torch.Tensor],
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    storage: Quantizer | None,
+) -> torch.Tensor:
+    """``module(silu(gate) * up)`` keeping ``gate`` and ``up`` only; backward re-runs it."""
+    if not (torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad)):
+        return module(swiglu_product(gate, up))
+    return _SwiGLUThen.apply(module, storage, gate, up)
+
+
+# -- LoRAct's norm mode: the norm output kept once, as low-rank factors, for every consumer ----
+
+
+def _rms_norm_backward(ctx, grad_y, y, weight, rstd):
+    """The closed-form RMSNorm backward of :mod:`actcomp_dist.models.efficient_ops` on a
+    (here reconstructed) output ``y``: ``x_hat = y / weight``,
+    ``dx = rstd (dn - x_hat mean(dn x_hat))`` with ``dn = g weight``, ``dw = sum(g x_hat)``."""
+    x_hat = y.float() / weight.float()  # [..., h]
+    grad_x = grad_w = None
+    if ctx.needs_input_grad[0]:
+        grad_normed = (grad_y * weight).float()
+        dot = (grad_normed * x_hat).mean(-1, keepdim=True)
+        grad_x = (rstd * (grad_normed - x_hat * dot)).to(ctx.x_dtype)
+    if ctx.needs_input_grad[1]:
+        grad_w = (grad_y.float() * x_hat).reshape(-1, y.shape[-1]).sum(0).to(weight.dtype)
+    return grad_x, grad_w
+
+
+class _LowRankRMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps, storage):
+        x32 = x.float()
+        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)  # [..., 1] fp32
+        y = weight * (x32 * rstd).to(x.dtype)  # Hugging Face's ops, bit for bit
+        low, q = storage.pack(y)  # [N, k], [h, k]
+        ctx.save_for_backward(low, q, weight, rstd)
+        ctx.storage, ctx.x_dtype = storage, x.dtype
+        ctx.y_like = torch.empty_like(y, device="meta")
+        ctx.mark_non_differentiable(low, q)
+        return y, low, q
+
+    @staticmethod
+    def backward(ctx, grad_y, _grad_low, _grad_q):
+        low, q, weight, rstd = ctx.saved_tensors
+        y = ctx.storage.unpack((low, q), ctx.y_like)
+        grad_x, grad_w = _rms_norm_backward(ctx, grad_y, y, weight, rstd)
+        return grad_x, grad_w, None, None
+
+
+def low_rank_rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, storage: Quantizer
+) -> torch.Tensor:
+    """RMSNorm keeping ``rstd`` and LoRAct factors ``L``, ``Q`` of its output ``y`` (backward
+    reads ``y ~= L Q^T``). ``y`` carries the factors as ``y.lowrank_factors``, so a linear that
+    reads ``y`` (:func:`factored_input_linear`) keeps the same two tensors, not ``y``."""
+    if not torch.is_grad_enabled():
+        return rms_norm_reference(x, weight, eps)
+    # Factorised even when nothing below needs the norm's gradient (a first norm under PEFT):
+    # the LoRA A that read y keep the factors then.
+    y, low, q = _LowRankRMSNorm.apply(x, weight, eps, storage)
+    y.lowrank_factors = (low, q)
+    return y
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x32 = x.float()
+    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+class _FactoredInputLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, low, q):
+        out = F.linear(x, weight, bias)  # under autocast: in the autocast dtype
+        ctx.save_for_backward(low, q)  # the norm's factors: the same storage, counted once
+        ctx.weight, ctx.has_bias, ctx.compute_dtype = weight, bias is not None, out.dtype
+        ctx.x_dtype = x.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        low, q = ctx.saved_tensors
+        weight, dtype = ctx.weight, ctx.compute_dtype
+        grad_out = grad_out.to(dtype)
+        g2d = grad_out.reshape(-1, grad_out.shape[-1])  # [N, out]
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out.matmul(weight.to(dtype)).to(ctx.x_dtype)
+        if ctx.needs_input_grad[1]:
+            # g^T (L Q^T) = (g^T L) Q^T: never forms the [N, in] reconstruction.
+            grad_weight = (g2d.t().matmul(low.to(dtype))).matmul(q.to(dtype).t())
+            grad_weight = grad_weight.to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = g2d.sum(0).to(weight.dtype)
+        return grad_x, grad_weight, grad_bias, None, None
+
+
+def factored_input_linear(x, weight, bias, factors):
+    """``F.linear(x, weight, bias)`` whose weight gradient reads ``x ~= L Q^T`` from
+    ``factors = (L, Q)`` (kept by the norm that produced ``x``) instead of keeping ``x``."""
+    return _FactoredInputLinear.apply(x, weight, bias, *factors)

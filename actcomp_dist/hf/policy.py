@@ -1,0 +1,513 @@
+"""``apply_memory_policy``: the storage policies of :mod:`actcomp_dist.storage` on a Hugging Face
+decoder, patched in place.
+
+What each kind's policy does to a Llama / Mistral / Qwen2 block (see :mod:`.families`):
+
+- ``norm`` (every RMSNorm of the family, the final one too): ``keep`` runs
+  :func:`actcomp_dist.models.efficient_ops.rms_norm`, which keeps the norm's output ``y`` and the
+  fp32 per-token ``rstd`` and nothing else; the next projections (or PEFT LoRA's A) keep ``y``
+  as their input, the same storage. Hugging Face's norm keeps the input, the normalised tensor
+  and ``rstd`` besides (two more hidden-sized tensors per norm). Forward is bit-identical;
+  backward is the closed form in ``efficient_ops`` (equal to autograd to rounding). A norm
+  weight that is exactly zero makes that norm's gradients NaN (``x_hat = y / weight``).
+  ``lowrank:R`` (LoRAct's norm mode, on the two norms of each decoder layer; the final norm
+  stays ``keep``): the norm keeps ``rstd`` and the factors ``L = y Q`` [N, R], ``Q`` [h, R] of
+  its output (:class:`actcomp_dist.storage.LowRankStorage`); every trainable linear reading
+  ``y`` (q/k/v or gate/up, or their PEFT LoRA A) computes its weight gradient as
+  ``(g^T L) Q^T`` from the *same* two tensors, so ``y`` is kept by nobody. The norm's own
+  backward reads ``y ~= L Q^T``. Readers must be ``nn.Linear`` or vanilla PEFT LoRA without
+  dropout (a dropout mask would need ``y`` itself); anything else is refused.
+- ``swiglu``: the MLP keeps ``gate`` and ``up`` only (``keep``), both packed in 8 bits
+  (``int8``, ``fp8``) or as LoRAct factors (``lowrank:R``, LoRAct's act_fn mode: each of
+  ``gate`` and ``up`` as ``(N + I) R`` elements), and recomputes ``silu(gate) * up`` in
+  backward (:mod:`.ops`); Hugging Face keeps ``gate``, ``silu(gate)``, ``up`` and the product.
+  Needs ``hidden_act="silu"``.
+- ``attention``: ``keep`` leaves Hugging Face's attention as it is (with SDPA and no padding
+  mask it keeps q, k after RoPE, v, the output and the log-sum-exp: no alias of a projection
+  output). ``int8`` / ``fp8`` keep q, k, v packed and re-run SDPA in backward
+  (:func:`actcomp_dist.storage.attention_with_stored_inputs`); causal attention without a
+  padding mask only (a batch with padding raises), no attention dropout.
+- ``block_input`` is HF gradient checkpointing's business; the linear sites (``qkv``, ``proj``,
+  ``fc1``, ``fc2``) are compressed through ``compression=``: both must stay ``keep``.
+
+Presets: ``"exact"`` (every kind ``keep``: memory-efficient exact ops, losses equal to the
+unpatched model's) and ``"loract"`` (``norm`` and ``swiglu`` at ``lowrank:R`` with
+``R = width // 8``: LoRAct's norm and act_fn modes, Shi et al., arXiv 2509.23472; the rank
+ratio is this package's choice, not a value taken from the paper; LoRAct's layer and pre-norm
+sublayer modes are not implemented). A mapping in the run config's ``memory.policy`` format
+(kind -> policy) gives any other mix, e.g. ``{"norm": "lowrank:16", "attention": "int8"}``.
+
+``compression`` (a :class:`~actcomp_dist.config.CompressionConfig`) swaps the trainable
+``nn.Linear`` inputs of q/k/v, gate/up and down (or, under PEFT, their LoRA A) for
+:class:`~actcomp_dist.layers.CompressedLinear` (:func:`~actcomp_dist.layers.compress_linears`;
+``o_proj`` and LoRA B stay exact: B's input ``A x`` is already r wide). A frozen base layer
+keeps nothing for its weight either way. With the patches above compression removes nothing
+and adds its ``Z``: a ``keep`` norm keeps the q/k/v and gate/up input anyway, and
+``down_proj``'s input is recomputed from gate/up (``lowrank`` norms refuse it: both would
+store the same input).
+
+Order: apply after the model is built (or loaded) and after or before PEFT's
+``get_peft_model``; before HF gradient checkpointing or not, either order works; before
+wrapping by DeepSpeed / DDP / FSDP. Patching swaps the modules' classes for subclasses (state
+dict, parameters and ``isinstance`` checks unchanged); applying again re-patches from the
+original classes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from actcomp_dist.config import CompressionConfig
+from actcomp_dist.hf.families import Family, supported_families, supported_names
+from actcomp_dist.hf.ops import (
+    factored_input_linear,
+    low_rank_rms_norm,
+    swiglu,
+    swiglu_linear,
+    swiglu_then,
+)
+from actcomp_dist.layers import CompressedLinear, compress_linears
+from actcomp_dist.models.efficient_ops import rms_norm
+from actcomp_dist.storage import (
+    KINDS,
+    POLICIES,
+    Quantizer,
+    StoragePolicy,
+    attention_with_stored_inputs,
+    storage_for,
+)
+
+#: Named policies (``apply_memory_policy(model, "exact")``); ``R`` of ``"loract"`` is resolved
+#: per model as :data:`LORACT_RANK_DIVISOR` below the width of the tensor factorised.
+PRESETS: dict[str, dict[str, str]] = {
+    "exact": {},
+    "loract": {"norm": "lowrank:R", "swiglu": "lowrank:R"},
+}
+#: ``"loract"``'s rank: width // 8 (the norm output: hidden // 8; gate and up:
+#: intermediate // 8), a compression of 8x per factorised tensor.
+LORACT_RANK_DIVISOR = 8
+#: The kinds this package patches and the policies each takes; other kinds must stay ``keep``.
+HF_IMPLEMENTED: dict[str, tuple[str, ...]] = {
+    "norm": ("keep", "lowrank:R"),
+    "attention": ("keep", "int8", "fp8"),
+    "swiglu": ("keep", "int8", "fp8", "lowrank:R"),
+}
+HF_KINDS = tuple(HF_IMPLEMENTED)
+#: Linear leaves whose inputs ``compression=`` compresses.
+COMPRESSED_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj")
+#: The projections that read each decoder-layer norm's output (LoRAct's norm mode).
+NORM_CONSUMERS = {
+    "input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class HfPolicy:
+    """The resolved policy of each kind :mod:`actcomp_dist.hf` patches."""
+
+    norm: str = "keep"
+    attention: str = "keep"
+    swiglu: str = "keep"
+
+    def storage(self, kind: str) -> Quantizer | None:
+        return storage_for(getattr(self, kind))
+
+
+def _grammar(value: str) -> str:
+    return "lowrank:R" if isinstance(value, str) and value.startswith("lowrank:") else value
+
+
+def resolve_policy(
+    policy: str | Mapping[str, Any] | StoragePolicy, widths: Mapping[str, int] | None = None
+) -> HfPolicy:
+    """A preset name, a ``memory.policy`` mapping or a :class:`StoragePolicy`, checked for
+    what this package serves; raises ``ValueError`` naming the field and the valid values.
+    ``widths`` (``norm``, ``swiglu`` -> width) resolves the ``R`` of ``"loract"``."""
+    if isinstance(policy, str):
+        if policy not in PRESETS:
+            raise ValueError(
+                f"apply_memory_policy: unknown preset {policy!r}; presets: {sorted(PRESETS)} "
+                f"or a memory.policy mapping of kinds {list(HF_KINDS)}"
+            )
+        widths = widths or {}
+        policy = {
+            kind: f"lowrank:{max(1, widths.get(kind, 0) // LORACT_RANK_DIVISOR)}"
+            if value == "lowrank:R"
+            else value
+            for kind, value in PRESETS[policy].items()
+        }
+    elif isinstance(policy, StoragePolicy):
+        policy = policy.changes()
+    if not isinstance(policy, Mapping):
+        raise TypeError(
+            f"apply_memory_policy: policy must be a preset name, a mapping or a StoragePolicy, "
+            f"not {type(policy).__name__}"
+        )
+    unknown = sorted(set(policy) - set(KINDS))
+    if unknown:
+        raise ValueError(f"memory.policy has unknown kind(s) {unknown}; valid kinds: {list(KINDS)}")
+    for kind, value in policy.items():
+        where = f"memory.policy.{kind}={value!r}"
+        if _grammar(value) not in POLICIES or (
+            value.startswith("lowrank:") and not value.partition(":")[2].isdigit()
+        ):
+            raise ValueError(f"{where} is not a policy; valid: {list(POLICIES)}")
+        if kind not in HF_KINDS and value != "keep":
+            raise ValueError(
+                f"{where} is not served on Hugging Face models (block inputs follow HF "
+                f"gradient checkpointing, linear sites are compressed through compression=); "
+                f"kinds served: {list(HF_KINDS)}"
+            )
+        if kind in HF_KINDS and _grammar(value) not in HF_IMPLEMENTED[kind]:
+            raise ValueError(
+                f"{where} is not served for kind {kind!r} on Hugging Face models; served: "
+                f"{list(HF_IMPLEMENTED[kind])}"
+            )
+        if value.startswith("lowrank:") and int(value.partition(":")[2]) < 1:
+            raise ValueError(f"{where}: the rank R must be >= 1")
+    return HfPolicy(**{k: v for k, v in policy.items() if k in HF_KINDS})
+
+
+# -- the patched classes -------------------------------------------------------------------------
+
+
+class _EfficientRMSNorm:
+    """RMSNorm keeping its output and ``rstd`` (``actcomp_dist.models.efficient_ops``)."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+
+
+class _LowRankRMSNorm:
+    """RMSNorm keeping ``rstd`` and LoRAct factors of its output (``lowrank:R``)."""
+
+    _actcomp_norm: Quantizer
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return low_rank_rms_norm(
+            hidden_states, self.weight, self.variance_epsilon, self._actcomp_norm
+        )
+
+
+class _FactoredInputLinearModule:
+    """``nn.Linear`` whose weight gradient reads a low-rank norm's factors when its input
+    carries them (``input.lowrank_factors``), instead of keeping the input."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        factors = getattr(x, "lowrank_factors", None)
+        if factors is None or not torch.is_grad_enabled() or not self.weight.requires_grad:
+            return F.linear(x, self.weight, self.bias)
+        return factored_input_linear(x, self.weight, self.bias, factors)
+
+
+def _keeps_no_input(module: nn.Module) -> bool:
+    """Whether ``module``'s backward needs nothing of its input: a frozen linear, a compressing
+    ``CompressedLinear``, or a PEFT LoRA layer made of those with no dropout or variant."""
+    if isinstance(module, CompressedLinear):
+        return not module.weight.requires_grad or not module.compressor.is_identity
+    if type(module) is nn.Linear:
+        return not module.weight.requires_grad
+    lora_a = getattr(module, "lora_A", None)
+    base = getattr(module, "base_layer", None)
+    if lora_a is None or base is None or getattr(module, "merged", False):
+        return False
+    active = [name for name in module.active_adapters if name in lora_a]
+    return _keeps_no_input(base) and all(
+        _keeps_no_input(lora_a[name])
+        and isinstance(module.lora_dropout[name], nn.Identity)
+        and name not in getattr(module, "lora_variant", {})
+        for name in active
+    )
+
+
+def _vanilla_lora_adapters(module: nn.Module, dtype: torch.dtype) -> list[str] | None:
+    """The active adapters of a PEFT LoRA layer over a frozen ``nn.Linear`` whose adapters are
+    all plain LoRA (``nn.Linear`` A and B, no dropout, no variant) in ``dtype`` (or under
+    autocast); ``None`` for anything else."""
+    base, lora_a = getattr(module, "base_layer", None), getattr(module, "lora_A", None)
+    if base is None or lora_a is None or type(base) is not nn.Linear or base.weight.requires_grad:
+        return None
+    if getattr(module, "merged", False) or getattr(module, "disable_adapters", False):
+        return None
+    names = [name for name in module.active_adapters if name in lora_a]
+    same_dtype = torch.is_autocast_enabled(base.weight.device.type) or all(
+        lora_a[name].weight.dtype == dtype for name in names
+    )
+    plain = all(
+        type(lora_a[name]) is nn.Linear
+        and type(module.lora_B[name]) is nn.Linear
+        and isinstance(module.lora_dropout[name], nn.Identity)
+        and name not in getattr(module, "lora_variant", {})
+        for name in names
+    )
+    return names if plain and same_dtype else None
+
+
+class _SwiGLUMLP:
+    """``down_proj(silu(gate_proj(x)) * up_proj(x))`` keeping ``gate`` and ``up`` only."""
+
+    _actcomp_swiglu: Quantizer | None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_proj(x), self.up_proj(x)  # [b, s, intermediate] each
+        down, storage = self.down_proj, self._actcomp_swiglu
+        if type(down) is nn.Linear and down.weight.requires_grad:
+            return swiglu_linear(gate, up, down.weight, down.bias, storage)
+        if _keeps_no_input(down):
+            return down(swiglu(gate, up, storage))
+        adapters = _vanilla_lora_adapters(down, gate.dtype) if storage is None else None
+        if adapters is not None:
+            # PEFT LoRA's forward with A reading the product through swiglu_linear: the frozen
+            # base keeps nothing, A keeps gate and up (the same tensors swiglu keeps), B keeps
+            # A h. (Packed storage would be packed twice: there down_proj is re-run instead.)
+            result = down.base_layer(swiglu(gate, up, None))
+            result_dtype = result.dtype
+            for name in adapters:
+                lora_a = down.lora_A[name]
+                a_h = swiglu_linear(gate, up, lora_a.weight, lora_a.bias, None)
+                result = result + down.lora_B[name](a_h) * down.scaling[name]
+            return result.to(result_dtype)
+        return swiglu_then(down, gate, up, storage)
+
+
+class _StoredInputsAttention:
+    """Attention keeping q, k, v packed in 8 bits (see the module doc)."""
+
+    _actcomp_attention: Quantizer
+    _actcomp_apply_rotary: Any
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Any = None,
+        **kwargs: Any,
+    ):
+        if not torch.is_grad_enabled():
+            return super().forward(
+                hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs
+            )
+        if attention_mask is not None:
+            raise ValueError(
+                f"{type(self).__name__} (attention={self._actcomp_attention.name}): 8-bit "
+                "attention serves causal attention without an attention mask (no padding, no "
+                "sliding window shorter than the sequence); pack sequences without padding or "
+                "use attention='keep'"
+            )
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        q = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [b, heads, s, d]
+        k = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [b, groups, s, d]
+        v = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [b, groups, s, d]
+        cos, sin = position_embeddings
+        q, k = self._actcomp_apply_rotary(q, k, cos, sin)
+        if past_key_values is not None:  # use_cache=True while training: an empty cache
+            k, v = past_key_values.update(k, v, self.layer_idx)
+            if k.shape[2] != q.shape[2]:
+                raise ValueError(
+                    f"{type(self).__name__}: 8-bit attention does not train on a KV cache prefix"
+                )
+        device = q.device.type
+        if torch.is_autocast_enabled(device):
+            # What autocast does to SDPA's inputs (RoPE in fp32 promotes q and k): the packed
+            # copies and backward's re-run then see one dtype.
+            dtype = torch.get_autocast_dtype(device)
+            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        out = attention_with_stored_inputs(
+            q, k, v, self._actcomp_attention, self.num_key_value_groups > 1
+        )  # [b, heads, s, d]
+        out = out.transpose(1, 2).reshape(*input_shape, -1).contiguous()
+        return self.o_proj(out), None
+
+
+@functools.cache
+def _patched_class(base: type, mixin: type) -> type:
+    return type(base.__name__, (mixin, base), {"_actcomp_base": base, "__module__": __name__})
+
+
+def _original(cls: type) -> type:
+    return getattr(cls, "_actcomp_base", cls)
+
+
+# -- apply ---------------------------------------------------------------------------------------
+
+
+def _find_family(model: nn.Module) -> Family:
+    families = supported_families()
+    found: dict[type, Family] = {}
+    for name, module in model.named_modules():
+        cls = _original(type(module))
+        if cls in families:
+            found[cls] = families[cls]
+        elif cls.__name__.endswith("DecoderLayer"):
+            raise ValueError(
+                f"apply_memory_policy: {name} is a {cls.__name__}, not a supported decoder "
+                f"layer; supported: {supported_names()}"
+            )
+    if not found:
+        raise ValueError(
+            f"apply_memory_policy: {type(model).__name__} has no supported decoder layer; "
+            f"supported: {supported_names()}"
+        )
+    if len(found) > 1:
+        raise ValueError(
+            f"apply_memory_policy: {type(model).__name__} mixes decoder layers "
+            f"{sorted(c.__name__ for c in found)}; one family per model"
+        )
+    return next(iter(found.values()))
+
+
+def _model_config(model: nn.Module) -> Any:
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if hasattr(config, "hidden_size") and hasattr(config, "intermediate_size"):
+            return config
+    raise ValueError(f"apply_memory_policy: {type(model).__name__} has no model config")
+
+
+def _norm_consumers(model: nn.Module, family: Family) -> tuple[list[nn.Module], list[nn.Module]]:
+    """The decoder-layer norms and the trainable linears that read their outputs (a
+    projection itself, or its PEFT LoRA A); refuses a reader that would keep the full output."""
+    norms, linears = [], []
+    for layer_name, layer in model.named_modules():
+        if _original(type(layer)) is not family.decoder_layer:
+            continue
+        for norm_name, readers in NORM_CONSUMERS.items():
+            norms.append(layer.get_submodule(norm_name))
+            for reader_name in readers:
+                name = f"{layer_name}.{reader_name}"
+                reader = layer.get_submodule(reader_name)
+                linears += _factored_readers(name, reader)
+    return norms, linears
+
+
+def _factored_readers(name: str, reader: nn.Module) -> list[nn.Module]:
+    plain = _original(type(reader)) is nn.Linear
+    if plain:
+        return [reader] if reader.weight.requires_grad else []
+    lora_a, base = getattr(reader, "lora_A", None), getattr(reader, "base_layer", None)
+    if lora_a is not None and base is not None and _original(type(base)) is nn.Linear:
+        out = [base] if base.weight.requires_grad else []
+        for adapter, linear in lora_a.items():
+            dropout = reader.lora_dropout[adapter]
+            if not isinstance(dropout, nn.Identity) or adapter in reader.lora_variant:
+                raise ValueError(
+                    f"apply_memory_policy: norm=lowrank:R serves vanilla LoRA without dropout "
+                    f"(LoraConfig(lora_dropout=0)); {name} adapter {adapter!r} has "
+                    f"{'a variant' if adapter in reader.lora_variant else type(dropout).__name__}"
+                )
+            out.append(linear)
+        return out
+    raise ValueError(
+        f"apply_memory_policy: norm=lowrank:R serves nn.Linear and PEFT LoRA readers of the "
+        f"norm output; {name} is a {type(reader).__name__}"
+    )
+
+
+def _check_mlp(name: str, mlp: nn.Module) -> None:
+    act = getattr(getattr(mlp, "config", None), "hidden_act", None)
+    if act not in ("silu", "swish"):
+        raise ValueError(
+            f"apply_memory_policy: {name} ({type(mlp).__name__}) has hidden_act={act!r}; the "
+            "swiglu policy serves silu (SwiGLU) MLPs only"
+        )
+
+
+def _check_attention(name: str, attention: nn.Module, policy: StoragePolicy) -> None:
+    if policy.attention != "keep" and getattr(attention, "attention_dropout", 0.0):
+        raise ValueError(
+            f"apply_memory_policy: {name} has attention_dropout="
+            f"{attention.attention_dropout}; memory.policy.attention={policy.attention!r} "
+            "serves attention without dropout (use 'keep')"
+        )
+
+
+def _compression_targets(model: nn.Module, family: Family) -> list[str]:
+    """Full names of the trainable ``nn.Linear`` that read the input of a compressed projection
+    (the projection itself, or its PEFT LoRA A)."""
+    names = []
+    for name, module in model.named_modules():
+        if type(module) is not nn.Linear or not module.weight.requires_grad:
+            continue
+        parts = name.split(".")
+        plain = parts[-1] in COMPRESSED_PROJECTIONS
+        lora_a = len(parts) >= 3 and parts[-2] == "lora_A" and parts[-3] in COMPRESSED_PROJECTIONS
+        if plain or lora_a:
+            names.append(name)
+    return names
+
+
+def apply_memory_policy(
+    model: nn.Module,
+    policy: str | Mapping[str, Any] | StoragePolicy = "exact",
+    compression: CompressionConfig | None = None,
+) -> nn.Module:
+    """Patch ``model`` (a transformers Llama / Mistral / Qwen2 model, PEFT-wrapped or not) in
+    place so each kind of saved tensor follows ``policy`` (see the module doc); returns it.
+
+    Everything is validated before anything is patched: an unsupported model, a policy a
+    module cannot take, or a bad preset raises ``ValueError`` and leaves ``model`` untouched.
+    """
+    family = _find_family(model)
+    config = _model_config(model)
+    widths = {"norm": config.hidden_size, "swiglu": config.intermediate_size}
+    policy = resolve_policy(policy, widths)
+    modules = list(model.named_modules())
+    norms = [(n, m) for n, m in modules if _original(type(m)) is family.norm]
+    mlps = [(n, m) for n, m in modules if _original(type(m)) is family.mlp]
+    attentions = [(n, m) for n, m in modules if _original(type(m)) is family.attention]
+    for name, mlp in mlps:
+        _check_mlp(name, mlp)
+    for name, attention in attentions:
+        _check_attention(name, attention, policy)
+    targets = _compression_targets(model, family) if compression is not None else []
+    if compression is not None and not targets:
+        raise ValueError(
+            f"apply_memory_policy: compression={compression.method!r} but no trainable "
+            f"nn.Linear among {list(COMPRESSED_PROJECTIONS)} (or their PEFT lora_A)"
+        )
+    low_rank_norms, consumers = [], []
+    if policy.norm != "keep":
+        if compression is not None:
+            raise ValueError(
+                f"apply_memory_policy: memory.policy.norm={policy.norm!r} and compression="
+                f"{compression.method!r} both store the q/k/v and gate/up inputs; choose one"
+            )
+        low_rank_norms, consumers = _norm_consumers(model, family)
+
+    factored_linear = _patched_class(nn.Linear, _FactoredInputLinearModule)
+    for _, module in modules:  # re-applying: readers of a previous low-rank norm
+        if type(module) is factored_linear:
+            module.__class__ = nn.Linear
+    low_rank_ids = {id(m) for m in low_rank_norms}
+    for _, norm in norms:
+        if id(norm) in low_rank_ids:
+            norm.__class__ = _patched_class(family.norm, _LowRankRMSNorm)
+            norm._actcomp_norm = policy.storage("norm")
+        else:
+            norm.__class__ = _patched_class(family.norm, _EfficientRMSNorm)
+    for linear in consumers:
+        linear.__class__ = factored_linear
+    for _, mlp in mlps:
+        mlp.__class__ = _patched_class(family.mlp, _SwiGLUMLP)
+        mlp._actcomp_swiglu = policy.storage("swiglu")
+    for _, attention in attentions:
+        quantizer = policy.storage("attention")
+        if quantizer is None:
+            attention.__class__ = family.attention
+            continue
+        attention.__class__ = _patched_class(family.attention, _StoredInputsAttention)
+        attention._actcomp_attention = quantizer
+        attention._actcomp_apply_rotary = family.apply_rotary
+    if targets:
+        compress_linears(model, compression, include=targets)
+    return model
