@@ -288,10 +288,11 @@ def test_policy_config_defaults_and_validation():
         "not implemented": (
             {"norm": "int8"},
             "memory.policy.norm='int8' is not implemented yet for kind 'norm'; implemented: "
-            "['keep']",
+            "['keep', 'lowrank:R']",
         ),
         "offload": ({"swiglu": "offload"}, "memory.policy.swiglu='offload' is not implemented"),
         "lowrank": ({"attention": "lowrank:8"}, "'lowrank:8' is not implemented yet"),
+        "lowrank rank": ({"norm": "lowrank:1.5"}, "memory.policy.norm='lowrank:1.5' is not a"),
     }
     for name, (policy, message) in cases.items():
         with pytest.raises(ConfigError) as error:
@@ -301,7 +302,9 @@ def test_policy_config_defaults_and_validation():
         run_config_from_dict({"memory": {"efficient_ops": False, "policy": {"swiglu": "int8"}}})
     with pytest.raises(ConfigError, match=r"memory.policy='int8' must be an object"):
         run_config_from_dict({"memory": {"policy": "int8"}})
-    assert set(IMPLEMENTED["swiglu"]) == set(IMPLEMENTED["attention"]) == {"keep", "int8", "fp8"}
+    assert set(IMPLEMENTED["attention"]) == {"keep", "int8", "fp8"}
+    assert set(IMPLEMENTED["swiglu"]) == {"keep", "int8", "fp8", "lowrank:R"}
+    assert set(IMPLEMENTED["norm"]) == {"keep", "lowrank:R"}
 
 
 def test_storage_variants():

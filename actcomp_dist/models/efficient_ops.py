@@ -69,14 +69,33 @@ def _apex_memory_efficient_rms_norm():
     return functools.partial(fused_rms_norm_affine, memory_efficient=True)
 
 
+def _rms_norm_backward(ctx, grad_y, y, weight, rstd):
+    """The closed-form RMSNorm backward from the output ``y`` (kept, or reconstructed from
+    low-rank factors): ``x_hat = y / weight``, ``dx = rstd (dn - x_hat mean(dn x_hat))`` with
+    ``dn = g weight``, ``dw = sum(g x_hat)``."""
+    x_hat = y.float() / weight.float()  # [..., h]; NaN in a column whose weight is 0
+    grad_x = grad_w = None
+    if ctx.needs_input_grad[0]:
+        grad_normed = (grad_y * weight).float()  # as autograd through weight * normed
+        dot = (grad_normed * x_hat).mean(-1, keepdim=True)
+        grad_x = (rstd * (grad_normed - x_hat * dot)).to(ctx.x_dtype)
+    if ctx.needs_input_grad[1]:
+        grad_w = (grad_y.float() * x_hat).reshape(-1, y.shape[-1]).sum(0).to(weight.dtype)
+    return grad_x, grad_w
+
+
+def _rms_norm_forward(x, weight, eps):
+    x32 = x.float()
+    rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)  # [..., 1] fp32
+    return weight * (x32 * rstd).to(x.dtype), rstd
+
+
 class _RMSNormFunction(torch.autograd.Function):
     """``weight * (x * rstd)`` keeping only the output and ``rstd`` (see the module doc)."""
 
     @staticmethod
     def forward(ctx, x, weight, eps):
-        x32 = x.float()
-        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)  # [..., 1] fp32
-        y = weight * (x32 * rstd).to(x.dtype)
+        y, rstd = _rms_norm_forward(x, weight, eps)
         ctx.save_for_backward(y, weight, rstd)
         ctx.x_dtype = x.dtype
         return y
@@ -84,15 +103,42 @@ class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         y, weight, rstd = ctx.saved_tensors
-        x_hat = y.float() / weight.float()  # [..., h]; NaN in a column whose weight is 0
-        grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_normed = (grad_y * weight).float()  # as autograd through weight * normed
-            dot = (grad_normed * x_hat).mean(-1, keepdim=True)
-            grad_x = (rstd * (grad_normed - x_hat * dot)).to(ctx.x_dtype)
-        if ctx.needs_input_grad[1]:
-            grad_w = (grad_y.float() * x_hat).reshape(-1, y.shape[-1]).sum(0).to(weight.dtype)
-        return grad_x, grad_w, None
+        return *_rms_norm_backward(ctx, grad_y, y, weight, rstd), None
+
+
+class _LowRankRMSNormFunction(torch.autograd.Function):
+    """RMSNorm keeping ``rstd`` and the LoRAct factors ``L``, ``Q`` of its output; returns
+    ``y`` and the factors (non-differentiable outputs, for the linears that read ``y``)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps, storage):
+        y, rstd = _rms_norm_forward(x, weight, eps)
+        low, q = storage.pack(y)  # [N, k], [h, k]
+        ctx.save_for_backward(low, q, weight, rstd)
+        ctx.storage, ctx.x_dtype = storage, x.dtype
+        ctx.y_like = torch.empty_like(y, device="meta")
+        ctx.mark_non_differentiable(low, q)
+        return y, low, q
+
+    @staticmethod
+    def backward(ctx, grad_y, _grad_low, _grad_q):
+        low, q, weight, rstd = ctx.saved_tensors
+        y = ctx.storage.unpack((low, q), ctx.y_like)  # y ~= L Q^T
+        return *_rms_norm_backward(ctx, grad_y, y, weight, rstd), None, None
+
+
+def low_rank_rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, storage
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """RMSNorm (the forward of :func:`rms_norm`, bit for bit) that keeps ``rstd`` and the
+    factors ``(L, Q)`` of its output packed by ``storage``
+    (:class:`actcomp_dist.storage.LowRankStorage`) instead of the output. Returns ``y`` and
+    the factors, which a linear reading ``y`` keeps instead of ``y`` (the same two tensors);
+    ``None`` when autograd records nothing."""
+    if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+        return _rms_norm_forward(x, weight, eps)[0], None
+    y, low, q = _LowRankRMSNormFunction.apply(x, weight, eps, storage)
+    return y, (low, q)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -50,7 +50,7 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 
 from actcomp_dist.autograd import accumulate_compressed_grad, recompute_in_backward
 from actcomp_dist.compression import BlockLayout, build_compressor, layer_layout
-from actcomp_dist.compression.base import Compressor
+from actcomp_dist.compression.base import Compressed, Compressor
 from actcomp_dist.config import CompressionConfig
 from actcomp_dist.layers import mark_subspace_parameter
 from actcomp_dist.optim.subspace_proxy import record_subspace_seeds
@@ -284,24 +284,60 @@ class _CompressedParallelMixin:
         for counter in self.comm.values():
             counter.reset()
 
+    @property
+    def recomputes_input(self) -> bool:
+        """Whether the layer is uncompressed with ``lift`` gradients, so its weight gradient
+        reads its exact input: a row-parallel ``forward(source, input_fn=f)`` then keeps only
+        ``source`` and recomputes ``f(source)``, and a column-parallel ``forward(x,
+        factors=...)`` keeps the given factors instead of ``x``. A compressed layer keeps its
+        own compressed input."""
+        return (
+            self.compressor.is_identity
+            and not self.subspace
+            and getattr(self, "subspace_proxy", None) is None
+        )
+
     def _maybe_initialize(self, x: torch.Tensor) -> None:
         if self.training and torch.is_grad_enabled():
             self.compressor.maybe_initialize(x.reshape(-1, x.shape[-1]), _world_all_reduce)
 
-    def _compressed_forward(self, x, bias, dgrad: str, output_reduce: str = _REDUCE_NONE):
+    def _compressed_forward(
+        self, x, bias, dgrad: str, output_reduce: str = _REDUCE_NONE, compressor=None
+    ):
         self._maybe_initialize(x)
         return _CompressedParallelLinear.apply(
             x,
             self.weight,
             bias,
             getattr(self, "subspace_proxy", None),
-            self.compressor,
+            compressor or self.compressor,
             self.subspace,
             self.tp_group,
             dgrad,
             self.comm,
             output_reduce,
         )
+
+
+class _GivenFactors:
+    """The compressor of an uncompressed layer whose input ``x`` arrives with LoRAct factors
+    ``x ~= L Q^T`` that its producer keeps anyway (``norm: lowrank:R``,
+    :mod:`actcomp_dist.storage`): the layer keeps the same ``L`` [N, k] and ``Q`` [n, k]
+    instead of ``x``, and its weight gradient is ``(g^T L) Q^T``, the gradient at the
+    reconstruction. ``Q`` is per rank (under SP each rank factorised its own tokens)."""
+
+    basis_is_shared = False
+
+    def __init__(self, factors: tuple[torch.Tensor, torch.Tensor]) -> None:
+        self.low, self.q = factors
+
+    def compress(self, x2d: torch.Tensor) -> Compressed:
+        assert self.low.shape[0] == x2d.shape[0] and self.q.shape[0] == x2d.shape[1]
+        return Compressed(self.low, (self.q,))
+
+    def lift(self, ghat, basis, seeds):
+        (q,) = basis
+        return ghat.matmul(q.t())  # [m, n]
 
 
 def _world_all_reduce(t: torch.Tensor) -> torch.Tensor:
@@ -345,8 +381,16 @@ class CompressedColumnParallelLinear(_CompressedParallelMixin, ColumnParallelLin
         self._setup_compression(compression, layer_id, site, schedule, BlockLayout(input_size))
 
     def forward(
-        self, input_: torch.Tensor, weight: torch.Tensor | None = None, runtime_gather_output=None
+        self,
+        input_: torch.Tensor,
+        weight: torch.Tensor | None = None,
+        runtime_gather_output=None,
+        factors: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
+        """Megatron's forward. ``factors``: LoRAct factors ``(L, Q)`` of ``input_`` (this
+        rank's tokens) that its producer keeps; an uncompressed layer (:attr:`recomputes_input`)
+        keeps them instead of ``input_`` and its weight gradient reads ``L Q^T`` (the input
+        gradient stays exact). A compressed layer ignores them and keeps its own tensor."""
         if weight is not None and weight is not self.weight:
             raise ValueError("CompressedColumnParallelLinear does not take an external weight")
         bias = self.bias if not self.skip_bias_add else None
@@ -361,7 +405,8 @@ class CompressedColumnParallelLinear(_CompressedParallelMixin, ColumnParallelLin
                 "CompressedColumnParallelLinear does not gather its output; its consumers "
                 "(attention, SwiGLU) work on the local shard"
             )
-        output = self._compressed_forward(input_, bias, dgrad)
+        given = _GivenFactors(factors) if factors is not None and self.recomputes_input else None
+        output = self._compressed_forward(input_, bias, dgrad, compressor=given)
         return output, (self.bias if self.skip_bias_add else None)
 
 
@@ -398,17 +443,6 @@ class CompressedRowParallelLinear(_CompressedParallelMixin, RowParallelLinear):
             compression, input_size, row_parallel=True, tp_rank=tp_rank, tp_size=tp_size
         )
         self._setup_compression(compression, layer_id, site, schedule, layout)
-
-    @property
-    def recomputes_input(self) -> bool:
-        """Whether ``forward(source, input_fn=f)`` keeps only ``source`` (uncompressed layer,
-        ``lift`` gradients): the weight gradient then needs ``f(source)`` exactly, which is
-        recomputed. A compressed layer keeps its compressed ``f(source)`` and ``source``."""
-        return (
-            self.compressor.is_identity
-            and not self.subspace
-            and getattr(self, "subspace_proxy", None) is None
-        )
 
     def forward(self, input_: torch.Tensor, input_fn=None, storage=None):
         """``input_fn``: the layer's input is ``input_fn(input_)``, a pure function of one
