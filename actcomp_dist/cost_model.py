@@ -24,8 +24,8 @@ divide everything by the TP size; it cancels in the ratio):
 Assumptions: flop work runs at ``peak_tflops`` and byte work at ``memory_bandwidth`` (both
 at the same efficiency, so the ratio does not need the achieved MFU); communication, the
 optimizer step and kernel launch overheads are the same for every variant and left out;
-``ac_selective`` / ``ac_full`` are the modes; a method other than ``none`` and ``compact``
-has no model (its ratio is ``None``).
+``ac_selective`` / ``ac_full`` are the modes; a method other than ``none`` and ``compact``, and
+the ``lowrank:R`` storage (``ac_lowrank:R`` variants), have no model (their ratio is ``None``).
 
 Calibration (:func:`calibrate`): one factor per kind of extra work (``recompute``,
 ``storage``, ``projection``) multiplies that kind's predicted extra time. From measured step
@@ -92,8 +92,11 @@ def predict_step_time(
     device: Device = Device(),
 ) -> StepTime | None:
     """Seconds per token of the counted work (module docstring); ``None`` for a compression
-    method the model does not cover."""
+    method or a storage policy the model does not cover (``lowrank:R`` factors: not counted
+    yet)."""
     if compression.method not in ("none", "compact"):
+        return None
+    if storage is not None and storage.startswith("lowrank:"):
         return None
     L, h, s = model.num_layers, model.hidden_size, seq_length
     flops = device.peak_flops

@@ -41,6 +41,11 @@ or Liger user's exact baseline keeps:
   for its weight gradient and to backpropagate through the SwiGLU; compressed, it keeps its
   compressed ``Z`` and ``[gate | up]`` (:func:`actcomp_dist.autograd.recompute_in_backward`).
 
+Under ``memory.policy`` ``norm: lowrank:R`` the block norms run :func:`low_rank_rms_norm`
+instead: the same forward and closed-form backward, with ``y`` kept as LoRAct's low-rank
+factors ``(L, Q)`` (:class:`actcomp_dist.storage.LowRankStorage`) that the next uncompressed
+linear keeps too; the backward then reads ``y ~= L Q^T``.
+
 Forward results are the naive block's bit for bit (same ops in the same order). Gradients:
 the SwiGLU and FC2 recompute runs the same ops, so they match bit for bit; RMSNorm's backward
 is the closed form ``rstd * (dn - x_hat * mean(dn * x_hat))`` with ``dn = g * weight`` and a

@@ -231,7 +231,7 @@ class _RecomputedInputParallelLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, source, weight, input_fn, storage):
         x = input_fn(source)  # [s, b, n_local]
-        # ``storage`` (an 8-bit policy, actcomp_dist.storage) keeps ``R`` packed instead.
+        # ``storage`` (an 8-bit or low-rank packer, actcomp_dist.storage) keeps ``R`` packed.
         packed = (source,) if storage is None else storage.pack(source)
         ctx.save_for_backward(weight, *packed)
         ctx.input_fn, ctx.storage = input_fn, storage
@@ -451,7 +451,7 @@ class CompressedRowParallelLinear(_CompressedParallelMixin, RowParallelLinear):
         recomputes; compressed it keeps its compressed tensor and ``input_`` for
         ``input_fn``'s backward. Forward hooks see ``input_`` (not ``input_fn(input_)``), so
         callers with hooks that read the layer's input (adapters) must pass the input itself.
-        ``storage``: with ``input_fn``, keep ``input_`` packed by this 8-bit quantizer
+        ``storage``: with ``input_fn``, keep ``input_`` packed by this 8-bit or low-rank packer
         (:mod:`actcomp_dist.storage`); backward reads its dequantised copy.
         """
         tp_size = dist.get_world_size(self.tp_group)
