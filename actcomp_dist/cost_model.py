@@ -35,9 +35,9 @@ optimizer step and kernel launch overheads are the same for every variant and le
 has no model (its ratio is ``None``).
 
 Calibration (:func:`calibrate`): one factor per kind of extra work (``recompute``,
-``storage``, ``projection``) multiplies that kind's predicted extra time. From measured step
-times (``tools/ablate.py``'s ``records.json``: the median ``step_time_s`` per variant, over
-``none``'s), each factor is the least-squares fit of ``measured_ratio - 1 = factor * extra``
+``storage``, ``projection``, ``factorisation``) multiplies that kind's predicted extra time.
+From measured step times (``tools/ablate.py``'s ``records.json``: the median
+``step_time_s`` per variant, over ``none``'s), each factor is the least-squares fit of ``measured_ratio - 1 = factor * extra``
 over the measured variants with only that kind of extra work; a kind no such variant measures
 keeps factor 1. The extra work of each record is counted on the model it was measured on
 (the record's own config), so the factors carry to other model sizes.
