@@ -30,8 +30,9 @@ op:
 - storage policies (:mod:`actcomp_dist.storage`) replace a kept tensor by its packed bytes:
   8-bit ``attention`` / ``swiglu`` as :meth:`~actcomp_dist.storage.Quantizer.saved_bytes`;
   ``lowrank:R`` of ``swiglu`` keeps ``(N + 2f/t) k e`` for ``[gate | up]``, of ``norm``
-  ``(N + h) k e`` per block norm instead of ``N h e`` (``N/t`` tokens under SP; an
-  uncompressed qkv / fc1 keeps the same factors); the final norm always keeps its output;
+  ``(N + h) k e`` per block norm instead of ``N h e``, 8-bit ``norm`` the 8-bit bytes of
+  ``N h`` (``N/t`` tokens under SP; an uncompressed qkv / fc1 keeps the same packed tensors);
+  the final norm always keeps its output;
 - a compressed site adds its compressed tensor (below);
 - ``selective`` checkpointing recomputes only the attention core (the rest already keeps one
   tensor): the fused QKV output instead of the core's tensors, and the proj input

@@ -10,11 +10,11 @@ output that ``proj`` keeps), ``swiglu`` (``[gate | up]``, kept by ``fc2``), ``bl
 Policies implemented (:data:`IMPLEMENTED`):
 
 - ``keep``: the tensor itself (the exact memory-efficient block).
-- ``int8`` (``attention``, ``swiglu``): per-group absmax. The last dimension is cut into
+- ``int8`` (``norm``, ``attention``, ``swiglu``): per-group absmax. The last dimension is cut into
   groups of :data:`INT8_GROUP` elements (the whole last dimension when it is not a multiple);
   each group stores ``round(x / s)`` in int8 with one fp32 scale ``s = absmax / 127``.
   Per element ``|x - x_hat| <= s / 2``. Bytes: ``numel + 4 numel / group``.
-- ``fp8`` (``attention``, ``swiglu``): ``torch.float8_e4m3fn`` with one fp32 scale per row
+- ``fp8`` (``norm``, ``attention``, ``swiglu``): ``torch.float8_e4m3fn`` with one fp32 scale per row
   of the last dimension, ``s = absmax / 448`` (e4m3's largest finite value). e4m3 keeps 3
   mantissa bits: per element ``|x - x_hat| <= 2^-4 |x|`` for ``|x| / s >= 2^-6`` (normal
   range), and ``<= 2^-10 s`` below it (subnormal spacing 2^-9). Bytes: ``numel + 4 rows``.
@@ -41,8 +41,7 @@ The memory model (:mod:`actcomp_dist.memory_model`) counts the packed bytes exac
 
 Named but not implemented yet (refused at start-up with that reason): ``recompute``,
 ``compress``, ``offload``, ``lowrank:R`` of ``attention``, ``block_input`` and the linear
-sites, and 8-bit storage of ``norm``, ``block_input`` and the linear sites. (The norm output is also the next uncompressed linear's input, one storage for
-both; quantising it pays only if that linear reads the 8-bit copy too.)
+sites, and 8-bit storage of ``block_input`` and the linear sites.
 
 How the 8-bit kinds are wired (:mod:`actcomp_dist.models.llama`):
 
@@ -68,6 +67,13 @@ How the 8-bit kinds are wired (:mod:`actcomp_dist.models.llama`):
   tokens, and the column-parallel layer all-gathers every rank's ``L`` and ``Q`` in backward
   (``(N/t) k + h k`` elements per rank instead of Megatron's ``(N/t) h``) and sums
   ``(g_i^T L_i) Q_i^T`` over the shards.
+- ``norm: int8`` / ``fp8``: the same sharing with 8-bit codes and scales (the norm output is
+  also the next uncompressed linear's input, so quantising it pays only because that linear
+  keeps the same 8-bit copy): the norm's backward and the linear's weight gradient ``g^T y_hat``
+  read the dequantised output, the linear's input gradient is exact. Under SP each rank
+  dequantises its own tokens in backward before the all-gather Megatron does for ``y``.
+  Groups and row scales lie within a token's ``h`` values, so packing does not depend on TP
+  or SP.
 """
 
 from __future__ import annotations
@@ -89,7 +95,7 @@ KINDS = ("norm", "attention", "swiglu", "block_input", "qkv", "proj", "fc1", "fc
 POLICIES = ("keep", "recompute", "int8", "fp8", "compress", "lowrank:R", "offload")
 #: The policies each kind accepts today.
 IMPLEMENTED = {kind: ("keep",) for kind in KINDS} | {
-    "norm": ("keep", "lowrank:R"),
+    "norm": ("keep", "int8", "fp8", "lowrank:R"),
     "attention": ("keep", "int8", "fp8"),
     "swiglu": ("keep", "int8", "fp8", "lowrank:R"),
 }

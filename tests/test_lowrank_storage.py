@@ -1,5 +1,6 @@
 """``memory.policy`` ``norm: lowrank:R`` and ``swiglu: lowrank:R`` (LoRAct's norm and act_fn
-modes) in the LLaMA model.
+modes) and ``norm: int8`` / ``fp8`` in the LLaMA model: a block norm's packed output shared by
+the uncompressed linear that reads it.
 
 References:
 
@@ -16,6 +17,10 @@ References:
   lengths (norm + qkv: LoRAct's rule, input gradient through the exact weight, weight gradient
   at the reconstruction); FC2 after the SwiGLU: the ``keep`` backward evaluated at the
   reconstruction, bit for bit.
+- **8-bit norm**: qkv's weight gradient is the ``keep`` layer's at the dequantised output, bit
+  for bit; the norm's gradients equal the float64 closed form there within rounding; the whole
+  model at TP = 1, 2, 2 + SP keeps the loss bit-identical and the gradients within the 8-bit
+  element error (2^-4, relative Frobenius) of ``keep``'s.
 - **Memory**: byte-exact against the memory model in ``tests/test_memory_plan.py``.
 """
 
@@ -107,10 +112,10 @@ def test_norm_and_linear_at_low_rank_are_the_float64_backward_at_the_reconstruct
     norm.weight.data = 1 + 0.1 * torch.randn(h, generator=generator)
     x = torch.randn(16, 2, h, generator=generator).requires_grad_(True)  # [s, b, h]
     y = norm(x)
-    low, q = y.lowrank_factors  # [N, k], [h, k]
+    packer, (low, q) = y.stored_as  # [N, k], [h, k]
     seen = {}
     y.register_hook(lambda grad: seen.setdefault("dy", grad))
-    out, _ = qkv(y, factors=(low, q))
+    out, _ = qkv(y, stored=(packer, (low, q)))
     grad_out = torch.randn(out.shape, generator=generator)
     out.backward(grad_out)
 
@@ -187,3 +192,89 @@ def test_low_rank_model_forward_is_unchanged(single_rank):
     loss, grads = _loss_and_full_grads(_model(torch.float32, full, policy), tokens, labels)
     assert torch.equal(loss, keep_loss)
     assert all(torch.isfinite(grad).all() for grad in grads.values())
+
+
+# ----------------------------------------------------------------------------- 8-bit norm
+
+
+@pytest.mark.parametrize("policy", ["int8", "fp8"])
+def test_norm_8bit_backward_is_the_float64_backward_at_the_dequantised_output(single_rank, policy):
+    """``norm: int8`` / ``fp8``: the norm keeps its output in 8 bits and qkv keeps the same
+    codes and scales. qkv's weight gradient is the ``keep`` layer's at the dequantised output,
+    bit for bit; the norm's gradients equal the float64 closed form at it within rounding."""
+    model = build_llama(SMALL, init_seed=0, storage_policy=StoragePolicy(norm=policy))
+    norm, qkv = model.layers[0].input_norm, model.layers[0].attention.qkv
+    generator = torch.Generator().manual_seed(5)
+    h = SMALL.hidden_size
+    norm.weight.data = 1 + 0.1 * torch.randn(h, generator=generator)
+    x = torch.randn(16, 2, h, generator=generator).requires_grad_(True)  # [s, b, h]
+    y = norm(x)
+    packer, packed = y.stored_as
+    dequantised = packer.unpack(packed, y)
+    out, _ = qkv(y, stored=(packer, packed))
+    grad_out = torch.randn(out.shape, generator=generator)
+    out.backward(grad_out)
+    weight_grad = qkv.weight.grad.clone()
+
+    qkv.weight.grad = None
+    keep_out, _ = qkv(dequantised.detach())
+    keep_out.backward(grad_out)
+    assert torch.equal(weight_grad, qkv.weight.grad)  # the keep layer at the dequantised y
+    assert not torch.equal(dequantised, y)
+
+    m = qkv.weight.shape[0]
+    g = grad_out.double().reshape(-1, m)
+    w64, weight64 = norm.weight.detach().double(), qkv.weight.detach().double()
+    y_hat = dequantised.detach().double().reshape(-1, h)
+    x64 = x.detach().double().reshape(-1, h)
+    rstd = torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + norm.eps)
+    dy, x_hat = g @ weight64, y_hat / w64
+    dn = dy * w64
+    dx64 = rstd * (dn - x_hat * (dn * x_hat).mean(-1, keepdim=True))
+    # Rounding (u = 2^-24): g W (length m), rstd (length h), the norm's mean over h; the
+    # norm-weight gradient sums N terms.
+    u = UNIT_ROUNDOFF_FP32
+    x_hat_abs, dn_abs = x_hat.abs(), (g.abs() @ weight64.abs()) * w64.abs()
+    bound_x = (m + h + 8) * u * rstd * (dn_abs + x_hat_abs * (dn_abs * x_hat_abs).mean(-1, True))
+    bound_norm = (g.shape[0] + m + 4) * u * ((g.abs() @ weight64.abs()) * x_hat_abs).sum(0)
+    assert ((x.grad.double().reshape(-1, h) - dx64).abs() <= bound_x).all()
+    assert ((norm.weight.grad.double() - (dy * x_hat).sum(0)).abs() <= bound_norm).all()
+
+
+def _norm_8bit_run(sequence_parallel=False):
+    """Loss and full gradients of keep and of 8-bit norms (fp32), on this TP layout."""
+    full = _random_full_weights(SMALL, seed=1)
+    tokens, labels = _batch(SMALL)
+    out = {}
+    for name, policy in (("keep", None), ("int8", StoragePolicy(norm="int8", swiglu="int8"))):
+        model = _model(torch.float32, full, policy, sequence_parallel)
+        out[name] = _loss_and_full_grads(model, tokens, labels)
+    return out
+
+
+def _assert_8bit_close(results):
+    """Forward untouched (bit-identical loss); gradients within the 8-bit element error 2^-4
+    of ``keep``'s in relative Frobenius norm (as tests/test_storage_policies.py holds the
+    other 8-bit kinds; a mis-gathered sequence shard would be an O(1) error)."""
+    (loss, grads), (keep_loss, keep_grads) = results["int8"], results["keep"]
+    assert torch.equal(loss, keep_loss)
+    flat = torch.cat([grads[name].reshape(-1) for name in sorted(keep_grads)])
+    exact = torch.cat([keep_grads[name].reshape(-1) for name in sorted(keep_grads)])
+    assert torch.isfinite(flat).all()
+    assert (flat - exact).norm() <= 2.0**-4 * exact.norm()
+
+
+def test_norm_8bit_model_gradients_close(single_rank):
+    _assert_8bit_close(_norm_8bit_run())
+
+
+def _tp_8bit_run(rank, world_size, sequence_parallel):
+    state.initialize_model_parallel(world_size)
+    out = _norm_8bit_run(sequence_parallel)
+    return out if rank == 0 else None
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp2", "tp2_sp"])
+def test_norm_8bit_model_gradients_close_at_tp2(tmp_path, sequence_parallel):
+    _assert_8bit_close(run_distributed(_tp_8bit_run, 2, tmp_path, sequence_parallel)[0])

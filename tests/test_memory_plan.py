@@ -159,6 +159,10 @@ STORAGE_VARIANTS = {
     "lowrank+ac_full_1layer": ("ac_full_1layer", {"norm": "lowrank:8", "swiglu": "lowrank:16"}),
     "compact_0.25+lowrank": ("compact_0.25", {"norm": "lowrank:8", "swiglu": "lowrank:0.25"}),
     "lowrank+int8": ("none", {"norm": "lowrank:8", "attention": "int8"}),
+    # 8-bit norm outputs, shared by uncompressed qkv / fc1.
+    "norm_int8": ("none", {"norm": "int8"}),
+    "all_fp8": ("none", {"norm": "fp8", "attention": "fp8", "swiglu": "fp8"}),
+    "compact_0.25+norm_int8": ("compact_0.25", {"norm": "int8", "swiglu": "int8"}),
 }
 
 
@@ -198,6 +202,8 @@ TP_STORAGE_VARIANTS = (
     "compact_all_sites+fp8",
     "lowrank",
     "compact_0.25+lowrank",
+    "norm_int8",
+    "all_fp8",
 )
 
 

@@ -288,9 +288,9 @@ def test_policy_config_defaults_and_validation():
         "unknown policy": ({"swiglu": "int4"}, "memory.policy.swiglu='int4' is not a policy"),
         "not a string": ({"swiglu": 8}, "memory.policy.swiglu=8 is not a policy"),
         "not implemented": (
-            {"norm": "int8"},
-            "memory.policy.norm='int8' is not implemented yet for kind 'norm'; implemented: "
-            "['keep', 'lowrank:R']",
+            {"block_input": "int8"},
+            "memory.policy.block_input='int8' is not implemented yet for kind 'block_input'; "
+            "implemented: ['keep']",
         ),
         "offload": ({"swiglu": "offload"}, "memory.policy.swiglu='offload' is not implemented"),
         "lowrank": ({"attention": "lowrank:8"}, "'lowrank:8' is not implemented yet"),
@@ -306,7 +306,7 @@ def test_policy_config_defaults_and_validation():
         run_config_from_dict({"memory": {"policy": "int8"}})
     assert set(IMPLEMENTED["attention"]) == {"keep", "int8", "fp8"}
     assert set(IMPLEMENTED["swiglu"]) == {"keep", "int8", "fp8", "lowrank:R"}
-    assert set(IMPLEMENTED["norm"]) == {"keep", "lowrank:R"}
+    assert set(IMPLEMENTED["norm"]) == {"keep", "int8", "fp8", "lowrank:R"}
 
 
 def test_storage_variants():

@@ -41,10 +41,11 @@ or Liger user's exact baseline keeps:
   for its weight gradient and to backpropagate through the SwiGLU; compressed, it keeps its
   compressed ``Z`` and ``[gate | up]`` (:func:`actcomp_dist.autograd.recompute_in_backward`).
 
-Under ``memory.policy`` ``norm: lowrank:R`` the block norms run :func:`low_rank_rms_norm`
-instead: the same forward and closed-form backward, with ``y`` kept as LoRAct's low-rank
-factors ``(L, Q)`` (:class:`actcomp_dist.storage.LowRankStorage`) that the next uncompressed
-linear keeps too; the backward then reads ``y ~= L Q^T``.
+Under ``memory.policy`` ``norm: lowrank:R`` / ``int8`` / ``fp8`` the block norms run
+:func:`stored_rms_norm` instead: the same forward and closed-form backward, with ``y`` kept as
+LoRAct's low-rank factors ``(L, Q)`` (:class:`actcomp_dist.storage.LowRankStorage`) or in 8
+bits, packed tensors that the next uncompressed linear keeps too; the backward then reads
+``y ~= L Q^T`` or the dequantised ``y``.
 
 Forward results are the naive block's bit for bit (same ops in the same order). Gradients:
 the SwiGLU and FC2 recompute runs the same ops, so they match bit for bit; RMSNorm's backward
@@ -111,39 +112,40 @@ class _RMSNormFunction(torch.autograd.Function):
         return *_rms_norm_backward(ctx, grad_y, y, weight, rstd), None
 
 
-class _LowRankRMSNormFunction(torch.autograd.Function):
-    """RMSNorm keeping ``rstd`` and the LoRAct factors ``L``, ``Q`` of its output; returns
-    ``y`` and the factors (non-differentiable outputs, for the linears that read ``y``)."""
+class _StoredRMSNormFunction(torch.autograd.Function):
+    """RMSNorm keeping ``rstd`` and its output packed by a storage policy's packer (LoRAct's
+    factors ``L``, ``Q`` or 8-bit codes and scales); returns ``y`` and the packed tensors
+    (non-differentiable outputs, for the linears that read ``y``)."""
 
     @staticmethod
-    def forward(ctx, x, weight, eps, storage):
+    def forward(ctx, x, weight, eps, packer):
         y, rstd = _rms_norm_forward(x, weight, eps)
-        low, q = storage.pack(y)  # [N, k], [h, k]
-        ctx.save_for_backward(low, q, weight, rstd)
-        ctx.storage, ctx.x_dtype = storage, x.dtype
+        packed = packer.pack(y)  # (L [N, k], Q [h, k]) or (codes, scales)
+        ctx.save_for_backward(*packed, weight, rstd)
+        ctx.packer, ctx.x_dtype = packer, x.dtype
         ctx.y_like = torch.empty_like(y, device="meta")
-        ctx.mark_non_differentiable(low, q)
-        return y, low, q
+        ctx.mark_non_differentiable(*packed)
+        return y, *packed
 
     @staticmethod
-    def backward(ctx, grad_y, _grad_low, _grad_q):
-        low, q, weight, rstd = ctx.saved_tensors
-        y = ctx.storage.unpack((low, q), ctx.y_like)  # y ~= L Q^T
+    def backward(ctx, grad_y, *_grad_packed):
+        *packed, weight, rstd = ctx.saved_tensors
+        y = ctx.packer.unpack(tuple(packed), ctx.y_like)  # y ~= L Q^T, or dequantised
         return *_rms_norm_backward(ctx, grad_y, y, weight, rstd), None, None
 
 
-def low_rank_rms_norm(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, storage
-) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-    """RMSNorm (the forward of :func:`rms_norm`, bit for bit) that keeps ``rstd`` and the
-    factors ``(L, Q)`` of its output packed by ``storage``
-    (:class:`actcomp_dist.storage.LowRankStorage`) instead of the output. Returns ``y`` and
-    the factors, which a linear reading ``y`` keeps instead of ``y`` (the same two tensors);
-    ``None`` when autograd records nothing."""
+def stored_rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, packer
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+    """RMSNorm (the forward of :func:`rms_norm`, bit for bit) that keeps ``rstd`` and its
+    output packed by ``packer`` (a :mod:`actcomp_dist.storage` packer: LoRAct's factors
+    ``(L, Q)`` or 8-bit codes and scales) instead of the output. Returns ``y`` and the packed
+    tensors, which a linear reading ``y`` keeps instead of ``y`` (the same tensors); ``None``
+    when autograd records nothing."""
     if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
         return _rms_norm_forward(x, weight, eps)[0], None
-    y, low, q = _LowRankRMSNormFunction.apply(x, weight, eps, storage)
-    return y, (low, q)
+    y, *packed = _StoredRMSNormFunction.apply(x, weight, eps, packer)
+    return y, tuple(packed)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -61,7 +61,8 @@ plain ``forward(hidden, rope)`` (``rope`` is the ``(cos, sin)`` pair of
 the same model bit for bit as before the option existed. Forward results are identical. See
 :mod:`actcomp_dist.models.efficient_ops`. ``storage_policy`` (``memory.policy``) can keep
 attention's q, k, v, o and SwiGLU's ``[gate | up]`` in 8 bits, and the block norms' outputs
-and ``[gate | up]`` as LoRAct low-rank factors (:mod:`actcomp_dist.storage`).
+and ``[gate | up]`` as LoRAct low-rank factors, and the block norms' outputs in 8 bits too
+(:mod:`actcomp_dist.storage`).
 
 RMSNorm (fp32 statistics) and RoPE (rotate-half, precomputed cos/sin) follow Hugging Face's
 ``LlamaForCausalLM`` so logits can be compared with it.
@@ -82,7 +83,7 @@ from torch import nn
 from actcomp_dist.autograd import recompute_in_backward
 from actcomp_dist.config import TRANSFORMER_SITES, CompressionConfig
 from actcomp_dist.models.configs import LlamaConfig, check_tensor_parallel, get_model_config
-from actcomp_dist.models.efficient_ops import low_rank_rms_norm, rms_norm
+from actcomp_dist.models.efficient_ops import rms_norm, stored_rms_norm
 from actcomp_dist.parallel import CompressedColumnParallelLinear, CompressedRowParallelLinear
 from actcomp_dist.parallel import state as parallel_state
 from actcomp_dist.parallel.collectives import (
@@ -144,9 +145,9 @@ class RMSNorm(nn.Module):
     gradient, a sum over this rank's tokens only, is then all-reduced over the group.
     ``efficient``: keep only the output and the fp32 ``rstd`` for backward
     (:func:`actcomp_dist.models.efficient_ops.rms_norm`; same forward result).
-    ``storage``: a :class:`~actcomp_dist.storage.LowRankStorage` (``norm: lowrank:R``, needs
-    ``efficient``): keep ``rstd`` and the factors of the output instead; the output then
-    carries them as ``y.lowrank_factors`` for the linear that reads it.
+    ``storage``: the packer of ``memory.policy.norm`` (LoRAct factors or 8-bit; needs
+    ``efficient``): keep ``rstd`` and the packed output instead; the output then carries
+    ``y.stored_as = (packer, packed)`` for the linear that reads it.
     """
 
     def __init__(
@@ -170,11 +171,11 @@ class RMSNorm(nn.Module):
         if self.sequence_parallel_group is not None:
             weight = copy_to_tensor_parallel_region(weight, self.sequence_parallel_group)
         if self.storage is not None:
-            y, factors = low_rank_rms_norm(x, weight, self.eps, self.storage)
-            # The factors travel with y to the linear that reads it (the same two tensors are
-            # kept once; see actcomp_dist.storage). A tensor attribute, not a second output,
-            # so the norm stays a one-in, one-out module for hooks and checkpoint wrappers.
-            y.lowrank_factors = factors
+            y, packed = stored_rms_norm(x, weight, self.eps, self.storage)
+            # The packed output travels with y to the linear that reads it (the same tensors
+            # are kept once; see actcomp_dist.storage). A tensor attribute, not a second
+            # output, so the norm stays a one-in, one-out module for hooks and checkpoints.
+            y.stored_as = None if packed is None else (self.storage, packed)
             return y
         if self.efficient:
             return rms_norm(x, weight, self.eps)
@@ -335,7 +336,7 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: Rope, run: Recompute = _call) -> torch.Tensor:
         # [s, b, groups * (heads_per_group + 2) * d], s = full sequence
-        mixed, _ = self.qkv(x, factors=getattr(x, "lowrank_factors", None))
+        mixed, _ = self.qkv(x, stored=getattr(x, "stored_as", None))
         out = run(self.core, mixed, *rope)  # [s, b, heads * d]
         if self.storage is not None and self.proj.recomputes_input and not self._proj_adapters:
             # proj keeps the attention output packed (its input is the output itself).
@@ -392,7 +393,7 @@ class SwiGLUMLP(nn.Module):
 
     def forward(self, x: torch.Tensor, run: Recompute = _call) -> torch.Tensor:
         # [s, b, 2 * ffn/t]: this rank's [gate_i | up_i]
-        gate_up, _ = self.fc1(x, factors=getattr(x, "lowrank_factors", None))
+        gate_up, _ = self.fc1(x, stored=getattr(x, "stored_as", None))
         if not self.efficient_ops:
             out, _ = self.fc2(run(swiglu, gate_up))  # [s(/t), b, h]
         elif getattr(self.fc2, "adapters", None):

@@ -62,6 +62,7 @@ from actcomp_dist.parallel.collectives import (
     reduce_scatter_to_sequence_parallel_region,
 )
 from actcomp_dist.seeds import CompressionSchedule
+from actcomp_dist.storage import LowRankStorage
 
 # How the input gradient of the local GEMM is completed across the TP group.
 _DGRAD_NONE = "none"  # row-parallel: each rank's dX is already its own shard
@@ -132,6 +133,8 @@ class _CompressedParallelLinear(torch.autograd.Function):
         weight, *saved = ctx.saved_tensors
         tokens, basis = (saved[0], saved[1:]) if saved else (None, ())
         compressor, group, counter = ctx.compressor, ctx.group, ctx.counter
+        if tokens is not None and hasattr(compressor, "unpack_saved"):
+            tokens, basis = compressor.unpack_saved(tokens, basis)  # 8-bit input: dequantised
         sequence_parallel = ctx.dgrad == _DGRAD_SEQUENCE_PARALLEL
         grad_x = grad_w = grad_b = grad_proxy = None
         if ctx.output_reduce == _REDUCE_SCATTER:
@@ -289,8 +292,8 @@ class _CompressedParallelMixin:
         """Whether the layer is uncompressed with ``lift`` gradients, so its weight gradient
         reads its exact input: a row-parallel ``forward(source, input_fn=f)`` then keeps only
         ``source`` and recomputes ``f(source)``, and a column-parallel ``forward(x,
-        factors=...)`` keeps the given factors instead of ``x``. A compressed layer keeps its
-        own compressed input."""
+        stored=...)`` keeps the given packed ``x`` instead of ``x``. A compressed layer keeps
+        its own compressed input."""
         return (
             self.compressor.is_identity
             and not self.subspace
@@ -340,6 +343,35 @@ class _GivenFactors:
         return ghat.matmul(q.t())  # [m, n]
 
 
+class _GivenPacked:
+    """The compressor of an uncompressed layer whose input ``x`` arrives packed in 8 bits by
+    its producer (``norm: int8`` / ``fp8``): the layer keeps the same codes and scales instead
+    of ``x`` and dequantises them in backward (before the sequence-parallel all-gather, which
+    then moves what Megatron's moves); its weight gradient is ``g^T x_hat``."""
+
+    basis_is_shared = True
+
+    def __init__(self, packer, packed: tuple[torch.Tensor, torch.Tensor]) -> None:
+        self.packer, self.packed = packer, packed
+
+    def compress(self, x2d: torch.Tensor) -> Compressed:
+        self.like = torch.empty_like(x2d, device="meta")
+        codes, scales = self.packed
+        return Compressed(codes, (scales,))
+
+    def unpack_saved(self, tokens, basis):
+        return self.packer.unpack((tokens, *basis), self.like), ()
+
+    def lift(self, ghat, basis, seeds):
+        return ghat
+
+
+def _given_input(stored):
+    """The compressor that keeps a producer's packed input: ``stored = (packer, packed)``."""
+    packer, packed = stored
+    return _GivenFactors(packed) if isinstance(packer, LowRankStorage) else _GivenPacked(*stored)
+
+
 def _world_all_reduce(t: torch.Tensor) -> torch.Tensor:
     """Sum over every rank: sub-token vectors must agree across all TP and DP ranks."""
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -385,12 +417,14 @@ class CompressedColumnParallelLinear(_CompressedParallelMixin, ColumnParallelLin
         input_: torch.Tensor,
         weight: torch.Tensor | None = None,
         runtime_gather_output=None,
-        factors: tuple[torch.Tensor, torch.Tensor] | None = None,
+        stored=None,
     ):
-        """Megatron's forward. ``factors``: LoRAct factors ``(L, Q)`` of ``input_`` (this
-        rank's tokens) that its producer keeps; an uncompressed layer (:attr:`recomputes_input`)
-        keeps them instead of ``input_`` and its weight gradient reads ``L Q^T`` (the input
-        gradient stays exact). A compressed layer ignores them and keeps its own tensor."""
+        """Megatron's forward. ``stored``: ``(packer, packed)``, ``input_`` (this rank's
+        tokens) as its producer keeps it, packed by a :mod:`actcomp_dist.storage` packer
+        (LoRAct's factors ``(L, Q)`` or 8-bit codes and scales). An uncompressed layer
+        (:attr:`recomputes_input`) keeps the same tensors instead of ``input_``; its weight
+        gradient reads ``L Q^T`` (as ``(g^T L) Q^T``) or the dequantised input, its input
+        gradient stays exact. A compressed layer ignores them and keeps its own tensor."""
         if weight is not None and weight is not self.weight:
             raise ValueError("CompressedColumnParallelLinear does not take an external weight")
         bias = self.bias if not self.skip_bias_add else None
@@ -405,7 +439,7 @@ class CompressedColumnParallelLinear(_CompressedParallelMixin, ColumnParallelLin
                 "CompressedColumnParallelLinear does not gather its output; its consumers "
                 "(attention, SwiGLU) work on the local shard"
             )
-        given = _GivenFactors(factors) if factors is not None and self.recomputes_input else None
+        given = _given_input(stored) if stored is not None and self.recomputes_input else None
         output = self._compressed_forward(input_, bias, dgrad, compressor=given)
         return output, (self.bias if self.skip_bias_add else None)
 
