@@ -60,8 +60,9 @@ plain ``forward(hidden, rope)`` (``rope`` is the ``(cos, sin)`` pair of
 ``[gate | up]`` and recomputes the SwiGLU product); ``efficient_ops=False`` is the naive block,
 the same model bit for bit as before the option existed. Forward results are identical. See
 :mod:`actcomp_dist.models.efficient_ops`. ``storage_policy`` (``memory.policy``) can keep
-attention's q, k, v, o and SwiGLU's ``[gate | up]`` in 8 bits, and the block norms' outputs
-and ``[gate | up]`` as LoRAct low-rank factors, and the block norms' outputs in 8 bits too
+the block norms' outputs, attention's q, k, v, o and SwiGLU's ``[gate | up]`` in 8 bits, and
+the block norms' outputs and ``[gate | up]`` as LoRAct low-rank factors; a packed norm output
+is kept once, by the norm and the uncompressed qkv / fc1 that reads it
 (:mod:`actcomp_dist.storage`).
 
 RMSNorm (fp32 statistics) and RoPE (rotate-half, precomputed cos/sin) follow Hugging Face's
