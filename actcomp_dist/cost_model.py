@@ -19,7 +19,14 @@ divide everything by the TP size; it cancels in the ratio):
   rank r, the projection ``Z = X P`` (2 n r flops per token) and the weight gradient's
   ``g^T Z`` (2 m r) instead of ``g^T X`` (2 m n); ``lift`` mode also multiplies
   ``(g^T Z) P^T`` once per micro-batch (2 m r n flops, spread over the micro-batch's tokens).
-  Compact's work is this difference, which is negative where the rank is small enough.
+  Compact's work is this difference, which is negative where the rank is small enough;
+- ``factorisation`` work (``lowrank:R`` of the two norms and ``[gate | up]``, the
+  ``ac_lowrank:R`` variants): per factorised tensor of width n and k = R columns, LoRAct's
+  Gram product ``A^T A[:, S]`` and ``L = A Q`` in forward and ``L Q^T`` in backward
+  (6 n k flops per token) and one QR of ``[n, k]`` per micro-batch (4 n k^2, spread over its
+  tokens); an uncompressed qkv / fc1 reading the norm's factors takes its weight gradient as
+  ``(g^T L) Q^T`` (2 m k + 2 m k h per micro-batch) instead of ``g^T X`` (2 m h), which is
+  negative work at small k. The QR's low arithmetic intensity is not modelled.
 
 Assumptions: flop work runs at ``peak_tflops`` and byte work at ``memory_bandwidth`` (both
 at the same efficiency, so the ratio does not need the achieved MFU); communication, the
@@ -28,9 +35,9 @@ optimizer step and kernel launch overheads are the same for every variant and le
 has no model (its ratio is ``None``).
 
 Calibration (:func:`calibrate`): one factor per kind of extra work (``recompute``,
-``storage``, ``projection``) multiplies that kind's predicted extra time. From measured step
-times (``tools/ablate.py``'s ``records.json``: the median ``step_time_s`` per variant, over
-``none``'s), each factor is the least-squares fit of ``measured_ratio - 1 = factor * extra``
+``storage``, ``projection``, ``factorisation``) multiplies that kind's predicted extra time.
+From measured step times (``tools/ablate.py``'s ``records.json``: the median
+``step_time_s`` per variant, over ``none``'s), each factor is the least-squares fit of ``measured_ratio - 1 = factor * extra``
 over the measured variants with only that kind of extra work; a kind no such variant measures
 keeps factor 1. The extra work of each record is counted on the model it was measured on
 (the record's own config), so the factors carry to other model sizes.
@@ -43,13 +50,14 @@ from dataclasses import dataclass, field
 
 from actcomp_dist.config import CompressionConfig
 from actcomp_dist.memory_model import _site_widths, projected_site_shapes
+from actcomp_dist.storage import storage_for
 from actcomp_dist.training.flops import model_flops_per_token
 
 #: Dense bf16 flop/s and HBM bandwidth of an H100/H200-class GPU (H100 SXM: 989 TFLOP/s,
 #: 3.35 TB/s; H200: 989 TFLOP/s, 4.8 TB/s; the smaller bandwidth is the default).
 DEFAULT_PEAK_TFLOPS = 989.0
 DEFAULT_MEMORY_BANDWIDTH = 3.35e12
-WORK_KINDS = ("recompute", "storage", "projection")
+WORK_KINDS = ("recompute", "storage", "projection", "factorisation")
 #: Bytes moved per 8-bit stored element: quantise (read 2, write 1) + dequantise (read 1,
 #: write 2).
 STORAGE_BYTES_PER_ELEMENT = 6
@@ -80,6 +88,29 @@ def _block_matrix_weights(model) -> int:
     return sum(n * m for n, m in _site_widths(model).values())
 
 
+def _factorisation_work(model, compression: CompressionConfig, storage: str, tokens: int) -> float:
+    """Flops per token and block of ``lowrank:R`` on the two norms and ``[gate | up]``
+    (module docstring); ``tokens`` per micro-batch (one factorisation per call)."""
+    packer = storage_for(storage)
+    h, f = model.hidden_size, model.ffn_hidden_size
+
+    def factorise(n: int) -> float:
+        k = packer.width(n)
+        # Gram A^T A[:, S], L = A Q, and L Q^T in backward; QR of [n, k] once per call.
+        return 6.0 * n * k + 4.0 * n * k * k / tokens
+
+    k = packer.width(h)
+    work = 2 * factorise(h) + factorise(2 * f)
+    widths = _site_widths(model)
+    for site in ("qkv", "fc1"):
+        if compression.method != "none" and site in compression.sites:
+            continue  # a compressed reader keeps its own Z (its work is the projection's)
+        _, m = widths[site]
+        # (g^T L) Q^T instead of g^T X: 2 m k + 2 m k h / tokens instead of 2 m h.
+        work += 2.0 * m * k + 2.0 * m * k * h / tokens - 2.0 * m * h
+    return work
+
+
 def predict_step_time(
     model,
     compression: CompressionConfig,
@@ -92,7 +123,8 @@ def predict_step_time(
     device: Device = Device(),
 ) -> StepTime | None:
     """Seconds per token of the counted work (module docstring); ``None`` for a compression
-    method the model does not cover."""
+    method the model does not cover. ``storage``: a storage variant's policy (``int8``,
+    ``fp8``, or ``lowrank:R`` for the block norms and SwiGLU)."""
     if compression.method not in ("none", "compact"):
         return None
     L, h, s = model.num_layers, model.hidden_size, seq_length
@@ -105,7 +137,12 @@ def predict_step_time(
     elif ac_mode == "full":
         block = 2.0 * _block_matrix_weights(model) + attention_forward
         extra["recompute"] = checkpointed * block / flops
-    if storage is not None:
+    if storage is not None and storage.startswith("lowrank:"):
+        tokens = micro_batch_size * seq_length
+        extra["factorisation"] = (
+            L * _factorisation_work(model, compression, storage, tokens) / flops
+        )
+    elif storage is not None:
         heads, groups, d = model.num_attention_heads, model.query_groups, model.head_dim
         stored = (2 * heads + 2 * groups) * d + 2 * model.ffn_hidden_size  # q,k,v,o; gate|up
         extra["storage"] = L * (

@@ -27,6 +27,12 @@ op:
   fp32 log-sum-exp); plus the RoPE tables in the activation dtype, ``2 S d e`` once per model;
 - SwiGLU and fc2: ``2 N f e`` (``[gate | up]``, kept by fc2, which recomputes
   ``silu(gate) * up``), charged to ``fc2``;
+- storage policies (:mod:`actcomp_dist.storage`) replace a kept tensor by its packed bytes:
+  8-bit ``attention`` / ``swiglu`` as :meth:`~actcomp_dist.storage.Quantizer.saved_bytes`;
+  ``lowrank:R`` of ``swiglu`` keeps ``(N + 2f/t) k e`` for ``[gate | up]``, of ``norm``
+  ``(N + h) k e`` per block norm instead of ``N h e``, 8-bit ``norm`` the 8-bit bytes of
+  ``N h`` (``N/t`` tokens under SP; an uncompressed qkv / fc1 keeps the same packed tensors);
+  the final norm always keeps its output;
 - a compressed site adds its compressed tensor (below);
 - ``selective`` checkpointing recomputes only the attention core (the rest already keeps one
   tensor): the fused QKV output instead of the core's tensors, and the proj input
@@ -253,10 +259,14 @@ def _site_saved(
     return (tokens * c + basis) * setting.dtype_bytes
 
 
-def _norm_saved(tokens: int, hidden: int, e: int, efficient_ops: bool) -> int:
+def _norm_saved(
+    tokens: int, hidden: int, e: int, efficient_ops: bool, storage: StoragePolicy | None = None
+) -> int:
     if efficient_ops:
-        # The output in the input dtype and the fp32 rstd [N, 1].
-        return tokens * hidden * e + tokens * 4
+        # The output in the input dtype (or its LoRAct factors [N, k] and [h, k] under
+        # ``norm: lowrank:R``) and the fp32 rstd [N, 1].
+        kept = (storage or StoragePolicy()).saved_bytes("norm", tokens * hidden, hidden, e)
+        return kept + tokens * 4
     # x.float() (the input itself in fp32), rsqrt [N, 1] fp32, normed in the input dtype.
     return tokens * hidden * 4 + tokens * 4 + tokens * hidden * e
 
@@ -346,10 +356,13 @@ def _efficient_layer_saved(
     storage = setting.storage
     attention_8bit = storage.quantizer("attention") is not None
     out: dict[str, int] = defaultdict(int)
-    out["norm"] = 2 * _norm_saved(n_res, h, e, True)
+    # An uncompressed qkv / fc1 keeps the norm's output, or under ``norm: lowrank:R`` the same
+    # factors: nothing of its own.
+    out["norm"] = 2 * _norm_saved(n_res, h, e, True, storage)
     out["qkv"] = compressed_bytes("qkv", h, n_res)
     out["fc1"] = compressed_bytes("fc1", h, n_res)
-    # [gate | up] [N, 2f/t] (packed under an 8-bit ``swiglu`` policy, scales per row of 2f/t).
+    # [gate | up] [N, 2f/t] (packed under an 8-bit ``swiglu`` policy, scales per row of 2f/t;
+    # LoRAct factors [N, k] and [2f/t, k] under ``lowrank:R``, k from the local width 2f/t).
     gate_up = storage.saved_bytes("swiglu", n_all * 2 * ffn, 2 * ffn, e)
     out["fc2"] = gate_up + compressed_bytes("fc2", model.ffn_hidden_size, n_all)
     # The attention output as proj's input [N, H d / t]; packed by proj itself under an 8-bit

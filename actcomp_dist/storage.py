@@ -10,11 +10,11 @@ output that ``proj`` keeps), ``swiglu`` (``[gate | up]``, kept by ``fc2``), ``bl
 Policies implemented (:data:`IMPLEMENTED`):
 
 - ``keep``: the tensor itself (the exact memory-efficient block).
-- ``int8`` (``attention``, ``swiglu``): per-group absmax. The last dimension is cut into
+- ``int8`` (``norm``, ``attention``, ``swiglu``): per-group absmax. The last dimension is cut into
   groups of :data:`INT8_GROUP` elements (the whole last dimension when it is not a multiple);
   each group stores ``round(x / s)`` in int8 with one fp32 scale ``s = absmax / 127``.
   Per element ``|x - x_hat| <= s / 2``. Bytes: ``numel + 4 numel / group``.
-- ``fp8`` (``attention``, ``swiglu``): ``torch.float8_e4m3fn`` with one fp32 scale per row
+- ``fp8`` (``norm``, ``attention``, ``swiglu``): ``torch.float8_e4m3fn`` with one fp32 scale per row
   of the last dimension, ``s = absmax / 448`` (e4m3's largest finite value). e4m3 keeps 3
   mantissa bits: per element ``|x - x_hat| <= 2^-4 |x|`` for ``|x| / s >= 2^-6`` (normal
   range), and ``<= 2^-10 s`` below it (subnormal spacing 2^-9). Bytes: ``numel + 4 rows``.
@@ -24,9 +24,8 @@ Under tensor parallelism each rank packs its own shard (its heads' q, k, v; its
 part of a row, and int8 groups are the TP = 1 groups whenever 64 divides the shard's halves.
 The memory model (:mod:`actcomp_dist.memory_model`) counts the packed bytes exactly.
 
-- ``lowrank:R`` (:class:`LowRankStorage`; served by :mod:`actcomp_dist.hf` for ``norm`` and
-  ``swiglu``, not yet by the LLaMA model, whose run config still refuses it): LoRAct's online
-  low-rank factors (Shi et al., "Memory-Efficient Fine-Tuning via Low-Rank Activation
+- ``lowrank:R`` (``norm``, ``swiglu``; :class:`LowRankStorage`, also served by
+  :mod:`actcomp_dist.hf`): LoRAct's online low-rank factors (Shi et al., "Memory-Efficient Fine-Tuning via Low-Rank Activation
   Compression", arXiv 2509.23472). For ``A`` [N, n] (the tensor as rows of its last dimension)
   and ``k = min(R, n)``: sample ``k`` feature columns ``S`` with a seeded generator, form
   ``Y = A^T A[:, S]`` [n, k], orthonormalise ``Q = qr(Y)`` in float32 (float64 for float64
@@ -35,12 +34,14 @@ The memory model (:mod:`actcomp_dist.memory_model`) counts the packed bytes exac
   ``||A - A_hat||_F = ||A (I - Q Q^T)||_F``: exact (to rounding) whenever the sampled columns
   span the column space of ``A`` (``rank(A[:, S]) = rank(A) <= k``), and never below the best
   rank-k error ``sqrt(sum_{i>k} sigma_i(A)^2)`` (Eckart-Young). Bytes: ``(N + n) k`` elements.
-  No calibration, no state: the factors are computed in each forward.
+  No calibration, no state: the factors are computed in each forward. ``R`` is an absolute
+  rank (an int, ``lowrank:64``) or a ratio of the factorised width with a decimal point
+  (``lowrank:0.25``: ``k = ceil(0.25 n)``), spelled as ``compression.rank``. The width is the
+  tensor's last dimension *on this rank*: under TP the ``[gate_i | up_i]`` shard.
 
 Named but not implemented yet (refused at start-up with that reason): ``recompute``,
-``compress``, ``lowrank:R``, ``offload``, and 8-bit storage of ``norm``, ``block_input`` and the
-linear sites. (The norm output is also the next uncompressed linear's input, one storage for
-both; quantising it pays only if that linear reads the 8-bit copy too.)
+``compress``, ``offload``, ``lowrank:R`` of ``attention``, ``block_input`` and the linear
+sites, and 8-bit storage of ``block_input`` and the linear sites.
 
 How the 8-bit kinds are wired (:mod:`actcomp_dist.models.llama`):
 
@@ -52,17 +53,40 @@ How the 8-bit kinds are wired (:mod:`actcomp_dist.models.llama`):
   the SDPA forward under autograd and backpropagates through it. Cost: one more attention
   forward per backward (as selective checkpointing of the attention core). ``proj`` keeps the
   packed attention output when it is uncompressed (its weight gradient reads it).
+- ``swiglu: lowrank:R`` (LoRAct's act_fn mode): as the 8-bit ``swiglu``, FC2 keeps the factors
+  of its shard ``[gate_i | up_i]`` (one factorisation of the fused tensor, ``(N + 2f/t) k``
+  elements) and recomputes ``silu(gate) * up`` from ``L Q^T`` in backward.
+- ``norm: lowrank:R`` (LoRAct's norm mode, on the two norms of each block; the final norm
+  keeps its output): the norm keeps ``rstd`` and the factors of its output ``y``
+  (:func:`actcomp_dist.models.efficient_ops.low_rank_rms_norm`), and an uncompressed qkv / fc1
+  reading ``y`` keeps the *same* two tensors instead of ``y``: its input gradient ``g W`` is
+  exact, its weight gradient is ``(g^T L) Q^T``, the gradient at the reconstruction (LoRAct's
+  rule). The norm's own backward reads ``y ~= L Q^T``. A compressed qkv / fc1 keeps its own
+  compressed input as always. With TP every rank factorises the same replicated ``y``; under
+  sequence parallelism ``y`` is the rank's sequence shard: each rank factorises its own
+  tokens, and the column-parallel layer all-gathers every rank's ``L`` and ``Q`` in backward
+  (``(N/t) k + h k`` elements per rank instead of Megatron's ``(N/t) h``) and sums
+  ``(g_i^T L_i) Q_i^T`` over the shards.
+- ``norm: int8`` / ``fp8``: the same sharing with 8-bit codes and scales (the norm output is
+  also the next uncompressed linear's input, so quantising it pays only because that linear
+  keeps the same 8-bit copy): the norm's backward and the linear's weight gradient ``g^T y_hat``
+  read the dequantised output, the linear's input gradient is exact. Under SP each rank
+  dequantises its own tokens in backward before the all-gather Megatron does for ``y``.
+  Groups and row scales lie within a token's ``h`` values, so packing does not depend on TP
+  or SP.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from actcomp_dist.compression.base import parse_rank_argument
 from actcomp_dist.seeds import seeded_generator
 
 #: Kinds of saved tensor a policy can be set for.
@@ -71,8 +95,9 @@ KINDS = ("norm", "attention", "swiglu", "block_input", "qkv", "proj", "fc1", "fc
 POLICIES = ("keep", "recompute", "int8", "fp8", "compress", "lowrank:R", "offload")
 #: The policies each kind accepts today.
 IMPLEMENTED = {kind: ("keep",) for kind in KINDS} | {
+    "norm": ("keep", "int8", "fp8", "lowrank:R"),
     "attention": ("keep", "int8", "fp8"),
-    "swiglu": ("keep", "int8", "fp8"),
+    "swiglu": ("keep", "int8", "fp8", "lowrank:R"),
 }
 #: Elements per int8 scale group (along the last dimension).
 INT8_GROUP = 64
@@ -155,20 +180,29 @@ _QUANTIZERS = {"int8": Int8Absmax(), "fp8": Fp8RowScaled()}
 
 class LowRankStorage(Quantizer):
     """``lowrank:R``: LoRAct's sampled-column orthogonal factors ``L = A Q``, ``Q`` (see the
-    module doc). ``seed`` fixes the sampled columns (a fresh generator per call, never the
-    global RNG), so the same input always gives the same factors."""
+    module doc). ``rank``: an int ``R >= 1`` or a ratio of the width in ``(0, 1]`` (a float).
+    ``seed`` fixes the sampled columns (a fresh generator per call, never the global RNG), so
+    the same input always gives the same factors."""
 
-    def __init__(self, rank: int, seed: int = 0) -> None:
-        if rank < 1:
-            raise ValueError(f"lowrank:R needs R >= 1, got {rank}")
+    def __init__(self, rank: int | float, seed: int = 0) -> None:
+        if isinstance(rank, bool) or not isinstance(rank, int | float):
+            raise ValueError(f"lowrank:R needs R an int >= 1 or a ratio in (0, 1], got {rank!r}")
+        if isinstance(rank, int) and rank < 1 or isinstance(rank, float) and not 0 < rank <= 1:
+            raise ValueError(f"lowrank:R needs R an int >= 1 or a ratio in (0, 1], got {rank}")
         self.rank, self.seed = rank, seed
         self.name = f"lowrank:{rank}"
+
+    def width(self, n: int) -> int:
+        """``k``, the number of factor columns for a tensor whose last dimension is ``n``."""
+        if isinstance(self.rank, int):
+            return min(self.rank, n)
+        return max(1, min(n, math.ceil(self.rank * n)))
 
     def pack(self, x):
         n = x.shape[-1]
         a = x.detach().reshape(-1, n)  # [N, n]
         a = a.to(torch.promote_types(a.dtype, torch.float32))
-        k = min(self.rank, n)
+        k = self.width(n)
         generator = seeded_generator(self.seed, x.device)
         columns = torch.randperm(n, generator=generator, device=x.device)[:k]
         q = torch.linalg.qr(a.t() @ a[:, columns]).Q  # [n, k], orthonormal columns
@@ -180,8 +214,7 @@ class LowRankStorage(Quantizer):
         return (low @ q.t()).to(like.dtype).reshape(like.shape)
 
     def saved_bytes(self, numel, last_dim, dtype_bytes: int = 4):
-        k = min(self.rank, last_dim)
-        return (numel // last_dim + last_dim) * k * dtype_bytes
+        return (numel // last_dim + last_dim) * self.width(last_dim) * dtype_bytes
 
 
 def storage_for(policy: str) -> Quantizer | None:
@@ -192,7 +225,7 @@ def storage_for(policy: str) -> Quantizer | None:
     if policy in _QUANTIZERS:
         return _QUANTIZERS[policy]
     if _valid_policy_name(policy) and policy.startswith("lowrank:"):
-        return LowRankStorage(int(policy.partition(":")[2]))
+        return LowRankStorage(parse_rank_argument(policy.partition(":")[2]))
     raise ValueError(
         f"storage policy {policy!r} has no packer; valid: keep, {list(_QUANTIZERS)}, lowrank:R"
     )
@@ -202,9 +235,17 @@ def _valid_policy_name(value: Any) -> bool:
     if not isinstance(value, str):
         return False
     if value.startswith("lowrank:"):
-        rank = value.partition(":")[2]
-        return rank.isdigit() and int(rank) > 0
+        try:
+            LowRankStorage(parse_rank_argument(value.partition(":")[2]))
+        except ValueError:
+            return False
+        return True
     return value in POLICIES
+
+
+def policy_grammar(value: str) -> str:
+    """The name a policy has in :data:`POLICIES` (``lowrank:64`` -> ``lowrank:R``)."""
+    return "lowrank:R" if value.startswith("lowrank:") else value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,8 +266,11 @@ class StoragePolicy:
             policy = getattr(self, kind)
             where = f"memory.policy.{kind}={policy!r}"
             if not _valid_policy_name(policy):
-                raise ValueError(f"{where} is not a policy; valid: {list(POLICIES)}")
-            if policy not in IMPLEMENTED[kind]:
+                raise ValueError(
+                    f"{where} is not a policy; valid: {list(POLICIES)} (R an int >= 1 or a "
+                    f"ratio in (0, 1] with a decimal point)"
+                )
+            if policy_grammar(policy) not in IMPLEMENTED[kind]:
                 raise ValueError(
                     f"{where} is not implemented yet for kind {kind!r}; implemented: "
                     f"{list(IMPLEMENTED[kind])}"
@@ -252,15 +296,23 @@ class StoragePolicy:
         return not self.changes()
 
     def quantizer(self, kind: str) -> Quantizer | None:
-        """The 8-bit packer of ``kind``, or ``None`` when it is kept as it is."""
+        """The 8-bit packer of ``kind``, or ``None`` when it is not stored in 8 bits."""
         return _QUANTIZERS.get(getattr(self, kind))
 
+    def packer(self, kind: str) -> Quantizer | None:
+        """The packer of ``kind`` (8-bit or :class:`LowRankStorage`), or ``None`` for
+        ``keep``."""
+        return storage_for(getattr(self, kind))
+
     def saved_bytes(self, kind: str, numel: int, last_dim: int, dtype_bytes: int) -> int:
-        """Bytes kept for a tensor of ``kind`` (``numel`` elements) under this policy."""
-        quantizer = self.quantizer(kind)
-        if quantizer is None:
+        """Bytes kept for a tensor of ``kind`` (``numel`` elements, last dimension
+        ``last_dim``, ``dtype_bytes`` per element) under this policy."""
+        packer = self.packer(kind)
+        if packer is None:
             return numel * dtype_bytes
-        return quantizer.saved_bytes(numel, last_dim)
+        if isinstance(packer, LowRankStorage):
+            return packer.saved_bytes(numel, last_dim, dtype_bytes)
+        return packer.saved_bytes(numel, last_dim)
 
 
 class _AttentionWithStoredInputs(torch.autograd.Function):
@@ -332,5 +384,6 @@ __all__ = [
     "StoragePolicy",
     "attention_with_stored_inputs",
     "element_error_bound",
+    "policy_grammar",
     "storage_for",
 ]

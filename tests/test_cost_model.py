@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -168,6 +169,32 @@ def test_cost_model_closed_form_and_ordering():
     assert _step(model, "lowrank:0.25", seq) is None
 
 
+def test_cost_model_of_lowrank_storage_closed_form():
+    """``ac_lowrank:R``: 6 n k flops per token and factorised tensor (two norms of width h,
+    ``[gate | up]`` of width 2f), one QR of [n, k] per micro-batch, and the uncompressed qkv /
+    fc1 weight gradients from the factors instead of the norm output."""
+    model = get_model_config("1b", vocab_size=32000)
+    device = Device(peak_flops=1e15, memory_bandwidth=3e12)
+    seq, batch = 4096, 2
+    tokens = seq * batch
+    h, f, layers = model.hidden_size, model.ffn_hidden_size, model.num_layers
+    qkv_out = (model.num_attention_heads + 2 * model.query_groups) * model.head_dim
+    k_h, k_f = math.ceil(h / 8), math.ceil(2 * f / 8)  # ratio 0.125 of each width, rounded up
+
+    def factorise(n, k):
+        return 6 * n * k + 4 * n * k * k / tokens
+
+    readers = sum(2 * m * k_h + 2 * m * k_h * h / tokens - 2 * m * h for m in (qkv_out, 2 * f))
+    work = layers * (2 * factorise(h, k_h) + factorise(2 * f, k_f) + readers)
+    step = _step(model, "ac_lowrank:0.125", seq, batch, device=device)
+    assert step.extra == {"factorisation": pytest.approx(work / 1e15, rel=1e-12)}
+    # Compressed readers (qkv, fc1 by default) keep their own Z: only the factorisations count.
+    assert {"qkv", "fc1"} <= set(CompressionConfig().sites)
+    compact = _step(model, "compact:0.25+ac_lowrank:0.125", seq, batch, device=device)
+    factorisations = layers * (2 * factorise(h, k_h) + factorise(2 * f, k_f))
+    assert compact.extra["factorisation"] == pytest.approx(factorisations / 1e15, rel=1e-12)
+
+
 def test_calibration_reproduces_the_given_ratios():
     model = get_model_config("tiny")
     measured = {"none": 1.0, "ac_selective": 1.21, "int8": 1.37, "compact:0.25": 1.08}
@@ -179,7 +206,7 @@ def test_calibration_reproduces_the_given_ratios():
     assert calibrate(
         {"none": 1.0, "int8+ac_selective": 1.5},
         {"int8+ac_selective": _step(model, "int8+ac_selective", 128, 4)},
-    ) == {"recompute": 1.0, "storage": 1.0, "projection": 1.0}
+    ) == {"recompute": 1.0, "storage": 1.0, "projection": 1.0, "factorisation": 1.0}
 
 
 def test_cli_calibration_from_records(memory_plan, tmp_path):
@@ -204,7 +231,12 @@ def test_cli_calibration_from_records(memory_plan, tmp_path):
     assert ratios["ac_selective"] == pytest.approx(1.3, rel=1e-12)
     assert ratios["int8"] == pytest.approx(1.5, rel=1e-12)
     assert ratios["ac_selective+int8"] > ratios["int8"]
-    assert set(report["cost_model"]["factors"]) == {"recompute", "storage", "projection"}
+    assert set(report["cost_model"]["factors"]) == {
+        "recompute",
+        "storage",
+        "projection",
+        "factorisation",
+    }
 
 
 @pytest.mark.parametrize(

@@ -151,6 +151,18 @@ STORAGE_VARIANTS = {
         "compact_all_sites+ac_selective_1layer",
         {"attention": "fp8", "swiglu": "fp8"},
     ),
+    # LoRAct factors (an absolute rank and a ratio): the norms' factors shared by uncompressed
+    # qkv / fc1; compressed sites keep their own Z beside them.
+    "lowrank": ("none", {"norm": "lowrank:8", "swiglu": "lowrank:0.25"}),
+    "norm_lowrank_ratio": ("none", {"norm": "lowrank:0.5"}),
+    "lowrank+ac_selective": ("ac_selective", {"norm": "lowrank:8", "swiglu": "lowrank:16"}),
+    "lowrank+ac_full_1layer": ("ac_full_1layer", {"norm": "lowrank:8", "swiglu": "lowrank:16"}),
+    "compact_0.25+lowrank": ("compact_0.25", {"norm": "lowrank:8", "swiglu": "lowrank:0.25"}),
+    "lowrank+int8": ("none", {"norm": "lowrank:8", "attention": "int8"}),
+    # 8-bit norm outputs, shared by uncompressed qkv / fc1.
+    "norm_int8": ("none", {"norm": "int8"}),
+    "all_fp8": ("none", {"norm": "fp8", "attention": "fp8", "swiglu": "fp8"}),
+    "compact_0.25+norm_int8": ("compact_0.25", {"norm": "int8", "swiglu": "int8"}),
 }
 
 
@@ -183,7 +195,16 @@ def test_prediction_scales_with_micro_batch_and_sequence(single_rank, efficient_
 
 
 TP_VARIANTS = ("none", "ac_selective", "compact_0.25", "lowrank_0.125", "subtoken_32")
-TP_STORAGE_VARIANTS = ("int8", "fp8", "int8+ac_selective", "compact_all_sites+fp8")
+TP_STORAGE_VARIANTS = (
+    "int8",
+    "fp8",
+    "int8+ac_selective",
+    "compact_all_sites+fp8",
+    "lowrank",
+    "compact_0.25+lowrank",
+    "norm_int8",
+    "all_fp8",
+)
 
 
 def _tp_measure(rank, world_size, sequence_parallel):

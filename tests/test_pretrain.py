@@ -780,7 +780,7 @@ BAD_INPUTS = {
         ["memory.policy.swiglu=offload"],
         None,
         "memory.policy.swiglu='offload' is not implemented yet for kind 'swiglu'; implemented: "
-        "['keep', 'int8', 'fp8']",
+        "['keep', 'int8', 'fp8', 'lowrank:R']",
     ),
     "missing_data": (
         ['data.paths=["/nonexistent/corpus"]'],

@@ -18,6 +18,8 @@ References:
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -286,12 +288,13 @@ def test_policy_config_defaults_and_validation():
         "unknown policy": ({"swiglu": "int4"}, "memory.policy.swiglu='int4' is not a policy"),
         "not a string": ({"swiglu": 8}, "memory.policy.swiglu=8 is not a policy"),
         "not implemented": (
-            {"norm": "int8"},
-            "memory.policy.norm='int8' is not implemented yet for kind 'norm'; implemented: "
-            "['keep']",
+            {"block_input": "int8"},
+            "memory.policy.block_input='int8' is not implemented yet for kind 'block_input'; "
+            "implemented: ['keep']",
         ),
         "offload": ({"swiglu": "offload"}, "memory.policy.swiglu='offload' is not implemented"),
         "lowrank": ({"attention": "lowrank:8"}, "'lowrank:8' is not implemented yet"),
+        "lowrank rank": ({"norm": "lowrank:1.5"}, "memory.policy.norm='lowrank:1.5' is not a"),
     }
     for name, (policy, message) in cases.items():
         with pytest.raises(ConfigError) as error:
@@ -301,7 +304,9 @@ def test_policy_config_defaults_and_validation():
         run_config_from_dict({"memory": {"efficient_ops": False, "policy": {"swiglu": "int8"}}})
     with pytest.raises(ConfigError, match=r"memory.policy='int8' must be an object"):
         run_config_from_dict({"memory": {"policy": "int8"}})
-    assert set(IMPLEMENTED["swiglu"]) == set(IMPLEMENTED["attention"]) == {"keep", "int8", "fp8"}
+    assert set(IMPLEMENTED["attention"]) == {"keep", "int8", "fp8"}
+    assert set(IMPLEMENTED["swiglu"]) == {"keep", "int8", "fp8", "lowrank:R"}
+    assert set(IMPLEMENTED["norm"]) == {"keep", "int8", "fp8", "lowrank:R"}
 
 
 def test_storage_variants():
@@ -310,6 +315,9 @@ def test_storage_variants():
         "fp8+ac_selective": ("ac_selective+fp8", "none", "selective"),
         "compact:0.25+int8": ("compact:0.25+int8", "compact", "none"),
         "int8+compact:0.25+ac_full": ("compact:0.25+ac_full+int8", "compact", "full"),
+        "ac_lowrank:0.25": ("ac_lowrank:0.25", "none", "none"),
+        "ac_lowrank:64+ac_selective": ("ac_selective+ac_lowrank:64", "none", "selective"),
+        "lowrank:0.125+ac_lowrank:8": ("lowrank:0.125+ac_lowrank:8", "lowrank", "none"),
     }
     for text, (name, method, ac_mode) in cases.items():
         variant = parse_variant(text)
@@ -321,9 +329,20 @@ def test_storage_variants():
         attention="int8", swiglu="int8"
     )
     assert parse_variant("none").storage_policy({"swiglu": "fp8"}) == StoragePolicy(swiglu="fp8")
+    # ac_lowrank:R: LoRAct's norm and act_fn modes; the compression method lowrank is separate.
+    assert parse_variant("ac_lowrank:0.25").storage_policy({"attention": "int8"}) == StoragePolicy(
+        norm="lowrank:0.25", swiglu="lowrank:0.25", attention="int8"
+    )
+    raw = parse_variant("lowrank:0.125+ac_lowrank:8").apply({})
+    assert raw["compression"]["method"] == "lowrank" and raw["compression"]["rank"] == 0.125
+    assert raw["memory"]["policy"] == {"norm": "lowrank:8", "swiglu": "lowrank:8"}
     for bad, message in (
         ("int8+fp8", "at most one of ['int8', 'fp8']"),
         ("int8+naive", "int8 storage needs the memory-efficient block"),
+        ("ac_lowrank:8+int8", "at most one of ['int8', 'fp8'], ac_lowrank:RANK"),
+        ("ac_lowrank:8+naive", "ac_lowrank:8 storage needs the memory-efficient block"),
+        ("ac_lowrank:1.5", "needs ac_lowrank:RANK with RANK a ratio in (0, 1]"),
+        ("ac_lowrank", "needs ac_lowrank:RANK"),
     ):
-        with pytest.raises(VariantError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        with pytest.raises(VariantError, match=re.escape(message)):
             parse_variant(bad)

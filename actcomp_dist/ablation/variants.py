@@ -8,6 +8,7 @@ A variant names one way of saving activation memory; a list is comma-separated::
     BASE     := "none" | AC | METHOD ":" ARG | METHOD
     AC       := "ac_selective" | "ac_full"
     STORAGE  := "int8" | "fp8"   (``memory.policy`` of ``attention`` and ``swiglu``)
+              | "ac_lowrank:" RANK  (``memory.policy`` of ``norm`` and ``swiglu``: ``lowrank:RANK``)
     METHOD   := a registered compression method other than none (compact, lowrank, subtoken,
                 and any method a plugin registers)
     ARG      := the value of the option the method names as its ``ablation_option``, parsed
@@ -18,7 +19,7 @@ A variant names one way of saving activation memory; a list is comma-separated::
 
 Examples: ``none``, ``ac_full``, ``compact:0.25``, ``compact:0.25+ac_full``,
 ``lowrank:0.125+ac_selective``, ``subtoken:32``, ``naive``, ``compact:0.25+naive``, ``int8``,
-``fp8+ac_selective``, ``compact:0.25+int8``.
+``fp8+ac_selective``, ``compact:0.25+int8``, ``ac_lowrank:0.25``, ``ac_lowrank:64+ac_selective``.
 ``none+ac_full`` is the same as ``ac_full``, ``none+naive`` the same as ``naive``.
 
 ``naive`` runs the naive block (``memory.efficient_ops: false``: the norms, attention core and
@@ -26,11 +27,14 @@ SwiGLU keep what plain PyTorch autograd keeps, what most papers measure against)
 variant runs the memory-efficient exact block, so ``none`` is the strongest exact baseline.
 ``int8`` / ``fp8`` store the attention's q, k, v, o and SwiGLU's ``[gate | up]`` in 8 bits
 (``memory.policy``: ``attention`` and ``swiglu``; :mod:`actcomp_dist.storage`); the other kinds
-keep the base config's policy. They need the efficient block (not with ``naive``).
+keep the base config's policy. ``ac_lowrank:RANK`` keeps the block norms' outputs and
+``[gate | up]`` as LoRAct's low-rank factors (``memory.policy`` ``norm`` and ``swiglu`` at
+``lowrank:RANK``; RANK a ratio of each factorised width with a decimal point or an absolute
+int, as a method's rank). Storage variants need the efficient block (not with ``naive``).
 
 A variant changes only ``compression.method``, the method's ablation option
 (``compression.rank``, ``compression.groups``, ...), ``activation_checkpointing.mode`` and
-``memory.efficient_ops`` and (``int8`` / ``fp8``) ``memory.policy``; every other setting (sites, seed, projection, resample period,
+``memory.efficient_ops`` and (a storage variant) ``memory.policy``; every other setting (sites, seed, projection, resample period,
 checkpointed layer count, ...) comes from the base config. ``compression.grad_mode`` is kept for methods that support
 ``subspace`` and set to ``lift`` for the others.
 """
@@ -43,9 +47,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from actcomp_dist.compression import get_compressor_class, layer_layout, list_compressors
+from actcomp_dist.compression.base import parse_rank_argument
 from actcomp_dist.config import CompressionConfig
 from actcomp_dist.memory_model import ActivationSetting
-from actcomp_dist.storage import StoragePolicy
+from actcomp_dist.storage import LowRankStorage, StoragePolicy
 
 if TYPE_CHECKING:
     from actcomp_dist.training.config import MemoryConfig
@@ -53,10 +58,15 @@ if TYPE_CHECKING:
 AC_NAMES = {"ac_selective": "selective", "ac_full": "full"}
 NAIVE = "naive"
 STORAGE_NAMES = ("int8", "fp8")
+#: The storage variant of LoRAct's factors: ``ac_lowrank:RANK``.
+LOWRANK_STORAGE = "ac_lowrank"
 #: The kinds an ``int8`` / ``fp8`` variant stores in 8 bits.
 STORAGE_KINDS = ("attention", "swiglu")
+#: The kinds an ``ac_lowrank:RANK`` variant stores as low-rank factors.
+LOWRANK_STORAGE_KINDS = ("norm", "swiglu")
 GRAMMAR = (
-    "VARIANT := BASE['+'AC]['+'STORAGE]['+naive'] | STORAGE | naive; STORAGE := int8 | fp8; "
+    "VARIANT := BASE['+'AC]['+'STORAGE]['+naive'] | STORAGE | naive; "
+    "STORAGE := int8 | fp8 | ac_lowrank:RANK; "
     "BASE := none | ac_selective | ac_full | "
     "METHOD:ARG | METHOD; AC := ac_selective | ac_full; METHOD:ARG is compact:RANK, "
     "lowrank:RANK (RANK a ratio like 0.25 or an absolute int like 64) or subtoken:GROUPS (an "
@@ -72,7 +82,7 @@ class VariantError(ValueError):
 class Variant:
     """One parsed variant. ``argument`` is the value of the method's ablation option (rank,
     group count, ...); ``efficient_ops`` is false for ``+naive``; ``storage`` is ``int8``,
-    ``fp8`` or ``None`` (the base config's ``memory.policy``)."""
+    ``fp8``, ``lowrank:RANK`` or ``None`` (the base config's ``memory.policy``)."""
 
     method: str = "none"
     argument: float | int | None = None
@@ -87,7 +97,18 @@ class Variant:
         base = self._base_name
         if self.storage is None:
             return base
-        return self.storage if base == "none" else f"{base}+{self.storage}"
+        storage = self.storage
+        if storage.startswith("lowrank:"):
+            storage = f"{LOWRANK_STORAGE}:{storage.partition(':')[2]}"
+        return storage if base == "none" else f"{base}+{storage}"
+
+    @property
+    def storage_changes(self) -> dict[str, str]:
+        """The ``memory.policy`` entries this variant sets."""
+        if self.storage is None:
+            return {}
+        kinds = LOWRANK_STORAGE_KINDS if self.storage.startswith("lowrank:") else STORAGE_KINDS
+        return {kind: self.storage for kind in kinds}
 
     @property
     def _base_name(self) -> str:
@@ -117,18 +138,15 @@ class Variant:
         return changes
 
     def storage_policy(self, base: dict[str, str] | None = None) -> StoragePolicy:
-        """``memory.policy`` ``base`` with this variant's 8-bit kinds."""
-        policy = dict(base or {})
-        if self.storage is not None:
-            policy.update({kind: self.storage for kind in STORAGE_KINDS})
-        return StoragePolicy.from_mapping(policy)
+        """``memory.policy`` ``base`` with this variant's storage kinds."""
+        return StoragePolicy.from_mapping(dict(base or {}) | self.storage_changes)
 
     def activation_setting(
         self, memory: MemoryConfig, micro_batch_size: int, seq_length: int, **shape: Any
     ) -> ActivationSetting:
         """The memory model's setting for this variant on a run whose memory section is
         ``memory``: the variant's ops, the run's loss chunking when the ops are efficient, and
-        the run's ``memory.policy`` with the variant's 8-bit kinds. ``shape`` takes the other
+        the run's ``memory.policy`` with the variant's storage kinds. ``shape`` takes the other
         :class:`ActivationSetting` fields (``dtype_bytes``, ``tensor_parallel``, ...)."""
         return ActivationSetting(
             micro_batch_size,
@@ -151,8 +169,7 @@ class Variant:
         memory = raw.setdefault("memory", {})
         memory["efficient_ops"] = self.efficient_ops
         if self.storage is not None:
-            policy = memory.setdefault("policy", {})
-            policy.update({kind: self.storage for kind in STORAGE_KINDS})
+            memory.setdefault("policy", {}).update(self.storage_changes)
         return raw
 
 
@@ -175,23 +192,44 @@ def parse_variant(text: str) -> Variant:
     naive = parts.count(NAIVE)
     if naive > 1:
         raise VariantError(f"variant {variant!r} names 'naive' twice")
-    storages = [part for part in parts if part in STORAGE_NAMES]
+    storages = [part for part in parts if _is_storage(part)]
     if len(storages) > 1:
-        raise VariantError(f"variant {variant!r}: at most one of {list(STORAGE_NAMES)}")
+        raise VariantError(
+            f"variant {variant!r}: at most one of {list(STORAGE_NAMES)}, {LOWRANK_STORAGE}:RANK"
+        )
     if storages and naive:
         raise VariantError(
             f"variant {variant!r}: {storages[0]} storage needs the memory-efficient block; "
             f"drop '+naive'"
         )
-    parts = [part for part in parts if part != NAIVE and part not in STORAGE_NAMES] or ["none"]
+    parts = [part for part in parts if part != NAIVE and not _is_storage(part)] or ["none"]
     parsed = _parse_compression_and_ac(parts, variant)
     return Variant(
         parsed.method,
         parsed.argument,
         parsed.ac_mode,
         efficient_ops=not naive,
-        storage=storages[0] if storages else None,
+        storage=_parse_storage(storages[0], variant) if storages else None,
     )
+
+
+def _is_storage(part: str) -> bool:
+    return part in STORAGE_NAMES or part.partition(":")[0] == LOWRANK_STORAGE
+
+
+def _parse_storage(part: str, variant: str) -> str:
+    """The ``memory.policy`` value of a storage part (``ac_lowrank:0.25`` -> ``lowrank:0.25``)."""
+    if part in STORAGE_NAMES:
+        return part
+    rank = part.partition(":")[2]
+    try:
+        LowRankStorage(parse_rank_argument(rank))
+    except ValueError:
+        raise VariantError(
+            f"variant {variant!r}: {part!r} needs {LOWRANK_STORAGE}:RANK with RANK a ratio in "
+            f"(0, 1] with a decimal point (0.25) or an int >= 1 (64)"
+        ) from None
+    return f"lowrank:{rank}"
 
 
 def _parse_compression_and_ac(parts: list[str], variant: str) -> Variant:

@@ -41,6 +41,12 @@ or Liger user's exact baseline keeps:
   for its weight gradient and to backpropagate through the SwiGLU; compressed, it keeps its
   compressed ``Z`` and ``[gate | up]`` (:func:`actcomp_dist.autograd.recompute_in_backward`).
 
+Under ``memory.policy`` ``norm: lowrank:R`` / ``int8`` / ``fp8`` the block norms run
+:func:`stored_rms_norm` instead: the same forward and closed-form backward, with ``y`` kept as
+LoRAct's low-rank factors ``(L, Q)`` (:class:`actcomp_dist.storage.LowRankStorage`) or in 8
+bits, packed tensors that the next uncompressed linear keeps too; the backward then reads
+``y ~= L Q^T`` or the dequantised ``y``.
+
 Forward results are the naive block's bit for bit (same ops in the same order). Gradients:
 the SwiGLU and FC2 recompute runs the same ops, so they match bit for bit; RMSNorm's backward
 is the closed form ``rstd * (dn - x_hat * mean(dn * x_hat))`` with ``dn = g * weight`` and a
@@ -69,14 +75,33 @@ def _apex_memory_efficient_rms_norm():
     return functools.partial(fused_rms_norm_affine, memory_efficient=True)
 
 
+def _rms_norm_backward(ctx, grad_y, y, weight, rstd):
+    """The closed-form RMSNorm backward from the output ``y`` (kept, or reconstructed from
+    low-rank factors): ``x_hat = y / weight``, ``dx = rstd (dn - x_hat mean(dn x_hat))`` with
+    ``dn = g weight``, ``dw = sum(g x_hat)``."""
+    x_hat = y.float() / weight.float()  # [..., h]; NaN in a column whose weight is 0
+    grad_x = grad_w = None
+    if ctx.needs_input_grad[0]:
+        grad_normed = (grad_y * weight).float()  # as autograd through weight * normed
+        dot = (grad_normed * x_hat).mean(-1, keepdim=True)
+        grad_x = (rstd * (grad_normed - x_hat * dot)).to(ctx.x_dtype)
+    if ctx.needs_input_grad[1]:
+        grad_w = (grad_y.float() * x_hat).reshape(-1, y.shape[-1]).sum(0).to(weight.dtype)
+    return grad_x, grad_w
+
+
+def _rms_norm_forward(x, weight, eps):
+    x32 = x.float()
+    rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)  # [..., 1] fp32
+    return weight * (x32 * rstd).to(x.dtype), rstd
+
+
 class _RMSNormFunction(torch.autograd.Function):
     """``weight * (x * rstd)`` keeping only the output and ``rstd`` (see the module doc)."""
 
     @staticmethod
     def forward(ctx, x, weight, eps):
-        x32 = x.float()
-        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)  # [..., 1] fp32
-        y = weight * (x32 * rstd).to(x.dtype)
+        y, rstd = _rms_norm_forward(x, weight, eps)
         ctx.save_for_backward(y, weight, rstd)
         ctx.x_dtype = x.dtype
         return y
@@ -84,15 +109,43 @@ class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         y, weight, rstd = ctx.saved_tensors
-        x_hat = y.float() / weight.float()  # [..., h]; NaN in a column whose weight is 0
-        grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_normed = (grad_y * weight).float()  # as autograd through weight * normed
-            dot = (grad_normed * x_hat).mean(-1, keepdim=True)
-            grad_x = (rstd * (grad_normed - x_hat * dot)).to(ctx.x_dtype)
-        if ctx.needs_input_grad[1]:
-            grad_w = (grad_y.float() * x_hat).reshape(-1, y.shape[-1]).sum(0).to(weight.dtype)
-        return grad_x, grad_w, None
+        return *_rms_norm_backward(ctx, grad_y, y, weight, rstd), None
+
+
+class _StoredRMSNormFunction(torch.autograd.Function):
+    """RMSNorm keeping ``rstd`` and its output packed by a storage policy's packer (LoRAct's
+    factors ``L``, ``Q`` or 8-bit codes and scales); returns ``y`` and the packed tensors
+    (non-differentiable outputs, for the linears that read ``y``)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps, packer):
+        y, rstd = _rms_norm_forward(x, weight, eps)
+        packed = packer.pack(y)  # (L [N, k], Q [h, k]) or (codes, scales)
+        ctx.save_for_backward(*packed, weight, rstd)
+        ctx.packer, ctx.x_dtype = packer, x.dtype
+        ctx.y_like = torch.empty_like(y, device="meta")
+        ctx.mark_non_differentiable(*packed)
+        return y, *packed
+
+    @staticmethod
+    def backward(ctx, grad_y, *_grad_packed):
+        *packed, weight, rstd = ctx.saved_tensors
+        y = ctx.packer.unpack(tuple(packed), ctx.y_like)  # y ~= L Q^T, or dequantised
+        return *_rms_norm_backward(ctx, grad_y, y, weight, rstd), None, None
+
+
+def stored_rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, packer
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+    """RMSNorm (the forward of :func:`rms_norm`, bit for bit) that keeps ``rstd`` and its
+    output packed by ``packer`` (a :mod:`actcomp_dist.storage` packer: LoRAct's factors
+    ``(L, Q)`` or 8-bit codes and scales) instead of the output. Returns ``y`` and the packed
+    tensors, which a linear reading ``y`` keeps instead of ``y`` (the same tensors); ``None``
+    when autograd records nothing."""
+    if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+        return _rms_norm_forward(x, weight, eps)[0], None
+    y, *packed = _StoredRMSNormFunction.apply(x, weight, eps, packer)
+    return y, tuple(packed)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

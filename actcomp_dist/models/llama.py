@@ -60,7 +60,10 @@ plain ``forward(hidden, rope)`` (``rope`` is the ``(cos, sin)`` pair of
 ``[gate | up]`` and recomputes the SwiGLU product); ``efficient_ops=False`` is the naive block,
 the same model bit for bit as before the option existed. Forward results are identical. See
 :mod:`actcomp_dist.models.efficient_ops`. ``storage_policy`` (``memory.policy``) can keep
-attention's q, k, v, o and SwiGLU's ``[gate | up]`` in 8 bits (:mod:`actcomp_dist.storage`).
+the block norms' outputs, attention's q, k, v, o and SwiGLU's ``[gate | up]`` in 8 bits, and
+the block norms' outputs and ``[gate | up]`` as LoRAct low-rank factors; a packed norm output
+is kept once, by the norm and the uncompressed qkv / fc1 that reads it
+(:mod:`actcomp_dist.storage`).
 
 RMSNorm (fp32 statistics) and RoPE (rotate-half, precomputed cos/sin) follow Hugging Face's
 ``LlamaForCausalLM`` so logits can be compared with it.
@@ -81,7 +84,7 @@ from torch import nn
 from actcomp_dist.autograd import recompute_in_backward
 from actcomp_dist.config import TRANSFORMER_SITES, CompressionConfig
 from actcomp_dist.models.configs import LlamaConfig, check_tensor_parallel, get_model_config
-from actcomp_dist.models.efficient_ops import rms_norm
+from actcomp_dist.models.efficient_ops import rms_norm, stored_rms_norm
 from actcomp_dist.parallel import CompressedColumnParallelLinear, CompressedRowParallelLinear
 from actcomp_dist.parallel import state as parallel_state
 from actcomp_dist.parallel.collectives import (
@@ -143,6 +146,9 @@ class RMSNorm(nn.Module):
     gradient, a sum over this rank's tokens only, is then all-reduced over the group.
     ``efficient``: keep only the output and the fp32 ``rstd`` for backward
     (:func:`actcomp_dist.models.efficient_ops.rms_norm`; same forward result).
+    ``storage``: the packer of ``memory.policy.norm`` (LoRAct factors or 8-bit; needs
+    ``efficient``): keep ``rstd`` and the packed output instead; the output then carries
+    ``y.stored_as = (packer, packed)`` for the linear that reads it.
     """
 
     def __init__(
@@ -152,17 +158,26 @@ class RMSNorm(nn.Module):
         dtype: torch.dtype = torch.float32,
         sequence_parallel_group: dist.ProcessGroup | None = None,
         efficient: bool = False,
+        storage=None,
     ) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype))
         self.eps = eps
         self.sequence_parallel_group = sequence_parallel_group
         self.efficient = efficient
+        self.storage = storage
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight
         if self.sequence_parallel_group is not None:
             weight = copy_to_tensor_parallel_region(weight, self.sequence_parallel_group)
+        if self.storage is not None:
+            y, packed = stored_rms_norm(x, weight, self.eps, self.storage)
+            # The packed output travels with y to the linear that reads it (the same tensors
+            # are kept once; see actcomp_dist.storage). A tensor attribute, not a second
+            # output, so the norm stays a one-in, one-out module for hooks and checkpoints.
+            y.stored_as = None if packed is None else (self.storage, packed)
+            return y
         if self.efficient:
             return rms_norm(x, weight, self.eps)
         fused = _apex_fused_rms_norm() if x.is_cuda else None
@@ -285,13 +300,16 @@ class _Builder:
             schedule=self.schedule,
         )
 
-    def norm(self) -> RMSNorm:
+    def norm(self, in_block: bool = True) -> RMSNorm:
+        """A block's norm (``in_block``; stored by ``memory.policy.norm``) or the final norm,
+        which keeps its output (the output layer reads it)."""
         return RMSNorm(
             self.config.hidden_size,
             self.config.rms_norm_eps,
             self.config.params_dtype,
             self.tp_group if self.sequence_parallel else None,
             efficient=self.efficient_ops,
+            storage=self.storage.packer("norm") if in_block else None,
         )
 
 
@@ -318,7 +336,8 @@ class LlamaAttention(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, rope: Rope, run: Recompute = _call) -> torch.Tensor:
-        mixed, _ = self.qkv(x)  # [s, b, groups * (heads_per_group + 2) * d], s = full sequence
+        # [s, b, groups * (heads_per_group + 2) * d], s = full sequence
+        mixed, _ = self.qkv(x, stored=getattr(x, "stored_as", None))
         out = run(self.core, mixed, *rope)  # [s, b, heads * d]
         if self.storage is not None and self.proj.recomputes_input and not self._proj_adapters:
             # proj keeps the attention output packed (its input is the output itself).
@@ -364,7 +383,8 @@ class SwiGLUMLP(nn.Module):
     def __init__(self, config: LlamaConfig, layer_id: int, build: _Builder) -> None:
         super().__init__()
         self.efficient_ops = build.efficient_ops
-        self.storage = build.storage.quantizer("swiglu")  # None: [gate | up] kept as it is
+        # None: [gate | up] kept as it is; else 8-bit or LoRAct factors (actcomp_dist.storage)
+        self.storage = build.storage.packer("swiglu")
         self.fc1 = build.column_parallel(
             config.hidden_size, 2 * config.ffn_hidden_size, site="fc1", layer_id=layer_id, stride=2
         )
@@ -373,7 +393,8 @@ class SwiGLUMLP(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, run: Recompute = _call) -> torch.Tensor:
-        gate_up, _ = self.fc1(x)  # [s, b, 2 * ffn/t]: this rank's [gate_i | up_i]
+        # [s, b, 2 * ffn/t]: this rank's [gate_i | up_i]
+        gate_up, _ = self.fc1(x, stored=getattr(x, "stored_as", None))
         if not self.efficient_ops:
             out, _ = self.fc2(run(swiglu, gate_up))  # [s(/t), b, h]
         elif getattr(self.fc2, "adapters", None):
@@ -526,7 +547,7 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config, layer_id, build) for layer_id in range(config.num_layers)
         )
-        self.final_norm = build.norm()
+        self.final_norm = build.norm(in_block=False)
         # Uncompressed, output kept vocab-parallel for the cross-entropy. Under SP its input
         # arrives through our all-gather, whose backward reduce-scatters; so the layer must
         # neither gather itself (Megatron's SP path is CUDA-only) nor all-reduce its dgrad.

@@ -50,7 +50,7 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 
 from actcomp_dist.autograd import accumulate_compressed_grad, recompute_in_backward
 from actcomp_dist.compression import BlockLayout, build_compressor, layer_layout
-from actcomp_dist.compression.base import Compressor
+from actcomp_dist.compression.base import Compressed, Compressor
 from actcomp_dist.config import CompressionConfig
 from actcomp_dist.layers import mark_subspace_parameter
 from actcomp_dist.optim.subspace_proxy import record_subspace_seeds
@@ -62,6 +62,7 @@ from actcomp_dist.parallel.collectives import (
     reduce_scatter_to_sequence_parallel_region,
 )
 from actcomp_dist.seeds import CompressionSchedule
+from actcomp_dist.storage import LowRankStorage
 
 # How the input gradient of the local GEMM is completed across the TP group.
 _DGRAD_NONE = "none"  # row-parallel: each rank's dX is already its own shard
@@ -132,6 +133,8 @@ class _CompressedParallelLinear(torch.autograd.Function):
         weight, *saved = ctx.saved_tensors
         tokens, basis = (saved[0], saved[1:]) if saved else (None, ())
         compressor, group, counter = ctx.compressor, ctx.group, ctx.counter
+        if tokens is not None and hasattr(compressor, "unpack_saved"):
+            tokens, basis = compressor.unpack_saved(tokens, basis)  # 8-bit input: dequantised
         sequence_parallel = ctx.dgrad == _DGRAD_SEQUENCE_PARALLEL
         grad_x = grad_w = grad_b = grad_proxy = None
         if ctx.output_reduce == _REDUCE_SCATTER:
@@ -231,7 +234,7 @@ class _RecomputedInputParallelLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, source, weight, input_fn, storage):
         x = input_fn(source)  # [s, b, n_local]
-        # ``storage`` (an 8-bit policy, actcomp_dist.storage) keeps ``R`` packed instead.
+        # ``storage`` (an 8-bit or low-rank packer, actcomp_dist.storage) keeps ``R`` packed.
         packed = (source,) if storage is None else storage.pack(source)
         ctx.save_for_backward(weight, *packed)
         ctx.input_fn, ctx.storage = input_fn, storage
@@ -284,24 +287,89 @@ class _CompressedParallelMixin:
         for counter in self.comm.values():
             counter.reset()
 
+    @property
+    def recomputes_input(self) -> bool:
+        """Whether the layer is uncompressed with ``lift`` gradients, so its weight gradient
+        reads its exact input: a row-parallel ``forward(source, input_fn=f)`` then keeps only
+        ``source`` and recomputes ``f(source)``, and a column-parallel ``forward(x,
+        stored=...)`` keeps the given packed ``x`` instead of ``x``. A compressed layer keeps
+        its own compressed input."""
+        return (
+            self.compressor.is_identity
+            and not self.subspace
+            and getattr(self, "subspace_proxy", None) is None
+        )
+
     def _maybe_initialize(self, x: torch.Tensor) -> None:
         if self.training and torch.is_grad_enabled():
             self.compressor.maybe_initialize(x.reshape(-1, x.shape[-1]), _world_all_reduce)
 
-    def _compressed_forward(self, x, bias, dgrad: str, output_reduce: str = _REDUCE_NONE):
+    def _compressed_forward(
+        self, x, bias, dgrad: str, output_reduce: str = _REDUCE_NONE, compressor=None
+    ):
         self._maybe_initialize(x)
         return _CompressedParallelLinear.apply(
             x,
             self.weight,
             bias,
             getattr(self, "subspace_proxy", None),
-            self.compressor,
+            compressor or self.compressor,
             self.subspace,
             self.tp_group,
             dgrad,
             self.comm,
             output_reduce,
         )
+
+
+class _GivenFactors:
+    """The compressor of an uncompressed layer whose input ``x`` arrives with LoRAct factors
+    ``x ~= L Q^T`` that its producer keeps anyway (``norm: lowrank:R``,
+    :mod:`actcomp_dist.storage`): the layer keeps the same ``L`` [N, k] and ``Q`` [n, k]
+    instead of ``x``, and its weight gradient is ``(g^T L) Q^T``, the gradient at the
+    reconstruction. ``Q`` is per rank (under SP each rank factorised its own tokens)."""
+
+    basis_is_shared = False
+
+    def __init__(self, factors: tuple[torch.Tensor, torch.Tensor]) -> None:
+        self.low, self.q = factors
+
+    def compress(self, x2d: torch.Tensor) -> Compressed:
+        assert self.low.shape[0] == x2d.shape[0] and self.q.shape[0] == x2d.shape[1]
+        return Compressed(self.low, (self.q,))
+
+    def lift(self, ghat, basis, seeds):
+        (q,) = basis
+        return ghat.matmul(q.t())  # [m, n]
+
+
+class _GivenPacked:
+    """The compressor of an uncompressed layer whose input ``x`` arrives packed in 8 bits by
+    its producer (``norm: int8`` / ``fp8``): the layer keeps the same codes and scales instead
+    of ``x`` and dequantises them in backward (before the sequence-parallel all-gather, which
+    then moves what Megatron's moves); its weight gradient is ``g^T x_hat``."""
+
+    basis_is_shared = True
+
+    def __init__(self, packer, packed: tuple[torch.Tensor, torch.Tensor]) -> None:
+        self.packer, self.packed = packer, packed
+
+    def compress(self, x2d: torch.Tensor) -> Compressed:
+        self.like = torch.empty_like(x2d, device="meta")
+        codes, scales = self.packed
+        return Compressed(codes, (scales,))
+
+    def unpack_saved(self, tokens, basis):
+        return self.packer.unpack((tokens, *basis), self.like), ()
+
+    def lift(self, ghat, basis, seeds):
+        return ghat
+
+
+def _given_input(stored):
+    """The compressor that keeps a producer's packed input: ``stored = (packer, packed)``."""
+    packer, packed = stored
+    return _GivenFactors(packed) if isinstance(packer, LowRankStorage) else _GivenPacked(*stored)
 
 
 def _world_all_reduce(t: torch.Tensor) -> torch.Tensor:
@@ -345,8 +413,18 @@ class CompressedColumnParallelLinear(_CompressedParallelMixin, ColumnParallelLin
         self._setup_compression(compression, layer_id, site, schedule, BlockLayout(input_size))
 
     def forward(
-        self, input_: torch.Tensor, weight: torch.Tensor | None = None, runtime_gather_output=None
+        self,
+        input_: torch.Tensor,
+        weight: torch.Tensor | None = None,
+        runtime_gather_output=None,
+        stored=None,
     ):
+        """Megatron's forward. ``stored``: ``(packer, packed)``, ``input_`` (this rank's
+        tokens) as its producer keeps it, packed by a :mod:`actcomp_dist.storage` packer
+        (LoRAct's factors ``(L, Q)`` or 8-bit codes and scales). An uncompressed layer
+        (:attr:`recomputes_input`) keeps the same tensors instead of ``input_``; its weight
+        gradient reads ``L Q^T`` (as ``(g^T L) Q^T``) or the dequantised input, its input
+        gradient stays exact. A compressed layer ignores them and keeps its own tensor."""
         if weight is not None and weight is not self.weight:
             raise ValueError("CompressedColumnParallelLinear does not take an external weight")
         bias = self.bias if not self.skip_bias_add else None
@@ -361,7 +439,8 @@ class CompressedColumnParallelLinear(_CompressedParallelMixin, ColumnParallelLin
                 "CompressedColumnParallelLinear does not gather its output; its consumers "
                 "(attention, SwiGLU) work on the local shard"
             )
-        output = self._compressed_forward(input_, bias, dgrad)
+        given = _given_input(stored) if stored is not None and self.recomputes_input else None
+        output = self._compressed_forward(input_, bias, dgrad, compressor=given)
         return output, (self.bias if self.skip_bias_add else None)
 
 
@@ -399,17 +478,6 @@ class CompressedRowParallelLinear(_CompressedParallelMixin, RowParallelLinear):
         )
         self._setup_compression(compression, layer_id, site, schedule, layout)
 
-    @property
-    def recomputes_input(self) -> bool:
-        """Whether ``forward(source, input_fn=f)`` keeps only ``source`` (uncompressed layer,
-        ``lift`` gradients): the weight gradient then needs ``f(source)`` exactly, which is
-        recomputed. A compressed layer keeps its compressed ``f(source)`` and ``source``."""
-        return (
-            self.compressor.is_identity
-            and not self.subspace
-            and getattr(self, "subspace_proxy", None) is None
-        )
-
     def forward(self, input_: torch.Tensor, input_fn=None, storage=None):
         """``input_fn``: the layer's input is ``input_fn(input_)``, a pure function of one
         tensor that backward needs anyway (FC2: ``swiglu`` of ``[gate | up]``). The layer then
@@ -417,7 +485,7 @@ class CompressedRowParallelLinear(_CompressedParallelMixin, RowParallelLinear):
         recomputes; compressed it keeps its compressed tensor and ``input_`` for
         ``input_fn``'s backward. Forward hooks see ``input_`` (not ``input_fn(input_)``), so
         callers with hooks that read the layer's input (adapters) must pass the input itself.
-        ``storage``: with ``input_fn``, keep ``input_`` packed by this 8-bit quantizer
+        ``storage``: with ``input_fn``, keep ``input_`` packed by this 8-bit or low-rank packer
         (:mod:`actcomp_dist.storage`); backward reads its dequantised copy.
         """
         tp_size = dist.get_world_size(self.tp_group)
