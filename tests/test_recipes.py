@@ -5,6 +5,8 @@ The paper scales the attention output projection's update by ``alpha_out = alpha
 step of a two-site model (``fc1`` at the default alpha, ``proj`` at its own) against CompAct's
 update written out in float64 from the same gradient: the first Adam step from zero moments is
 ``N = G_hat / (|G_hat| + eps)`` (bias correction cancels), and ``W <- W - lr alpha_site N P^T``.
+Then: bad values are one-line errors (exit 2 from the launcher), a resume compares each site's
+alpha, and the ``llama*_compact.json`` configs hold the values of README's "Recipes" table.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from actcomp_dist import CompressedLinear, CompressionConfig
 from actcomp_dist.optim.subspace_partitioned import PartitionedSubspaceAdam
 from actcomp_dist.optim.subspace_proxy import SubspaceMerger, attach_subspace_proxies
 from actcomp_dist.training.config import ConfigError, load_run_config, run_config_from_dict
+from actcomp_dist.training.drift import refused, resume_drift
 
 REPO = Path(__file__).resolve().parents[1]
 N_TOKENS, N_IN, N_OUT, RANK, SEED = 32, 16, 8, 4, 7
@@ -135,6 +138,29 @@ def test_a_subspace_scale_map_round_trips_through_the_resolved_config():
     config = run_config_from_dict(_train(RECIPE_SCALE))
     assert config.to_dict()["train"]["subspace_scale"] == RECIPE_SCALE
     assert run_config_from_dict(config.to_dict()).train.subspace_scale == RECIPE_SCALE
+
+
+def _run(grad_mode: str, scale) -> object:
+    return run_config_from_dict(
+        {
+            "compression": {"method": "compact", "grad_mode": grad_mode},
+            "train": {"subspace_scale": scale},
+        }
+    )
+
+
+def test_a_resume_compares_each_sites_alpha():
+    """The checkpoint's per-site alpha against the config's: the same alphas spelled as a
+    number or as a map are no change; a changed one is refused unless allowed; runs that are
+    not in subspace mode never read it."""
+    saved = {"config": _run("subspace", 0.25).to_dict()}
+    assert resume_drift(saved, _run("subspace", {"default": 0.25})) == {}
+    drift = resume_drift(saved, _run("subspace", RECIPE_SCALE))
+    assert drift == {"train.subspace_scale.proj": [0.25, 0.125]}
+    assert refused(drift, []) == drift
+    assert refused(drift, ["train.subspace_scale"]) == {}
+    lift = {"config": _run("lift", 0.25).to_dict()}
+    assert resume_drift(lift, _run("lift", RECIPE_SCALE)) == {}
 
 
 def test_bad_subspace_scale_exits_2_before_the_run_directory_exists(tmp_path):
