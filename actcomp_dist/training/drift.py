@@ -153,9 +153,10 @@ def _subspace_scale_view(config_dict: dict[str, Any]) -> dict:
     from actcomp_dist.config import TRANSFORMER_SITES
     from actcomp_dist.optim.subspace_proxy import site_subspace_scale
 
-    if config_dict.get("compression", {}).get("grad_mode") != "subspace":
+    compression, train = config_dict.get("compression"), config_dict.get("train")
+    if not isinstance(compression, dict) or compression.get("grad_mode") != "subspace":
         return {}
-    scale = config_dict.get("train", {}).get("subspace_scale", 0.25)
+    scale = train.get("subspace_scale", 0.25) if isinstance(train, dict) else 0.25
     try:
         return {
             f"train.subspace_scale.{site}": site_subspace_scale(scale, site)
