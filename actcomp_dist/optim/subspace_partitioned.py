@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from actcomp_dist.optim.subspace_proxy import SubspaceMerger, owned_rows
+from actcomp_dist.optim.subspace_proxy import SubspaceMerger, SubspaceScale, owned_rows
 
 
 class PartitionedSubspaceAdam(SubspaceMerger):
@@ -56,7 +56,7 @@ class PartitionedSubspaceAdam(SubspaceMerger):
     def __init__(
         self,
         model: nn.Module,
-        subspace_scale: float,
+        subspace_scale: SubspaceScale,
         weight_decay: float,
         betas: tuple[float, float],
         eps: float,
@@ -194,7 +194,7 @@ class PartitionedSubspaceAdam(SubspaceMerger):
                 seeds = layer.compressor.current_seeds()
             # The P the forward used (the weight's dtype), widened: G_hat was formed with it.
             projection = layer.compressor.projection(seeds, weight.device, weight.dtype).float()
-            master.add_((delta @ projection.t()).mul_(self.subspace_scale))  # [rows, n]
+            master.add_((delta @ projection.t()).mul_(self.scales[id(layer)]))  # [rows, n]
             if master.data_ptr() != weight.data_ptr() or self.dp_size > 1:
                 self._gather_rows(weight, master)
         self.zero_grad()

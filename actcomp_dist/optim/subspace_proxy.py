@@ -19,7 +19,8 @@ each optimizer step :meth:`SubspaceMerger.merge` folds the step into the weight,
 ``W <- W * (1 - lr * wd) + alpha * S P^T``, and resets ``S`` to zero; with Adam's update
 ``S = -lr * N`` this is exactly ``W <- W - lr * alpha * N P^T``. ``P`` is rebuilt from the
 seeds recorded when the gradient was formed. Moments persist across resamples, as in the
-paper.
+paper. ``alpha`` may differ by site (:data:`SubspaceScale`; CompAct halves it on the attention
+output projection).
 
 ``W`` itself is not given to the engine's optimizer. When the model runs in bf16/fp16 the
 merger keeps an fp32 master copy of ``W`` so that small updates are not lost to rounding,
@@ -34,12 +35,35 @@ at any data-parallel size. There
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+#: CompAct's alpha: one number for every subspace weight, or a map from a layer's site
+#: (``qkv``, ``proj``, ``fc1``, ``fc2``) to its alpha with ``"default"`` for the sites it does
+#: not name. The paper scales the attention output projection's update by
+#: ``alpha_out = alpha / 2``: ``{"default": 0.25, "proj": 0.125}``.
+SubspaceScale = float | Mapping[str, float]
+
+
+def site_subspace_scale(scale: SubspaceScale, site: str) -> float:
+    """The alpha of a subspace weight at ``site`` (``scale[site]``, else ``scale["default"]``
+    for a map); a map without ``"default"`` or an alpha that is not > 0 is a ``ValueError``."""
+    if isinstance(scale, Mapping):
+        if "default" not in scale:
+            raise ValueError(
+                f"subspace_scale={dict(scale)!r} needs a 'default' entry (the alpha of the sites "
+                f"it does not name)"
+            )
+        value = scale.get(site, scale["default"])
+    else:
+        value = scale
+    if not value > 0:
+        raise ValueError(f"subspace_scale for site {site!r} must be > 0, got {value!r}")
+    return float(value)
 
 
 def record_subspace_seeds(weight: nn.Parameter, seeds: tuple[int, ...]) -> None:
@@ -155,7 +179,7 @@ class SubspaceMerger:
     def __init__(
         self,
         model: nn.Module,
-        subspace_scale: float,
+        subspace_scale: SubspaceScale,
         weight_decay: float,
         get_fp32: FP32Getter | None = None,
         set_fp32: FP32Setter | None = None,
@@ -164,6 +188,11 @@ class SubspaceMerger:
         self.layers = subspace_layers(model)
         self._check_layers()
         self.subspace_scale = subspace_scale
+        # id(layer) -> the alpha of its site
+        self.scales = {
+            id(layer): site_subspace_scale(subspace_scale, layer.compressor.site)
+            for layer in self.layers
+        }
         self.weight_decay = weight_decay
         self.get_fp32 = get_fp32 or (lambda p: p.detach().float())
         self.set_fp32 = set_fp32
@@ -212,7 +241,7 @@ class SubspaceMerger:
                 projection = layer.compressor.projection(seeds, delta.device, weight.dtype)
                 projection = projection.float()  # [n, r]
                 rows = delta[start : start + master.shape[0]].float()  # [rows, r]
-                master.add_((rows @ projection.t()).mul_(self.subspace_scale))
+                master.add_((rows @ projection.t()).mul_(self.scales[id(layer)]))
             if master is not weight:
                 self._gather_rows(weight, master)
             proxy.zero_()

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from actcomp_dist.config import ROW_PARALLEL_SITES, CompressionConfig
+from actcomp_dist.config import ROW_PARALLEL_SITES, TRANSFORMER_SITES, CompressionConfig
 from actcomp_dist.storage import StoragePolicy
 
 
@@ -260,7 +260,9 @@ class TrainSection:
     clip_grad: float = 1.0
     precision: str = "fp32"
     seed: int = 1234
-    subspace_scale: float = 0.25
+    # CompAct's alpha for grad_mode 'subspace': a number, or a map site -> alpha with "default"
+    # (e.g. {"default": 0.25, "proj": 0.125}, the paper's alpha_out on the attention output).
+    subspace_scale: float | dict[str, float] = 0.25
     eval_interval: int = 0
     eval_iters: int = 4
     on_nonfinite: str = "stop"
@@ -287,7 +289,7 @@ class TrainSection:
         check_positive_int("train.max_skipped_steps", self.max_skipped_steps)
         for name in ("warmup_steps", "eval_interval", "seed"):
             _non_negative_int(f"train.{name}", getattr(self, name))
-        for name in ("lr", "min_lr", "weight_decay", "clip_grad", "eps", "subspace_scale"):
+        for name in ("lr", "min_lr", "weight_decay", "clip_grad", "eps"):
             _non_negative_float(f"train.{name}", getattr(self, name))
         _non_negative_float("train.collective_timeout_s", self.collective_timeout_s)
         if self.collective_timeout_s < 1:
@@ -325,8 +327,46 @@ class TrainSection:
             or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas)
         ):
             raise ConfigError(f"train.betas={self.betas!r} must be two numbers in [0, 1)")
-        if self.subspace_scale <= 0:
-            raise ConfigError(f"train.subspace_scale={self.subspace_scale} must be > 0")
+        _check_subspace_scale(self.subspace_scale)
+
+
+SUBSPACE_SCALE_KEYS = ("default", *TRANSFORMER_SITES)
+
+
+def _check_subspace_scale(scale: Any) -> None:
+    """``train.subspace_scale``: a finite number > 0, or a map from ``default`` (required) and
+    sites to such numbers."""
+    if isinstance(scale, dict):
+        unknown = sorted(set(scale) - set(SUBSPACE_SCALE_KEYS))
+        if unknown:
+            raise ConfigError(
+                f"unknown key(s) {[f'train.subspace_scale.{k}' for k in unknown]}; valid keys in "
+                f"'train.subspace_scale': {list(SUBSPACE_SCALE_KEYS)}"
+            )
+        if "default" not in scale:
+            raise ConfigError(
+                f"train.subspace_scale={scale!r} needs a 'default' entry (the alpha of the "
+                f'sites it does not name), e.g. {{"default": 0.25, "proj": 0.125}}'
+            )
+        for key, value in scale.items():
+            if not _positive_number(value):
+                raise ConfigError(
+                    f"train.subspace_scale.{key}={value!r} must be a finite number > 0"
+                )
+    elif not _positive_number(scale):
+        raise ConfigError(
+            f"train.subspace_scale={scale!r} must be a finite number > 0 or a map "
+            f"{{site: alpha}} with keys {list(SUBSPACE_SCALE_KEYS)} ('default' required)"
+        )
+
+
+def _positive_number(value: Any) -> bool:
+    return (
+        not isinstance(value, bool)
+        and isinstance(value, (int, float))
+        and math.isfinite(value)
+        and value > 0
+    )
 
 
 @dataclass

@@ -3,7 +3,8 @@
 An exact resume repeats the steps the original run would have taken. That needs the same model
 shape, adapter (mode, seed, rank, targets, mask), compression (refused by the checkpoint's
 marker, :func:`~actcomp_dist.training.checkpoint.verify_checkpoint`), precision, seed (data
-order, dropout-free init), tokenizer and data. :func:`resume_drift` lists every such setting
+order, dropout-free init), the alpha of each site's subspace update (``subspace`` mode),
+tokenizer and data. :func:`resume_drift` lists every such setting
 that differs between the checkpoint and the config, as ``{"key": [old, new]}``; the trainer
 refuses the resume (one line, every rank, before the engine is built) unless each changed key
 is in ``checkpoint.allow_changes``, and logs the accepted ones as ``resume_changed``.
@@ -32,6 +33,7 @@ EXACT_PREFIXES = (
     "finetune.mask",
     "train.precision",
     "train.seed",
+    "train.subspace_scale.",
     "data.",
     "fingerprint.",
 )
@@ -44,6 +46,7 @@ NOT_EXACT = ("data.num_workers", "finetune.adapter.cache_A")
 ALLOWABLE = (
     "train.precision",
     "train.seed",
+    "train.subspace_scale",
     "data.fingerprint",
     "finetune.adapter.seed",
     "finetune.adapter.alpha",
@@ -143,14 +146,37 @@ def _adapter_view(config_dict: dict[str, Any], section_class) -> dict:
     return _flatten(adapter, "finetune.adapter", {})
 
 
+def _subspace_scale_view(config_dict: dict[str, Any]) -> dict:
+    """``train.subspace_scale.SITE``: the alpha each site's subspace update is scaled by (so
+    ``0.25`` and ``{"default": 0.25}`` agree); nothing for runs that are not in ``subspace``
+    mode, which never read it."""
+    from actcomp_dist.config import TRANSFORMER_SITES
+    from actcomp_dist.optim.subspace_proxy import site_subspace_scale
+
+    compression, train = config_dict.get("compression"), config_dict.get("train")
+    if not isinstance(compression, dict) or compression.get("grad_mode") != "subspace":
+        return {}
+    scale = train.get("subspace_scale", 0.25) if isinstance(train, dict) else 0.25
+    try:
+        return {
+            f"train.subspace_scale.{site}": site_subspace_scale(scale, site)
+            for site in TRANSFORMER_SITES
+        }
+    except (TypeError, ValueError):  # validate_run has said why already
+        return {"train.subspace_scale.default": scale}
+
+
 def _settings(config_dict: dict[str, Any], model: dict[str, Any] | None, section_class) -> dict:
     rest = {k: v for k, v in config_dict.items() if k != "model"}
     if isinstance(rest.get("finetune"), dict):
         rest["finetune"] = {k: v for k, v in rest["finetune"].items() if k != "adapter"}
+    if isinstance(rest.get("train"), dict):
+        rest["train"] = {k: v for k, v in rest["train"].items() if k != "subspace_scale"}
     return {
         **_flatten(rest, "", {}),
         **_model_view(config_dict, model),
         **_adapter_view(config_dict, section_class),
+        **_subspace_scale_view(config_dict),
     }
 
 
@@ -196,6 +222,8 @@ def refused(changes: dict[str, list], allowed: list[str]) -> dict[str, list]:
     def accepted(key: str) -> bool:
         if key in allowed or (key.startswith("fingerprint.") and "data.fingerprint" in allowed):
             return True
+        if key.startswith("train.subspace_scale."):
+            return "train.subspace_scale" in allowed
         if key == "fingerprint.tokenizer":
             return "data.tokenizer" in allowed
         if key.startswith(("fingerprint.data.", "fingerprint.file.")):
