@@ -39,11 +39,32 @@ def _deepspeed_cpu_buffers_before_suite() -> set[Path]:
     return _deepspeed_cpu_buffers()
 
 
+def _mapped_paths() -> set[str]:
+    """Files of /dev/shm some live process maps (another test session's run included)."""
+    mapped = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            text = maps.read_text()
+        except OSError:  # the process ended, or is not ours to read
+            continue
+        mapped.update(
+            line.split(None, 5)[-1].removesuffix(" (deleted)")
+            for line in text.splitlines()
+            if CPU_ALLREDUCE_BUFFER_PREFIX in line
+        )
+    return mapped
+
+
 @pytest.fixture(autouse=True)
 def _release_deepspeed_cpu_buffers(_deepspeed_cpu_buffers_before_suite):
     """A rank killed before the launcher unlinks DeepSpeed's 69 MB /dev/shm all-reduce buffer
-    leaves it behind; after each test remove those the suite created (the processes of a test
-    and of its module fixtures have ended by then), so a long suite does not fill RAM."""
+    leaves it behind; after each test remove those the suite created that no live process maps
+    (a run still starting, of this session or another, is left alone), so a long suite does not
+    fill RAM."""
     yield
-    for path in _deepspeed_cpu_buffers() - _deepspeed_cpu_buffers_before_suite:
-        path.unlink(missing_ok=True)
+    left = _deepspeed_cpu_buffers() - _deepspeed_cpu_buffers_before_suite
+    if left:
+        in_use = _mapped_paths()
+        for path in left:
+            if str(path) not in in_use:
+                path.unlink(missing_ok=True)
