@@ -11,26 +11,43 @@ from __future__ import annotations
 
 import sys
 
-from actcomp_dist.training.cli import exit_status, parse_args
+from actcomp_dist.training.cli import PRETRAIN_DESCRIPTION, exit_status, parse_args
 from actcomp_dist.training.config import load_run_config
 from actcomp_dist.training.quiet import quiet_third_party
 
 
-def pretrain(argv: list[str] | None = None):
-    """Pretrain as the command line (``argv``, default ``sys.argv``) says; every rank runs it.
-    Returns the TrainResult."""
-    args = parse_args(argv)
-    # 1. The config: the file, then --deepspeed_config, then each --set override. Plugins
-    #    (the config's "plugins" list) are imported first, so their methods validate.
-    config = load_run_config(args.config, args.overrides, deepspeed_file=args.deepspeed_config)
-    # megatron-core and DeepSpeed print at import: the filters go first, then the trainer.
-    quiet_third_party(config.logging.verbose)
+def _pretraining_trainer(config):
+    # megatron-core and DeepSpeed print at import: the trainer module loads after the filters.
     from actcomp_dist.training.trainer import Trainer
 
+    return Trainer(config)
+
+
+def pretrain(
+    argv: list[str] | None = None,
+    *,
+    config_class: type | None = None,
+    build_trainer=_pretraining_trainer,
+    description: str = PRETRAIN_DESCRIPTION,
+):
+    """Pretrain as the command line (``argv``, default ``sys.argv``) says; every rank runs it.
+    Returns the TrainResult. Fine-tuning runs the same recipe with its config class and
+    trainer (:mod:`actcomp_dist.cli.finetune`)."""
+    args = parse_args(argv, description)
+    # 1. The config: the file, then --deepspeed_config, then each --set override. Plugins
+    #    (the config's "plugins" list) are imported first, so their methods validate.
+    config = load_run_config(
+        args.config,
+        args.overrides,
+        config_class=config_class,
+        deepspeed_file=args.deepspeed_config,
+    )
+    # megatron-core and DeepSpeed print at import: the filters go first, then the trainer.
+    quiet_third_party(config.logging.verbose)
     # 2. The run, in a fixed order (actcomp_dist/training/trainer.py): validate -> resume
     #    checks -> process group -> parallel state, seeds -> data -> model (compression,
     #    memory policy, activation checkpointing) -> DeepSpeed engine -> resume -> run dir.
-    trainer = Trainer(config)
+    trainer = build_trainer(config)
     # 3. Train: one optimizer step at a time (training/step.py), logging, evaluation,
     #    checkpoints, until train.steps or a preemption (which saves first).
     try:
