@@ -34,6 +34,7 @@ from actcomp_dist.training.finetune_config import (
     validate_finetune,
 )
 from tests.distributed import run_distributed
+from tests.hf_weights import randomize_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {
@@ -432,16 +433,9 @@ def test_lori_from_a_hugging_face_checkpoint(tmp_path, tokenizer_model):
     )
     torch.manual_seed(0)
     hf_model = transformers.LlamaForCausalLM(hf_config).eval()
-    # Weights at std 1/sqrt(fan-in) and norms away from 1 (as test_hf_llama.py), so the logits
+    # Weights at std 1/sqrt(fan-in) and norms away from 1 (tests/hf_weights.py), so the logits
     # are far from uniform and a wrongly loaded weight cannot go unnoticed.
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for parameter in hf_model.parameters():
-            if parameter.dim() == 1:
-                parameter.copy_(1.0 + 0.2 * torch.randn(parameter.shape, generator=generator))
-            else:
-                fan_in = parameter.shape[-1]
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) / fan_in**0.5)
+    randomize_weights(hf_model, 0)
     hf_dir = tmp_path / "hf"
     hf_model.save_pretrained(hf_dir)
     tokens = torch.randint(0, VOCAB, (2, 32), generator=torch.Generator().manual_seed(0))

@@ -34,6 +34,7 @@ from actcomp_dist.models.hf import (
 )
 from actcomp_dist.parallel import state
 from tests.distributed import run_distributed
+from tests.hf_weights import randomize_weights
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
@@ -69,14 +70,7 @@ def make_hf_model(
     )
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(config)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.dim() == 1:
-                parameter.copy_(1.0 + 0.2 * torch.randn(parameter.shape, generator=generator))
-            else:
-                fan_in = parameter.shape[-1]
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) / fan_in**0.5)
+    randomize_weights(model, seed)
     model = model.to(dtype)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(directory, **kwargs)

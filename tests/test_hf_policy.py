@@ -29,6 +29,7 @@ import torch
 from actcomp_dist.hf import apply_memory_policy
 from actcomp_dist.memory import saved_activation_bytes, saved_activation_bytes_by_module
 from actcomp_dist.storage import StoragePolicy
+from tests.hf_weights import randomize_weights
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
@@ -64,14 +65,7 @@ def make_model(family: str = "llama", seed: int = 0, **overrides) -> torch.nn.Mo
     }[family]
     torch.manual_seed(seed)
     model = model_class(config_class(**kwargs))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.dim() == 1:
-                parameter.copy_(1.0 + 0.2 * torch.randn(parameter.shape, generator=generator))
-            else:
-                fan_in = parameter.shape[-1]
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) / fan_in**0.5)
+    randomize_weights(model, seed)
     return model.train()
 
 
