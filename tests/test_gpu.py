@@ -9,7 +9,9 @@ the rest of the suite; what differs on a GPU and is checked here:
 - the LLaMA model's forward and backward with SDPA's fused kernels (flash, memory-efficient)
   against the math kernel, and which kernel PyTorch picks by default;
 - saved-activation bytes on the device equal the analytic model's prediction, byte for byte;
-- apex's fused RMSNorm, when apex is importable, against the plain PyTorch norm.
+- apex's fused RMSNorm, when apex is importable, against the plain PyTorch norm;
+- the 8-bit storage policies (pack/unpack bounds, exact forward loss) and LoRAct's low-rank
+  storage (cuSOLVER's QR; exact at full rank) on the device.
 
 Tolerances: bf16 results are compared with float64 through rounding bounds: bf16 GEMMs
 accumulate in fp32 (``gamma_k`` of fp32) and round each stage's output to bf16 (``u = 2^-8``),
@@ -362,3 +364,46 @@ def test_llama_with_8bit_storage_on_device_keeps_the_exact_loss(llama_on_device,
     assert torch.equal(loss.detach(), reference)
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in quantized.parameters() if p.grad is not None)
+
+
+def test_llama_with_lowrank_storage_on_device_is_exact_at_full_rank(single_rank):
+    """LoRAct's low-rank storage on the device (cuSOLVER's QR of the bf16 norm outputs and
+    ``[gate | up]``): at full rank ``L Q^T`` is the stored tensor up to rounding, so the loss is
+    bit-identical to ``keep``'s and every gradient is as accurate against float64 as ``keep``'s
+    (the bound of tests/test_lowrank_storage.py); at a low rank the loss is still bit-identical
+    and backward runs."""
+    from actcomp_dist.models import build_llama, full_state_dict, get_model_config
+    from actcomp_dist.models.weights import load_full_weights
+    from actcomp_dist.storage import StoragePolicy
+    from tests.test_efficient_ops import (
+        _assert_as_accurate_as_naive,
+        _batch,
+        _loss_and_full_grads,
+        _reference_grads,
+    )
+    from tests.test_llama_model import _random_full_weights
+
+    config = get_model_config("tiny", seq_length=32)
+    full = _random_full_weights(config, seed=1)
+    tokens, labels = _batch(config)
+    policies = {
+        "keep": None,
+        "full": StoragePolicy(norm=f"lowrank:{config.hidden_size}", swiglu="lowrank:1.0"),
+        "low": StoragePolicy(norm="lowrank:0.125", swiglu="lowrank:16"),
+    }
+    results = {}
+    for name, policy in policies.items():
+        model = build_llama(config, init_seed=0, storage_policy=policy, device=DEVICE)
+        load_full_weights(model, full)
+        for param in model.parameters():  # as DeepSpeed's bf16 engine
+            param.data = param.data.to(torch.bfloat16)
+        loss, grads = _loss_and_full_grads(model, tokens.to(DEVICE), labels.to(DEVICE))
+        results[name] = loss.cpu(), {k: v.cpu() for k, v in grads.items()}
+    weights = {k: v.cpu() for k, v in full_state_dict(model).items()}
+    assert torch.equal(results["full"][0], results["keep"][0])
+    assert torch.equal(results["low"][0], results["keep"][0])
+    assert all(torch.isfinite(g).all() for g in results["low"][1].values())
+    reference = _reference_grads(weights, config, tokens, labels)
+    _assert_as_accurate_as_naive(
+        results["full"][1], results["keep"][1], reference, torch.bfloat16, "lowrank full rank"
+    )

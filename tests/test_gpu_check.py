@@ -48,6 +48,7 @@ def test_dry_run_measures_every_stage_and_writes_the_report(tmp_path):
         "compact:0.25",
         "int8",
         "fp8",
+        "ac_lowrank:0.0625",
     ]
     for row in rows:
         assert row["saved_activation_bytes"] == row["predicted_saved_activation_bytes"], row

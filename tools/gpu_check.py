@@ -12,7 +12,8 @@ covers is recorded as skipped:
 1. **tests**: the CUDA tests (``pytest -m gpu``, tests/test_gpu.py): compressed layers in bf16
    on the device against float64, the parallel layers on an NCCL world of one, SDPA's fused
    attention kernels against the math kernel, saved bytes on the device against the analytic
-   model, apex's fused norm when importable, the 8-bit storage policies on the device.
+   model, apex's fused norm when importable, the 8-bit and LoRAct low-rank storage policies on the
+   device.
 2. **runs**: ``--steps`` steps of the 60m and 350m configs through the real trainer
    (:func:`actcomp_dist.ablation.run_ablation`, one process) for each variant: peak allocated
    bytes (``torch.cuda.max_memory_allocated``), saved-activation bytes, tokens/s and model flops
@@ -52,8 +53,10 @@ from actcomp_dist.training.flops import model_flops_per_token, peak_flops
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_TESTS = "tests/test_gpu.py"
-VARIANTS = ("none", "ac_selective", "ac_full", "compact:0.25", "int8", "fp8")
-MAX_BATCH_VARIANTS = ("none", "ac_full", "compact:0.25", "int8")
+# The best storage policies by the planner (README "Choosing a policy"): 8-bit attention and
+# SwiGLU, LoRAct's low-rank norms and SwiGLU at r = h/16 (the --budget pick at 1B, s = 4096).
+VARIANTS = ("none", "ac_selective", "ac_full", "compact:0.25", "int8", "fp8", "ac_lowrank:0.0625")
+MAX_BATCH_VARIANTS = ("none", "ac_full", "compact:0.25", "int8", "ac_lowrank:0.0625")
 
 
 class Setup:
