@@ -6,7 +6,8 @@ bit-identical; under ``torch.autocast`` after the same casts autocast applies to
 ``nn.Linear``) and saves only what the compressor returns. Backward computes the exact input
 gradient ``dX = g W`` and the compressed weight gradient ``G_hat = g^T T``; in ``lift`` mode it
 returns ``lift(G_hat)`` as the weight's gradient, in ``subspace`` mode it accumulates ``G_hat``
-on ``weight.compressed_grad`` (the weight's ``.grad`` stays ``None``).
+on the weight's :class:`~actcomp_dist.subspace.SubspaceState` (``weight.subspace.grad``; the
+weight's ``.grad`` stays ``None``).
 
 The seeds the basis was built from are stored in the context at forward time and used in
 backward; nothing is re-read from the schedule (that would break gradient accumulation across
@@ -21,32 +22,15 @@ import torch
 import torch.nn.functional as F
 
 from actcomp_dist.compression.base import Compressor
-from actcomp_dist.optim.subspace_proxy import record_subspace_seeds
+from actcomp_dist.subspace import subspace_state
 
 
 def accumulate_compressed_grad(
     weight: torch.nn.Parameter, ghat: torch.Tensor, seeds: tuple[int, ...]
 ) -> None:
-    """Add ``ghat`` [m, r] to ``weight.compressed_grad``; every micro-batch of a step must have
-    used the same projection (same seeds), otherwise the sum would mix subspaces. A weight
-    with a ``compressed_grad_sink`` (set by an optimizer that keeps the m x r gradient itself,
-    e.g. partitioned over data parallelism) hands ``ghat`` to it instead."""
-    ghat = ghat.to(weight.dtype)
-    sink = getattr(weight, "compressed_grad_sink", None)
-    if sink is not None:
-        record_subspace_seeds(weight, seeds)
-        sink(weight, ghat)
-        return
-    if weight.compressed_grad is None:
-        weight.compressed_grad = ghat
-        weight.compressed_grad_seeds = seeds
-        return
-    if weight.compressed_grad_seeds != seeds:
-        raise RuntimeError(
-            "gradients of one optimizer step were computed with different projections; advance "
-            "the CompressionSchedule only once per optimizer step, after the step"
-        )
-    weight.compressed_grad.add_(ghat)
+    """Add ``ghat`` [m, r], formed with the projection of ``seeds``, to the weight's
+    :class:`~actcomp_dist.subspace.SubspaceState` (see :meth:`SubspaceState.accumulate`)."""
+    subspace_state(weight).accumulate(ghat, seeds)
 
 
 class CompressedLinearFunction(torch.autograd.Function):

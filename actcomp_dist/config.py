@@ -39,7 +39,7 @@ class CompressionConfig:
         projection: ``compact`` projection kind: ``gaussian`` (N(0, 1/r)), ``rademacher``
             (+-1/sqrt(r)) or ``sparse`` (very sparse JL, density ``1/sqrt(n)``).
         grad_mode: ``lift`` returns an ordinary parameter-shaped gradient ``(g^T Z) P^T``;
-            ``subspace`` keeps the m x r gradient on ``weight.compressed_grad`` for
+            ``subspace`` keeps the m x r gradient on ``weight.subspace.grad`` for
             :class:`actcomp_dist.optim.SubspaceAdamW` (``compact`` only).
         resample_every: ``T``; the projection changes every ``T`` optimizer steps.
         seed: base seed of every projection / sampling seed (see actcomp_dist.seeds).

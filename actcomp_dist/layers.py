@@ -22,6 +22,7 @@ from actcomp_dist.compression import BlockLayout, build_compressor
 from actcomp_dist.compression.base import AllReduce
 from actcomp_dist.config import CompressionConfig
 from actcomp_dist.seeds import CompressionSchedule
+from actcomp_dist.subspace import SubspaceState
 
 
 class CompressedLinear(nn.Linear):
@@ -116,12 +117,12 @@ class CompressedLinear(nn.Linear):
 
 
 def mark_subspace_parameter(weight: nn.Parameter, compressor) -> None:
-    """Tag ``weight`` as updated in its compressor's subspace (read by ``SubspaceAdamW``)."""
+    """Attach a :class:`~actcomp_dist.subspace.SubspaceState` to ``weight``: it is updated in
+    its compressor's subspace (backward records its m x r gradient there; the optimizers read
+    it)."""
     if not compressor.supports_subspace:
         raise ValueError(f"method {compressor.name!r} does not support grad_mode='subspace'")
-    weight.compressed_grad = None
-    weight.compressed_grad_seeds = None
-    weight.subspace_projection = compressor.projection
+    weight.subspace = SubspaceState(weight, compressor.projection)
 
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")

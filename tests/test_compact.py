@@ -254,10 +254,10 @@ def test_subspace_keeps_the_compressed_gradient():
     assert layer.weight.grad is None
     p = gaussian_projection(11, 2, "fc2", 0, N_IN, 8)
     expected = g.double().t() @ (x.double() @ p)  # [m, r]
-    assert layer.weight.compressed_grad.shape == (N_OUT, 8)
-    assert layer.weight.compressed_grad.dtype == torch.float32
-    assert relative_error(layer.weight.compressed_grad, expected) < 1e-5
-    assert layer.weight.compressed_grad_seeds == (projection_seed(11, 2, "fc2", 0, 0),)
+    assert layer.weight.subspace.grad.shape == (N_OUT, 8)
+    assert layer.weight.subspace.grad.dtype == torch.float32
+    assert relative_error(layer.weight.subspace.grad, expected) < 1e-5
+    assert layer.weight.subspace.seeds == (projection_seed(11, 2, "fc2", 0, 0),)
     assert torch.equal(layer.bias.grad, reference.bias.grad)  # the bias is an ordinary parameter
 
 
@@ -270,7 +270,7 @@ def test_subspace_accumulates_micro_batches_and_rejects_mixed_projections():
     out.backward(g2)
     p = gaussian_projection(11, 0, "fc1", 0, N_IN, 8)
     expected = g1.double().t() @ x1.double() @ p + g2.double().t() @ x2.double() @ p
-    assert relative_error(layer.weight.compressed_grad, expected) < 1e-5
+    assert relative_error(layer.weight.subspace.grad, expected) < 1e-5
 
     # A micro-batch at the new epoch would add a gradient from another subspace.
     with pytest.raises(RuntimeError, match="different projections"):
@@ -290,7 +290,7 @@ def test_deep_copy_keeps_subspace_mode():
         module(x).backward(g)
         SubspaceAdamW(module.parameters(), lr=0.1).step()
     assert clone.weight.grad is None
-    assert torch.equal(clone.weight.compressed_grad, layer.weight.compressed_grad)
+    assert torch.equal(clone.weight.subspace.grad, layer.weight.subspace.grad)
     assert torch.equal(clone.weight, layer.weight)
 
 

@@ -94,7 +94,7 @@ def test_two_steps_match_the_reference_with_moments_kept_across_a_resample(alpha
         x, c = _step_data(step)
         optimizer.zero_grad()
         ((layer(x) * c).sum() + other(x).square().sum()).backward()
-        assert layer.weight.grad is None and layer.weight.compressed_grad.shape == (N_OUT, RANK)
+        assert layer.weight.grad is None and layer.weight.subspace.grad.shape == (N_OUT, RANK)
         optimizer.step()
 
         reference_optimizer.zero_grad()
@@ -129,14 +129,14 @@ def test_zero_grad_clears_compressed_gradients():
     optimizer = SubspaceAdamW(layer.parameters())
     x, c = _step_data(0)
     (layer(x) * c).sum().backward()
-    assert layer.weight.compressed_grad is not None and layer.bias.grad is not None
+    assert layer.weight.subspace.grad is not None and layer.bias.grad is not None
     optimizer.zero_grad()
-    assert layer.weight.compressed_grad is None and layer.weight.compressed_grad_seeds is None
+    assert layer.weight.subspace.grad is None and layer.weight.subspace.seeds is None
     assert layer.bias.grad is None
     # A new step may now use a new projection without tripping the accumulation check.
     layer.schedule.advance()
     (layer(x) * c).sum().backward()
-    assert layer.weight.compressed_grad is not None
+    assert layer.weight.subspace.grad is not None
 
 
 def test_invalid_hyperparameters():
@@ -157,7 +157,7 @@ def _model_with_gradients():
 def test_clip_grad_norm_includes_compressed_gradients():
     layer, other = _model_with_gradients()
     params = [*layer.parameters(), *other.parameters()]
-    grads = [layer.weight.compressed_grad, layer.bias.grad, other.weight.grad, other.bias.grad]
+    grads = [layer.weight.subspace.grad, layer.bias.grad, other.weight.grad, other.bias.grad]
     before = [g.double().clone() for g in grads]
     expected_norm = math.sqrt(sum(g.square().sum().item() for g in before))
 
@@ -165,7 +165,7 @@ def test_clip_grad_norm_includes_compressed_gradients():
     norm = clip_grad_norm_(params, max_norm)
     assert abs(norm.item() - expected_norm) < 1e-5 * expected_norm
     factor = max_norm / (expected_norm + 1e-6)
-    clipped = [layer.weight.compressed_grad, layer.bias.grad, other.weight.grad, other.bias.grad]
+    clipped = [layer.weight.subspace.grad, layer.bias.grad, other.weight.grad, other.bias.grad]
     for after, original in zip(clipped, before, strict=True):
         assert relative_error(after, original * factor) < 1e-6
 

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from actcomp_dist.compression import get_compressor_class, list_compressors
+from actcomp_dist.subspace import is_subspace_parameter
 from tests.distributed import run_distributed
 from tests.tolerances import UNIT_ROUNDOFF, assert_within_rounding, gamma
 
@@ -103,7 +104,7 @@ def _run(layer, x, g):
 
 def _weight_grad(layer):
     w = layer.weight
-    return w.compressed_grad if getattr(w, "compressed_grad", None) is not None else w.grad
+    return w.subspace.grad if is_subspace_parameter(w) and w.subspace.grad is not None else w.grad
 
 
 def _magnitudes(ref, x, g, subspace):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from actcomp_dist.subspace import is_subspace_parameter
 from tests.distributed import run_distributed
 from tests.tolerances import assert_within_rounding, gamma
 
@@ -55,7 +56,7 @@ def _capture_magnitudes(model):
             x = kwargs["input_fn"](x)
         x = x.double().abs().reshape(-1, x.shape[-1])  # [N, n]
         seeds = layer.compressor.current_seeds()
-        p = layer.weight.subspace_projection(seeds, x.device, torch.float64).abs()  # [n, r]
+        p = layer.weight.subspace.projection(x.device, torch.float64, seeds).abs()  # [n, r]
         xp = x @ p  # [N, r]
         if layer.compressor.layout.partial_sum:  # Z sums every rank's features: so do its terms
             torch.distributed.all_reduce(xp, group=layer.tp_group)
@@ -77,7 +78,7 @@ def _subspace_rule_violation(weight, before, ghat, seeds) -> float:
     ``weight`` away from ``before - lr alpha N P^T``, evaluated in float64 from the layout's
     own compressed gradient ``ghat`` [m, r] and projection shard."""
     ghat = ghat.double()
-    p = weight.subspace_projection(seeds, weight.device, torch.float64)  # [n, r]
+    p = weight.subspace.projection(weight.device, torch.float64, seeds)  # [n, r]
     # First Adam step: m = (1 - b1) g, v = (1 - b2) g^2, bias-corrected with 1 - b^1.
     step_size = LR / (1 - 0.9)
     direction = (0.1 * ghat) / ((0.001 * ghat.square()).sqrt() / (0.001**0.5) + EPS)
@@ -124,7 +125,7 @@ def _subspace_run(rank, world_size, tp):
 
     # gather_full maps every parameter; only the subspace entries are compared.
     local = {
-        n: p.compressed_grad if hasattr(p, "subspace_projection") else torch.zeros_like(p)
+        n: p.subspace.grad if is_subspace_parameter(p) else torch.zeros_like(p)
         for n, p in model.named_parameters()
     }
     compressed = {k: v.clone() for k, v in gather_full(model, local).items()}
@@ -146,9 +147,9 @@ def _subspace_run(rank, world_size, tp):
         tensor.div_(ctx.dp_size)
     magnitude = gather_full(model, local)
     magnitude.update({k: local[p] for k, p in replicated.items()})
-    subspace = [p for p in model.parameters() if hasattr(p, "subspace_projection")]
+    subspace = [p for p in model.parameters() if is_subspace_parameter(p)]
     before = {p: p.detach().clone() for p in subspace}
-    steps = {p: (p.compressed_grad.clone(), p.compressed_grad_seeds) for p in subspace}
+    steps = {p: (p.subspace.grad.clone(), p.subspace.seeds) for p in subspace}
     optimizer.step()  # the all-reduce above already averaged; step() repeats it on equal values
     violation = max(_subspace_rule_violation(p, before[p], *steps[p]) for p in subspace)
     names = sorted(

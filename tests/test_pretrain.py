@@ -43,6 +43,7 @@ import pytest
 import torch
 
 from actcomp_dist.data.corpus import ensure_embedded_corpus
+from actcomp_dist.subspace import is_subspace_parameter
 from actcomp_dist.training.config import apply_overrides, load_run_config
 from actcomp_dist.training.schedule import learning_rate
 from tests.distributed import run_distributed
@@ -375,7 +376,7 @@ def _subspace_rank(rank: int, world_size: int, raws: list[dict]) -> list[dict]:
             model.compression_schedule.advance()
 
         trained = dict(trainer.model.named_parameters())
-        subspace = {n for n, p in model.named_parameters() if hasattr(p, "subspace_projection")}
+        subspace = {n for n, p in model.named_parameters() if is_subspace_parameter(p)}
         results.append(
             {
                 "history": history,

@@ -96,7 +96,7 @@ def test_merger_folds_each_proxy_with_its_sites_alpha():
     for proxy, delta in zip(proxies, deltas, strict=True):
         proxy.data.copy_(delta)
     for layer in model:
-        layer.weight.compressed_grad_seeds = layer.compressor.current_seeds()
+        layer.weight.subspace.seeds = layer.compressor.current_seeds()
     SubspaceMerger(model, RECIPE_SCALE, 0.0).merge(LR)
     for i, layer in enumerate(model):
         alpha = RECIPE_SCALE.get(SITES[i], RECIPE_SCALE["default"])

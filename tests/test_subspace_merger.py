@@ -44,7 +44,7 @@ def _set_step(model: nn.Module, step: int) -> list[torch.Tensor]:
         delta = torch.randn(layer.weight.shape[0], RANK, generator=generator)
         layer.subspace_proxy.data.copy_(delta)
         deltas.append(layer.subspace_proxy.detach().float())  # bf16-rounded, as merged
-        layer.weight.compressed_grad_seeds = layer.compressor.current_seeds()
+        layer.weight.subspace.seeds = layer.compressor.current_seeds()
     return deltas
 
 
@@ -59,7 +59,7 @@ def _merge_rank(rank: int, world_size: int) -> dict:
             merger.merge(LR)
             for layer in model:  # the merge resets each proxy and forgets the seeds
                 assert not layer.subspace_proxy.any()
-                assert layer.weight.compressed_grad_seeds is None
+                assert layer.weight.subspace.seeds is None
         results[name] = {
             "weights": [layer.weight.detach().clone() for layer in model],
             "masters": [merger.masters[id(layer)] for layer in model],

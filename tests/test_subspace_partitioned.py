@@ -74,7 +74,7 @@ def _train(dtype: torch.dtype, group, rank: int) -> dict:
                 else:
                     ghat = _gradient(step, micro, rank, i)
                 accumulate_compressed_grad(layer.weight, ghat.to(dtype), seeds)
-                assert layer.weight.compressed_grad is None  # handed on, not kept whole
+                assert layer.weight.subspace.grad is None  # handed on, not kept whole
         norms.append(optimizer.squared_norm())
         optimizer.clip_coefficient = CLIP[step]
         optimizer.merge(LR)

@@ -5,7 +5,7 @@ random projection (``E[P P^T] = I``); ``P`` itself is never saved — it is rebu
 seeds stored in the autograd context. Backward: ``G_hat = g^T Z`` [m, r], and
 
 - ``lift`` mode returns ``dW ~= G_hat P^T``, an unbiased estimate of ``g^T X``;
-- ``subspace`` mode keeps ``G_hat`` on ``weight.compressed_grad`` and lets
+- ``subspace`` mode keeps ``G_hat`` on ``weight.subspace.grad`` and lets
   :class:`actcomp_dist.optim.SubspaceAdamW` update ``W`` along ``P^T`` (moments m x r).
 
 The projection of a layer is block-diagonal over its :class:`BlockLayout`: one block for

@@ -1,6 +1,7 @@
 """Optimizers for compressed-gradient (``subspace``) training."""
 
 from actcomp_dist.optim.clip import clip_grad_norm_
-from actcomp_dist.optim.subspace_adamw import SubspaceAdamW, is_subspace_parameter
+from actcomp_dist.optim.subspace_adamw import SubspaceAdamW
+from actcomp_dist.subspace import is_subspace_parameter
 
 __all__ = ["SubspaceAdamW", "clip_grad_norm_", "is_subspace_parameter"]

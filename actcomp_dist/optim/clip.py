@@ -1,7 +1,7 @@
 """Global gradient-norm clipping over ordinary and compressed (subspace) gradients.
 
 One norm over everything a step updates: ``.grad`` of ordinary parameters and
-``compressed_grad`` (m x r) of subspace parameters, so a single ``max_norm`` governs the step.
+the m x r gradient of subspace parameters (``weight.subspace.grad``), so a single ``max_norm`` governs the step.
 """
 
 from __future__ import annotations
@@ -11,13 +11,14 @@ from collections.abc import Iterable
 import torch
 import torch.distributed as dist
 
-from actcomp_dist.optim.subspace_adamw import is_subspace_parameter
+from actcomp_dist.subspace import subspace_state
 
 
 def gradients(parameters: Iterable[torch.Tensor]) -> list[torch.Tensor]:
     out = []
     for p in parameters:
-        grad = p.compressed_grad if is_subspace_parameter(p) else p.grad
+        state = subspace_state(p)
+        grad = state.grad if state is not None else p.grad
         if grad is not None:
             out.append(grad)
     return out
@@ -33,7 +34,7 @@ def clip_grad_norm_(
     before clipping. With ``process_group`` the squared norms of the local shards are summed
     over it (pass the tensor-parallel group for TP-sharded weights; replicated ones must then be
     passed on one rank only, and so must the weight of a dense row-parallel ``compact`` layer
-    in ``subspace`` mode: its ``compressed_grad`` [m, r] is the same on every TP rank)."""
+    in ``subspace`` mode: its m x r gradient is the same on every TP rank)."""
     grads = gradients(parameters)
     if grads:
         squared = torch.stack([g.float().pow(2).sum() for g in grads]).sum()

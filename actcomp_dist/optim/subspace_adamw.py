@@ -1,7 +1,8 @@
 """`SubspaceAdamW`: AdamW whose compressed-gradient weights keep m x r moments (CompAct).
 
-A weight trained in ``subspace`` mode carries ``compressed_grad`` ``G_hat`` [m, r] (its
-``.grad`` stays ``None``) and the seeds of the projection ``P`` [n, r] it was formed with. For
+A weight trained in ``subspace`` mode carries a :class:`~actcomp_dist.subspace.SubspaceState`
+(``weight.subspace``): ``G_hat`` [m, r] (its ``.grad`` stays ``None``) and the seeds of the
+projection ``P`` [n, r] it was formed with. For
 such a weight the optimizer keeps Adam moments of shape [m, r] (float32) and applies
 
     N = m_hat / (sqrt(v_hat) + eps)          (bias-corrected Adam direction, [m, r])
@@ -26,9 +27,7 @@ from collections.abc import Iterable
 import torch
 import torch.distributed as dist
 
-
-def is_subspace_parameter(param: torch.Tensor) -> bool:
-    return hasattr(param, "subspace_projection")
+from actcomp_dist.subspace import is_subspace_parameter, subspace_state
 
 
 class SubspaceAdamW(torch.optim.Optimizer):
@@ -62,8 +61,7 @@ class SubspaceAdamW(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
         for p in self.subspace_parameters():
-            p.compressed_grad = None
-            p.compressed_grad_seeds = None
+            subspace_state(p).clear()
 
     def load_state_dict(self, state_dict: dict) -> None:
         # torch.optim.Optimizer casts loaded state to each parameter's dtype; the moments here
@@ -79,10 +77,9 @@ class SubspaceAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def all_reduce_compressed_grads(self) -> None:
-        """Average every ``compressed_grad`` over ``process_group`` in one flat all-reduce."""
-        grads = [
-            p.compressed_grad for p in self.subspace_parameters() if p.compressed_grad is not None
-        ]
+        """Average every m x r subspace gradient over ``process_group`` in one flat all-reduce."""
+        states = [subspace_state(p) for p in self.subspace_parameters()]
+        grads = [state.grad for state in states if state.grad is not None]
         if self.process_group is None or not grads:
             return
         flat = torch.cat([g.reshape(-1).float() for g in grads])
@@ -103,7 +100,7 @@ class SubspaceAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 subspace = is_subspace_parameter(p)
-                grad = p.compressed_grad if subspace else p.grad
+                grad = subspace_state(p).grad if subspace else p.grad
                 if grad is None:
                     continue
                 self._update(p, grad, group, subspace)
@@ -134,6 +131,6 @@ class SubspaceAdamW(torch.optim.Optimizer):
                 p.add_((exp_avg / denom).mul_(-step_size).to(p.dtype))
             return
         # The projection in the weight's dtype (as the forward used it), widened to fp32.
-        projection = p.subspace_projection(p.compressed_grad_seeds, p.device, p.dtype).float()
+        projection = subspace_state(p).projection(p.device, p.dtype).float()
         direction = (exp_avg / denom) @ projection.t()  # [m, n]
         p.add_(direction.mul_(-step_size * group["subspace_scale"]).to(p.dtype))

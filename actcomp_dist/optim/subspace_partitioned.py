@@ -45,6 +45,7 @@ import torch.distributed as dist
 from torch import nn
 
 from actcomp_dist.optim.subspace_proxy import SubspaceMerger, SubspaceScale, owned_rows
+from actcomp_dist.subspace import subspace_state
 
 
 class PartitionedSubspaceAdam(SubspaceMerger):
@@ -83,7 +84,7 @@ class PartitionedSubspaceAdam(SubspaceMerger):
                 torch.zeros(end - start, width, device=weight.device) for _ in range(2)
             )
             self._counted[id(weight)] = not layer.compressor.layout.partial_sum or tp_rank == 0
-            weight.compressed_grad_sink = self.reduce_gradient
+            subspace_state(weight).sink = self.reduce_gradient
 
     def _check_layers(self) -> None:
         proxies = [m for m in self.layers if getattr(m, "subspace_proxy", None) is not None]
@@ -122,7 +123,7 @@ class PartitionedSubspaceAdam(SubspaceMerger):
     def zero_grad(self) -> None:
         self.grads.clear()
         for layer in self.layers:
-            layer.weight.compressed_grad_seeds = None
+            subspace_state(layer.weight).clear()
 
     def squared_norm(self) -> torch.Tensor:
         """Squared L2 norm of the data-parallel mean of every subspace gradient, summed over
@@ -189,11 +190,10 @@ class PartitionedSubspaceAdam(SubspaceMerger):
             _, master = self.masters.get(id(layer), (start, weight.data[start:end]))
             if self.weight_decay:
                 master.mul_(1.0 - lr * self.weight_decay)
-            seeds = getattr(weight, "compressed_grad_seeds", None)
-            if seeds is None:
-                seeds = layer.compressor.current_seeds()
+            state = subspace_state(weight)
+            seeds = state.seeds if state.seeds is not None else layer.compressor.current_seeds()
             # The P the forward used (the weight's dtype), widened: G_hat was formed with it.
-            projection = layer.compressor.projection(seeds, weight.device, weight.dtype).float()
+            projection = state.projection(weight.device, weight.dtype, seeds).float()
             master.add_((delta @ projection.t()).mul_(self.scales[id(layer)]))  # [rows, n]
             if master.data_ptr() != weight.data_ptr() or self.dp_size > 1:
                 self._gather_rows(weight, master)

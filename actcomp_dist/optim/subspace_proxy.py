@@ -42,6 +42,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from actcomp_dist.subspace import subspace_state
+
 #: CompAct's alpha: one number for every subspace weight, or a map from a layer's site
 #: (``qkv``, ``proj``, ``fc1``, ``fc2``) to its alpha with ``"default"`` for the sites it does
 #: not name. The paper scales the attention output projection's update by
@@ -64,18 +66,6 @@ def site_subspace_scale(scale: SubspaceScale, site: str) -> float:
     if not value > 0:
         raise ValueError(f"subspace_scale for site {site!r} must be > 0, got {value!r}")
     return float(value)
-
-
-def record_subspace_seeds(weight: nn.Parameter, seeds: tuple[int, ...]) -> None:
-    """Remember which projection formed this step's gradient; every micro-batch of one step
-    must use the same one (otherwise the accumulated m x r gradients mix subspaces)."""
-    previous = getattr(weight, "compressed_grad_seeds", None)
-    if previous is not None and previous != seeds:
-        raise RuntimeError(
-            "gradients of one optimizer step were computed with different projections; advance "
-            "the CompressionSchedule only once per optimizer step, after the step"
-        )
-    weight.compressed_grad_seeds = seeds
 
 
 def subspace_layers(model: nn.Module) -> list[nn.Module]:
@@ -230,7 +220,8 @@ class SubspaceMerger:
         (collective over ``process_group`` when masters are partitioned)."""
         for layer in self.layers:
             proxy, weight = layer.subspace_proxy, layer.weight
-            seeds = getattr(weight, "compressed_grad_seeds", None)
+            state = subspace_state(weight)
+            seeds = state.seeds if state is not None else None
             delta = self.get_fp32(proxy)  # [m, r]
             start, master = self.masters.get(id(layer), (0, weight))
             if self.weight_decay:
@@ -238,8 +229,7 @@ class SubspaceMerger:
             if seeds is not None:
                 # The P the forward used (the weight's dtype, so the projection cache holds
                 # one dtype), widened: the gradient G_hat = g^T X P was formed with it.
-                projection = layer.compressor.projection(seeds, delta.device, weight.dtype)
-                projection = projection.float()  # [n, r]
+                projection = state.projection(delta.device, weight.dtype).float()  # [n, r]
                 rows = delta[start : start + master.shape[0]].float()  # [rows, r]
                 master.add_((rows @ projection.t()).mul_(self.scales[id(layer)]))
             if master is not weight:
@@ -247,7 +237,8 @@ class SubspaceMerger:
             proxy.zero_()
             if self.set_fp32 is not None:
                 self.set_fp32(proxy, torch.zeros_like(delta, dtype=torch.float32))
-            weight.compressed_grad_seeds = None
+            if state is not None:
+                state.clear()
 
     def _gather_rows(self, weight: torch.Tensor, master: torch.Tensor) -> None:
         """Every rank's updated rows, rounded to the weight's dtype, into ``weight``."""

@@ -53,7 +53,6 @@ from actcomp_dist.compression import BlockLayout, build_compressor, layer_layout
 from actcomp_dist.compression.base import Compressed, Compressor
 from actcomp_dist.config import CompressionConfig
 from actcomp_dist.layers import mark_subspace_parameter
-from actcomp_dist.optim.subspace_proxy import record_subspace_seeds
 from actcomp_dist.parallel.collectives import (
     CommCounter,
     all_gather_dim0,
@@ -63,6 +62,7 @@ from actcomp_dist.parallel.collectives import (
 )
 from actcomp_dist.seeds import CompressionSchedule
 from actcomp_dist.storage import LowRankStorage
+from actcomp_dist.subspace import subspace_state
 
 # How the input gradient of the local GEMM is completed across the TP group.
 _DGRAD_NONE = "none"  # row-parallel: each rank's dX is already its own shard
@@ -173,7 +173,7 @@ class _CompressedParallelLinear(torch.autograd.Function):
                     tokens = torch.cat(chunks_tokens)
                 ghat = g2d.t().matmul(tokens)  # [m_local, c]
                 if ctx.has_proxy:
-                    record_subspace_seeds(ctx.weight, ctx.seeds)
+                    subspace_state(ctx.weight).record_seeds(ctx.seeds)
                     grad_proxy = ghat
                 elif ctx.subspace:
                     accumulate_compressed_grad(ctx.weight, ghat, ctx.seeds)

@@ -9,6 +9,7 @@ from torch import nn
 
 from actcomp_dist.memory_model import ModelStates, predict_model_states
 from actcomp_dist.optim.subspace_proxy import subspace_layers
+from actcomp_dist.subspace import is_subspace_parameter
 from actcomp_dist.training.config import RunConfig
 from actcomp_dist.training.metrics import format_bytes
 
@@ -43,7 +44,7 @@ def gradient_reduction_bytes(model: nn.Module) -> dict[str, int]:
     for param in model.parameters():
         # ZeRO-3 leaves an empty tensor in the module; ``ds_numel`` is the parameter's size.
         nbytes = getattr(param, "ds_numel", param.numel()) * param.element_size()
-        trained = param.requires_grad and not hasattr(param, "subspace_projection")
+        trained = param.requires_grad and not is_subspace_parameter(param)
         if trained and id(param) not in proxies:
             out["ordinary"] += nbytes
     return out
