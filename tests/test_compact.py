@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 from compression_reference import gaussian_projection, relative_error, saved_tensors
+from tolerances import assert_rounded_from_exact
 from torch import nn
 
 from actcomp_dist import CompressedLinear, CompressionConfig, CompressionSchedule, projection_seed
@@ -20,6 +21,14 @@ from actcomp_dist.compression.projections import PROJECTIONS, random_projection
 from actcomp_dist.memory import saved_activation_bytes
 
 N_IN, N_OUT = 32, 8
+TOKENS = 64  # rows of _data()
+# The layer's fp32 P is randn(fp32) * fl(1/sqrt(r)): two roundings away from the float64 P of
+# gaussian_projection, so every product with P counts 2 more rounding steps in its bound.
+P_ROUNDINGS = 2
+# Z = X P: a length-N_IN reduction; the lifted gradient (g^T Z) P^T adds the token reduction
+# and the length-r lift.
+Z_LENGTH = N_IN + P_ROUNDINGS
+LIFT_LENGTH = Z_LENGTH + TOKENS + 8 + P_ROUNDINGS
 
 
 def _layer(dtype=torch.float32, schedule=None, layer_id=0, site="fc1", **fields):
@@ -36,7 +45,7 @@ def _layer(dtype=torch.float32, schedule=None, layer_id=0, site="fc1", **fields)
     )
 
 
-def _data(tokens=64, seed=1, dtype=torch.float32):
+def _data(tokens=TOKENS, seed=1, dtype=torch.float32):
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(tokens, N_IN, generator=generator, dtype=torch.float64)
     g = torch.randn(tokens, N_OUT, generator=generator, dtype=torch.float64)
@@ -83,8 +92,10 @@ def test_gaussian_projection_is_the_seeded_formula():
     layer = _layer(layer_id=5, site="qkv")
     layer.schedule.advance(120)  # resample_every=50: epoch 2
     x, _ = _data()
-    expected = x.double() @ gaussian_projection(11, 5, "qkv", 2, N_IN, 8)
-    assert relative_error(_saved_z(layer, x), expected) < 1e-6
+    p = gaussian_projection(11, 5, "qkv", 2, N_IN, 8)
+    # fp32 X P against float64: the rounding bound of the length-N_IN product.
+    z = _saved_z(layer, x)
+    assert_rounded_from_exact(z, x.double() @ p, x.double().abs() @ p.abs(), Z_LENGTH)
 
 
 def test_projection_entry_distributions():
@@ -100,6 +111,8 @@ def test_projection_entry_distributions():
     assert abs(gaussian.mean().item()) < 5 / math.sqrt(rows * cols * cols)
 
     rademacher = random_projection("rademacher", rows, cols, 3, torch.device("cpu"), torch.float64)
+    # float64 entries built with one or two roundings: allclose's rtol 1e-5 is far above that;
+    # a wrong value would be off by a factor.
     assert torch.allclose(rademacher.abs(), torch.full_like(rademacher, 1 / math.sqrt(cols)))
     assert abs((rademacher > 0).double().mean().item() - 0.5) < 0.02
 
@@ -171,6 +184,7 @@ def test_layers_and_sites_get_different_projections():
     zs = [_saved_z(_layer(layer_id=layer_id, site=site), x) for layer_id, site in places]
     for i in range(len(zs)):
         for j in range(i):
+            # Independent projections give O(1) different entries: far outside 1e-3.
             assert not torch.allclose(zs[i], zs[j], atol=1e-3), (places[i], places[j])
     # The same place in another instance (another rank, a recompute) rebuilds the same matrix.
     assert torch.equal(_saved_z(_layer(layer_id=1, site="fc2"), x), zs[-1])
@@ -186,8 +200,9 @@ def test_projection_changes_exactly_at_resample_boundaries():
     for step in range(10):
         assert schedule.step == step
         zs.append(_saved_z(layer, x))
-        expected = x.double() @ gaussian_projection(11, 0, "fc1", step // 3, N_IN, 8)
-        assert relative_error(zs[-1], expected) < 1e-6
+        p = gaussian_projection(11, 0, "fc1", step // 3, N_IN, 8)
+        magnitude = x.double().abs() @ p.abs()
+        assert_rounded_from_exact(zs[-1], x.double() @ p, magnitude, Z_LENGTH, msg=str(step))
         schedule.advance()
     for a in range(10):
         for b in range(10):
@@ -218,7 +233,13 @@ def test_gradient_accumulation_uses_one_projection(cache_projection):
     layer(x2).backward(g2)
     p = gaussian_projection(11, 0, "fc1", 0, N_IN, 8)
     exact = g1.double().t() @ x1.double() + g2.double().t() @ x2.double()
-    assert relative_error(layer.weight.grad, exact @ p @ p.t()) < 1e-5
+    magnitude = (
+        g1.double().abs().t() @ x1.double().abs() + g2.double().abs().t() @ x2.double().abs()
+    )
+    # Each micro-batch's lift (g^T X P) P^T, plus one rounding for the accumulation.
+    assert_rounded_from_exact(
+        layer.weight.grad, exact @ p @ p.t(), magnitude @ p.abs() @ p.abs().t(), LIFT_LENGTH + 1
+    )
 
 
 @pytest.mark.parametrize("cache_projection", [True, False], ids=["cached", "regenerated"])
@@ -234,7 +255,8 @@ def test_backward_uses_the_seed_stored_at_forward(cache_projection):
     p0 = gaussian_projection(11, 0, "fc1", 0, N_IN, 8)
     p1 = gaussian_projection(11, 0, "fc1", 1, N_IN, 8)
     exact = g.double().t() @ x.double()
-    assert relative_error(layer.weight.grad, exact @ p0 @ p0.t()) < 1e-5
+    magnitude = g.double().abs().t() @ x.double().abs() @ p0.abs() @ p0.abs().t()
+    assert_rounded_from_exact(layer.weight.grad, exact @ p0 @ p0.t(), magnitude, LIFT_LENGTH)
     assert relative_error(layer.weight.grad, exact @ p1 @ p1.t()) > 0.5
 
 
@@ -256,7 +278,9 @@ def test_subspace_keeps_the_compressed_gradient():
     expected = g.double().t() @ (x.double() @ p)  # [m, r]
     assert layer.weight.subspace.grad.shape == (N_OUT, 8)
     assert layer.weight.subspace.grad.dtype == torch.float32
-    assert relative_error(layer.weight.subspace.grad, expected) < 1e-5
+    # g^T Z: the length-N_IN product X P, then the token reduction.
+    magnitude = g.double().abs().t() @ x.double().abs() @ p.abs()
+    assert_rounded_from_exact(layer.weight.subspace.grad, expected, magnitude, Z_LENGTH + TOKENS)
     assert layer.weight.subspace.seeds == (projection_seed(11, 2, "fc2", 0, 0),)
     assert torch.equal(layer.bias.grad, reference.bias.grad)  # the bias is an ordinary parameter
 
@@ -270,7 +294,13 @@ def test_subspace_accumulates_micro_batches_and_rejects_mixed_projections():
     out.backward(g2)
     p = gaussian_projection(11, 0, "fc1", 0, N_IN, 8)
     expected = g1.double().t() @ x1.double() @ p + g2.double().t() @ x2.double() @ p
-    assert relative_error(layer.weight.subspace.grad, expected) < 1e-5
+    magnitude = (
+        g1.double().abs().t() @ x1.double().abs() + g2.double().abs().t() @ x2.double().abs()
+    ) @ p.abs()
+    # Two micro-batches' g^T Z plus one rounding for the accumulation.
+    assert_rounded_from_exact(
+        layer.weight.subspace.grad, expected, magnitude, Z_LENGTH + TOKENS + 1
+    )
 
     # A micro-batch at the new epoch would add a gradient from another subspace.
     with pytest.raises(RuntimeError, match="different projections"):

@@ -39,6 +39,7 @@ from actcomp_dist.parallel import state
 from actcomp_dist.training.config import ConfigError, run_config_from_dict
 from tests.distributed import run_distributed
 from tests.test_llama_model import _random_full_weights, reference_logits
+from tests.tolerances import assert_as_accurate_as
 
 SMALL = get_model_config("tiny", seq_length=32)
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -79,15 +80,9 @@ def _reference_grads(weights, config, tokens, labels):
     return {name: leaf.grad for name, leaf in leaves.items()}
 
 
-def _assert_as_accurate_as_naive(efficient, naive, reference, dtype, what):
-    """Per tensor: max |efficient - float64| <= 2 max |naive - float64| + eps max |float64|
-    (see the module docstring)."""
-    eps = torch.finfo(dtype).eps
-    for name, ref in reference.items():
-        err_efficient = (efficient[name].double() - ref).abs().max().item()
-        err_naive = (naive[name].double() - ref).abs().max().item()
-        bound = 2 * err_naive + eps * ref.abs().max().item()
-        assert err_efficient <= bound, (what, name, err_efficient, err_naive)
+# Per tensor: max |efficient - float64| <= 2 max |naive - float64| + eps max |float64| (see the
+# module docstring). tests/test_gpu.py and tests/test_lowrank_storage.py import it by this name.
+_assert_as_accurate_as_naive = assert_as_accurate_as
 
 
 # ----------------------------------------------------------------------------- exactness

@@ -54,12 +54,67 @@ def assert_within_rounding(
         magnitude.shape,
     )
     bound = 2 * gamma(length, dtype) * magnitude.double()
+    _assert_below(actual, expected, bound, f"the rounding bound 2*gamma_{length}*magnitude", msg)
+
+
+def assert_rounded_from_exact(
+    actual: torch.Tensor,
+    exact: torch.Tensor,
+    magnitude: torch.Tensor,
+    length: int,
+    dtype: torch.dtype = torch.float32,
+    msg: str = "",
+) -> None:
+    """``actual`` is one evaluation in ``dtype`` of a quantity and ``exact`` its float64 value
+    from the same (exactly representable) inputs: ``actual`` is within ``gamma_length(dtype) *
+    magnitude`` of the exact value and ``exact`` within ``gamma_length(float64) * magnitude``,
+    so they differ by at most the sum, element by element. ``length`` counts the reduction
+    terms plus one for each rounded input that is not exactly the float64 one (a projection
+    scaled by ``1/sqrt(r)`` in ``dtype``, say)."""
+    assert actual.shape == exact.shape == magnitude.shape, (
+        msg,
+        actual.shape,
+        exact.shape,
+        magnitude.shape,
+    )
+    bound = (gamma(length, dtype) + gamma(length, torch.float64)) * magnitude.double()
+    _assert_below(actual, exact, bound, f"the rounding bound gamma_{length}*magnitude", msg)
+
+
+def assert_as_accurate_as(
+    candidate: dict[str, torch.Tensor],
+    baseline: dict[str, torch.Tensor],
+    reference: dict[str, torch.Tensor],
+    dtype: torch.dtype,
+    msg: object = "",
+) -> None:
+    """Two evaluations in ``dtype`` of the same tensors through a whole model (a candidate and
+    the baseline it must not be worse than) against a float64 ``reference``, where the
+    reductions are too many and too nested for an element-wise bound. Per tensor:
+
+        max |candidate - float64| <= 2 max |baseline - float64| + eps max |float64|.
+
+    Both errors come from rounding the same quantities in reductions of the same lengths, so
+    a reordered reduction moves the error by a factor of order one, not by the size of the
+    quantity; a wrong term would be of the order of the tensor itself, 10^4-10^6 times these
+    errors. ``eps`` (one rounding of the largest value) covers a tensor that the baseline
+    happens to get (nearly) exact."""
+    eps = torch.finfo(dtype).eps
+    for name, ref in reference.items():
+        ref = ref.double()
+        err_candidate = (candidate[name].double() - ref).abs().max().item()
+        err_baseline = (baseline[name].double() - ref).abs().max().item()
+        bound = 2 * err_baseline + eps * ref.abs().max().item()
+        assert err_candidate <= bound, (msg, name, err_candidate, err_baseline)
+
+
+def _assert_below(actual, expected, bound, bound_name, msg) -> None:
     diff = (actual.double() - expected.double()).abs()
     excess = diff - bound
     if (excess > 0).any():
         worst = int(excess.argmax())
         raise AssertionError(
             f"{msg}: {(excess > 0).sum().item()} of {diff.numel()} elements differ by more than "
-            f"the rounding bound 2*gamma_{length}*magnitude; worst at flat index {worst}: "
+            f"{bound_name}; worst at flat index {worst}: "
             f"|diff| {diff.flatten()[worst].item():.3e} > bound {bound.flatten()[worst].item():.3e}"
         )
