@@ -10,6 +10,9 @@ forward + backward (TP = 1). All comparisons are exact: they are counts, not tim
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -22,9 +25,11 @@ from actcomp_dist.parallel import state
 from actcomp_dist.site_effects import site_effects
 from actcomp_dist.storage import StoragePolicy
 from actcomp_dist.training.activation_checkpointing import apply_activation_checkpointing
+from actcomp_dist.training.config import read_raw_config, run_config_from_dict
 from actcomp_dist.training.metrics import format_bytes
 from tests.distributed import run_distributed
 
+REPO = Path(__file__).resolve().parents[1]
 CONFIG = get_model_config("tiny", seq_length=32)
 B, S = 2, 32
 ALL_SITES = ("qkv", "proj", "fc1", "fc2")
@@ -182,3 +187,61 @@ def test_tp2_saved_bytes_and_backward_all_gather_equal_measured(tmp_path, sequen
                     continue
                 assert effect.all_gather_with == measured[policy, "all"][1][site], site
                 assert effect.all_gather_without == measured[policy, site][1][site], site
+
+
+def test_memory_plan_json_and_warnings_equal_site_effects(tmp_path, capsys):
+    # tools/memory_plan.py's per-site section against site_effects called directly (which the
+    # tests above hold to the measurement), at TP 2 + SP so that the all-gather column is set.
+    from actcomp_dist.ablation import parse_variant
+    from actcomp_dist.cli import memory_plan
+
+    config_path = str(REPO / "configs" / "llama350m_compact.json")
+    out = tmp_path / "plan.json"
+    argv = [
+        *("--config", config_path, "--gpus", "8", "--vocab-size", "32000"),
+        *("--variants", "none,compact:0.25,compact:0.125+int8", "--seq-lengths", "256,4096"),
+        *("--set", "parallel.tensor_parallel=2", "--set", "parallel.sequence_parallel=true"),
+        *("--json", str(out)),
+    ]
+    assert memory_plan.main(argv) == 0
+    text = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    config = run_config_from_dict(
+        read_raw_config(
+            config_path, ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true"]
+        ),
+        source=config_path,
+    )
+    model = get_model_config("350m", vocab_size=32000)
+    assert "none" not in report["site_effects"]  # nothing compressed, no rows
+    for name in ("compact:0.25", "compact:0.125+int8"):
+        variant = parse_variant(name)
+        for seq in (256, 4096):
+            setting = variant.activation_setting(
+                config.memory,
+                config.train.micro_batch_size,
+                seq,
+                dtype_bytes=2,
+                tensor_parallel=2,
+                sequence_parallel=True,
+            )
+            expected = site_effects(
+                model.replace(seq_length=seq), variant.compression(config.compression), setting
+            )
+            got = report["site_effects"][name][str(seq)]
+            assert list(got) == [e.site for e in expected]
+            for effect in expected:
+                row = got[effect.site]
+                assert row["saved_with"] == effect.saved_with
+                assert row["saved_without"] == effect.saved_without
+                assert row["removed"] == effect.removed
+                assert effect.all_gather_with is not None
+                assert row["all_gather_with"] == effect.all_gather_with
+                assert row["all_gather_without"] == effect.all_gather_without
+                assert row["weight_gradient_flops_with"] == effect.weight_gradient_flops_with
+    # The efficient block keeps every site's input anyway; under 8-bit attention proj keeps
+    # its own packed copy, which a compressed proj replaces: proj pays, the others do not.
+    for site in ("qkv", "proj", "fc1", "fc2"):
+        assert f"in compact:0.25, compressing {site} removes no saved activations" in text
+    assert "in compact:0.125+int8, compressing proj" not in text
+    assert "in compact:0.125+int8, compressing fc2 removes no saved activations" in text
