@@ -196,22 +196,23 @@ def test_memory_plan_json_and_warnings_equal_site_effects(tmp_path, capsys):
     from actcomp_dist.cli import memory_plan
 
     config_path = str(REPO / "configs" / "llama350m_compact.json")
+    # Everything kept exactly unless the variant says int8 (the config ships 8-bit storage).
+    overrides = [
+        "parallel.tensor_parallel=2",
+        "parallel.sequence_parallel=true",
+        "memory.policy={}",
+    ]
     out = tmp_path / "plan.json"
     argv = [
         *("--config", config_path, "--gpus", "8", "--vocab-size", "32000"),
         *("--variants", "none,compact:0.25,compact:0.125+int8", "--seq-lengths", "256,4096"),
-        *("--set", "parallel.tensor_parallel=2", "--set", "parallel.sequence_parallel=true"),
+        *(arg for override in overrides for arg in ("--set", override)),
         *("--json", str(out)),
     ]
     assert memory_plan.main(argv) == 0
     text = capsys.readouterr().out
     report = json.loads(out.read_text())
-    config = run_config_from_dict(
-        read_raw_config(
-            config_path, ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true"]
-        ),
-        source=config_path,
-    )
+    config = run_config_from_dict(read_raw_config(config_path, overrides), source=config_path)
     model = get_model_config("350m", vocab_size=32000)
     assert "none" not in report["site_effects"]  # nothing compressed, no rows
     for name in ("compact:0.25", "compact:0.125+int8"):
