@@ -17,7 +17,10 @@ compression method"). For each: saved activations per micro-batch
 (exact per-layer formulas, validated byte for byte against the real model in
 tests/test_memory_plan.py), the predicted peak per GPU (model states under the config's ZeRO
 stage and precision + saved activations + a transient estimate + ``--reserve``), whether it
-fits in ``--gpu-memory``, and the largest micro-batch that does. The model is what the config
+fits in ``--gpu-memory``, and the largest micro-batch that does; for a compressed variant, per
+site, what compressing it removes given what the rest of the variant keeps
+(:mod:`actcomp_dist.site_effects`), with a warning line for every site that removes nothing.
+The model is what the config
 trains: its vocabulary is the tokenizer's (``data.tokenizer``; the embedded corpus's
 ``data.embedded_vocab_size`` when no data is configured) unless ``--vocab-size`` says otherwise
 (32000 for the LLaMA tokenizer the published results use).
