@@ -17,7 +17,10 @@ compression method"). For each: saved activations per micro-batch
 (exact per-layer formulas, validated byte for byte against the real model in
 tests/test_memory_plan.py), the predicted peak per GPU (model states under the config's ZeRO
 stage and precision + saved activations + a transient estimate + ``--reserve``), whether it
-fits in ``--gpu-memory``, and the largest micro-batch that does. The model is what the config
+fits in ``--gpu-memory``, and the largest micro-batch that does; for a compressed variant, per
+site, what compressing it removes given what the rest of the variant keeps
+(:mod:`actcomp_dist.site_effects`), with a warning line for every site that removes nothing.
+The model is what the config
 trains: its vocabulary is the tokenizer's (``data.tokenizer``; the embedded corpus's
 ``data.embedded_vocab_size`` when no data is configured) unless ``--vocab-size`` says otherwise
 (32000 for the LLaMA tokenizer the published results use).
@@ -241,6 +244,73 @@ def choose_policy(
     return choice
 
 
+def _site_effect_lines(report, variants, seq_lengths, micro_batch, effects_of) -> list[str]:
+    """The per-site table of what compression removes (``report["site_effects"]`` filled in
+    on the way) and a plain-words warning per site that removes nothing at some length."""
+    rows, warnings = [], []
+    for variant in variants:
+        per_seq = {s: effects_of(variant, s, micro_batch) for s in seq_lengths}
+        if not per_seq[seq_lengths[0]]:
+            continue  # nothing compressed
+        report["site_effects"][variant.name] = {
+            str(s): {
+                e.site: {
+                    "saved_with": e.saved_with,
+                    "saved_without": e.saved_without,
+                    "removed": e.removed,
+                    "all_gather_with": e.all_gather_with,
+                    "all_gather_without": e.all_gather_without,
+                    "weight_gradient_flops_with": e.weight_gradient_flops_with,
+                    "weight_gradient_flops_without": e.weight_gradient_flops_without,
+                }
+                for e in effects
+            }
+            for s, effects in per_seq.items()
+        }
+        last = {e.site: e for e in per_seq[seq_lengths[-1]]}
+        for site, effect in last.items():
+            removed = [next(e for e in per_seq[s] if e.site == site).removed for s in seq_lengths]
+            flops = (
+                f"{effect.weight_gradient_flops_with / effect.weight_gradient_flops_without:.2f}x"
+                if effect.weight_gradient_flops_with is not None
+                else "n/a"
+            )
+            gather = (
+                f"{_gb(effect.all_gather_without)} -> {_gb(effect.all_gather_with)}"
+                if effect.all_gather_with is not None
+                else "-"
+            )
+            rows.append([f"{variant.name} {site}"] + [f"{r / 1e9:+.2f}" for r in removed])
+            rows[-1] += [flops, gather]
+            adds = [s for s, r in zip(seq_lengths, removed, strict=True) if r <= 0]
+            if adds:
+                where = (
+                    "any sequence length"
+                    if len(adds) == len(seq_lengths)
+                    else "s = " + ", ".join(map(str, adds))
+                )
+                warnings.append(
+                    f"warning: in {variant.name}, compressing {site} removes no saved "
+                    f"activations at {where} (its input is kept by a neighbouring op anyway, "
+                    f"or not kept at all): leave it out of compression.sites unless its "
+                    f"model-state or flop saving is wanted"
+                )
+    if not rows:
+        return []
+    header = (
+        ["variant, site"]
+        + [f"s={s}" for s in seq_lengths]
+        + ["wgrad flops", f"bwd all-gather (SP) s={seq_lengths[-1]}"]
+    )
+    title = (
+        f"What compressing each site removes per GPU (GB of saved activations per micro-batch "
+        f"of {micro_batch}, without it minus with it, the rest of the variant unchanged; "
+        f"negative: it adds); weight-gradient flops over the exact g^T X; backward all-gather "
+        f"bytes this GPU contributes, without -> with:"
+    )
+    return _table(title, header, rows) + warnings
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from actcomp_dist.training.quiet import quiet_third_party
@@ -256,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         predict_model_states,
     )
     from actcomp_dist.models import check_tensor_parallel, get_model_config
+    from actcomp_dist.site_effects import site_effects
     from actcomp_dist.training.config import (
         ConfigError,
         read_raw_config,
@@ -360,6 +431,23 @@ def main(argv: list[str] | None = None) -> int:
             device=device,
         )
 
+    def effects_of(variant, seq, batch):
+        setting = variant.activation_setting(
+            config.memory,
+            batch,
+            seq,
+            dtype_bytes=dtype_bytes,
+            tensor_parallel=tp,
+            sequence_parallel=config.parallel.sequence_parallel,
+        )
+        return site_effects(
+            model.replace(seq_length=seq),
+            variant.compression(config.compression),
+            setting,
+            variant.ac_mode,
+            config.activation_checkpointing.num_layers,
+        )
+
     factors = None
     if records is not None:
         # The records were measured with this config: its sequence length and micro-batch.
@@ -413,6 +501,7 @@ def main(argv: list[str] | None = None) -> int:
         "fits": {},
         "max_micro_batch": {},
         "step_time_ratio": {},
+        "site_effects": {},
         "budget_choice": None,
     }
     lines = [
@@ -519,6 +608,7 @@ def main(argv: list[str] | None = None) -> int:
         header,
         time_rows,
     )
+    lines += _site_effect_lines(report, variants, seq_lengths, micro_batch, effects_of)
     if args.budget is not None:
         choices = {}
         for s in seq_lengths:

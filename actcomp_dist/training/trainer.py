@@ -56,6 +56,7 @@ from actcomp_dist.models import build_llama, get_model_config, parameter_count
 from actcomp_dist.parallel import state as parallel_state
 from actcomp_dist.parallel.deepspeed_mpu import MegatronMPU
 from actcomp_dist.seeds import check_seed_agreement
+from actcomp_dist.site_effects import describe_site_effects, site_effects
 from actcomp_dist.training import checkpoint as ckpt
 from actcomp_dist.training.activation_checkpointing import apply_activation_checkpointing
 from actcomp_dist.training.config import ConfigError, RunConfig, validate_model, validate_run
@@ -519,10 +520,10 @@ class Trainer:
         print0(f"resumed from {path} at step {self.step}")
 
     # -- activation memory -------------------------------------------------------------------
-    def predicted_saved_activation_bytes(self) -> int:
-        """The analytic model's saved-activation bytes of one micro-batch on this rank."""
+    def _activation_setting(self) -> ActivationSetting:
+        """This rank's micro-batch shape, as the analytic memory model takes it."""
         config, model_config = self.config, self.model.config
-        setting = ActivationSetting(
+        return ActivationSetting(
             micro_batch_size=config.train.micro_batch_size,
             seq_length=config.data.seq_length,
             dtype_bytes=torch.finfo(next(self.model.parameters()).dtype).bits // 8,
@@ -530,13 +531,20 @@ class Trainer:
             sequence_parallel=config.parallel.sequence_parallel,
             rope_positions=model_config.seq_length,
             tp_rank=self.ctx.tp_rank,
-            efficient_ops=self.config.memory.efficient_ops,
-            loss_chunk_tokens=self.config.memory.chunked_loss_tokens,
-            storage=self.config.memory.storage_policy,
+            efficient_ops=config.memory.efficient_ops,
+            loss_chunk_tokens=config.memory.chunked_loss_tokens,
+            storage=config.memory.storage_policy,
         )
-        ac = config.activation_checkpointing
+
+    def predicted_saved_activation_bytes(self) -> int:
+        """The analytic model's saved-activation bytes of one micro-batch on this rank."""
+        ac = self.config.activation_checkpointing
         return predict_saved_activations(
-            model_config, config.compression, setting, ac.mode, ac.num_layers
+            self.model.config,
+            self.config.compression,
+            self._activation_setting(),
+            ac.mode,
+            ac.num_layers,
         ).total
 
     def _report_activation_memory(self, batch, measured: int) -> None:
@@ -563,6 +571,18 @@ class Trainer:
                 f"({100.0 * abs(full - measured) / max(full, 1):.1f}%)"
             )
         print0(line)
+        # Per site, what compressing it removes given what its neighbours keep (predicted,
+        # exact), with a plain-words warning for each site that removes nothing.
+        ac = self.config.activation_checkpointing
+        effects = site_effects(
+            self.model.config,
+            self.config.compression,
+            self._activation_setting(),
+            ac.mode,
+            ac.num_layers,
+        )
+        for site_line in describe_site_effects(effects, format_bytes):
+            print0(site_line)
 
     def _report_model_states(self) -> None:
         """Print this rank's model-state bytes measured in the last optimizer step, the
