@@ -37,7 +37,9 @@ op:
 - ``selective`` checkpointing recomputes only the attention core (the rest already keeps one
   tensor): the fused QKV output instead of the core's tensors, and the proj input
   ``N H d e`` (unless compressed) as a tensor of its own;
-- ``full``: as without ``efficient_ops``;
+- ``full``: as without ``efficient_ops``; ``memory.policy.block_input`` packs the kept block
+  input: ``(N + h) k e`` under ``lowrank:R`` (``k`` from ``h``), ``N h + 4 N h / 64`` under
+  ``int8`` (``h`` a multiple of 64), ``N h + 4 N`` under ``fp8`` (``N/t`` tokens under SP);
 - once per model: the final norm ``N h e + N 4`` and, under sequence parallelism only, the
   output layer's gathered input ``N h e`` (otherwise it is the final norm's output).
 
@@ -294,7 +296,9 @@ def _layer_saved(
     attn_out = n_all * heads * d * e
     out: dict[str, int] = defaultdict(int)
     if mode == "full":
-        out["block_input"] = n_res * h * e
+        # The block input [N, h] (N/t tokens under SP), or its packed form under
+        # memory.policy.block_input (LoRAct's layer mode: (N + h) k e; 8-bit codes and scales).
+        out["block_input"] = setting.storage.saved_bytes("block_input", n_res * h, h, e)
         return dict(out)
     if setting.efficient_ops:
         return _efficient_layer_saved(model, compression, mode, setting)

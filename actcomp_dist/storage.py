@@ -10,11 +10,11 @@ output that ``proj`` keeps), ``swiglu`` (``[gate | up]``, kept by ``fc2``), ``bl
 Policies implemented (:data:`IMPLEMENTED`):
 
 - ``keep``: the tensor itself (the exact memory-efficient block).
-- ``int8`` (``norm``, ``attention``, ``swiglu``): per-group absmax. The last dimension is cut into
+- ``int8`` (``norm``, ``attention``, ``swiglu``, ``block_input``): per-group absmax. The last dimension is cut into
   groups of :data:`INT8_GROUP` elements (the whole last dimension when it is not a multiple);
   each group stores ``round(x / s)`` in int8 with one fp32 scale ``s = absmax / 127``.
   Per element ``|x - x_hat| <= s / 2``. Bytes: ``numel + 4 numel / group``.
-- ``fp8`` (``norm``, ``attention``, ``swiglu``): ``torch.float8_e4m3fn`` with one fp32 scale per row
+- ``fp8`` (``norm``, ``attention``, ``swiglu``, ``block_input``): ``torch.float8_e4m3fn`` with one fp32 scale per row
   of the last dimension, ``s = absmax / 448`` (e4m3's largest finite value). e4m3 keeps 3
   mantissa bits: per element ``|x - x_hat| <= 2^-4 |x|`` for ``|x| / s >= 2^-6`` (normal
   range), and ``<= 2^-10 s`` below it (subnormal spacing 2^-9). Bytes: ``numel + 4 rows``.
@@ -24,7 +24,7 @@ Under tensor parallelism each rank packs its own shard (its heads' q, k, v; its
 part of a row, and int8 groups are the TP = 1 groups whenever 64 divides the shard's halves.
 The memory model (:mod:`actcomp_dist.memory_model`) counts the packed bytes exactly.
 
-- ``lowrank:R`` (``norm``, ``swiglu``; :class:`LowRankStorage`, also served by
+- ``lowrank:R`` (``norm``, ``swiglu``, ``block_input``; :class:`LowRankStorage`, also served by
   :mod:`actcomp_dist.hf`): LoRAct's online low-rank factors (Shi et al., "Memory-Efficient Fine-Tuning via Low-Rank Activation
   Compression", arXiv 2509.23472). For ``A`` [N, n] (the tensor as rows of its last dimension)
   and ``k = min(R, n)``: sample ``k`` feature columns ``S`` with a seeded generator, form
@@ -40,10 +40,17 @@ The memory model (:mod:`actcomp_dist.memory_model`) counts the packed bytes exac
   tensor's last dimension *on this rank*: under TP the ``[gate_i | up_i]`` shard.
 
 Named but not implemented yet (refused at start-up with that reason): ``recompute``,
-``compress``, ``offload``, ``lowrank:R`` of ``attention``, ``block_input`` and the linear
-sites, and 8-bit storage of ``block_input`` and the linear sites.
+``compress``, ``offload``, ``lowrank:R`` of ``attention`` and the linear sites, and 8-bit
+storage of the linear sites.
 
 How the 8-bit kinds are wired (:mod:`actcomp_dist.models.llama`):
+
+- ``block_input`` (``int8``, ``fp8``, ``lowrank:R``; needs ``activation_checkpointing.mode:
+  full``): each checkpointed block keeps its input packed instead of the input itself, and
+  backward re-runs the block from the unpacked copy. ``lowrank:R`` is LoRAct's layer mode.
+  See :func:`actcomp_dist.training.activation_checkpointing.checkpoint_packed_input` for the
+  gradient rule (every gradient inside the block at the reconstruction, the identity branch
+  exact). Under SP each rank packs its own tokens ``[s/t, b, h]``.
 
 - ``swiglu``: FC2 keeps the packed ``[gate | up]`` instead of the tensor and recomputes
   ``silu(gate) * up`` from its dequantised copy in backward (the same recompute it runs when
@@ -98,6 +105,7 @@ IMPLEMENTED = {kind: ("keep",) for kind in KINDS} | {
     "norm": ("keep", "int8", "fp8", "lowrank:R"),
     "attention": ("keep", "int8", "fp8"),
     "swiglu": ("keep", "int8", "fp8", "lowrank:R"),
+    "block_input": ("keep", "int8", "fp8", "lowrank:R"),
 }
 #: Elements per int8 scale group (along the last dimension).
 INT8_GROUP = 64

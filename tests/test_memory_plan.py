@@ -163,6 +163,15 @@ STORAGE_VARIANTS = {
     "norm_int8": ("none", {"norm": "int8"}),
     "all_fp8": ("none", {"norm": "fp8", "attention": "fp8", "swiglu": "fp8"}),
     "compact_0.25+norm_int8": ("compact_0.25", {"norm": "int8", "swiglu": "int8"}),
+    # The packed input of fully checkpointed blocks (LoRAct's layer mode; 8-bit); with one
+    # block checkpointed the other keeps its own tensors (norm factors here).
+    "block_input_lowrank+ac_full": ("ac_full", {"block_input": "lowrank:8"}),
+    "block_input_ratio+ac_full_1layer": (
+        "ac_full_1layer",
+        {"block_input": "lowrank:0.25", "norm": "lowrank:8"},
+    ),
+    "block_input_int8+ac_full": ("ac_full", {"block_input": "int8"}),
+    "compact_0.25+block_input_fp8+ac_full": ("compact_0.25+ac_full", {"block_input": "fp8"}),
 }
 
 
@@ -204,6 +213,8 @@ TP_STORAGE_VARIANTS = (
     "compact_0.25+lowrank",
     "norm_int8",
     "all_fp8",
+    "block_input_lowrank+ac_full",
+    "block_input_int8+ac_full",
 )
 
 

@@ -12,6 +12,9 @@ Applied after the model is built and tensor-parallelised, before the engine wrap
   default) only the attention core is recomputed: its norms and SwiGLU already keep one tensor
   that a consumer keeps anyway, and recomputing them would keep their input besides.
 - ``num_layers``: only the first N blocks are checkpointed (``None`` = all).
+- ``full`` with ``memory.policy.block_input`` ``int8`` / ``fp8`` / ``lowrank:R``: each
+  checkpointed block keeps its input *packed* (:func:`checkpoint_packed_input`; ``lowrank:R``
+  is LoRAct's layer mode). Any other mode with a packed ``block_input`` is refused.
 
 It uses ``torch.utils.checkpoint`` in its non-reentrant form: the RNG state is restored on
 recompute (dropout would draw the same masks), and compression seeds come from the values
@@ -28,6 +31,7 @@ outside autograd's saved tensors would escape the count.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -57,14 +61,96 @@ def checkpoint_with_accounting(fn, *args):
     return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True)
 
 
+class _PackedInputCheckpoint(torch.autograd.Function):
+    """The block run on its input in forward, re-run on the unpacked input in backward."""
+
+    @staticmethod
+    def forward(ctx, run, packer, args, x, _dummy):
+        out = run(x, *args)  # autograd records nothing inside Function.forward
+        ctx.save_for_backward(*packer.pack(x))
+        ctx.run, ctx.packer, ctx.args = run, packer, args
+        ctx.x_like = torch.empty_like(x, device="meta")
+        device = x.device.type
+        ctx.autocast = (
+            (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+            if torch.amp.is_autocast_available(device)
+            else None
+        )
+        # RNG state as torch.utils.checkpoint preserves it (the block draws nothing today).
+        ctx.cpu_rng = torch.get_rng_state()
+        ctx.cuda_rng = (x.device, torch.cuda.get_rng_state(x.device)) if x.is_cuda else None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x_hat = ctx.packer.unpack(ctx.saved_tensors, ctx.x_like).detach()
+        x_hat.requires_grad_(ctx.needs_input_grad[3])
+        devices = [ctx.cuda_rng[0]] if ctx.cuda_rng is not None else []
+        with torch.random.fork_rng(devices=devices):
+            torch.set_rng_state(ctx.cpu_rng)
+            if ctx.cuda_rng is not None:
+                torch.cuda.set_rng_state(ctx.cuda_rng[1], ctx.cuda_rng[0])
+            autocast = contextlib.nullcontext()
+            if ctx.autocast is not None:
+                device, enabled, dtype = ctx.autocast
+                autocast = torch.autocast(device, dtype=dtype, enabled=enabled)
+            with torch.enable_grad(), autocast:
+                out = ctx.run(x_hat, *ctx.args)
+        # Parameters accumulate their gradients here, as in Megatron's and DeepSpeed's
+        # (reentrant) checkpointing: partitioned (ZeRO-3) parameters are never Function inputs.
+        if out.requires_grad:
+            torch.autograd.backward(out, grad_out)
+        return None, None, None, x_hat.grad, None
+
+
+def checkpoint_packed_input(run, packer, x: torch.Tensor, *args):
+    """``run(x, *args)`` keeping only ``packer.pack(x)`` for backward; backward re-runs
+    ``run`` on ``x_hat = packer.unpack(...)`` and backpropagates through the re-run (into
+    the parameters ``run`` reads, which accumulate ``.grad`` there, and into ``x``). ``args`` are passed as they are (the RoPE tables: no
+    gradient flows into them).
+
+    The gradient rule, LoRAct's layer mode (Shi et al., arXiv 2509.23472; its released code
+    checkpoints a decoder layer and keeps the compressed hidden states): a pre-norm block is
+    ``y = x + F(x)``. Forward computes ``y`` from the exact ``x``, so the loss and every later
+    block are untouched. Backward evaluates every gradient *inside* the block at the
+    reconstruction: the weight gradients are those of ``F`` at ``x_hat`` and the input
+    gradient is ``g + J_F(x_hat)^T g``. The identity branch is exact: the residual add is
+    linear, so its vector-Jacobian product is ``g`` wherever it is evaluated; only the branch
+    through ``F`` sees the reconstruction error. (The alternative, a reconstruction error that
+    also reaches the identity path, would corrupt the residual-stream gradient that every
+    earlier block reads; no method does that.) With ``packer`` an 8-bit quantizer the same
+    rule holds at the dequantised input.
+    """
+    if not torch.is_grad_enabled():
+        return run(x, *args)
+    if any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        raise ValueError("checkpoint_packed_input: only the packed input may need a gradient")
+    # A leaf that needs a gradient, so that backward runs (and reaches the parameters) even
+    # when x does not need one (frozen embeddings).
+    dummy = torch.empty((), device=x.device, requires_grad=True)
+    return _PackedInputCheckpoint.apply(run, packer, args, x, dummy)
+
+
 def apply_activation_checkpointing(model: nn.Module, mode: str, num_layers: int | None) -> int:
-    """Checkpoint the first ``num_layers`` blocks of ``model.layers``; returns how many."""
+    """Checkpoint the first ``num_layers`` blocks of ``model.layers``; returns how many.
+
+    A model with a packed ``memory.policy.block_input`` (``model.storage_policy``) needs
+    ``mode == "full"``; its checkpointed blocks keep the packed input."""
+    policy = getattr(model, "storage_policy", None)
+    packer = policy.packer("block_input") if policy is not None else None
+    if packer is not None and mode != "full":
+        raise ValueError(
+            f"memory.policy.block_input={policy.block_input!r} packs the input that full "
+            f"checkpointing keeps; it needs activation_checkpointing.mode='full', got {mode!r}"
+        )
     if mode == "none":
         return 0
     layers = list(model.layers)
     count = len(layers) if num_layers is None else min(num_layers, len(layers))
     for layer in layers[:count]:
-        if mode == "full":
+        if mode == "full" and packer is not None:
+            layer.forward = functools.partial(checkpoint_packed_input, layer.forward, packer)
+        elif mode == "full":
             layer.forward = functools.partial(checkpoint_with_accounting, layer.forward)
         elif mode == "selective":
             layer.recompute = checkpoint_with_accounting

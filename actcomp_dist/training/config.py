@@ -589,7 +589,23 @@ def run_config_from_dict(
                 section.validate()
             except ConfigError as err:
                 raise ConfigError(f"{source}: {err}") from None
+    _check_block_input_policy(config, source)
     return config
+
+
+def _check_block_input_policy(config: RunConfig, source: str) -> None:
+    """A packed ``memory.policy.block_input`` packs what full checkpointing keeps."""
+    memory = getattr(config, "memory", None)
+    checkpointing = getattr(config, "activation_checkpointing", None)
+    if memory is None or checkpointing is None:
+        return
+    policy = memory.policy.get("block_input", "keep")
+    if policy != "keep" and checkpointing.mode != "full":
+        raise ConfigError(
+            f"{source}: memory.policy.block_input={policy!r} packs the block input that full "
+            f"checkpointing keeps; it needs activation_checkpointing.mode='full' (got "
+            f"{checkpointing.mode!r}), or set it to 'keep'"
+        )
 
 
 def import_plugins(plugins: Any, where: str = "plugins") -> list[str]:
