@@ -134,7 +134,7 @@ def predict_step_time(
     checkpointed = L if ac_num_layers is None else min(ac_num_layers, L)
     if ac_mode == "selective":
         extra["recompute"] = checkpointed * attention_forward / flops
-    elif ac_mode == "full":
+    elif ac_mode in ("full", "sublayer"):  # sublayer: the block less its norms (not counted)
         block = 2.0 * _block_matrix_weights(model) + attention_forward
         extra["recompute"] = checkpointed * block / flops
     if storage is not None and storage.startswith("lowrank:"):

@@ -37,6 +37,9 @@ op:
 - ``selective`` checkpointing recomputes only the attention core (the rest already keeps one
   tensor): the fused QKV output instead of the core's tensors, and the proj input
   ``N H d e`` (unless compressed) as a tensor of its own;
+- ``sublayer`` (pre-norm sublayer checkpointing): the two norms only, as above (their outputs,
+  or under a packed ``norm`` policy the packed outputs, and ``rstd``); the sublayers are
+  recomputed from them (no RoPE tables kept);
 - ``full``: as without ``efficient_ops``; ``memory.policy.block_input`` packs the kept block
   input: ``(N + h) k e`` under ``lowrank:R`` (``k`` from ``h``), ``N h + 4 N h / 64`` under
   ``int8`` (``h`` a multiple of 64), ``N h + 4 N`` under ``fp8`` (``N/t`` tokens under SP);
@@ -92,7 +95,7 @@ from actcomp_dist.compression import BlockLayout, get_compressor_class, layer_la
 from actcomp_dist.config import CompressionConfig
 from actcomp_dist.storage import StoragePolicy
 
-AC_MODES = ("none", "selective", "full")
+AC_MODES = ("none", "selective", "full", "sublayer")
 _ROW_SITES = ("proj", "fc2")
 
 #: Per-layer kinds, in forward order; model-wide kinds follow.
@@ -300,6 +303,13 @@ def _layer_saved(
         # memory.policy.block_input (LoRAct's layer mode: (N + h) k e; 8-bit codes and scales).
         out["block_input"] = setting.storage.saved_bytes("block_input", n_res * h, h, e)
         return dict(out)
+    if mode == "sublayer":
+        # Both sublayers re-run from the norm outputs: the norms' saved tensors are all a
+        # block keeps (their outputs or packed outputs, and rstd).
+        if not setting.efficient_ops:
+            raise ValueError("activation checkpointing mode 'sublayer' needs efficient_ops")
+        out["norm"] = 2 * _norm_saved(n_res, h, e, True, setting.storage)
+        return dict(out)
     if setting.efficient_ops:
         return _efficient_layer_saved(model, compression, mode, setting)
     if mode == "none":
@@ -437,7 +447,7 @@ def predict_saved_activations(
         if setting.efficient_ops:
             # The tables in the activation dtype (cached on the model), shared by every block
             # that keeps them: counted once, in the first.
-            if mode != "full" and not rope_once:
+            if mode not in ("full", "sublayer") and not rope_once:
                 saved["attention_core"] += 2 * rope_rows * d * e
                 rope_once = True
         elif mode == "none" and e != 4:

@@ -322,6 +322,10 @@ def test_storage_variants():
         "ac_full_lowrank:0.25": ("ac_full_lowrank:0.25", "none", "full"),
         "compact:0.25+ac_full_int8": ("compact:0.25+ac_full_int8", "compact", "full"),
         "ac_full_fp8+int8": ("ac_full_fp8+int8", "none", "full"),
+        # Pre-norm sublayer checkpointing; with norm factors, LoRAct's pre-norm mode.
+        "ac_sublayer": ("ac_sublayer", "none", "sublayer"),
+        "ac_sublayer+ac_lowrank:0.125": ("ac_sublayer+ac_lowrank:0.125", "none", "sublayer"),
+        "compact:0.25+ac_sublayer": ("compact:0.25+ac_sublayer", "compact", "sublayer"),
     }
     for text, (name, method, ac_mode) in cases.items():
         variant = parse_variant(text)
@@ -351,6 +355,7 @@ def test_storage_variants():
         ("ac_full_lowrank:1.5", "is not ac_full_int8, ac_full_fp8 or ac_full_lowrank:RANK"),
         ("ac_full_int8+ac_selective", "names two checkpointing modes"),
         ("ac_full_fp8+naive", "ac_full_fp8 packs the block input, which needs the memory-eff"),
+        ("ac_sublayer+naive", "ac_sublayer re-runs each sublayer from what the memory-efficient"),
         ("int8+fp8", "at most one of ['int8', 'fp8']"),
         ("int8+naive", "int8 storage needs the memory-efficient block"),
         ("ac_lowrank:8+int8", "at most one of ['int8', 'fp8'], ac_lowrank:RANK"),

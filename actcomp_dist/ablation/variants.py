@@ -6,7 +6,7 @@ A variant names one way of saving activation memory; a list is comma-separated::
     VARIANT  := BASE ["+" AC] ["+" STORAGE] ["+" "naive"] | STORAGE | "naive"
                 (the parts in any order)
     BASE     := "none" | AC | METHOD ":" ARG | METHOD
-    AC       := "ac_selective" | "ac_full" | "ac_full_" BLOCK
+    AC       := "ac_selective" | "ac_full" | "ac_sublayer" | "ac_full_" BLOCK
     BLOCK    := "int8" | "fp8" | "lowrank:" RANK   (``memory.policy.block_input``: full
                 checkpointing keeping each block's input packed; lowrank is LoRAct's layer mode)
     STORAGE  := "int8" | "fp8"   (``memory.policy`` of ``attention`` and ``swiglu``)
@@ -22,7 +22,8 @@ A variant names one way of saving activation memory; a list is comma-separated::
 Examples: ``none``, ``ac_full``, ``compact:0.25``, ``compact:0.25+ac_full``,
 ``lowrank:0.125+ac_selective``, ``subtoken:32``, ``naive``, ``compact:0.25+naive``, ``int8``,
 ``fp8+ac_selective``, ``compact:0.25+int8``, ``ac_lowrank:0.25``, ``ac_lowrank:64+ac_selective``,
-``ac_full_lowrank:0.25``, ``compact:0.25+ac_full_int8``, ``ac_full_lowrank:16+ac_lowrank:8``.
+``ac_full_lowrank:0.25``, ``compact:0.25+ac_full_int8``, ``ac_full_lowrank:16+ac_lowrank:8``,
+``ac_sublayer``, ``ac_sublayer+ac_lowrank:0.125``.
 ``none+ac_full`` is the same as ``ac_full``, ``none+naive`` the same as ``naive``.
 
 ``naive`` runs the naive block (``memory.efficient_ops: false``: the norms, attention core and
@@ -35,7 +36,10 @@ keep the base config's policy. ``ac_lowrank:RANK`` keeps the block norms' output
 ``lowrank:RANK``; RANK a ratio of each factorised width with a decimal point or an absolute
 int, as a method's rank). ``ac_full_BLOCK`` is ``ac_full`` whose blocks keep their input
 packed (``memory.policy.block_input``: ``int8``, ``fp8`` or ``lowrank:RANK``, LoRAct's layer
-mode). Storage variants need the efficient block (not with ``naive``).
+mode). ``ac_sublayer`` is pre-norm sublayer checkpointing (``activation_checkpointing.mode:
+sublayer``): the blocks keep what their norms keep; with ``ac_lowrank:RANK`` (norm factors)
+it is LoRAct's pre-norm sublayer mode. Storage variants and ``ac_sublayer`` need the efficient
+block (not with ``naive``).
 
 A variant changes only ``compression.method``, the method's ablation option
 (``compression.rank``, ``compression.groups``, ...), ``activation_checkpointing.mode`` and
@@ -60,7 +64,7 @@ from actcomp_dist.storage import LowRankStorage, StoragePolicy
 if TYPE_CHECKING:
     from actcomp_dist.training.config import MemoryConfig
 
-AC_NAMES = {"ac_selective": "selective", "ac_full": "full"}
+AC_NAMES = {"ac_selective": "selective", "ac_full": "full", "ac_sublayer": "sublayer"}
 #: ``ac_full_BLOCK``: full checkpointing with ``memory.policy.block_input = BLOCK``.
 PACKED_FULL = "ac_full_"
 NAIVE = "naive"
@@ -75,8 +79,8 @@ GRAMMAR = (
     "VARIANT := BASE['+'AC]['+'STORAGE]['+naive'] | STORAGE | naive; "
     "STORAGE := int8 | fp8 | ac_lowrank:RANK; "
     "BASE := none | AC | "
-    "METHOD:ARG | METHOD; AC := ac_selective | ac_full | ac_full_int8 | ac_full_fp8 | "
-    "ac_full_lowrank:RANK; METHOD:ARG is compact:RANK, "
+    "METHOD:ARG | METHOD; AC := ac_selective | ac_full | ac_sublayer | ac_full_int8 | "
+    "ac_full_fp8 | ac_full_lowrank:RANK; METHOD:ARG is compact:RANK, "
     "lowrank:RANK (RANK a ratio like 0.25 or an absolute int like 64) or subtoken:GROUPS (an "
     "int); '+naive' runs the naive block (memory.efficient_ops=false)"
 )
@@ -231,6 +235,11 @@ def parse_variant(text: str) -> Variant:
         )
     parts = [part for part in parts if part != NAIVE and not _is_storage(part)] or ["none"]
     parsed = _parse_compression_and_ac(parts, variant)
+    if parsed.ac_mode == "sublayer" and naive:
+        raise VariantError(
+            f"variant {variant!r}: ac_sublayer re-runs each sublayer from what the "
+            f"memory-efficient norm keeps; drop '+naive'"
+        )
     return Variant(
         parsed.method,
         parsed.argument,

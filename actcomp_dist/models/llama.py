@@ -421,8 +421,16 @@ class LlamaDecoderLayer(nn.Module):
         # tensor that a consumer keeps anyway, which is less than a recompute keeps (its input
         # plus the consumer's copy of the output).
         self.recompute: Recompute | None = None
+        # Set by sublayer activation checkpointing: ``checkpoint_sublayer(run, y)`` runs the
+        # attention / MLP sublayer on its norm output ``y`` keeping only what the norm keeps.
+        self.checkpoint_sublayer: Callable[..., torch.Tensor] | None = None
 
     def forward(self, hidden: torch.Tensor, rope: Rope) -> torch.Tensor:
+        if self.checkpoint_sublayer is not None:
+            checkpoint = self.checkpoint_sublayer
+            attention = functools.partial(self.attention, rope=rope)
+            hidden = hidden + checkpoint(attention, self.input_norm(hidden))
+            return hidden + checkpoint(self.mlp, self.mlp_norm(hidden))
         run = self.recompute or _call
         run_cheap = _call if self.efficient_ops else run
         hidden = hidden + self.attention(run_cheap(self.input_norm, hidden), rope, run)

@@ -11,6 +11,12 @@ Applied after the model is built and tensor-parallelised, before the engine wrap
   (``LlamaDecoderLayer.recompute``). With the memory-efficient block (``efficient_ops``, the
   default) only the attention core is recomputed: its norms and SwiGLU already keep one tensor
   that a consumer keeps anyway, and recomputing them would keep their input besides.
+- ``sublayer`` (pre-norm sublayer checkpointing; needs ``efficient_ops``): each block keeps
+  its two norms' saved tensors only: the attention sublayer (qkv, core, proj) and the MLP
+  sublayer (fc1, SwiGLU, fc2) are re-run in backward from the norm output the norm keeps
+  anyway (:func:`checkpoint_sublayer`). With ``memory.policy.norm: lowrank:R`` that is
+  LoRAct's pre-norm sublayer mode: one factorisation of each norm output serves the norm and
+  the recomputed sublayer.
 - ``num_layers``: only the first N blocks are checkpointed (``None`` = all).
 - ``full`` with ``memory.policy.block_input`` ``int8`` / ``fp8`` / ``lowrank:R``: each
   checkpointed block keeps its input *packed* (:func:`checkpoint_packed_input`; ``lowrank:R``
@@ -61,13 +67,15 @@ def checkpoint_with_accounting(fn, *args):
     return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True)
 
 
-class _PackedInputCheckpoint(torch.autograd.Function):
-    """The block run on its input in forward, re-run on the unpacked input in backward."""
+class _CheckpointFromKept(torch.autograd.Function):
+    """``run(x, *args)`` in forward keeping only ``kept`` (``x`` itself when ``packer`` is
+    ``None``, else ``packer``'s packed ``x``); backward re-runs ``run`` on ``x`` rebuilt from
+    ``kept``."""
 
     @staticmethod
-    def forward(ctx, run, packer, args, x, _dummy):
+    def forward(ctx, run, packer, args, x, _dummy, *kept):
         out = run(x, *args)  # autograd records nothing inside Function.forward
-        ctx.save_for_backward(*packer.pack(x))
+        ctx.save_for_backward(*kept)
         ctx.run, ctx.packer, ctx.args = run, packer, args
         ctx.x_like = torch.empty_like(x, device="meta")
         device = x.device.type
@@ -83,7 +91,9 @@ class _PackedInputCheckpoint(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        x_hat = ctx.packer.unpack(ctx.saved_tensors, ctx.x_like).detach()
+        kept = ctx.saved_tensors
+        x_hat = kept[0] if ctx.packer is None else ctx.packer.unpack(kept, ctx.x_like)
+        x_hat = x_hat.detach()
         x_hat.requires_grad_(ctx.needs_input_grad[3])
         devices = [ctx.cuda_rng[0]] if ctx.cuda_rng is not None else []
         with torch.random.fork_rng(devices=devices):
@@ -100,7 +110,16 @@ class _PackedInputCheckpoint(torch.autograd.Function):
         # (reentrant) checkpointing: partitioned (ZeRO-3) parameters are never Function inputs.
         if out.requires_grad:
             torch.autograd.backward(out, grad_out)
-        return None, None, None, x_hat.grad, None
+        return None, None, None, x_hat.grad, None, *(None for _ in kept)
+
+
+def _checkpoint_from_kept(run, packer, x, args, kept):
+    if any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        raise ValueError("activation checkpointing: only the kept input may need a gradient")
+    # A leaf that needs a gradient, so that backward runs (and reaches the parameters) even
+    # when x does not need one (frozen embeddings).
+    dummy = torch.empty((), device=x.device, requires_grad=True)
+    return _CheckpointFromKept.apply(run, packer, args, x, dummy, *kept)
 
 
 def checkpoint_packed_input(run, packer, x: torch.Tensor, *args):
@@ -123,12 +142,32 @@ def checkpoint_packed_input(run, packer, x: torch.Tensor, *args):
     """
     if not torch.is_grad_enabled():
         return run(x, *args)
-    if any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
-        raise ValueError("checkpoint_packed_input: only the packed input may need a gradient")
-    # A leaf that needs a gradient, so that backward runs (and reaches the parameters) even
-    # when x does not need one (frozen embeddings).
-    dummy = torch.empty((), device=x.device, requires_grad=True)
-    return _PackedInputCheckpoint.apply(run, packer, args, x, dummy)
+    with torch.no_grad():
+        packed = packer.pack(x)
+    return _checkpoint_from_kept(run, packer, x, args, packed)
+
+
+def checkpoint_sublayer(run, y: torch.Tensor) -> torch.Tensor:
+    """``run(y)``, a pre-norm sublayer (attention or MLP) on its norm's output ``y``, keeping
+    for backward only what the norm keeps of ``y``: ``y`` itself (the same storage), or under a
+    packed ``memory.policy.norm`` the *same* packed tensors the norm keeps (``y.stored_as``;
+    LoRAct's factors ``(L, Q)`` or 8-bit codes and scales). Backward re-runs the sublayer on
+    ``y`` or ``y_hat = unpack(...)`` and backpropagates through the re-run.
+
+    With ``norm: lowrank:R`` this is LoRAct's pre-norm sublayer checkpointing (its released
+    code checkpoints ``self_attn`` and ``mlp`` with their compressed input and caches the norm's
+    factorisation so that one factorisation serves both): one factorisation of each norm output
+    serves the norm's backward (``x_hat = y_hat / weight``) and the recomputed sublayer, whose
+    every gradient is evaluated at ``y_hat``; the residual stream around the sublayer is never
+    stored, and its identity branch is exact (the norm's input gradient adds to ``g``).
+    """
+    if not torch.is_grad_enabled():
+        return run(y)
+    stored = getattr(y, "stored_as", None)
+    if stored is None:
+        return _checkpoint_from_kept(run, None, y, (), (y,))
+    packer, packed = stored
+    return _checkpoint_from_kept(run, packer, y, (), packed)
 
 
 def apply_activation_checkpointing(model: nn.Module, mode: str, num_layers: int | None) -> int:
@@ -138,6 +177,11 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, num_layers: int 
     ``mode == "full"``; its checkpointed blocks keep the packed input."""
     policy = getattr(model, "storage_policy", None)
     packer = policy.packer("block_input") if policy is not None else None
+    if mode == "sublayer" and not getattr(model, "efficient_ops", True):
+        raise ValueError(
+            "activation_checkpointing.mode='sublayer' keeps each sublayer's input as the norm "
+            "keeps it: it needs memory.efficient_ops=true (the naive norm keeps its input)"
+        )
     if packer is not None and mode != "full":
         raise ValueError(
             f"memory.policy.block_input={policy.block_input!r} packs the input that full "
@@ -154,6 +198,8 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, num_layers: int 
             layer.forward = functools.partial(checkpoint_with_accounting, layer.forward)
         elif mode == "selective":
             layer.recompute = checkpoint_with_accounting
+        elif mode == "sublayer":
+            layer.checkpoint_sublayer = checkpoint_sublayer
         else:
             raise ValueError(f"unknown activation checkpointing mode {mode!r}")
     return count
