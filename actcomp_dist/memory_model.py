@@ -37,6 +37,8 @@ op:
 - ``selective`` checkpointing recomputes only the attention core (the rest already keeps one
   tensor): the fused QKV output instead of the core's tensors, and the proj input
   ``N H d e`` (unless compressed) as a tensor of its own;
+- ``recompute`` of ``attention`` / ``swiglu``: that sublayer keeps nothing (qkv, the core,
+  proj / fc1, fc2, compressed sites included; no RoPE tables), it re-runs from the norm output;
 - ``sublayer`` (pre-norm sublayer checkpointing): the two norms only, as above (their outputs,
   or under a packed ``norm`` policy the packed outputs, and ``rstd``); the sublayers are
   recomputed from them (no RoPE tables kept);
@@ -406,6 +408,12 @@ def _efficient_layer_saved(
         )
     else:
         raise ValueError(f"activation checkpointing mode {mode!r} is not one of {list(AC_MODES)}")
+    # ``recompute``: the sublayer re-runs from the norm output (kept by the norm): nothing of
+    # its own, compressed sites included.
+    if storage.recomputes("attention"):
+        out["qkv"] = out["attention_core"] = out["proj"] = 0
+    if storage.recomputes("swiglu"):
+        out["fc1"] = out["fc2"] = 0
     return dict(out)
 
 
@@ -447,7 +455,8 @@ def predict_saved_activations(
         if setting.efficient_ops:
             # The tables in the activation dtype (cached on the model), shared by every block
             # that keeps them: counted once, in the first.
-            if mode not in ("full", "sublayer") and not rope_once:
+            keeps_rope = not setting.storage.recomputes("attention")
+            if mode not in ("full", "sublayer") and keeps_rope and not rope_once:
                 saved["attention_core"] += 2 * rope_rows * d * e
                 rope_once = True
         elif mode == "none" and e != 4:

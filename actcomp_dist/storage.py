@@ -39,9 +39,19 @@ The memory model (:mod:`actcomp_dist.memory_model`) counts the packed bytes exac
   (``lowrank:0.25``: ``k = ceil(0.25 n)``), spelled as ``compression.rank``. The width is the
   tensor's last dimension *on this rank*: under TP the ``[gate_i | up_i]`` shard.
 
-Named but not implemented yet (refused at start-up with that reason): ``recompute``,
-``compress``, ``offload``, ``lowrank:R`` of ``attention`` and the linear sites, and 8-bit
-storage of the linear sites.
+- ``recompute`` (``attention``, ``swiglu``): the whole pre-norm sublayer (attention: qkv,
+  RoPE + SDPA, proj; swiglu: fc1, SwiGLU, fc2) keeps nothing of its own and re-runs in
+  backward from the norm output, which the norm keeps anyway
+  (:func:`actcomp_dist.autograd.checkpoint_sublayer`; under a packed ``norm`` policy from the
+  same packed tensors). Exact with ``norm: keep``. Cost: the sublayer's forward once more per
+  backward (attention: the qkv and proj GEMMs and SDPA; swiglu: the fc1 and fc2 GEMMs).
+  Removes q, k, v, o and the log-sum-exp (attention), ``[gate | up]`` (swiglu), and a
+  compressed site's ``Z`` inside the sublayer. Refused where it removes nothing
+  (:data:`RECOMPUTE_REFUSED`: ``norm``, ``block_input``, the linear sites).
+
+Named but not implemented yet (refused at start-up with that reason): ``compress``,
+``offload``, ``lowrank:R`` of ``attention`` and the linear sites, and 8-bit storage of the
+linear sites.
 
 How the 8-bit kinds are wired (:mod:`actcomp_dist.models.llama`):
 
@@ -103,9 +113,29 @@ POLICIES = ("keep", "recompute", "int8", "fp8", "compress", "lowrank:R", "offloa
 #: The policies each kind accepts today.
 IMPLEMENTED = {kind: ("keep",) for kind in KINDS} | {
     "norm": ("keep", "int8", "fp8", "lowrank:R"),
-    "attention": ("keep", "int8", "fp8"),
-    "swiglu": ("keep", "int8", "fp8", "lowrank:R"),
+    "attention": ("keep", "int8", "fp8", "recompute"),
+    "swiglu": ("keep", "int8", "fp8", "lowrank:R", "recompute"),
     "block_input": ("keep", "int8", "fp8", "lowrank:R"),
+}
+#: Why ``recompute`` is refused where it is: it would remove no bytes.
+RECOMPUTE_REFUSED = {
+    "norm": (
+        "it would keep the norm's input instead of its output, the same N h bytes: the input "
+        "(the residual stream) is kept by no other op, and an uncompressed qkv / fc1 keeps the "
+        "output anyway; to recompute the norms use activation_checkpointing.mode 'full'"
+    ),
+    "block_input": (
+        "the block input is what checkpointing keeps in order to recompute; use "
+        "activation_checkpointing.mode 'none' or pack it (int8, fp8, lowrank:R)"
+    ),
+    **{
+        site: (
+            "a linear's input is the output of the op before it (a norm, the attention core, "
+            "the SwiGLU); recompute that op's sublayer with memory.policy.attention or "
+            "memory.policy.swiglu 'recompute'"
+        )
+        for site in ("qkv", "proj", "fc1", "fc2")
+    },
 }
 #: Elements per int8 scale group (along the last dimension).
 INT8_GROUP = 64
@@ -278,6 +308,11 @@ class StoragePolicy:
                     f"{where} is not a policy; valid: {list(POLICIES)} (R an int >= 1 or a "
                     f"ratio in (0, 1] with a decimal point)"
                 )
+            if policy == "recompute" and kind in RECOMPUTE_REFUSED:
+                raise ValueError(
+                    f"{where} removes no bytes: {RECOMPUTE_REFUSED[kind]}; valid for "
+                    f"{kind!r}: {list(IMPLEMENTED[kind])}"
+                )
             if policy_grammar(policy) not in IMPLEMENTED[kind]:
                 raise ValueError(
                     f"{where} is not implemented yet for kind {kind!r}; implemented: "
@@ -303,13 +338,19 @@ class StoragePolicy:
     def is_exact(self) -> bool:
         return not self.changes()
 
+    def recomputes(self, kind: str) -> bool:
+        """``kind`` is ``recompute``: its sublayer re-runs in backward from the norm output."""
+        return getattr(self, kind) == "recompute"
+
     def quantizer(self, kind: str) -> Quantizer | None:
         """The 8-bit packer of ``kind``, or ``None`` when it is not stored in 8 bits."""
         return _QUANTIZERS.get(getattr(self, kind))
 
     def packer(self, kind: str) -> Quantizer | None:
         """The packer of ``kind`` (8-bit or :class:`LowRankStorage`), or ``None`` for
-        ``keep``."""
+        ``keep`` and ``recompute``."""
+        if self.recomputes(kind):
+            return None
         return storage_for(getattr(self, kind))
 
     def saved_bytes(self, kind: str, numel: int, last_dim: int, dtype_bytes: int) -> int:

@@ -187,6 +187,13 @@ STORAGE_VARIANTS = {
         "compact_0.25+ac_sublayer_1layer",
         {"norm": "int8", "attention": "int8"},
     ),
+    # recompute: the sublayer keeps nothing of its own (compressed sites included).
+    "recompute_attention": ("none", {"attention": "recompute"}),
+    "recompute_swiglu+ac_selective": ("ac_selective", {"swiglu": "recompute"}),
+    "compact_all_sites+recompute": (
+        "compact_all_sites+ac_selective_1layer",
+        {"attention": "recompute", "swiglu": "recompute", "norm": "lowrank:8"},
+    ),
 }
 
 
@@ -233,6 +240,8 @@ TP_STORAGE_VARIANTS = (
     "sublayer",
     "lowrank+ac_sublayer",
     "norm_int8+ac_sublayer_1layer",
+    "recompute_attention",
+    "compact_all_sites+recompute",
 )
 
 

@@ -303,8 +303,8 @@ def test_policy_config_defaults_and_validation():
         run_config_from_dict({"memory": {"efficient_ops": False, "policy": {"swiglu": "int8"}}})
     with pytest.raises(ConfigError, match=r"memory.policy='int8' must be an object"):
         run_config_from_dict({"memory": {"policy": "int8"}})
-    assert set(IMPLEMENTED["attention"]) == {"keep", "int8", "fp8"}
-    assert set(IMPLEMENTED["swiglu"]) == {"keep", "int8", "fp8", "lowrank:R"}
+    assert set(IMPLEMENTED["attention"]) == {"keep", "int8", "fp8", "recompute"}
+    assert set(IMPLEMENTED["swiglu"]) == {"keep", "int8", "fp8", "lowrank:R", "recompute"}
     assert set(IMPLEMENTED["norm"]) == {"keep", "int8", "fp8", "lowrank:R"}
     assert set(IMPLEMENTED["block_input"]) == {"keep", "int8", "fp8", "lowrank:R"}
 
@@ -326,6 +326,9 @@ def test_storage_variants():
         "ac_sublayer": ("ac_sublayer", "none", "sublayer"),
         "ac_sublayer+ac_lowrank:0.125": ("ac_sublayer+ac_lowrank:0.125", "none", "sublayer"),
         "compact:0.25+ac_sublayer": ("compact:0.25+ac_sublayer", "compact", "sublayer"),
+        # recompute_KIND: memory.policy.KIND = recompute.
+        "recompute_swiglu": ("recompute_swiglu", "none", "none"),
+        "compact:0.25+recompute_attention": ("compact:0.25+recompute_attention", "compact", "none"),
     }
     for text, (name, method, ac_mode) in cases.items():
         variant = parse_variant(text)
@@ -347,6 +350,7 @@ def test_storage_variants():
     assert parse_variant("ac_full_lowrank:16+ac_lowrank:8").storage_policy({}) == StoragePolicy(
         block_input="lowrank:16", norm="lowrank:8", swiglu="lowrank:8"
     )
+    assert parse_variant("recompute_swiglu").storage_policy({}) == StoragePolicy(swiglu="recompute")
     raw = parse_variant("compact:0.25+ac_full_int8").apply({"memory": {"policy": {"norm": "fp8"}}})
     assert raw["activation_checkpointing"]["mode"] == "full"
     assert raw["memory"]["policy"] == {"norm": "fp8", "block_input": "int8"}

@@ -1,11 +1,13 @@
-"""``activation_checkpointing.mode: sublayer`` (pre-norm sublayer checkpointing) and, with
-``memory.policy.norm: lowrank:R``, LoRAct's pre-norm sublayer mode.
+"""``activation_checkpointing.mode: sublayer`` (pre-norm sublayer checkpointing), with
+``memory.policy.norm: lowrank:R`` LoRAct's pre-norm sublayer mode, and the ``recompute``
+storage policies of ``attention`` and ``swiglu`` (the same checkpoint of one sublayer).
 
 References:
 
-- **Exact** (``norm: keep``, uncompressed and ``compact``): the sublayers re-run from the very
-  tensor the norm kept, with the same ops and the same stored seeds: loss and every gradient
-  bit-identical to the uncheckpointed model, fp32 and bf16, TP = 1, 2, 2 + SP.
+- **Exact** (``norm: keep``, uncompressed and ``compact`` on every site): the sublayers re-run
+  from the very tensor the norm kept, with the same ops and the same stored seeds: loss and
+  every gradient bit-identical to the uncheckpointed model, fp32 and bf16, TP = 1, 2, 2 + SP
+  (mode ``sublayer``; ``attention`` and ``swiglu`` ``recompute``, each alone at TP = 1).
 - **LoRAct's rule** (``norm: lowrank:8``, one block's attention sublayer, fp32 and bf16): the
   sublayer's parameter gradients and the gradient into the norm output equal plain autograd of
   the sublayer at ``y_hat = L Q^T``, bit for bit, and the norm's input and weight gradients
@@ -22,6 +24,7 @@ import pytest
 import torch
 
 from actcomp_dist import CompressionConfig
+from actcomp_dist.cost_model import Device, predict_step_time
 from actcomp_dist.memory import SavedTensorCounter
 from actcomp_dist.models import build_llama, get_model_config
 from actcomp_dist.models.weights import load_full_weights
@@ -55,31 +58,65 @@ def _model(dtype, full, mode, compression=None, storage_policy=None, sequence_pa
     return model
 
 
-def _exact_run(sequence_parallel=False):
+SITES = ("qkv", "proj", "fc1", "fc2")
+#: name: (checkpointing mode, memory.policy), each against mode none with everything kept.
+EXACT = {
+    "sublayer": ("sublayer", {}),
+    "recompute": ("none", {"attention": "recompute", "swiglu": "recompute"}),
+}
+
+
+def _exact_run(sequence_parallel=False, cases=EXACT):
     full = _random_full_weights(SMALL, seed=1)
     tokens, labels = _batch(SMALL)
     out = {}
     for dtype in (torch.float32, torch.bfloat16):
         for method in ("none", "compact"):
-            compression = CompressionConfig(method=method, rank=0.25, seed=3)
-            for mode in ("none", "sublayer"):
-                model = _model(dtype, full, mode, compression, None, sequence_parallel)
-                out[dtype, method, mode] = _loss_and_full_grads(model, tokens, labels)
+            compression = CompressionConfig(method=method, rank=0.25, seed=3, sites=SITES)
+            for name, (mode, policy) in {"keep": ("none", {}), **cases}.items():
+                storage = StoragePolicy.from_mapping(policy)
+                model = _model(dtype, full, mode, compression, storage, sequence_parallel)
+                out[dtype, method, name] = _loss_and_full_grads(model, tokens, labels)
     return out
 
 
-def _assert_bit_identical(results):
+def _assert_bit_identical(results, cases=EXACT):
     for dtype in (torch.float32, torch.bfloat16):
         for method in ("none", "compact"):
-            loss, grads = results[dtype, method, "sublayer"]
-            keep_loss, keep_grads = results[dtype, method, "none"]
-            assert torch.equal(loss, keep_loss), (dtype, method)
-            for name, grad in keep_grads.items():
-                assert torch.equal(grads[name], grad), (dtype, method, name)
+            keep_loss, keep_grads = results[dtype, method, "keep"]
+            for case in cases:
+                loss, grads = results[dtype, method, case]
+                assert torch.equal(loss, keep_loss), (dtype, method, case)
+                for name, grad in keep_grads.items():
+                    assert torch.equal(grads[name], grad), (dtype, method, case, name)
 
 
 def test_sublayer_checkpointing_with_kept_norms_is_exact(single_rank):
     _assert_bit_identical(_exact_run())
+
+
+def test_recompute_of_one_sublayer_is_exact(single_rank):
+    cases = {
+        "attention": ("none", {"attention": "recompute"}),
+        "swiglu+selective": ("selective", {"swiglu": "recompute"}),
+    }
+    _assert_bit_identical(_exact_run(cases=cases), cases)
+
+
+def test_recompute_refused_where_it_removes_nothing():
+    for kind, reason in (
+        ("norm", "the norm's input instead of its output, the same N h bytes"),
+        ("block_input", "is what checkpointing keeps in order to recompute"),
+        ("fc1", "recompute that op's sublayer with memory.policy.attention or"),
+    ):
+        with pytest.raises(ConfigError) as error:
+            run_config_from_dict({"memory": {"policy": {kind: "recompute"}}})
+        text = str(error.value)
+        assert f"memory.policy.{kind}='recompute' removes no bytes: " in text and reason in text
+    with pytest.raises(ConfigError, match=r"memory.policy=\{'swiglu': 'recompute'\} needs"):
+        run_config_from_dict(
+            {"memory": {"efficient_ops": False, "policy": {"swiglu": "recompute"}}}
+        )
 
 
 def _tp_run(rank, world_size, sequence_parallel):
@@ -169,3 +206,27 @@ def test_sublayer_mode_needs_the_efficient_block(single_rank):
         }
     )
     assert config.activation_checkpointing.mode == "sublayer"
+
+
+def test_recompute_variants_cost_their_sublayer_forward():
+    """The planner's step-time model charges a ``recompute_KIND`` variant one more forward of
+    that sublayer: 2 flops per weight of its linears per token (and the attention core)."""
+    model = get_model_config("60m", seq_length=256)
+    h, f, s, layers = model.hidden_size, model.ffn_hidden_size, 256, model.num_layers
+    qkv = (model.num_attention_heads + 2 * model.query_groups) * model.head_dim * h
+    proj = model.num_attention_heads * model.head_dim * h
+    device = Device(peak_flops=1e15)
+    expected = {
+        "recompute_swiglu": 2.0 * (2 * f * h + f * h),
+        "recompute_attention": 2.0 * (qkv + proj) + 4.0 * h * s,
+    }
+    for storage, work in expected.items():
+        time = predict_step_time(
+            model,
+            CompressionConfig(),
+            seq_length=s,
+            micro_batch_size=2,
+            storage=storage,
+            device=device,
+        )
+        assert time.extra == {"recompute": pytest.approx(layers * work / 1e15, rel=1e-12)}

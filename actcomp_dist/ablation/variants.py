@@ -10,6 +10,8 @@ A variant names one way of saving activation memory; a list is comma-separated::
     BLOCK    := "int8" | "fp8" | "lowrank:" RANK   (``memory.policy.block_input``: full
                 checkpointing keeping each block's input packed; lowrank is LoRAct's layer mode)
     STORAGE  := "int8" | "fp8"   (``memory.policy`` of ``attention`` and ``swiglu``)
+              | "recompute_attention" | "recompute_swiglu"  (``memory.policy`` of that kind:
+                ``recompute``, the sublayer re-run from the norm output)
               | "ac_lowrank:" RANK  (``memory.policy`` of ``norm`` and ``swiglu``: ``lowrank:RANK``)
     METHOD   := a registered compression method other than none (compact, lowrank, subtoken,
                 and any method a plugin registers)
@@ -69,6 +71,8 @@ AC_NAMES = {"ac_selective": "selective", "ac_full": "full", "ac_sublayer": "subl
 PACKED_FULL = "ac_full_"
 NAIVE = "naive"
 STORAGE_NAMES = ("int8", "fp8")
+#: ``recompute_KIND``: ``memory.policy.KIND = recompute``.
+RECOMPUTE_NAMES = {"recompute_attention": "attention", "recompute_swiglu": "swiglu"}
 #: The storage variant of LoRAct's factors: ``ac_lowrank:RANK``.
 LOWRANK_STORAGE = "ac_lowrank"
 #: The kinds an ``int8`` / ``fp8`` variant stores in 8 bits.
@@ -77,7 +81,7 @@ STORAGE_KINDS = ("attention", "swiglu")
 LOWRANK_STORAGE_KINDS = ("norm", "swiglu")
 GRAMMAR = (
     "VARIANT := BASE['+'AC]['+'STORAGE]['+naive'] | STORAGE | naive; "
-    "STORAGE := int8 | fp8 | ac_lowrank:RANK; "
+    "STORAGE := int8 | fp8 | ac_lowrank:RANK | recompute_attention | recompute_swiglu; "
     "BASE := none | AC | "
     "METHOD:ARG | METHOD; AC := ac_selective | ac_full | ac_sublayer | ac_full_int8 | "
     "ac_full_fp8 | ac_full_lowrank:RANK; METHOD:ARG is compact:RANK, "
@@ -94,7 +98,8 @@ class VariantError(ValueError):
 class Variant:
     """One parsed variant. ``argument`` is the value of the method's ablation option (rank,
     group count, ...); ``efficient_ops`` is false for ``+naive``; ``storage`` is ``int8``,
-    ``fp8``, ``lowrank:RANK`` or ``None`` (the base config's ``memory.policy``);
+    ``fp8``, ``lowrank:RANK``, ``recompute_attention``, ``recompute_swiglu`` or ``None`` (the
+    base config's ``memory.policy``);
     ``block_input`` is the ``memory.policy.block_input`` of an ``ac_full_BLOCK`` variant."""
 
     method: str = "none"
@@ -122,6 +127,8 @@ class Variant:
         changes = {} if self.block_input is None else {"block_input": self.block_input}
         if self.storage is None:
             return changes
+        if self.storage in RECOMPUTE_NAMES:
+            return {RECOMPUTE_NAMES[self.storage]: "recompute"} | changes
         kinds = LOWRANK_STORAGE_KINDS if self.storage.startswith("lowrank:") else STORAGE_KINDS
         return {kind: self.storage for kind in kinds} | changes
 
@@ -221,7 +228,8 @@ def parse_variant(text: str) -> Variant:
     storages = [part for part in parts if _is_storage(part)]
     if len(storages) > 1:
         raise VariantError(
-            f"variant {variant!r}: at most one of {list(STORAGE_NAMES)}, {LOWRANK_STORAGE}:RANK"
+            f"variant {variant!r}: at most one of {list(STORAGE_NAMES)}, {LOWRANK_STORAGE}:RANK, "
+            f"{list(RECOMPUTE_NAMES)}"
         )
     if storages and naive:
         raise VariantError(
@@ -269,12 +277,16 @@ def _parse_block_input(part: str, variant: str) -> str:
 
 
 def _is_storage(part: str) -> bool:
-    return part in STORAGE_NAMES or part.partition(":")[0] == LOWRANK_STORAGE
+    return (
+        part in STORAGE_NAMES
+        or part in RECOMPUTE_NAMES
+        or part.partition(":")[0] == LOWRANK_STORAGE
+    )
 
 
 def _parse_storage(part: str, variant: str) -> str:
     """The ``memory.policy`` value of a storage part (``ac_lowrank:0.25`` -> ``lowrank:0.25``)."""
-    if part in STORAGE_NAMES:
+    if part in STORAGE_NAMES or part in RECOMPUTE_NAMES:
         return part
     rank = part.partition(":")[2]
     try:
