@@ -63,7 +63,10 @@ the same model bit for bit as before the option existed. Forward results are ide
 the block norms' outputs, attention's q, k, v, o and SwiGLU's ``[gate | up]`` in 8 bits, and
 the block norms' outputs and ``[gate | up]`` as LoRAct low-rank factors; a packed norm output
 is kept once, by the norm and the uncompressed qkv / fc1 that reads it
-(:mod:`actcomp_dist.storage`).
+(:mod:`actcomp_dist.storage`). ``attention`` / ``swiglu`` ``recompute`` re-runs that whole
+sublayer in backward from the norm output (:func:`actcomp_dist.autograd.checkpoint_sublayer`,
+which sublayer activation checkpointing installs on both sublayers as
+``LlamaDecoderLayer.checkpoint_sublayer``).
 
 RMSNorm (fp32 statistics) and RoPE (rotate-half, precomputed cos/sin) follow Hugging Face's
 ``LlamaForCausalLM`` so logits can be compared with it.

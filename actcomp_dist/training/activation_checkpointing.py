@@ -11,16 +11,16 @@ Applied after the model is built and tensor-parallelised, before the engine wrap
   (``LlamaDecoderLayer.recompute``). With the memory-efficient block (``efficient_ops``, the
   default) only the attention core is recomputed: its norms and SwiGLU already keep one tensor
   that a consumer keeps anyway, and recomputing them would keep their input besides.
-- ``sublayer`` (pre-norm sublayer checkpointing; needs ``efficient_ops``): each block keeps
-  its two norms' saved tensors only: the attention sublayer (qkv, core, proj) and the MLP
-  sublayer (fc1, SwiGLU, fc2) are re-run in backward from the norm output the norm keeps
-  anyway (:func:`actcomp_dist.autograd.checkpoint_sublayer`). With ``memory.policy.norm: lowrank:R`` that is
-  LoRAct's pre-norm sublayer mode: one factorisation of each norm output serves the norm and
-  the recomputed sublayer.
-- ``num_layers``: only the first N blocks are checkpointed (``None`` = all).
 - ``full`` with ``memory.policy.block_input`` ``int8`` / ``fp8`` / ``lowrank:R``: each
   checkpointed block keeps its input *packed* (:func:`checkpoint_packed_input`; ``lowrank:R``
   is LoRAct's layer mode). Any other mode with a packed ``block_input`` is refused.
+- ``sublayer`` (pre-norm sublayer checkpointing; needs ``efficient_ops``): each block keeps
+  its two norms' saved tensors only: the attention sublayer (qkv, core, proj) and the MLP
+  sublayer (fc1, SwiGLU, fc2) are re-run in backward from the norm output the norm keeps
+  anyway (:func:`actcomp_dist.autograd.checkpoint_sublayer`). With ``memory.policy.norm:
+  lowrank:R`` that is LoRAct's pre-norm sublayer mode: one factorisation of each norm output
+  serves the norm and the recomputed sublayer.
+- ``num_layers``: only the first N blocks are checkpointed (``None`` = all).
 
 It uses ``torch.utils.checkpoint`` in its non-reentrant form: the RNG state is restored on
 recompute (dropout would draw the same masks), and compression seeds come from the values
@@ -71,8 +71,8 @@ def checkpoint_with_accounting(fn, *args):
 def checkpoint_packed_input(run, packer, x: torch.Tensor, *args):
     """``run(x, *args)`` keeping only ``packer.pack(x)`` for backward; backward re-runs
     ``run`` on ``x_hat = packer.unpack(...)`` and backpropagates through the re-run (into
-    the parameters ``run`` reads, which accumulate ``.grad`` there, and into ``x``). ``args`` are passed as they are (the RoPE tables: no
-    gradient flows into them).
+    the parameters ``run`` reads, which accumulate ``.grad`` there, and into ``x``). ``args``
+    are passed as they are (the RoPE tables: no gradient flows into them).
 
     The gradient rule, LoRAct's layer mode (Shi et al., arXiv 2509.23472; its released code
     checkpoints a decoder layer and keeps the compressed hidden states): a pre-norm block is
