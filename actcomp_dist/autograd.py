@@ -1,5 +1,8 @@
-"""The single-device compressed linear autograd function, and :func:`recompute_in_backward`
-(keep a cheap function's input instead of its output; the memory-efficient block uses it).
+"""The single-device compressed linear autograd function, :func:`recompute_in_backward`
+(keep a cheap function's input instead of its output; the memory-efficient block uses it), and
+:func:`checkpoint_from_kept` / :func:`checkpoint_sublayer` (re-run a block or a pre-norm
+sublayer in backward from a kept or packed input: packed full checkpointing, sublayer
+checkpointing and the ``recompute`` storage policies).
 
 Forward computes the output with the same call ``nn.Linear`` makes (so outputs are
 bit-identical; under ``torch.autocast`` after the same casts autocast applies to
@@ -117,3 +120,86 @@ def recompute_in_backward(fn, source: torch.Tensor, storage=None) -> torch.Tenso
     if not (torch.is_grad_enabled() and source.requires_grad):
         return fn(source)
     return _RecomputeInBackward.apply(fn, source, storage)
+
+
+class _CheckpointFromKept(torch.autograd.Function):
+    """``run(x, *args)`` in forward keeping only ``kept`` (``x`` itself when ``packer`` is
+    ``None``, else ``packer``'s packed ``x``); backward re-runs ``run`` on ``x`` rebuilt from
+    ``kept``."""
+
+    @staticmethod
+    def forward(ctx, run, packer, args, x, _dummy, *kept):
+        out = run(x, *args)  # autograd records nothing inside Function.forward
+        ctx.save_for_backward(*kept)
+        ctx.run, ctx.packer, ctx.args = run, packer, args
+        ctx.x_like = torch.empty_like(x, device="meta")
+        device = x.device.type
+        ctx.autocast = (
+            (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+            if torch.amp.is_autocast_available(device)
+            else None
+        )
+        # RNG state as torch.utils.checkpoint preserves it (the block draws nothing today).
+        ctx.cpu_rng = torch.get_rng_state()
+        ctx.cuda_rng = (x.device, torch.cuda.get_rng_state(x.device)) if x.is_cuda else None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        kept = ctx.saved_tensors
+        x_hat = kept[0] if ctx.packer is None else ctx.packer.unpack(kept, ctx.x_like)
+        x_hat = x_hat.detach()
+        x_hat.requires_grad_(ctx.needs_input_grad[3])
+        devices = [ctx.cuda_rng[0]] if ctx.cuda_rng is not None else []
+        with torch.random.fork_rng(devices=devices):
+            torch.set_rng_state(ctx.cpu_rng)
+            if ctx.cuda_rng is not None:
+                torch.cuda.set_rng_state(ctx.cuda_rng[1], ctx.cuda_rng[0])
+            autocast = contextlib.nullcontext()
+            if ctx.autocast is not None:
+                device, enabled, dtype = ctx.autocast
+                autocast = torch.autocast(device, dtype=dtype, enabled=enabled)
+            with torch.enable_grad(), autocast:
+                out = ctx.run(x_hat, *ctx.args)
+        # Parameters accumulate their gradients here, as in Megatron's and DeepSpeed's
+        # (reentrant) checkpointing: partitioned (ZeRO-3) parameters are never Function inputs.
+        if out.requires_grad:
+            torch.autograd.backward(out, grad_out)
+        return None, None, None, x_hat.grad, None, *(None for _ in kept)
+
+
+def checkpoint_from_kept(run, packer, x: torch.Tensor, args: tuple, kept) -> torch.Tensor:
+    """``run(x, *args)`` keeping only the tensors ``kept`` for backward: ``x`` itself (``packer``
+    ``None``) or ``packer``'s packed ``x``; backward rebuilds ``x`` from them, re-runs ``run``
+    under autograd and backpropagates through the re-run (reentrant: the parameters ``run``
+    reads accumulate their ``.grad`` there, as in Megatron's and DeepSpeed's checkpointing).
+    ``args`` need no gradient (the RoPE tables)."""
+    if any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        raise ValueError("activation checkpointing: only the kept input may need a gradient")
+    # A leaf that needs a gradient, so that backward runs (and reaches the parameters) even
+    # when x does not need one (frozen embeddings).
+    dummy = torch.empty((), device=x.device, requires_grad=True)
+    return _CheckpointFromKept.apply(run, packer, args, x, dummy, *kept)
+
+
+def checkpoint_sublayer(run, y: torch.Tensor) -> torch.Tensor:
+    """``run(y)``, a pre-norm sublayer (attention or MLP) on its norm's output ``y``, keeping
+    for backward only what the norm keeps of ``y``: ``y`` itself (the same storage), or under a
+    packed ``memory.policy.norm`` the *same* packed tensors the norm keeps (``y.stored_as``;
+    LoRAct's factors ``(L, Q)`` or 8-bit codes and scales). Backward re-runs the sublayer on
+    ``y`` or ``y_hat = unpack(...)`` and backpropagates through the re-run.
+
+    With ``norm: lowrank:R`` this is LoRAct's pre-norm sublayer checkpointing (its released
+    code checkpoints ``self_attn`` and ``mlp`` with their compressed input and caches the norm's
+    factorisation so that one factorisation serves both): one factorisation of each norm output
+    serves the norm's backward (``x_hat = y_hat / weight``) and the recomputed sublayer, whose
+    every gradient is evaluated at ``y_hat``; the residual stream around the sublayer is never
+    stored, and its identity branch is exact (the norm's input gradient adds to ``g``).
+    """
+    if not torch.is_grad_enabled():
+        return run(y)
+    stored = getattr(y, "stored_as", None)
+    if stored is None:
+        return checkpoint_from_kept(run, None, y, (), (y,))
+    packer, packed = stored
+    return checkpoint_from_kept(run, packer, y, (), packed)

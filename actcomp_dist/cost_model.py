@@ -61,6 +61,11 @@ WORK_KINDS = ("recompute", "storage", "projection", "factorisation")
 #: Bytes moved per 8-bit stored element: quantise (read 2, write 1) + dequantise (read 1,
 #: write 2).
 STORAGE_BYTES_PER_ELEMENT = 6
+#: The storage variants that recompute a sublayer, and its linear sites.
+RECOMPUTED_SITES = {
+    "recompute_attention": ("qkv", "proj"),
+    "recompute_swiglu": ("fc1", "fc2"),
+}
 
 
 @dataclass(frozen=True)
@@ -124,7 +129,8 @@ def predict_step_time(
 ) -> StepTime | None:
     """Seconds per token of the counted work (module docstring); ``None`` for a compression
     method the model does not cover. ``storage``: a storage variant's policy (``int8``,
-    ``fp8``, or ``lowrank:R`` for the block norms and SwiGLU)."""
+    ``fp8``, or ``lowrank:R`` for the block norms and SwiGLU; ``recompute_attention`` /
+    ``recompute_swiglu``: that sublayer's forward once more)."""
     if compression.method not in ("none", "compact"):
         return None
     L, h, s = model.num_layers, model.hidden_size, seq_length
@@ -134,10 +140,17 @@ def predict_step_time(
     checkpointed = L if ac_num_layers is None else min(ac_num_layers, L)
     if ac_mode == "selective":
         extra["recompute"] = checkpointed * attention_forward / flops
-    elif ac_mode == "full":
+    elif ac_mode in ("full", "sublayer"):  # sublayer: the block less its norms (not counted)
         block = 2.0 * _block_matrix_weights(model) + attention_forward
         extra["recompute"] = checkpointed * block / flops
-    if storage is not None and storage.startswith("lowrank:"):
+    recomputed = RECOMPUTED_SITES.get(storage or "")
+    if recomputed is not None:
+        # memory.policy attention / swiglu ``recompute``: that sublayer's forward again.
+        widths = _site_widths(model)
+        work = sum(2.0 * n * m for site, (n, m) in widths.items() if site in recomputed)
+        work += attention_forward if "qkv" in recomputed else 0.0
+        extra["recompute"] += L * work / flops
+    elif storage is not None and storage.startswith("lowrank:"):
         tokens = micro_batch_size * seq_length
         extra["factorisation"] = (
             L * _factorisation_work(model, compression, storage, tokens) / flops

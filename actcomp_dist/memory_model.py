@@ -37,7 +37,14 @@ op:
 - ``selective`` checkpointing recomputes only the attention core (the rest already keeps one
   tensor): the fused QKV output instead of the core's tensors, and the proj input
   ``N H d e`` (unless compressed) as a tensor of its own;
-- ``full``: as without ``efficient_ops``;
+- ``recompute`` of ``attention`` / ``swiglu``: that sublayer keeps nothing (qkv, the core,
+  proj / fc1, fc2, compressed sites included; no RoPE tables), it re-runs from the norm output;
+- ``sublayer`` (pre-norm sublayer checkpointing): the two norms only, as above (their outputs,
+  or under a packed ``norm`` policy the packed outputs, and ``rstd``); the sublayers are
+  recomputed from them (no RoPE tables kept);
+- ``full``: as without ``efficient_ops``; ``memory.policy.block_input`` packs the kept block
+  input: ``(N + h) k e`` under ``lowrank:R`` (``k`` from ``h``), ``N h + 4 N h / 64`` under
+  ``int8`` (``h`` a multiple of 64), ``N h + 4 N`` under ``fp8`` (``N/t`` tokens under SP);
 - once per model: the final norm ``N h e + N 4`` and, under sequence parallelism only, the
   output layer's gathered input ``N h e`` (otherwise it is the final norm's output).
 
@@ -90,7 +97,7 @@ from actcomp_dist.compression import BlockLayout, get_compressor_class, layer_la
 from actcomp_dist.config import CompressionConfig
 from actcomp_dist.storage import StoragePolicy
 
-AC_MODES = ("none", "selective", "full")
+AC_MODES = ("none", "selective", "full", "sublayer")
 _ROW_SITES = ("proj", "fc2")
 
 #: Per-layer kinds, in forward order; model-wide kinds follow.
@@ -294,7 +301,16 @@ def _layer_saved(
     attn_out = n_all * heads * d * e
     out: dict[str, int] = defaultdict(int)
     if mode == "full":
-        out["block_input"] = n_res * h * e
+        # The block input [N, h] (N/t tokens under SP), or its packed form under
+        # memory.policy.block_input (LoRAct's layer mode: (N + h) k e; 8-bit codes and scales).
+        out["block_input"] = setting.storage.saved_bytes("block_input", n_res * h, h, e)
+        return dict(out)
+    if mode == "sublayer":
+        # Both sublayers re-run from the norm outputs: the norms' saved tensors are all a
+        # block keeps (their outputs or packed outputs, and rstd).
+        if not setting.efficient_ops:
+            raise ValueError("activation checkpointing mode 'sublayer' needs efficient_ops")
+        out["norm"] = 2 * _norm_saved(n_res, h, e, True, setting.storage)
         return dict(out)
     if setting.efficient_ops:
         return _efficient_layer_saved(model, compression, mode, setting)
@@ -392,6 +408,12 @@ def _efficient_layer_saved(
         )
     else:
         raise ValueError(f"activation checkpointing mode {mode!r} is not one of {list(AC_MODES)}")
+    # ``recompute``: the sublayer re-runs from the norm output (kept by the norm): nothing of
+    # its own, compressed sites included.
+    if storage.recomputes("attention"):
+        out["qkv"] = out["attention_core"] = out["proj"] = 0
+    if storage.recomputes("swiglu"):
+        out["fc1"] = out["fc2"] = 0
     return dict(out)
 
 
@@ -433,7 +455,8 @@ def predict_saved_activations(
         if setting.efficient_ops:
             # The tables in the activation dtype (cached on the model), shared by every block
             # that keeps them: counted once, in the first.
-            if mode != "full" and not rope_once:
+            keeps_rope = not setting.storage.recomputes("attention")
+            if mode not in ("full", "sublayer") and keeps_rope and not rope_once:
                 saved["attention_core"] += 2 * rope_rows * d * e
                 rope_once = True
         elif mode == "none" and e != 4:

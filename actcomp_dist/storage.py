@@ -10,11 +10,11 @@ output that ``proj`` keeps), ``swiglu`` (``[gate | up]``, kept by ``fc2``), ``bl
 Policies implemented (:data:`IMPLEMENTED`):
 
 - ``keep``: the tensor itself (the exact memory-efficient block).
-- ``int8`` (``norm``, ``attention``, ``swiglu``): per-group absmax. The last dimension is cut into
+- ``int8`` (``norm``, ``attention``, ``swiglu``, ``block_input``): per-group absmax. The last dimension is cut into
   groups of :data:`INT8_GROUP` elements (the whole last dimension when it is not a multiple);
   each group stores ``round(x / s)`` in int8 with one fp32 scale ``s = absmax / 127``.
   Per element ``|x - x_hat| <= s / 2``. Bytes: ``numel + 4 numel / group``.
-- ``fp8`` (``norm``, ``attention``, ``swiglu``): ``torch.float8_e4m3fn`` with one fp32 scale per row
+- ``fp8`` (``norm``, ``attention``, ``swiglu``, ``block_input``): ``torch.float8_e4m3fn`` with one fp32 scale per row
   of the last dimension, ``s = absmax / 448`` (e4m3's largest finite value). e4m3 keeps 3
   mantissa bits: per element ``|x - x_hat| <= 2^-4 |x|`` for ``|x| / s >= 2^-6`` (normal
   range), and ``<= 2^-10 s`` below it (subnormal spacing 2^-9). Bytes: ``numel + 4 rows``.
@@ -24,7 +24,7 @@ Under tensor parallelism each rank packs its own shard (its heads' q, k, v; its
 part of a row, and int8 groups are the TP = 1 groups whenever 64 divides the shard's halves.
 The memory model (:mod:`actcomp_dist.memory_model`) counts the packed bytes exactly.
 
-- ``lowrank:R`` (``norm``, ``swiglu``; :class:`LowRankStorage`, also served by
+- ``lowrank:R`` (``norm``, ``swiglu``, ``block_input``; :class:`LowRankStorage`, also served by
   :mod:`actcomp_dist.hf`): LoRAct's online low-rank factors (Shi et al., "Memory-Efficient Fine-Tuning via Low-Rank Activation
   Compression", arXiv 2509.23472). For ``A`` [N, n] (the tensor as rows of its last dimension)
   and ``k = min(R, n)``: sample ``k`` feature columns ``S`` with a seeded generator, form
@@ -39,11 +39,28 @@ The memory model (:mod:`actcomp_dist.memory_model`) counts the packed bytes exac
   (``lowrank:0.25``: ``k = ceil(0.25 n)``), spelled as ``compression.rank``. The width is the
   tensor's last dimension *on this rank*: under TP the ``[gate_i | up_i]`` shard.
 
-Named but not implemented yet (refused at start-up with that reason): ``recompute``,
-``compress``, ``offload``, ``lowrank:R`` of ``attention``, ``block_input`` and the linear
-sites, and 8-bit storage of ``block_input`` and the linear sites.
+- ``recompute`` (``attention``, ``swiglu``): the whole pre-norm sublayer (attention: qkv,
+  RoPE + SDPA, proj; swiglu: fc1, SwiGLU, fc2) keeps nothing of its own and re-runs in
+  backward from the norm output, which the norm keeps anyway
+  (:func:`actcomp_dist.autograd.checkpoint_sublayer`; under a packed ``norm`` policy from the
+  same packed tensors). Exact with ``norm: keep``. Cost: the sublayer's forward once more per
+  backward (attention: the qkv and proj GEMMs and SDPA; swiglu: the fc1 and fc2 GEMMs).
+  Removes q, k, v, o and the log-sum-exp (attention), ``[gate | up]`` (swiglu), and a
+  compressed site's ``Z`` inside the sublayer. Refused where it removes nothing
+  (:data:`RECOMPUTE_REFUSED`: ``norm``, ``block_input``, the linear sites).
+
+Named but not implemented yet (refused at start-up with that reason): ``compress``,
+``offload``, ``lowrank:R`` of ``attention`` and the linear sites, and 8-bit storage of the
+linear sites.
 
 How the 8-bit kinds are wired (:mod:`actcomp_dist.models.llama`):
+
+- ``block_input`` (``int8``, ``fp8``, ``lowrank:R``; needs ``activation_checkpointing.mode:
+  full``): each checkpointed block keeps its input packed instead of the input itself, and
+  backward re-runs the block from the unpacked copy. ``lowrank:R`` is LoRAct's layer mode.
+  See :func:`actcomp_dist.training.activation_checkpointing.checkpoint_packed_input` for the
+  gradient rule (every gradient inside the block at the reconstruction, the identity branch
+  exact). Under SP each rank packs its own tokens ``[s/t, b, h]``.
 
 - ``swiglu``: FC2 keeps the packed ``[gate | up]`` instead of the tensor and recomputes
   ``silu(gate) * up`` from its dequantised copy in backward (the same recompute it runs when
@@ -96,8 +113,29 @@ POLICIES = ("keep", "recompute", "int8", "fp8", "compress", "lowrank:R", "offloa
 #: The policies each kind accepts today.
 IMPLEMENTED = {kind: ("keep",) for kind in KINDS} | {
     "norm": ("keep", "int8", "fp8", "lowrank:R"),
-    "attention": ("keep", "int8", "fp8"),
-    "swiglu": ("keep", "int8", "fp8", "lowrank:R"),
+    "attention": ("keep", "int8", "fp8", "recompute"),
+    "swiglu": ("keep", "int8", "fp8", "lowrank:R", "recompute"),
+    "block_input": ("keep", "int8", "fp8", "lowrank:R"),
+}
+#: Why ``recompute`` is refused where it is: it would remove no bytes.
+RECOMPUTE_REFUSED = {
+    "norm": (
+        "it would keep the norm's input instead of its output, the same N h bytes: the input "
+        "(the residual stream) is kept by no other op, and an uncompressed qkv / fc1 keeps the "
+        "output anyway; to recompute the norms use activation_checkpointing.mode 'full'"
+    ),
+    "block_input": (
+        "the block input is what checkpointing keeps in order to recompute; use "
+        "activation_checkpointing.mode 'none' or pack it (int8, fp8, lowrank:R)"
+    ),
+    **{
+        site: (
+            "a linear's input is the output of the op before it (a norm, the attention core, "
+            "the SwiGLU); recompute that op's sublayer with memory.policy.attention or "
+            "memory.policy.swiglu 'recompute'"
+        )
+        for site in ("qkv", "proj", "fc1", "fc2")
+    },
 }
 #: Elements per int8 scale group (along the last dimension).
 INT8_GROUP = 64
@@ -270,6 +308,11 @@ class StoragePolicy:
                     f"{where} is not a policy; valid: {list(POLICIES)} (R an int >= 1 or a "
                     f"ratio in (0, 1] with a decimal point)"
                 )
+            if policy == "recompute" and kind in RECOMPUTE_REFUSED:
+                raise ValueError(
+                    f"{where} removes no bytes: {RECOMPUTE_REFUSED[kind]}; valid for "
+                    f"{kind!r}: {list(IMPLEMENTED[kind])}"
+                )
             if policy_grammar(policy) not in IMPLEMENTED[kind]:
                 raise ValueError(
                     f"{where} is not implemented yet for kind {kind!r}; implemented: "
@@ -295,13 +338,19 @@ class StoragePolicy:
     def is_exact(self) -> bool:
         return not self.changes()
 
+    def recomputes(self, kind: str) -> bool:
+        """``kind`` is ``recompute``: its sublayer re-runs in backward from the norm output."""
+        return getattr(self, kind) == "recompute"
+
     def quantizer(self, kind: str) -> Quantizer | None:
         """The 8-bit packer of ``kind``, or ``None`` when it is not stored in 8 bits."""
         return _QUANTIZERS.get(getattr(self, kind))
 
     def packer(self, kind: str) -> Quantizer | None:
         """The packer of ``kind`` (8-bit or :class:`LowRankStorage`), or ``None`` for
-        ``keep``."""
+        ``keep`` and ``recompute``."""
+        if self.recomputes(kind):
+            return None
         return storage_for(getattr(self, kind))
 
     def saved_bytes(self, kind: str, numel: int, last_dim: int, dtype_bytes: int) -> int:

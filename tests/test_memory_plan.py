@@ -60,6 +60,9 @@ VARIANTS = {
     "lowrank_0.25+ac_selective": ("lowrank", {"rank": 0.25}, "selective", None),
     "subtoken_32": ("subtoken", {"groups": 32}, "none", None),
     "subtoken_16+ac_selective": ("subtoken", {"groups": 16}, "selective", None),
+    # Pre-norm sublayer checkpointing (the memory-efficient block only; the naive one refuses).
+    "ac_sublayer": ("none", {}, "sublayer", None),
+    "compact_0.25+ac_sublayer_1layer": ("compact", {"rank": 0.25}, "sublayer", 1),
 }
 
 SHAPES = {
@@ -127,6 +130,10 @@ def test_prediction_equals_measured_saved_bytes(single_rank, variant, shape, dty
     method, options, mode, num_layers = VARIANTS[variant]
     config, b, s = SHAPES[shape]
     compression = CompressionConfig(method=method, seed=3, **options)
+    if mode == "sublayer" and not efficient_ops:
+        with pytest.raises(ValueError, match="'sublayer'"):
+            _measure(config, compression, mode, num_layers, b, s, dtype, efficient_ops=False)
+        return
     measured = _measure(
         config, compression, mode, num_layers, b, s, dtype, efficient_ops=efficient_ops
     )
@@ -163,6 +170,30 @@ STORAGE_VARIANTS = {
     "norm_int8": ("none", {"norm": "int8"}),
     "all_fp8": ("none", {"norm": "fp8", "attention": "fp8", "swiglu": "fp8"}),
     "compact_0.25+norm_int8": ("compact_0.25", {"norm": "int8", "swiglu": "int8"}),
+    # The packed input of fully checkpointed blocks (LoRAct's layer mode; 8-bit); with one
+    # block checkpointed the other keeps its own tensors (norm factors here).
+    "block_input_lowrank+ac_full": ("ac_full", {"block_input": "lowrank:8"}),
+    "block_input_ratio+ac_full_1layer": (
+        "ac_full_1layer",
+        {"block_input": "lowrank:0.25", "norm": "lowrank:8"},
+    ),
+    "block_input_int8+ac_full": ("ac_full", {"block_input": "int8"}),
+    "compact_0.25+block_input_fp8+ac_full": ("compact_0.25+ac_full", {"block_input": "fp8"}),
+    # LoRAct's pre-norm sublayer mode: the norms' factors are all a block keeps; with one
+    # block checkpointed the other keeps its own packed tensors.
+    "sublayer": ("ac_sublayer", {}),
+    "lowrank+ac_sublayer": ("ac_sublayer", {"norm": "lowrank:8", "swiglu": "lowrank:16"}),
+    "norm_int8+ac_sublayer_1layer": (
+        "compact_0.25+ac_sublayer_1layer",
+        {"norm": "int8", "attention": "int8"},
+    ),
+    # recompute: the sublayer keeps nothing of its own (compressed sites included).
+    "recompute_attention": ("none", {"attention": "recompute"}),
+    "recompute_swiglu+ac_selective": ("ac_selective", {"swiglu": "recompute"}),
+    "compact_all_sites+recompute": (
+        "compact_all_sites+ac_selective_1layer",
+        {"attention": "recompute", "swiglu": "recompute", "norm": "lowrank:8"},
+    ),
 }
 
 
@@ -204,6 +235,13 @@ TP_STORAGE_VARIANTS = (
     "compact_0.25+lowrank",
     "norm_int8",
     "all_fp8",
+    "block_input_lowrank+ac_full",
+    "block_input_int8+ac_full",
+    "sublayer",
+    "lowrank+ac_sublayer",
+    "norm_int8+ac_sublayer_1layer",
+    "recompute_attention",
+    "compact_all_sites+recompute",
 )
 
 

@@ -781,7 +781,18 @@ BAD_INPUTS = {
         ["memory.policy.swiglu=offload"],
         None,
         "memory.policy.swiglu='offload' is not implemented yet for kind 'swiglu'; implemented: "
-        "['keep', 'int8', 'fp8', 'lowrank:R']",
+        "['keep', 'int8', 'fp8', 'lowrank:R', 'recompute']",
+    ),
+    "recompute_removes_nothing": (
+        ["memory.policy.norm=recompute"],
+        None,
+        "memory.policy.norm='recompute' removes no bytes: it would keep the norm's input",
+    ),
+    "block_input_needs_full_checkpointing": (
+        ["memory.policy.block_input=lowrank:16"],
+        None,
+        "memory.policy.block_input='lowrank:16' packs the block input that full checkpointing "
+        "keeps; it needs activation_checkpointing.mode='full' (got 'none')",
     ),
     "missing_data": (
         ['data.paths=["/nonexistent/corpus"]'],

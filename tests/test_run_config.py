@@ -131,9 +131,11 @@ def test_resolved_config_round_trips_through_json():
         (['data.paths=["x"]'], "data.paths is set but data.tokenizer"),
         (["logging.interval=0"], "logging.interval=0 must be an int >= 1"),
         (["memory.policy.swiglu=int4"], "memory.policy.swiglu='int4' is not a policy"),
+        (["memory.policy.qkv=fp8"], "memory.policy.qkv='fp8' is not implemented yet"),
         (
             ["memory.policy.block_input=fp8"],
-            "memory.policy.block_input='fp8' is not implemented yet",
+            "memory.policy.block_input='fp8' packs the block input that full checkpointing "
+            "keeps; it needs activation_checkpointing.mode='full' (got 'none')",
         ),
         (["run_dir="], "run_dir must be a non-empty path string"),
         (["train=3"], "section 'train' must be an object"),

@@ -288,9 +288,8 @@ def test_policy_config_defaults_and_validation():
         "unknown policy": ({"swiglu": "int4"}, "memory.policy.swiglu='int4' is not a policy"),
         "not a string": ({"swiglu": 8}, "memory.policy.swiglu=8 is not a policy"),
         "not implemented": (
-            {"block_input": "int8"},
-            "memory.policy.block_input='int8' is not implemented yet for kind 'block_input'; "
-            "implemented: ['keep']",
+            {"qkv": "int8"},
+            "memory.policy.qkv='int8' is not implemented yet for kind 'qkv'; implemented: ['keep']",
         ),
         "offload": ({"swiglu": "offload"}, "memory.policy.swiglu='offload' is not implemented"),
         "lowrank": ({"attention": "lowrank:8"}, "'lowrank:8' is not implemented yet"),
@@ -304,9 +303,10 @@ def test_policy_config_defaults_and_validation():
         run_config_from_dict({"memory": {"efficient_ops": False, "policy": {"swiglu": "int8"}}})
     with pytest.raises(ConfigError, match=r"memory.policy='int8' must be an object"):
         run_config_from_dict({"memory": {"policy": "int8"}})
-    assert set(IMPLEMENTED["attention"]) == {"keep", "int8", "fp8"}
-    assert set(IMPLEMENTED["swiglu"]) == {"keep", "int8", "fp8", "lowrank:R"}
+    assert set(IMPLEMENTED["attention"]) == {"keep", "int8", "fp8", "recompute"}
+    assert set(IMPLEMENTED["swiglu"]) == {"keep", "int8", "fp8", "lowrank:R", "recompute"}
     assert set(IMPLEMENTED["norm"]) == {"keep", "int8", "fp8", "lowrank:R"}
+    assert set(IMPLEMENTED["block_input"]) == {"keep", "int8", "fp8", "lowrank:R"}
 
 
 def test_storage_variants():
@@ -318,6 +318,17 @@ def test_storage_variants():
         "ac_lowrank:0.25": ("ac_lowrank:0.25", "none", "none"),
         "ac_lowrank:64+ac_selective": ("ac_selective+ac_lowrank:64", "none", "selective"),
         "lowrank:0.125+ac_lowrank:8": ("lowrank:0.125+ac_lowrank:8", "lowrank", "none"),
+        # ac_full_BLOCK: full checkpointing keeping the block input packed (block_input).
+        "ac_full_lowrank:0.25": ("ac_full_lowrank:0.25", "none", "full"),
+        "compact:0.25+ac_full_int8": ("compact:0.25+ac_full_int8", "compact", "full"),
+        "ac_full_fp8+int8": ("ac_full_fp8+int8", "none", "full"),
+        # Pre-norm sublayer checkpointing; with norm factors, LoRAct's pre-norm mode.
+        "ac_sublayer": ("ac_sublayer", "none", "sublayer"),
+        "ac_sublayer+ac_lowrank:0.125": ("ac_sublayer+ac_lowrank:0.125", "none", "sublayer"),
+        "compact:0.25+ac_sublayer": ("compact:0.25+ac_sublayer", "compact", "sublayer"),
+        # recompute_KIND: memory.policy.KIND = recompute.
+        "recompute_swiglu": ("recompute_swiglu", "none", "none"),
+        "compact:0.25+recompute_attention": ("compact:0.25+recompute_attention", "compact", "none"),
     }
     for text, (name, method, ac_mode) in cases.items():
         variant = parse_variant(text)
@@ -336,7 +347,19 @@ def test_storage_variants():
     raw = parse_variant("lowrank:0.125+ac_lowrank:8").apply({})
     assert raw["compression"]["method"] == "lowrank" and raw["compression"]["rank"] == 0.125
     assert raw["memory"]["policy"] == {"norm": "lowrank:8", "swiglu": "lowrank:8"}
+    assert parse_variant("ac_full_lowrank:16+ac_lowrank:8").storage_policy({}) == StoragePolicy(
+        block_input="lowrank:16", norm="lowrank:8", swiglu="lowrank:8"
+    )
+    assert parse_variant("recompute_swiglu").storage_policy({}) == StoragePolicy(swiglu="recompute")
+    raw = parse_variant("compact:0.25+ac_full_int8").apply({"memory": {"policy": {"norm": "fp8"}}})
+    assert raw["activation_checkpointing"]["mode"] == "full"
+    assert raw["memory"]["policy"] == {"norm": "fp8", "block_input": "int8"}
     for bad, message in (
+        ("ac_full_int4", "'ac_full_int4' is not ac_full_int8, ac_full_fp8 or ac_full_lowrank"),
+        ("ac_full_lowrank:1.5", "is not ac_full_int8, ac_full_fp8 or ac_full_lowrank:RANK"),
+        ("ac_full_int8+ac_selective", "names two checkpointing modes"),
+        ("ac_full_fp8+naive", "ac_full_fp8 packs the block input, which needs the memory-eff"),
+        ("ac_sublayer+naive", "ac_sublayer re-runs each sublayer from what the memory-efficient"),
         ("int8+fp8", "at most one of ['int8', 'fp8']"),
         ("int8+naive", "int8 storage needs the memory-efficient block"),
         ("ac_lowrank:8+int8", "at most one of ['int8', 'fp8'], ac_lowrank:RANK"),

@@ -6,8 +6,12 @@ A variant names one way of saving activation memory; a list is comma-separated::
     VARIANT  := BASE ["+" AC] ["+" STORAGE] ["+" "naive"] | STORAGE | "naive"
                 (the parts in any order)
     BASE     := "none" | AC | METHOD ":" ARG | METHOD
-    AC       := "ac_selective" | "ac_full"
+    AC       := "ac_selective" | "ac_full" | "ac_sublayer" | "ac_full_" BLOCK
+    BLOCK    := "int8" | "fp8" | "lowrank:" RANK   (``memory.policy.block_input``: full
+                checkpointing keeping each block's input packed; lowrank is LoRAct's layer mode)
     STORAGE  := "int8" | "fp8"   (``memory.policy`` of ``attention`` and ``swiglu``)
+              | "recompute_attention" | "recompute_swiglu"  (``memory.policy`` of that kind:
+                ``recompute``, the sublayer re-run from the norm output)
               | "ac_lowrank:" RANK  (``memory.policy`` of ``norm`` and ``swiglu``: ``lowrank:RANK``)
     METHOD   := a registered compression method other than none (compact, lowrank, subtoken,
                 and any method a plugin registers)
@@ -19,7 +23,9 @@ A variant names one way of saving activation memory; a list is comma-separated::
 
 Examples: ``none``, ``ac_full``, ``compact:0.25``, ``compact:0.25+ac_full``,
 ``lowrank:0.125+ac_selective``, ``subtoken:32``, ``naive``, ``compact:0.25+naive``, ``int8``,
-``fp8+ac_selective``, ``compact:0.25+int8``, ``ac_lowrank:0.25``, ``ac_lowrank:64+ac_selective``.
+``fp8+ac_selective``, ``compact:0.25+int8``, ``ac_lowrank:0.25``, ``ac_lowrank:64+ac_selective``,
+``ac_full_lowrank:0.25``, ``compact:0.25+ac_full_int8``, ``ac_full_lowrank:16+ac_lowrank:8``,
+``ac_sublayer``, ``ac_sublayer+ac_lowrank:0.125``.
 ``none+ac_full`` is the same as ``ac_full``, ``none+naive`` the same as ``naive``.
 
 ``naive`` runs the naive block (``memory.efficient_ops: false``: the norms, attention core and
@@ -30,11 +36,16 @@ variant runs the memory-efficient exact block, so ``none`` is the strongest exac
 keep the base config's policy. ``ac_lowrank:RANK`` keeps the block norms' outputs and
 ``[gate | up]`` as LoRAct's low-rank factors (``memory.policy`` ``norm`` and ``swiglu`` at
 ``lowrank:RANK``; RANK a ratio of each factorised width with a decimal point or an absolute
-int, as a method's rank). Storage variants need the efficient block (not with ``naive``).
+int, as a method's rank). ``ac_full_BLOCK`` is ``ac_full`` whose blocks keep their input
+packed (``memory.policy.block_input``: ``int8``, ``fp8`` or ``lowrank:RANK``, LoRAct's layer
+mode). ``ac_sublayer`` is pre-norm sublayer checkpointing (``activation_checkpointing.mode:
+sublayer``): the blocks keep what their norms keep; with ``ac_lowrank:RANK`` (norm factors)
+it is LoRAct's pre-norm sublayer mode. Storage variants and ``ac_sublayer`` need the efficient
+block (not with ``naive``).
 
 A variant changes only ``compression.method``, the method's ablation option
 (``compression.rank``, ``compression.groups``, ...), ``activation_checkpointing.mode`` and
-``memory.efficient_ops`` and (a storage variant) ``memory.policy``; every other setting (sites, seed, projection, resample period,
+``memory.efficient_ops`` and (a storage or ``ac_full_BLOCK`` variant) ``memory.policy``; every other setting (sites, seed, projection, resample period,
 checkpointed layer count, ...) comes from the base config. ``compression.grad_mode`` is kept for methods that support
 ``subspace`` and set to ``lift`` for the others.
 """
@@ -55,9 +66,13 @@ from actcomp_dist.storage import LowRankStorage, StoragePolicy
 if TYPE_CHECKING:
     from actcomp_dist.training.config import MemoryConfig
 
-AC_NAMES = {"ac_selective": "selective", "ac_full": "full"}
+AC_NAMES = {"ac_selective": "selective", "ac_full": "full", "ac_sublayer": "sublayer"}
+#: ``ac_full_BLOCK``: full checkpointing with ``memory.policy.block_input = BLOCK``.
+PACKED_FULL = "ac_full_"
 NAIVE = "naive"
 STORAGE_NAMES = ("int8", "fp8")
+#: ``recompute_KIND``: ``memory.policy.KIND = recompute``.
+RECOMPUTE_NAMES = {"recompute_attention": "attention", "recompute_swiglu": "swiglu"}
 #: The storage variant of LoRAct's factors: ``ac_lowrank:RANK``.
 LOWRANK_STORAGE = "ac_lowrank"
 #: The kinds an ``int8`` / ``fp8`` variant stores in 8 bits.
@@ -66,9 +81,10 @@ STORAGE_KINDS = ("attention", "swiglu")
 LOWRANK_STORAGE_KINDS = ("norm", "swiglu")
 GRAMMAR = (
     "VARIANT := BASE['+'AC]['+'STORAGE]['+naive'] | STORAGE | naive; "
-    "STORAGE := int8 | fp8 | ac_lowrank:RANK; "
-    "BASE := none | ac_selective | ac_full | "
-    "METHOD:ARG | METHOD; AC := ac_selective | ac_full; METHOD:ARG is compact:RANK, "
+    "STORAGE := int8 | fp8 | ac_lowrank:RANK | recompute_attention | recompute_swiglu; "
+    "BASE := none | AC | "
+    "METHOD:ARG | METHOD; AC := ac_selective | ac_full | ac_sublayer | ac_full_int8 | "
+    "ac_full_fp8 | ac_full_lowrank:RANK; METHOD:ARG is compact:RANK, "
     "lowrank:RANK (RANK a ratio like 0.25 or an absolute int like 64) or subtoken:GROUPS (an "
     "int); '+naive' runs the naive block (memory.efficient_ops=false)"
 )
@@ -82,13 +98,16 @@ class VariantError(ValueError):
 class Variant:
     """One parsed variant. ``argument`` is the value of the method's ablation option (rank,
     group count, ...); ``efficient_ops`` is false for ``+naive``; ``storage`` is ``int8``,
-    ``fp8``, ``lowrank:RANK`` or ``None`` (the base config's ``memory.policy``)."""
+    ``fp8``, ``lowrank:RANK``, ``recompute_attention``, ``recompute_swiglu`` or ``None`` (the
+    base config's ``memory.policy``);
+    ``block_input`` is the ``memory.policy.block_input`` of an ``ac_full_BLOCK`` variant."""
 
     method: str = "none"
     argument: float | int | None = None
     ac_mode: str = "none"
     efficient_ops: bool = True
     storage: str | None = None
+    block_input: str | None = None
 
     @property
     def name(self) -> str:
@@ -105,21 +124,30 @@ class Variant:
     @property
     def storage_changes(self) -> dict[str, str]:
         """The ``memory.policy`` entries this variant sets."""
+        changes = {} if self.block_input is None else {"block_input": self.block_input}
         if self.storage is None:
-            return {}
+            return changes
+        if self.storage in RECOMPUTE_NAMES:
+            return {RECOMPUTE_NAMES[self.storage]: "recompute"} | changes
         kinds = LOWRANK_STORAGE_KINDS if self.storage.startswith("lowrank:") else STORAGE_KINDS
-        return {kind: self.storage for kind in kinds}
+        return {kind: self.storage for kind in kinds} | changes
+
+    @property
+    def _ac_name(self) -> str:
+        if self.block_input is not None:
+            return f"{PACKED_FULL}{self.block_input}"
+        return f"ac_{self.ac_mode}"
 
     @property
     def _base_name(self) -> str:
         if self.method == "none":
-            base = "none" if self.ac_mode == "none" else f"ac_{self.ac_mode}"
+            base = "none" if self.ac_mode == "none" else self._ac_name
             if base == "none" and not self.efficient_ops:
                 return NAIVE
         else:
             base = self.method if self.argument is None else f"{self.method}:{self.argument}"
             if self.ac_mode != "none":
-                base = f"{base}+ac_{self.ac_mode}"
+                base = f"{base}+{self._ac_name}"
         return base if self.efficient_ops else f"{base}+{NAIVE}"
 
     @property
@@ -168,7 +196,7 @@ class Variant:
         raw.setdefault("activation_checkpointing", {})["mode"] = self.ac_mode
         memory = raw.setdefault("memory", {})
         memory["efficient_ops"] = self.efficient_ops
-        if self.storage is not None:
+        if self.storage_changes:
             memory.setdefault("policy", {}).update(self.storage_changes)
         return raw
 
@@ -189,37 +217,76 @@ def parse_variant(text: str) -> Variant:
     if not variant:
         raise VariantError(f"empty variant in the list; grammar: {GRAMMAR}")
     parts = [part.strip() for part in variant.split("+")]
+    packed_full = [part for part in parts if part.startswith(PACKED_FULL)]
+    block_input = None
+    if packed_full:
+        block_input = _parse_block_input(packed_full[0], variant)
+        parts = ["ac_full" if part.startswith(PACKED_FULL) else part for part in parts]
     naive = parts.count(NAIVE)
     if naive > 1:
         raise VariantError(f"variant {variant!r} names 'naive' twice")
     storages = [part for part in parts if _is_storage(part)]
     if len(storages) > 1:
         raise VariantError(
-            f"variant {variant!r}: at most one of {list(STORAGE_NAMES)}, {LOWRANK_STORAGE}:RANK"
+            f"variant {variant!r}: at most one of {list(STORAGE_NAMES)}, {LOWRANK_STORAGE}:RANK, "
+            f"{list(RECOMPUTE_NAMES)}"
         )
     if storages and naive:
         raise VariantError(
             f"variant {variant!r}: {storages[0]} storage needs the memory-efficient block; "
             f"drop '+naive'"
         )
+    if packed_full and naive:
+        raise VariantError(
+            f"variant {variant!r}: {packed_full[0]} packs the block input, which needs the "
+            f"memory-efficient block; drop '+naive'"
+        )
     parts = [part for part in parts if part != NAIVE and not _is_storage(part)] or ["none"]
     parsed = _parse_compression_and_ac(parts, variant)
+    if parsed.ac_mode == "sublayer" and naive:
+        raise VariantError(
+            f"variant {variant!r}: ac_sublayer re-runs each sublayer from what the "
+            f"memory-efficient norm keeps; drop '+naive'"
+        )
     return Variant(
         parsed.method,
         parsed.argument,
         parsed.ac_mode,
         efficient_ops=not naive,
         storage=_parse_storage(storages[0], variant) if storages else None,
+        block_input=block_input,
+    )
+
+
+def _parse_block_input(part: str, variant: str) -> str:
+    """The ``memory.policy.block_input`` of an ``ac_full_BLOCK`` part."""
+    block = part[len(PACKED_FULL) :]
+    if block in STORAGE_NAMES:
+        return block
+    if block.startswith("lowrank:"):
+        try:
+            LowRankStorage(parse_rank_argument(block.partition(":")[2]))
+        except ValueError:
+            pass
+        else:
+            return block
+    raise VariantError(
+        f"variant {variant!r}: {part!r} is not ac_full_int8, ac_full_fp8 or "
+        f"ac_full_lowrank:RANK (RANK a ratio in (0, 1] with a decimal point, or an int >= 1)"
     )
 
 
 def _is_storage(part: str) -> bool:
-    return part in STORAGE_NAMES or part.partition(":")[0] == LOWRANK_STORAGE
+    return (
+        part in STORAGE_NAMES
+        or part in RECOMPUTE_NAMES
+        or part.partition(":")[0] == LOWRANK_STORAGE
+    )
 
 
 def _parse_storage(part: str, variant: str) -> str:
     """The ``memory.policy`` value of a storage part (``ac_lowrank:0.25`` -> ``lowrank:0.25``)."""
-    if part in STORAGE_NAMES:
+    if part in STORAGE_NAMES or part in RECOMPUTE_NAMES:
         return part
     rank = part.partition(":")[2]
     try:

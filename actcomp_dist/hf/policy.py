@@ -34,7 +34,8 @@ Presets: ``"exact"`` (every kind ``keep``: memory-efficient exact ops, losses eq
 unpatched model's) and ``"loract"`` (``norm`` and ``swiglu`` at ``lowrank:R`` with
 ``R = width // 8``: LoRAct's norm and act_fn modes, Shi et al., arXiv 2509.23472; the rank
 ratio is this package's choice, not a value taken from the paper; LoRAct's layer and pre-norm
-sublayer modes are not implemented). A mapping in the run config's ``memory.policy`` format
+sublayer modes are not implemented for Hugging Face models; the LLaMA model has them as
+``block_input: lowrank:R`` and ``activation_checkpointing.mode: sublayer``). A mapping in the run config's ``memory.policy`` format
 (kind -> policy) gives any other mix, e.g. ``{"norm": "lowrank:16", "attention": "int8"}``.
 
 ``compression`` (a :class:`~actcomp_dist.config.CompressionConfig`) swaps the trainable

@@ -63,7 +63,10 @@ the same model bit for bit as before the option existed. Forward results are ide
 the block norms' outputs, attention's q, k, v, o and SwiGLU's ``[gate | up]`` in 8 bits, and
 the block norms' outputs and ``[gate | up]`` as LoRAct low-rank factors; a packed norm output
 is kept once, by the norm and the uncompressed qkv / fc1 that reads it
-(:mod:`actcomp_dist.storage`).
+(:mod:`actcomp_dist.storage`). ``attention`` / ``swiglu`` ``recompute`` re-runs that whole
+sublayer in backward from the norm output (:func:`actcomp_dist.autograd.checkpoint_sublayer`,
+which sublayer activation checkpointing installs on both sublayers as
+``LlamaDecoderLayer.checkpoint_sublayer``).
 
 RMSNorm (fp32 statistics) and RoPE (rotate-half, precomputed cos/sin) follow Hugging Face's
 ``LlamaForCausalLM`` so logits can be compared with it.
@@ -81,7 +84,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from actcomp_dist.autograd import recompute_in_backward
+from actcomp_dist.autograd import checkpoint_sublayer, recompute_in_backward
 from actcomp_dist.config import TRANSFORMER_SITES, CompressionConfig
 from actcomp_dist.models.configs import LlamaConfig, check_tensor_parallel, get_model_config
 from actcomp_dist.models.efficient_ops import rms_norm, stored_rms_norm
@@ -421,12 +424,32 @@ class LlamaDecoderLayer(nn.Module):
         # tensor that a consumer keeps anyway, which is less than a recompute keeps (its input
         # plus the consumer's copy of the output).
         self.recompute: Recompute | None = None
+        # Set by sublayer activation checkpointing: ``checkpoint_sublayer(run, y)`` runs the
+        # attention / MLP sublayer on its norm output ``y`` keeping only what the norm keeps.
+        self.checkpoint_sublayer: Callable[..., torch.Tensor] | None = None
+        # memory.policy attention / swiglu ``recompute``: that sublayer alone, the same way.
+        self.recompute_attention = build.storage.recomputes("attention")
+        self.recompute_mlp = build.storage.recomputes("swiglu")
 
     def forward(self, hidden: torch.Tensor, rope: Rope) -> torch.Tensor:
+        checkpoint_attention = self.checkpoint_sublayer or (
+            checkpoint_sublayer if self.recompute_attention else None
+        )
+        checkpoint_mlp = self.checkpoint_sublayer or (
+            checkpoint_sublayer if self.recompute_mlp else None
+        )
         run = self.recompute or _call
         run_cheap = _call if self.efficient_ops else run
-        hidden = hidden + self.attention(run_cheap(self.input_norm, hidden), rope, run)
-        return hidden + self.mlp(run_cheap(self.mlp_norm, hidden), run_cheap)
+        normed = run_cheap(self.input_norm, hidden)
+        if checkpoint_attention is not None:
+            attention = functools.partial(self.attention, rope=rope)
+            hidden = hidden + checkpoint_attention(attention, normed)
+        else:
+            hidden = hidden + self.attention(normed, rope, run)
+        normed = run_cheap(self.mlp_norm, hidden)
+        if checkpoint_mlp is not None:
+            return hidden + checkpoint_mlp(self.mlp, normed)
+        return hidden + self.mlp(normed, run_cheap)
 
 
 class LlamaModel(nn.Module):

@@ -55,14 +55,17 @@ class ParallelSection:
             )
 
 
-AC_MODES = ("none", "selective", "full")
+AC_MODES = ("none", "selective", "full", "sublayer")
 
 
 @dataclass
 class ActivationCheckpointingSection:
     """``mode``: ``none``; ``selective`` (recompute the attention core and, in the naive block,
-    the norms and the SwiGLU product); ``full`` (store each block's input, recompute the block). ``num_layers``: how many
-    decoder blocks (from the first) are checkpointed; ``null`` = all."""
+    the norms and the SwiGLU product); ``full`` (store each block's input, recompute the block);
+    ``sublayer`` (keep what the norms keep, recompute the attention and MLP sublayers from the
+    norm outputs; with ``memory.policy.norm: lowrank:R`` LoRAct's pre-norm sublayer mode).
+    ``num_layers``: how many decoder blocks (from the first) are checkpointed; ``null`` =
+    all."""
 
     mode: str = "none"
     num_layers: int | None = None
@@ -589,7 +592,29 @@ def run_config_from_dict(
                 section.validate()
             except ConfigError as err:
                 raise ConfigError(f"{source}: {err}") from None
+    _check_block_input_policy(config, source)
     return config
+
+
+def _check_block_input_policy(config: RunConfig, source: str) -> None:
+    """A packed ``memory.policy.block_input`` packs what full checkpointing keeps; sublayer
+    checkpointing reads what the memory-efficient norm keeps."""
+    memory = getattr(config, "memory", None)
+    checkpointing = getattr(config, "activation_checkpointing", None)
+    if memory is None or checkpointing is None:
+        return
+    if checkpointing.mode == "sublayer" and not memory.efficient_ops:
+        raise ConfigError(
+            f"{source}: activation_checkpointing.mode='sublayer' re-runs each sublayer from the "
+            f"norm output the memory-efficient norm keeps; it needs memory.efficient_ops=true"
+        )
+    policy = memory.policy.get("block_input", "keep")
+    if policy != "keep" and checkpointing.mode != "full":
+        raise ConfigError(
+            f"{source}: memory.policy.block_input={policy!r} packs the block input that full "
+            f"checkpointing keeps; it needs activation_checkpointing.mode='full' (got "
+            f"{checkpointing.mode!r}), or set it to 'keep'"
+        )
 
 
 def import_plugins(plugins: Any, where: str = "plugins") -> list[str]:
