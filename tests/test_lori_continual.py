@@ -145,6 +145,18 @@ def test_the_command_refuses_a_mismatched_task_list_on_every_rank(tmp_path):
     assert not run_dir.exists()  # neither the run nor its calibration wrote anything
 
 
+def test_sort_words_rows_answer_their_prompt_sorted():
+    from actcomp_dist.data.jsonl import synthetic_rows
+
+    rows = synthetic_rows("sort_words", 50, seed=3)
+    assert rows == synthetic_rows("sort_words", 50, seed=3)  # deterministic in the seed
+    for row in rows:
+        words = row["prompt"].removeprefix("sort: ").split()
+        assert row["prompt"] == "sort: " + " ".join(words) + "\n"
+        assert row["response"] == " ".join(sorted(words))
+    assert any(r["response"] != r["prompt"][6:-1] for r in rows)  # not a copy task
+
+
 # ----------------------------------------------------------------------------- clipping
 
 
