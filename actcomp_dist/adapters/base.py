@@ -127,10 +127,12 @@ def geometry_of(linear: nn.Module) -> AdapterGeometry:
     )
 
 
-def adapter_seed(seed: int, layer_id: int, site: str) -> int:
-    """The seed of A for (adapter seed, layer, site): the pure seed function of actcomp_dist.seeds, in a
-    namespace of its own so it never coincides with a compression projection's seed."""
-    return projection_seed(seed, layer_id, "adapter/" + site, 0, 0)
+def adapter_seed(seed: int, layer_id: int, site: str, task: int = 0) -> int:
+    """The seed of A for (adapter seed, layer, site, task): the pure seed function of
+    actcomp_dist.seeds, in a namespace of its own so it never coincides with a compression
+    projection's seed. The task index of a continual-learning sequence takes the block slot, so
+    each task of one base seed draws its own A (task 0 is the single-task adapter's A)."""
+    return projection_seed(seed, layer_id, "adapter/" + site, task, 0)
 
 
 def generate_A(
@@ -280,12 +282,15 @@ class LowRankAdapter(nn.Module):
         self.B = nn.Parameter(
             torch.zeros((geometry.b_rows, config.rank), device=device, dtype=dtype)
         )
+        # A column-parallel B is this rank's rows of the logical B (per-tensor norms sum it
+        # over the TP group: actcomp_dist.optim.clip).
+        self.B.tensor_parallel_shard = geometry.b_sharded
         self.register_buffer("mask", None)
         self.register_buffer("frozen_B", None)
 
     @property
     def seed(self) -> int:
-        return adapter_seed(self.config.seed, self.layer_id, self.site)
+        return adapter_seed(self.config.seed, self.layer_id, self.site, self.config.task)
 
     @property
     def scale(self) -> float:

@@ -27,6 +27,9 @@ class AdapterConfig:
             ``projection_seed(seed, layer_id, "adapter/" + site, 0, 0)``: the same A on every
             rank and after every reload, independent ones for different tasks (give each task
             its own seed). For ``lora`` it seeds A's initialisation.
+        task: the index of this adapter's task in a continual-learning sequence (0 for a
+            single task). A is drawn from ``projection_seed(seed, layer_id, "adapter/" + site,
+            task, 0)``, so the tasks of one base seed have independent A matrices.
         sparsity: the fraction of B entries a LoRI mask removes (``compute_masks``); 0.9 keeps
             10%. Only used when masks are computed.
         cache_A: keep ``A`` on the module (r x n per site, not saved in any state dict) instead
@@ -41,6 +44,7 @@ class AdapterConfig:
     alpha: float | None = None
     targets: tuple[str, ...] = field(default=TRANSFORMER_SITES)
     seed: int = 0
+    task: int = 0
     sparsity: float = 0.9
     cache_A: bool = True
     input_compression: CompressionConfig | None = None
@@ -72,6 +76,8 @@ class AdapterConfig:
             raise ValueError("AdapterConfig.targets is empty; name at least one linear site")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"AdapterConfig.seed={self.seed!r} must be an int >= 0")
+        if isinstance(self.task, bool) or not isinstance(self.task, int) or self.task < 0:
+            raise ValueError(f"AdapterConfig.task={self.task!r} must be an int >= 0")
         if isinstance(self.sparsity, bool) or not (
             isinstance(self.sparsity, (int, float)) and 0.0 <= self.sparsity < 1.0
         ):

@@ -4,8 +4,8 @@ A saved adapter is a directory with two layouts side by side:
 
 - ours, which resumes training exactly (masks, sparse storage, A regenerated from its seed):
 
-  - ``actcomp_adapter.json``: the :class:`AdapterConfig` (method, rank, alpha, seed, ...), the
-    adapter name and, per adapted linear, its layer id, site and logical shape;
+  - ``actcomp_adapter.json``: the :class:`AdapterConfig` (method, rank, alpha, seed, task, ...),
+    the adapter name and, per adapted linear, its layer id, site, logical shape and A's seed;
   - ``actcomp_adapter.safetensors``: per adapted linear (model names), in the linear's logical
     (unsharded, fused) row order:
 
@@ -150,6 +150,7 @@ def save_adapter(model: nn.Module, directory: str | Path, name: str = "default")
             "site": adapter.site,
             "in_features": geometry.in_features,
             "out_features": geometry.out_features,
+            "a_seed": adapter.seed,
             "masked": adapter.mask is not None,
             "sparse_storage": False,
         }
@@ -227,6 +228,11 @@ def load_adapter(
             geometry.out_features,
         ) or (entry["layer_id"], entry["site"]) != (adapter.layer_id, adapter.site):
             raise ValueError(f"adapter {directory}: {path} was saved for another layer shape")
+        if entry.get("a_seed", adapter.seed) != adapter.seed:
+            raise ValueError(
+                f"adapter {directory}: {path} was saved with A seed {entry['a_seed']}, its "
+                f"config (seed {config.seed}, task {config.task}) derives {adapter.seed}"
+            )
         mask = unpack_bits(tensors[f"{path}.mask_bits"], shape) if entry["masked"] else None
         if entry["sparse_storage"]:
             b = torch.zeros(shape, dtype=tensors[f"{path}.B_values"].dtype)

@@ -30,6 +30,7 @@ class LoRAAdapter(LowRankAdapter):
         super().__init__(config, geometry, layer_id, site, device=device, dtype=dtype)
         a = generate_A(self.seed, self.rank, geometry.in_features, self.A_columns)
         self.A = nn.Parameter(a.to(device=device, dtype=dtype or self.B.dtype))
+        self.A.tensor_parallel_shard = geometry.mode == ROW and geometry.tp_size > 1
         # The compressor of A's input; ``compression`` / ``subspace`` / ``schedule`` follow the
         # compressed layers' attribute names so model-wide helpers
         # (``find_schedule``, ``compression_disabled``) treat the adapter like one of them.

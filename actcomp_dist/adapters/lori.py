@@ -1,7 +1,7 @@
 """``lori``: LoRA with frozen random A and (optionally sparse) trained B (LoRI, arXiv 2504.07448).
 
 ``delta W = (alpha / r) * B A``. ``A`` [r, n] is frozen at its random initialisation and is
-never stored: it is regenerated from ``adapter_seed(seed, layer_id, site)`` (on the CPU, so the
+never stored: it is regenerated from ``adapter_seed(seed, layer_id, site, task)`` (on the CPU, so the
 same numbers on every device and TP size), kept on the module as a non-persistent buffer
 (``cache_A``) or regenerated in every forward and backward. Only ``B`` is trained, so the
 backward needs only ``Z = A x`` [N, r] — the input ``x`` [N, n] is never saved.

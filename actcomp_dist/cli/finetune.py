@@ -15,11 +15,29 @@ from actcomp_dist.training.finetune_config import FinetuneRunConfig
 DESCRIPTION = "Fine-tune a LLaMA model (full + compressed activations, LoRA, LoRI)."
 
 
+class _Preempted:
+    """Stands in for the trainer when the LoRI-S calibration run was preempted: the command
+    ends there (exit 0) and the same command resumes the calibration."""
+
+    def __init__(self, result) -> None:
+        self.result = result
+
+    def train(self):
+        return self.result
+
+    def close(self) -> None:
+        pass
+
+
 def _finetuning_trainer(config):
     # The pretraining recipe's trainer with the fine-tuning hooks: JSONL data, Hugging Face or
     # random init, LoRA / LoRI adapters, adapter saving. Loaded after the message filters.
-    from actcomp_dist.training.finetune import FinetuneTrainer
+    # LoRI-S with finetune.mask.calibration_steps trains its dense calibration adapter first.
+    from actcomp_dist.training.finetune import FinetuneTrainer, calibrate
 
+    calibrated = calibrate(config)
+    if calibrated is not None and calibrated.preempted:
+        return _Preempted(calibrated)
     return FinetuneTrainer(config)
 
 

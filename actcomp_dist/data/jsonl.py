@@ -3,7 +3,7 @@
 A row is ``{"prompt": ..., "response": ...}`` (the loss is on the response and EOS tokens
 only, unless ``loss_on="all"``) or ``{"text": ...}`` (loss everywhere); other keys are
 ignored. :func:`synthetic_rows` generates a task instead (``reverse_words``: the prompt's words
-in reverse order) for the tiny configs and the tests.
+in reverse order; ``sort_words``: in alphabetical order) for the tiny configs and the tests.
 
 Samples: ``tokens = [BOS] + tok(template(prompt)) + tok(response) + [EOS]``; inputs
 ``tokens[:-1]``, labels ``tokens[1:]``, ``loss_mask[i] = 1`` iff label ``i`` is a response (or
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-SYNTHETIC_TASKS = ("reverse_words",)
+SYNTHETIC_TASKS = ("reverse_words", "sort_words")
 LOSS_ON = ("response", "all")
 
 
@@ -43,14 +43,17 @@ _WORDS = (
 
 def synthetic_rows(task: str, count: int, seed: int) -> list[dict[str, str]]:
     """``count`` prompt/response rows of a generated task (deterministic in ``seed``)."""
-    if task != "reverse_words":
+    if task not in SYNTHETIC_TASKS:
         raise ValueError(f"unknown synthetic task {task!r}; known: {list(SYNTHETIC_TASKS)}")
+    # Each task names itself in the prompt ("reverse:", "sort:"), so that one model (merged
+    # adapters) can tell the tasks apart from the input, as distinct real tasks can.
+    verb, answer = ("reverse", lambda w: w[::-1]) if task == "reverse_words" else ("sort", sorted)
     rng = random.Random(seed)
     rows = []
     for _ in range(count):
         words = [rng.choice(_WORDS) for _ in range(rng.randint(3, 5))]
         rows.append(
-            {"prompt": "reverse: " + " ".join(words) + "\n", "response": " ".join(words[::-1])}
+            {"prompt": f"{verb}: " + " ".join(words) + "\n", "response": " ".join(answer(words))}
         )
     return rows
 

@@ -242,6 +242,7 @@ NONFINITE_POLICIES = ("stop", "skip")
 # AdamW moves every weight by about lr per step whatever the gradient's scale, so a peak
 # learning rate above 1 rewrites weights initialised at ~0.02 in one step: a typo, not a recipe.
 MAX_LR = 1.0
+CLIP_GRAD_SCOPES = ("global", "parameter")
 
 
 @dataclass
@@ -261,6 +262,9 @@ class TrainSection:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     clip_grad: float = 1.0
+    # "global": one norm over every gradient (DeepSpeed's clip); "parameter": each parameter
+    # tensor clipped to clip_grad on its own (LoRI's released code; ZeRO 0, fp32).
+    clip_grad_scope: str = "global"
     precision: str = "fp32"
     seed: int = 1234
     # CompAct's alpha for grad_mode 'subspace': a number, or a map site -> alpha with "default"
@@ -319,6 +323,11 @@ class TrainSection:
         if self.lr_decay not in ("cosine", "linear", "constant"):
             raise ConfigError(
                 f"train.lr_decay={self.lr_decay!r} is not one of ['cosine', 'linear', 'constant']"
+            )
+        if self.clip_grad_scope not in CLIP_GRAD_SCOPES:
+            raise ConfigError(
+                f"train.clip_grad_scope={self.clip_grad_scope!r} is not one of "
+                f"{list(CLIP_GRAD_SCOPES)}"
             )
         if self.precision not in PRECISIONS:
             raise ConfigError(
@@ -745,6 +754,20 @@ def validate_run(config: RunConfig, world_size: int) -> None:
                 f"deepspeed.data_types.grad_accum_dtype unset or 'bf16', got {accumulate!r}: "
                 f"DeepSpeed then steps with its BF16_Optimizer, whose gradient-norm clip the "
                 f"partitioned subspace state cannot join"
+            )
+    if config.train.clip_grad_scope == "parameter":
+        stage = config.deepspeed.get("zero_optimization", {}).get("stage", 0)
+        if (
+            stage != 0
+            or config.train.precision != "fp32"
+            or (config.compression.grad_mode == "subspace")
+        ):
+            raise ConfigError(
+                f"train.clip_grad_scope='parameter' needs deepspeed.zero_optimization.stage=0, "
+                f"train.precision='fp32' and compression.grad_mode other than 'subspace' (the "
+                f"torch AdamW then holds the parameters themselves); got stage {stage}, "
+                f"precision {config.train.precision!r}, grad_mode "
+                f"{config.compression.grad_mode!r}"
             )
     if config.parallel.sequence_parallel and config.data.seq_length % tp != 0:
         raise ConfigError(

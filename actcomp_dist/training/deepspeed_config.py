@@ -49,7 +49,8 @@ def deepspeed_config(config: RunConfig, world_size: int) -> dict[str, Any]:
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": gradient_accumulation_steps(config, world_size),
         "train_batch_size": train.global_batch_size,
-        "gradient_clipping": train.clip_grad,
+        # Per-parameter clipping happens in our optimizer step (training/engine.py).
+        "gradient_clipping": train.clip_grad if train.clip_grad_scope == "global" else 0.0,
     }
     for key, value in derived.items():
         if key in ds and ds[key] != AUTO and ds[key] != value:

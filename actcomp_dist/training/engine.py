@@ -117,7 +117,8 @@ def build_engine(config: RunConfig, model: nn.Module, world_size: int, mpu) -> E
         )
         merger.attach_to(ds_optimizer)
     if stage == 0 and train.precision == "fp32":
-        _skip_non_finite_fp32_steps(engine)
+        per_parameter = train.clip_grad if train.clip_grad_scope == "parameter" else None
+        _skip_non_finite_fp32_steps(engine, per_parameter)
     return Engine(
         engine=engine,
         optimizer=ds_optimizer,
@@ -127,7 +128,7 @@ def build_engine(config: RunConfig, model: nn.Module, world_size: int, mpu) -> E
     )
 
 
-def _skip_non_finite_fp32_steps(engine) -> None:
+def _skip_non_finite_fp32_steps(engine, per_parameter_max_norm: float | None = None) -> None:
     """Give ZeRO 0 in fp32 the overflow skip every other DeepSpeed path has.
 
     There DeepSpeed steps the torch optimizer directly: it clips in ``clip_fp32_gradients``
@@ -139,8 +140,15 @@ def _skip_non_finite_fp32_steps(engine) -> None:
     ``_take_model_step`` reads ``optimizer.overflow`` and ``optimizer._global_grad_norm``, so
     the skip is counted and the LR schedule held as on the ZeRO paths. The gradients are
     all-reduced over data parallelism by then, so every rank computes the same norm.
+
+    ``per_parameter_max_norm`` (``train.clip_grad_scope='parameter'``, DeepSpeed's clip then
+    off): after the global norm's finiteness check, each parameter tensor is clipped to it on
+    its own (:func:`~actcomp_dist.optim.clip.clip_grad_norm_per_parameter_`); the logged
+    norm stays the global one, before clipping.
     """
     from deepspeed.runtime.utils import clip_grad_norm_
+
+    from actcomp_dist.optim.clip import clip_grad_norm_per_parameter_
 
     optimizer = engine.optimizer  # the torch AdamW itself: no DeepSpeed wrapper at ZeRO 0 fp32
     step = optimizer.step
@@ -154,6 +162,13 @@ def _skip_non_finite_fp32_steps(engine) -> None:
         optimizer.overflow = not bool(torch.isfinite(norm).all())
         if optimizer.overflow:
             return None
+        if per_parameter_max_norm is not None:
+            tp_group = engine.mpu.get_model_parallel_group() if engine.mpu is not None else None
+            clip_grad_norm_per_parameter_(
+                [p for p in engine.module.parameters() if p.requires_grad],
+                per_parameter_max_norm,
+                tp_group,
+            )
         return step(closure)
 
     optimizer.step = guarded_step

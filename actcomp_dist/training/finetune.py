@@ -15,19 +15,31 @@ The config (:mod:`actcomp_dist.training.finetune_config`) is the pretraining one
   adapters of mode ``lora`` / ``lori`` (base frozen) and LoRI-S's masks;
 - ``save``: the checkpoint, then the adapter (``finetune.adapter_dir``).
 
-LoRI-S is two runs (as the paper calibrates on a full LoRI-D run): a dense one, then
-``--set 'finetune.mask={"sparsity": 0.9, "calibration_adapter": "RUN1/adapter"}'`` with another
-``run_dir``.
+LoRI-S (LoRI, arXiv 2504.07448, section 3.2: the mask of a task comes from a dense LoRI
+adapter trained on that task): either two runs, a dense one and then ``--set
+'finetune.mask={"sparsity": 0.9, "calibration_adapter": "RUN1/adapter"}'`` with another
+``run_dir``, or one run with ``finetune.mask={"sparsity": 0.9, "calibration_steps": N}``:
+:func:`calibrate` first trains the dense adapter for N steps as a run of its own in
+``RUN_DIR/calibration`` (same data, seed and optimizer settings; it resumes like any run and is
+not repeated once complete), then the masked adapter trains from B = 0 and step 0 with the
+masks of that adapter's global magnitude threshold.
+
+**Continual learning** (``finetune.previous``: the saved adapters of tasks 0 .. t-1, in order):
+the run trains task t's adapter while the earlier ones are loaded frozen (``requires_grad``
+off, outside the optimizer: they stay bit for bit what was saved) and stay in the forward, as
+the model after task t-1 computes. Each task's A comes from the base seed and the task index
+(``AdapterConfig.task``), so the tasks' adapters are independent; a calibration adapter
+(``calibration_steps``) is trained on task t with the same frozen predecessors.
 
 ``train.export_hf`` writes the merged model (adapters folded into the base weights) at the end.
 
-Not implemented yet: the calibration phase inside one run, continual learning, ``init_from`` a
-pretraining checkpoint, tokenised-row caching, the global (rather than per-micro-batch)
-normalisation of the response loss.
+Not implemented yet: ``init_from`` a pretraining checkpoint, tokenised-row caching, the global
+(rather than per-micro-batch) normalisation of the response loss.
 """
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -38,6 +50,7 @@ from actcomp_dist.adapters import (
     compute_masks,
     load_adapter,
     save_adapter,
+    set_adapter_trainable,
     start_masked_training,
 )
 from actcomp_dist.data.jsonl import (
@@ -48,12 +61,15 @@ from actcomp_dist.data.jsonl import (
     synthetic_rows,
 )
 from actcomp_dist.models.hf import build_llama_from_hf
-from actcomp_dist.training.config import ConfigError
+from actcomp_dist.training.config import CheckpointSection, ConfigError
+from actcomp_dist.training.distributed import launch_info
 from actcomp_dist.training.finetune_config import FinetuneRunConfig, validate_finetune
+from actcomp_dist.training.run_lock import check_run_lock
 from actcomp_dist.training.trainer import (
     Trainer,
     TrainResult,
     build_loaders,
+    check_resume,
     eval_samples,
     load_run_tokenizer,
     print0,
@@ -144,10 +160,22 @@ class FinetuneTrainer(Trainer):
         mode = config.finetune.mode
         if mode != "full":
             sites = apply_adapters(model, config.finetune.adapter_config(), "default")
+            # Continual learning: the earlier tasks' adapters, in the forward but frozen.
+            for index, directory in enumerate(config.finetune.previous):
+                load_adapter(model, directory, f"task{index}")
+                set_adapter_trainable(model, f"task{index}", False)
             if config.finetune.mask is not None:
                 self._start_masked(model)
             count = adapter_parameter_count(model, "default")
-            print0(f"finetune {mode}: adapters on {len(sites)} linears, {count:,} trainable")
+            print0(
+                f"finetune {mode}: adapters on {len(sites)} linears, {count:,} trainable"
+                + (
+                    f" (task {config.finetune.task}; the {config.finetune.task} earlier "
+                    f"task adapter(s) frozen)"
+                    if config.finetune.previous
+                    else ""
+                )
+            )
         else:
             print0("finetune full: every weight trains")
         return model
@@ -156,12 +184,12 @@ class FinetuneTrainer(Trainer):
         """LoRI-S: B of the calibration adapter -> one global magnitude threshold -> masks;
         then B = 0 and training inside the masks (collective over the TP group). On resume the
         same masks are computed again and the checkpoint then restores B (and the masks)."""
-        mask = self.config.finetune.mask
-        load_adapter(model, mask["calibration_adapter"], "default")
+        calibration = calibration_adapter_dir(self.config)
+        load_adapter(model, calibration, "default")
         threshold = compute_masks(model, name="default")
         start_masked_training(model, "default")
         print0(
-            f"LoRI-S: masks from {mask['calibration_adapter']} at sparsity "
+            f"LoRI-S: masks from {calibration} at sparsity "
             f"{self.config.finetune.adapter_config().sparsity} (threshold {threshold:.3g}); "
             f"B restarts from 0"
         )
@@ -174,10 +202,64 @@ class FinetuneTrainer(Trainer):
         return path
 
 
+def calibration_adapter_dir(config: FinetuneRunConfig) -> Path:
+    """The dense adapter LoRI-S masks come from: ``finetune.mask.calibration_adapter``, or the
+    one :func:`calibrate` trains (``RUN_DIR/calibration/adapter``)."""
+    mask = config.finetune.mask
+    if mask.get("calibration_adapter") is not None:
+        return Path(mask["calibration_adapter"])
+    return Path(config.run_dir) / "calibration" / "adapter"
+
+
+def calibration_config(config: FinetuneRunConfig) -> FinetuneRunConfig:
+    """The dense-LoRI run of ``finetune.mask.calibration_steps`` steps: ``config`` without the
+    mask, in ``RUN_DIR/calibration`` (its adapter in ``RUN_DIR/calibration/adapter``), resumed
+    from its own latest checkpoint, saved only at its end, no evaluation and no export."""
+    calibration = copy.deepcopy(config)
+    steps = config.finetune.mask["calibration_steps"]
+    calibration.run_dir = str(Path(config.run_dir) / "calibration")
+    calibration.finetune.mask = None
+    calibration.finetune.adapter_dir = None
+    calibration.train.steps = steps
+    calibration.train.warmup_steps = min(config.train.warmup_steps, steps)
+    calibration.train.eval_interval = 0
+    calibration.train.export_hf = False
+    calibration.checkpoint = CheckpointSection(interval=0, resume="latest", keep=1)
+    return calibration
+
+
+def calibrate(config: FinetuneRunConfig) -> TrainResult | None:
+    """Collective. For ``finetune.mask.calibration_steps``: train the dense calibration
+    adapter (:func:`calibration_config`) unless its run is already complete; ``None`` when
+    there is nothing to calibrate. ``config`` is validated first, so a bad config exits before
+    anything is written or any collective runs."""
+    mask = config.finetune.mask
+    if config.finetune.mode != "lori" or mask is None or mask.get("calibration_steps") is None:
+        return None
+    world_size = launch_info().world_size
+    validate_finetune(config, world_size)
+    # The masked run's directory and checkpoint, checked before the calibration writes.
+    check_run_lock(config.run_dir)
+    check_resume(config, world_size)
+    print0(
+        f"LoRI-S calibration: a dense LoRI adapter, {mask['calibration_steps']} steps, in "
+        f"{Path(config.run_dir) / 'calibration'}"
+    )
+    trainer = FinetuneTrainer(calibration_config(config))
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()
+
+
 def run_finetuning(config: FinetuneRunConfig) -> TrainResult:
-    """Fine-tune as ``config`` says; collective (every rank calls it)."""
+    """Fine-tune as ``config`` says (after the calibration run LoRI-S's
+    ``calibration_steps`` asks for); collective (every rank calls it)."""
     if not isinstance(config, FinetuneRunConfig):
         raise ConfigError(f"run_finetuning needs a FinetuneRunConfig, got {type(config).__name__}")
+    calibrated = calibrate(config)
+    if calibrated is not None and calibrated.preempted:
+        return calibrated
     trainer = FinetuneTrainer(config)
     try:
         return trainer.train()

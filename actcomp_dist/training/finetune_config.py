@@ -14,7 +14,7 @@
     sample. ``loss_on``: ``response`` (default) or ``all`` (prompt tokens too).
     ``prompt_template``: a format string with ``{prompt}`` (default ``"{prompt}"``).
     ``append_eos``: end every row with EOS, trained on (default true). ``synthetic_task``: no
-    files, a generated task (``reverse_words``: the prompt's words in reverse order) for the
+    files, a generated task (``reverse_words``: the prompt's words in reverse order; ``sort_words``: sorted) for the
     tiny configs; ``synthetic_rows``: how many rows it generates. ``num_workers``: data-loader
     worker processes.
 
@@ -27,9 +27,15 @@
     (dense LoRI) or ``{"sparsity": 0.9, "calibration_adapter": DIR}`` (LoRI-S: the masks keep
     the ``1 - sparsity`` largest-magnitude B entries, one threshold over all B matrices, of the
     dense LoRI adapter saved in ``DIR`` by an earlier calibration run with the same ``adapter``
-    settings; training restarts from B = 0 inside them). ``adapter_dir``: where the
+    settings; training restarts from B = 0 inside them), or ``{"sparsity": 0.9,
+    "calibration_steps": N}`` (the same in one run: the dense adapter trains first for N steps
+    in ``RUN_DIR/calibration``). ``adapter_dir``: where the
     adapter is saved (B, and A for LoRA; LoRI's A is regenerated from the seed and never
     stored) at every checkpoint and at the end; ``null`` = ``RUN_DIR/adapter``.
+    ``previous`` (lori only): continual learning, the saved adapters of tasks 0 .. t-1 in
+    order; they are loaded frozen and this run trains task t, whose A seed derives from
+    ``adapter.seed`` and t. Each must be a LoRI adapter of task i at position i with this
+    run's rank, targets and seed.
 
 Importing this module does not import megatron-core or DeepSpeed (the launcher loads the
 config before it installs the filters of their start-up messages); the adapter package,
@@ -122,19 +128,28 @@ class FinetuneDataSection(DataSection):
             )
 
 
-MASK_KEYS = ("sparsity", "calibration_adapter")
+MASK_KEYS = ("sparsity", "calibration_adapter", "calibration_steps")
 
 
 @dataclass
 class FinetuneSection:
     """``mode``: full | lora | lori; ``adapter``: AdapterConfig fields (lora/lori);
-    ``mask``: lori only, ``null`` (dense LoRI) or ``{"sparsity", "calibration_adapter"}``
-    (LoRI-S); ``adapter_dir``: where the adapter is saved (``null`` = ``RUN_DIR/adapter``)."""
+    ``mask``: lori only, ``null`` (dense LoRI) or ``{"sparsity", "calibration_adapter" |
+    "calibration_steps"}`` (LoRI-S); ``adapter_dir``: where the adapter is saved (``null`` =
+    ``RUN_DIR/adapter``); ``previous``: lori only, the saved adapters of the earlier tasks of a
+    continual-learning sequence, in order (loaded frozen; this run trains task
+    ``len(previous)``)."""
 
     mode: str = "lori"
     adapter: dict[str, Any] | None = None
     mask: dict[str, Any] | None = None
     adapter_dir: str | None = None
+    previous: list[str] = field(default_factory=list)
+
+    @property
+    def task(self) -> int:
+        """The index of the task this run trains (0 unless earlier tasks are ``previous``)."""
+        return len(self.previous) if isinstance(self.previous, list) else 0
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -161,12 +176,33 @@ class FinetuneSection:
                     f"'finetune.mask': {sorted(MASK_KEYS)}"
                 )
             calibration = self.mask.get("calibration_adapter")
-            if not isinstance(calibration, str) or not calibration:
+            steps = self.mask.get("calibration_steps")
+            if (calibration is None) == (steps is None):
                 raise ConfigError(
-                    "finetune.mask.calibration_adapter must be the directory of a saved dense "
-                    "LoRI adapter (the adapter_dir of a calibration run with finetune.mask=null)"
+                    "finetune.mask needs exactly one of calibration_adapter (the directory of a "
+                    "saved dense LoRI adapter: the adapter_dir of a run with finetune.mask=null) "
+                    "and calibration_steps (train that dense adapter first, in this run)"
                 )
+            if calibration is not None and (not isinstance(calibration, str) or not calibration):
+                raise ConfigError(
+                    f"finetune.mask.calibration_adapter={calibration!r} must be the directory "
+                    f"of a saved dense LoRI adapter"
+                )
+            if steps is not None:
+                check_positive_int("finetune.mask.calibration_steps", steps)
             self.adapter_config()  # checks the sparsity
+        if not isinstance(self.previous, list) or not all(
+            isinstance(p, str) and p for p in self.previous
+        ):
+            raise ConfigError(
+                f"finetune.previous={self.previous!r} must be a list of saved adapter "
+                f"directories (the earlier tasks', in order)"
+            )
+        if self.previous and self.mode != "lori":
+            raise ConfigError(
+                f"finetune.previous (continual learning) is for mode 'lori'; mode "
+                f"{self.mode!r} trains one task (set finetune.previous=[])"
+            )
         if self.adapter_dir is not None and (
             not isinstance(self.adapter_dir, str) or not self.adapter_dir
         ):
@@ -185,7 +221,7 @@ class FinetuneSection:
                 f"unknown key(s) {[f'finetune.adapter.{k}' for k in unknown]}; valid keys in "
                 f"'finetune.adapter': {sorted(ADAPTER_KEYS)} (the method is finetune.mode)"
             )
-        extra = {"method": self.mode}
+        extra = {"method": self.mode, "task": self.task}
         if isinstance(self.mask, dict) and "sparsity" in self.mask:
             extra["sparsity"] = self.mask["sparsity"]
         try:
@@ -239,8 +275,9 @@ def validate_finetune(config: FinetuneRunConfig, world_size: int) -> None:
                 f"compression.resample_every={config.compression.resample_every} (the adapters "
                 f"share the model's compression schedule)"
             )
-    if ft.mask is not None:
+    if ft.mask is not None and ft.mask.get("calibration_adapter") is not None:
         check_calibration_adapter(ft)
+    check_previous_adapters(ft)
     for name in ("train", "valid"):
         for path in getattr(data, name):
             if not Path(path).is_file():
@@ -273,7 +310,7 @@ def check_calibration_adapter(ft: FinetuneSection) -> None:
     except (FileNotFoundError, ValueError) as err:
         raise ConfigError(f"finetune.mask.calibration_adapter: {err}") from None
     ours = ft.adapter_config()
-    for key in ("method", "rank", "targets", "seed"):
+    for key in ("method", "rank", "targets", "seed", "task"):
         if getattr(saved, key) != getattr(ours, key):
             raise ConfigError(
                 f"finetune.mask.calibration_adapter={directory} was trained with {key}="
@@ -285,3 +322,35 @@ def check_calibration_adapter(ft: FinetuneSection) -> None:
             f"finetune.mask.calibration_adapter={directory} is already masked; calibrate with a "
             f"dense LoRI run (finetune.mask=null)"
         )
+
+
+def check_previous_adapters(ft: FinetuneSection) -> None:
+    """``finetune.previous`` must be the adapters of tasks 0, 1, ... of this sequence: LoRI,
+    in order, with this run's rank, targets and base seed (each task's A seed derives from the
+    base seed and the task index, so an adapter of another sequence has other A matrices)."""
+    if not ft.previous:
+        return
+    from actcomp_dist.adapters import read_adapter_config  # megatron-core: see the module docstring
+
+    ours = ft.adapter_config()
+    for index, directory in enumerate(ft.previous):
+        key = f"finetune.previous[{index}]={directory}"
+        try:
+            _, saved, _ = read_adapter_config(directory)
+        except (FileNotFoundError, ValueError) as err:
+            raise ConfigError(f"finetune.previous[{index}]: {err}") from None
+        if saved.method != "lori":
+            raise ConfigError(f"{key} is a {saved.method!r} adapter; continual learning is LoRI's")
+        if saved.task != index:
+            raise ConfigError(
+                f"{key} is the adapter of task {saved.task}, not task {index}: list every "
+                f"earlier task's adapter once, in training order (task 0 first); this run "
+                f"would train task {ft.task}"
+            )
+        for name in ("rank", "targets", "seed"):
+            if getattr(saved, name) != getattr(ours, name):
+                raise ConfigError(
+                    f"{key} was trained with adapter {name}={getattr(saved, name)!r}, this run "
+                    f"has finetune.adapter {name}={getattr(ours, name)!r}: the tasks of one "
+                    f"sequence share rank, targets and base seed"
+                )
