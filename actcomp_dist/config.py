@@ -45,7 +45,9 @@ class CompressionConfig:
         seed: base seed of every projection / sampling seed (see actcomp_dist.seeds).
         groups: ``subtoken`` sub-tokens per token; must divide the layer's input width.
         lowrank_algorithm: ``sampled`` (LoRAct's sampled-column orthogonal decomposition) or
-            ``rsvd`` (randomized range finder, the baseline).
+            ``rsvd`` (randomized SVD, the baseline LoRAct compares against).
+        oversampling: ``rsvd``'s oversampling p: the Gaussian test matrix has k + p columns and
+            the basis is truncated to k (default 10, see actcomp_dist.compression.lowrank).
         power_iterations: ``lowrank`` power iterations (0 = none).
         row_parallel_projection: ``compact``'s projection of a row-parallel (feature-sharded)
             layer: ``dense`` (the single-device layer's P; rank i multiplies its shard by its
@@ -72,6 +74,7 @@ class CompressionConfig:
     seed: int = 0
     groups: int = 32
     lowrank_algorithm: str = "sampled"
+    oversampling: int = 10
     power_iterations: int = 0
     row_parallel_projection: str = "dense"
     row_parallel_blocks: int = 8
@@ -98,6 +101,7 @@ class CompressionConfig:
         _check_int("resample_every", self.resample_every, minimum=1)
         _check_int("seed", self.seed, minimum=0)
         _check_int("groups", self.groups, minimum=1)
+        _check_int("oversampling", self.oversampling, minimum=0)
         _check_int("power_iterations", self.power_iterations, minimum=0)
         _check_int("row_parallel_blocks", self.row_parallel_blocks, minimum=1)
         if self.grad_mode == "subspace" and not get_compressor_class(self.method).supports_subspace:

@@ -2,7 +2,8 @@
 
 References: the same model without checkpointing. Every mode must give a bit-identical loss
 (the forward runs the same float operations), for ``compact`` too because the recompute
-rebuilds the same projection from the same seeds. Gradients agree to float32 rounding: under
+rebuilds the same projection from the same seeds, and for ``lowrank`` because the recompute
+replays the schedule's per-call counter and redraws the forward's sample. Gradients agree to float32 rounding: under
 recompute autograd may add a tensor's several gradient contributions in another order.
 Saved bytes are exact storage counts, so their order is asserted strictly.
 """
@@ -45,7 +46,7 @@ def _loss_and_grads(model):
 
 
 @pytest.mark.parametrize("efficient_ops", [True, False], ids=["efficient", "naive"])
-@pytest.mark.parametrize("method", ["none", "compact"])
+@pytest.mark.parametrize("method", ["none", "compact", "lowrank"])
 @pytest.mark.parametrize("mode,num_layers", [("selective", None), ("full", None), ("full", 1)])
 def test_checkpointing_matches_no_checkpointing_exactly(
     single_rank, method, mode, num_layers, efficient_ops
