@@ -67,8 +67,13 @@ def low_rank_factors(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``a`` [N, n] -> ``(L, Q)``: ``L = a Q`` [N, k] and ``Q`` [n, k] with orthonormal columns,
     both in ``a``'s dtype (the products in that dtype, the QRs in float32, float64 for float64
-    ``a``). ``generator`` draws the column sample (``sampled``) or the Gaussian test matrix
-    [N, k + oversampling] (``rsvd``); see the module doc."""
+    ``a``; autocast does not apply). ``generator`` draws the column sample (``sampled``) or the
+    Gaussian test matrix [N, k + oversampling] (``rsvd``); see the module doc."""
+    with torch.autocast(a.device.type, enabled=False):
+        return _factors(a, k, generator, algorithm, oversampling, power_iterations)
+
+
+def _factors(a, k, generator, algorithm, oversampling, power_iterations):
     qr_dtype = torch.promote_types(a.dtype, torch.float32)
     n = a.shape[1]
     if algorithm == "sampled":
