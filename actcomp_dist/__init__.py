@@ -9,7 +9,7 @@ Public API (stable):
 
 from actcomp_dist.compression import list_compressors, register_compressor
 from actcomp_dist.config import CompressionConfig
-from actcomp_dist.layers import CompressedLinear, compress_linears, find_schedule
+from actcomp_dist.layers import CompressedLinear, SumOverRanks, compress_linears, find_schedule
 from actcomp_dist.seeds import CompressionSchedule, projection_seed
 
 __version__ = "0.1.0"
@@ -18,6 +18,7 @@ __all__ = [
     "CompressedLinear",
     "CompressionConfig",
     "CompressionSchedule",
+    "SumOverRanks",
     "compress_linears",
     "find_schedule",
     "list_compressors",

@@ -44,8 +44,14 @@ class CompressionConfig:
         resample_every: ``T``; the projection changes every ``T`` optimizer steps.
         seed: base seed of every projection / sampling seed (see actcomp_dist.seeds).
         groups: ``subtoken`` sub-tokens per token; must divide the layer's input width.
+        velora_scale: ``subtoken``'s gradient scale (VeLoRA's ``velora_scale``): the
+            reconstructed input ``s v`` is multiplied by it, so the weight gradient is
+            ``velora_scale * (g^T S) (x) v``; the paper uses 1.0 for pretraining and 0.1 for
+            LLaMA fine-tuning. A finite float > 0.
         lowrank_algorithm: ``sampled`` (LoRAct's sampled-column orthogonal decomposition) or
-            ``rsvd`` (randomized range finder, the baseline).
+            ``rsvd`` (randomized SVD, the baseline LoRAct compares against).
+        oversampling: ``rsvd``'s oversampling p: the Gaussian test matrix has k + p columns and
+            the basis is truncated to k (default 10, see actcomp_dist.compression.lowrank).
         power_iterations: ``lowrank`` power iterations (0 = none).
         row_parallel_projection: ``compact``'s projection of a row-parallel (feature-sharded)
             layer: ``dense`` (the single-device layer's P; rank i multiplies its shard by its
@@ -71,7 +77,9 @@ class CompressionConfig:
     resample_every: int = 50
     seed: int = 0
     groups: int = 32
+    velora_scale: float = 1.0
     lowrank_algorithm: str = "sampled"
+    oversampling: int = 10
     power_iterations: int = 0
     row_parallel_projection: str = "dense"
     row_parallel_blocks: int = 8
@@ -98,6 +106,17 @@ class CompressionConfig:
         _check_int("resample_every", self.resample_every, minimum=1)
         _check_int("seed", self.seed, minimum=0)
         _check_int("groups", self.groups, minimum=1)
+        if (
+            isinstance(self.velora_scale, bool)
+            or not isinstance(self.velora_scale, int | float)
+            or not math.isfinite(self.velora_scale)
+            or self.velora_scale <= 0
+        ):
+            raise ValueError(
+                f"CompressionConfig.velora_scale={self.velora_scale!r} must be a finite number "
+                f"> 0 (VeLoRA uses 1.0 for pretraining, 0.1 for fine-tuning)"
+            )
+        _check_int("oversampling", self.oversampling, minimum=0)
         _check_int("power_iterations", self.power_iterations, minimum=0)
         _check_int("row_parallel_blocks", self.row_parallel_blocks, minimum=1)
         if self.grad_mode == "subspace" and not get_compressor_class(self.method).supports_subspace:

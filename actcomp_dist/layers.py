@@ -4,6 +4,11 @@
 result, bit for bit); only what it keeps for the backward pass differs. ``compress_linears``
 swaps matching ``nn.Linear`` modules of an existing model in place, reusing their parameters,
 and gives all of them one shared :class:`CompressionSchedule`.
+
+Data-dependent set-up (VeLoRA's sub-token vector) is combined over ranks by an ``all_reduce``
+callable, by default :class:`SumOverRanks` over every rank: under plain data parallelism
+every replica then holds the same vector, the mean over all replicas' first batches (one
+all-reduce of ``d + 1`` floats per layer, when the vector is computed).
 """
 
 from __future__ import annotations
@@ -12,8 +17,11 @@ import contextlib
 import fnmatch
 import re
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -25,6 +33,24 @@ from actcomp_dist.seeds import CompressionSchedule
 from actcomp_dist.subspace import SubspaceState
 
 
+@dataclass(frozen=True)
+class SumOverRanks:
+    """The default ``all_reduce`` of data-dependent set-up: sums a tensor in place over
+    ``group`` (``None``: every rank of the default group) when ``torch.distributed`` is
+    initialised at the moment of the call, and returns it; without a process group (or with
+    one rank) it returns the tensor unchanged. Pass ``SumOverRanks(dp_group)`` when only the
+    data-parallel replicas share the layer (e.g. under pipeline parallelism), ``None`` to give
+    every rank its own vector. Every rank of ``group`` must run its first training forward
+    through the layer (it is a collective)."""
+
+    group: Any = None
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        if dist.is_initialized() and dist.get_world_size(self.group) > 1:
+            dist.all_reduce(t, group=self.group)
+        return t
+
+
 class CompressedLinear(nn.Linear):
     """``nn.Linear`` that saves a compressed activation for its weight gradient.
 
@@ -34,7 +60,8 @@ class CompressedLinear(nn.Linear):
         site: the name of the input space (``qkv``, ``fc1``, ...; part of every seed).
         schedule: the model-wide step counter; a private one is made when omitted.
         all_reduce: for data-dependent set-up (sub-token vectors), a callable that sums a
-            tensor over every replica of this layer (e.g. over the data-parallel group).
+            tensor over every replica of this layer; default :class:`SumOverRanks` (every
+            rank, once ``torch.distributed`` is initialised); ``None``: this rank alone.
     """
 
     def __init__(
@@ -49,7 +76,7 @@ class CompressedLinear(nn.Linear):
         layer_id: int = 0,
         site: str = "linear",
         schedule: CompressionSchedule | None = None,
-        all_reduce: AllReduce | None = None,
+        all_reduce: AllReduce | None = SumOverRanks(),
     ) -> None:
         super().__init__(in_features, out_features, bias, device, dtype)
         self._setup_compression(compression, layer_id, site, schedule, all_reduce)
@@ -63,7 +90,7 @@ class CompressedLinear(nn.Linear):
         layer_id: int = 0,
         site: str = "linear",
         schedule: CompressionSchedule | None = None,
-        all_reduce: AllReduce | None = None,
+        all_reduce: AllReduce | None = SumOverRanks(),
     ) -> CompressedLinear:
         """Wrap an existing ``nn.Linear``, sharing (not copying) its parameters."""
         layer = cls.__new__(cls)
@@ -134,7 +161,7 @@ def compress_linears(
     include: Iterable[str] | None = None,
     exclude: Iterable[str] = (),
     schedule: CompressionSchedule | None = None,
-    all_reduce: AllReduce | None = None,
+    all_reduce: AllReduce | None = SumOverRanks(),
 ) -> nn.Module:
     """Replace matching ``nn.Linear`` modules of ``model`` in place by ``CompressedLinear``.
 
@@ -147,7 +174,9 @@ def compress_linears(
     index, as in ``layers.3``), else its position among the matches; its ``site`` is its last name
     component, for PEFT modules the role (``q_proj.lora_A``, ``q_proj``): adapters of different
     projections get different projection seeds. All replaced layers share one schedule,
-    returned by :func:`find_schedule`.
+    returned by :func:`find_schedule`. ``all_reduce`` combines data-dependent set-up over
+    ranks (see :class:`CompressedLinear`; default: every rank). VeLoRA's published sites are
+    ``include=actcomp_dist.compression.subtoken.PAPER_SITES`` (``v_proj``, ``down_proj``).
     """
     schedule = schedule or CompressionSchedule(compression.resample_every)
     include = None if include is None else list(include)

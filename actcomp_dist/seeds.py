@@ -23,8 +23,10 @@ same branch) the tables themselves are gathered and every rank raises
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import struct
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -36,6 +38,15 @@ def projection_seed(base_seed: int, layer_id: int, site: str, block: int, epoch:
     """The seed of projection block ``block`` of ``site`` in layer ``layer_id`` at ``epoch``."""
     payload = struct.pack("<qqqq", base_seed, layer_id, block, epoch) + site.encode("utf-8")
     digest = hashlib.blake2b(payload, digest_size=8, person=b"actcomp-seed").digest()
+    return int.from_bytes(digest, "little") & ((1 << _SEED_BITS) - 1)
+
+
+def call_seed(base_seed: int, layer_id: int, site: str, step: int, call: int) -> int:
+    """The seed of a per-call draw (LoRAct's column sample, RSVD's test matrix): call ``call``
+    of optimizer step ``step`` (:meth:`CompressionSchedule.next_call`). Hashed apart from
+    :func:`projection_seed` (another personalisation), so the two families never collide."""
+    payload = struct.pack("<qqqq", base_seed, layer_id, step, call) + site.encode("utf-8")
+    digest = hashlib.blake2b(payload, digest_size=8, person=b"actcomp-call").digest()
     return int.from_bytes(digest, "little") & ((1 << _SEED_BITS) - 1)
 
 
@@ -53,6 +64,16 @@ class CompressionSchedule:
     so every micro-batch of an optimizer step uses the same projection. Call :meth:`advance`
     exactly once per optimizer step — :meth:`attach` does it with an optimizer post-step hook;
     the training loop does it explicitly at gradient-accumulation boundaries.
+
+    **Per-call draws.** Methods that draw afresh in every forward call (``lowrank``) take
+    ``(step, call)`` from :meth:`next_call`: ``call`` counts the draws of the current step
+    over the whole model and restarts at 0 when the step advances, so the draws are a pure
+    function of the step and the order of the calls (a resumed run draws what the original
+    drew). An activation-checkpoint recompute must replay the counter as it replays the RNG
+    state: pass :meth:`checkpoint_context` as ``context_fn`` of non-reentrant
+    ``torch.utils.checkpoint`` (the trainer's activation checkpointing does). Without it the
+    recompute draws new samples: the gradient is still a valid estimate (the factors backward
+    reads come from one draw), but no longer bit-identical to the run without checkpointing.
     """
 
     def __init__(self, resample_every: int, step: int = 0) -> None:
@@ -60,6 +81,7 @@ class CompressionSchedule:
             raise ValueError(f"resample_every must be >= 1, got {resample_every}")
         self.resample_every = resample_every
         self.step = step
+        self.calls = 0  # per-call draws taken in this step
 
     @property
     def epoch(self) -> int:
@@ -67,6 +89,35 @@ class CompressionSchedule:
 
     def advance(self, steps: int = 1) -> None:
         self.step += steps
+        self.calls = 0
+
+    def next_call(self) -> tuple[int, int]:
+        """``(step, call)`` of a new per-call draw; advances the call counter."""
+        call = self.calls
+        self.calls += 1
+        return self.step, call
+
+    def checkpoint_context(self) -> tuple[contextlib.AbstractContextManager, ...]:
+        """A ``context_fn`` for non-reentrant ``torch.utils.checkpoint``: the forward context
+        records the counter where the checkpointed region starts, the recompute context
+        replays the region from there and then puts the counter back."""
+        start: list[tuple[int, int]] = []
+
+        @contextlib.contextmanager
+        def forward() -> Iterator[None]:
+            start.append((self.step, self.calls))
+            yield
+
+        @contextlib.contextmanager
+        def recompute() -> Iterator[None]:
+            now = (self.step, self.calls)
+            self.step, self.calls = start[0]
+            try:
+                yield
+            finally:
+                self.step, self.calls = now
+
+        return forward(), recompute()
 
     def attach(self, optimizer: torch.optim.Optimizer):
         """Advance after every ``optimizer.step()``; returns the removable hook handle."""
@@ -82,6 +133,7 @@ class CompressionSchedule:
                 f"this model has {self.resample_every}"
             )
         self.step = int(state["step"])
+        self.calls = 0
 
     def __repr__(self) -> str:
         return f"CompressionSchedule(step={self.step}, resample_every={self.resample_every})"

@@ -28,8 +28,9 @@ The memory model (:mod:`actcomp_dist.memory_model`) counts the packed bytes exac
   :mod:`actcomp_dist.hf`): LoRAct's online low-rank factors (Shi et al., "Memory-Efficient Fine-Tuning via Low-Rank Activation
   Compression", arXiv 2509.23472). For ``A`` [N, n] (the tensor as rows of its last dimension)
   and ``k = min(R, n)``: sample ``k`` feature columns ``S`` with a seeded generator, form
-  ``Y = A^T A[:, S]`` [n, k], orthonormalise ``Q = qr(Y)`` in float32 (float64 for float64
-  inputs), keep ``L = A Q`` [N, k] and ``Q`` [n, k] in ``A``'s dtype; backward reads
+  ``Y = A^T A[:, S]`` [n, k] in ``A``'s dtype, orthonormalise ``Q = qr(Y)`` in float32 (float64
+  for float64 inputs), keep ``L = A Q`` [N, k] and ``Q`` [n, k] in ``A``'s dtype
+  (:func:`actcomp_dist.compression.lowrank.low_rank_factors`); backward reads
   ``A_hat = L Q^T = A Q Q^T``, the projection of every row onto ``range(Q)``. Hence
   ``||A - A_hat||_F = ||A (I - Q Q^T)||_F``: exact (to rounding) whenever the sampled columns
   span the column space of ``A`` (``rank(A[:, S]) = rank(A) <= k``), and never below the best
@@ -104,6 +105,7 @@ import torch
 import torch.nn.functional as F
 
 from actcomp_dist.compression.base import parse_rank_argument
+from actcomp_dist.compression.lowrank import low_rank_factors
 from actcomp_dist.seeds import seeded_generator
 
 #: Kinds of saved tensor a policy can be set for.
@@ -238,14 +240,8 @@ class LowRankStorage(Quantizer):
 
     def pack(self, x):
         n = x.shape[-1]
-        a = x.detach().reshape(-1, n)  # [N, n]
-        a = a.to(torch.promote_types(a.dtype, torch.float32))
-        k = self.width(n)
-        generator = seeded_generator(self.seed, x.device)
-        columns = torch.randperm(n, generator=generator, device=x.device)[:k]
-        q = torch.linalg.qr(a.t() @ a[:, columns]).Q  # [n, k], orthonormal columns
-        low = a @ q  # [N, k]
-        return low.to(x.dtype), q.to(x.dtype)
+        a = x.detach().reshape(-1, n)  # [N, n]; GEMMs in its dtype, the QR in float32
+        return low_rank_factors(a, self.width(n), seeded_generator(self.seed, x.device))
 
     def unpack(self, packed, like):
         low, q = packed

@@ -2,8 +2,10 @@
 
 References: the same model without checkpointing. Every mode must give a bit-identical loss
 (the forward runs the same float operations), for ``compact`` too because the recompute
-rebuilds the same projection from the same seeds. Gradients are bit-identical too, except
-with selective recompute in the naive block: there the recomputed RMSNorm outputs make
+rebuilds the same projection from the same seeds, and for ``lowrank`` because the recompute
+replays the schedule's per-call counter and redraws the forward's sample. Gradients are
+bit-identical too, except with selective recompute in the naive block: there the recomputed
+RMSNorm outputs make
 autograd add a residual stream's gradient contributions in another order, so those gradients
 are compared with a float64 reference (the model written from its logical weights in float64,
 ``tests/test_llama_model.reference_logits``; for ``compact`` its compressed weights' gradient
@@ -78,7 +80,7 @@ def _float64_grads(model, method):
 
 
 @pytest.mark.parametrize("efficient_ops", [True, False], ids=["efficient", "naive"])
-@pytest.mark.parametrize("method", ["none", "compact"])
+@pytest.mark.parametrize("method", ["none", "compact", "lowrank"])
 @pytest.mark.parametrize("mode,num_layers", [("selective", None), ("full", None), ("full", 1)])
 def test_checkpointing_matches_no_checkpointing_exactly(
     single_rank, method, mode, num_layers, efficient_ops

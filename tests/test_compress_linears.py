@@ -366,3 +366,15 @@ def test_compression_disabled_saves_the_full_input_then_restores():
         full = saved_activation_bytes(lambda: layer(x))
     assert (compressed, full) == (10 * 16 * 4, 10 * 64 * 4)
     assert saved_activation_bytes(lambda: layer(x)) == compressed
+
+
+def test_velora_paper_sites_select_value_and_down_projections():
+    """VeLoRA compresses the inputs of v_proj and down_proj only (PAPER_SITES)."""
+    from actcomp_dist.compression.subtoken import PAPER_SITES
+
+    model = TinyLlama(layers=3)
+    compress_linears(model, CompressionConfig(method="subtoken", groups=8), include=PAPER_SITES)
+    expected = {
+        f"layers.{i}.{site}" for i in range(3) for site in ("self_attn.v_proj", "mlp.down_proj")
+    }
+    assert set(_compressed(model)) == expected

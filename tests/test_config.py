@@ -29,6 +29,7 @@ from actcomp_dist import CompressedLinear, CompressionConfig, list_compressors
         ({"groups": 0}, "CompressionConfig.groups=0"),
         ({"seed": -1}, "CompressionConfig.seed=-1"),
         ({"power_iterations": -1}, "CompressionConfig.power_iterations=-1"),
+        ({"oversampling": -1}, "CompressionConfig.oversampling=-1 must be an int >= 0"),
         ({"row_parallel_blocks": 0}, "CompressionConfig.row_parallel_blocks=0"),
         (
             {"row_parallel_projection": "diagonal"},

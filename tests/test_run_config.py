@@ -103,6 +103,12 @@ def test_resolved_config_round_trips_through_json():
         (["parallel.tp=2"], "unknown key(s) ['parallel.tp']; valid keys in 'parallel'"),
         (["compression.rnak=0.5"], "compression: unknown compression field(s) ['rnak']"),
         (["compression.method=zip"], "CompressionConfig.method='zip' is not a registered"),
+        (
+            ['compression.sites=["v_proj","fc2"]'],
+            "compression.sites has unknown site(s) ['v_proj']; the model's sites are ['qkv',",
+        ),
+        (["compression.oversampling=-1"], "CompressionConfig.oversampling=-1 must be an int >= 0"),
+        (["compression.velora_scale=0"], "CompressionConfig.velora_scale=0 must be a finite"),
         (["train.steps=0"], "train.steps=0 must be an int >= 1"),
         (["train.steps=2.5"], "train.steps=2.5 must be an int >= 1"),
         (["train.lr=-1"], "train.lr=-1 must be a number >= 0"),

@@ -1,26 +1,29 @@
 """``subtoken`` (VeLoRA rank-1 sub-token projection): the projection vector, its freezing and
-checkpointing, saved bytes, and the weight gradient against the float64 reconstruction."""
+checkpointing, saved bytes, the weight gradient against the float64 reconstruction, the
+gradient scale ``velora_scale``, and the vector averaged over data-parallel ranks."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from compression_reference import relative_error, saved_tensors
+from torch import nn
 
-from actcomp_dist import CompressedLinear, CompressionConfig
+from actcomp_dist import CompressedLinear, CompressionConfig, compress_linears
 from actcomp_dist.memory import saved_activation_bytes
+from tests.distributed import run_distributed
 
 N_TOKENS, N_IN, N_OUT, GROUPS = 48, 32, 16, 4
 GROUP_WIDTH = N_IN // GROUPS
 
 
-def _layer(dtype=torch.float32, groups=GROUPS, **kwargs):
+def _layer(dtype=torch.float32, groups=GROUPS, velora_scale=1.0, **kwargs):
     torch.manual_seed(0)
     return CompressedLinear(
         N_IN,
         N_OUT,
         dtype=dtype,
-        compression=CompressionConfig(method="subtoken", groups=groups),
+        compression=CompressionConfig(method="subtoken", groups=groups, velora_scale=velora_scale),
         **kwargs,
     )
 
@@ -132,3 +135,57 @@ def test_compress_before_initialisation_is_a_clear_error():
     layer = _layer().eval()
     with pytest.raises(RuntimeError, match="before its vector was initialised"):
         layer(_batch(1))
+
+
+@pytest.mark.parametrize("scale", [0.1, 2.5])
+def test_velora_scale_multiplies_the_reconstructed_input(scale):
+    """VeLoRA's gradient scale: dW = scale * g^T X_tilde with X_tilde the rank-1 sub-token
+    reconstruction (float64 closed form; float32 within 1e-6 as above). The bias gradient and
+    the input gradient are not scaled: bit for bit those of the unscaled layer."""
+    plain, scaled = _layer(bias=True), _layer(bias=True, velora_scale=scale)
+    for layer in (plain, scaled):
+        layer(_batch(1))  # fixes v
+    x, g = _batch(2), torch.randn(N_TOKENS, N_OUT, generator=torch.Generator().manual_seed(9))
+    grads = []
+    for layer in (plain, scaled):
+        x_leaf = x.clone().requires_grad_()
+        layer(x_leaf).backward(g)
+        grads.append((layer.weight.grad, layer.bias.grad, x_leaf.grad))
+    v = scaled.compressor.subtoken_vector
+    assert relative_error(grads[1][0], scale * _reconstructed_weight_grad(x, g, v)) < 1e-6
+    assert torch.equal(grads[1][1], grads[0][1]) and torch.equal(grads[1][2], grads[0][2])
+
+
+@pytest.mark.parametrize("velora_scale", [0, -0.1, float("inf"), "0.1", True])
+def test_bad_velora_scale_names_the_field(velora_scale):
+    with pytest.raises(ValueError, match=r"CompressionConfig.velora_scale=.* must be a finite"):
+        CompressionConfig(method="subtoken", velora_scale=velora_scale)
+
+
+def _vector_on_rank(rank: int, world: int, opt_out: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """compress_linears on a one-linear model; each rank's first batch differs. Returns this
+    rank's vector and its own mean sub-token (float64)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(N_IN, N_OUT))
+    cfg = CompressionConfig(method="subtoken", groups=GROUPS)
+    compress_linears(model, cfg, **({"all_reduce": None} if opt_out else {}))
+    batch = _batch(10 + rank, shift=1.0 + rank)
+    model(batch)
+    own_mean = batch.double().reshape(-1, GROUP_WIDTH).mean(0)
+    return model[0].compressor.subtoken_vector.clone(), own_mean
+
+
+def test_vector_is_averaged_over_data_parallel_ranks_by_default(tmp_path):
+    """Two gloo ranks with plain data parallelism and compress_linears' default: both ranks
+    hold the same vector (bit for bit: one all-reduce), the normalised mean of the two ranks'
+    mean sub-tokens (equal batch sizes; float64 reference, float32 sums of 2 x 192 sub-tokens:
+    1e-5 relative is ~4x their gamma bound). With ``all_reduce=None`` each rank keeps its own."""
+    (v0, mean0), (v1, mean1) = run_distributed(_vector_on_rank, 2, tmp_path, False)
+    assert torch.equal(v0, v1)
+    expected = (mean0 + mean1) / 2
+    assert relative_error(v0, expected / expected.norm()) < 1e-5
+    assert relative_error(v0, mean0 / mean0.norm()) > 1e-2  # the ranks' batches do differ
+
+    (own0, mean0), (own1, mean1) = run_distributed(_vector_on_rank, 2, tmp_path, True)
+    assert relative_error(own0, mean0 / mean0.norm()) < 1e-5
+    assert relative_error(own1, mean1 / mean1.norm()) < 1e-5

@@ -1,15 +1,37 @@
-"""``lowrank``: online low-rank activation compression (LoRAct, arXiv 2509.23472).
+"""``lowrank``: online low-rank activation compression (LoRAct, Shi et al., "Memory-Efficient
+Fine-Tuning via Low-Rank Activation Compression", arXiv 2509.23472).
 
-Data-dependent and calibration-free: for each saved activation ``A`` [N, n] pick k feature
-columns ``S`` with a seeded generator, form ``Y = A^T A[:, S]`` [n, k], orthonormalise
-``Q = qr(Y)`` in float32 (float64 for float64 inputs), optionally refine with power
-iterations ``Y <- A^T (A Q)``, and save ``L = A Q`` [N, k] and ``Q`` [n, k]. Backward uses
-``A ~= L Q^T``, so ``dW ~= (g^T L) Q^T`` — exact whenever rank(A) <= k (``range(Q)`` then
-contains the row space of ``A``), and otherwise the error of the best rank-k row-space
-projection plus sampling error.
+Data-dependent and calibration-free. In every forward call, for the activation ``A`` [N, n]:
 
-``lowrank_algorithm="rsvd"`` replaces the sampled columns by a Gaussian test matrix
-(Halko-Martinsson-Tropp randomized range finder), the baseline LoRAct compares against.
+- ``sampled`` (LoRAct's sampling-based orthogonal decomposition): draw k feature columns
+  ``S``, form ``Y = A^T A[:, S]`` [n, k] and orthonormalise ``Q = qr(Y)``;
+- ``rsvd`` (the randomized SVD LoRAct compares against; Halko, Martinsson and Tropp 2011,
+  Algorithms 4.1/4.4 and 5.1): a Gaussian test matrix ``Omega`` [N, k + p] on the token side,
+  ``Y = A^T Omega``, ``Q = qr(Y)`` [n, k + p]; then the best rank-k part of ``A Q`` (the top k
+  right singular vectors ``W`` of ``A Q``, from the QR of ``A Q`` and an SVD of its small R)
+  gives ``Q <- Q W`` [n, k]. ``p`` is ``oversampling``.
+
+``power_iterations`` q refines either basis by subspace iteration with re-orthonormalisation
+between the products (HMT Algorithm 4.4): ``Z = qr(A Q)``, ``Q = qr(A^T Z)``. Forward saves
+``L = A Q`` [N, k] and ``Q`` [n, k]; backward uses ``A ~= L Q^T``, so ``dW ~= (g^T L) Q^T`` —
+exact whenever ``range(Q)`` contains the row space of ``A`` (rank(A) <= k and the sample
+spans it), otherwise the error of projecting the rows of ``A`` on ``range(Q)``, never below the
+best rank-k error (Eckart-Young).
+
+**As the paper does.** The sample is drawn afresh in every call (not frozen for
+``resample_every`` steps, which this method ignores); its seed is
+``call_seed(seed, layer_id, site, step, call)`` with ``(step, call)`` from the model's
+:class:`~actcomp_dist.seeds.CompressionSchedule`, stored at forward time with the saved
+tensors, and an activation-checkpoint recompute replays the call counter
+(:meth:`~actcomp_dist.seeds.CompressionSchedule.checkpoint_context`), so it redraws the very
+same sample. The GEMMs run in the compute dtype (bf16 stays bf16; the Gaussian test matrix is
+drawn in float32 and cast, so a seed means one matrix whatever the dtype); only the QRs and
+the small SVD run in float32 (float64 for float64 inputs).
+
+**Oversampling default p = 10.** HMT (section 4.2) recommend p = 5 or 10 for Gaussian test
+matrices; their expected-error bound (Theorem 10.5) carries the factor ``sqrt(1 + k/(p-1))``,
+so p = 10 more than halves the excess of p = 5 for the same k, and costs 10 more columns in
+the products (under 2% of the GEMM work at k = n/8 for n >= 4096). Only k columns are saved.
 
 The basis ``Q`` is computed from each rank's own data, so unlike ``compact`` this method is not
 tensor-parallel invariant (``basis_is_shared = False``).
@@ -26,14 +48,60 @@ from actcomp_dist.compression.base import (
     parse_rank_argument,
 )
 from actcomp_dist.compression.registry import register_compressor
-from actcomp_dist.seeds import projection_seed, seeded_generator
+from actcomp_dist.seeds import call_seed, seeded_generator
 
 LOWRANK_ALGORITHMS = ("sampled", "rsvd")
 
 
+def _orthonormal(y: torch.Tensor, qr_dtype: torch.dtype) -> torch.Tensor:
+    return torch.linalg.qr(y.to(qr_dtype)).Q
+
+
+def low_rank_factors(
+    a: torch.Tensor,
+    k: int,
+    generator: torch.Generator,
+    algorithm: str = "sampled",
+    oversampling: int = 0,
+    power_iterations: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``a`` [N, n] -> ``(L, Q)``: ``L = a Q`` [N, k] and ``Q`` [n, k] with orthonormal columns,
+    both in ``a``'s dtype (the products in that dtype, the QRs in float32, float64 for float64
+    ``a``; autocast does not apply). ``generator`` draws the column sample (``sampled``) or the
+    Gaussian test matrix [N, k + oversampling] (``rsvd``); see the module doc."""
+    with torch.autocast(a.device.type, enabled=False):
+        return _factors(a, k, generator, algorithm, oversampling, power_iterations)
+
+
+def _factors(a, k, generator, algorithm, oversampling, power_iterations):
+    qr_dtype = torch.promote_types(a.dtype, torch.float32)
+    n = a.shape[1]
+    if algorithm == "sampled":
+        columns = torch.randperm(n, generator=generator, device=a.device)[:k]
+        q = _orthonormal(a.t() @ a[:, columns], qr_dtype)  # [n, k]
+    elif algorithm == "rsvd":
+        width = min(k + oversampling, n)
+        omega = torch.randn(a.shape[0], width, generator=generator, device=a.device)  # [N, l]
+        q = _orthonormal(a.t() @ omega.to(a.dtype), qr_dtype)  # [n, l]
+    else:
+        raise ValueError(
+            f"lowrank_algorithm={algorithm!r} is not one of {list(LOWRANK_ALGORITHMS)}"
+        )
+    for _ in range(power_iterations):
+        z = _orthonormal(a @ q.to(a.dtype), qr_dtype)  # [N, l]
+        q = _orthonormal(a.t() @ z.to(a.dtype), qr_dtype)  # [n, l]
+    if q.shape[1] > k:
+        # Truncate to the best rank-k part of A Q: its top k right singular vectors.
+        r = torch.linalg.qr((a @ q.to(a.dtype)).to(qr_dtype), mode="r").R  # [min(N, l), l]
+        right = torch.linalg.svd(r, full_matrices=True).Vh[:k].t()  # [l, k]
+        q = q @ right  # [n, k], still orthonormal
+    q = q.to(a.dtype)
+    return a @ q, q  # [N, k], [n, k]
+
+
 @register_compressor("lowrank")
 class LowRankCompressor(Compressor):
-    options = ("rank", "lowrank_algorithm", "power_iterations")
+    options = ("rank", "lowrank_algorithm", "oversampling", "power_iterations")
     choices = {"lowrank_algorithm": LOWRANK_ALGORITHMS}
     basis_is_shared = False
     ablation_option = "rank"
@@ -54,33 +122,30 @@ class LowRankCompressor(Compressor):
 
     def compress(self, x2d: torch.Tensor) -> Compressed:
         cfg = self.config
-        seed = projection_seed(
-            cfg.seed, self.layer_id, self.site, self.layout.first_block, self.schedule.epoch
+        step, call = self.schedule.next_call()
+        seed = call_seed(cfg.seed, self.layer_id, self.site, step, call)
+        low, q = low_rank_factors(
+            x2d,
+            self.rank,
+            seeded_generator(seed, x2d.device),
+            cfg.lowrank_algorithm,
+            cfg.oversampling,
+            cfg.power_iterations,
         )
-        generator = seeded_generator(seed, x2d.device)
-        # At least float32 (bf16 Gram matrices lose the small directions); float64 stays float64.
-        a = x2d.to(torch.promote_types(x2d.dtype, torch.float32))  # [N, n]
-        n, k = a.shape[1], self.rank
-        if cfg.lowrank_algorithm == "sampled":
-            columns = torch.randperm(n, generator=generator, device=x2d.device)[:k]
-            y = a.t() @ a[:, columns]  # [n, k]
-        else:
-            # Drawn in float32 whatever the compute dtype, so a seed means one test matrix.
-            omega = torch.randn(n, k, generator=generator, device=x2d.device).to(a.dtype)
-            y = a.t() @ (a @ omega)  # [n, k]
-        q = torch.linalg.qr(y).Q
-        for _ in range(cfg.power_iterations):
-            q = torch.linalg.qr(a.t() @ (a @ q)).Q
-        low = a @ q  # [N, k]
-        return Compressed(tokens=low.to(x2d.dtype), basis=(q.to(x2d.dtype),), seeds=(seed,))
+        return Compressed(tokens=low, basis=(q,), seeds=(seed,))
 
     def lift(self, ghat, basis, seeds):
         (q,) = basis
         return ghat @ q.t()  # [m, n]
 
     def extra_repr(self) -> str:
+        oversampling = (
+            f", oversampling={self.config.oversampling}"
+            if self.config.lowrank_algorithm == "rsvd"
+            else ""
+        )
         return (
             f"{super().extra_repr()}, rank={self.rank}, "
-            f"algorithm={self.config.lowrank_algorithm!r}, "
+            f"algorithm={self.config.lowrank_algorithm!r}{oversampling}, "
             f"power_iterations={self.config.power_iterations}"
         )

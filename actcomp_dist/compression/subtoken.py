@@ -7,8 +7,17 @@ row-parallel shard holds whole groups). Every sub-token is projected on one fixe
 
 ``v`` is the normalised mean of the first training batch's sub-tokens, then frozen. It is a
 buffer (``subtoken_vector``) in the model's state dict, and when the layer is sharded or
-replicated the mean is taken over every rank's sub-tokens (the caller passes an ``all_reduce``)
-so all ranks hold the same ``v``.
+replicated the mean is taken over every rank's sub-tokens (the caller passes an ``all_reduce``;
+:class:`~actcomp_dist.layers.CompressedLinear` and ``compress_linears`` sum over every rank by
+default once ``torch.distributed`` is initialised, the parallel layers always) so all ranks
+hold the same ``v``.
+
+**As the paper does** (Miles et al., "VeLoRA: Memory Efficient Training using Rank-1 Sub-Token
+Projections", NeurIPS 2024): rank 1, ``v`` the normalised first-batch average
+(``batch_average_once``), and the gradient scale ``velora_scale``: the reconstructed input
+``s v`` is multiplied by it, i.e. ``dW = velora_scale (g^T S) (x) v`` (the bias gradient is
+not scaled). The paper compresses the inputs of ``v_proj`` and ``down_proj`` only, with 32
+groups and ``velora_scale = 0.1`` for LLaMA fine-tuning, and 1.0 for pretraining.
 """
 
 from __future__ import annotations
@@ -20,10 +29,14 @@ import torch
 from actcomp_dist.compression.base import AllReduce, Compressed, Compressor, SavedWidth
 from actcomp_dist.compression.registry import register_compressor
 
+#: The linears whose inputs VeLoRA compresses, as Hugging Face LLaMA names them (the
+#: ``include`` of ``compress_linears``): the value and the down projections.
+PAPER_SITES = ("v_proj", "down_proj")
+
 
 @register_compressor("subtoken")
 class SubTokenCompressor(Compressor):
-    options = ("groups",)
+    options = ("groups", "velora_scale")
     ablation_option = "groups"
 
     def __init__(self, config, layout, layer_id, site, schedule) -> None:
@@ -86,8 +99,12 @@ class SubTokenCompressor(Compressor):
         return Compressed(tokens=scalars)
 
     def lift(self, ghat, basis, seeds):
-        v = self.subtoken_vector.to(ghat.dtype)
+        # The reconstructed input is velora_scale * s v: scale the (tiny) vector, not dW.
+        v = (self.subtoken_vector * self.config.velora_scale).to(ghat.dtype)
         return (ghat.unsqueeze(-1) * v).reshape(ghat.shape[0], self.in_features)  # [m, n]
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, groups={self.local_groups}, group_width={self.group_width}"
+        return (
+            f"{super().extra_repr()}, groups={self.local_groups}, "
+            f"group_width={self.group_width}, velora_scale={self.config.velora_scale}"
+        )

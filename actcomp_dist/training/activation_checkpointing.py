@@ -25,7 +25,9 @@ Applied after the model is built and tensor-parallelised, before the engine wrap
 It uses ``torch.utils.checkpoint`` in its non-reentrant form: the RNG state is restored on
 recompute (dropout would draw the same masks), and compression seeds come from the values
 stored at forward time (the schedule only advances after an optimizer step), so a recompute
-rebuilds exactly the same projection.
+rebuilds exactly the same projection. The model's compression schedule also replays its
+per-call counter (``context_fn=schedule.checkpoint_context``), so methods that draw afresh in
+every call (``lowrank``) redraw in the recompute exactly what the forward drew.
 
 Non-reentrant checkpointing keeps the block's inputs alive through a closure, where
 ``saved_tensors_hooks`` cannot see them. :func:`checkpoint_with_accounting` therefore also
@@ -41,9 +43,10 @@ import functools
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, noop_context_fn
 
 from actcomp_dist.autograd import checkpoint_from_kept, checkpoint_sublayer
+from actcomp_dist.layers import find_schedule
 
 
 class _KeepForBackward(torch.autograd.Function):
@@ -57,15 +60,19 @@ class _KeepForBackward(torch.autograd.Function):
         return grad
 
 
-def checkpoint_with_accounting(fn, *args):
-    """``fn(*args)`` recomputed in backward; tensor inputs are visible to saved-bytes counters."""
+def checkpoint_with_accounting(fn, *args, context_fn=noop_context_fn):
+    """``fn(*args)`` recomputed in backward; tensor inputs are visible to saved-bytes counters.
+    ``context_fn``: as ``torch.utils.checkpoint``'s (the model's schedule replays its per-call
+    counter with it)."""
     if not torch.is_grad_enabled():
         return fn(*args)
     args = tuple(
         _KeepForBackward.apply(a) if isinstance(a, torch.Tensor) and a.requires_grad else a
         for a in args
     )
-    return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True)
+    return checkpoint(
+        fn, *args, use_reentrant=False, preserve_rng_state=True, context_fn=context_fn
+    )
 
 
 def checkpoint_packed_input(run, packer, x: torch.Tensor, *args):
@@ -114,13 +121,18 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, num_layers: int 
         return 0
     layers = list(model.layers)
     count = len(layers) if num_layers is None else min(num_layers, len(layers))
+    schedule = find_schedule(model)
+    run = functools.partial(
+        checkpoint_with_accounting,
+        context_fn=noop_context_fn if schedule is None else schedule.checkpoint_context,
+    )
     for layer in layers[:count]:
         if mode == "full" and packer is not None:
             layer.forward = functools.partial(checkpoint_packed_input, layer.forward, packer)
         elif mode == "full":
-            layer.forward = functools.partial(checkpoint_with_accounting, layer.forward)
+            layer.forward = functools.partial(run, layer.forward)
         elif mode == "selective":
-            layer.recompute = checkpoint_with_accounting
+            layer.recompute = run
         elif mode == "sublayer":
             layer.checkpoint_sublayer = checkpoint_sublayer
         else:
