@@ -33,8 +33,8 @@ naming old -> new (:func:`check_layout_change`: no collective, nothing written):
   optimizer state fresh).
 
 Not elastic: ZeRO 3 (its partitioned parameters; use DeepSpeed's universal checkpoint
-tools), a change of ZeRO stage, and a TP change with compressor state in the module
-(``subtoken`` vectors are per TP shard). The RNG state of a rank that did not exist in the
+tools), a change of ZeRO stage, and a TP change of a run with state outside the full-weight
+mapping (``subtoken`` vectors, per TP shard; LoRA/LoRI adapters). The RNG state of a rank that did not exist in the
 saved run is rank 0's (the model has no dropout: nothing in a step reads it).
 
 The layout change is logged like an accepted setting change (``resume_changed`` in
@@ -118,6 +118,20 @@ def check_layout_change(
                 f"resume at parallel.tensor_parallel={old.tensor_parallel}, or set "
                 f"checkpoint.reset_optimizer=true to resume the weights with fresh optimizer "
                 f"state"
+            )
+        finetune = getattr(config, "finetune", None)
+        per_shard = (
+            f"finetune.mode={finetune.mode!r} (adapter B matrices are not in the full-weight "
+            f"mapping)"
+            if finetune is not None and finetune.mode != "full"
+            else "compression.method='subtoken' (its vectors are per TP shard)"
+            if config.compression.method == "subtoken"
+            else None
+        )
+        if per_shard is not None:
+            raise CheckpointError(
+                f"{prefix}: {per_shard} cannot be resharded to another TP size; resume at "
+                f"parallel.tensor_parallel={old.tensor_parallel}"
             )
         vocab = (state.get("model_config") or {}).get("vocab_size")
         if vocab is not None and vocab % new.tensor_parallel:

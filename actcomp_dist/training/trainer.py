@@ -6,8 +6,10 @@ the ones before it):
 1. **validate** the config against the world size the launcher announced (no collective yet,
    so a bad config fails the same way on every rank and nothing hangs);
 2. **resume checks**: no live run holds ``RUN_DIR/LOCK``; the checkpoint to resume from
-   (marker, file hashes, compression config, layout, :func:`check_resume`); then the model
-   config (the first check that imports megatron-core). Still no collective, nothing written;
+   (marker, file hashes, compression config, settings, layout: an elastic resume at another
+   data-parallel or TP size, :mod:`actcomp_dist.training.elastic`; :func:`check_resume`);
+   then the model config (the first check that imports megatron-core). Still no collective,
+   nothing written;
 3. **distributed init**: the process group; rank 0 takes the run-directory lock
    (:mod:`actcomp_dist.training.run_lock`);
 4. **parallel state** (Megatron tensor / data-parallel groups) and **seeds**;
@@ -17,7 +19,9 @@ the ones before it):
    memory policy of the config applied to its linears, then activation checkpointing;
 7. **engine** (:func:`~actcomp_dist.training.engine.build_engine`): DeepSpeed with ZeRO,
    precision, AdamW, the LR schedule and clipping; the non-finite guard;
-8. **resume**: weights, optimizer, schedules, RNG and subspace masters from the checkpoint;
+8. **resume**: weights, optimizer, schedules, RNG and subspace masters from the checkpoint
+   (resharded for another layout, or the optimizer state fresh with
+   ``checkpoint.reset_optimizer``);
 9. **run directory and logging**: ``config.json`` and the metrics logger (rank 0 writes).
 
 Then :meth:`Trainer.train` loops: one :func:`~actcomp_dist.training.step.train_step` (the

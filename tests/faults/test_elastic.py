@@ -180,11 +180,12 @@ def _state(world_size: int, tp: int, stage: int, vocab: int = 512) -> dict:
     return {"world_size": world_size, "config": config, "model_config": {"vocab_size": vocab}}
 
 
-def _run_config(tp: int, stage: int, reset: bool = False):
+def _run_config(tp: int, stage: int, reset: bool = False, method: str = "compact"):
     from actcomp_dist.training.config import run_config_from_dict
 
     return run_config_from_dict(
         {
+            "compression": {"method": method},
             "parallel": {"tensor_parallel": tp},
             "deepspeed": {"zero_optimization": {"stage": stage}},
             "checkpoint": {"reset_optimizer": reset},
@@ -212,7 +213,19 @@ def test_layout_changes_accepted_and_refused():
         (_state(2, 1, 3), _run_config(1, 3), 1, "ZeRO 3 checkpoints resume at the same layout"),
         (_state(2, 2, 1), _run_config(1, 1), 1, "set checkpoint.reset_optimizer=true"),
         (_state(1, 1, 1), _run_config(3, 1, True), 3, "vocabulary 512 does not divide"),
+        (_state(1, 1, 1), _run_config(2, 1, True, "subtoken"), 2, "vectors are per TP shard"),
     ]
+    from actcomp_dist.training.finetune_config import finetune_config_from_dict
+
+    lori = finetune_config_from_dict(
+        {
+            "data": {"synthetic_task": "reverse_words"},
+            "finetune": {"mode": "lori"},
+            "parallel": {"tensor_parallel": 2},
+            "checkpoint": {"reset_optimizer": True},
+        }
+    )
+    refusals.append((_state(1, 1, 0), lori, 2, "finetune.mode='lori' \\(adapter B matrices"))
     for state, config, world_size, message in refusals:
         with pytest.raises(CheckpointError, match=message) as error:
             check_layout_change(path, state, config, world_size)
