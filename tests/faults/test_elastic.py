@@ -1,13 +1,14 @@
 """Elastic resume (issue 16 item 8): a run resumes at another data-parallel or TP size.
 
 Real runs of the ``compact`` and ``none`` models of ``tests/test_pretrain.py`` (gloo ranks
-forked by :func:`tests.distributed.run_distributed`, DeepSpeed ZeRO 1 and 2, 4 steps with a
+forked by :func:`tests.distributed.run_distributed`, DeepSpeed ZeRO 0, 1 and 2, 4 steps with a
 checkpoint at step 2, the projection resampled every 2 steps so steps 3-4 use a new one,
 global batch 8 = micro-batch 4 x DP 2, or x 2 accumulated micro-batches at DP 1):
 
-- DP 2 -> 1 and DP 1 -> 2, ``compact`` in ``subspace`` mode (its m x r state partitioned by
-  rows outside DeepSpeed) and ``none``: steps 3-4 after the elastic resume against the run
-  continued at the old layout;
+- DP 2 -> 1 and DP 1 -> 2, ``compact`` in ``subspace`` mode (at ZeRO 1/2 its m x r state
+  partitioned by rows outside DeepSpeed; at ZeRO 0 on proxies) and ``none``: steps 3-4 after
+  the elastic resume against the run continued at the old layout, and against the run
+  trained at the new layout from the start;
 - TP 2 -> 1 (the weights through the full-weight mapping): refused without
   ``checkpoint.reset_optimizer`` (exit 2, every rank, nothing written); with it, against a
   resume at TP 2 with the same flag (the same weights, fresh optimizer state at the old
@@ -45,6 +46,8 @@ corpus = test_pretrain.corpus  # the module-scoped corpus fixture, shared
 
 STEPS = ["train.steps=4", "checkpoint.interval=2", "train.eval_interval=0"]
 CASES = {
+    # ZeRO 0: DeepSpeed's own files hold everything per TP rank; the m x r gradients on proxies.
+    "zero0_subspace": ["deepspeed.zero_optimization.stage=0", "compression.grad_mode=subspace"],
     "zero1_subspace": ["deepspeed.zero_optimization.stage=1", "compression.grad_mode=subspace"],
     "zero2_subspace": ["deepspeed.zero_optimization.stage=2", "compression.grad_mode=subspace"],
     "zero1_none": ["deepspeed.zero_optimization.stage=1", "compression.method=none"],
@@ -137,11 +140,13 @@ def test_resume_at_another_data_parallel_and_tensor_parallel_size(tmp_path, corp
     run_distributed(_train_rank, 2, tmp_path, raws, timeout=600)
 
     for name in CASES:
-        for reference, resumed in ((old, "dp2to1"), (one, "dp1to2")):
+        for reference, resumed, new_layout in ((old, "dp2to1", one), (one, "dp1to2", old)):
             after = _after_step_2(tmp_path / resumed / name)
             expected = _after_step_2(reference[name])
             assert after[0]["loss"] == expected[0]["loss"]  # the same weights, samples, sums
             _assert_continues(expected, after, rtol=NORM_RTOL)
+            # And the run that trained at the new layout from the start (the same argument).
+            _assert_continues(_after_step_2(new_layout[name]), after, rtol=NORM_RTOL)
     # The layout change is in the first record of the resumed run.
     first = _metrics(tmp_path / "dp2to1" / "zero1_subspace")[0]
     assert first["resume_changed"]["parallel.layout"] == [
