@@ -378,8 +378,9 @@ class CheckpointSection:
     request still saves); ``allow_changes``: dotted config keys a resume may change although
     the run is then no longer exact (accepted and logged; see
     :mod:`actcomp_dist.training.drift`); ``reset_optimizer``: on resume, keep the weights,
-    step, data position and schedules but start the optimizer state fresh (needed to resume at
-    another ``parallel.tensor_parallel``: :mod:`actcomp_dist.training.elastic`)."""
+    step, data position and schedules but start the optimizer state fresh (needed to resume a
+    ``subspace`` run at another ``parallel.tensor_parallel``:
+    :mod:`actcomp_dist.training.elastic`)."""
 
     dir: str | None = None
     interval: int = 0

@@ -19,23 +19,34 @@ naming old -> new (:func:`check_layout_change`: no collective, nothing written):
   ``owned_rows(m, d, D)`` per rank) is resharded the same way by rows
   (:func:`reshard_subspace_state`). The data position is the number of global samples
   consumed (:mod:`actcomp_dist.data.sampler`), so with the same global batch the run reads
-  the same samples per step; steps after the resume match the run continued at the old
-  layout up to the order of the data-parallel sums (a gradient summed over 2 ranks or
-  accumulated over 2 micro-batches).
-- **Another TP size, with ``checkpoint.reset_optimizer: true``.** The weights go through the
-  full-weight mapping (:mod:`actcomp_dist.models.weights`): every saved TP rank's shards are
-  merged into the logical weights and re-split for the new TP size; the model keeps the
-  checkpoint's padded vocabulary (it must divide by the new TP size). The optimizer state is
-  not resharded: AdamW's moments and step counts and the subspace state start fresh (the
-  fp32 masters from the weights as saved in the training precision), while the step, the
-  data position and the LR and compression schedules continue. Without the flag the resume is
-  refused, naming both layouts. The flag also works at an unchanged layout (weights kept,
-  optimizer state fresh).
+  the same samples per step, and the steps after the resume compute what the run continued
+  at the old layout computes: the same micro-batch gradients, summed over ranks or
+  accumulated over micro-batches (for 2 terms the same float sum), except the gradient
+  norm's sum of squares, which ZeRO groups by partition (a rounding apart; through the clip
+  coefficient it reaches the update).
+- **Another TP size** (any data-parallel size with it). Every saved TP rank's weights, fp32
+  masters and AdamW moments (ZeRO 1/2: regathered over its data-parallel ranks and split per
+  parameter by DeepSpeed's recorded ``param_shapes``; ZeRO 0: the torch optimizer's state,
+  in the model's parameter order, which does not depend on the TP size) go through the
+  full-weight mapping (:mod:`actcomp_dist.models.weights`): merged into the logical tensors
+  and re-split for the new TP size. AdamW's state is per element, so the moments take the
+  weights' mapping exactly; the model keeps the checkpoint's padded vocabulary (it must divide
+  by the new TP size). Steps after the resume match the run continued at the old TP size up
+  to the order of the row-parallel sums. The ``subspace`` state is not resharded (it lives in
+  each TP shard's projection space), nor the state of a mixed-precision ZeRO 0 optimizer
+  (DeepSpeed's wrapper): those need ``checkpoint.reset_optimizer: true``, and are refused
+  without it, naming both layouts.
+- **``checkpoint.reset_optimizer: true``** (any accepted layout, the same one included):
+  the weights as above (``mp_rank`` files, merged and re-split at another TP size), but
+  AdamW's moments and step counts and the subspace state start fresh (the fp32 masters from
+  the weights as saved in the training precision), while the step, the data position and the
+  LR and compression schedules continue.
 
 Not elastic: ZeRO 3 (its partitioned parameters; use DeepSpeed's universal checkpoint
 tools), a change of ZeRO stage, and a TP change of a run with state outside the full-weight
-mapping (``subtoken`` vectors, per TP shard; LoRA/LoRI adapters). The RNG state of a rank that did not exist in the
-saved run is rank 0's (the model has no dropout: nothing in a step reads it).
+mapping (``subtoken`` vectors, per TP shard; LoRA/LoRI adapters). The RNG state of a rank
+that did not exist in the saved run is rank 0's (the model has no dropout: nothing in a step
+reads it).
 
 The layout change is logged like an accepted setting change (``resume_changed`` in
 ``metrics.jsonl`` under ``parallel.layout``, and a warning line).
@@ -112,10 +123,18 @@ def check_layout_change(
             f"{old.world_size} ranks at parallel.tensor_parallel={old.tensor_parallel}"
         )
     if old.tensor_parallel != new.tensor_parallel:
-        if not config.checkpoint.reset_optimizer:
+        not_resharded = (
+            "the subspace optimizer state (grad_mode='subspace') lives in each TP shard's "
+            "projection space"
+            if config.compression.grad_mode == "subspace"
+            else "ZeRO 0 keeps a mixed-precision optimizer's state in DeepSpeed's wrapper"
+            if new.zero_stage == 0 and config.train.precision != "fp32"
+            else None
+        )
+        if not_resharded is not None and not config.checkpoint.reset_optimizer:
             raise CheckpointError(
-                f"{prefix}: the optimizer state is not resharded across tensor-parallel sizes; "
-                f"resume at parallel.tensor_parallel={old.tensor_parallel}, or set "
+                f"{prefix}: {not_resharded} and is not resharded across TP sizes; resume at "
+                f"parallel.tensor_parallel={old.tensor_parallel}, or set "
                 f"checkpoint.reset_optimizer=true to resume the weights with fresh optimizer "
                 f"state"
             )
@@ -245,6 +264,102 @@ def reshard_subspace_state(
     return out
 
 
+def _per_parameter_state(
+    path: Path, old: Layout, tp_rank: int, names_by_group: list[list[str]]
+) -> tuple[dict[str, dict[str, torch.Tensor]], Any]:
+    """Saved TP rank ``tp_rank``'s fp32 weights and AdamW moments per parameter name
+    (``{name: {"param", "exp_avg", "exp_avg_sq"}}``, the TP shards' shapes) and the AdamW step
+    count. ZeRO 1/2: each group's flat state regathered over the saved data-parallel ranks and
+    split by DeepSpeed's recorded ``param_shapes``; ZeRO 0: the torch optimizer's state, whose
+    parameter order is the model's (``names_by_group``, the same at every TP size)."""
+    model_states = _model_states(path, tp_rank)
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    step = None
+    if old.zero_stage == 0:
+        optimizer, module = model_states["optimizer"], model_states["module"]
+        for group, names in zip(optimizer["param_groups"], names_by_group, strict=True):
+            for index, name in zip(group["params"], names, strict=True):
+                state = optimizer["state"][index]
+                step = state["step"]
+                out[name] = {"param": module[name].float(), **_moments(state)}
+        return out, step
+    saved = _zero_partitions(path, tp_rank, old.data_parallel)
+    for group, shapes in enumerate(model_states["param_shapes"]):
+        whole = {"param": torch.cat([s[_FP32_PARTITIONS][group].reshape(-1) for s in saved])}
+        states = [_group_state(s, group) for s in saved]
+        for key, value in states[0][0].items():
+            if torch.is_tensor(value) and value.dim() > 0:
+                unpadded = [s[key][: s[key].numel() - padding] for s, padding in states]
+                whole[key] = torch.cat([u.reshape(-1) for u in unpadded])
+            else:
+                step = value
+        offset = 0
+        for name, shape in shapes.items():
+            numel = shape.numel()
+            out[name] = {k: v[offset : offset + numel].view(shape) for k, v in whole.items()}
+            offset += numel
+    return out, step
+
+
+def _moments(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in state.items() if torch.is_tensor(v) and v.dim() > 0}
+
+
+@torch.no_grad()
+def _load_tp_resharded_state(path: Path, state: dict[str, Any], old: Layout, engine, model, ctx):
+    """Weights, fp32 masters and AdamW moments of every saved TP rank merged into the logical
+    tensors and re-split for this rank (AdamW's state is per element, so the moments take the
+    weights' mapping), then set where this rank's optimizer keeps them."""
+    from actcomp_dist.models import LlamaConfig
+    from actcomp_dist.models.weights import merge_shards, shard_full_state_dict
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    zero = engine.optimizer if old.zero_stage else None
+    groups = (
+        zero.bit16_groups
+        if zero is not None
+        else [g["params"] for g in engine.optimizer.param_groups]
+    )
+    names_by_group = [[names[id(p)] for p in group] for group in groups]
+    saved, step = [], None
+    for t in range(old.tensor_parallel):
+        per_parameter, step = _per_parameter_state(path, old, t, names_by_group)
+        saved.append(per_parameter)
+    old_config = LlamaConfig.from_dict(state["model_config"])
+    local = {}
+    for key in saved[0][next(iter(saved[0]))]:
+        full = merge_shards([{n: v[key] for n, v in shard.items()} for shard in saved], old_config)
+        local[key] = shard_full_state_dict(full, model.config, ctx.tp_rank, ctx.tp_size)
+    for group, params in zip(names_by_group, groups, strict=True):
+        for name, param in zip(group, params, strict=True):
+            param.copy_(local["param"][name])  # the 16-bit weight: the master, rounded
+    if zero is None:  # the torch AdamW on the parameters themselves
+        for name, param in zip(
+            (n for group in names_by_group for n in group),
+            (p for group in groups for p in group),
+            strict=True,
+        ):
+            moments = {k: local[k][name].clone() for k in local if k != "param"}
+            engine.optimizer.state[param] = {"step": step.clone(), **moments}
+        return
+    for group, partition in enumerate(zero.single_partition_of_fp32_groups):
+        rank = dist.get_rank(zero.real_dp_process_group[group])
+        numel = sum(p.numel() for p in groups[group])
+        whole = {
+            k: torch.cat([local[k][n].reshape(-1) for n in names_by_group[group]]) for k in local
+        }
+        partition.copy_(_own_piece([whole["param"]], group, numel, rank, partition))
+        zero.optimizer.state[partition] = {
+            "step": step.clone() if torch.is_tensor(step) else step,
+            **{
+                k: _own_piece([v], group, numel, rank, partition)
+                for k, v in whole.items()
+                if k != "param"
+            },
+        }
+    zero._link_all_hp_params()
+
+
 @torch.no_grad()
 def _load_tp_resharded_weights(
     path: Path, state: dict[str, Any], old: Layout, model, tp_rank: int, tp_size: int
@@ -301,10 +416,12 @@ def load_elastic(
                 load_optimizer_states=False,
                 load_lr_scheduler_states=False,
             )
-        else:
+        elif reset_optimizer:
             _load_tp_resharded_weights(path, state, old, model, ctx.tp_rank, ctx.tp_size)
             if hasattr(engine.optimizer, "refresh_fp32_params"):  # masters <- the weights
                 engine.optimizer.refresh_fp32_params()
+        else:
+            _load_tp_resharded_state(path, state, old, engine, model, ctx)
         saved = _model_states(path, ctx.tp_rank if same_tp else 0)
         scheduler = engine.lr_scheduler
         scheduler.load_state_dict(saved["lr_scheduler"])
@@ -317,7 +434,7 @@ def load_elastic(
         engine.global_steps = saved["global_steps"]
         engine.global_samples = saved.get("global_samples", 0)
         engine.skipped_steps = saved["skipped_steps"]
-        if not reset_optimizer:
+        if same_tp and not reset_optimizer:
             reshard_zero_partitions(
                 engine.optimizer, _zero_partitions(path, ctx.tp_rank, old.data_parallel)
             )

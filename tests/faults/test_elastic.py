@@ -9,10 +9,11 @@ global batch 8 = micro-batch 4 x DP 2, or x 2 accumulated micro-batches at DP 1)
   partitioned by rows outside DeepSpeed; at ZeRO 0 on proxies) and ``none``: steps 3-4 after
   the elastic resume against the run continued at the old layout, and against the run
   trained at the new layout from the start;
-- TP 2 -> 1 (the weights through the full-weight mapping): refused without
-  ``checkpoint.reset_optimizer`` (exit 2, every rank, nothing written); with it, against a
-  resume at TP 2 with the same flag (the same weights, fresh optimizer state at the old
-  layout).
+- TP 2 -> 1, ``compact`` in ``lift`` mode (weights, fp32 masters and AdamW moments through the
+  full-weight mapping): against the run continued at TP 2; with ``checkpoint.reset_optimizer``
+  against a resume at TP 2 with the same flag (the same weights, fresh optimizer state at the
+  old layout). In ``subspace`` mode the resume is refused without the flag (exit 2, every
+  rank, nothing written).
 
 Tolerances. At another data-parallel size the forward and backward are identical: each
 micro-batch's loss and gradient come from bit-identical weights on the same 4 samples, and
@@ -54,6 +55,7 @@ CASES = {
     "zero2_none": ["deepspeed.zero_optimization.stage=2", "compression.method=none"],
 }
 TP2 = ["parallel.tensor_parallel=2", "deepspeed.zero_optimization.stage=1"]
+SUBSPACE = ["compression.grad_mode=subspace"]
 # The gradient norm's sum of squares over every parameter, grouped by ZeRO partition: float32
 # cascade sums of n terms in two groupings, each within log2(n) roundings (2^-24) of the sum;
 # the square root halves the relative difference of the two.
@@ -102,9 +104,10 @@ def _refused_rank(rank: int, world_size: int, config_file: str) -> dict:
 def test_resume_at_another_data_parallel_and_tensor_parallel_size(tmp_path, corpus):
     old = {name: tmp_path / "dp2" / name for name in CASES}
     one = {name: tmp_path / "dp1" / name for name in CASES}
-    tp2 = tmp_path / "tp2"
+    tp2, tp2_subspace = tmp_path / "tp2", tmp_path / "tp2_subspace"
     # The runs at DP 2 (and TP 2), each with its step-2 checkpoint.
-    raws = [_raw(old[n], corpus, *o) for n, o in CASES.items()] + [_raw(tp2, corpus, *TP2)]
+    raws = [_raw(old[n], corpus, *o) for n, o in CASES.items()]
+    raws += [_raw(tp2, corpus, *TP2), _raw(tp2_subspace, corpus, *TP2, *SUBSPACE)]
     run_distributed(_train_rank, 2, tmp_path, raws, timeout=600)
     # At DP 1: the uninterrupted runs, and the resumes from the DP 2 checkpoints.
     raws = [_raw(one[n], corpus, *o) for n, o in CASES.items()]
@@ -119,10 +122,12 @@ def test_resume_at_another_data_parallel_and_tensor_parallel_size(tmp_path, corp
         _raw(tmp_path / "dp1to2" / n, corpus, *o, f"checkpoint.resume={_step2(one[n])}")
         for n, o in CASES.items()
     ]
-    reset = ["checkpoint.reset_optimizer=true", f"checkpoint.resume={_step2(tp2)}"]
+    tp1 = ["deepspeed.zero_optimization.stage=1", f"checkpoint.resume={_step2(tp2)}"]
+    reset = [*tp1, "checkpoint.reset_optimizer=true"]
     raws += [
-        _raw(tmp_path / "tp2to2", corpus, *TP2, *reset),
-        _raw(tmp_path / "tp2to1", corpus, "deepspeed.zero_optimization.stage=1", *reset),
+        _raw(tmp_path / "tp2to1", corpus, *tp1),
+        _raw(tmp_path / "tp2to2_reset", corpus, *TP2, *reset),
+        _raw(tmp_path / "tp2to1_reset", corpus, *reset),
     ]
     refused_file = tmp_path / "refused.json"
     refused_dir = tmp_path / "refused"
@@ -132,7 +137,8 @@ def test_resume_at_another_data_parallel_and_tensor_parallel_size(tmp_path, corp
                 refused_dir,
                 corpus,
                 "deepspeed.zero_optimization.stage=1",
-                f"checkpoint.resume={_step2(tp2)}",
+                *SUBSPACE,
+                f"checkpoint.resume={_step2(tp2_subspace)}",
             )
         )
     )
@@ -156,9 +162,10 @@ def test_resume_at_another_data_parallel_and_tensor_parallel_size(tmp_path, corp
     assert "parallel.layout" in first["warnings"][0]
 
     expected = (
-        f"checkpoint {_step2(tp2)} was written by 2 ranks (TP 2 x DP 1, ZeRO 1); this run has "
-        f"2 ranks (TP 1 x DP 2, ZeRO 1): the optimizer state is not resharded across "
-        f"tensor-parallel sizes; resume at parallel.tensor_parallel=2, or set "
+        f"checkpoint {_step2(tp2_subspace)} was written by 2 ranks (TP 2 x DP 1, ZeRO 1); this "
+        f"run has 2 ranks (TP 1 x DP 2, ZeRO 1): the subspace optimizer state "
+        f"(grad_mode='subspace') lives in each TP shard's projection space and is not "
+        f"resharded across TP sizes; resume at parallel.tensor_parallel=2, or set "
         f"checkpoint.reset_optimizer=true to resume the weights with fresh optimizer state"
     )
     for rank, result in enumerate(refused):
@@ -167,7 +174,13 @@ def test_resume_at_another_data_parallel_and_tensor_parallel_size(tmp_path, corp
         assert "Traceback" not in result["stderr"]
     assert not refused_dir.exists()
 
-    reference, resumed = _metrics(tmp_path / "tp2to2"), _metrics(tmp_path / "tp2to1")
+    # TP 2 -> 1 (and DP 1 -> 2) with the optimizer state resharded: the run continued at TP 2.
+    resumed = _metrics(tmp_path / "tp2to1")
+    assert "optimizer_state" not in resumed[0]["resume_changed"]
+    _assert_continues(_after_step_2(tp2), resumed, rtol=TP_RTOL)
+    # With checkpoint.reset_optimizer: a resume with the flag at TP 2.
+    reference = _metrics(tmp_path / "tp2to2_reset")
+    resumed = _metrics(tmp_path / "tp2to1_reset")
     assert resumed[0]["resume_changed"]["optimizer_state"] == ["from checkpoint", "reset"]
     assert resumed[0]["resume_changed"]["parallel.layout"][1] == "2 ranks (TP 1 x DP 2, ZeRO 1)"
     # Another TP layout computes the row-parallel sums in another order too (the same bound).
@@ -185,12 +198,14 @@ def _state(world_size: int, tp: int, stage: int, vocab: int = 512) -> dict:
     return {"world_size": world_size, "config": config, "model_config": {"vocab_size": vocab}}
 
 
-def _run_config(tp: int, stage: int, reset: bool = False, method: str = "compact"):
+def _run_config(
+    tp: int, stage: int, reset: bool = False, method: str = "compact", grad_mode: str = "lift"
+):
     from actcomp_dist.training.config import run_config_from_dict
 
     return run_config_from_dict(
         {
-            "compression": {"method": method},
+            "compression": {"method": method, "grad_mode": grad_mode},
             "parallel": {"tensor_parallel": tp},
             "deepspeed": {"zero_optimization": {"stage": stage}},
             "checkpoint": {"reset_optimizer": reset},
@@ -210,13 +225,14 @@ def test_layout_changes_accepted_and_refused():
     assert check_layout_change(path, _state(2, 1, 2), _run_config(1, 2), 1) == {
         "parallel.layout": ["2 ranks (TP 1 x DP 2, ZeRO 2)", "1 ranks (TP 1 x DP 1, ZeRO 2)"]
     }
+    assert check_layout_change(path, _state(2, 2, 1), _run_config(1, 1), 1)  # resharded
     assert check_layout_change(path, _state(2, 2, 1), _run_config(1, 1, reset=True), 2) == {
         "parallel.layout": ["2 ranks (TP 2 x DP 1, ZeRO 1)", "2 ranks (TP 1 x DP 2, ZeRO 1)"]
     }
     refusals = [
         (_state(2, 1, 1), _run_config(1, 2), 1, "keeps the ZeRO stage; resume with deepspeed"),
         (_state(2, 1, 3), _run_config(1, 3), 1, "ZeRO 3 checkpoints resume at the same layout"),
-        (_state(2, 2, 1), _run_config(1, 1), 1, "set checkpoint.reset_optimizer=true"),
+        (_state(2, 2, 1), _run_config(1, 1, grad_mode="subspace"), 1, "projection space"),
         (_state(1, 1, 1), _run_config(3, 1, True), 3, "vocabulary 512 does not divide"),
         (_state(1, 1, 1), _run_config(2, 1, True, "subtoken"), 2, "vectors are per TP shard"),
     ]
