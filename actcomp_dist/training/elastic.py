@@ -397,7 +397,6 @@ def load_elastic(
     merger,
     model,
     ctx,
-    world_size: int,
     reset_optimizer: bool,
 ) -> dict[str, Any]:
     """Collective: load checkpoint ``path`` (trainer state ``state``) at this run's layout,

@@ -131,8 +131,8 @@ def check_resume(config: RunConfig, world_size: int) -> tuple[Path | None, dict 
             )
         return None, None, {}
     state = ckpt.verify_checkpoint(path, config.compression.to_dict())
-    # Another data-parallel size (ZeRO 0-2), or TP size with checkpoint.reset_optimizer: the
-    # elastic path; any other layout change is refused here.
+    # Another data-parallel size (ZeRO 0-2) or TP size (a subspace run's with
+    # checkpoint.reset_optimizer): the elastic path; any other layout change is refused here.
     layout_change = check_layout_change(path, state, config, world_size)
     drift = resume_drift(state, config)
     not_allowed = refused(drift, config.checkpoint.allow_changes)
@@ -532,7 +532,6 @@ class Trainer:
                 self.merger,
                 self.model,
                 self.ctx,
-                self.world_size,
                 reset_optimizer=self.config.checkpoint.reset_optimizer,
             )
             for key in (LAYOUT_KEY, RESET_KEY):
