@@ -15,8 +15,9 @@ gradient average would silently mix subspaces. :func:`check_seed_agreement` (the
 it before every optimizer step, so at start-up after a resume and after every resample) makes
 every rank compute, per compressed layer, the seed of canonical block 0 at the current epoch —
 a value every rank can compute whatever blocks it holds, and which changes with any of the
-inputs above — and compares one 64-bit digest of that table across all ranks with one
-all-gather. On a mismatch (every rank sees the same gathered digests, so every rank takes the
+inputs above — and per LoRA/LoRI adapter the seed its A is drawn from (A is regenerated on
+every rank, never stored or communicated), and compares one 64-bit digest of that table
+across all ranks with one all-gather. On a mismatch (every rank sees the same gathered digests, so every rank takes the
 same branch) the tables themselves are gathered and every rank raises
 :class:`SeedMismatchError` naming the layers and the ranks that differ.
 """
@@ -143,9 +144,17 @@ class SeedMismatchError(RuntimeError):
     """Ranks that must share a projection computed different seeds for it."""
 
 
+# The site prefix of an adapter's A in the seed table (the namespace of ``adapter_seed``).
+ADAPTER_SITE_PREFIX = "adapter/"
+
+
 def projection_seed_table(model: torch.nn.Module) -> list[tuple[str, int, str, int, int, int]]:
     """``(module name, layer id, site, base seed, epoch, seed of block 0)`` for every
-    compressing layer of ``model`` (an identity compressor has no projection)."""
+    compressing layer of ``model`` (an identity compressor has no projection), and for every
+    LoRA/LoRI adapter ``(module name, layer id, "adapter/SITE", finetune.adapter.seed, 0, seed
+    of A)``: A is regenerated from its seed on every rank (never stored), so the ranks that
+    train one B must agree on it as they agree on a projection."""
+    from actcomp_dist.adapters.base import LowRankAdapter
     from actcomp_dist.compression.base import Compressor
 
     table = []
@@ -154,6 +163,9 @@ def projection_seed_table(model: torch.nn.Module) -> list[tuple[str, int, str, i
             base, epoch = module.config.seed, module.schedule.epoch
             seed = projection_seed(base, module.layer_id, module.site, 0, epoch)
             table.append((name, module.layer_id, module.site, base, epoch, seed))
+        elif isinstance(module, LowRankAdapter):
+            site = ADAPTER_SITE_PREFIX + module.site
+            table.append((name, module.layer_id, site, module.config.seed, 0, module.seed))
     return table
 
 
@@ -208,7 +220,12 @@ def describe_seed_mismatch(tables: list[list[tuple]], step: int, limit: int = 3)
             if seed == "missing":
                 described.append(f"{who}: no such layer")
             else:
-                described.append(f"{who}: seed {seed} (compression.seed {base}, epoch {epoch})")
+                key = (
+                    "finetune.adapter.seed"
+                    if site.startswith(ADAPTER_SITE_PREFIX)
+                    else "compression.seed"
+                )
+                described.append(f"{who}: seed {seed} ({key} {base}, epoch {epoch})")
         problems.append(f"{name} (layer {layer_id}, site {site}): " + " vs ".join(described))
     shown = "; ".join(problems[:limit])
     if len(problems) > limit:

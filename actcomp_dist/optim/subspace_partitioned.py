@@ -207,6 +207,15 @@ class PartitionedSubspaceAdam(SubspaceMerger):
             "moments": {names[key]: pair for key, pair in self.moments.items()},
         }
 
+    @torch.no_grad()
+    def reset_state(self) -> None:
+        """Masters from the weights, zero moments, step 0 (fresh optimizer state)."""
+        super().reset_state()
+        self.steps = 0
+        for pair in self.moments.values():
+            for moment in pair:
+                moment.zero_()
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "moments" not in state:
             raise ValueError(

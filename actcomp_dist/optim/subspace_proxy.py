@@ -265,6 +265,15 @@ class SubspaceMerger:
             "masters": {names[key]: master for key, (_, master) in self.masters.items()},
         }
 
+    @torch.no_grad()
+    def reset_state(self) -> None:
+        """Masters from the weights as they are now (a resume that keeps the weights and
+        starts the optimizer state fresh)."""
+        for layer in self.layers:
+            if id(layer) in self.masters:
+                start, master = self.masters[id(layer)]
+                master.copy_(layer.weight.detach()[start : start + master.shape[0]])
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "masters" not in state:  # saved before the masters were partitioned: whole weights
             for i, layer in enumerate(self.layers):

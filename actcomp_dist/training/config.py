@@ -389,7 +389,10 @@ class CheckpointSection:
     reaches ``train.steps`` (``false`` for measurement runs that need none; a preemption or stop
     request still saves); ``allow_changes``: dotted config keys a resume may change although
     the run is then no longer exact (accepted and logged; see
-    :mod:`actcomp_dist.training.drift`)."""
+    :mod:`actcomp_dist.training.drift`); ``reset_optimizer``: on resume, keep the weights,
+    step, data position and schedules but start the optimizer state fresh (needed to resume a
+    ``subspace`` run at another ``parallel.tensor_parallel``:
+    :mod:`actcomp_dist.training.elastic`)."""
 
     dir: str | None = None
     interval: int = 0
@@ -397,11 +400,13 @@ class CheckpointSection:
     keep: int = 0
     at_end: bool = True
     allow_changes: list[str] = field(default_factory=list)
+    reset_optimizer: bool = False
 
     def validate(self) -> None:
         _non_negative_int("checkpoint.interval", self.interval)
         _non_negative_int("checkpoint.keep", self.keep)
         check_bool("checkpoint.at_end", self.at_end)
+        check_bool("checkpoint.reset_optimizer", self.reset_optimizer)
         if self.resume is not None and (not isinstance(self.resume, str) or not self.resume):
             raise ConfigError(
                 f"checkpoint.resume={self.resume!r} must be null, 'latest' or the path of a "

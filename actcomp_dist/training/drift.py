@@ -9,6 +9,12 @@ that differs between the checkpoint and the config, as ``{"key": [old, new]}``; 
 refuses the resume (one line, every rank, before the engine is built) unless each changed key
 is in ``checkpoint.allow_changes``, and logs the accepted ones as ``resume_changed``.
 
+The parallel layout (world size, ``parallel.tensor_parallel``, ZeRO stage) is not compared
+here and cannot be allowed here: a change of it passes only through
+:func:`~actcomp_dist.training.elastic.check_layout_change` (another data-parallel size, or TP
+size with ``checkpoint.reset_optimizer``), which refuses the rest and logs the change as
+``resume_changed["parallel.layout"]``.
+
 The data identity is a fingerprint, not the paths alone: per indexed-dataset prefix the
 ``.bin``'s size and the SHA-256 of its ``.idx`` (the ``.idx`` holds every document's length and
 offset, so another corpus or another tokenisation changes it; it is small next to the ``.bin``,

@@ -6,8 +6,10 @@ the ones before it):
 1. **validate** the config against the world size the launcher announced (no collective yet,
    so a bad config fails the same way on every rank and nothing hangs);
 2. **resume checks**: no live run holds ``RUN_DIR/LOCK``; the checkpoint to resume from
-   (marker, file hashes, compression config, layout, :func:`check_resume`); then the model
-   config (the first check that imports megatron-core). Still no collective, nothing written;
+   (marker, file hashes, compression config, settings, layout: an elastic resume at another
+   data-parallel or TP size, :mod:`actcomp_dist.training.elastic`; :func:`check_resume`);
+   then the model config (the first check that imports megatron-core). Still no collective,
+   nothing written;
 3. **distributed init**: the process group; rank 0 takes the run-directory lock
    (:mod:`actcomp_dist.training.run_lock`);
 4. **parallel state** (Megatron tensor / data-parallel groups) and **seeds**;
@@ -17,7 +19,9 @@ the ones before it):
    memory policy of the config applied to its linears, then activation checkpointing;
 7. **engine** (:func:`~actcomp_dist.training.engine.build_engine`): DeepSpeed with ZeRO,
    precision, AdamW, the LR schedule and clipping; the non-finite guard;
-8. **resume**: weights, optimizer, schedules, RNG and subspace masters from the checkpoint;
+8. **resume**: weights, optimizer, schedules, RNG and subspace masters from the checkpoint
+   (resharded for another layout, or the optimizer state fresh with
+   ``checkpoint.reset_optimizer``);
 9. **run directory and logging**: ``config.json`` and the metrics logger (rank 0 writes).
 
 Then :meth:`Trainer.train` loops: one :func:`~actcomp_dist.training.step.train_step` (the
@@ -62,6 +66,7 @@ from actcomp_dist.training.activation_checkpointing import apply_activation_chec
 from actcomp_dist.training.config import ConfigError, RunConfig, validate_model, validate_run
 from actcomp_dist.training.distributed import init_distributed, launch_info
 from actcomp_dist.training.drift import data_fingerprint, describe, refused, resume_drift
+from actcomp_dist.training.elastic import LAYOUT_KEY, check_layout_change, load_elastic
 from actcomp_dist.training.engine import build_engine
 from actcomp_dist.training.export import export_at_end
 from actcomp_dist.training.flops import device_peak_flops, model_flops_per_token
@@ -106,9 +111,15 @@ def padded_vocab_size(vocab: int, tp: int) -> int:
 # -- set-up steps, in the order Trainer runs them ----------------------------------------------
 
 
+# How a resume with checkpoint.reset_optimizer is logged (with the accepted changes).
+RESET_KEY = "optimizer_state"
+
+
 def check_resume(config: RunConfig, world_size: int) -> tuple[Path | None, dict | None, dict]:
     """The checkpoint to resume from, its trainer state and the accepted changes of
-    exactness-relevant settings (``checkpoint.allow_changes``), or ``(None, None, {})``; raises
+    exactness-relevant settings (``checkpoint.allow_changes``), of the parallel layout
+    (``parallel.layout``, :mod:`actcomp_dist.training.elastic`) and ``optimizer_state`` when
+    ``checkpoint.reset_optimizer`` is set, or ``(None, None, {})``; raises
     :class:`~actcomp_dist.training.checkpoint.CheckpointError` (no collective, nothing
     written) for a damaged checkpoint or one whose settings this config changes."""
     directory = config.checkpoint_dir
@@ -121,14 +132,9 @@ def check_resume(config: RunConfig, world_size: int) -> tuple[Path | None, dict 
             )
         return None, None, {}
     state = ckpt.verify_checkpoint(path, config.compression.to_dict())
-    saved_tp = state["config"]["parallel"]["tensor_parallel"]
-    if state["world_size"] != world_size or saved_tp != config.parallel.tensor_parallel:
-        raise ckpt.CheckpointError(
-            f"checkpoint {path} was written by {state['world_size']} ranks at "
-            f"parallel.tensor_parallel={saved_tp}; this run has {world_size} ranks at "
-            f"parallel.tensor_parallel={config.parallel.tensor_parallel}: exact resume needs "
-            f"the same layout"
-        )
+    # Another data-parallel size (ZeRO 0-2) or TP size (a subspace run's with
+    # checkpoint.reset_optimizer): the elastic path; any other layout change is refused here.
+    layout_change = check_layout_change(path, state, config, world_size)
     drift = resume_drift(state, config)
     not_allowed = refused(drift, config.checkpoint.allow_changes)
     if not_allowed:
@@ -137,7 +143,9 @@ def check_resume(config: RunConfig, world_size: int) -> tuple[Path | None, dict 
             f"({describe(not_allowed)}); resume with the original settings, list a deliberate "
             f"change in checkpoint.allow_changes, or start a new run_dir"
         )
-    return path, state, drift
+    if config.checkpoint.reset_optimizer:
+        layout_change[RESET_KEY] = ["from checkpoint", "reset"]
+    return path, state, {**drift, **layout_change}
 
 
 def seed_everything(seed: int) -> None:
@@ -218,12 +226,14 @@ def build_loaders(config: RunConfig, train_ds, valid_ds, dp_rank: int, dp_size: 
     return loader, valid_loader
 
 
-def build_model_config(config: RunConfig, vocab: int, tp: int):
+def build_model_config(config: RunConfig, vocab: int, tp: int, padded_vocab: int | None = None):
     """The :class:`~actcomp_dist.models.LlamaConfig` of ``model.name`` with the overrides,
-    the data's sequence length and the tokenizer's vocabulary padded for ``tp`` ranks."""
+    the data's sequence length and the tokenizer's vocabulary padded for ``tp`` ranks (or
+    ``padded_vocab``: a resumed checkpoint's, which an elastic resume at another TP size
+    keeps)."""
     overrides = dict(config.model.overrides)
     overrides.setdefault("seq_length", config.data.seq_length)
-    overrides.setdefault("vocab_size", padded_vocab_size(vocab, tp))
+    overrides.setdefault("vocab_size", padded_vocab or padded_vocab_size(vocab, tp))
     if overrides["vocab_size"] < vocab:
         raise ConfigError(
             f"model.vocab_size={overrides['vocab_size']} is smaller than the tokenizer's "
@@ -384,7 +394,10 @@ class Trainer:
         self.tokenizer, self.loader, self.valid_loader = self.build_data(self.consumed)
         # 6. model: compression and memory policy applied at build, then activation
         # checkpointing (it wraps the built blocks).
-        model_config = build_model_config(config, self.tokenizer.vocab_size, self.ctx.tp_size)
+        saved_vocab = (resumed.get("model_config") or {}).get("vocab_size") if resumed else None
+        model_config = build_model_config(
+            config, self.tokenizer.vocab_size, self.ctx.tp_size, padded_vocab=saved_vocab
+        )
         self.model = self.build_model(model_config)
         ac = config.activation_checkpointing
         apply_activation_checkpointing(self.model, ac.mode, ac.num_layers)
@@ -511,11 +524,26 @@ class Trainer:
         return (total * weight_bytes + trained * per_trained) * self.ctx.tp_size
 
     def _load(self, path: Path) -> None:
-        rank_state = ckpt.load_checkpoint(path, self.engine)
+        drift = self.accepted_drift
+        if LAYOUT_KEY in drift or RESET_KEY in drift:
+            rank_state = load_elastic(
+                path,
+                self.resume_state,
+                self.engine,
+                self.merger,
+                self.model,
+                self.ctx,
+                reset_optimizer=self.config.checkpoint.reset_optimizer,
+            )
+            for key in (LAYOUT_KEY, RESET_KEY):
+                if key in drift:
+                    print0(f"warning: elastic resume: {key} {drift[key][0]} -> {drift[key][1]}")
+        else:
+            rank_state = ckpt.load_checkpoint(path, self.engine)
         self.schedule.load_state_dict(self.resume_state["schedule"])
         self.guard.load_state_dict(self.resume_state.get("guard", {}))
         ckpt.set_rng_state(rank_state["rng"])
-        if self.merger is not None:
+        if self.merger is not None and LAYOUT_KEY not in drift and RESET_KEY not in drift:
             self.merger.load_state_dict(rank_state["subspace_masters"])
         print0(f"resumed from {path} at step {self.step}")
 

@@ -18,7 +18,15 @@ import json
 import pytest
 import torch
 
-from actcomp_dist.seeds import describe_seed_mismatch, projection_seed, projection_seed_table
+from actcomp_dist.adapters import AdapterConfig, apply_adapters
+from actcomp_dist.adapters.base import adapter_seed
+from actcomp_dist.models import build_llama, get_model_config
+from actcomp_dist.seeds import (
+    _digest,
+    describe_seed_mismatch,
+    projection_seed,
+    projection_seed_table,
+)
 from actcomp_dist.training.cli import SEED_MISMATCH_EXIT_CODE
 from tests import test_pretrain
 from tests.distributed import run_distributed
@@ -138,4 +146,36 @@ def test_describe_seed_mismatch_groups_ranks_and_names_missing_layers():
         "(compression.seed 5, epoch 0); l1 (layer 1, site fc1): ranks 0, 1, 2: seed 22 "
         "(compression.seed 5, epoch 1) vs rank 3: no such layer; every rank must run the same "
         "config and code and resume from the same checkpoint"
+    )
+
+
+def test_adapter_seeds_are_in_the_agreement_table(single_rank):
+    """Every LoRA/LoRI adapter's A seed (regenerated on each rank, never stored) is a row of
+    the table the ranks compare, so a rank with another ``finetune.adapter.seed`` changes the
+    digest and is named with that key; the reference is :func:`adapter_seed` itself."""
+    config = get_model_config("tiny", seq_length=32, num_layers=2)
+    tables = {}
+    for seed in (1, 2):
+        model = build_llama(config)
+        apply_adapters(model, AdapterConfig(method="lori", rank=4, seed=seed, targets=("qkv",)))
+        tables[seed] = projection_seed_table(model)
+    rows = [row for row in tables[1] if row[2].startswith("adapter/")]
+    assert rows == [
+        (
+            f"layers.{i}.attention.qkv.adapters.default",
+            i,
+            "adapter/qkv",
+            1,
+            0,
+            adapter_seed(1, i, "qkv"),
+        )
+        for i in range(2)
+    ]
+    assert _digest(tables[1]) != _digest(tables[2])
+    message = describe_seed_mismatch([tables[1], tables[2]], step=0)
+    name = rows[0][0]
+    assert (
+        f"{name} (layer 0, site adapter/qkv): rank 0: seed {adapter_seed(1, 0, 'qkv')} "
+        f"(finetune.adapter.seed 1, epoch 0) vs rank 1: seed {adapter_seed(2, 0, 'qkv')} "
+        f"(finetune.adapter.seed 2, epoch 0)" in message
     )
