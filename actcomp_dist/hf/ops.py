@@ -35,6 +35,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from actcomp_dist.models.efficient_ops import stored_rms_norm
 from actcomp_dist.storage import Quantizer
 
 
@@ -188,60 +189,23 @@ def swiglu_then(
 # -- LoRAct's norm mode: the norm output kept once, as low-rank factors, for every consumer ----
 
 
-def _rms_norm_backward(ctx, grad_y, y, weight, rstd):
-    """The closed-form RMSNorm backward of :mod:`actcomp_dist.models.efficient_ops` on a
-    (here reconstructed) output ``y``: ``x_hat = y / weight``,
-    ``dx = rstd (dn - x_hat mean(dn x_hat))`` with ``dn = g weight``, ``dw = sum(g x_hat)``."""
-    x_hat = y.float() / weight.float()  # [..., h]
-    grad_x = grad_w = None
-    if ctx.needs_input_grad[0]:
-        grad_normed = (grad_y * weight).float()
-        dot = (grad_normed * x_hat).mean(-1, keepdim=True)
-        grad_x = (rstd * (grad_normed - x_hat * dot)).to(ctx.x_dtype)
-    if ctx.needs_input_grad[1]:
-        grad_w = (grad_y.float() * x_hat).reshape(-1, y.shape[-1]).sum(0).to(weight.dtype)
-    return grad_x, grad_w
-
-
-class _LowRankRMSNorm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, eps, storage):
-        x32 = x.float()
-        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)  # [..., 1] fp32
-        y = weight * (x32 * rstd).to(x.dtype)  # Hugging Face's ops, bit for bit
-        low, q = storage.pack(y)  # [N, k], [h, k]
-        ctx.save_for_backward(low, q, weight, rstd)
-        ctx.storage, ctx.x_dtype = storage, x.dtype
-        ctx.y_like = torch.empty_like(y, device="meta")
-        ctx.mark_non_differentiable(low, q)
-        return y, low, q
-
-    @staticmethod
-    def backward(ctx, grad_y, _grad_low, _grad_q):
-        low, q, weight, rstd = ctx.saved_tensors
-        y = ctx.storage.unpack((low, q), ctx.y_like)
-        grad_x, grad_w = _rms_norm_backward(ctx, grad_y, y, weight, rstd)
-        return grad_x, grad_w, None, None
-
-
 def low_rank_rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, storage: Quantizer
 ) -> torch.Tensor:
     """RMSNorm keeping ``rstd`` and LoRAct factors ``L``, ``Q`` of its output ``y`` (backward
-    reads ``y ~= L Q^T``). ``y`` carries the factors as ``y.lowrank_factors``, so a linear that
-    reads ``y`` (:func:`factored_input_linear`) keeps the same two tensors, not ``y``."""
+    reads ``y ~= L Q^T``): :func:`actcomp_dist.models.efficient_ops.stored_rms_norm`, the
+    norm of the project's own model. ``y`` carries the factors as ``y.lowrank_factors``, so a
+    linear that reads ``y`` (:func:`factored_input_linear`) keeps the same two tensors, not
+    ``y``."""
     if not torch.is_grad_enabled():
-        return rms_norm_reference(x, weight, eps)
-    # Factorised even when nothing below needs the norm's gradient (a first norm under PEFT):
-    # the LoRA A that read y keep the factors then.
-    y, low, q = _LowRankRMSNorm.apply(x, weight, eps, storage)
-    y.lowrank_factors = (low, q)
+        return stored_rms_norm(x, weight, eps, storage)[0]
+    y, factors = stored_rms_norm(x, weight, eps, storage)
+    if factors is None:
+        # Nothing below needs the norm's own gradient (the first norm under PEFT: frozen
+        # embeddings and norm weight), but the LoRA A that read y still keep its factors.
+        factors = storage.pack(y)
+    y.lowrank_factors = factors
     return y
-
-
-def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    x32 = x.float()
-    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 class _FactoredInputLinear(torch.autograd.Function):
