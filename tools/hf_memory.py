@@ -119,18 +119,20 @@ class Variant:
         if schedule is not None:
             schedule.attach(self.optimizer)
         self.times: list[float] = []
+        self.cpu_times: list[float] = []
         self.losses: list[float] = []
 
     def loss(self, tokens, labels):
         return self.model(input_ids=tokens, labels=labels).loss
 
     def step(self, tokens, labels) -> None:
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.thread_time()
         loss = self.loss(tokens, labels)
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.times.append(time.perf_counter() - start)
+        self.cpu_times.append(time.thread_time() - start_cpu)
         self.losses.append(loss.item())
 
 
@@ -152,6 +154,7 @@ def run(names: list[str], args) -> dict:
         with torch.no_grad():
             results[name]["heldout_loss"] = variant.loss(*held_out).item()
         results[name]["step_ms"] = 1000 * statistics.median(variant.times[args.warmup :])
+        results[name]["step_cpu_ms"] = 1000 * statistics.median(variant.cpu_times[args.warmup :])
         results[name]["final_loss"] = statistics.fmean(variant.losses[-args.loss_window :])
     return results
 
