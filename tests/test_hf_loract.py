@@ -124,7 +124,7 @@ def test_full_rank_low_rank_storage_gives_exact_gradients(lora):
 def test_loract_preset_saved_bytes_closed_form(lora):
     """Against ``exact``: each decoder-layer norm keeps ``(N + h) k_h`` instead of its output
     (``N h``; its readers kept the same tensor), each MLP ``2 (N + I) k_I`` instead of gate and
-    up (``2 N I``); ``k = width // 8``. The readers keep nothing of their own."""
+    up (``2 N I``); ``k = hidden // 8`` for both. The readers keep nothing of their own."""
     build = make_lora_model if lora else make_model
     tokens = _tokens()
     model = apply_memory_policy(build(), "exact")
@@ -133,7 +133,7 @@ def test_loract_preset_saved_bytes_closed_form(lora):
     apply_memory_policy(model, "loract")
     loract = saved_activation_bytes(lambda: _loss(model, tokens))
     assert torch.equal(_loss(model, tokens).detach(), loss)  # forward unchanged
-    k_h, k_i = HIDDEN // LORACT_RANK_DIVISOR, INTERMEDIATE // LORACT_RANK_DIVISOR
+    k_h = k_i = HIDDEN // LORACT_RANK_DIVISOR
     norm_saving = TOKENS * HIDDEN - (TOKENS + HIDDEN) * k_h
     mlp_saving = 2 * (TOKENS * INTERMEDIATE - (TOKENS + INTERMEDIATE) * k_i)
     # Under LoRA both compute down's A from (kept or packed) gate and up and B keeps ``A h``
