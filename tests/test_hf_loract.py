@@ -26,7 +26,7 @@ from actcomp_dist.hf import apply_memory_policy
 from actcomp_dist.hf.policy import LORACT_RANK_DIVISOR
 from actcomp_dist.memory import saved_activation_bytes, saved_activation_bytes_by_module
 from actcomp_dist.storage import LowRankStorage, storage_for
-from tests.test_hf_peft import RANK, make_lora_model
+from tests.test_hf_peft import make_lora_model
 from tests.test_hf_policy import (
     HIDDEN,
     INTERMEDIATE,
@@ -124,7 +124,7 @@ def test_full_rank_low_rank_storage_gives_exact_gradients(lora):
 def test_loract_preset_saved_bytes_closed_form(lora):
     """Against ``exact``: each decoder-layer norm keeps ``(N + h) k_h`` instead of its output
     (``N h``; its readers kept the same tensor), each MLP ``2 (N + I) k_I`` instead of gate and
-    up (``2 N I``); ``k = width // 8``. The readers keep nothing of their own."""
+    up (``2 N I``); ``k = hidden // 8`` for both. The readers keep nothing of their own."""
     build = make_lora_model if lora else make_model
     tokens = _tokens()
     model = apply_memory_policy(build(), "exact")
@@ -133,13 +133,12 @@ def test_loract_preset_saved_bytes_closed_form(lora):
     apply_memory_policy(model, "loract")
     loract = saved_activation_bytes(lambda: _loss(model, tokens))
     assert torch.equal(_loss(model, tokens).detach(), loss)  # forward unchanged
-    k_h, k_i = HIDDEN // LORACT_RANK_DIVISOR, INTERMEDIATE // LORACT_RANK_DIVISOR
+    k_h = k_i = HIDDEN // LORACT_RANK_DIVISOR
     norm_saving = TOKENS * HIDDEN - (TOKENS + HIDDEN) * k_h
     mlp_saving = 2 * (TOKENS * INTERMEDIATE - (TOKENS + INTERMEDIATE) * k_i)
-    # Under LoRA ``exact`` computes down's A from gate and up and B keeps ``A h`` [N, r];
-    # with packed gate / up, down_proj is re-run in backward and B keeps nothing.
-    down_b = TOKENS * RANK if lora else 0
-    assert exact - loract == 4 * LAYERS * (2 * norm_saving + mlp_saving + down_b)
+    # Under LoRA both compute down's A from (kept or packed) gate and up and B keeps ``A h``
+    # [N, r] in both: no difference there.
+    assert exact - loract == 4 * LAYERS * (2 * norm_saving + mlp_saving)
     by_module = saved_activation_bytes_by_module(model, lambda: _loss(model, tokens))
     for name, nbytes in by_module.items():
         if name.endswith(("k_proj.lora_A.default", "v_proj.lora_A.default", "up_proj")):

@@ -27,9 +27,10 @@ def _dataset(rows: int = 24, seq: int = 16):
     return [{"input_ids": t, "labels": t} for t in tokens]
 
 
-def _trainer(output_dir, callbacks, max_steps=6):
+def _trainer(output_dir, callbacks, max_steps=6, **overrides):
+    """``overrides``: more ``TrainingArguments`` (tests/test_hf_trainer_deepspeed.py)."""
     model = apply_memory_policy(make_model(), "exact", compression=COMPRESSION)
-    args = transformers.TrainingArguments(
+    kwargs = dict(
         output_dir=str(output_dir),
         max_steps=max_steps,
         per_device_train_batch_size=2,
@@ -44,6 +45,7 @@ def _trainer(output_dir, callbacks, max_steps=6):
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
+    args = transformers.TrainingArguments(**(kwargs | overrides))
     return transformers.Trainer(
         model=model, args=args, train_dataset=_dataset(), callbacks=callbacks
     )

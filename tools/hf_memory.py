@@ -1,20 +1,29 @@
 """Saved activation bytes, step time and loss of ``actcomp_dist.hf`` policies on a transformers
-model: plain PEFT LoRA vs ``"exact"`` / ``"loract"``, and full fine-tuning vs CompAct (CPU).
+model: plain PEFT LoRA vs ``"exact"`` / ``"loract"`` (and its layer / sublayer modes), and full
+fine-tuning vs CompAct (CPU).
 
     python tools/hf_memory.py --steps 200 --out results/hf_cpu
+    python tools/hf_memory.py --base RUN_DIR/hf --words 15 --batch 16 --out results/hf_cpu_pretrained
 
-A tiny Llama-shaped ``LlamaForCausalLM`` (random init, built from its config: nothing is
-downloaded) learns a synthetic prompt/response task: the prompt is ``--words`` random tokens and
-a separator, the response a chain of a fixed random successor map started from the last prompt
-word, then an end token; the loss is on the response only. Every variant starts from the same weights and sees the same batches.
+Without ``--base``: a tiny Llama-shaped ``LlamaForCausalLM`` (random init, built from its
+config: nothing is downloaded) learns a synthetic prompt/response task: the prompt is
+``--words`` random tokens and a separator, the response a chain of a fixed random successor map
+started from the last prompt word, then an end token. With ``--base DIR`` (a Hugging Face
+LLaMA directory, e.g. the ``train.export_hf`` of a pretraining run of this project): that
+pretrained model learns the fine-tuning demo's ``reverse_words`` task
+(:func:`actcomp_dist.data.jsonl.synthetic_rows`) in its own tokenizer, rows padded to
+``2 --words + 2`` tokens. The loss is on the response only. Every variant starts from the same
+weights and sees the same batches.
 
 Per variant: ``saved_MiB`` (bytes autograd keeps for backward in one micro-batch's forward,
 measured by :func:`actcomp_dist.memory.saved_activation_bytes`, exact), ``step_ms`` (median
-wall time of a training step: forward, backward, AdamW), ``final_loss`` (the mean training loss of the
-last ``--loss-window`` steps; ``heldout_loss``: on a held-out batch after the last step;
-variants take their steps in turn, so load on the machine slows them alike) and each ratio against the variant's baseline (plain
-LoRA for the LoRA variants, unpatched full fine-tuning for the full ones). Writes
-``results.json`` and ``results.md`` to ``--out``.
+wall time of a training step: forward, backward, AdamW) and ``step_cpu_ms`` (median CPU time
+of this thread in the step: with one thread, the step's compute, which other jobs on a shared
+machine disturb far less than wall time), ``final_loss`` (the mean training loss of the last
+``--loss-window`` steps; ``heldout_loss``: on a held-out batch after the last step; variants
+take their steps in turn, so load on the machine slows them alike) and each ratio against the
+variant's baseline (plain LoRA for the LoRA variants, unpatched full fine-tuning for the full
+ones). Writes ``results.json`` and ``results.md`` to ``--out``.
 """
 
 from __future__ import annotations
@@ -34,6 +43,8 @@ import peft  # noqa: E402
 import transformers  # noqa: E402
 
 from actcomp_dist.config import CompressionConfig  # noqa: E402
+from actcomp_dist.data.jsonl import synthetic_rows  # noqa: E402
+from actcomp_dist.data.tokenizer import load_tokenizer  # noqa: E402
 from actcomp_dist.hf import apply_memory_policy  # noqa: E402
 from actcomp_dist.layers import find_schedule  # noqa: E402
 from actcomp_dist.memory import saved_activation_bytes  # noqa: E402
@@ -47,6 +58,8 @@ VARIANTS = {
     "lora": ("lora", True, None, None),
     "lora+exact": ("lora", True, "exact", None),
     "lora+loract": ("lora", True, "loract", None),
+    "lora+loract-layer": ("lora", True, "loract-layer", None),
+    "lora+loract-sublayer": ("lora", True, "loract-sublayer", None),
     "lora+lowrank_h/4": ("lora", True, {"norm": "lowrank:32", "swiglu": "lowrank:88"}, None),
     "lora+loract+int8_attention": (
         "lora",
@@ -62,6 +75,10 @@ VARIANTS = {
 
 
 def build_model(args) -> torch.nn.Module:
+    if args.base is not None:
+        model = transformers.LlamaForCausalLM.from_pretrained(args.base, dtype=torch.float32)
+        model.config.use_cache = False
+        return model.train()
     config = transformers.LlamaConfig(
         vocab_size=args.vocab,
         hidden_size=args.hidden,
@@ -82,9 +99,32 @@ def successor(vocab: int) -> torch.Tensor:
     return torch.cat([torch.arange(FIRST_WORD), perm + FIRST_WORD])
 
 
+def reverse_words_pool(args, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``--base``: the fine-tuning demo's ``reverse_words`` task (:mod:`actcomp_dist.data.jsonl`)
+    in the pretrained run's tokenizer: ``[BOS] prompt response EOS`` rows, padded to
+    ``2 --words + 2`` tokens with EOS at the end (labels -100 there, as on the prompt)."""
+    tokenizer = load_tokenizer(args.base)
+    length = 2 * args.words + 2
+    tokens = torch.full((args.pool, length), tokenizer.eod)
+    labels = torch.full((args.pool, length), -100)
+    for i, row in enumerate(synthetic_rows("reverse_words", args.pool, seed)):
+        bos = [] if tokenizer.bos is None else [tokenizer.bos]
+        prompt = bos + tokenizer.encode(row["prompt"])
+        response = tokenizer.encode(row["response"]) + [tokenizer.eod]
+        ids = (prompt + response)[:length]
+        tokens[i, : len(ids)] = torch.tensor(ids)
+        labels[i, len(prompt) : len(ids)] = torch.tensor(ids[len(prompt) :])
+    return tokens, labels
+
+
 def batch(args, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """``[words | SEP | response | EOS]`` rows, the response a chain of the task's successor
-    map from the last prompt word; labels only on the response and EOS."""
+    map from the last prompt word; labels only on the response and EOS. With ``--base``: rows
+    drawn from the ``reverse_words`` pool."""
+    if args.base is not None:
+        tokens, labels = args.pool_rows
+        rows = torch.randint(0, args.pool, (args.batch,), generator=generator)
+        return tokens[rows], labels[rows]
     nxt = successor(args.vocab)
     words = torch.randint(FIRST_WORD, args.vocab, (args.batch, args.words), generator=generator)
     response = [nxt[words[:, -1]]]
@@ -119,18 +159,20 @@ class Variant:
         if schedule is not None:
             schedule.attach(self.optimizer)
         self.times: list[float] = []
+        self.cpu_times: list[float] = []
         self.losses: list[float] = []
 
     def loss(self, tokens, labels):
         return self.model(input_ids=tokens, labels=labels).loss
 
     def step(self, tokens, labels) -> None:
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.thread_time()
         loss = self.loss(tokens, labels)
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.times.append(time.perf_counter() - start)
+        self.cpu_times.append(time.thread_time() - start_cpu)
         self.losses.append(loss.item())
 
 
@@ -138,7 +180,11 @@ def run(names: list[str], args) -> dict:
     """Train every variant on the same batches, one step of each in turn (so a busy machine
     slows all of them alike), and measure them."""
     variants = {name: Variant(name, args) for name in names}
-    held_out = batch(args, torch.Generator().manual_seed(10_000))
+    if args.base is not None:
+        held_tokens, held_labels = reverse_words_pool(args, seed=10_000)
+        held_out = held_tokens[: args.batch], held_labels[: args.batch]
+    else:
+        held_out = batch(args, torch.Generator().manual_seed(10_000))
     results = {
         name: {"saved_bytes": saved_activation_bytes(lambda v=v: v.loss(*held_out))}
         for name, v in variants.items()
@@ -152,25 +198,31 @@ def run(names: list[str], args) -> dict:
         with torch.no_grad():
             results[name]["heldout_loss"] = variant.loss(*held_out).item()
         results[name]["step_ms"] = 1000 * statistics.median(variant.times[args.warmup :])
+        results[name]["step_cpu_ms"] = 1000 * statistics.median(variant.cpu_times[args.warmup :])
         results[name]["final_loss"] = statistics.fmean(variant.losses[-args.loss_window :])
     return results
 
 
 def table(results: dict) -> str:
     lines = [
-        "| variant | saved MiB | x baseline | step ms | x baseline | final loss | x baseline "
-        "| held-out loss |",
-        "|---|---|---|---|---|---|---|---|",
+        "| variant | saved MiB | x baseline | step ms | x baseline | step CPU ms | x baseline "
+        "| final loss | x baseline | held-out loss |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in results.items():
         base = results[VARIANTS[name][0]]
         lines.append(
             f"| {name} | {row['saved_bytes'] / 2**20:.2f} | "
             f"{row['saved_bytes'] / base['saved_bytes']:.3f} | {row['step_ms']:.1f} | "
-            f"{row['step_ms'] / base['step_ms']:.2f} | {row['final_loss']:.4f} | "
+            f"{row['step_ms'] / base['step_ms']:.2f} | {row['step_cpu_ms']:.1f} | "
+            f"{row['step_cpu_ms'] / base['step_cpu_ms']:.2f} | {row['final_loss']:.4f} | "
             f"{row['final_loss'] / base['final_loss']:.3f} | {row['heldout_loss']:.4f} |"
         )
     return "\n".join(lines)
+
+
+def _args_json(args) -> dict[str, str]:
+    return {k: str(v) for k, v in vars(args).items() if k != "pool_rows"}
 
 
 def main(argv=None) -> None:
@@ -192,6 +244,14 @@ def main(argv=None) -> None:
         "--loss-window", type=int, default=20, help="final_loss: mean of the last N steps"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--base",
+        type=Path,
+        default=None,
+        help="a Hugging Face LLaMA directory (e.g. a run's train.export_hf) to fine-tune "
+        "instead of a random-init model, on the reverse_words task in its tokenizer",
+    )
+    parser.add_argument("--pool", type=int, default=4096, help="--base: reverse_words rows")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--out", type=Path, default=None)
@@ -199,6 +259,8 @@ def main(argv=None) -> None:
     if args.warmup >= args.steps:
         parser.error(f"--warmup {args.warmup} must be below --steps {args.steps}")
     torch.set_num_threads(args.threads)
+    if args.base is not None:
+        args.pool_rows = reverse_words_pool(args, seed=args.seed)
     names = [n for n in VARIANTS if n in args.variants]
     missing = {VARIANTS[n][0] for n in names} - set(names)
     if missing:
@@ -209,7 +271,7 @@ def main(argv=None) -> None:
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "results.json").write_text(
-            json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results})
+            json.dumps({"args": _args_json(args), "results": results})
         )
         (args.out / "results.md").write_text(text + "\n")
 

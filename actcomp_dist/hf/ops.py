@@ -34,7 +34,9 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from actcomp_dist.models.efficient_ops import stored_rms_norm
 from actcomp_dist.storage import Quantizer
 
 
@@ -114,6 +116,68 @@ class _SwiGLULinear(torch.autograd.Function):
         return grad_gate, grad_up, grad_weight, grad_bias, None
 
 
+class _SwiGLUAndLinears(torch.autograd.Function):
+    """``h = silu(gate) * up`` and ``F.linear(h, W_i, b_i)`` for each ``(W_i, b_i)``, keeping
+    ``gate`` and ``up`` once (packed by ``storage``): the frozen base of a PEFT LoRA
+    ``down_proj`` reads ``h`` (keeping nothing), every adapter's A reads it too."""
+
+    @staticmethod
+    def forward(ctx, gate, up, storage, *weights_and_biases):
+        h = swiglu_product(gate, up)  # [..., intermediate]
+        pairs = list(zip(weights_and_biases[::2], weights_and_biases[1::2], strict=True))
+        outs = [F.linear(h, weight, bias) for weight, bias in pairs]
+        _save(ctx, storage, gate, up)
+        ctx.pairs = pairs
+        ctx.compute_dtypes = [out.dtype for out in outs]
+        return h, *outs
+
+    @staticmethod
+    def backward(ctx, grad_h, *grad_outs):
+        gate, up = _load(ctx)
+        with torch.enable_grad():
+            h = swiglu_product(gate, up)
+        grad_h = torch.zeros_like(h) if grad_h is None else grad_h.to(h.dtype)
+        grads = []
+        for (weight, bias), grad_out, dtype, needs_w, needs_b in zip(
+            ctx.pairs,
+            grad_outs,
+            ctx.compute_dtypes,
+            ctx.needs_input_grad[3::2],
+            ctx.needs_input_grad[4::2],
+            strict=True,
+        ):
+            if grad_out is None:
+                grads += [None, None]
+                continue
+            grad_out = grad_out.to(dtype)
+            g2d = grad_out.reshape(-1, grad_out.shape[-1])  # [N, out]
+            h2d = h.detach().to(dtype).reshape(-1, h.shape[-1])  # [N, intermediate]
+            grad_w = g2d.t().matmul(h2d).to(weight.dtype) if needs_w else None
+            grad_b = g2d.sum(0).to(bias.dtype) if bias is not None and needs_b else None
+            grads += [grad_w, grad_b]
+            grad_h = grad_h + grad_out.matmul(weight.to(dtype)).to(h.dtype)
+        grad_gate = grad_up = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            grad_gate, grad_up = torch.autograd.grad(h, (gate, up), grad_h)
+        return grad_gate, grad_up, None, *grads
+
+
+def swiglu_and_linears(
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    storage: Quantizer | None,
+    linears: list[tuple[torch.Tensor, torch.Tensor | None]],
+) -> tuple[torch.Tensor, ...]:
+    """``(h, F.linear(h, W_1, b_1), ...)`` with ``h = silu(gate) * up``, keeping ``gate`` and
+    ``up`` once (packed by ``storage``); ``h``'s readers other than the ``linears`` must keep
+    nothing of it (a frozen linear)."""
+    flat = [t for pair in linears for t in pair]
+    if not torch.is_grad_enabled():
+        h = swiglu_product(gate, up)
+        return h, *(F.linear(h, w, b) for w, b in linears)
+    return _SwiGLUAndLinears.apply(gate, up, storage, *flat)
+
+
 def _device_types(*tensors: torch.Tensor) -> list[str]:
     return sorted({t.device.type for t in tensors})
 
@@ -188,60 +252,23 @@ def swiglu_then(
 # -- LoRAct's norm mode: the norm output kept once, as low-rank factors, for every consumer ----
 
 
-def _rms_norm_backward(ctx, grad_y, y, weight, rstd):
-    """The closed-form RMSNorm backward of :mod:`actcomp_dist.models.efficient_ops` on a
-    (here reconstructed) output ``y``: ``x_hat = y / weight``,
-    ``dx = rstd (dn - x_hat mean(dn x_hat))`` with ``dn = g weight``, ``dw = sum(g x_hat)``."""
-    x_hat = y.float() / weight.float()  # [..., h]
-    grad_x = grad_w = None
-    if ctx.needs_input_grad[0]:
-        grad_normed = (grad_y * weight).float()
-        dot = (grad_normed * x_hat).mean(-1, keepdim=True)
-        grad_x = (rstd * (grad_normed - x_hat * dot)).to(ctx.x_dtype)
-    if ctx.needs_input_grad[1]:
-        grad_w = (grad_y.float() * x_hat).reshape(-1, y.shape[-1]).sum(0).to(weight.dtype)
-    return grad_x, grad_w
-
-
-class _LowRankRMSNorm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, eps, storage):
-        x32 = x.float()
-        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)  # [..., 1] fp32
-        y = weight * (x32 * rstd).to(x.dtype)  # Hugging Face's ops, bit for bit
-        low, q = storage.pack(y)  # [N, k], [h, k]
-        ctx.save_for_backward(low, q, weight, rstd)
-        ctx.storage, ctx.x_dtype = storage, x.dtype
-        ctx.y_like = torch.empty_like(y, device="meta")
-        ctx.mark_non_differentiable(low, q)
-        return y, low, q
-
-    @staticmethod
-    def backward(ctx, grad_y, _grad_low, _grad_q):
-        low, q, weight, rstd = ctx.saved_tensors
-        y = ctx.storage.unpack((low, q), ctx.y_like)
-        grad_x, grad_w = _rms_norm_backward(ctx, grad_y, y, weight, rstd)
-        return grad_x, grad_w, None, None
-
-
 def low_rank_rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, storage: Quantizer
 ) -> torch.Tensor:
     """RMSNorm keeping ``rstd`` and LoRAct factors ``L``, ``Q`` of its output ``y`` (backward
-    reads ``y ~= L Q^T``). ``y`` carries the factors as ``y.lowrank_factors``, so a linear that
-    reads ``y`` (:func:`factored_input_linear`) keeps the same two tensors, not ``y``."""
+    reads ``y ~= L Q^T``): :func:`actcomp_dist.models.efficient_ops.stored_rms_norm`, the
+    norm of the project's own model. ``y`` carries the factors as ``y.lowrank_factors``, so a
+    linear that reads ``y`` (:func:`factored_input_linear`) keeps the same two tensors, not
+    ``y``."""
     if not torch.is_grad_enabled():
-        return rms_norm_reference(x, weight, eps)
-    # Factorised even when nothing below needs the norm's gradient (a first norm under PEFT):
-    # the LoRA A that read y keep the factors then.
-    y, low, q = _LowRankRMSNorm.apply(x, weight, eps, storage)
-    y.lowrank_factors = (low, q)
+        return stored_rms_norm(x, weight, eps, storage)[0]
+    y, factors = stored_rms_norm(x, weight, eps, storage)
+    if factors is None:
+        # Nothing below needs the norm's own gradient (the first norm under PEFT: frozen
+        # embeddings and norm weight), but the LoRA A that read y still keep its factors.
+        factors = storage.pack(y)
+    y.lowrank_factors = factors
     return y
-
-
-def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    x32 = x.float()
-    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 class _FactoredInputLinear(torch.autograd.Function):
@@ -275,3 +302,115 @@ def factored_input_linear(x, weight, bias, factors):
     """``F.linear(x, weight, bias)`` whose weight gradient reads ``x ~= L Q^T`` from
     ``factors = (L, Q)`` (kept by the norm that produced ``x``) instead of keeping ``x``."""
     return _FactoredInputLinear.apply(x, weight, bias, *factors)
+
+
+# -- LoRAct's layer and pre-norm sublayer modes: a module re-run from its kept input ----------
+
+
+def _tensor_leaves(args: tuple, kwargs: dict):
+    """``(args, kwargs)`` flattened: the tensor leaves, and a rebuild from new tensor leaves."""
+    leaves, spec = tree_flatten((args, kwargs))
+    positions = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
+
+    def rebuild(tensors):
+        full = list(leaves)
+        for i, tensor in zip(positions, tensors, strict=True):
+            full[i] = tensor
+        return tree_unflatten(full, spec)
+
+    return [leaves[i] for i in positions], rebuild
+
+
+class _RecomputeFromKept(torch.autograd.Function):
+    """``run(x, *args, **kwargs)`` keeping only ``kept`` (``x`` itself, or tensors ``x`` is
+    reconstructed from); backward rebuilds ``x_hat = unpack(kept)``, re-runs ``run`` from it
+    under autograd (same RNG and autocast state, as reentrant checkpointing does) and
+    backpropagates: every gradient is the one at ``x_hat``."""
+
+    @staticmethod
+    def forward(ctx, run, unpack, rebuild, n_kept, x, _dummy, *kept_and_leaves):
+        kept, leaves = kept_and_leaves[:n_kept], kept_and_leaves[n_kept:]
+        device = x.device.type
+        ctx.run, ctx.unpack, ctx.rebuild, ctx.n_kept = run, unpack, rebuild, n_kept
+        ctx.x_like = torch.empty_like(x, device="meta")
+        ctx.x_requires_grad = x.requires_grad
+        ctx.leaf_requires_grad = [t.requires_grad for t in leaves]
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        ctx.cpu_rng = torch.get_rng_state()
+        ctx.device_rng = (
+            torch.get_device_module(device).get_rng_state(x.device)
+            if device not in ("cpu", "meta")
+            else None
+        )
+        ctx.device = x.device
+        ctx.save_for_backward(*kept, *leaves)
+        args, kwargs = rebuild(list(leaves))
+        out = run(x, *args, **kwargs)
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(
+                f"recompute_from_kept: {run} returned {type(out).__name__}, not a tensor"
+            )
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        saved = ctx.saved_tensors
+        kept, leaves = saved[: ctx.n_kept], saved[ctx.n_kept :]
+        x_hat = ctx.unpack(kept, ctx.x_like).detach().requires_grad_(ctx.x_requires_grad)
+        leaves = [
+            t.detach().requires_grad_(flag)
+            for t, flag in zip(leaves, ctx.leaf_requires_grad, strict=True)
+        ]
+        device, autocast_enabled, autocast_dtype = ctx.autocast
+        devices = [ctx.device] if ctx.device_rng is not None else []
+        with torch.random.fork_rng(devices=devices, device_type=device):
+            torch.set_rng_state(ctx.cpu_rng)
+            if ctx.device_rng is not None:
+                torch.get_device_module(device).set_rng_state(ctx.device_rng, ctx.device)
+            with (
+                torch.enable_grad(),
+                torch.autocast(device, dtype=autocast_dtype, enabled=autocast_enabled),
+            ):
+                args, kwargs = ctx.rebuild(leaves)
+                out = ctx.run(x_hat, *args, **kwargs)
+        if out.requires_grad:
+            torch.autograd.backward(out, grad_out)
+        grads = [
+            t.grad if flag else None for t, flag in zip(leaves, ctx.leaf_requires_grad, strict=True)
+        ]
+        return None, None, None, None, x_hat.grad, None, *([None] * ctx.n_kept), *grads
+
+
+def _unpack_kept_input(kept, like):
+    return kept[0]
+
+
+def recompute_from_kept(
+    run: Callable[..., torch.Tensor],
+    x: torch.Tensor,
+    args: tuple,
+    kwargs: dict,
+    *,
+    storage: Quantizer | None,
+    factors: tuple[torch.Tensor, ...] | None = None,
+    trainable: bool,
+) -> torch.Tensor:
+    """``run(x, *args, **kwargs)`` (a tensor) keeping for backward only ``x``'s factors
+    ``factors`` (kept by whoever produced ``x``: one storage), else ``storage.pack(x)``, else
+    (``storage is None``) ``x`` itself; backward re-runs ``run`` from the reconstruction.
+    Tensor leaves of ``args`` / ``kwargs`` are kept as they are. ``trainable``: whether ``run``
+    has parameters that need gradients (then backward runs even when no input requires
+    grad, and their gradients accumulate through ``.backward()``, as under reentrant
+    checkpointing)."""
+    if not torch.is_grad_enabled():
+        return run(x, *args, **kwargs)
+    leaves, rebuild = _tensor_leaves(args, kwargs)
+    if factors is not None or storage is not None:
+        kept = factors if factors is not None else storage.pack(x)
+        unpack = storage.unpack
+    else:
+        kept, unpack = (x,), _unpack_kept_input
+    # A leaf requiring grad makes the output require grad when nothing else does (a first
+    # layer over frozen embeddings under PEFT), so backward reaches the adapters.
+    dummy = torch.empty(0, requires_grad=trainable)
+    return _RecomputeFromKept.apply(run, unpack, rebuild, len(kept), x, dummy, *kept, *leaves)

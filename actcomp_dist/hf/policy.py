@@ -27,16 +27,36 @@ What each kind's policy does to a Llama / Mistral / Qwen2 block (see :mod:`.fami
   output). ``int8`` / ``fp8`` keep q, k, v packed and re-run SDPA in backward
   (:func:`actcomp_dist.storage.attention_with_stored_inputs`); causal attention without a
   padding mask only (a batch with padding raises), no attention dropout.
-- ``block_input`` is HF gradient checkpointing's business; the linear sites (``qkv``, ``proj``,
-  ``fc1``, ``fc2``) are compressed through ``compression=``: both must stay ``keep``.
+  ``recompute`` (and ``swiglu: recompute``): the attention (MLP) sublayer keeps only its
+  input, the norm output, and is re-run from it in backward (:func:`.ops.recompute_from_kept`;
+  same RNG and autocast state, as reentrant checkpointing; gradients accumulate through
+  ``.backward()``). With ``norm: keep`` that input is the norm's kept output (one storage,
+  exact gradients: sublayer checkpointing); with ``norm: lowrank:R`` it is the norm's factors
+  ``L``, ``Q`` (one factorisation serves the norm and the re-run sublayer) and the sublayer
+  is re-run from ``L Q^T``: LoRAct's pre-norm sublayer mode. Any adapter type serves inside
+  (the readers are re-run, not patched). The attention then returns no attention weights.
+- ``block_input``: ``lowrank:R`` (LoRAct's layer mode) makes each decoder layer keep the factors
+  of its input ``x`` (``(N + h) R`` elements) and re-run the whole layer from
+  ``x_hat = L Q^T`` in backward: the residual (identity) path passes the gradient through
+  exactly, the branches see ``x_hat``. The layer takes the place of HF gradient checkpointing
+  (either variant; on or off, the same losses and gradients): it keeps the factors where HF
+  keeps ``x``. A re-run layer does not write a KV cache (``use_cache`` off, as under HF
+  checkpointing). The linear sites (``qkv``, ``proj``, ``fc1``, ``fc2``) are compressed
+  through ``compression=``: they must stay ``keep``.
 
-Presets: ``"exact"`` (every kind ``keep``: memory-efficient exact ops, losses equal to the
-unpatched model's) and ``"loract"`` (``norm`` and ``swiglu`` at ``lowrank:R`` with
-``R = width // 8``: LoRAct's norm and act_fn modes, Shi et al., arXiv 2509.23472; the rank
-ratio is this package's choice, not a value taken from the paper; LoRAct's layer and pre-norm
-sublayer modes are not implemented for Hugging Face models; the LLaMA model has them as
-``block_input: lowrank:R`` and ``activation_checkpointing.mode: sublayer``). A mapping in the run config's ``memory.policy`` format
-(kind -> policy) gives any other mix, e.g. ``{"norm": "lowrank:16", "attention": "int8"}``.
+Presets (``R = hidden // 8`` for every tensor factorised, gate and up included: the authors'
+code applies one absolute rank to all, 128 at hidden 1024; ``R = intermediate // 8`` for gate
+and up was measured at 1.19x the step CPU time of plain LoRA): ``"exact"`` (every kind
+``keep``: memory-efficient exact ops, losses equal to the unpatched model's); ``"loract"`` (``norm`` and ``swiglu`` at
+``lowrank:R``: LoRAct's norm and act_fn modes, Shi et al., arXiv 2509.23472, no re-run);
+``"loract-layer"`` (``block_input: lowrank:R``: the layer mode, the configuration of the
+authors' code example, github.com/shijxcs/meft README at commit 78695c1:
+``patch_locations="layer"``, rank 128 on Qwen3-0.6B, hidden 1024, i.e. hidden // 8) and
+``"loract-sublayer"`` (``norm: lowrank:R``, ``attention`` and ``swiglu`` ``recompute``: the
+pre-norm sublayer mode of that README's previous commit 9b51a01, rank 128). The paper's own
+text was not checked for a single recommended mode. A mapping in the run config's
+``memory.policy`` format (kind -> policy) gives any other mix, e.g.
+``{"norm": "lowrank:16", "attention": "int8"}``.
 
 ``compression`` (a :class:`~actcomp_dist.config.CompressionConfig`) swaps the trainable
 ``nn.Linear`` inputs of q/k/v, gate/up and down (or, under PEFT, their LoRA A) for
@@ -70,7 +90,9 @@ from actcomp_dist.hf.families import Family, supported_families, supported_names
 from actcomp_dist.hf.ops import (
     factored_input_linear,
     low_rank_rms_norm,
+    recompute_from_kept,
     swiglu,
+    swiglu_and_linears,
     swiglu_linear,
     swiglu_then,
 )
@@ -90,15 +112,18 @@ from actcomp_dist.storage import (
 PRESETS: dict[str, dict[str, str]] = {
     "exact": {},
     "loract": {"norm": "lowrank:R", "swiglu": "lowrank:R"},
+    "loract-layer": {"block_input": "lowrank:R"},
+    "loract-sublayer": {"norm": "lowrank:R", "attention": "recompute", "swiglu": "recompute"},
 }
-#: ``"loract"``'s rank: width // 8 (the norm output: hidden // 8; gate and up:
-#: intermediate // 8), a compression of 8x per factorised tensor.
+#: The presets' rank: hidden // 8 for every factorised tensor (norm outputs, gate and up,
+#: block inputs): the authors' code applies one rank to all of them (128 at hidden 1024).
 LORACT_RANK_DIVISOR = 8
 #: The kinds this package patches and the policies each takes; other kinds must stay ``keep``.
 HF_IMPLEMENTED: dict[str, tuple[str, ...]] = {
     "norm": ("keep", "lowrank:R"),
-    "attention": ("keep", "int8", "fp8"),
-    "swiglu": ("keep", "int8", "fp8", "lowrank:R"),
+    "attention": ("keep", "int8", "fp8", "recompute"),
+    "swiglu": ("keep", "int8", "fp8", "lowrank:R", "recompute"),
+    "block_input": ("keep", "lowrank:R"),
 }
 HF_KINDS = tuple(HF_IMPLEMENTED)
 #: Linear leaves whose inputs ``compression=`` compresses.
@@ -117,9 +142,14 @@ class HfPolicy:
     norm: str = "keep"
     attention: str = "keep"
     swiglu: str = "keep"
+    block_input: str = "keep"
 
     def storage(self, kind: str) -> Quantizer | None:
-        return storage_for(getattr(self, kind))
+        value = getattr(self, kind)
+        return None if value == "recompute" else storage_for(value)
+
+    def recomputes(self, kind: str) -> bool:
+        return getattr(self, kind) == "recompute"
 
 
 def _grammar(value: str) -> str:
@@ -163,9 +193,8 @@ def resolve_policy(
             raise ValueError(f"{where} is not a policy; valid: {list(POLICIES)}")
         if kind not in HF_KINDS and value != "keep":
             raise ValueError(
-                f"{where} is not served on Hugging Face models (block inputs follow HF "
-                f"gradient checkpointing, linear sites are compressed through compression=); "
-                f"kinds served: {list(HF_KINDS)}"
+                f"{where} is not served on Hugging Face models (linear sites are compressed "
+                f"through compression=); kinds served: {list(HF_KINDS)}"
             )
         if kind in HF_KINDS and _grammar(value) not in HF_IMPLEMENTED[kind]:
             raise ValueError(
@@ -264,16 +293,16 @@ class _SwiGLUMLP:
             return swiglu_linear(gate, up, down.weight, down.bias, storage)
         if _keeps_no_input(down):
             return down(swiglu(gate, up, storage))
-        adapters = _vanilla_lora_adapters(down, gate.dtype) if storage is None else None
+        adapters = _vanilla_lora_adapters(down, gate.dtype)
         if adapters is not None:
-            # PEFT LoRA's forward with A reading the product through swiglu_linear: the frozen
-            # base keeps nothing, A keeps gate and up (the same tensors swiglu keeps), B keeps
-            # A h. (Packed storage would be packed twice: there down_proj is re-run instead.)
-            result = down.base_layer(swiglu(gate, up, None))
+            # PEFT LoRA's forward with one function computing the product and every A's output:
+            # gate and up are kept once (as they are, or packed), the frozen base keeps
+            # nothing, B keeps A h.
+            lora_a = [down.lora_A[name] for name in adapters]
+            h, *a_hs = swiglu_and_linears(gate, up, storage, [(a.weight, a.bias) for a in lora_a])
+            result = down.base_layer(h)
             result_dtype = result.dtype
-            for name in adapters:
-                lora_a = down.lora_A[name]
-                a_h = swiglu_linear(gate, up, lora_a.weight, lora_a.bias, None)
+            for name, a_h in zip(adapters, a_hs, strict=True):
                 result = result + down.lora_B[name](a_h) * down.scaling[name]
             return result.to(result_dtype)
         return swiglu_then(down, gate, up, storage)
@@ -330,6 +359,78 @@ class _StoredInputsAttention:
         return self.o_proj(out), None
 
 
+def _trainable(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
+
+
+class _LowRankCheckpointLayer:
+    """A decoder layer that keeps LoRAct factors of its input and is re-run from their
+    reconstruction in backward (``block_input=lowrank:R``, LoRAct's layer mode). Takes the
+    place of HF gradient checkpointing for the layer (see :func:`_layer_class`)."""
+
+    _actcomp_block_input: Quantizer
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        run = functools.partial(self._actcomp_base.forward, self)
+        if not torch.is_grad_enabled():
+            return run(hidden_states, *args, **kwargs)
+        # A re-run layer must not write a KV cache twice (what HF checkpointing does too).
+        if kwargs.get("past_key_values") is not None:
+            kwargs["past_key_values"] = None
+        if kwargs.get("use_cache"):
+            kwargs["use_cache"] = False
+        return recompute_from_kept(
+            run,
+            hidden_states,
+            args,
+            kwargs,
+            storage=self._actcomp_block_input,
+            trainable=_trainable(self),
+        )
+
+
+class _RecomputedSublayer:
+    """An attention or MLP sublayer that keeps only its input, the pre-norm output: the
+    factors a low-rank norm attached to it (one storage with the norm's), else the output
+    itself (kept by the norm too); backward re-runs the sublayer from it
+    (``attention`` / ``swiglu`` ``=recompute``; with ``norm=lowrank:R`` LoRAct's pre-norm
+    sublayer mode)."""
+
+    _actcomp_norm: Quantizer | None
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
+        base = functools.partial(self._actcomp_base.forward, self)
+        if not torch.is_grad_enabled():
+            return base(hidden_states, *args, **kwargs)
+        factors = getattr(hidden_states, "lowrank_factors", None)
+        attention = isinstance(self, _RecomputedAttention)
+        run = (lambda *a, **k: base(*a, **k)[0]) if attention else base
+        out = recompute_from_kept(
+            run,
+            hidden_states,
+            args,
+            kwargs,
+            storage=self._actcomp_norm if factors is not None else None,
+            factors=factors,
+            trainable=_trainable(self),
+        )
+        return (out, None) if attention else out
+
+
+class _RecomputedAttention(_RecomputedSublayer):
+    """Attention variant: returns ``(output, None)`` (no attention weights)."""
+
+
+def _layer_class(family: Family) -> type:
+    """The decoder-layer subclass of LoRAct's layer mode. HF wraps every subclass's
+    ``forward`` in its gradient checkpointing; the wrapper is replaced by the plain method, so
+    with HF gradient checkpointing on (either variant) the layer keeps the factors of its
+    input instead of HF keeping the input itself (one re-run, not two)."""
+    cls = _patched_class(family.decoder_layer, _LowRankCheckpointLayer)
+    cls.forward = _LowRankCheckpointLayer.forward
+    return cls
+
+
 @functools.cache
 def _patched_class(base: type, mixin: type) -> type:
     return type(base.__name__, (mixin, base), {"_actcomp_base": base, "__module__": __name__})
@@ -375,15 +476,25 @@ def _model_config(model: nn.Module) -> Any:
     raise ValueError(f"apply_memory_policy: {type(model).__name__} has no model config")
 
 
-def _norm_consumers(model: nn.Module, family: Family) -> tuple[list[nn.Module], list[nn.Module]]:
+def _norm_consumers(
+    model: nn.Module, family: Family, policy: HfPolicy
+) -> tuple[list[nn.Module], list[nn.Module]]:
     """The decoder-layer norms and the trainable linears that read their outputs (a
-    projection itself, or its PEFT LoRA A); refuses a reader that would keep the full output."""
+    projection itself, or its PEFT LoRA A); refuses a reader that would keep the full output.
+    A re-run sublayer (``recompute``) keeps the norm's factors itself: its readers are not
+    listed (any adapter type serves there)."""
+    recomputed = {
+        "input_layernorm": policy.recomputes("attention"),
+        "post_attention_layernorm": policy.recomputes("swiglu"),
+    }
     norms, linears = [], []
     for layer_name, layer in model.named_modules():
         if _original(type(layer)) is not family.decoder_layer:
             continue
         for norm_name, readers in NORM_CONSUMERS.items():
             norms.append(layer.get_submodule(norm_name))
+            if recomputed[norm_name]:
+                continue
             for reader_name in readers:
                 name = f"{layer_name}.{reader_name}"
                 reader = layer.get_submodule(reader_name)
@@ -424,7 +535,9 @@ def _check_mlp(name: str, mlp: nn.Module) -> None:
 
 
 def _check_attention(name: str, attention: nn.Module, policy: StoragePolicy) -> None:
-    if policy.attention != "keep" and getattr(attention, "attention_dropout", 0.0):
+    if policy.attention not in ("keep", "recompute") and getattr(
+        attention, "attention_dropout", 0.0
+    ):
         raise ValueError(
             f"apply_memory_policy: {name} has attention_dropout="
             f"{attention.attention_dropout}; memory.policy.attention={policy.attention!r} "
@@ -460,12 +573,17 @@ def apply_memory_policy(
     """
     family = _find_family(model)
     config = _model_config(model)
-    widths = {"norm": config.hidden_size, "swiglu": config.intermediate_size}
+    widths = {
+        "norm": config.hidden_size,
+        "swiglu": config.hidden_size,
+        "block_input": config.hidden_size,
+    }
     policy = resolve_policy(policy, widths)
     modules = list(model.named_modules())
     norms = [(n, m) for n, m in modules if _original(type(m)) is family.norm]
     mlps = [(n, m) for n, m in modules if _original(type(m)) is family.mlp]
     attentions = [(n, m) for n, m in modules if _original(type(m)) is family.attention]
+    layers = [(n, m) for n, m in modules if _original(type(m)) is family.decoder_layer]
     for name, mlp in mlps:
         _check_mlp(name, mlp)
     for name, attention in attentions:
@@ -476,6 +594,17 @@ def apply_memory_policy(
             f"apply_memory_policy: compression={compression.method!r} but no trainable "
             f"nn.Linear among {list(COMPRESSED_PROJECTIONS)} (or their PEFT lora_A)"
         )
+    recomputing = [
+        kind
+        for kind in ("attention", "swiglu", "block_input")
+        if policy.recomputes(kind) or (kind == "block_input" and policy.block_input != "keep")
+    ]
+    if compression is not None and recomputing:
+        raise ValueError(
+            f"apply_memory_policy: compression={compression.method!r} with memory.policy "
+            f"{ {k: getattr(policy, k) for k in recomputing} }: a re-run sublayer or layer keeps "
+            "nothing of its linears' inputs, there is nothing to compress; choose one"
+        )
     low_rank_norms, consumers = [], []
     if policy.norm != "keep":
         if compression is not None:
@@ -483,7 +612,7 @@ def apply_memory_policy(
                 f"apply_memory_policy: memory.policy.norm={policy.norm!r} and compression="
                 f"{compression.method!r} both store the q/k/v and gate/up inputs; choose one"
             )
-        low_rank_norms, consumers = _norm_consumers(model, family)
+        low_rank_norms, consumers = _norm_consumers(model, family, policy)
 
     factored_linear = _patched_class(nn.Linear, _FactoredInputLinearModule)
     for _, module in modules:  # re-applying: readers of a previous low-rank norm
@@ -499,9 +628,17 @@ def apply_memory_policy(
     for linear in consumers:
         linear.__class__ = factored_linear
     for _, mlp in mlps:
+        if policy.recomputes("swiglu"):
+            mlp.__class__ = _patched_class(family.mlp, _RecomputedSublayer)
+            mlp._actcomp_norm = policy.storage("norm")
+            continue
         mlp.__class__ = _patched_class(family.mlp, _SwiGLUMLP)
         mlp._actcomp_swiglu = policy.storage("swiglu")
     for _, attention in attentions:
+        if policy.recomputes("attention"):
+            attention.__class__ = _patched_class(family.attention, _RecomputedAttention)
+            attention._actcomp_norm = policy.storage("norm")
+            continue
         quantizer = policy.storage("attention")
         if quantizer is None:
             attention.__class__ = family.attention
@@ -509,6 +646,12 @@ def apply_memory_policy(
         attention.__class__ = _patched_class(family.attention, _StoredInputsAttention)
         attention._actcomp_attention = quantizer
         attention._actcomp_apply_rotary = family.apply_rotary
+    for _, layer in layers:
+        if policy.block_input == "keep":
+            layer.__class__ = family.decoder_layer
+            continue
+        layer.__class__ = _layer_class(family)
+        layer._actcomp_block_input = policy.storage("block_input")
     if targets:
         compress_linears(model, compression, include=targets)
     return model
