@@ -7,7 +7,7 @@ PIP    := $(VENV)/bin/pip
 # checkout's venv so other checkouts or venvs on the machine never invalidate it.
 export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
 
-.PHONY: venv test test-fast test-faults lint quickstart gpu-check clean
+.PHONY: venv test test-unit test-fast test-faults lint quickstart gpu-check clean
 
 $(VENV)/.installed: setup.cfg setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ venv: $(VENV)/.installed
 
 test: venv
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q
+
+# One process, no launcher: the quickest check while editing (also part of `test`).
+test-unit: venv
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests/unit
 
 # The fault-injection suite alone (also part of `test`).
 test-faults: venv

@@ -7,7 +7,7 @@ Two parts, both closed-form and per tensor-parallel rank:
    :func:`actcomp_dist.memory.saved_activation_bytes` counts them (each storage once, parameters
    excluded). The formulas were read off the real model, op by op (tiny config, measured with
    :func:`~actcomp_dist.memory.saved_activation_bytes_by_module`), and are asserted equal to
-   the measurement for every method and checkpointing mode in ``tests/test_memory_plan.py``.
+   the measurement for every method and checkpointing mode in ``tests/integration/test_memory_plan.py``.
 2. **Model states** (:func:`predict_model_states`): parameters, gradients and optimizer state
    under DeepSpeed ZeRO stages 0-3 and CompAct's ``subspace`` mode, plus DeepSpeed's gradient
    bucket. :func:`plan_memory` adds the two, a transient estimate, and says whether it fits.
@@ -612,7 +612,7 @@ def predict_model_states(
     optimizer step.
 
     The ZeRO paper's accounting, corrected by what DeepSpeed 0.19 allocates (measured by
-    :func:`actcomp_dist.memory.model_state_bytes` in ``tests/test_model_states.py``):
+    :func:`actcomp_dist.memory.model_state_bytes` in ``tests/distributed/test_model_states.py``):
 
     - parameters in the training precision; ZeRO-3 keeps 1/D of them (parameters below its
       ``stage3_param_persistence_threshold``, 1e5 elements by default, stay whole on every

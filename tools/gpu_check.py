@@ -9,7 +9,7 @@ Writes ``OUT/results.md`` and ``OUT/results.json`` (default ``OUT``:
 failure never hides the others, and a stage that the time budget (``--budget-s``) no longer
 covers is recorded as skipped:
 
-1. **tests**: the CUDA tests (``pytest -m gpu``, tests/test_gpu.py): compressed layers in bf16
+1. **tests**: the CUDA tests (``pytest -m gpu``, tests/gpu/test_gpu.py): compressed layers in bf16
    on the device against float64, the parallel layers on an NCCL world of one, SDPA's fused
    attention kernels against the math kernel, saved bytes on the device against the analytic
    model, apex's fused norm when importable, the 8-bit and LoRAct low-rank storage policies on the
@@ -29,7 +29,7 @@ overrides it; unknown devices report no MFU); both live in
 
 ``--dry-run`` takes the same path on the CPU: the tiny config at s = 64, a few steps, MemTracker's
 peak in place of the CUDA allocator's, and at most two micro-batch sizes per variant. CI runs it
-(tests/test_gpu_check.py), so the script cannot rot between GPU sessions. Without a CUDA device
+(tests/integration/test_gpu_check.py), so the script cannot rot between GPU sessions. Without a CUDA device
 and without ``--dry-run`` it exits with code 2 and one line saying so.
 """
 
@@ -52,7 +52,7 @@ from typing import Any
 from actcomp_dist.training.flops import model_flops_per_token, peak_flops
 
 ROOT = Path(__file__).resolve().parents[1]
-GPU_TESTS = "tests/test_gpu.py"
+GPU_TESTS = "tests/gpu/test_gpu.py"
 # The best storage policies by the planner (README "Choosing a policy"): 8-bit attention and
 # SwiGLU, LoRAct's low-rank norms and SwiGLU at r = h/16 (the --budget pick at 1B, s = 4096).
 VARIANTS = ("none", "ac_selective", "ac_full", "compact:0.25", "int8", "fp8", "ac_lowrank:0.0625")

@@ -12,7 +12,7 @@ tiny LLaMA and the two generated tasks (``reverse_words``: "reverse: a b c" -> "
    tiny configs of ``configs/``; the same randomly initialised base in every run, since it is
    built from ``train.seed``): per task LoRA, LoRI-D (dense B) and LoRI-S (90% of B masked,
    the mask from that task's LoRI-D adapter, as the paper's scripts do; 3x the learning rate,
-   as ``tests/test_finetune.py``'s LoRI-S). Each task's adapter has its own ``adapter.seed``
+   as ``tests/integration/test_finetune.py``'s LoRI-S). Each task's adapter has its own ``adapter.seed``
    (LoRI: its own A).
 2. per method and task: the response loss (teacher-forced mean over the response and EOS
    tokens of the held-out rows) and greedy exact match, with the task's own adapter alone, and

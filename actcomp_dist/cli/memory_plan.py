@@ -15,7 +15,7 @@ autograd keeps; every other row is the memory-efficient block), columns sequence
 ``--plugin MODULE`` imports a module that registers more methods (README, "Adding a
 compression method"). For each: saved activations per micro-batch
 (exact per-layer formulas, validated byte for byte against the real model in
-tests/test_memory_plan.py), the predicted peak per GPU (model states under the config's ZeRO
+tests/integration/test_memory_plan.py), the predicted peak per GPU (model states under the config's ZeRO
 stage and precision + saved activations + a transient estimate + ``--reserve``), whether it
 fits in ``--gpu-memory``, and the largest micro-batch that does; for a compressed variant, per
 site, what compressing it removes given what the rest of the variant keeps
@@ -648,9 +648,9 @@ def main(argv: list[str] | None = None) -> int:
             )
     lines += [
         "",
-        "Activations: exact formulas (tests/test_memory_plan.py). Model states: DeepSpeed's "
+        "Activations: exact formulas (tests/integration/test_memory_plan.py). Model states: DeepSpeed's "
         "ZeRO accounting at the optimizer step, checked against the bytes of live tensors "
-        "(tests/test_model_states.py); 'DP grads': gradient bytes each rank hands to the "
+        "(tests/distributed/test_model_states.py); 'DP grads': gradient bytes each rank hands to the "
         "data-parallel reduction per step (subspace m x r gradients, all others). The peak "
         "adds an estimate "
         "of backward's transient (logits and their fp32 gradient, one activation gradient, one "

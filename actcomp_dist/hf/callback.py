@@ -6,7 +6,7 @@ Compressed layers (``compression=`` of :func:`~actcomp_dist.hf.apply_memory_poli
 micro-batches of a step share one projection). The callback advances it at the end of every
 optimizer step (``on_step_end``, which the Trainer calls once per optimizer step after
 gradient accumulation, also under its DeepSpeed integration: tested with ZeRO stage 2 in
-tests/test_hf_trainer_deepspeed.py), writes it into each checkpoint the Trainer saves
+tests/integration/test_hf_trainer_deepspeed.py), writes it into each checkpoint the Trainer saves
 (``checkpoint-N/actcomp_schedule.json``) and, when training resumes from ``checkpoint-N``,
 reads it back from ``args.output_dir/checkpoint-N``, so a resumed run draws the projections
 of an uninterrupted one (resuming from a checkpoint saved without the callback raises).

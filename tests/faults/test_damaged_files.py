@@ -1,13 +1,13 @@
 """Damaged checkpoints and data files met by a real 2-rank run: refused, nothing touched.
 
-Gloo ranks forked by :func:`tests.distributed.run_distributed` run the launcher's own ``main``
-(the ``compact`` model of ``tests/test_pretrain.py``). A good 2-step run leaves a checkpoint;
+Gloo ranks forked by :func:`tests.helpers.distributed.run_distributed` run the launcher's own ``main``
+(the ``compact`` model of ``tests/integration/test_pretrain.py``). A good 2-step run leaves a checkpoint;
 copies of its run directory are damaged three ways (a flipped byte in DeepSpeed's model
 states, a truncated per-rank file, a marker that is not JSON) and resumed with
 ``checkpoint.resume=latest``; a copy of the corpus with a truncated ``.bin`` is trained on.
 Each must end every rank with exit code 2 and one line naming the file, no traceback, the run
 directory byte for byte as before (or not created). The same refusals through separately
-started processes and the launcher are in ``tests/test_pretrain.py`` (``BAD_INPUTS``).
+started processes and the launcher are in ``tests/integration/test_pretrain.py`` (``BAD_INPUTS``).
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests import test_pretrain
-from tests.distributed import run_distributed
-from tests.test_pretrain import _config, _flip_a_byte, _tree_hashes, _truncate
+from tests.helpers.distributed import run_distributed
+from tests.integration import test_pretrain
+from tests.integration.test_pretrain import _config, _flip_a_byte, _tree_hashes, _truncate
 
 corpus = test_pretrain.corpus  # the module-scoped corpus fixture, shared
 

@@ -18,8 +18,8 @@ from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
 from actcomp_dist.data.check import DataFileError, check_data_files, check_indexed_dataset
 from actcomp_dist.training.config import ConfigError, load_run_config, validate_run
-from tests import test_pretrain
-from tests.test_pretrain import TINY
+from tests.integration import test_pretrain
+from tests.integration.test_pretrain import TINY
 
 corpus = test_pretrain.corpus  # the module-scoped corpus fixture, shared
 

@@ -1,7 +1,7 @@
 """A write that fails mid-save (disk full) stops every rank cleanly; the run then resumes.
 
-Real 2-rank runs (gloo ranks forked by :func:`tests.distributed.run_distributed`, the launcher's
-own ``main``, the ``compact`` model of ``tests/test_pretrain.py``, ZeRO 1, a checkpoint every 2
+Real 2-rank runs (gloo ranks forked by :func:`tests.helpers.distributed.run_distributed`, the launcher's
+own ``main``, the ``compact`` model of ``tests/integration/test_pretrain.py``, ZeRO 1, a checkpoint every 2
 steps). The fault is injected where the bytes are written: ``torch.save`` in rank 1 (used by
 DeepSpeed's checkpoint engine for its optimizer shard, and by the trainer) raises what a full
 disk raises, for the files of step 4 only. The space check before a save passes (the disk
@@ -22,9 +22,9 @@ import torch
 
 from actcomp_dist.training import checkpoint as ckpt
 from actcomp_dist.training.config import load_run_config
-from tests import test_pretrain
-from tests.distributed import run_distributed
-from tests.test_pretrain import _compared, _config, _metrics
+from tests.helpers.distributed import run_distributed
+from tests.integration import test_pretrain
+from tests.integration.test_pretrain import _compared, _config, _metrics
 
 corpus = test_pretrain.corpus  # the module-scoped corpus fixture, shared
 

@@ -1,7 +1,7 @@
 """Elastic resume (issue 16 item 8): a run resumes at another data-parallel or TP size.
 
-Real runs of the ``compact`` and ``none`` models of ``tests/test_pretrain.py`` (gloo ranks
-forked by :func:`tests.distributed.run_distributed`, DeepSpeed ZeRO 0, 1 and 2, 4 steps with a
+Real runs of the ``compact`` and ``none`` models of ``tests/integration/test_pretrain.py`` (gloo ranks
+forked by :func:`tests.helpers.distributed.run_distributed`, DeepSpeed ZeRO 0, 1 and 2, 4 steps with a
 checkpoint at step 2, the projection resampled every 2 steps so steps 3-4 use a new one,
 global batch 8 = micro-batch 4 x DP 2, or x 2 accumulated micro-batches at DP 1):
 
@@ -39,9 +39,9 @@ import pytest
 import torch
 
 from actcomp_dist.models import get_model_config, parameter_count
-from tests import test_pretrain
-from tests.distributed import run_distributed
-from tests.test_pretrain import _config, _metrics, _train_rank
+from tests.helpers.distributed import run_distributed
+from tests.integration import test_pretrain
+from tests.integration.test_pretrain import _config, _metrics, _train_rank
 
 corpus = test_pretrain.corpus  # the module-scoped corpus fixture, shared
 
@@ -62,7 +62,7 @@ SUBSPACE = ["compression.grad_mode=subspace"]
 PARAMETERS = parameter_count(get_model_config("tiny", seq_length=128, vocab_size=512))
 NORM_RTOL = math.log2(PARAMETERS) * 2.0**-24
 # Another TP layout sums the row-parallel products in another order too: the bound
-# tests/test_pretrain.py uses for TP layouts against plain data parallelism.
+# tests/integration/test_pretrain.py uses for TP layouts against plain data parallelism.
 TP_RTOL = 1e-5
 
 

@@ -27,8 +27,8 @@ from actcomp_dist.training.watchdog import (
     poll_interval,
     process_group_timeout,
 )
-from tests import test_pretrain
-from tests.test_pretrain import ROOT, _config, _launch, _rank_pid, _wait, _wait_for_step
+from tests.integration import test_pretrain
+from tests.integration.test_pretrain import ROOT, _config, _launch, _rank_pid, _wait, _wait_for_step
 
 corpus = test_pretrain.corpus  # the module-scoped corpus fixture, shared
 

@@ -1,7 +1,7 @@
 """kill -9 of a rank mid-step and mid-save, then a resume that repeats the run bit for bit.
 
-Real 2-rank runs (gloo ranks forked by :func:`tests.distributed.run_distributed`, the launcher's
-own ``main``, the ``compact`` model of ``tests/test_pretrain.py``: 6 steps, a checkpoint every
+Real 2-rank runs (gloo ranks forked by :func:`tests.helpers.distributed.run_distributed`, the launcher's
+own ``main``, the ``compact`` model of ``tests/integration/test_pretrain.py``: 6 steps, a checkpoint every
 2, resampling every 2, validation at 3 and 6). Rank 1 sends itself SIGKILL — no handler, no
 ``finally``, what the OOM killer or a node failure does — at a chosen point; the harness then
 kills rank 0, which waits in a collective. ``checkpoint.resume=latest`` then finishes the run in
@@ -24,9 +24,9 @@ import torch
 
 from actcomp_dist.training import checkpoint as ckpt
 from actcomp_dist.training.config import load_run_config
-from tests import test_pretrain
-from tests.distributed import DistributedError, run_distributed
-from tests.test_pretrain import _compared, _config, _metrics
+from tests.helpers.distributed import DistributedError, run_distributed
+from tests.integration import test_pretrain
+from tests.integration.test_pretrain import _compared, _config, _metrics
 
 corpus = test_pretrain.corpus  # the module-scoped corpus fixture, shared
 

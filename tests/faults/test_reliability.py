@@ -1,8 +1,8 @@
 """Reliability (issue 16): the non-finite guard, safe checkpoint rotation, strict metrics.
 
-Faults are injected into real runs (2 gloo ranks forked by :func:`tests.distributed.run_distributed`,
+Faults are injected into real runs (2 gloo ranks forked by :func:`tests.helpers.distributed.run_distributed`,
 the launcher's own ``main`` so exit codes and messages are the ones a user sees, DeepSpeed
-ZeRO 0 and 1, the ``compact`` model on the small test corpus of ``tests/test_pretrain.py``):
+ZeRO 0 and 1, the ``compact`` model on the small test corpus of ``tests/integration/test_pretrain.py``):
 
 - a NaN written into one weight on one rank (a memory fault, a corrupted shard): every step's
   loss is NaN on that rank;
@@ -34,9 +34,9 @@ from actcomp_dist.training import run_lock
 from actcomp_dist.training.config import load_run_config
 from actcomp_dist.training.guard import NONFINITE_EXIT_CODE, NonFiniteGuard
 from actcomp_dist.training.schedule import learning_rate
-from tests import test_pretrain
-from tests.distributed import run_distributed
-from tests.test_pretrain import ROOT, _config, _srun_ranks, _tree_hashes, _wait
+from tests.helpers.distributed import run_distributed
+from tests.integration import test_pretrain
+from tests.integration.test_pretrain import ROOT, _config, _srun_ranks, _tree_hashes, _wait
 
 corpus = test_pretrain.corpus  # the module-scoped corpus fixture, shared
 

@@ -3,7 +3,7 @@ checkpoint's, and only ``checkpoint.allow_changes`` lets a deliberate change thr
 
 The checkpoint side is the trainer state the trainer saves (``config``, ``model_config``,
 ``fingerprint``), built here from a config the same way; the end-to-end refusal (every rank,
-exit 2, run dir unchanged) is in ``tests/test_pretrain.py``'s ``BAD_INPUTS``.
+exit 2, run dir unchanged) is in ``tests/integration/test_pretrain.py``'s ``BAD_INPUTS``.
 """
 
 from __future__ import annotations

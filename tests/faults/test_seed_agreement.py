@@ -1,7 +1,7 @@
 """Seed agreement (issue 16 item 7): ranks that compute different projection seeds stop.
 
-Real 2-rank runs (gloo ranks forked by :func:`tests.distributed.run_distributed`, the launcher's
-own ``main``, the ``compact`` model of ``tests/test_pretrain.py``, ``resample_every=2``) with
+Real 2-rank runs (gloo ranks forked by :func:`tests.helpers.distributed.run_distributed`, the launcher's
+own ``main``, the ``compact`` model of ``tests/integration/test_pretrain.py``, ``resample_every=2``) with
 one rank's seed inputs changed: a wrong ``compression.seed`` in one layer from the start, and a
 compression schedule that misses the optimizer step which resamples. References: the seeds
 computed in the test with :func:`~actcomp_dist.seeds.projection_seed` itself.
@@ -28,9 +28,9 @@ from actcomp_dist.seeds import (
     projection_seed_table,
 )
 from actcomp_dist.training.cli import SEED_MISMATCH_EXIT_CODE
-from tests import test_pretrain
-from tests.distributed import run_distributed
-from tests.test_pretrain import _config
+from tests.helpers.distributed import run_distributed
+from tests.integration import test_pretrain
+from tests.integration.test_pretrain import _config
 
 corpus = test_pretrain.corpus  # the module-scoped corpus fixture, shared
 

@@ -1,0 +1,409 @@
+"""The CUDA path: what runs only on a GPU (``pytest -m gpu``; each test skips on a CPU machine).
+
+``tools/gpu_check.py`` runs this file first on a lent GPU. The same source runs on CPU/gloo in
+the rest of the suite; what differs on a GPU and is checked here:
+
+- the compressed layers in bf16 on the device (cuBLAS GEMMs, on-device projection generators)
+  against a float64 computation of the same formulas on the CPU;
+- the tensor-parallel layers on an NCCL world of one rank against the single-device layer;
+- the LLaMA model's forward and backward with SDPA's fused kernels (flash, memory-efficient)
+  against the math kernel, and which kernel PyTorch picks by default;
+- saved-activation bytes on the device equal the analytic model's prediction, byte for byte;
+- apex's fused RMSNorm, when apex is importable, against the plain PyTorch norm;
+- the 8-bit storage policies (pack/unpack bounds, exact forward loss) and LoRAct's low-rank
+  storage (cuSOLVER's QR; exact at full rank) on the device.
+
+Tolerances: bf16 results are compared with float64 through rounding bounds: bf16 GEMMs
+accumulate in fp32 (``gamma_k`` of fp32) and round each stage's output to bf16 (``u = 2^-8``),
+each term times the magnitude of the terms (tests/helpers/tolerances.py).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+
+from tests.helpers.tolerances import UNIT_ROUNDOFF, assert_within_rounding, gamma
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+DEVICE = "cuda"
+
+
+def _inputs(tokens: int, width: int, out: int, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, width, generator=generator, dtype=torch.float64)
+    g = torch.randn(tokens, out, generator=generator, dtype=torch.float64)
+    return x, g
+
+
+def _assert_bf16_gemm_close(got, expected, magnitude, length, roundings, msg):
+    """A bf16 GEMM chain accumulates in fp32 and rounds each stage's output to bf16: the error
+    is at most ``(gamma_k(fp32) + roundings * u_bf16) * magnitude`` (each rounding is relative to
+    an intermediate whose size the magnitude bounds)."""
+    bound = (gamma(length, torch.float32) + roundings * UNIT_ROUNDOFF[torch.bfloat16]) * magnitude
+    error = (got.double().cpu() - expected.double()).abs()
+    assert (error <= bound).all(), (msg, (error - bound).max().item())
+
+
+@pytest.mark.parametrize("method", ["none", "compact"])
+def test_compressed_linear_bf16_on_device_matches_float64(method):
+    """Output and input gradient are exact formulas of the bf16 operands; the weight gradient
+    of ``compact`` is ``(g^T (X P)) P^T`` with the layer's own P (regenerated on the device
+    from the stored seeds, then compared with the same P generated on the CPU)."""
+    from actcomp_dist import CompressedLinear, CompressionConfig
+
+    width, out, tokens = 256, 128, 512
+    cfg = CompressionConfig(method=method, rank=0.25, seed=3)
+    torch.manual_seed(0)
+    layer = CompressedLinear(width, out, bias=False, compression=cfg, layer_id=2, site="fc1")
+    layer = layer.to(DEVICE, torch.bfloat16)
+    x64, g64 = _inputs(tokens, width, out)
+    x = x64.to(DEVICE, torch.bfloat16).requires_grad_(True)
+    g = g64.to(DEVICE, torch.bfloat16)
+    y = layer(x)
+    y.backward(g)
+    # The bf16 operands, exactly, in float64 on the CPU.
+    xb, gb = x.detach().double().cpu(), g.double().cpu()
+    w = layer.weight.detach().double().cpu()
+    _assert_bf16_gemm_close(y, xb @ w.t(), xb.abs() @ w.abs().t(), width, 1, "out")
+    _assert_bf16_gemm_close(x.grad, gb @ w, gb.abs() @ w.abs(), out, 1, "dx")
+    if method == "none":
+        expected, magnitude = gb.t() @ xb, gb.abs().t() @ xb.abs()
+        length, roundings = tokens, 1
+    else:
+        compressor = layer.compressor
+        seeds = compressor.current_seeds()
+        p_device = compressor.projection(seeds, torch.device(DEVICE), torch.float32)
+        p = compressor.projection(seeds, torch.device("cpu"), torch.float32).double()
+        torch.testing.assert_close(p_device.cpu().double(), p, rtol=0, atol=0)
+        # Z = X P, G = g^T Z and the lift G P^T are each rounded to bf16 (P itself is bf16 in
+        # the bf16 layer: its rounding is one more).
+        expected = (gb.t() @ (xb @ p)) @ p.t()
+        magnitude = (gb.abs().t() @ (xb.abs() @ p.abs())) @ p.abs().t()
+        length, roundings = width + tokens + p.shape[1], 5
+    _assert_bf16_gemm_close(layer.weight.grad, expected, magnitude, length, roundings, "dW")
+
+
+def _nccl_world_of_one(tmp_path):
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return False
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ["MASTER_PORT"] = str(port)
+    torch.cuda.set_device(0)
+    dist.init_process_group("nccl", rank=0, world_size=1)
+    return True
+
+
+def test_parallel_layers_on_nccl_world_of_one_match_single_device_layer(tmp_path):
+    """Column- and row-parallel compressed layers at TP=1 over NCCL: the same output and
+    gradients as :class:`CompressedLinear` with the same weights and seed (column-parallel
+    shares its projection; row-parallel's block-diagonal projection differs, so only output
+    and input gradient are compared there)."""
+    import torch.distributed as dist
+    from megatron.core import ModelParallelConfig
+
+    from actcomp_dist import CompressedLinear, CompressionConfig
+    from actcomp_dist.parallel import (
+        CompressedColumnParallelLinear,
+        CompressedRowParallelLinear,
+        state,
+    )
+
+    created = _nccl_world_of_one(tmp_path)
+    try:
+        state.initialize_model_parallel(1)
+        cfg = CompressionConfig(method="compact", rank=0.25, seed=5)
+        megatron = ModelParallelConfig(
+            tensor_model_parallel_size=1, use_cpu_initialization=True, params_dtype=torch.float32
+        )
+        width, out, tokens = 128, 96, 64
+
+        def init(weight):
+            return torch.nn.init.normal_(weight, std=0.02)
+
+        column = CompressedColumnParallelLinear(
+            width,
+            out,
+            config=megatron,
+            init_method=init,
+            bias=False,
+            gather_output=False,
+            compression=cfg,
+            layer_id=1,
+            site="fc1",
+        ).to(DEVICE)
+        row = CompressedRowParallelLinear(
+            width,
+            out,
+            config=megatron,
+            init_method=init,
+            bias=False,
+            input_is_parallel=True,
+            skip_bias_add=False,
+            compression=cfg,
+            layer_id=1,
+            site="fc2",
+        ).to(DEVICE)
+        x64, g64 = _inputs(tokens, width, out, seed=1)
+        for layer, site in ((column, "fc1"), (row, "fc2")):
+            single = CompressedLinear(
+                width, out, bias=False, compression=cfg, layer_id=1, site=site
+            ).to(DEVICE)
+            with torch.no_grad():
+                single.weight.copy_(layer.weight)
+            x_a = x64.float().to(DEVICE).view(tokens, 1, width).requires_grad_(True)
+            x_b = x64.float().to(DEVICE).view(tokens, 1, width).requires_grad_(True)
+            g = g64.float().to(DEVICE).view(tokens, 1, out)
+            y_a, _ = layer(x_a)
+            y_a.backward(g)
+            y_b = single(x_b)
+            y_b.backward(g)
+            xb, gb = x64.float().double(), g64.float().double()
+            w = layer.weight.detach().double().cpu()
+            magnitude_y = (xb.abs() @ w.abs().t()).view(tokens, 1, out)
+            magnitude_dx = (gb.abs() @ w.abs()).view(tokens, 1, width)
+            assert_within_rounding(y_a.cpu(), y_b.cpu(), magnitude_y, width, msg=f"{site} out")
+            assert_within_rounding(
+                x_a.grad.cpu(), x_b.grad.cpu(), magnitude_dx, out, msg=f"{site} dx"
+            )
+            if site == "fc1":
+                p = layer.compressor.projection(
+                    layer.compressor.current_seeds(), torch.device("cpu"), torch.float64
+                )
+                magnitude = (gb.abs().t() @ (xb.abs() @ p.abs())) @ p.abs().t()
+                assert_within_rounding(
+                    layer.weight.grad.cpu(),
+                    single.weight.grad.cpu(),
+                    magnitude,
+                    tokens + width + p.shape[1],
+                    msg="fc1 dW",
+                )
+        assert dist.get_backend() == "nccl"
+    finally:
+        if state.is_initialized():
+            state.destroy()
+        if created:
+            dist.destroy_process_group()
+
+
+def _sdpa_backends():
+    from torch.nn.attention import SDPBackend
+
+    return {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "math": SDPBackend.MATH,
+    }
+
+
+@pytest.fixture(scope="module")
+def llama_on_device(tmp_path_factory):
+    import torch.distributed as dist
+
+    from actcomp_dist import CompressionConfig
+    from actcomp_dist.models import build_llama, get_model_config
+    from actcomp_dist.parallel import state
+
+    created = not dist.is_initialized()
+    if created:
+        store = tmp_path_factory.mktemp("dist") / "store"
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    state.initialize_model_parallel(1)
+    config = get_model_config("tiny", seq_length=128, params_dtype=torch.bfloat16)
+    model = build_llama(config, CompressionConfig(method="compact", rank=0.25), device=DEVICE)
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, config.vocab_size, (4, 129), generator=generator).to(DEVICE)
+    yield model, tokens
+    state.destroy()
+    if created:
+        dist.destroy_process_group()
+
+
+def _loss_and_grads(model, tokens, backend):
+    from torch.nn.attention import sdpa_kernel
+
+    model.zero_grad(set_to_none=True)
+    with sdpa_kernel(_sdpa_backends()[backend]):
+        loss = model.loss(tokens[:, :-1], tokens[:, 1:])
+        loss.backward()
+    grads = {n: p.grad.detach().double().clone() for n, p in model.named_parameters()}
+    return loss.detach().double(), grads
+
+
+@pytest.mark.parametrize("kernel", ["flash", "efficient"])
+def test_llama_fused_attention_kernels_are_as_accurate_as_math_kernel(llama_on_device, kernel):
+    """Loss and every gradient of the bf16 model with a fused SDPA kernel and with the math
+    kernel, each against the same model in fp32 (math kernel, no TF32): the fused kernel must
+    be at least about as accurate as the math kernel. Both are bf16 evaluations of one
+    function whose rounding errors are sums of many independent terms, so their error norms
+    agree within a small factor (2 here); a floor of one bf16 unit of the reference covers a
+    math-kernel error that happens to be tiny."""
+    from actcomp_dist.models import build_llama
+
+    model, tokens = llama_on_device
+    fp32 = model.config.replace(params_dtype=torch.float32)
+    reference = build_llama(fp32, model.compression, device=DEVICE)
+    state = {
+        k: v.float() if v is not None and v.is_floating_point() else v
+        for k, v in model.state_dict().items()
+    }
+    reference.load_state_dict(state)
+    loss_ref, grads_ref = _loss_and_grads(reference, tokens, "math")
+    loss_math, grads_math = _loss_and_grads(model, tokens, "math")
+    loss_fused, grads_fused = _loss_and_grads(model, tokens, kernel)
+    unit = 2.0**-8
+    floor = unit * abs(loss_ref.item())
+    assert abs(loss_fused - loss_ref) <= 2 * abs(loss_math - loss_ref) + floor
+    for name, ref in grads_ref.items():
+        floor = unit * ref.norm().item()
+        error_math = (grads_math[name] - ref).norm().item()
+        error_fused = (grads_fused[name] - ref).norm().item()
+        assert error_fused <= 2 * error_math + floor, (name, error_fused, error_math)
+
+
+def test_default_attention_kernel_is_fused(llama_on_device):
+    """With the defaults PyTorch picks a fused kernel for this model (no s x s matrix kept):
+    the math kernel is disabled and the model still runs."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    model, tokens = llama_on_device
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+        loss = model.loss(tokens[:, :-1], tokens[:, 1:])
+    assert torch.isfinite(loss)
+
+
+def test_saved_bytes_on_device_equal_the_prediction(llama_on_device):
+    from actcomp_dist import CompressionConfig
+    from actcomp_dist.ablation.measure import masked_mean_loss
+    from actcomp_dist.memory import saved_activation_bytes
+    from actcomp_dist.memory_model import ActivationSetting, predict_saved_activations
+
+    model, tokens = llama_on_device
+    # Separate tensors, as the data loader gives them (a slice would keep its whole storage).
+    inputs, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    mask = torch.ones(inputs.shape, device=DEVICE)
+    measured = saved_activation_bytes(lambda: masked_mean_loss(model(inputs, labels, mask), mask))
+    setting = ActivationSetting(
+        micro_batch_size=tokens.shape[0],
+        seq_length=tokens.shape[1] - 1,
+        dtype_bytes=2,
+        rope_positions=model.config.seq_length,
+    )
+    predicted = predict_saved_activations(
+        model.config, CompressionConfig(method="compact", rank=0.25), setting, "none", None
+    ).total
+    assert measured == predicted
+
+
+def test_apex_fused_norm_matches_plain_norm():
+    apex_norm = pytest.importorskip("apex.normalization.fused_layer_norm")
+    from actcomp_dist.models.llama import RMSNorm
+
+    torch.manual_seed(0)
+    norm = RMSNorm(512, eps=1e-5, dtype=torch.bfloat16).to(DEVICE)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(64, 512, device=DEVICE, dtype=torch.bfloat16)
+    fused = norm(x)  # apex's kernel on CUDA when importable
+    x32 = x.float()
+    normed = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5)).to(torch.bfloat16)
+    plain = norm.weight * normed
+    # Both round the fp32 statistic's result to bf16 and multiply by the weight: two bf16
+    # roundings of the same value (the fp32 mean over 512 terms is far below bf16's unit).
+    magnitude = plain.detach().double().abs().cpu()
+    assert_within_rounding(fused.cpu(), plain.cpu(), magnitude, 2, torch.bfloat16)
+    assert apex_norm is not None
+
+
+@pytest.mark.parametrize("policy", ["int8", "fp8"])
+def test_8bit_storage_on_device_within_its_element_bound(policy):
+    """Pack/unpack of the 8-bit storage policies on the device (bf16 activations, CUDA's
+    float8 cast and rounding) stays within the per-element bound the CPU tests derive."""
+    from actcomp_dist.storage import StoragePolicy, element_error_bound
+
+    quantizer = StoragePolicy(swiglu=policy).quantizer("swiglu")
+    generator = torch.Generator().manual_seed(0)
+    x = (torch.randn(256, 512, generator=generator) * 3).to(DEVICE, torch.bfloat16)
+    x[7] = 0  # an all-zero row / group stores zero codes
+    restored = quantizer.unpack(quantizer.pack(x), x)
+    assert restored.device.type == "cuda" and restored.dtype == x.dtype
+    bound = element_error_bound(policy, x).cpu()
+    # The final cast back to bf16 rounds once more: |fl(y) - y| <= u |y| <= u / (1 - u) |fl(y)|.
+    u = UNIT_ROUNDOFF[torch.bfloat16]
+    bound = bound + u / (1 - u) * restored.double().abs().cpu()
+    error = (restored.double() - x.double()).abs().cpu()
+    assert (error <= bound).all(), (error - bound).max()
+
+
+@pytest.mark.parametrize("policy", ["int8", "fp8"])
+def test_llama_with_8bit_storage_on_device_keeps_the_exact_loss(llama_on_device, policy):
+    """Only what backward reads is quantised: the forward loss on the device equals the
+    model without the policy bit for bit, and backward runs (SDPA re-run on the device)."""
+    from actcomp_dist.models import build_llama
+    from actcomp_dist.storage import StoragePolicy
+
+    model, tokens = llama_on_device
+    storage = StoragePolicy(attention=policy, swiglu=policy)
+    quantized = build_llama(model.config, model.compression, storage_policy=storage, device=DEVICE)
+    quantized.load_state_dict(model.state_dict())
+    loss = quantized.loss(tokens[:, :-1], tokens[:, 1:])
+    with torch.no_grad():
+        reference = model.loss(tokens[:, :-1], tokens[:, 1:])
+    assert torch.equal(loss.detach(), reference)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in quantized.parameters() if p.grad is not None)
+
+
+def test_llama_with_lowrank_storage_on_device_is_exact_at_full_rank(single_rank):
+    """LoRAct's low-rank storage on the device (cuSOLVER's QR of the bf16 norm outputs and
+    ``[gate | up]``): at full rank ``L Q^T`` is the stored tensor up to rounding, so the loss is
+    bit-identical to ``keep``'s and every gradient is as accurate against float64 as ``keep``'s
+    (the bound of tests/distributed/test_lowrank_storage.py); at a low rank the loss is still bit-identical
+    and backward runs."""
+    from actcomp_dist.models import build_llama, full_state_dict, get_model_config
+    from actcomp_dist.models.weights import load_full_weights
+    from actcomp_dist.storage import StoragePolicy
+    from tests.distributed.test_efficient_ops import (
+        _assert_as_accurate_as_naive,
+        _batch,
+        _loss_and_full_grads,
+        _reference_grads,
+    )
+    from tests.distributed.test_llama_model import _random_full_weights
+
+    config = get_model_config("tiny", seq_length=32)
+    full = _random_full_weights(config, seed=1)
+    tokens, labels = _batch(config)
+    policies = {
+        "keep": None,
+        "full": StoragePolicy(norm=f"lowrank:{config.hidden_size}", swiglu="lowrank:1.0"),
+        "low": StoragePolicy(norm="lowrank:0.125", swiglu="lowrank:16"),
+    }
+    results = {}
+    for name, policy in policies.items():
+        model = build_llama(config, init_seed=0, storage_policy=policy, device=DEVICE)
+        load_full_weights(model, full)
+        for param in model.parameters():  # as DeepSpeed's bf16 engine
+            param.data = param.data.to(torch.bfloat16)
+        loss, grads = _loss_and_full_grads(model, tokens.to(DEVICE), labels.to(DEVICE))
+        results[name] = loss.cpu(), {k: v.cpu() for k, v in grads.items()}
+    weights = {k: v.cpu() for k, v in full_state_dict(model).items()}
+    assert torch.equal(results["full"][0], results["keep"][0])
+    assert torch.equal(results["low"][0], results["keep"][0])
+    assert all(torch.isfinite(g).all() for g in results["low"][1].values())
+    reference = _reference_grads(weights, config, tokens, labels)
+    _assert_as_accurate_as_naive(
+        results["full"][1], results["keep"][1], reference, torch.bfloat16, "lowrank full rank"
+    )

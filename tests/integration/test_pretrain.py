@@ -1,0 +1,957 @@
+"""End-to-end pretraining (issue 4): the tiny LLaMA on 2 CPU ranks (gloo) on a small real corpus.
+
+References: an untrained model's first loss is ln(vocabulary); plain data parallelism (ZeRO 0)
+for the other ZeRO stages and tensor-parallel layouts; the uninterrupted run for resumed and
+preempted ones; no activation checkpointing for checkpointing; ``SubspaceAdamW`` (plain PyTorch,
+one process) for DeepSpeed's subspace path; closed forms for the learning rate and tokens/s.
+
+Where the time goes (2 cores): a ``deepspeed`` launch costs about 10 s of start-up, a rank
+forked by :func:`tests.helpers.distributed.run_distributed` about 1 s, and ``run_pretraining`` can run
+again in the same process. So:
+
+- through the ``deepspeed`` launcher, three runs: uninterrupted, preempted by SIGTERM to one
+  rank, resumed from ``latest``; and one bad-input run for the launcher's exit status;
+- in forked gloo ranks: ZeRO stages and TP layouts, exact resume, activation checkpointing,
+  the subspace update rule, the stop file, several configs per call;
+- bad inputs: two processes per case started as ``srun`` starts them (``SLURM_PROCID``...), so
+  every rank's message and exit status are seen on their own (the ``deepspeed`` launcher kills
+  the other ranks as soon as one fails).
+
+Resumed runs must match bit for bit: on CPU every step is deterministic (same data, same
+reduction order, RNG and optimizer state restored), so any difference is a resume bug. Runs
+with another ZeRO stage or TP layout compute the same sums in another order: rtol 1e-5 on
+losses and gradient norms over 6 steps (observed: about 1e-7).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from actcomp_dist.data.corpus import ensure_embedded_corpus
+from actcomp_dist.subspace import is_subspace_parameter
+from actcomp_dist.training.config import apply_overrides, load_run_config
+from actcomp_dist.training.schedule import learning_rate
+from tests.helpers.distributed import run_distributed
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "configs" / "tiny_compact.json"
+VOCAB = 512  # the test corpus's tokenizer; the tiny model pads it to 512 (a multiple of 128)
+METRIC_KEYS = {
+    "step",
+    "loss",
+    "lr",
+    "grad_norm",
+    "tokens_per_s",
+    "step_time_s",
+    "saved_activation_bytes",
+}
+COMPARED = ("loss", "lr", "grad_norm", "val_loss", "saved_activation_bytes")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> list[str]:
+    """The embedded corpus, small (107 modules, 112 k tokens): ``data.*`` overrides for it."""
+    built = ensure_embedded_corpus(
+        tmp_path_factory.mktemp("corpus"), vocab_size=VOCAB, max_bytes=200_000
+    )
+    return [
+        f"data.paths={json.dumps([built.data_prefix])}",
+        f"data.tokenizer={built.tokenizer_model}",
+    ]
+
+
+def _config(run_dir: Path, corpus: list[str], *overrides: str) -> dict:
+    """tiny_compact.json for a short test run in ``run_dir``, plus ``overrides``."""
+    raw = json.loads(TINY.read_text())
+    base = [
+        f"run_dir={run_dir}",
+        *corpus,
+        "train.steps=6",
+        "train.eval_interval=3",
+        "logging.interval=1",
+        "compression.resample_every=2",
+    ]
+    return apply_overrides(raw, base + list(overrides))
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def _compared(records: list[dict]) -> list[dict]:
+    return [{k: r.get(k) for k in ("step", *COMPARED)} for r in records]
+
+
+def _train_rank(rank: int, world_size: int, raws: list[dict]) -> list[list[dict]]:
+    """Run ``run_pretraining`` once per config, one after the other; the per-step records."""
+    from actcomp_dist.training.config import run_config_from_dict
+    from actcomp_dist.training.trainer import run_pretraining
+
+    return [run_pretraining(run_config_from_dict(raw)).history for raw in raws]
+
+
+def _losses(history: list[dict]) -> torch.Tensor:
+    return torch.tensor([r["loss"] for r in history], dtype=torch.float64)
+
+
+def _norms(history: list[dict]) -> torch.Tensor:
+    return torch.tensor([r["grad_norm"] for r in history], dtype=torch.float64)
+
+
+def _assert_loss_falls(history: list[dict]) -> None:
+    losses = _losses(history)
+    # An untrained model predicts close to uniformly: cross-entropy ln(V).
+    assert abs(losses[0].item() - math.log(VOCAB)) < 0.15, losses
+    assert losses[-1] < losses[0] - 0.4, losses
+
+
+# -- layouts: ZeRO stages, tensor and sequence parallelism, subspace ---------------------------
+
+LAYOUTS = {
+    "zero0": ["deepspeed.zero_optimization.stage=0"],
+    "zero1": ["deepspeed.zero_optimization.stage=1"],
+    "zero2": ["deepspeed.zero_optimization.stage=2"],
+    "zero3": ["deepspeed.zero_optimization.stage=3"],
+    "tp2": ["parallel.tensor_parallel=2"],
+    "tp2_sp": ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true"],
+    "subspace_zero0": ["compression.grad_mode=subspace", "deepspeed.zero_optimization.stage=0"],
+    "subspace_zero1": ["compression.grad_mode=subspace", "deepspeed.zero_optimization.stage=1"],
+    "subspace_zero2": ["compression.grad_mode=subspace", "deepspeed.zero_optimization.stage=2"],
+    # FC2's dense row-parallel G_hat is the same on both TP ranks: its m x r state is
+    # replicated, counted once in the norm, and each rank lifts it with its own rows of P.
+    "subspace_tp2": ["compression.grad_mode=subspace", "parallel.tensor_parallel=2"],
+    "subspace_tp2_sp": [
+        "compression.grad_mode=subspace",
+        "parallel.tensor_parallel=2",
+        "parallel.sequence_parallel=true",
+    ],
+    # Uncompressed: the memory-efficient FC2 takes [gate | up] and recomputes the SwiGLU
+    # product, through ZeRO-3's parameter gathering hooks too.
+    "none_zero0": ["compression.method=none", "deepspeed.zero_optimization.stage=0"],
+    "none_zero3": ["compression.method=none", "deepspeed.zero_optimization.stage=3"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_zero_stages_and_tensor_parallel_match_plain_data_parallel(tmp_path, corpus):
+    """``compact`` in ``lift`` mode under ZeRO 1/2/3 and at TP=2 (+SP), and in ``subspace`` mode
+    under ZeRO 1/2 and at TP=2 (+SP), train like ZeRO 0 (DP=2; at TP=2 DP=1 with 2 accumulated micro-batches of
+    the same samples). Gradient norms agree too, so the m x r gradients (on proxies at ZeRO 0,
+    partitioned at ZeRO 1/2) are in the norm DeepSpeed clips with under every stage. Uncompressed, ZeRO-3 trains like ZeRO 0."""
+    raws = [
+        _config(tmp_path / name, corpus, "train.eval_interval=0", *overrides)
+        for name, overrides in LAYOUTS.items()
+    ]
+    results = run_distributed(_train_rank, 2, tmp_path, raws, timeout=300)[0]
+    histories = dict(zip(LAYOUTS, results, strict=True))
+    for name, history in histories.items():
+        prefix = name.split("_")[0]
+        reference = histories[f"{prefix}_zero0" if prefix in ("subspace", "none") else "zero0"]
+        _assert_loss_falls(history)
+        torch.testing.assert_close(_losses(history), _losses(reference), rtol=1e-5, atol=0)
+        torch.testing.assert_close(_norms(history), _norms(reference), rtol=1e-5, atol=0)
+    # The two gradient modes really are different training paths.
+    assert not torch.allclose(_losses(histories["zero0"]), _losses(histories["subspace_zero0"]))
+    # Per rank, TP=2 saves less than TP=1 (sharded heads and FFN), and SP less again (the
+    # sequence-sharded norms and residual stream).
+    saved = {name: h[0]["saved_activation_bytes"] for name, h in histories.items()}
+    assert saved["zero0"] > saved["tp2"] > saved["tp2_sp"]
+
+
+# -- exact resume ----------------------------------------------------------------------------
+
+RESUME_CASES = {
+    "compact_lift_zero2": ["deepspeed.zero_optimization.stage=2"],
+    "compact_subspace_zero1": ["compression.grad_mode=subspace"],
+    "compact_subspace_tp2_sp": [
+        "compression.grad_mode=subspace",
+        "deepspeed.zero_optimization.stage=0",
+        "parallel.tensor_parallel=2",
+        "parallel.sequence_parallel=true",
+    ],
+    # The fp32 masters of the bf16 weights are partitioned over the 2 data-parallel ranks.
+    "compact_subspace_bf16_zero2": [
+        "compression.grad_mode=subspace",
+        "train.precision=bf16",
+        "deepspeed.zero_optimization.stage=2",
+    ],
+    # Sub-token vectors are set from the first batch: they must come back from the checkpoint.
+    "subtoken_zero1": ["compression.method=subtoken", "compression.groups=8"],
+}
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("case", list(RESUME_CASES))
+def test_resume_from_step_3_repeats_steps_4_to_6_exactly(tmp_path, corpus, case):
+    """6 steps with a checkpoint at 3, resampling P every 2 steps (steps 3-4 use one
+    projection, 5-6 the next: the resumed run crosses a boundary), then a new run dir resuming
+    from step 3: metrics.jsonl of the two agree bit for bit on steps 4-6 (loss, lr, grad norm,
+    validation loss, saved bytes)."""
+    overrides = ["checkpoint.interval=3", *RESUME_CASES[case]]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    step3 = full / "checkpoints" / "step_0000003"
+    raws = [
+        _config(full, corpus, *overrides),
+        _config(resumed, corpus, *overrides, f"checkpoint.resume={step3}"),
+    ]
+    run_distributed(_train_rank, 2, tmp_path, raws, timeout=300)
+
+    reference, after_resume = _metrics(full), _metrics(resumed)
+    assert [r["step"] for r in reference] == [1, 2, 3, 4, 5, 6]
+    assert _compared(after_resume) == _compared(reference[3:])
+    assert "val_loss" in after_resume[-1]
+    for path in (
+        step3,
+        full / "checkpoints" / "step_0000006",
+        resumed / "checkpoints" / "step_0000006",
+    ):
+        assert (path / "COMPLETE").is_file(), path
+
+
+def _stop_file_rank(rank: int, world_size: int, raw: dict, stop_file: str) -> tuple:
+    """Train with the stop file already there, then continue from ``latest`` to the end."""
+    from actcomp_dist.training.config import run_config_from_dict
+    from actcomp_dist.training.trainer import run_pretraining
+
+    if rank == 0:
+        Path(stop_file).parent.mkdir(parents=True)
+        Path(stop_file).touch()
+    torch.distributed.barrier()
+    stopped = run_pretraining(run_config_from_dict(raw))
+    stop_file_left = Path(stop_file).exists()
+    torch.distributed.barrier()
+    finished = run_pretraining(run_config_from_dict(raw))
+    again = run_pretraining(run_config_from_dict(raw))  # a finished run: nothing to do
+    step1 = Path(raw["run_dir"]) / "checkpoints" / "step_0000001"
+    redo = run_pretraining(run_config_from_dict(dict(raw, checkpoint={"resume": str(step1)})))
+    return stopped, stop_file_left, finished, again, redo
+
+
+@pytest.mark.distributed
+def test_stop_file_checkpoints_at_the_next_step_and_the_run_resumes(tmp_path, corpus):
+    """The SLURM script's stop file (``RUN_DIR/STOP``) stops every rank after the step it sees
+    it in, with a checkpoint; it is consumed, so the resumed run goes on to the end. Resuming
+    a finished run trains nothing and writes no new checkpoint. Resuming the older checkpoint
+    in the same run dir redoes steps 2-3 identically, and metrics.jsonl keeps each step once."""
+    run_dir = tmp_path / "run"
+    raw = _config(run_dir, corpus, "train.steps=3", "train.eval_interval=0")
+    stopped, stop_file_left, finished, again, redo = run_distributed(
+        _stop_file_rank, 2, tmp_path, raw, str(run_dir / "STOP"), timeout=300
+    )[0]
+    assert (stopped.preempted, stopped.steps_done) == (True, 1)
+    assert not stop_file_left
+    assert (finished.preempted, finished.steps_done) == (False, 3)
+    assert [r["step"] for r in finished.history] == [2, 3]
+    assert (again.steps_done, again.history) == (3, [])
+    names = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
+    assert names == ["step_0000001", "step_0000003"]
+    assert _compared(redo.history) == _compared(finished.history)
+    assert _compared(_metrics(run_dir)) == _compared(stopped.history + finished.history)
+
+
+# -- activation checkpointing ----------------------------------------------------------------
+
+
+@pytest.mark.distributed
+def test_activation_checkpointing_modes_match_and_saved_bytes_fall(tmp_path, corpus):
+    """With method ``none`` every checkpointing mode trains like no checkpointing: the first
+    loss is bit-identical (the forward runs the same float operations); later losses within
+    rtol 1e-5 (recompute may add a tensor's gradient contributions in another order, and Adam
+    carries that rounding into the weights). With ``compact``: the trainer's
+    ``saved_activation_bytes`` fall none > compact > compact + selective > compact + full in the
+    naive block (``memory.efficient_ops=false``; in the memory-efficient block compression adds
+    its compressed copy, see tests/distributed/test_efficient_ops.py)."""
+    runs = {
+        "none": ["compression.method=none"],
+        "none_selective": ["compression.method=none", "activation_checkpointing.mode=selective"],
+        "none_full": ["compression.method=none", "activation_checkpointing.mode=full"],
+        "none_full_1": [
+            "compression.method=none",
+            "activation_checkpointing.mode=full",
+            "activation_checkpointing.num_layers=1",
+        ],
+        "compact": [],
+        "compact_selective": ["activation_checkpointing.mode=selective"],
+        "compact_full": ["activation_checkpointing.mode=full"],
+    }
+    raws = [
+        _config(
+            tmp_path / name,
+            corpus,
+            "train.steps=3",
+            "train.eval_interval=0",
+            "memory.efficient_ops=false",
+            *overrides,
+        )
+        for name, overrides in runs.items()
+    ]
+    results = run_distributed(_train_rank, 1, tmp_path, raws, timeout=300)[0]
+    histories = dict(zip(runs, results, strict=True))
+    reference = _losses(histories["none"])
+    for name in ("none_selective", "none_full", "none_full_1"):
+        losses = _losses(histories[name])
+        assert losses[0] == reference[0], name
+        torch.testing.assert_close(losses, reference, rtol=1e-5, atol=0, msg=name)
+    saved = {name: h[0]["saved_activation_bytes"] for name, h in histories.items()}
+    assert saved["none"] > saved["compact"] > saved["compact_selective"] > saved["compact_full"]
+    assert saved["none"] > saved["none_selective"] > saved["none_full"]
+    assert saved["none_full"] < saved["none_full_1"] < saved["none"]
+
+
+# -- the subspace update rule inside DeepSpeed -------------------------------------------------
+
+
+def _subspace_rank(rank: int, world_size: int, raws: list[dict]) -> list[dict]:
+    """Train with the Trainer (DeepSpeed, proxies, merger), and replay the same steps on the
+    same samples with ``SubspaceAdamW`` on a fresh model in this process."""
+    from actcomp_dist.models import build_llama
+    from actcomp_dist.optim import SubspaceAdamW
+    from actcomp_dist.optim.clip import clip_grad_norm_
+    from actcomp_dist.training.config import run_config_from_dict
+    from actcomp_dist.training.trainer import Trainer
+
+    results = []
+    for raw in raws:
+        config = run_config_from_dict(raw)
+        train = config.train
+        trainer = Trainer(config)
+        micro = train.micro_batch_size
+        dataset = trainer.loader.dataset
+        history = trainer.train().history
+
+        model = build_llama(
+            trainer.model.config,
+            config.compression,
+            init_seed=train.seed,
+            device="cpu",
+            efficient_ops=config.memory.efficient_ops,  # the same block and head as trained
+            loss_chunk_tokens=config.memory.chunked_loss_tokens,
+        )
+        matrices = [p for p in model.parameters() if p.dim() >= 2]
+        vectors = [p for p in model.parameters() if p.dim() < 2]
+        optimizer = SubspaceAdamW(
+            [
+                {"params": matrices, "weight_decay": train.weight_decay},
+                {"params": vectors, "weight_decay": 0.0},
+            ],
+            lr=train.lr,
+            betas=tuple(train.betas),
+            eps=train.eps,
+            subspace_scale=train.subspace_scale,
+        )
+        norms, ordinary_norms = [], []
+        for step in range(train.steps):
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, train)
+            losses = []
+            for dp_rank in range(world_size):  # each rank's micro-batch, DP-averaged
+                first = step * train.global_batch_size + dp_rank * micro
+                batch = [dataset[i] for i in range(first, first + micro)]
+                tokens = torch.stack([torch.as_tensor(b["tokens"]) for b in batch])
+                labels = torch.stack([torch.as_tensor(b["labels"]) for b in batch])
+                losses.append(model.loss(tokens, labels))
+            (sum(losses) / world_size).backward()
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            ordinary_norms.append(torch.stack([g.pow(2).sum() for g in grads]).sum().sqrt().item())
+            norms.append(clip_grad_norm_(model.parameters(), train.clip_grad).item())
+            optimizer.step()
+            optimizer.zero_grad()
+            model.compression_schedule.advance()
+
+        trained = dict(trainer.model.named_parameters())
+        subspace = {n for n, p in model.named_parameters() if is_subspace_parameter(p)}
+        results.append(
+            {
+                "history": history,
+                "reference_norms": norms,
+                "ordinary_norms": ordinary_norms,
+                "subspace": {
+                    n: (trained[n].detach().clone(), p.detach())
+                    for n, p in model.named_parameters()
+                    if n in subspace
+                },
+                "other": {
+                    n: (trained[n].detach().clone(), p.detach())
+                    for n, p in model.named_parameters()
+                    if n not in subspace and "proxy" not in n
+                },
+            }
+        )
+        trainer.close()
+    return results
+
+
+@pytest.mark.distributed
+def test_deepspeed_subspace_path_is_the_subspace_adamw_rule(tmp_path, corpus):
+    """Proxies + merger (ZeRO 0) and the partitioned m x r state (ZeRO 1, 2) inside DeepSpeed
+    (fp32; DP=2) do what ``SubspaceAdamW`` does on the whole batch:
+    ``W <- W (1 - lr wd) - lr alpha N P^T`` with N from the m x r Adam moments, one global clip
+    over ordinary and compressed gradients, the scheduled lr.
+
+    Weight decay and clipping are on (clip 0.5 < every step's norm, so the clip coefficient
+    is in every update) and P is resampled every step. Tolerances: float32 against float32
+    with another reduction order; norms rtol 1e-5. Weights after 3 Adam steps rtol 1e-4,
+    atol 1e-6: each step moves a weight by about lr = 3e-3 and Adam's g / (|g| + eps)
+    amplifies rounding noise only in the few entries whose gradient is near 0.
+    """
+    raws = [
+        _config(
+            tmp_path / f"zero{stage}",
+            corpus,
+            "compression.grad_mode=subspace",
+            "compression.resample_every=1",
+            f"deepspeed.zero_optimization.stage={stage}",
+            "train.steps=3",
+            "train.warmup_steps=2",
+            "train.weight_decay=0.1",
+            "train.clip_grad=0.5",
+            "train.eval_interval=0",
+        )
+        for stage in (0, 1, 2)
+    ]
+    for result in run_distributed(_subspace_rank, 2, tmp_path, raws, timeout=300)[0]:
+        history = result["history"]
+        assert min(r["grad_norm"] for r in history) > 0.5  # the clip is active in every step
+        reference_norms = torch.tensor(result["reference_norms"], dtype=torch.float64)
+        torch.testing.assert_close(_norms(history), reference_norms, rtol=1e-5, atol=0)
+        # Without the m x r gradients the norm would be visibly smaller.
+        ordinary = torch.tensor(result["ordinary_norms"], dtype=torch.float64)
+        assert (ordinary < 0.99 * reference_norms).all()
+        train = load_run_config(TINY, ["train.steps=3", "train.warmup_steps=2"]).train
+        assert [r["lr"] for r in history] == pytest.approx(
+            [learning_rate(s, train) for s in range(3)], rel=1e-12
+        )
+        assert result["subspace"]  # qkv, fc1, fc2 of both layers
+        for group in ("subspace", "other"):
+            for name, (trained, expected) in result[group].items():
+                torch.testing.assert_close(trained, expected, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _bf16_subspace_rank(rank: int, world_size: int, raws: list[dict]) -> list[dict]:
+    from actcomp_dist.training.config import run_config_from_dict
+    from actcomp_dist.training.trainer import Trainer
+
+    results = []
+    for raw in raws:
+        trainer = Trainer(run_config_from_dict(raw))
+        history = trainer.train().history
+        layers = trainer.merger.layers
+        masters = [trainer.merger.masters.get(id(layer)) for layer in layers]
+        results.append(
+            {
+                "history": history,
+                "weights": [layer.weight.detach().clone() for layer in layers],
+                # (first row, fp32 master of this rank's rows) or None
+                "masters": [None if m is None else (m[0], m[1].clone()) for m in masters],
+            }
+        )
+        trainer.close()
+    return results
+
+
+@pytest.mark.distributed
+def test_bf16_subspace_keeps_fp32_masters_of_the_compressed_weights(tmp_path, corpus):
+    """In bf16 (ZeRO 1 and 2) each subspace weight is updated in an fp32 master and copied to
+    the bf16 weight, so updates far below bf16's resolution accumulate; training follows the
+    fp32 run (bf16 forward: losses within 1e-2 over 3 steps). Each of the 2 data-parallel
+    ranks keeps the master of its half of the rows only."""
+    common = ["compression.grad_mode=subspace", "train.steps=3", "train.eval_interval=0"]
+    raws = [
+        _config(tmp_path / "fp32", corpus, *common),
+        _config(tmp_path / "bf16_zero1", corpus, *common, "train.precision=bf16"),
+        _config(
+            tmp_path / "bf16_zero2",
+            corpus,
+            *common,
+            "train.precision=bf16",
+            "deepspeed.zero_optimization.stage=2",
+        ),
+    ]
+    fp32, *bf16_runs = run_distributed(_bf16_subspace_rank, 2, tmp_path, raws, timeout=300)[0]
+    assert all(m is None for m in fp32["masters"])  # fp32 weights are their own masters
+    for run in bf16_runs:
+        torch.testing.assert_close(
+            _losses(run["history"]), _losses(fp32["history"]), rtol=1e-2, atol=0
+        )
+        for weight, (start, master) in zip(run["weights"], run["masters"], strict=True):
+            rows = weight[start : start + master.shape[0]]
+            assert weight.dtype == torch.bfloat16 and master.dtype == torch.float32
+            assert master.shape[0] == weight.shape[0] // 2  # rank 0's half
+            assert torch.equal(rows, master.to(torch.bfloat16))
+            assert not torch.equal(master, rows.float())  # finer than bf16
+
+
+# -- through the deepspeed launcher --------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _launch(
+    config_file: Path, overrides: list[str], log: Path, port: int | None = None
+) -> subprocess.Popen:
+    """``deepspeed --num_gpus 2 launch/pretrain.py --config FILE --set ...`` (in its own
+    process group, so a hang can be killed whole)."""
+    command = [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--master_port",
+        str(port or _free_port()),
+        "--num_gpus",
+        "2",
+        "launch/pretrain.py",
+        "--config",
+        str(config_file),
+    ]
+    for override in overrides:
+        command += ["--set", override]
+    with open(log, "w") as stream:
+        return subprocess.Popen(
+            command, cwd=ROOT, stdout=stream, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def _wait(process: subprocess.Popen, timeout: float = 300) -> int:
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        raise
+
+
+LAUNCHED_STEPS = 16
+LAUNCHED = [f"train.steps={LAUNCHED_STEPS}", "checkpoint.interval=4", "train.eval_interval=4"]
+
+
+@pytest.fixture(scope="module")
+def launched_run(tmp_path_factory, corpus) -> dict:
+    """One uninterrupted 16-step run through the launcher: ``compact``/``lift``, ZeRO 1, DP=2,
+    a checkpoint and a validation loss every 4 steps."""
+    tmp = tmp_path_factory.mktemp("launched")
+    config_file = tmp / "config.json"
+    config_file.write_text(json.dumps(_config(tmp / "run", corpus)))
+    log = tmp / "launcher.log"
+    port = _free_port()
+    returncode = _wait(_launch(config_file, LAUNCHED, log, port))
+    return {
+        "returncode": returncode,
+        "port": port,
+        "run_dir": tmp / "run",
+        "config_file": config_file,
+        "output": log.read_text(),
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_launched_cpu_run_leaves_no_shared_memory_behind(launched_run):
+    """DeepSpeed's CPU backend maps a 69 MB /dev/shm buffer per rank and never removes it; the
+    launcher unlinks the names once every rank mapped them, so a finished run leaves no RAM
+    behind (a suite of such runs once filled a 24 GB machine)."""
+    from actcomp_dist.training.distributed import CPU_ALLREDUCE_BUFFER_PREFIX
+
+    assert launched_run["returncode"] == 0, launched_run["output"][-3000:]
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        pytest.skip("no /dev/shm on this system")
+    left = [
+        p.name
+        for p in shm.iterdir()
+        if p.name.startswith(CPU_ALLREDUCE_BUFFER_PREFIX) and f"_{launched_run['port']}_" in p.name
+    ]
+    assert left == []
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_launcher_trains_the_tiny_config(launched_run):
+    """What a user sees: the loss falls from ln(V); metrics.jsonl has every required field with
+    the scheduled lr and consistent tokens/s; validation every 4 steps; the resolved config in
+    RUN_DIR/config.json; complete checkpoints every 4 steps; a progress line per step."""
+    assert launched_run["returncode"] == 0, launched_run["output"][-3000:]
+    run_dir = launched_run["run_dir"]
+    records = _metrics(run_dir)
+    assert [r["step"] for r in records] == list(range(1, LAUNCHED_STEPS + 1))
+    _assert_loss_falls(records)
+    config = load_run_config(launched_run["config_file"], LAUNCHED)
+    for record in records:
+        assert METRIC_KEYS <= record.keys()
+        assert record["lr"] == pytest.approx(learning_rate(record["step"] - 1, config.train))
+        tokens = config.train.global_batch_size * config.data.seq_length
+        assert record["tokens_per_s"] == pytest.approx(tokens / record["step_time_s"])
+        assert record["saved_activation_bytes"] == records[0]["saved_activation_bytes"] > 0
+        assert math.isfinite(record["grad_norm"]) and record["grad_norm"] > 0
+        assert ("val_loss" in record) == (record["step"] % 4 == 0)
+    assert records[-1]["val_loss"] < records[3]["val_loss"]
+    assert json.loads((run_dir / "config.json").read_text()) == json.loads(
+        json.dumps(config.to_dict())
+    )
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
+    assert checkpoints == [f"step_{s:07d}" for s in (4, 8, 12, 16)]
+    # DeepSpeed's own tools find the newest step through `latest` (written after its marker).
+    latest = (run_dir / "checkpoints" / "latest").read_text()
+    assert latest == "step_0000016/step_0000016"
+    assert all((run_dir / "checkpoints" / name / "COMPLETE").is_file() for name in checkpoints)
+    # The model as built is recorded, so export tools need no guessing.
+    from actcomp_dist.models import LlamaConfig
+
+    state = json.loads((run_dir / "checkpoints" / checkpoints[-1] / "trainer.json").read_text())
+    assert LlamaConfig.from_dict(state["model_config"]).vocab_size == VOCAB
+    output = launched_run["output"]
+    # One progress line per step on rank 0 only, and one end-of-run summary.
+    for step in range(1, LAUNCHED_STEPS + 1):
+        assert output.count(f"step {step}/{LAUNCHED_STEPS} | elapsed ") == 1, step
+    assert output.count(f"done: step {LAUNCHED_STEPS}/{LAUNCHED_STEPS}, ") == 1
+    assert f"checkpoint: {run_dir / 'checkpoints' / checkpoints[-1]}" in output
+    # The start-up report: measured bytes equal the analytic prediction, and the same batch
+    # run uncompressed saves more.
+    measured, predicted, uncompressed = startup_saved_bytes(output)
+    assert measured == predicted != uncompressed
+    # Model states of the second step, measured and predicted (tests/distributed/test_model_states.py
+    # checks them by category); lift mode reduces no m x n gradient as m x r.
+    match = re.search(
+        r"model states per rank: measured ([\d.]+) MiB \(.+?\); predicted ([\d.]+) MiB \| "
+        r"data-parallel gradient reduction per step: 0 B compressed",
+        output,
+    )
+    assert match, output[-3000:]
+    assert abs(float(match.group(1)) - float(match.group(2))) <= 0.05 * float(match.group(2))
+
+
+def startup_saved_bytes(output: str) -> tuple[str, str, str]:
+    """The start-up report's saved bytes per micro-batch: measured, predicted, uncompressed."""
+    match = re.search(
+        r"saved activations per micro-batch \(per rank\): measured (.+?), predicted (.+?); "
+        r"uncompressed (.+?) -> compression (saves|adds)",
+        output,
+    )
+    assert match, output[-3000:]
+    return match.group(1), match.group(2), match.group(3)
+
+
+def _rank_pid(launcher: subprocess.Popen, rank: int, timeout: float = 120) -> int:
+    """The pid of the launcher's child process with ``RANK=rank``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for child in psutil.Process(launcher.pid).children(recursive=True):
+            try:
+                command = " ".join(child.cmdline())
+                if child.environ().get("RANK") == str(rank) and "pretrain.py" in command:
+                    return child.pid
+            except psutil.Error:
+                continue
+        assert launcher.poll() is None, "the launcher exited before its ranks were found"
+        time.sleep(0.05)
+    raise TimeoutError(f"no rank {rank} process under the launcher after {timeout} s")
+
+
+def _wait_for_step(run_dir: Path, step: int, launcher: subprocess.Popen, timeout: float = 120):
+    deadline = time.monotonic() + timeout
+    metrics = run_dir / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        if metrics.is_file():
+            lines = metrics.read_text().splitlines()
+            if lines and json.loads(lines[-1])["step"] >= step:
+                return
+        assert launcher.poll() is None, "the run ended before the signal could be sent"
+        time.sleep(0.01)
+    raise TimeoutError(f"step {step} not logged after {timeout} s")
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_sigterm_to_one_rank_checkpoints_and_resume_matches(launched_run, tmp_path):
+    """SIGTERM to rank 1 only, mid-run: both ranks stop at the same step boundary, save one
+    checkpoint and exit 0; ``checkpoint.resume=latest`` then runs to the end, and the losses of
+    the whole interrupted run equal the uninterrupted run's bit for bit."""
+    assert launched_run["returncode"] == 0
+    run_dir = tmp_path / "run"
+    overrides = [*LAUNCHED, f"run_dir={run_dir}"]
+    launcher = _launch(launched_run["config_file"], overrides, tmp_path / "preempted.log")
+    try:
+        rank1 = _rank_pid(launcher, 1)
+        _wait_for_step(run_dir, 2, launcher)
+        os.kill(rank1, signal.SIGTERM)
+    finally:
+        returncode = _wait(launcher)
+    output = (tmp_path / "preempted.log").read_text()
+    assert returncode == 0, output[-3000:]
+    stopped_at = _metrics(run_dir)[-1]["step"]
+    assert 2 <= stopped_at < LAUNCHED_STEPS
+    assert f"preemption requested: saving at step {stopped_at} and exiting" in output
+    # Every rank knows it stopped; rank 0 alone says so, and sums the run up.
+    assert output.count("resume with checkpoint.resume=latest") == 1
+    assert output.count(f"stopped early (preemption): step {stopped_at}/{LAUNCHED_STEPS}") == 1
+    assert (run_dir / "checkpoints" / f"step_{stopped_at:07d}" / "COMPLETE").is_file()
+
+    resume = _launch(launched_run["config_file"], overrides, tmp_path / "resumed.log")
+    assert _wait(resume) == 0, (tmp_path / "resumed.log").read_text()[-3000:]
+    assert (
+        f"resumed from {run_dir / 'checkpoints'}/step_{stopped_at:07d}"
+        in (tmp_path / "resumed.log").read_text()
+    )
+    assert _compared(_metrics(run_dir)) == _compared(_metrics(launched_run["run_dir"]))
+
+
+# -- bad inputs --------------------------------------------------------------------------------
+
+
+def _tree_hashes(directory: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _copy_run(source: Path, target: Path) -> None:
+    """A copy of a finished run with only its latest checkpoint (what resume=latest reads)."""
+    older = [f"step_{s:07d}" for s in range(1, LAUNCHED_STEPS)]
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns(*older))
+
+
+def _flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def _set_format_version(path: Path, version: int) -> None:
+    marker = json.loads((path / "COMPLETE").read_text())
+    assert marker["format_version"] == 1  # what a save records
+    (path / "COMPLETE").write_text(json.dumps({**marker, "format_version": version}))
+
+
+def _srun_ranks(config_file: Path, overrides: list[str], log_dir: Path) -> list[subprocess.Popen]:
+    """Two ranks started the way ``srun`` starts them: each with its SLURM_PROCID."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(SLURM_NTASKS="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    command = [sys.executable, "launch/pretrain.py", "--config", str(config_file)]
+    for override in overrides:
+        command += ["--set", override]
+    processes = []
+    for rank in range(2):
+        env_rank = dict(env, SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank))
+        with (
+            open(log_dir / f"rank{rank}.out", "w") as out,
+            open(log_dir / f"rank{rank}.err", "w") as err,
+        ):
+            processes.append(
+                subprocess.Popen(
+                    command, cwd=ROOT, env=env_rank, stdout=out, stderr=err, start_new_session=True
+                )
+            )
+    return processes
+
+
+BAD_INPUTS = {
+    # name: (overrides, prepare the copied run dir or None for a fresh one, expected message)
+    "unknown_key": (
+        ["train.stepz=3"],
+        None,
+        "unknown key(s) ['train.stepz']; valid keys in 'train'",
+    ),
+    "storage_policy_not_implemented": (
+        ["memory.policy.swiglu=offload"],
+        None,
+        "memory.policy.swiglu='offload' is not implemented yet for kind 'swiglu'; implemented: "
+        "['keep', 'int8', 'fp8', 'lowrank:R', 'recompute']",
+    ),
+    "recompute_removes_nothing": (
+        ["memory.policy.norm=recompute"],
+        None,
+        "memory.policy.norm='recompute' removes no bytes: it would keep the norm's input",
+    ),
+    "block_input_needs_full_checkpointing": (
+        ["memory.policy.block_input=lowrank:16"],
+        None,
+        "memory.policy.block_input='lowrank:16' packs the block input that full checkpointing "
+        "keeps; it needs activation_checkpointing.mode='full' (got 'none')",
+    ),
+    "missing_data": (
+        ['data.paths=["/nonexistent/corpus"]'],
+        None,
+        "data.paths: /nonexistent/corpus.bin not found",
+    ),
+    "tp_not_dividing": (
+        ["parallel.tensor_parallel=3"],
+        None,
+        "parallel.tensor_parallel=3 does not divide the world size 2",
+    ),
+    "block_projection_tp": (
+        [
+            "parallel.tensor_parallel=2",
+            "compression.row_parallel_projection=block",
+            "compression.row_parallel_blocks=3",
+        ],
+        None,
+        "compression.row_parallel_projection='block' needs the tensor-parallel size 2",
+    ),
+    "subspace_zero3": (
+        ["compression.grad_mode=subspace", "deepspeed.zero_optimization.stage=3"],
+        None,
+        "compression.grad_mode='subspace' is not supported with ZeRO stage 3",
+    ),
+    "flipped_byte": (
+        ["checkpoint.resume=latest"],
+        lambda ckpts: _flip_a_byte(
+            ckpts / "step_0000016" / "step_0000016" / "mp_rank_00_model_states.pt"
+        ),
+        "is damaged: step_0000016/mp_rank_00_model_states.pt differs from what was saved",
+    ),
+    "truncated_file": (
+        ["checkpoint.resume=latest"],
+        lambda ckpts: _truncate(ckpts / "step_0000016" / "rank_00001.pt"),
+        "is damaged: rank_00001.pt differs from what was saved",
+    ),
+    "newer_format_version": (
+        ["checkpoint.resume=latest"],
+        lambda ckpts: _set_format_version(ckpts / "step_0000016", 2),
+        "has format version 2; this actcomp_dist reads version 1 only (it was written by a "
+        "newer actcomp_dist: resume with that version, or start a new run_dir)",
+    ),
+    "changed_compression": (
+        ["checkpoint.resume=latest", "compression.rank=0.5", "compression.resample_every=4"],
+        lambda ckpts: None,
+        "different compression config (rank: checkpoint 0.25 -> config 0.5; resample_every: "
+        "checkpoint 2 -> config 4)",
+    ),
+    # DeepSpeed's own parser reads the section before the data cache or run dir is written.
+    "bad_deepspeed_key": (
+        ["deepspeed.zero_optimization.stagee=1"],
+        None,
+        "deepspeed: 1 validation error for DeepSpeedZeroConfig stagee Extra inputs",
+    ),
+    "tokenizer_without_paths": (
+        ["data.paths=[]"],
+        None,
+        "is set but data.paths is not: the embedded corpus brings its own tokenizer",
+    ),
+    # Resume drift (issue 16 item 3): refused before the engine is built, not a state_dict
+    # traceback after it; the launched run has 2 layers, seed 1234, fp32.
+    "changed_model_shape": (
+        ["checkpoint.resume=latest", "model.overrides.num_layers=3", "train.seed=7"],
+        lambda ckpts: None,
+        "was written with other settings that an exact resume needs (model.num_layers: "
+        "checkpoint 2 -> config 3; train.seed: checkpoint 1234 -> config 7)",
+    ),
+    "shape_change_not_allowable": (
+        ["checkpoint.resume=latest", 'checkpoint.allow_changes=["model.num_layers"]'],
+        lambda ckpts: None,
+        "checkpoint.allow_changes: 'model.num_layers' cannot be allowed",
+    ),
+    "checkpoints_without_resume": (
+        ["checkpoint.resume=null"],
+        lambda ckpts: None,
+        "already holds checkpoints of a run; set checkpoint.resume=latest",
+    ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_bad_inputs_fail_on_every_rank_and_change_nothing(launched_run, tmp_path):
+    """Every rank prints the one clear message and exits 2 (before any collective: no hang),
+    no traceback; a fresh run dir is not created, an existing one (a copy of the launched run,
+    damaged as the case says) is byte-for-byte unchanged afterwards."""
+    assert launched_run["returncode"] == 0
+    names = list(BAD_INPUTS)
+    for batch in (names[i : i + 2] for i in range(0, len(names), 2)):  # 4 processes at a time
+        started = {name: _start_bad_input(name, launched_run, tmp_path) for name in batch}
+        for name, (ranks, run_dir, before) in started.items():
+            message = BAD_INPUTS[name][2]
+            for rank, process in enumerate(ranks):
+                assert _wait(process, timeout=120) == 2, (name, rank)
+                err = (tmp_path / name / f"rank{rank}.err").read_text()
+                assert f"error (rank {rank}/2): " in err and message in err, (name, err)
+                assert "Traceback" not in err, (name, err)
+            if before is None:
+                assert not run_dir.exists(), name
+            else:
+                assert _tree_hashes(run_dir) == before, name
+
+
+def _start_bad_input(name: str, launched_run: dict, tmp_path: Path) -> tuple:
+    overrides, prepare, _ = BAD_INPUTS[name]
+    case_dir = tmp_path / name
+    run_dir = case_dir / "run"
+    case_dir.mkdir()
+    if prepare is not None:
+        _copy_run(launched_run["run_dir"], run_dir)
+        prepare(run_dir / "checkpoints")
+    before = _tree_hashes(run_dir) if run_dir.exists() else None
+    config = launched_run["config_file"]
+    ranks = _srun_ranks(config, [*overrides, f"run_dir={run_dir}"], case_dir)
+    return ranks, run_dir, before
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_allowed_change_resumes_and_is_logged(launched_run, tmp_path):
+    """``checkpoint.allow_changes`` lets a deliberate change of an exactness setting through:
+    the run resumes, trains its one more step, and says what changed (log and metrics)."""
+    assert launched_run["returncode"] == 0
+    run_dir = tmp_path / "run"
+    _copy_run(launched_run["run_dir"], run_dir)
+    overrides = [
+        f"run_dir={run_dir}",
+        "checkpoint.resume=latest",
+        f"train.steps={LAUNCHED_STEPS + 1}",
+        "train.seed=7",
+        'checkpoint.allow_changes=["train.seed"]',
+    ]
+    ranks = _srun_ranks(launched_run["config_file"], overrides, tmp_path)
+    assert [_wait(process, timeout=180) for process in ranks] == [0, 0]
+    record = _metrics(run_dir)[-1]
+    assert record["step"] == LAUNCHED_STEPS + 1
+    assert record["resume_changed"] == {
+        "train.steps": [LAUNCHED_STEPS, LAUNCHED_STEPS + 1],
+        "train.seed": [1234, 7],
+    }
+    out = (tmp_path / "rank0.out").read_text()
+    assert "train.seed 1234 -> 7" in out
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_launcher_exits_non_zero_on_a_changed_compression_config(launched_run, tmp_path):
+    """The same refusal through the ``deepspeed`` launcher: it exits non-zero with the message
+    (the launcher stops the other rank as soon as one fails)."""
+    run_dir = tmp_path / "run"
+    _copy_run(launched_run["run_dir"], run_dir)
+    before = _tree_hashes(run_dir)
+    log = tmp_path / "launcher.log"
+    launcher = _launch(
+        launched_run["config_file"],
+        [*LAUNCHED, f"run_dir={run_dir}", "compression.method=lowrank"],
+        log,
+    )
+    assert _wait(launcher, timeout=120) != 0
+    assert "method: checkpoint 'compact' -> config 'lowrank'" in log.read_text()
+    assert _tree_hashes(run_dir) == before

@@ -1,0 +1,158 @@
+"""LoRAct's ``lowrank:R`` storage (``actcomp_dist.storage.LowRankStorage``) and the ``"loract"``
+preset of ``actcomp_dist.hf``.
+
+References:
+
+- **The factorisation against float64 and closed forms**: ``A_hat = L Q^T = A Q Q^T``. For
+  ``rank(A) <= k`` the sampled columns span ``A``'s column space and ``A_hat = A``: in float64
+  to float64 rounding; in float32 within the rounding of a QR and two products, amplified by the
+  conditioning of ``Y = A^T A[:, S]`` (computed here in float64). For any ``A`` the error is
+  ``||A (I - Q Q^T)||_F`` and never below the best rank-k error (Eckart-Young).
+- **Bytes**: ``(N + n) k`` elements per factorised tensor, exactly; the norm's factors are kept
+  once for the norm and every projection (or LoRA A) that reads its output.
+- **Model**: the forward is unchanged (bit-identical loss); with ``R`` at least the number of
+  tokens the activations are exactly representable, and the gradients are as accurate as the
+  unpatched model's against float64 (the wiring of every factor is right); at the preset's
+  rank the saved bytes equal the closed form.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from actcomp_dist.config import CompressionConfig
+from actcomp_dist.hf import apply_memory_policy
+from actcomp_dist.hf.policy import LORACT_RANK_DIVISOR
+from actcomp_dist.memory import saved_activation_bytes, saved_activation_bytes_by_module
+from actcomp_dist.storage import LowRankStorage, storage_for
+from tests.helpers.tolerances import gamma
+from tests.unit.test_hf_peft import make_lora_model
+from tests.unit.test_hf_policy import (
+    HIDDEN,
+    INTERMEDIATE,
+    LAYERS,
+    TOKENS,
+    _assert_as_accurate_as_unpatched,
+    _float64_grads,
+    _loss,
+    _loss_and_grads,
+    _tokens,
+    make_model,
+)
+
+peft = pytest.importorskip("peft")
+
+
+def _low_rank_matrix(rows, cols, rank, dtype, seed=0):
+    """``U diag(s) V^T`` with orthonormal U, V and singular values in [1, 2]."""
+    generator = torch.Generator().manual_seed(seed)
+    u = torch.linalg.qr(torch.randn(rows, rank, generator=generator, dtype=torch.float64)).Q
+    v = torch.linalg.qr(torch.randn(cols, rank, generator=generator, dtype=torch.float64)).Q
+    s = 1 + torch.rand(rank, generator=generator, dtype=torch.float64)
+    return ((u * s) @ v.t()).to(dtype)
+
+
+@pytest.mark.parametrize("rank", [3, 8])
+def test_low_rank_input_is_reconstructed_against_float64(rank):
+    n, k, tokens = 64, 8, 48
+    storage = LowRankStorage(k)
+    a64 = _low_rank_matrix(tokens, n, rank, torch.float64)
+    a_hat64 = storage.unpack(storage.pack(a64), a64)
+    assert (a_hat64 - a64).norm() <= 64 * gamma(n * k, torch.float64) * a64.norm()
+    a32 = a64.float()
+    a_hat32 = storage.unpack(storage.pack(a32), a32)
+    # float32: a QR of Y (backward stable: relative error gamma_{nk} in Q's columns, amplified
+    # by the condition number of Y on its range, sigma_1 / sigma_rank, computed in float64)
+    # and the products A Q, L Q^T (gamma_n, gamma_k relative); factor 4 for the two uses of Q.
+    generator = torch.Generator().manual_seed(0)  # LowRankStorage's columns (seed 0)
+    columns = torch.randperm(n, generator=generator)[:k]
+    singular = torch.linalg.svdvals(a64.t() @ a64[:, columns])
+    condition = (singular[0] / singular[rank - 1]).item()
+    bound = (
+        4 * gamma(n * k, torch.float32) * condition + 2 * gamma(n + k, torch.float32)
+    ) * a64.norm().item()
+    assert (a_hat32.double() - a64).norm().item() <= bound
+
+
+def test_any_input_error_is_the_projection_residual_and_above_eckart_young():
+    n, k, tokens = 64, 8, 48
+    generator = torch.Generator().manual_seed(1)
+    a = torch.randn(tokens, n, generator=generator, dtype=torch.float64)
+    storage = LowRankStorage(k)
+    low, q = storage.pack(a)
+    assert low.shape == (tokens, k) and q.shape == (n, k)
+    assert torch.allclose(q.t() @ q, torch.eye(k, dtype=torch.float64), atol=1e-12)
+    error = (storage.unpack((low, q), a) - a).norm()
+    residual = (a - a @ q @ q.t()).norm()
+    assert abs(error - residual) <= 16 * gamma(n + k, torch.float64) * a.norm()
+    singular = torch.linalg.svdvals(a)
+    assert error >= singular[k:].pow(2).sum().sqrt() * (1 - 1e-12)
+    assert error < a.norm()  # it keeps something
+
+
+def test_factors_are_deterministic_bytes_exact_and_global_rng_untouched():
+    storage = storage_for("lowrank:8")
+    x = torch.randn(2, 16, 64)
+    state = torch.get_rng_state()
+    first, second = storage.pack(x), storage.pack(x)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+    kept = sum(t.numel() * t.element_size() for t in first)
+    assert kept == storage.saved_bytes(x.numel(), 64, dtype_bytes=4) == (32 + 64) * 8 * 4
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_full_rank_low_rank_storage_gives_exact_gradients(lora):
+    """R >= tokens: every factorised activation has rank <= R, so backward is exact up to
+    rounding; this checks that each factor reaches its reader (norm, q/k/v, gate/up, LoRA A)."""
+    build = make_lora_model if lora else make_model
+    tokens = _tokens()
+    model = build()
+    loss, grads = _loss_and_grads(model, tokens)
+    reference = _float64_grads(model, tokens)
+    apply_memory_policy(model, {"norm": f"lowrank:{HIDDEN}", "swiglu": f"lowrank:{INTERMEDIATE}"})
+    patched_loss, patched_grads = _loss_and_grads(model, tokens)
+    assert torch.equal(patched_loss, loss)
+    _assert_as_accurate_as_unpatched(patched_grads, grads, reference, torch.float32)
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_loract_preset_saved_bytes_closed_form(lora):
+    """Against ``exact``: each decoder-layer norm keeps ``(N + h) k_h`` instead of its output
+    (``N h``; its readers kept the same tensor), each MLP ``2 (N + I) k_I`` instead of gate and
+    up (``2 N I``); ``k = hidden // 8`` for both. The readers keep nothing of their own."""
+    build = make_lora_model if lora else make_model
+    tokens = _tokens()
+    model = apply_memory_policy(build(), "exact")
+    exact = saved_activation_bytes(lambda: _loss(model, tokens))
+    loss = _loss(model, tokens).detach()
+    apply_memory_policy(model, "loract")
+    loract = saved_activation_bytes(lambda: _loss(model, tokens))
+    assert torch.equal(_loss(model, tokens).detach(), loss)  # forward unchanged
+    k_h = k_i = HIDDEN // LORACT_RANK_DIVISOR
+    norm_saving = TOKENS * HIDDEN - (TOKENS + HIDDEN) * k_h
+    mlp_saving = 2 * (TOKENS * INTERMEDIATE - (TOKENS + INTERMEDIATE) * k_i)
+    # Under LoRA both compute down's A from (kept or packed) gate and up and B keeps ``A h``
+    # [N, r] in both: no difference there.
+    assert exact - loract == 4 * LAYERS * (2 * norm_saving + mlp_saving)
+    by_module = saved_activation_bytes_by_module(model, lambda: _loss(model, tokens))
+    for name, nbytes in by_module.items():
+        if name.endswith(("k_proj.lora_A.default", "v_proj.lora_A.default", "up_proj")):
+            pytest.fail(f"{name} keeps {nbytes} bytes of its own")
+
+
+def test_loract_refusals_leave_the_model_untouched():
+    config = peft.LoraConfig(r=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.1)
+    model = peft.get_peft_model(make_model(), config)
+    classes = [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match="q_proj adapter 'default' has Dropout"):
+        apply_memory_policy(model, "loract")
+    with pytest.raises(ValueError, match="choose one"):
+        apply_memory_policy(make_model(), "loract", compression=CompressionConfig("compact"))
+    with pytest.raises(ValueError, match="memory.policy.attention='lowrank:4' is not served"):
+        apply_memory_policy(model, {"attention": "lowrank:4"})
+    assert [type(m) for m in model.modules()] == classes
