@@ -100,7 +100,8 @@ from actcomp_dist.storage import StoragePolicy
 AC_MODES = ("none", "selective", "full", "sublayer")
 _ROW_SITES = ("proj", "fc2")
 
-#: Per-layer kinds, in forward order; model-wide kinds follow.
+#: Per-layer kinds, in forward order; model-wide kinds follow. Which of the model's submodules
+#: is which kind is the model package's knowledge (:mod:`actcomp_dist.models.kinds`).
 LAYER_KINDS = (
     "block_input",
     "norm",
@@ -112,18 +113,6 @@ LAYER_KINDS = (
     "fc2",
 )
 MODEL_KINDS = ("embedding", "final_norm", "output_layer", "loss")
-
-# The innermost module a saved tensor is charged to -> its kind (see ``module_kind``).
-_MODULE_KINDS = {
-    "input_norm": "norm",
-    "mlp_norm": "norm",
-    "qkv": "qkv",
-    "proj": "proj",
-    "fc1": "fc1",
-    "fc2": "fc2",
-    "attention": "attention_core",
-    "mlp": "swiglu",
-}
 
 
 class ModelShape(Protocol):
@@ -141,21 +130,6 @@ class ModelShape(Protocol):
 
     @property
     def head_dim(self) -> int: ...
-
-
-def module_kind(name: str) -> str:
-    """The kind of a dotted module name of :class:`~actcomp_dist.models.LlamaModel`:
-    ``layers.3.attention.qkv`` -> ``qkv``, ``layers.3`` -> ``block_input`` (what checkpointing
-    keeps), ``""`` -> ``loss`` (the cross-entropy runs in the model's own forward)."""
-    parts = name.split(".") if name else []
-    if not parts:
-        return "loss"
-    if parts[0] == "layers" and len(parts) >= 2:
-        rest = parts[2:]
-        if not rest:
-            return "block_input"
-        return _MODULE_KINDS.get(rest[-1], rest[-1])
-    return parts[0]
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 The same counter the trainer uses (:class:`actcomp_dist.memory.SavedTensorCounter`), with
 module tracking: every saved tensor is charged to the innermost module whose forward saved it,
-and module names are mapped to kinds by :func:`actcomp_dist.memory_model.module_kind`
+and module names are mapped to kinds by :func:`actcomp_dist.models.kinds.module_kind`
 (``layers.3.mlp.fc1`` -> ``fc1``), so the measurement and the analytic model
 (:func:`actcomp_dist.memory_model.predict_saved_activations`) are compared kind by kind.
 """
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from actcomp_dist.memory import SavedTensorCounter
-from actcomp_dist.memory_model import module_kind
+from actcomp_dist.models.kinds import module_kind
 
 
 @dataclass

@@ -16,7 +16,14 @@ from actcomp_dist.models.configs import (
     list_model_configs,
     parameter_count,
 )
-from actcomp_dist.models.llama import SITES, LlamaDecoderLayer, LlamaModel, build_llama
+from actcomp_dist.models.kinds import module_kind
+from actcomp_dist.models.llama import (
+    SITES,
+    LlamaDecoderLayer,
+    LlamaLayerSpec,
+    LlamaModel,
+    build_llama,
+)
 from actcomp_dist.models.weights import (
     full_state_dict,
     gather_full,
@@ -30,6 +37,7 @@ __all__ = [
     "SITES",
     "LlamaConfig",
     "LlamaDecoderLayer",
+    "LlamaLayerSpec",
     "LlamaModel",
     "build_llama",
     "check_tensor_parallel",
@@ -39,6 +47,7 @@ __all__ = [
     "list_model_configs",
     "load_full_weights",
     "merge_shards",
+    "module_kind",
     "parameter_count",
     "shard_full_state_dict",
 ]

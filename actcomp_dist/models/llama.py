@@ -12,7 +12,8 @@ at a time, and keep no logits: :mod:`actcomp_dist.parallel.cross_entropy`)
     block(x, rope):  x = x + proj(attention(rope(qkv(norm(x)))))
                      x = x + fc2(silu(gate) * up),  [gate | up] = fc1(norm(x))
 
-``qkv`` and ``fc1`` are column-parallel, ``proj`` and ``fc2`` row-parallel; all four are
+``qkv`` and ``fc1`` are column-parallel, ``proj`` and ``fc2`` row-parallel; all four are built
+from the classes of the model's :class:`LlamaLayerSpec` (``LlamaModel(spec=...)``), by default
 :class:`~actcomp_dist.parallel.CompressedColumnParallelLinear` /
 :class:`~actcomp_dist.parallel.CompressedRowParallelLinear`. The sites named in
 ``CompressionConfig.sites`` (default ``qkv``, ``fc1``, ``fc2``) use the configured method;
@@ -21,6 +22,19 @@ because Megatron's sequence-parallel path needs CUDA). Every compressed layer's 
 is its block index in the whole model and all of them share one
 :class:`~actcomp_dist.seeds.CompressionSchedule`, ``model.compression_schedule``. The input
 embedding, the norms and the output layer are never compressed.
+
+**Layer spec and parallel context.** :class:`LlamaLayerSpec` names the class built at every
+column-parallel site (``column_linear``: ``qkv``, ``fc1``) and every row-parallel site
+(``row_linear``: ``proj``, ``fc2``), as megatron-core's ``ModuleSpec`` does for its layers; a
+replacement takes the same constructor arguments as ours (megatron's plus ``compression``,
+``layer_id``, ``site``, ``schedule``; ``tp_group`` is always passed). The model receives its
+tensor-parallel group and device as a :class:`~actcomp_dist.parallel.state.ParallelContext`
+(``parallel=``; ``None``: :func:`~actcomp_dist.parallel.state.get_parallel_context`, read once
+at build) and looks up no process group afterwards. The one exception is megatron-core's
+``vocab_parallel_cross_entropy`` (the loss with ``loss_chunk_tokens=None``), which reads
+megatron's own tensor-parallel globals: a context with another TP group needs the chunked loss.
+The submodule names a saved tensor is charged to map to the memory model's kinds in
+:mod:`actcomp_dist.models.kinds`.
 
 **Fused layouts.** Megatron's column-parallel layers shard their weight by contiguous output
 rows, so the fused weights are laid out for that (the layout megatron-core's ``GPTModel`` uses,
@@ -101,6 +115,7 @@ from actcomp_dist.parallel.megatron_layers import (
     VocabParallelEmbedding,
     vocab_parallel_cross_entropy,
 )
+from actcomp_dist.parallel.state import ParallelContext
 from actcomp_dist.seeds import CompressionSchedule
 from actcomp_dist.storage import StoragePolicy, attention_with_stored_inputs
 
@@ -250,6 +265,22 @@ def apply_rotary(x: torch.Tensor, rope: Rope) -> torch.Tensor:
     return x * cos + rotate_half(x) * sin
 
 
+@dataclasses.dataclass(frozen=True)
+class LlamaLayerSpec:
+    """The linear classes of a block (see the module docstring).
+
+    Fields:
+        column_linear: built at the column-parallel sites ``qkv`` and ``fc1``.
+        row_linear: built at the row-parallel sites ``proj`` and ``fc2``.
+
+    Each takes the constructor arguments of the default class (a subclass is the usual
+    replacement) and returns ``(output, bias)`` from ``forward`` like it.
+    """
+
+    column_linear: type[nn.Module] = CompressedColumnParallelLinear
+    row_linear: type[nn.Module] = CompressedRowParallelLinear
+
+
 @dataclasses.dataclass
 class _Builder:
     """What every layer of one model is built from: one place that picks the linear classes."""
@@ -265,6 +296,7 @@ class _Builder:
     output_init_method: Callable[[torch.Tensor], torch.Tensor]
     efficient_ops: bool
     storage: StoragePolicy
+    spec: LlamaLayerSpec
 
     def _compression_for(self, site: str) -> CompressionConfig:
         if site in self.compression.sites:
@@ -272,7 +304,7 @@ class _Builder:
         return self.compression.replace(method="none", grad_mode="lift")
 
     def column_parallel(self, in_features, out_features, *, site, layer_id, stride=1):
-        return CompressedColumnParallelLinear(
+        return self.spec.column_linear(
             in_features,
             out_features,
             config=self.megatron_config,
@@ -288,7 +320,7 @@ class _Builder:
         )
 
     def row_parallel(self, in_features, out_features, *, site, layer_id):
-        return CompressedRowParallelLinear(
+        return self.spec.row_linear(
             in_features,
             out_features,
             config=self.megatron_config,
@@ -479,6 +511,10 @@ class LlamaModel(nn.Module):
             Forward results are identical either way.
         storage_policy: how each kind of saved tensor is stored (:mod:`actcomp_dist.storage`;
             ``None``: kept as it is). Policies other than ``keep`` need ``efficient_ops``.
+        spec: the linear classes of the blocks (:class:`LlamaLayerSpec`; ``None``: ours).
+        parallel: the tensor-parallel group the model is sharded over (and the device
+            :func:`build_llama` moves it to); ``None``: the global parallel state's
+            (:func:`~actcomp_dist.parallel.state.get_parallel_context`), read once here.
     """
 
     def __init__(
@@ -491,6 +527,8 @@ class LlamaModel(nn.Module):
         loss_chunk_tokens: int | None = None,
         efficient_ops: bool = True,
         storage_policy: StoragePolicy | None = None,
+        spec: LlamaLayerSpec | None = None,
+        parallel: ParallelContext | None = None,
     ) -> None:
         super().__init__()
         storage_policy = storage_policy or StoragePolicy()
@@ -515,9 +553,11 @@ class LlamaModel(nn.Module):
                 f"CompressionConfig.sites has unknown site(s) {unknown}; the LLaMA model's "
                 f"sites are {list(SITES)}"
             )
-        tp_group = parallel_state.get_tp_group()
-        tp_size = dist.get_world_size(tp_group)
+        parallel = parallel or parallel_state.get_parallel_context()
+        tp_group, tp_size = parallel.tp_group, parallel.tp_size
         check_tensor_parallel(config, tp_size)
+        self.spec = spec or LlamaLayerSpec()
+        self.parallel = parallel
         self.config = config
         self.compression = compression
         self.tp_group = tp_group
@@ -557,6 +597,7 @@ class LlamaModel(nn.Module):
             output_init_method=output_init_method,
             efficient_ops=efficient_ops,
             storage=storage_policy,
+            spec=self.spec,
         )
 
         self.embedding = VocabParallelEmbedding(
@@ -593,10 +634,10 @@ class LlamaModel(nn.Module):
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token ids [b, s] -> the residual stream [s, b, h] ([s/t, b, h] under SP)."""
-        if self.sequence_parallel and tokens.shape[1] % dist.get_world_size(self.tp_group):
+        if self.sequence_parallel and tokens.shape[1] % self.parallel.tp_size:
             raise ValueError(
                 f"sequence parallelism needs the sequence length {tokens.shape[1]} to be "
-                f"divisible by the tensor-parallel size {dist.get_world_size(self.tp_group)}"
+                f"divisible by the tensor-parallel size {self.parallel.tp_size}"
             )
         hidden = self.embedding(tokens.t())  # [s, b, h], summed over the vocab shards
         if self.sequence_parallel:
@@ -665,11 +706,15 @@ def build_llama(
     loss_chunk_tokens: int | None = None,
     efficient_ops: bool = True,
     storage_policy: StoragePolicy | None = None,
+    spec: LlamaLayerSpec | None = None,
+    parallel: ParallelContext | None = None,
 ) -> LlamaModel:
     """Build a :class:`LlamaModel` (``config`` may be a name: ``tiny``, ``60m``, ... ``7b``)
-    and move it to ``device`` (default: :func:`actcomp_dist.parallel.state.get_device`)."""
+    and move it to ``device`` (default: the device of ``parallel``, which defaults to the
+    global parallel state's context, read once)."""
     if isinstance(config, str):
         config = get_model_config(config)
+    parallel = parallel or parallel_state.get_parallel_context()
     model = LlamaModel(
         config,
         compression,
@@ -678,5 +723,7 @@ def build_llama(
         loss_chunk_tokens=loss_chunk_tokens,
         efficient_ops=efficient_ops,
         storage_policy=storage_policy,
+        spec=spec,
+        parallel=parallel,
     )
-    return model.to(device if device is not None else parallel_state.get_device())
+    return model.to(device if device is not None else parallel.device)

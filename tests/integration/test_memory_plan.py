@@ -25,12 +25,12 @@ from actcomp_dist.ablation.measure import measure_model_forward
 from actcomp_dist.memory_model import (
     ActivationSetting,
     largest_micro_batch,
-    module_kind,
     plan_memory,
     predict_model_states,
     predict_saved_activations,
 )
 from actcomp_dist.models import build_llama, get_model_config, parameter_count
+from actcomp_dist.models.kinds import module_kind
 from actcomp_dist.parallel import state
 from actcomp_dist.storage import StoragePolicy
 from actcomp_dist.training.activation_checkpointing import apply_activation_checkpointing
