@@ -59,6 +59,7 @@ from actcomp_dist.memory_model import ActivationSetting, predict_saved_activatio
 from actcomp_dist.models import build_llama, get_model_config, parameter_count
 from actcomp_dist.parallel import state as parallel_state
 from actcomp_dist.parallel.deepspeed_mpu import MegatronMPU
+from actcomp_dist.parallel.state import ParallelContext
 from actcomp_dist.seeds import check_seed_agreement
 from actcomp_dist.site_effects import describe_site_effects, site_effects
 from actcomp_dist.training import checkpoint as ckpt
@@ -245,9 +246,15 @@ def build_model_config(config: RunConfig, vocab: int, tp: int, padded_vocab: int
         raise ConfigError(f"model: {err}") from None
 
 
-def build_pretraining_model(config: RunConfig, model_config, device: torch.device):
+def build_pretraining_model(
+    config: RunConfig,
+    model_config,
+    device: torch.device,
+    parallel: ParallelContext | None = None,
+):
     """The LLaMA model on ``device`` with the compression (``compression``) and memory policy
-    (``memory.*``) of ``config`` applied to its linears, initialised from ``train.seed``."""
+    (``memory.*``) of ``config`` applied to its linears, initialised from ``train.seed``,
+    sharded over ``parallel``'s tensor-parallel group (``None``: the global parallel state)."""
     return build_llama(
         model_config,
         config.compression,
@@ -257,6 +264,7 @@ def build_pretraining_model(config: RunConfig, model_config, device: torch.devic
         efficient_ops=config.memory.efficient_ops,
         loss_chunk_tokens=config.memory.chunked_loss_tokens,
         storage_policy=config.memory.storage_policy,
+        parallel=parallel,
     )
 
 
@@ -422,7 +430,7 @@ class Trainer:
     def build_model(self, model_config) -> torch.nn.Module:
         """The model the engine will train (on ``self.device``), before activation
         checkpointing and DeepSpeed."""
-        return build_pretraining_model(self.config, model_config, self.device)
+        return build_pretraining_model(self.config, model_config, self.device, self.ctx)
 
     # -- set-up steps 7-9 ----------------------------------------------------------------------
     def build_deepspeed(self) -> None:
