@@ -122,6 +122,44 @@ def recompute_in_backward(fn, source: torch.Tensor, storage=None) -> torch.Tenso
     return _RecomputeInBackward.apply(fn, source, storage)
 
 
+def record_forward_state(ctx, like: torch.Tensor) -> None:
+    """Remember the autocast state and the RNG streams (CPU and ``like``'s device) a forward
+    runs with, on ``ctx``, so that a re-run in backward (:func:`as_in_forward`) computes what
+    it computed and draws what it drew (an adapter's dropout), as torch.utils.checkpoint's
+    ``preserve_rng_state`` does."""
+    device = like.device.type
+    ctx.autocast = (
+        (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        if torch.amp.is_autocast_available(device)
+        else None
+    )
+    ctx.cpu_rng = torch.get_rng_state()
+    ctx.device_rng = (
+        torch.get_device_module(device).get_rng_state(like.device)
+        if device not in ("cpu", "meta")
+        else None
+    )
+    ctx.device = like.device
+
+
+@contextlib.contextmanager
+def as_in_forward(ctx):
+    """Grad enabled, with the autocast state and RNG streams :func:`record_forward_state` kept;
+    the global RNG streams are restored afterwards."""
+    device = ctx.device.type
+    devices = [ctx.device] if ctx.device_rng is not None else []
+    with torch.random.fork_rng(devices=devices, device_type=device):
+        torch.set_rng_state(ctx.cpu_rng)
+        if ctx.device_rng is not None:
+            torch.get_device_module(device).set_rng_state(ctx.device_rng, ctx.device)
+        autocast = contextlib.nullcontext()
+        if ctx.autocast is not None:
+            autocast_device, enabled, dtype = ctx.autocast
+            autocast = torch.autocast(autocast_device, dtype=dtype, enabled=enabled)
+        with torch.enable_grad(), autocast:
+            yield
+
+
 class _CheckpointFromKept(torch.autograd.Function):
     """``run(x, *args)`` in forward keeping only ``kept`` (``x`` itself when ``packer`` is
     ``None``, else ``packer``'s packed ``x``); backward re-runs ``run`` on ``x`` rebuilt from
@@ -133,15 +171,8 @@ class _CheckpointFromKept(torch.autograd.Function):
         ctx.save_for_backward(*kept)
         ctx.run, ctx.packer, ctx.args = run, packer, args
         ctx.x_like = torch.empty_like(x, device="meta")
-        device = x.device.type
-        ctx.autocast = (
-            (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
-            if torch.amp.is_autocast_available(device)
-            else None
-        )
         # RNG state as torch.utils.checkpoint preserves it (the block draws nothing today).
-        ctx.cpu_rng = torch.get_rng_state()
-        ctx.cuda_rng = (x.device, torch.cuda.get_rng_state(x.device)) if x.is_cuda else None
+        record_forward_state(ctx, x)
         return out
 
     @staticmethod
@@ -150,17 +181,8 @@ class _CheckpointFromKept(torch.autograd.Function):
         x_hat = kept[0] if ctx.packer is None else ctx.packer.unpack(kept, ctx.x_like)
         x_hat = x_hat.detach()
         x_hat.requires_grad_(ctx.needs_input_grad[3])
-        devices = [ctx.cuda_rng[0]] if ctx.cuda_rng is not None else []
-        with torch.random.fork_rng(devices=devices):
-            torch.set_rng_state(ctx.cpu_rng)
-            if ctx.cuda_rng is not None:
-                torch.cuda.set_rng_state(ctx.cuda_rng[1], ctx.cuda_rng[0])
-            autocast = contextlib.nullcontext()
-            if ctx.autocast is not None:
-                device, enabled, dtype = ctx.autocast
-                autocast = torch.autocast(device, dtype=dtype, enabled=enabled)
-            with torch.enable_grad(), autocast:
-                out = ctx.run(x_hat, *ctx.args)
+        with as_in_forward(ctx):
+            out = ctx.run(x_hat, *ctx.args)
         # Parameters accumulate their gradients here, as in Megatron's and DeepSpeed's
         # (reentrant) checkpointing: partitioned (ZeRO-3) parameters are never Function inputs.
         if out.requires_grad:

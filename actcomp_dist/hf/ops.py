@@ -30,13 +30,13 @@ of :mod:`actcomp_dist.memory`, HF's non-reentrant checkpointing) see exactly wha
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from actcomp_dist.autograd import as_in_forward, record_forward_state
 from actcomp_dist.models.efficient_ops import stored_rms_norm
 from actcomp_dist.storage import Quantizer
 
@@ -183,42 +183,11 @@ def _device_types(*tensors: torch.Tensor) -> list[str]:
     return sorted({t.device.type for t in tensors})
 
 
-def _record_forward_state(ctx, like: torch.Tensor) -> None:
-    """Remember the autocast state and the RNG streams a forward runs with, so that a re-run in
-    backward (:func:`_as_in_forward`) draws what it drew (an adapter's dropout)."""
-    device = like.device.type
-    ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
-    ctx.cpu_rng = torch.get_rng_state()
-    ctx.device_rng = (
-        torch.get_device_module(device).get_rng_state(like.device)
-        if device not in ("cpu", "meta")
-        else None
-    )
-    ctx.device = like.device
-
-
-@contextlib.contextmanager
-def _as_in_forward(ctx):
-    """Grad enabled, the forward's autocast state and RNG streams (restored afterwards: the
-    global streams are not disturbed)."""
-    device, autocast_enabled, autocast_dtype = ctx.autocast
-    devices = [ctx.device] if ctx.device_rng is not None else []
-    with torch.random.fork_rng(devices=devices, device_type=device):
-        torch.set_rng_state(ctx.cpu_rng)
-        if ctx.device_rng is not None:
-            torch.get_device_module(device).set_rng_state(ctx.device_rng, ctx.device)
-        with (
-            torch.enable_grad(),
-            torch.autocast(device, dtype=autocast_dtype, enabled=autocast_enabled),
-        ):
-            yield
-
-
 class _SwiGLUThen(torch.autograd.Function):
     @staticmethod
     def forward(ctx, module, storage, gate, up):
         ctx.module = module
-        _record_forward_state(ctx, gate)
+        record_forward_state(ctx, gate)
         _save(ctx, storage, gate, up)
         with torch.no_grad():
             return module(swiglu_product(gate, up))
@@ -226,7 +195,7 @@ class _SwiGLUThen(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         gate, up = _load(ctx)
-        with _as_in_forward(ctx):  # same RNG draws as forward (an adapter's dropout)
+        with as_in_forward(ctx):  # same RNG draws as forward (an adapter's dropout)
             out = ctx.module(swiglu_product(gate, up))
         torch.autograd.backward(out, grad_out)
         return None, None, gate.grad, up.grad
@@ -349,7 +318,7 @@ class _RecomputeFromKept(torch.autograd.Function):
         ctx.x_like = torch.empty_like(x, device="meta")
         ctx.x_requires_grad = x.requires_grad
         ctx.leaf_requires_grad = [t.requires_grad for t in leaves]
-        _record_forward_state(ctx, x)
+        record_forward_state(ctx, x)
         ctx.save_for_backward(*kept, *leaves)
         args, kwargs = rebuild(list(leaves))
         out = run(x, *args, **kwargs)
@@ -368,7 +337,7 @@ class _RecomputeFromKept(torch.autograd.Function):
             t.detach().requires_grad_(flag)
             for t, flag in zip(leaves, ctx.leaf_requires_grad, strict=True)
         ]
-        with _as_in_forward(ctx):
+        with as_in_forward(ctx):
             args, kwargs = ctx.rebuild(leaves)
             out = ctx.run(x_hat, *args, **kwargs)
         if out.requires_grad:
