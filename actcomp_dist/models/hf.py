@@ -40,6 +40,7 @@ from safetensors.torch import save_file
 
 from actcomp_dist.models.configs import LlamaConfig, check_tensor_parallel
 from actcomp_dist.models.hf_tokenizer import special_token_ids, write_tokenizer_files
+from actcomp_dist.models.llama import LlamaModel, build_llama
 from actcomp_dist.models.weights import (
     WeightEntry,
     _merge,
@@ -47,7 +48,9 @@ from actcomp_dist.models.weights import (
     logical_shapes,
     weight_layout,
 )
+from actcomp_dist.parallel import state as parallel_state
 from actcomp_dist.parallel.collectives import all_gather_dim0
+from actcomp_dist.parallel.state import ParallelContext
 
 CONFIG_NAME = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -363,11 +366,14 @@ def build_llama_from_hf(
     efficient_ops: bool = True,
     loss_chunk_tokens: int | None = None,
     storage_policy=None,
-):
-    """Build a :class:`~actcomp_dist.models.LlamaModel` from a Hugging Face LLaMA directory at
-    the current tensor-parallel size (needs the parallel state, like ``build_llama``)."""
-    from actcomp_dist.models.llama import build_llama
-
+    parallel: ParallelContext | None = None,
+) -> LlamaModel:
+    """Build a :class:`~actcomp_dist.models.LlamaModel` from a Hugging Face LLaMA directory,
+    sharded over ``parallel``'s tensor-parallel group, each rank reading its own slices, and
+    move it to ``device`` (default: ``parallel.device``). ``parallel``: as for
+    :func:`~actcomp_dist.models.build_llama` (``None``: the global parallel state's context,
+    read once here)."""
+    parallel = parallel or parallel_state.get_parallel_context()
     config = read_hf_config(directory, seq_length=seq_length, params_dtype=params_dtype)
     model = build_llama(
         config,
@@ -377,15 +383,10 @@ def build_llama_from_hf(
         efficient_ops=efficient_ops,
         loss_chunk_tokens=loss_chunk_tokens,
         storage_policy=storage_policy,
+        parallel=parallel,
     )
     load_hf_weights(model, directory)
-    if device is not None:
-        model = model.to(device)
-    else:
-        from actcomp_dist.parallel import state
-
-        model = model.to(state.get_device())
-    return model
+    return model.to(device if device is not None else parallel.device)
 
 
 # ----------------------------------------------------------------------------- writing

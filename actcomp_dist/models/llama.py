@@ -4,10 +4,11 @@ Plain PyTorch modules, sequence-first like megatron-core (``[s, b, h]`` inside t
 
     tokens [b, s] -> VocabParallelEmbedding -> (SP: scatter along s) -> num_layers x block
       -> final RMSNorm -> (SP: gather along s) -> output layer [s, b, V/t]
-      -> vocab_parallel_cross_entropy -> per-token loss [b, s]
+      -> vocab-parallel cross-entropy -> per-token loss [b, s]
 
-(with ``loss_chunk_tokens``, the output layer and the cross-entropy run fused, a chunk of tokens
-at a time, and keep no logits: :mod:`actcomp_dist.parallel.cross_entropy`)
+(megatron-core's computation over the model's TP group; with ``loss_chunk_tokens``, the output
+layer and the cross-entropy run fused, a chunk of tokens at a time, and keep no logits: both in
+:mod:`actcomp_dist.parallel.cross_entropy`)
 
     block(x, rope):  x = x + proj(attention(rope(qkv(norm(x)))))
                      x = x + fc2(silu(gate) * up),  [gate | up] = fc1(norm(x))
@@ -30,9 +31,8 @@ replacement takes the same constructor arguments as ours (megatron's plus ``comp
 ``layer_id``, ``site``, ``schedule``; ``tp_group`` is always passed). The model receives its
 tensor-parallel group and device as a :class:`~actcomp_dist.parallel.state.ParallelContext`
 (``parallel=``; ``None``: :func:`~actcomp_dist.parallel.state.get_parallel_context`, read once
-at build) and looks up no process group afterwards. The one exception is megatron-core's
-``vocab_parallel_cross_entropy`` (the loss with ``loss_chunk_tokens=None``), which reads
-megatron's own tensor-parallel globals: a context with another TP group needs the chunked loss.
+at build) and looks up no process group afterwards: megatron-core's layers are handed
+``tp_group``, and both losses (chunked or not) run over it.
 The submodule names a saved tensor is charged to map to the memory model's kinds in
 :mod:`actcomp_dist.models.kinds`.
 
@@ -109,12 +109,11 @@ from actcomp_dist.parallel.collectives import (
     gather_from_sequence_parallel_region,
     scatter_to_sequence_parallel_region,
 )
-from actcomp_dist.parallel.cross_entropy import VocabParallelOutputLayer
-from actcomp_dist.parallel.megatron_layers import (
-    ModelParallelConfig,
-    VocabParallelEmbedding,
+from actcomp_dist.parallel.cross_entropy import (
+    VocabParallelOutputLayer,
     vocab_parallel_cross_entropy,
 )
+from actcomp_dist.parallel.megatron_layers import ModelParallelConfig, VocabParallelEmbedding
 from actcomp_dist.parallel.state import ParallelContext
 from actcomp_dist.seeds import CompressionSchedule
 from actcomp_dist.storage import StoragePolicy, attention_with_stored_inputs
@@ -487,10 +486,10 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     """The decoder with its vocab-parallel embedding, output layer and loss.
 
-    Needs megatron-core's parallel state
-    (:func:`actcomp_dist.parallel.state.initialize_model_parallel`); the model is
-    tensor-parallel over that TP group and built on the CPU (megatron's ``use_cpu_initialization``): move it with ``.to(device)`` afterwards,
-    or use :func:`build_llama`.
+    Tensor-parallel over ``parallel.tp_group`` (by default the TP group of
+    :func:`actcomp_dist.parallel.state.initialize_model_parallel`) and built on the CPU
+    (megatron's ``use_cpu_initialization``): move it with ``.to(device)`` afterwards, or use
+    :func:`build_llama`.
 
     Args:
         config: the model shape (:func:`~actcomp_dist.models.configs.get_model_config`).
@@ -503,7 +502,9 @@ class LlamaModel(nn.Module):
             recomputed chunk by chunk;
             :func:`~actcomp_dist.parallel.cross_entropy.vocab_parallel_linear_cross_entropy`);
             1024 - 2048 balances memory and GEMM size. ``None``: the logits and megatron's
-            ``vocab_parallel_cross_entropy``, which keeps the fp32 softmax ``[b*s, V/t]``.
+            vocab-parallel cross-entropy
+            (:func:`~actcomp_dist.parallel.cross_entropy.vocab_parallel_cross_entropy`, over
+            ``parallel.tp_group``), which keeps the fp32 softmax ``[b*s, V/t]``.
         efficient_ops: blocks keep one tensor per op for backward (memory-efficient RMSNorm,
             no QKV alias kept by attention, SwiGLU recomputed inside FC2; see
             :mod:`actcomp_dist.models.efficient_ops`); ``False`` is the naive block (what
@@ -666,7 +667,9 @@ class LlamaModel(nn.Module):
             if labels is None:
                 return logits.transpose(0, 1)
             # The cross-entropy works in fp32 and edits its input in place (not saved).
-            losses = vocab_parallel_cross_entropy(logits.float(), labels.t().contiguous()).t()
+            losses = vocab_parallel_cross_entropy(
+                logits.float(), labels.t().contiguous(), self.tp_group
+            ).t()
         if loss_mask is not None:
             losses = losses * loss_mask
         return losses

@@ -1,8 +1,11 @@
-"""Column-parallel output layer fused with the vocab-parallel cross-entropy, chunked along tokens.
+"""The vocab-parallel cross-entropy over a given TP group, plain or fused with the output layer.
 
 The plain head computes the logits ``[s, b, V/t] = h W^T`` of this rank's vocabulary shard and
-hands their fp32 copy to megatron-core's ``vocab_parallel_cross_entropy``, which keeps the fp32
-softmax ``[N, V/t]`` for backward (``N = s * b`` tokens): with LLaMA's vocabularies that is the
+hands their fp32 copy to :func:`vocab_parallel_cross_entropy`: megatron-core's computation
+(its ``VocabParallelCrossEntropy`` steps, in its order, so the losses and gradients are its
+bits) over the process group it is handed instead of megatron's global TP group, so a model
+built from its own :class:`~actcomp_dist.parallel.state.ParallelContext` needs no megatron
+state. It keeps the fp32 softmax ``[N, V/t]`` for backward (``N = s * b`` tokens): with LLaMA's vocabularies that is the
 largest single activation of a small model (4 bytes x 32000 per token, more than a whole
 block of the 60m model). :func:`vocab_parallel_linear_cross_entropy` computes the same per-token
 losses and gradients but keeps only
@@ -53,7 +56,67 @@ import torch
 import torch.distributed as dist
 
 from actcomp_dist.parallel.collectives import copy_to_tensor_parallel_region
-from actcomp_dist.parallel.megatron_layers import ColumnParallelLinear
+from actcomp_dist.parallel.megatron_layers import ColumnParallelLinear, VocabParallelCrossEntropy
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """megatron-core's ``_VocabParallelCrossEntropy`` (no label smoothing) with the TP group
+    passed in: the same steps in the same order, so bit for bit its losses and gradients."""
+
+    @staticmethod
+    def forward(ctx, logits, target, group):
+        logits, logits_max = VocabParallelCrossEntropy.calculate_logits_max(logits)
+        dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=group)
+        local_vocab = logits.shape[-1]
+        start = _vocab_start(local_vocab, group)
+        target_mask, masked_target, target_logit, sum_exp, exp_logits = (
+            VocabParallelCrossEntropy.calculate_predicted_logits(
+                logits, target, logits_max, start, start + local_vocab
+            )
+        )
+        dist.all_reduce(target_logit, group=group)  # z_y lives on one rank, 0 on the others
+        dist.all_reduce(sum_exp, group=group)
+        softmax, losses = VocabParallelCrossEntropy.calculate_cross_entropy_loss(
+            exp_logits, target_logit, sum_exp
+        )
+        ctx.save_for_backward(softmax, target_mask, masked_target)
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_losses):
+        softmax, target_mask, masked_target = ctx.saved_tensors
+        grad_2d, rows, target_update, grad_logits = (
+            VocabParallelCrossEntropy.prepare_gradient_calculation_operands(softmax, target_mask)
+        )
+        grad_logits = VocabParallelCrossEntropy.calculate_gradients(
+            grad_2d, rows, masked_target, target_update, grad_logits, grad_losses
+        )
+        return grad_logits, None, None
+
+
+def vocab_parallel_cross_entropy(
+    logits: torch.Tensor, target: torch.Tensor, group: dist.ProcessGroup
+) -> torch.Tensor:
+    """Per-token cross-entropy of logits whose vocabulary is sharded over ``group``.
+
+    Args:
+        logits: ``[s, b, V/t]`` fp32, this rank's vocabulary ids ``[i V/t, (i + 1) V/t)``
+            (megatron's layout); overwritten in place by the softmax, which is kept for
+            backward (do not reuse them).
+        target: ``[s, b]`` vocabulary ids in ``[0, V)``, the same on every rank of ``group``.
+        group: the tensor-parallel group the vocabulary is sharded over.
+
+    Returns the fp32 losses ``[s, b]``; megatron-core's ``vocab_parallel_cross_entropy`` bit
+    for bit when ``group`` is megatron's TP group. Three all-reduces over ``group``.
+    """
+    if logits.dtype != torch.float32:
+        raise TypeError(f"vocab_parallel_cross_entropy takes fp32 logits, got {logits.dtype}")
+    if target.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"target of shape {tuple(target.shape)} does not match the logits' leading shape "
+            f"{tuple(logits.shape[:-1])}"
+        )
+    return _VocabParallelCrossEntropy.apply(logits, target, group)
 
 
 def _vocab_start(local_vocab: int, group: dist.ProcessGroup) -> int:

@@ -151,6 +151,7 @@ class FinetuneTrainer(Trainer):
                 efficient_ops=config.memory.efficient_ops,
                 loss_chunk_tokens=config.memory.chunked_loss_tokens,
                 storage_policy=config.memory.storage_policy,
+                parallel=self.ctx,
             )
             if model.config.vocab_size < self.tokenizer.vocab_size:
                 raise ConfigError(

@@ -2,9 +2,12 @@
 
 - Numerics: per-token losses, the input gradient and the output weight's gradient of
   :func:`vocab_parallel_linear_cross_entropy` and of the unchunked head (the logits, then
-  megatron-core's ``vocab_parallel_cross_entropy``) both within a derived error bound of a
-  float64 reference, in fp32 and bf16, for chunk sizes that do and do not divide the token
-  count, with a loss mask, at TP = 1 and on 2 gloo ranks (each holding half the vocabulary).
+  :func:`~actcomp_dist.parallel.cross_entropy.vocab_parallel_cross_entropy`) both within a
+  derived error bound of a float64 reference, in fp32 and bf16, for chunk sizes that do and do
+  not divide the token count, with a loss mask, at TP = 1 and on 2 gloo ranks (each holding
+  half the vocabulary). The unchunked head over the TP group it is handed (megatron's, or one
+  created apart from megatron's state) equals megatron-core's own
+  ``vocab_parallel_cross_entropy`` (over megatron's global group) bit for bit.
 - The whole ``LlamaModel`` with ``loss_chunk_tokens`` against the same model without it, at
   TP = 1, TP = 2 and TP = 2 + SP, tied and untied output weights: losses within the bound of
   the log-sum-exp, every gradient as accurate as the unchunked model's against float64.
@@ -31,10 +34,12 @@ from actcomp_dist.models import (
     gather_full,
     get_model_config,
 )
-from actcomp_dist.parallel import state
+from actcomp_dist.parallel import megatron_layers, state
 from actcomp_dist.parallel.collectives import copy_to_tensor_parallel_region
-from actcomp_dist.parallel.cross_entropy import vocab_parallel_linear_cross_entropy
-from actcomp_dist.parallel.megatron_layers import vocab_parallel_cross_entropy
+from actcomp_dist.parallel.cross_entropy import (
+    vocab_parallel_cross_entropy,
+    vocab_parallel_linear_cross_entropy,
+)
 from tests.distributed.test_llama_model import reference_logits
 from tests.helpers.distributed import run_distributed
 from tests.helpers.tolerances import assert_as_accurate_as
@@ -111,10 +116,11 @@ def _error_bounds(hidden, weight, grad, reference, dtype):
     return {"losses": loss.view(SEQ, BATCH), "dh": dh.view(SEQ, BATCH, HIDDEN), "dW": dw}
 
 
-def _run_head(chunk_tokens, hidden, weight, labels, grad, group):
+def _run_head(chunk_tokens, hidden, weight, labels, grad, group, megatron=False):
     """Losses, dh and this rank's dW of the chunked head (``chunk_tokens``) or, with ``None``,
-    of the unchunked one: the logits in the activation dtype, then megatron-core's
-    cross-entropy on their fp32 copy (what ``LlamaModel.head`` does without chunking)."""
+    of the unchunked one: the logits in the activation dtype, then the vocab-parallel
+    cross-entropy over ``group`` on their fp32 copy (what ``LlamaModel.head`` does without
+    chunking); ``megatron``: megatron-core's own, over its global TP group, instead."""
     rank, tp = dist.get_rank(group), dist.get_world_size(group)
     local = torch.nn.Parameter(weight.chunk(tp, dim=0)[rank].clone())  # [V/t, h]
     h = hidden.clone().requires_grad_()
@@ -122,7 +128,10 @@ def _run_head(chunk_tokens, hidden, weight, labels, grad, group):
     h_in = copy_to_tensor_parallel_region(h, group)
     if chunk_tokens is None:
         logits = torch.matmul(h_in, local.t())  # [s, b, V/t]
-        losses = vocab_parallel_cross_entropy(logits.float(), labels)
+        if megatron:
+            losses = megatron_layers.vocab_parallel_cross_entropy(logits.float(), labels)
+        else:
+            losses = vocab_parallel_cross_entropy(logits.float(), labels, group)
     else:
         losses = vocab_parallel_linear_cross_entropy(h_in, local, labels, group, chunk_tokens)
     losses.backward(grad)
@@ -131,16 +140,30 @@ def _run_head(chunk_tokens, hidden, weight, labels, grad, group):
 
 def _head_cases(rank, world_size):
     """Every (dtype, chunk) case and the unchunked head on this rank; ``rank`` and the TP
-    group are the vocabulary shard's."""
+    group are the vocabulary shard's. The unchunked head also with megatron-core's function
+    (``"megatron"``) and over a TP group of our own (``"own_group"``)."""
     if not state.is_initialized():
         state.initialize_model_parallel(world_size)
     group = state.get_tp_group()
+    own_group = dist.new_group(list(range(world_size)))
     results = {}
     for name, dtype in DTYPES.items():
         inputs = _head_inputs(dtype)
         for chunk in (None, *CHUNKS):
             results[name, chunk] = _run_head(chunk, *inputs, group)
+        results[name, "megatron"] = _run_head(None, *inputs, group, megatron=True)
+        results[name, "own_group"] = _run_head(None, *inputs, own_group)
     return results
+
+
+def _check_equals_megatron(results):
+    """Megatron's steps in megatron's order over the same ranks: the same bits."""
+    for rank, per_rank in enumerate(results):
+        for name in DTYPES:
+            ours = per_rank[name, None]
+            for other in ("megatron", "own_group"):
+                for key, value in per_rank[name, other].items():
+                    assert torch.equal(ours[key], value), (name, other, rank, key)
 
 
 def _check_against_float64(results, tp):
@@ -164,13 +187,17 @@ def _check_against_float64(results, tp):
 
 def test_chunked_head_matches_float64_at_tp1(single_rank):
     """Chunked and unchunked heads, fp32 and bf16, each within the derived float64 bound."""
-    _check_against_float64([_head_cases(0, 1)], tp=1)
+    results = [_head_cases(0, 1)]
+    _check_against_float64(results, tp=1)
+    _check_equals_megatron(results)
 
 
 @pytest.mark.distributed
 def test_chunked_head_matches_float64_at_tp2(tmp_path):
     """The vocabulary split over 2 gloo ranks: each rank's dW rows and the all-reduced dh."""
-    _check_against_float64(run_distributed(_head_cases, 2, tmp_path), tp=2)
+    results = run_distributed(_head_cases, 2, tmp_path)
+    _check_against_float64(results, tp=2)
+    _check_equals_megatron(results)
 
 
 # ----------------------------------------------------------------------------- the whole model
@@ -366,7 +393,7 @@ def test_chunked_head_saves_input_lse_and_labels_only(single_rank, dtype, chunk)
     # The unchunked head: h, megatron's fp32 softmax [N, V], target mask and masked targets.
     unchunked = saved_activation_bytes(
         lambda: vocab_parallel_cross_entropy(
-            torch.matmul(h, local.t()).float(), batch[:-1].contiguous()
+            torch.matmul(h, local.t()).float(), batch[:-1].contiguous(), group
         ).sum()
     )
     assert unchunked == n_tokens * HIDDEN * dtype.itemsize + n_tokens * (4 * VOCAB + 1 + 8)

@@ -8,7 +8,10 @@
   explicit :class:`~actcomp_dist.parallel.state.ParallelContext` over process groups of its
   own, *before* megatron-core's parallel state exists, equals the default model built from the
   global state bit for bit (the same ranks, shards and collectives, so the same operations in
-  the same order).
+  the same order), with the chunked loss and with the unchunked one (logits, then the
+  vocab-parallel cross-entropy over the model's group); a model loaded from a Hugging Face
+  directory (``build_llama_from_hf(..., parallel=)``) takes the context the same way and, the
+  round trip being bit-exact, equals the model it was exported from bit for bit.
 - Module kinds: every module a saved tensor is charged to maps to a kind of the memory model
   (:mod:`actcomp_dist.models.kinds`), for the efficient and the naive block.
 """
@@ -23,6 +26,7 @@ from actcomp_dist import CompressionConfig
 from actcomp_dist.memory import SavedTensorCounter
 from actcomp_dist.memory_model import LAYER_KINDS, MODEL_KINDS
 from actcomp_dist.models import LlamaLayerSpec, LlamaModel, build_llama, get_model_config
+from actcomp_dist.models.hf import build_llama_from_hf, export_hf
 from actcomp_dist.models.kinds import module_kind
 from actcomp_dist.parallel import CompressedColumnParallelLinear, CompressedRowParallelLinear, state
 from actcomp_dist.parallel.state import ParallelContext
@@ -106,9 +110,10 @@ def test_every_saved_tensor_is_charged_to_a_memory_model_kind(single_rank, effic
     assert set(COMPACT.sites) <= kinds
 
 
-def _context_run(rank: int, world_size: int) -> dict:
-    """Loss and gradients at TP = 2 + SP: first from an explicit context over groups created
-    here (no megatron-core state exists yet), then from the global state; returns both."""
+def _context_run(rank: int, world_size: int, directory) -> dict:
+    """Loss and gradients at TP = 2 + SP, chunked loss and not: first from an explicit context
+    over groups created here (no megatron-core state exists yet), then from the global state;
+    returns both per loss."""
     tp_group = dist.new_group(list(range(world_size)))
     dp_groups = [dist.new_group([r]) for r in range(world_size)]
     parallel = ParallelContext(
@@ -121,29 +126,45 @@ def _context_run(rank: int, world_size: int) -> dict:
         device=torch.device("cpu"),
     )
     assert not state.is_initialized()
-    # The chunked loss: megatron-core's vocab_parallel_cross_entropy reads megatron's globals.
-    options = dict(sequence_parallel=True, init_seed=0, loss_chunk_tokens=16)
-    explicit = build_llama(SMALL, COMPACT, parallel=parallel, **options)
-    assert explicit.tp_group is tp_group and explicit.parallel is parallel
     batch = _batch()
-    explicit_loss, explicit_grads = _loss_and_grads(explicit, batch)
+    results = {}
+    for chunk in LOSS_CHUNKS:
+        options = dict(sequence_parallel=True, init_seed=0, loss_chunk_tokens=chunk)
+        explicit = build_llama(SMALL, COMPACT, parallel=parallel, **options)
+        assert explicit.tp_group is tp_group and explicit.parallel is parallel
+        results["explicit", chunk] = _loss_and_grads(explicit, batch)
+    export_hf(explicit, directory)  # the unchunked model, built last; backward changed no weight
+    from_hf = build_llama_from_hf(
+        directory, COMPACT, sequence_parallel=True, seq_length=SMALL.seq_length, parallel=parallel
+    )
+    assert from_hf.tp_group is tp_group and from_hf.parallel is parallel
+    results["from_hf", None] = _loss_and_grads(from_hf, batch)
+    assert not state.is_initialized()  # neither loss nor loading needed megatron's state
 
     state.initialize_model_parallel(world_size)
-    default = build_llama(SMALL, COMPACT, **options)
-    assert default.tp_group is state.get_tp_group() is not tp_group
-    default_loss, default_grads = _loss_and_grads(default, batch)
-    return {
-        "explicit": (explicit_loss, explicit_grads),
-        "default": (default_loss, default_grads),
-    }
+    for chunk in LOSS_CHUNKS:
+        options = dict(sequence_parallel=True, init_seed=0, loss_chunk_tokens=chunk)
+        default = build_llama(SMALL, COMPACT, **options)
+        assert default.tp_group is state.get_tp_group() is not tp_group
+        results["default", chunk] = _loss_and_grads(default, batch)
+    return results
+
+
+#: The chunked loss (16 tokens a chunk) and the unchunked one (logits kept).
+LOSS_CHUNKS = (16, None)
 
 
 def test_explicit_parallel_context_equals_the_global_state(tmp_path):
-    for result in run_distributed(_context_run, 2, tmp_path):
-        explicit_loss, explicit_grads = result["explicit"]
-        default_loss, default_grads = result["default"]
-        # The same shards and the same collectives in the same order: bit for bit.
-        assert torch.equal(explicit_loss, default_loss)
-        assert explicit_grads.keys() == default_grads.keys()
-        for name, grad in explicit_grads.items():
-            assert torch.equal(grad, default_grads[name]), name
+    for result in run_distributed(_context_run, 2, tmp_path, tmp_path / "hf"):
+        from_hf_loss, from_hf_grads = result["from_hf", None]
+        assert torch.equal(from_hf_loss, result["explicit", None][0])
+        for name, grad in from_hf_grads.items():
+            assert torch.equal(grad, result["explicit", None][1][name]), ("from_hf", name)
+        for chunk in LOSS_CHUNKS:
+            explicit_loss, explicit_grads = result["explicit", chunk]
+            default_loss, default_grads = result["default", chunk]
+            # The same shards and the same collectives in the same order: bit for bit.
+            assert torch.equal(explicit_loss, default_loss), chunk
+            assert explicit_grads.keys() == default_grads.keys()
+            for name, grad in explicit_grads.items():
+                assert torch.equal(grad, default_grads[name]), (chunk, name)
