@@ -42,7 +42,7 @@ from actcomp_dist.parallel.cross_entropy import (
 )
 from tests.distributed.test_llama_model import reference_logits
 from tests.helpers.distributed import run_distributed
-from tests.helpers.tolerances import assert_as_accurate_as
+from tests.helpers.tolerances import UNIT_ROUNDOFF, assert_as_accurate_as, gamma
 
 SEQ, BATCH, HIDDEN, VOCAB = 12, 2, 32, 256  # N = 24 tokens
 # Chunks that divide N (8, 24), do not (5), and exceed it (64: one chunk).
@@ -309,12 +309,18 @@ def test_model_rejects_bad_chunk_size(single_rank):
             LlamaModel(SMALL, loss_chunk_tokens=bad)
 
 
+ZERO3_STEPS, ZERO3_LR = 3, 0.5
+
+
 def _zero3_runs(rank, world_size):
-    """3 SGD steps under DeepSpeed ZeRO-3 (DP = 2, parameters partitioned over the ranks)
-    with and without the chunked loss: per-step losses and global gradient norms. SGD keeps
-    the two runs' difference at rounding level (Adam's first step is ~lr sign(g), which
-    would turn rounding in near-zero gradient entries into lr-sized differences)."""
+    """ZERO3_STEPS SGD steps under DeepSpeed ZeRO-3 (DP = 2, parameters partitioned over the
+    ranks, the same batch on both) with and without the chunked loss: per-step losses, the
+    full gradients (``safe_get_full_grad`` gathers ZeRO-3's partitions) and DeepSpeed's global
+    gradient norms; per case the initial full weights. SGD keeps the two runs' difference at
+    rounding level (Adam's first step is ~lr sign(g), which would turn rounding in near-zero
+    gradient entries into lr-sized differences). Rank 0 returns them."""
     import deepspeed
+    from deepspeed.utils import safe_get_full_grad
 
     from actcomp_dist.parallel.deepspeed_mpu import MegatronMPU
 
@@ -329,46 +335,104 @@ def _zero3_runs(rank, world_size):
         tokens, labels, mask = _model_batch(config)
         for chunk in (None, MODEL_CHUNK):
             model = build_llama(config, init_seed=0, loss_chunk_tokens=chunk)
+            out[case] = full_state_dict(model)  # the same with and without chunking: one seed
             engine, _, _, _ = deepspeed.initialize(
                 model=model,
-                optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
+                optimizer=torch.optim.SGD(model.parameters(), lr=ZERO3_LR),
                 config=ds_config,
                 mpu=MegatronMPU(),
             )
-            losses, norms = [], []
-            for _ in range(3):
+            run = {"losses": [], "grads": [], "norms": []}
+            for _ in range(ZERO3_STEPS):
                 loss = engine.module.loss(tokens, labels, mask)
                 engine.backward(loss)
+                grads = {  # collective: every rank, in the same order
+                    name: safe_get_full_grad(param).detach().clone()
+                    for name, param in engine.module.named_parameters()
+                }
+                run["grads"].append(gather_full(engine.module, grads))
                 engine.step()
-                losses.append(loss.item())
-                norms.append(float(engine.get_global_grad_norm()))
-            out[case, chunk] = (losses, norms)
-    return out
+                run["losses"].append(loss.item())
+                run["norms"].append(float(engine.get_global_grad_norm()))
+            out[case, chunk] = run
+    return out if rank == 0 else None
+
+
+def _float64_sgd(init, config):
+    """ZERO3_STEPS SGD steps of _zero3_runs in float64 from the same initial weights:
+    per-step losses, gradients and their norms."""
+    tokens, labels, mask = _model_batch(config)
+    weights = {name: w.double() for name, w in init.items()}
+    run = {"losses": [], "grads": [], "norms": []}
+    for _ in range(ZERO3_STEPS):
+        leaves = {name: w.clone().requires_grad_() for name, w in weights.items()}
+        logits = reference_logits(leaves, config, tokens)
+        losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
+        loss = (losses * mask).sum() / mask.sum()
+        loss.backward()
+        grads = {name: leaf.grad for name, leaf in leaves.items()}
+        run["losses"].append(loss.item())
+        run["grads"].append(grads)
+        run["norms"].append(torch.stack([g.square().sum() for g in grads.values()]).sum().sqrt())
+        weights = {name: w - ZERO3_LR * grads[name] for name, w in weights.items()}
+    return run
+
+
+def _flat(tensors: dict) -> dict[str, torch.Tensor]:
+    return {"all": torch.cat([t.flatten().double() for t in tensors.values()])}
 
 
 @pytest.mark.distributed
 def test_chunked_loss_under_deepspeed_zero3(tmp_path):
     """ZeRO-3 partitions the output weight (empty outside a forward): the chunked loss runs in
     the output layer's forward, where the weight (and, tied, the embedding's) is gathered, and
-    its backward recomputes the logits after ZeRO-3 has gathered it again. Losses and gradient
-    norms equal the unchunked model's to the fp32 rounding of the head (see
-    _check_model_runs)."""
-    for result in run_distributed(_zero3_runs, 2, tmp_path, timeout=300):
-        for case in MODEL_CASES:
-            plain_losses, plain_norms = result[case, None]
-            losses, norms = result[case, MODEL_CHUNK]
-            assert plain_losses[-1] < plain_losses[0], case  # the steps do train
-            # As in _check_model_runs: the log-sum-exps within 2 (V + 8) U32 of each other,
-            # the gradients within 1e-4 of their scale (SGD passes that on to the weights).
-            torch.testing.assert_close(
-                torch.tensor(losses),
-                torch.tensor(plain_losses),
-                rtol=0,
-                atol=2 * (SMALL.vocab_size + 8) * U32,
+    its backward recomputes the logits after ZeRO-3 has gathered it again. Both runs against
+    the same steps in float64: losses within the log-sum-exp bound of each other, the full
+    gradients as accurate as the unchunked run's, DeepSpeed's gradient norms within the bound
+    their gradients' error and an fp32 sum of squares allow."""
+    result = run_distributed(_zero3_runs, 2, tmp_path, timeout=300)[0]
+    u32 = UNIT_ROUNDOFF[torch.float32]
+    for case, config in MODEL_CASES.items():
+        plain, chunked = result[case, None], result[case, MODEL_CHUNK]
+        exact = _float64_sgd(result[case], config)
+        assert plain["losses"][-1] < plain["losses"][0], case  # the steps do train
+        # As in _check_model_runs: the log-sum-exps within 2 (V + 8) U32 of each other.
+        torch.testing.assert_close(
+            torch.tensor(chunked["losses"]),
+            torch.tensor(plain["losses"]),
+            rtol=0,
+            atol=2 * (SMALL.vocab_size + 8) * U32,
+        )
+        for step in range(ZERO3_STEPS):
+            expected = exact["grads"][step]
+            # From step 1 on each run continues from its own rounded weights: the gradient as
+            # one vector (tests/distributed/test_llama_model.py test_tp2_matches_tp1 does so).
+            pick = (lambda d: d) if step == 0 else _flat
+            assert_as_accurate_as(
+                pick(chunked["grads"][step]),
+                pick(plain["grads"][step]),
+                pick(expected),
+                torch.float32,
+                (case, step),
             )
-            torch.testing.assert_close(
-                torch.tensor(norms), torch.tensor(plain_norms), rtol=1e-4, atol=0
-            )
+            # | ||g|| - ||g64|| | <= ||g - g64|| (triangle inequality); DeepSpeed's fp32 sum
+            # of count squares and square root add (gamma_(count+1) / 2 + u) ||g||, the float64
+            # norm gamma_count(f64) ||g64||.
+            exact_norm = exact["norms"][step].item()
+            count = sum(g.numel() for g in expected.values())
+            for name, run in (("plain", plain), ("chunked", chunked)):
+                grads = run["grads"][step]
+                change = torch.stack(
+                    [(g.double() - expected[n]).square().sum() for n, g in grads.items()]
+                )
+                own = torch.stack([g.double().square().sum() for g in grads.values()]).sum()
+                bound = (
+                    change.sum().sqrt().item()
+                    + (gamma(count + 1, torch.float32) / 2 + u32) * own.sqrt().item()
+                    + gamma(count, torch.float64) * exact_norm
+                )
+                norm = run["norms"][step]
+                assert abs(norm - exact_norm) <= bound, (case, name, step, norm, exact_norm)
 
 
 # ----------------------------------------------------------------------------- memory
