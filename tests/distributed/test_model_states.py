@@ -6,9 +6,10 @@ the planner (issue 12).
 :func:`~actcomp_dist.memory.model_state_bytes` around each optimizer step (after the last
 backward and inside each parameter group's update) and records the largest in
 ``metrics.jsonl``. The planner predicts the same peak in closed form. Criterion: the issue's 5%
-on the total; parameters, subspace masters and projection caches have no rounding and match to
-the byte. What is left of the total's difference is DeepSpeed's alignment of its flat
-partitions and Adam's step counters (observed below 0.02%).
+on the total (an acceptance criterion, not a tolerance), and the prediction is a lower bound;
+parameters, subspace masters, projection caches and the data-parallel reduction bytes have no
+rounding and match to the byte. What is left of the total's difference is DeepSpeed's alignment
+of its flat partitions and Adam's step counters, which only add (observed below 0.02%).
 """
 
 from __future__ import annotations
@@ -118,7 +119,11 @@ def test_measured_model_states_match_the_planner(tmp_path, corpus):
         assert measured["projection_cache"] == predicted.projection_cache > 0, name
         assert measured["subspace_masters"] == predicted.detail["subspace_masters_bytes"], name
         expected = predicted.total - predicted.engine_buffers  # the bucket is a transient
-        assert abs(measured["total"] - expected) <= 0.05 * expected, (name, measured, expected)
+        # The total: the issue's acceptance criterion for a prediction (issue 12: within 5%),
+        # not a rounding tolerance. What is left is only ever added by DeepSpeed (its flat
+        # partitions' alignment padding, Adam's step counters), so the planner is a lower
+        # bound, exactly; observed 8 - 524 bytes above it (< 0.02%).
+        assert expected <= measured["total"] <= 1.05 * expected, (name, measured, expected)
         reduction = predicted.detail["dp_reduction_bytes"]
         assert result["reduction"] == reduction, name
         assert (reduction["compressed"] > 0) == ("subspace" in name), name
