@@ -51,8 +51,10 @@ from actcomp_dist.adapters import (
 )
 from actcomp_dist.adapters.io import _gather_a, gather_rows, pack_bits, unpack_bits
 from actcomp_dist.memory import saved_activation_bytes, saved_activation_bytes_by_module
-from actcomp_dist.models import build_llama, get_model_config
+from actcomp_dist.models import build_llama, full_state_dict, get_model_config
+from actcomp_dist.models.hf import read_hf_config, read_hf_state_dict
 from actcomp_dist.parallel import state
+from tests.distributed.test_llama_model import reference_logits
 from tests.helpers.distributed import run_distributed
 from tests.helpers.tolerances import assert_as_accurate_as
 
@@ -414,8 +416,14 @@ def test_merging_two_adapters_equals_running_both(single_rank):
         merge_adapters(model, weights=weights)
         merged = model(tokens)
     assert not list(iter_adapters(model))
-    # fp32: merged W + dW rounds once per weight instead of adding two GEMM outputs.
-    torch.testing.assert_close(merged, both, rtol=1e-4, atol=1e-4)
+    # fp32: merged W + dW rounds once per weight instead of adding two GEMM outputs. Against
+    # the float64 forward of the merged weights: running both adapters is as accurate as the
+    # merged model (a wrong merge would leave the unmerged model far from these weights'
+    # logits; tests/helpers/tolerances.py).
+    exact = reference_logits(
+        {name: w.double() for name, w in full_state_dict(model).items()}, SMALL, tokens
+    )
+    assert_as_accurate_as({"logits": both}, {"logits": merged}, {"logits": exact}, torch.float32)
 
 
 def test_export_merged_hf_runs_in_transformers(tmp_path, single_rank):
@@ -436,7 +444,14 @@ def test_export_merged_hf_runs_in_transformers(tmp_path, single_rank):
     reference = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "merged").eval()
     with torch.no_grad():
         theirs = reference(tokens).logits
-    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
+    # Against the float64 forward of the exported weights: our unmerged model is as accurate
+    # as transformers running them (a wrongly merged or named weight would leave ours far).
+    exact = reference_logits(
+        {name: w.double() for name, w in read_hf_state_dict(tmp_path / "merged").items()},
+        read_hf_config(tmp_path / "merged"),
+        tokens,
+    )
+    assert_as_accurate_as({"logits": ours}, {"logits": theirs}, {"logits": exact}, torch.float32)
 
 
 # ----------------------------------------------------------------------------- files
@@ -588,8 +603,6 @@ def test_tp2_adapters_match_tp1(tmp_path, adapter_files, tp1_adapter_reference, 
     assert all(torch.equal(masks[p], ref_masks[p]) for p in ref_masks)
     # Saving at TP = 2 writes the same file contents as at TP = 1.
     from safetensors.torch import load_file
-
-    from actcomp_dist.models.hf import read_hf_state_dict
 
     written = load_file(str(tmp_path / "out" / "lori" / "actcomp_adapter.safetensors"))
     expected = load_file(str(reference_dir / "lori" / "actcomp_adapter.safetensors"))
