@@ -37,7 +37,8 @@ SEQ_LENGTH = 32
 BATCH = 8
 LORA_B = 0.02  # LoRA's B before the first step (|dA| ~ |B| |g| |x|)
 
-# name -> (config, overrides); each runs at TP = 1 on one rank and TP = 2 on two.
+# name -> (config, overrides); each runs at TP = 1 on one rank and TP = 2 on two (``_sp``:
+# with sequence parallelism at TP = 2).
 RUNS = {
     **{
         f"lora_zero{stage}": (
@@ -53,6 +54,12 @@ RUNS = {
         f"lori_zero{stage}": ("lori", [f"deepspeed.zero_optimization.stage={stage}"])
         for stage in (0, 1, 2, 3)
     },
+    # Sequence parallelism at TP = 2 (the reference: the same TP = 1 run): the replicated
+    # factors' gradients are all-reduced over the TP group, each rank having seen its tokens.
+    "lora_zero1_sp": (
+        "lora",
+        ["finetune.adapter.input_compression=null", "deepspeed.zero_optimization.stage=1"],
+    ),
     # Every base weight trains: Megatron's sharded weights, and the replicated norms (the
     # same gradient on both TP ranks without sequence parallelism) counted once.
     "full_zero1": (
@@ -151,6 +158,7 @@ def test_deepspeed_global_norm_with_tp_split_adapters_matches_tp1(tmp_path, toke
                     "checkpoint.interval=0",
                     "train.export_hf=false",
                     f"parallel.tensor_parallel={tp}",
+                    f"parallel.sequence_parallel={str(name.endswith('_sp') and tp > 1).lower()}",
                     *overrides,
                 ],
             )
