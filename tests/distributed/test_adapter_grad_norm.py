@@ -137,6 +137,7 @@ def _norm_rtol(model) -> float:
     return 2 * gamma(length, torch.float32)
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_deepspeed_global_norm_with_tp_split_adapters_matches_tp1(tmp_path, tokenizer_model):
     def raws(tp: int) -> dict[str, dict]:

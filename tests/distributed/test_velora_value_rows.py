@@ -85,6 +85,7 @@ def tp1(tmp_path_factory):
     return run_distributed(_run_rank, 1, tmp_path_factory.mktemp("tp1"), False)[0]
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("tp, sequence_parallel", [(1, False), (2, False), (2, True)])
 def test_value_rows_get_velora_gradient_and_the_rest_stays_exact(
