@@ -122,3 +122,18 @@ def test_sites_the_model_cannot_build_are_refused(sites, method, message):
         check_model_sites(CompressionConfig(method=method, sites=sites))
     assert message in str(err.value)
     check_model_sites(CompressionConfig(method="subtoken", sites=("v", "fc2")))  # the paper's
+
+
+def test_run_config_refuses_v_with_a_method_that_cannot_serve_it():
+    """At config load (before any process group): a ConfigError naming the file and key,
+    which the launchers turn into exit code 2 on every rank."""
+    from pathlib import Path
+
+    from actcomp_dist.training.config import ConfigError, load_run_config
+
+    path = Path(__file__).resolve().parents[2] / "configs" / "tiny_compact.json"
+    with pytest.raises(ConfigError) as err:
+        load_run_config(path, ['compression={"method": "compact", "sites": ["v", "fc2"]}'])
+    assert str(err.value).startswith(f"{path}: compression.sites 'v'"), str(err.value)
+    config = load_run_config(path, ['compression={"method": "subtoken", "sites": ["v", "fc2"]}'])
+    assert config.compression.sites == ("v", "fc2")
