@@ -13,8 +13,8 @@ sub-token projected on ``v`` (``actcomp_dist.compression.row_slice``). Reference
   of its own key/value groups (a wrong row would leave a v row exact or project a q/k row),
   with one sub-token vector on every rank (block 0's equal to TP = 1's bit for bit without
   SP);
-- saved activations: exactly the uncompressed model's (counted bytes), and the memory model
-  predicts the uncompressed model's too.
+- saved activations: exactly the uncompressed model's (counted bytes), as the memory model
+  predicts.
 
 The layer-level reference (separate q, k linears and a VeLoRA ``CompressedLinear`` v) is in
 ``tests/unit/test_row_slice.py``.
@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from actcomp_dist import CompressionConfig
-from actcomp_dist.memory import saved_activation_bytes
+from actcomp_dist.ablation.measure import measure_model_forward
 from actcomp_dist.memory_model import ActivationSetting, predict_saved_activations
 from actcomp_dist.models import build_llama, gather_full, get_model_config
 from actcomp_dist.parallel import state
@@ -58,10 +58,14 @@ def _run_rank(rank: int, world_size: int, sequence_parallel: bool) -> dict:
         out[name] = {
             "loss": loss.detach(),
             "grads": gather_full(model, {n: p.grad for n, p in model.named_parameters()}),
-            # The per-token losses under a loss mask, as the trainer runs the model.
-            "saved": saved_activation_bytes(
-                lambda m=model: m(batch[:, :-1], batch[:, 1:], torch.ones(BATCH, SMALL.seq_length))
-            ),
+            # The trainer's forward (masked mean loss) on token ids with their own storages,
+            # as the memory model counts them.
+            "saved": measure_model_forward(
+                model,
+                batch[:, :-1].contiguous(),
+                batch[:, 1:].contiguous(),
+                torch.ones(BATCH, SMALL.seq_length),
+            ).total,
         }
     out["vectors"] = [
         layer.attention.value_rows.projector.subtoken_vector.clone() for layer in model.layers
@@ -119,8 +123,7 @@ def test_value_rows_get_velora_gradient_and_the_rest_stays_exact(
     if not sequence_parallel:
         assert torch.equal(result["vectors"][0], tp1["vectors"][0])
 
-    # Saved activations: the same bytes as the uncompressed model, and the memory model
-    # predicts the same for both.
+    # Saved activations: the same bytes as the uncompressed model, as the memory model predicts.
     setting = ActivationSetting(
         BATCH,
         SMALL.seq_length,
@@ -129,5 +132,4 @@ def test_value_rows_get_velora_gradient_and_the_rest_stays_exact(
     )
     predicted_exact = predict_saved_activations(SMALL, CompressionConfig(), setting).total
     predicted_v = predict_saved_activations(SMALL, VELORA_V, setting).total
-    assert velora["saved"] == exact["saved"]
-    assert predicted_v == predicted_exact
+    assert velora["saved"] == exact["saved"] == predicted_exact == predicted_v
