@@ -25,6 +25,11 @@ TRANSFORMER_SITES = ("qkv", "proj", "fc1", "fc2")
 DEFAULT_SITES = ("qkv", "fc1", "fc2")
 #: The sites whose linear is row-parallel (input sharded along its features) under TP.
 ROW_PARALLEL_SITES = ("proj", "fc2")
+#: Sites that are a slice of a fused linear's output rows -> that linear's site. ``v``: the
+#: value rows of the fused QKV (VeLoRA's ``v_proj``); the rest of the linear stays exact, so
+#: it keeps its exact input, and only a method whose compressed weight gradient is a
+#: projection of the exact one (``Compressor.projects_exact_gradient``) can serve it.
+ROW_SLICE_SITES = {"v": "qkv"}
 
 
 @dataclass(frozen=True)
@@ -193,3 +198,31 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
 def _check_int(name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"CompressionConfig.{name}={value!r} must be an int >= {minimum}")
+
+
+def check_model_sites(compression: CompressionConfig) -> None:
+    """Raises ``ValueError`` for ``compression.sites`` the LLaMA model cannot build: an unknown
+    site, or the value-row slice ``v`` with a method that cannot serve it
+    (``Compressor.projects_exact_gradient``) or beside ``qkv`` (which compresses every row)."""
+    from actcomp_dist.compression import get_compressor_class
+
+    unknown = [s for s in compression.sites if s not in TRANSFORMER_SITES + tuple(ROW_SLICE_SITES)]
+    if unknown:
+        raise ValueError(
+            f"compression.sites has unknown site(s) {unknown}; the model's sites are "
+            f"{list(TRANSFORMER_SITES) + list(ROW_SLICE_SITES)} (fused q/k/v, attention output, "
+            f"fused gate/up, down: VeLoRA's down_proj is 'fc2'; 'v' is the value rows of the "
+            f"fused q/k/v, VeLoRA's v_proj)"
+        )
+    if "v" in compression.sites:
+        if "qkv" in compression.sites:
+            raise ValueError(
+                "compression.sites names both 'qkv' and 'v'; 'qkv' already compresses the "
+                "value rows with q and k: keep one"
+            )
+        if not get_compressor_class(compression.method).projects_exact_gradient:
+            raise ValueError(
+                f"compression.sites 'v' (the value rows of the fused q/k/v) needs a method "
+                f"whose weight gradient is a projection of the exact one (subtoken), not "
+                f"compression.method={compression.method!r}"
+            )

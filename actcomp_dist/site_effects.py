@@ -41,7 +41,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from actcomp_dist.compression import get_compressor_class
-from actcomp_dist.config import CompressionConfig
+from actcomp_dist.config import ROW_SLICE_SITES, CompressionConfig
 from actcomp_dist.memory_model import (
     ActivationSetting,
     ModelShape,
@@ -76,6 +76,12 @@ class SiteEffect:
         """A plain-words line when compressing the site removes no saved-activation bytes."""
         if self.removed > 0:
             return None
+        if self.site in ROW_SLICE_SITES:
+            return (
+                f"warning: compressing {self.site} removes no saved activations: the fused "
+                f"{ROW_SLICE_SITES[self.site]} keeps its exact input for its other rows; only "
+                f"the {self.site} rows' weight gradient follows the method (as its paper does)"
+            )
         if self.removed == 0:
             # e.g. full checkpointing: a block keeps only its input, whatever its sites do.
             what = "removes no saved activations: the block keeps nothing of its input here"
@@ -172,6 +178,24 @@ def site_effects(
     for site in compression.sites:
         without = _without(compression, site)
         saved_without = predict_saved_activations(model, without, setting, ac_mode, ac_num_layers)
+        if site in ROW_SLICE_SITES:
+            # A slice of a fused linear's rows: the linear keeps its exact input and runs the
+            # exact weight-gradient GEMM either way (then projects the slice's rows).
+            fused = ROW_SLICE_SITES[site]
+            effects.append(
+                SiteEffect(
+                    site=site,
+                    saved_with=with_all.total,
+                    saved_without=saved_without.total,
+                    all_gather_with=_all_gather_bytes(model, without, fused, setting),
+                    all_gather_without=_all_gather_bytes(model, without, fused, setting),
+                    weight_gradient_flops_with=None,
+                    weight_gradient_flops_without=_weight_gradient_flops(
+                        model, without, fused, setting
+                    ),
+                )
+            )
+            continue
         effects.append(
             SiteEffect(
                 site=site,

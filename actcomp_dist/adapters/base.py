@@ -127,6 +127,26 @@ def geometry_of(linear: nn.Module) -> AdapterGeometry:
     )
 
 
+def mark_tensor_parallel(
+    parameter: torch.Tensor, sharded: bool, partition_dim: int = -1, partition_stride: int = 1
+) -> None:
+    """Tag an adapter factor with Megatron's tensor-parallel attributes, as megatron-core tags
+    its layers' weights: ``tensor_model_parallel`` (this rank holds its own part of the
+    logical tensor), ``partition_dim`` and ``partition_stride`` (-1 and 1 when replicated).
+
+    Every global gradient norm reads ``tensor_model_parallel``: DeepSpeed's (ZeRO 0's
+    ``clip_grad_norm_``, ZeRO 1/2's and 3's norm, through ``is_model_parallel_parameter``)
+    adds a tagged parameter's squared norm on every model-parallel rank and an untagged one
+    on model-parallel rank 0 only, then sums over the group; Megatron's optimizer does the
+    same, and so does :mod:`actcomp_dist.optim.clip`. Untagged, a column-parallel B would
+    count only rank 0's rows; tagged, a replicated factor (identical gradient on every TP
+    rank) would count t times.
+    """
+    parameter.tensor_model_parallel = sharded
+    parameter.partition_dim = partition_dim if sharded else -1
+    parameter.partition_stride = partition_stride if sharded else 1
+
+
 def adapter_seed(seed: int, layer_id: int, site: str, task: int = 0) -> int:
     """The seed of A for (adapter seed, layer, site, task): the pure seed function of
     actcomp_dist.seeds, in a namespace of its own so it never coincides with a compression
@@ -282,9 +302,10 @@ class LowRankAdapter(nn.Module):
         self.B = nn.Parameter(
             torch.zeros((geometry.b_rows, config.rank), device=device, dtype=dtype)
         )
-        # A column-parallel B is this rank's rows of the logical B (per-tensor norms sum it
-        # over the TP group: actcomp_dist.optim.clip).
-        self.B.tensor_parallel_shard = geometry.b_sharded
+        # A column-parallel B is this rank's rows of the logical B, in the weight's row order.
+        mark_tensor_parallel(
+            self.B, geometry.b_sharded, partition_dim=0, partition_stride=geometry.stride
+        )
         self.register_buffer("mask", None)
         self.register_buffer("frozen_B", None)
 

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from actcomp_dist.adapters.base import ROW, LowRankAdapter, generate_A
+from actcomp_dist.adapters.base import ROW, LowRankAdapter, generate_A, mark_tensor_parallel
 from actcomp_dist.adapters.registry import register_adapter
 from actcomp_dist.compression import build_compressor, layer_layout
 from actcomp_dist.config import CompressionConfig
@@ -30,7 +30,8 @@ class LoRAAdapter(LowRankAdapter):
         super().__init__(config, geometry, layer_id, site, device=device, dtype=dtype)
         a = generate_A(self.seed, self.rank, geometry.in_features, self.A_columns)
         self.A = nn.Parameter(a.to(device=device, dtype=dtype or self.B.dtype))
-        self.A.tensor_parallel_shard = geometry.mode == ROW and geometry.tp_size > 1
+        # A row-parallel A is this rank's columns of the logical A; else it is replicated.
+        mark_tensor_parallel(self.A, geometry.mode == ROW and geometry.tp_size > 1, 1)
         # The compressor of A's input; ``compression`` / ``subspace`` / ``schedule`` follow the
         # compressed layers' attribute names so model-wide helpers
         # (``find_schedule``, ``compression_disabled``) treat the adapter like one of them.

@@ -41,6 +41,10 @@ method's class (class attributes and classmethods, answerable before any layer e
 ``check_tensor_parallel``  raises ``ValueError`` for a TP size that layout cannot serve
 ``ablation_option``        the option ``METHOD:ARG`` sets in the ablation grammar, parsed by
                            ``parse_ablation_argument``
+``projects_exact_gradient`` ``lift(g^T compress(X))`` is a fixed linear map of the exact
+                           ``g^T X``, applied by ``project_gradient``: the method can serve a
+                           slice of a layer's output rows whose input the layer keeps exactly
+                           (``CompressionConfig.sites`` ``v``)
 =========================  ===============================================================
 """
 
@@ -95,6 +99,8 @@ class Compressor(nn.Module):
     #: The option ``METHOD:ARG`` of the ablation grammar sets (``None``: the method takes no
     #: argument and is spelled ``METHOD`` alone).
     ablation_option: ClassVar[str | None] = None
+    #: ``project_gradient`` is implemented (see the table in the module docstring).
+    projects_exact_gradient: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -175,6 +181,12 @@ class Compressor(nn.Module):
     ) -> torch.Tensor:
         """``G_hat`` [m, c] -> the parameter-shaped weight gradient [m, n_local]."""
         raise NotImplementedError
+
+    def project_gradient(self, grad: torch.Tensor) -> torch.Tensor:
+        """The exact weight gradient ``g^T X`` [m, n_local] -> the method's ``lift(g^T T)``
+        with ``T = compress(X)``, for a method where that is a fixed linear map of ``g^T X``
+        (:attr:`projects_exact_gradient`)."""
+        raise NotImplementedError(f"{type(self).__name__} does not project an exact gradient")
 
     def extra_repr(self) -> str:
         return f"layer_id={self.layer_id}, site={self.site!r}, in_features={self.in_features}"

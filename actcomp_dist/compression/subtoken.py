@@ -38,6 +38,9 @@ PAPER_SITES = ("v_proj", "down_proj")
 class SubTokenCompressor(Compressor):
     options = ("groups", "velora_scale")
     ablation_option = "groups"
+    # S = X_groups v is linear in X, so g^T S = (g^T X)_groups v: the gradient from the
+    # sub-token scalars is the exact gradient with each sub-token projected on v.
+    projects_exact_gradient = True
 
     def __init__(self, config, layout, layer_id, site, schedule) -> None:
         super().__init__(config, layout, layer_id, site, schedule)
@@ -102,6 +105,16 @@ class SubTokenCompressor(Compressor):
         # The reconstructed input is velora_scale * s v: scale the (tiny) vector, not dW.
         v = (self.subtoken_vector * self.config.velora_scale).to(ghat.dtype)
         return (ghat.unsqueeze(-1) * v).reshape(ghat.shape[0], self.in_features)  # [m, n]
+
+    def project_gradient(self, grad: torch.Tensor) -> torch.Tensor:
+        if not bool(self.subtoken_initialized):
+            raise RuntimeError(
+                f"subtoken layer {self.layer_id} site {self.site!r} projected a gradient before "
+                f"its vector was initialised"
+            )
+        v = self.subtoken_vector.to(grad.dtype)
+        ghat = grad.reshape(grad.shape[0], self.local_groups, self.group_width) @ v  # [m, G]
+        return self.lift(ghat, (), ())
 
     def extra_repr(self) -> str:
         return (

@@ -19,7 +19,10 @@ from the classes of the model's :class:`LlamaLayerSpec` (``LlamaModel(spec=...)`
 :class:`~actcomp_dist.parallel.CompressedRowParallelLinear`. The sites named in
 ``CompressionConfig.sites`` (default ``qkv``, ``fc1``, ``fc2``) use the configured method;
 the others use method ``none``, which is Megatron's own computation (the layers are still ours
-because Megatron's sequence-parallel path needs CUDA). Every compressed layer's ``layer_id``
+because Megatron's sequence-parallel path needs CUDA). Site ``v`` (VeLoRA's ``v_proj``) is the
+value rows of the fused QKV: the QKV stays exact (it keeps its input for q and k) and the v
+rows' weight gradient is the method's (:mod:`actcomp_dist.compression.row_slice`,
+``attention.value_rows``). Every compressed layer's ``layer_id``
 is its block index in the whole model and all of them share one
 :class:`~actcomp_dist.seeds.CompressionSchedule`, ``model.compression_schedule``. The input
 embedding, the norms and the output layer are never compressed.
@@ -99,7 +102,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from actcomp_dist.autograd import checkpoint_sublayer, recompute_in_backward
-from actcomp_dist.config import TRANSFORMER_SITES, CompressionConfig
+from actcomp_dist.compression import BlockLayout, build_compressor
+from actcomp_dist.compression.row_slice import RowSliceGradient, fused_qkv_value_rows
+from actcomp_dist.config import TRANSFORMER_SITES, CompressionConfig, check_model_sites
 from actcomp_dist.models.configs import LlamaConfig, check_tensor_parallel, get_model_config
 from actcomp_dist.models.efficient_ops import rms_norm, stored_rms_norm
 from actcomp_dist.parallel import CompressedColumnParallelLinear, CompressedRowParallelLinear
@@ -368,8 +373,24 @@ class LlamaAttention(nn.Module):
             site="proj",
             layer_id=layer_id,
         )
+        # Site ``v``: the method's weight gradient on the value rows of this rank's groups,
+        # the q and k rows exact (actcomp_dist.compression.row_slice).
+        self.value_rows = None
+        if "v" in build.compression.sites:
+            compressor = build_compressor(
+                build.compression,
+                BlockLayout(config.hidden_size),
+                layer_id,
+                "v",
+                build.schedule,
+            )
+            rows = fused_qkv_value_rows(self.groups, self.heads_per_group, self.head_dim)
+            self.value_rows = RowSliceGradient(compressor, rows).to(self.qkv.weight.device)
+            self.value_rows.attach(self.qkv.weight)
 
     def forward(self, x: torch.Tensor, rope: Rope, run: Recompute = _call) -> torch.Tensor:
+        if self.value_rows is not None:
+            self.value_rows.maybe_initialize(x)
         # [s, b, groups * (heads_per_group + 2) * d], s = full sequence
         mixed, _ = self.qkv(x, stored=getattr(x, "stored_as", None))
         out = run(self.core, mixed, *rope)  # [s, b, heads * d]
@@ -548,12 +569,7 @@ class LlamaModel(nn.Module):
                 f"int >= 1 (tokens per chunk of the chunked loss)"
             )
         compression = compression or CompressionConfig()
-        unknown = sorted(set(compression.sites) - set(SITES))
-        if unknown:
-            raise ValueError(
-                f"CompressionConfig.sites has unknown site(s) {unknown}; the LLaMA model's "
-                f"sites are {list(SITES)}"
-            )
+        check_model_sites(compression)
         parallel = parallel or parallel_state.get_parallel_context()
         tp_group, tp_size = parallel.tp_group, parallel.tp_size
         check_tensor_parallel(config, tp_size)

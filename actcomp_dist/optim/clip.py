@@ -61,12 +61,10 @@ def clip_grad_norm_(
 
 def is_tensor_parallel_shard(parameter: torch.Tensor) -> bool:
     """Whether ``parameter`` holds this rank's part of a tensor split over the TP group:
-    Megatron's sharded weights (``tensor_model_parallel``) and the adapters' sharded factors
-    (``tensor_parallel_shard``, set by :mod:`actcomp_dist.adapters`)."""
-    return bool(
-        getattr(parameter, "tensor_model_parallel", False)
-        or getattr(parameter, "tensor_parallel_shard", False)
-    )
+    Megatron's attribute ``tensor_model_parallel``, on its layers' sharded weights and on the
+    adapters' sharded factors (:func:`actcomp_dist.adapters.base.mark_tensor_parallel`), the
+    attribute DeepSpeed's and Megatron's global norms read too."""
+    return bool(getattr(parameter, "tensor_model_parallel", False))
 
 
 @torch.no_grad()

@@ -23,7 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from actcomp_dist.config import ROW_PARALLEL_SITES, TRANSFORMER_SITES, CompressionConfig
+from actcomp_dist.config import (
+    ROW_PARALLEL_SITES,
+    TRANSFORMER_SITES,
+    CompressionConfig,
+    check_model_sites,
+)
 from actcomp_dist.storage import StoragePolicy
 
 
@@ -594,7 +599,7 @@ def run_config_from_dict(
             kwargs["compression"] = CompressionConfig.from_dict(raw["compression"])
         except (ValueError, TypeError) as err:
             raise ConfigError(f"{source}: compression: {err}") from None
-        _check_sites(kwargs["compression"].sites, source)
+        _check_sites(kwargs["compression"], source)
     if "deepspeed" in raw:
         if not isinstance(raw["deepspeed"], dict):
             raise ConfigError(f"{source}: section 'deepspeed' must be an object")
@@ -698,16 +703,13 @@ def load_run_config(
     return run_config_from_dict(raw, source=str(path), config_class=config_class)
 
 
-def _check_sites(sites: tuple[str, ...], source: str) -> None:
-    """The run configs build the LLaMA model, whose linear sites are TRANSFORMER_SITES."""
-    unknown = [site for site in sites if site not in TRANSFORMER_SITES]
-    if unknown:
-        raise ConfigError(
-            f"{source}: compression.sites has unknown site(s) {unknown}; the model's sites are "
-            f"{list(TRANSFORMER_SITES)} (fused q/k/v, attention output, fused gate/up, down: "
-            f"VeLoRA's down_proj is 'fc2'; its v_proj is part of the fused 'qkv', which "
-            f"compresses q, k and v together)"
-        )
+def _check_sites(compression: CompressionConfig, source: str) -> None:
+    """The run configs build the LLaMA model: its sites (TRANSFORMER_SITES and the value-row
+    slice ``v``) and their rules (:func:`actcomp_dist.config.check_model_sites`)."""
+    try:
+        check_model_sites(compression)
+    except ValueError as err:
+        raise ConfigError(f"{source}: {err}") from None
 
 
 def validate_run(config: RunConfig, world_size: int) -> None:

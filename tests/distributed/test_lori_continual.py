@@ -164,7 +164,7 @@ def _clip_rank(rank: int, world_size: int, full: torch.Tensor, other: torch.Tens
     import torch.distributed as dist
 
     sharded = nn.Parameter(torch.zeros(full.shape[0] // world_size, full.shape[1]))
-    sharded.tensor_parallel_shard = True
+    sharded.tensor_model_parallel = True
     replicated = nn.Parameter(torch.zeros_like(other))
     sharded.grad = full.chunk(world_size)[rank].clone()
     replicated.grad = other.clone()
