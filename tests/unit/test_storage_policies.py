@@ -80,6 +80,29 @@ def test_packing_error_within_element_bound_and_bytes_exact(policy, shape):
     assert nbytes == quantizer.saved_bytes(x.numel(), shape[-1])
 
 
+@pytest.mark.parametrize("policy", POLICIES_8BIT)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_packing_is_the_plain_formula_and_leaves_the_input(policy, dtype):
+    """The packer's fused passes give the codes and scales of the formula written plainly:
+    ``s = max(|x.float()|) / L`` per group (int8, L = 127) or row (fp8, L = 448), codes
+    ``round(x * L / max)`` (int8) or the e4m3 cast (fp8); a non-contiguous input too, and the
+    input is not modified (the packer scales a bf16 input's fp32 copy in place)."""
+    x = _spread((4, 6, 128), seed=7).to(dtype).transpose(0, 1)  # not contiguous
+    before = x.clone()
+    codes, scale = _quantizer(policy).pack(x)
+    width, limit = (64, 127.0) if policy == "int8" else (128, 448.0)
+    rows = x.float().reshape(-1, width)
+    absmax = rows.abs().amax(-1, keepdim=True).clamp_min(2.0**-100)
+    plain = rows * (limit / absmax)
+    if policy == "int8":
+        assert torch.equal(codes, plain.round().to(torch.int8))
+    else:
+        expected = plain.to(torch.float8_e4m3fn)
+        assert torch.equal(codes.view(torch.uint8), expected.view(torch.uint8))
+    assert torch.equal(scale, absmax / limit)
+    assert torch.equal(x, before)
+
+
 # ----------------------------------------------------------------------------- SwiGLU + FC2
 
 
