@@ -42,3 +42,7 @@ def test_alternating_steps_report_each_mix(capsys):
     assert "| `none` |" in out and "| 1.000 [1.000-1.000] |" in out
     for row in ("| norm |", "| attention |", "| swiglu |", "`int8@norm/swiglu`", "`ac_selective`"):
         assert row in out, row
+    # With ac_selective among the mixes every row is also a ratio to it, 1 for itself.
+    assert "x none: median [quartiles] | x ac_selective: median [quartiles] |" in out
+    (selective,) = [line for line in out.splitlines() if line.startswith("| `ac_selective`")]
+    assert selective.endswith("| 1.000 [1.000-1.000] |")
