@@ -25,9 +25,9 @@ A variant names one way of saving activation memory; a list is comma-separated::
 
 Examples: ``none``, ``ac_full``, ``compact:0.25``, ``compact:0.25+ac_full``,
 ``lowrank:0.125+ac_selective``, ``subtoken:32``, ``naive``, ``compact:0.25+naive``, ``int8``,
-``fp8+ac_selective``, ``compact:0.25+int8``, ``int8@norm/swiglu``, ``ac_lowrank:0.25``, ``ac_lowrank:64+ac_selective``,
-``ac_full_lowrank:0.25``, ``compact:0.25+ac_full_int8``, ``ac_full_lowrank:16+ac_lowrank:8``,
-``ac_sublayer``, ``ac_sublayer+ac_lowrank:0.125``.
+``fp8+ac_selective``, ``compact:0.25+int8``, ``int8@norm/swiglu``, ``ac_lowrank:0.25``,
+``ac_lowrank:64+ac_selective``, ``ac_full_lowrank:0.25``, ``compact:0.25+ac_full_int8``,
+``ac_full_lowrank:16+ac_lowrank:8``, ``ac_sublayer``, ``ac_sublayer+ac_lowrank:0.125``.
 ``none+ac_full`` is the same as ``ac_full``, ``none+naive`` the same as ``naive``.
 
 ``naive`` runs the naive block (``memory.efficient_ops: false``: the norms, attention core and
