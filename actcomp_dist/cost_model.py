@@ -14,7 +14,10 @@ divide everything by the TP size; it cancels in the ratio):
   ``[gate | up]`` are quantised in forward (read 16-bit, write 8-bit) and dequantised in
   backward (read 8-bit, write 16-bit): 3 bytes moved per stored element each way, over the
   memory bandwidth; and backward runs the SDPA forward again (``4 L h s`` flops) for the
-  softmax statistics the 8-bit copy does not keep;
+  softmax statistics the 8-bit copy does not keep. ``int8@KINDS`` counts the kinds named:
+  ``norm`` the two norm outputs (``2 h`` elements per token and block, dequantised twice: for
+  the norm's backward and the next linear's weight gradient), ``attention`` q, k, v, o and the
+  SDPA forward, ``swiglu`` ``[gate | up]``;
 - ``projection`` work (``compact``): per compressed site of input width n, output width m and
   rank r, the projection ``Z = X P`` (2 n r flops per token) and the weight gradient's
   ``g^T Z`` (2 m r) instead of ``g^T X`` (2 m n); ``lift`` mode also multiplies
@@ -157,10 +160,17 @@ def predict_step_time(
         )
     elif storage is not None:
         heads, groups, d = model.num_attention_heads, model.query_groups, model.head_dim
-        stored = (2 * heads + 2 * groups) * d + 2 * model.ffn_hidden_size  # q,k,v,o; gate|up
-        extra["storage"] = L * (
-            STORAGE_BYTES_PER_ELEMENT * stored / device.memory_bandwidth + attention_forward / flops
-        )
+        _, _, named = storage.partition("@")
+        kinds = named.split("/") if named else ("attention", "swiglu")
+        moved = {  # bytes per token and block: pack once, unpack once (the norm's twice)
+            "norm": 2 * model.hidden_size * (STORAGE_BYTES_PER_ELEMENT + 3),
+            "attention": (2 * heads + 2 * groups) * d * STORAGE_BYTES_PER_ELEMENT,  # q,k,v,o
+            "swiglu": 2 * model.ffn_hidden_size * STORAGE_BYTES_PER_ELEMENT,  # [gate | up]
+        }
+        work = sum(moved[kind] for kind in kinds) / device.memory_bandwidth
+        if "attention" in kinds:
+            work += attention_forward / flops
+        extra["storage"] = L * work
     if compression.method == "compact":
         work = 0.0
         for n, m, r in projected_site_shapes(model, compression):

@@ -167,10 +167,24 @@ class Quantizer:
 MIN_ABSMAX = 2.0**-100
 
 
-def _absmax_rows(rows: torch.Tensor) -> torch.Tensor:
-    """``max |row|`` of each row of a 2-d tensor, ``[rows, 1]`` (``abs().amax`` measured 20x
-    faster on CPU than ``vector_norm(ord=inf)``)."""
-    return rows.abs().amax(-1, keepdim=True)
+def _scaled_rows(x: torch.Tensor, width: int, limit: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` as fp32 rows of ``width`` elements, each multiplied by ``limit / absmax`` of its
+    row, and the absmax ``[rows, 1]`` (floored at :data:`MIN_ABSMAX`).
+
+    One full-size fp32 temporary: the product is written into the fp32 copy of a non-fp32
+    ``x`` (that copy is ours), and the absmax is ``max(amax, -amin)`` rather than
+    ``abs().amax`` (no ``|x|`` tensor). The values are those of ``x.float()`` scaled the
+    plain way, bit for bit; measured on the 2-core CPU (median of 120 interleaved calls with
+    other allocations between them): bf16 ``[512, 2752]`` 1.7 vs 2.3 ms, fp32 and smaller
+    tensors unchanged (``vector_norm(ord=inf)`` was 20x slower than either)."""
+    rows = x.detach().reshape(-1, width)
+    owned = rows.dtype != torch.float32
+    if owned:
+        rows = rows.float()
+    absmax = torch.maximum(rows.amax(-1, keepdim=True), rows.amin(-1, keepdim=True).neg_())
+    absmax.clamp_min_(MIN_ABSMAX)
+    factor = limit / absmax
+    return (rows.mul_(factor) if owned else rows * factor), absmax
 
 
 def int8_group(last_dim: int) -> int:
@@ -181,11 +195,10 @@ class Int8Absmax(Quantizer):
     name = "int8"
 
     def pack(self, x):
-        group = int8_group(x.shape[-1])
-        groups = x.detach().float().reshape(-1, group)  # [numel / group, group]
-        absmax = _absmax_rows(groups).clamp_min_(MIN_ABSMAX)
+        # [numel / group, group] scaled by 127 / absmax of each group
+        scaled, absmax = _scaled_rows(x, int8_group(x.shape[-1]), 127.0)
         # |x * 127 / absmax| <= 127 (1 + 2u) rounds to at most 127: no clamp needed.
-        codes = (groups * (127.0 / absmax)).round_().to(torch.int8)
+        codes = scaled.round_().to(torch.int8)
         return codes, absmax.div_(127.0)
 
     def unpack(self, packed, like):
@@ -201,9 +214,8 @@ class Fp8RowScaled(Quantizer):
     name = "fp8"
 
     def pack(self, x):
-        rows = x.detach().float().reshape(-1, x.shape[-1])  # [numel / last, last]
-        absmax = _absmax_rows(rows).clamp_min_(MIN_ABSMAX)
-        codes = (rows * (_FP8_MAX / absmax)).to(torch.float8_e4m3fn)
+        scaled, absmax = _scaled_rows(x, x.shape[-1], _FP8_MAX)  # [numel / last, last]
+        codes = scaled.to(torch.float8_e4m3fn)
         return codes, absmax.div_(_FP8_MAX)
 
     def unpack(self, packed, like):

@@ -232,6 +232,7 @@ def run_ablation(plan: AblationPlan, log: Callable[[str], None] = print) -> list
             f"[{index}/{len(runs)}] repeat {run.repeat + 1}/{plan.repeats}: {run.variant.name} "
             f"on {plan.nproc} process(es), {plan.steps} steps -> {run.run_dir}"
         )
+        load_before = os.getloadavg()[0]
         if plan.nproc == 1:
             from actcomp_dist.ablation.runner import train_and_measure
 
@@ -251,6 +252,9 @@ def run_ablation(plan: AblationPlan, log: Callable[[str], None] = print) -> list
                 "order": index,
                 "nproc": plan.nproc,
                 "run_dir": str(run.run_dir),
+                # The machine's 1-minute load average before and after the run (step times on
+                # a shared machine mean little without it).
+                "load_average": [load_before, os.getloadavg()[0]],
             }
         )
         records.append(record)
@@ -301,6 +305,13 @@ def describe(plan: AblationPlan, records: list[dict[str, Any]], command: str) ->
         f"{first['num_layers']} blocks, vocabulary {first['vocab_size']})"
     )
     overrides = f" with {', '.join(plan.overrides)}" if plan.overrides else ""
+    loads = [load for record in records for load in record.get("load_average", ())]
+    load_text = (
+        f" 1-minute load average {min(loads):.1f}-{max(loads):.1f} during the runs "
+        f"({os.cpu_count()} cores)."
+        if loads
+        else ""
+    )
     return {
         "title": (
             f"{config.model.name} model, seq {data.seq_length}, {plan.steps} steps, "
@@ -315,7 +326,8 @@ def describe(plan: AblationPlan, records: list[dict[str, Any]], command: str) ->
             f"{train.micro_batch_size}, global batch {train.global_batch_size} "
             f"({tokens:,} tokens per step), {plan.steps} steps, lr {train.lr} "
             f"({train.lr_decay}, {train.warmup_steps} warm-up steps), seed {train.seed}.",
-            f"Device: {device}; torch {torch.__version__}, deepspeed {deepspeed.__version__}.",
+            f"Device: {device}; torch {torch.__version__}, deepspeed {deepspeed.__version__}."
+            f"{load_text}",
         ],
         "peak_source": peak_source,
         "warmup_steps": plan.warmup_steps,

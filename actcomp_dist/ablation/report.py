@@ -8,6 +8,9 @@ Per variant (over its repeats):
   warm-up, with the min and max;
 - ratios against ``none`` are formed *per repeat* (both runs in the same session) and then
   summarised by their median, min and max: that is the spread the table shows;
+- ``step_cpu_s``: the same for the process's CPU seconds per step (``time.process_time``;
+  on a CPU shared with other jobs the wall time also counts the time they held the cores,
+  the CPU time does not), with its per-repeat ratios against ``none``;
 - ``final_loss`` is the last step's training loss, ``final_loss_avg`` the mean over the last
   10% of steps, ``val_loss`` the validation loss at the last step (all from the first repeat;
   the training is deterministic, and ``loss_spread`` says by how much repeats differed).
@@ -49,6 +52,10 @@ CSV_COLUMNS = [
     "step_time_ratio",
     "step_time_ratio_min",
     "step_time_ratio_max",
+    "step_cpu_s",
+    "step_cpu_ratio",
+    "step_cpu_ratio_min",
+    "step_cpu_ratio_max",
     "tokens_per_s",
     "final_loss",
     "final_loss_avg",
@@ -89,6 +96,14 @@ def aggregate(records: list[dict[str, Any]], variants: list[str]) -> list[dict[s
             for r in runs
             if r["repeat"] in ref_runs
         ]
+        cpu_ratios = [
+            r["step_cpu_s"] / ref_runs[r["repeat"]]["step_cpu_s"]
+            for r in runs
+            if r["repeat"] in ref_runs
+            and r.get("step_cpu_s")
+            and ref_runs[r["repeat"]].get("step_cpu_s")
+        ]
+        cpu_times = [r["step_cpu_s"] for r in runs if r.get("step_cpu_s")]
         finals = [r["final_loss"] for r in runs]
         tail = max(1, len(first["losses"]) // 10)
         peak = {
@@ -116,6 +131,10 @@ def aggregate(records: list[dict[str, Any]], variants: list[str]) -> list[dict[s
             "step_time_ratio": statistics.median(time_ratios) if time_ratios else None,
             "step_time_ratio_min": min(time_ratios) if time_ratios else None,
             "step_time_ratio_max": max(time_ratios) if time_ratios else None,
+            "step_cpu_s": statistics.median(cpu_times) if cpu_times else None,
+            "step_cpu_ratio": statistics.median(cpu_ratios) if cpu_ratios else None,
+            "step_cpu_ratio_min": min(cpu_ratios) if cpu_ratios else None,
+            "step_cpu_ratio_max": max(cpu_ratios) if cpu_ratios else None,
             "tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs),
             "final_loss": first["final_loss"],
             "final_loss_avg": statistics.fmean(first["losses"][-tail:]),
@@ -180,18 +199,26 @@ def write_markdown(rows: list[dict[str, Any]], meta: dict[str, Any], path: Path)
         f"- Repeats: {repeats} per variant, run back to back (odd repeats in reverse order); "
         f"step time is the median after {meta['warmup_steps']} warm-up steps; ratios are "
         f"taken within each repeat against `{reference}`, shown as median [min-max] over "
-        f"repeats.",
+        f"repeats. CPU time: the training process's CPU seconds per step (median after "
+        f"warm-up; on a shared CPU the wall time also counts other jobs' share of the cores).",
         "",
         f"| variant | saved act. / micro-batch | x {reference} | per block x {reference} | "
         f"predicted (planner) | peak | x {reference} | step time ms [min-max] | "
-        f"x {reference} [min-max] | tokens/s | final train loss | val loss | val x {reference} |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"x {reference} [min-max] | CPU time x {reference} [min-max] | tokens/s | "
+        f"final train loss | val loss | val x {reference} |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         spread = (
             f"{_x(r['step_time_ratio'])} [{_x(r['step_time_ratio_min'])}-"
             f"{_x(r['step_time_ratio_max'])}]"
             if r["step_time_ratio"] is not None
+            else "-"
+        )
+        cpu_spread = (
+            f"{_x(r['step_cpu_ratio'])} [{_x(r['step_cpu_ratio_min'])}-"
+            f"{_x(r['step_cpu_ratio_max'])}]"
+            if r["step_cpu_ratio"] is not None
             else "-"
         )
         predicted = format_bytes(r["predicted_saved_activation_bytes"])
@@ -202,7 +229,7 @@ def write_markdown(rows: list[dict[str, Any]], meta: dict[str, Any], path: Path)
             f"{_x(r['saved_ratio'])} | {_x(r['per_layer_ratio'])} | {predicted} | "
             f"{format_bytes(r['peak_bytes'])} | {_x(r['peak_ratio'])} | "
             f"{_ms(r['step_time_s'])} [{_ms(r['step_time_min_s'])}-{_ms(r['step_time_max_s'])}] | "
-            f"{spread} | {r['tokens_per_s']:.0f} | {_loss(r['final_loss'])} | "
+            f"{spread} | {cpu_spread} | {r['tokens_per_s']:.0f} | {_loss(r['final_loss'])} | "
             f"{_loss(r['val_loss'])} | {_x(r['val_loss_ratio'], 3)} |"
         )
     lines += [

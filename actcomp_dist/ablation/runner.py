@@ -114,6 +114,9 @@ def train_and_measure(config: RunConfig, warmup_steps: int, keep_checkpoints: bo
             "step_times": [r["step_time_s"] for r in history],
             "step_time_s": median_after_warmup(history, "step_time_s", warmup_steps),
             "tokens_per_s": median_after_warmup(history, "tokens_per_s", warmup_steps),
+            # The process's CPU seconds per step (on a CPU shared with other jobs the wall
+            # time also counts their share of the cores; this does not).
+            "step_cpu_s": median_after_warmup(history, "step_cpu_s", warmup_steps),
             "losses": [r["loss"] for r in history],
             "val_losses": [[r["step"], r["val_loss"]] for r in history if "val_loss" in r],
             "final_loss": result.final_loss,

@@ -10,6 +10,8 @@ A variant names one way of saving activation memory; a list is comma-separated::
     BLOCK    := "int8" | "fp8" | "lowrank:" RANK   (``memory.policy.block_input``: full
                 checkpointing keeping each block's input packed; lowrank is LoRAct's layer mode)
     STORAGE  := "int8" | "fp8"   (``memory.policy`` of ``attention`` and ``swiglu``)
+              | ("int8" | "fp8") "@" KIND ("/" KIND)*  (8 bits on the kinds named:
+                ``norm``, ``attention``, ``swiglu``; ``int8@norm/swiglu``)
               | "recompute_attention" | "recompute_swiglu"  (``memory.policy`` of that kind:
                 ``recompute``, the sublayer re-run from the norm output)
               | "ac_lowrank:" RANK  (``memory.policy`` of ``norm`` and ``swiglu``: ``lowrank:RANK``)
@@ -23,9 +25,9 @@ A variant names one way of saving activation memory; a list is comma-separated::
 
 Examples: ``none``, ``ac_full``, ``compact:0.25``, ``compact:0.25+ac_full``,
 ``lowrank:0.125+ac_selective``, ``subtoken:32``, ``naive``, ``compact:0.25+naive``, ``int8``,
-``fp8+ac_selective``, ``compact:0.25+int8``, ``ac_lowrank:0.25``, ``ac_lowrank:64+ac_selective``,
-``ac_full_lowrank:0.25``, ``compact:0.25+ac_full_int8``, ``ac_full_lowrank:16+ac_lowrank:8``,
-``ac_sublayer``, ``ac_sublayer+ac_lowrank:0.125``.
+``fp8+ac_selective``, ``compact:0.25+int8``, ``int8@norm/swiglu``, ``ac_lowrank:0.25``,
+``ac_lowrank:64+ac_selective``, ``ac_full_lowrank:0.25``, ``compact:0.25+ac_full_int8``,
+``ac_full_lowrank:16+ac_lowrank:8``, ``ac_sublayer``, ``ac_sublayer+ac_lowrank:0.125``.
 ``none+ac_full`` is the same as ``ac_full``, ``none+naive`` the same as ``naive``.
 
 ``naive`` runs the naive block (``memory.efficient_ops: false``: the norms, attention core and
@@ -33,7 +35,10 @@ SwiGLU keep what plain PyTorch autograd keeps, what most papers measure against)
 variant runs the memory-efficient exact block, so ``none`` is the strongest exact baseline.
 ``int8`` / ``fp8`` store the attention's q, k, v, o and SwiGLU's ``[gate | up]`` in 8 bits
 (``memory.policy``: ``attention`` and ``swiglu``; :mod:`actcomp_dist.storage`); the other kinds
-keep the base config's policy. ``ac_lowrank:RANK`` keeps the block norms' outputs and
+keep the base config's policy. ``int8@KINDS`` / ``fp8@KINDS`` store only the kinds named
+(``int8@norm/swiglu``: the block norms' outputs and ``[gate | up]``, the attention kept exact,
+so backward runs no SDPA forward again); the canonical spelling lists them in
+:data:`actcomp_dist.storage.KINDS` order. ``ac_lowrank:RANK`` keeps the block norms' outputs and
 ``[gate | up]`` as LoRAct's low-rank factors (``memory.policy`` ``norm`` and ``swiglu`` at
 ``lowrank:RANK``; RANK a ratio of each factorised width with a decimal point or an absolute
 int, as a method's rank). ``ac_full_BLOCK`` is ``ac_full`` whose blocks keep their input
@@ -77,11 +82,14 @@ RECOMPUTE_NAMES = {"recompute_attention": "attention", "recompute_swiglu": "swig
 LOWRANK_STORAGE = "ac_lowrank"
 #: The kinds an ``int8`` / ``fp8`` variant stores in 8 bits.
 STORAGE_KINDS = ("attention", "swiglu")
+#: The kinds ``int8@KIND/KIND`` may name.
+STORAGE_SELECTABLE_KINDS = ("norm", "attention", "swiglu")
 #: The kinds an ``ac_lowrank:RANK`` variant stores as low-rank factors.
 LOWRANK_STORAGE_KINDS = ("norm", "swiglu")
 GRAMMAR = (
     "VARIANT := BASE['+'AC]['+'STORAGE]['+naive'] | STORAGE | naive; "
-    "STORAGE := int8 | fp8 | ac_lowrank:RANK | recompute_attention | recompute_swiglu; "
+    "STORAGE := int8 | fp8 | int8@KIND/KIND | fp8@KIND/KIND (KIND: norm, attention, swiglu) | "
+    "ac_lowrank:RANK | recompute_attention | recompute_swiglu; "
     "BASE := none | AC | "
     "METHOD:ARG | METHOD; AC := ac_selective | ac_full | ac_sublayer | ac_full_int8 | "
     "ac_full_fp8 | ac_full_lowrank:RANK; METHOD:ARG is compact:RANK, "
@@ -129,8 +137,10 @@ class Variant:
             return changes
         if self.storage in RECOMPUTE_NAMES:
             return {RECOMPUTE_NAMES[self.storage]: "recompute"} | changes
-        kinds = LOWRANK_STORAGE_KINDS if self.storage.startswith("lowrank:") else STORAGE_KINDS
-        return {kind: self.storage for kind in kinds} | changes
+        if self.storage.startswith("lowrank:"):
+            return dict.fromkeys(LOWRANK_STORAGE_KINDS, self.storage) | changes
+        policy, kinds = storage_kinds(self.storage)
+        return dict.fromkeys(kinds, policy) | changes
 
     @property
     def _ac_name(self) -> str:
@@ -228,7 +238,8 @@ def parse_variant(text: str) -> Variant:
     storages = [part for part in parts if _is_storage(part)]
     if len(storages) > 1:
         raise VariantError(
-            f"variant {variant!r}: at most one of {list(STORAGE_NAMES)}, {LOWRANK_STORAGE}:RANK, "
+            f"variant {variant!r}: at most one of {list(STORAGE_NAMES)} (or their @KIND/KIND "
+            f"forms), {LOWRANK_STORAGE}:RANK, "
             f"{list(RECOMPUTE_NAMES)}"
         )
     if storages and naive:
@@ -276,9 +287,18 @@ def _parse_block_input(part: str, variant: str) -> str:
     )
 
 
+def storage_kinds(storage: str) -> tuple[str, tuple[str, ...]]:
+    """The 8-bit policy of a storage variant and the kinds it stores (``int8`` ->
+    ``("int8", ("attention", "swiglu"))``, ``int8@norm/swiglu`` -> ``("int8", ("norm",
+    "swiglu"))``)."""
+    policy, _, kinds = storage.partition("@")
+    return policy, tuple(kinds.split("/")) if kinds else STORAGE_KINDS
+
+
 def _is_storage(part: str) -> bool:
     return (
         part in STORAGE_NAMES
+        or part.partition("@")[0] in STORAGE_NAMES
         or part in RECOMPUTE_NAMES
         or part.partition(":")[0] == LOWRANK_STORAGE
     )
@@ -288,6 +308,22 @@ def _parse_storage(part: str, variant: str) -> str:
     """The ``memory.policy`` value of a storage part (``ac_lowrank:0.25`` -> ``lowrank:0.25``)."""
     if part in STORAGE_NAMES or part in RECOMPUTE_NAMES:
         return part
+    policy, at, kinds = part.partition("@")
+    if at:
+        named = kinds.split("/")
+        if (
+            not kinds
+            or not set(named) <= set(STORAGE_SELECTABLE_KINDS)
+            or len(set(named)) < len(named)
+        ):
+            raise VariantError(
+                f"variant {variant!r}: {part!r} needs {policy}@KIND/KIND... with distinct KINDs "
+                f"from {list(STORAGE_SELECTABLE_KINDS)}"
+            )
+        # Canonical: the kinds in KINDS order (int8@swiglu/norm is int8@norm/swiglu), and the
+        # plain name for the plain variant's kinds (int8@attention/swiglu is int8).
+        ordered = tuple(k for k in STORAGE_SELECTABLE_KINDS if k in named)
+        return policy if ordered == STORAGE_KINDS else f"{policy}@{'/'.join(ordered)}"
     rank = part.partition(":")[2]
     try:
         LowRankStorage(parse_rank_argument(rank))

@@ -732,7 +732,7 @@ class Trainer:
     def _train_one_step(self, data) -> tuple[StepResult, float, str | None]:
         """One optimizer step on the next batches of ``data``, the non-finite verdict, the
         data position moved on: ``(result, seconds, the reason to stop or None)``."""
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         self.model_states.reset()
         result = train_step(
             self.engine,
@@ -749,6 +749,9 @@ class Trainer:
         self.consumed += self.config.train.global_batch_size
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+        # This process's CPU time (all its threads) of the step: on a shared CPU it does not
+        # count the time other jobs held the cores, which the wall time does.
+        self.step_cpu_s = time.process_time() - cpu_start
         return result, time.perf_counter() - start, stop_reason
 
     def _step_record(self, result: StepResult, step_time: float) -> dict[str, Any]:
@@ -759,6 +762,7 @@ class Trainer:
         record["grad_norm"] = result.grad_norm
         record["step_time_s"] = step_time
         record["tokens_per_s"] = tokens_per_step / step_time
+        record["step_cpu_s"] = self.step_cpu_s
         record["saved_activation_bytes"] = result.saved_activation_bytes
         record.update(memory_record(self.device))
         record["model_state_bytes"] = self.model_states.last
@@ -791,6 +795,7 @@ class Trainer:
         tokens_per_step = train.global_batch_size * self.config.data.seq_length
         losses = interval.losses
         out = dict(record)
+        out.pop("step_cpu_s")  # one step's; the history keeps it (tools/ablate.py reads it)
         out["loss"] = math.fsum(losses) / len(losses)
         out["interval_steps"] = len(losses)
         out["step_time_s"] = interval.seconds / len(losses)

@@ -185,13 +185,15 @@ def test_ablation_writes_every_output(ablation):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = _rows(out)
     assert list(rows) == E2E_VARIANTS
-    required = ("saved_activation_bytes", "peak_bytes", "step_time_s", "tokens_per_s")
+    required = ("saved_activation_bytes", "peak_bytes", "step_time_s", "step_cpu_s", "tokens_per_s")
     for row in rows.values():
         for column in (*required, "final_loss", "val_loss"):
             assert math.isfinite(float(row[column])) and float(row[column]) > 0, column
         assert row["repeats"] == "2"
         assert float(row["step_time_ratio_min"]) <= float(row["step_time_ratio"])
         assert float(row["step_time_ratio"]) <= float(row["step_time_ratio_max"])
+        assert float(row["step_cpu_ratio_min"]) <= float(row["step_cpu_ratio"])
+        assert float(row["step_cpu_ratio"]) <= float(row["step_cpu_ratio_max"])
         assert float(row["loss_spread"]) == 0.0  # CPU training is deterministic
     assert float(rows["none"]["saved_ratio"]) == 1.0
     markdown = (out / "results.md").read_text()
@@ -200,6 +202,10 @@ def test_ablation_writes_every_output(ablation):
     assert "[1/6] repeat 1/2: none" in stdout  # progress output
     records = json.loads((out / "records.json").read_text())
     assert [r["variant"] for r in records] == E2E_VARIANTS + E2E_VARIANTS[::-1]
+    for record in records:
+        assert len(record["step_times"]) == E2E_STEPS and record["step_cpu_s"] > 0
+        assert len(record["load_average"]) == 2 and min(record["load_average"]) >= 0
+    assert "1-minute load average" in markdown
 
 
 @pytest.mark.slow

@@ -165,6 +165,15 @@ def test_cost_model_closed_form_and_ordering():
         (pack + selective.extra["recompute"]) / base, rel=1e-12
     )
     assert _step(model, "fp8", seq, device=device).ratio() == int8.ratio()
+    assert _step(model, "int8@attention/swiglu", seq, device=device) == int8
+    # int8@KINDS: the kinds named; only 8-bit attention runs the SDPA forward again. The norm
+    # outputs (2 h per token and block) are dequantised twice (the norm, the next linear).
+    norm_swiglu = _step(model, "int8@norm/swiglu", seq, device=device)
+    moved = 2 * h * (STORAGE_BYTES_PER_ELEMENT + 3) + STORAGE_BYTES_PER_ELEMENT * 2 * (
+        model.ffn_hidden_size
+    )
+    assert norm_swiglu.extra == {"storage": pytest.approx(layers * moved / 3e12, rel=1e-12)}
+    assert 1.0 < norm_swiglu.ratio() < int8.ratio()
     # Slower memory makes the 8-bit packing, and only it, dearer.
     slow = Device(peak_flops=1e15, memory_bandwidth=1e12)
     assert _step(model, "int8", seq, device=slow).ratio() > int8.ratio()

@@ -80,6 +80,29 @@ def test_packing_error_within_element_bound_and_bytes_exact(policy, shape):
     assert nbytes == quantizer.saved_bytes(x.numel(), shape[-1])
 
 
+@pytest.mark.parametrize("policy", POLICIES_8BIT)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_packing_is_the_plain_formula_and_leaves_the_input(policy, dtype):
+    """The packer's fused passes give the codes and scales of the formula written plainly:
+    ``s = max(|x.float()|) / L`` per group (int8, L = 127) or row (fp8, L = 448), codes
+    ``round(x * L / max)`` (int8) or the e4m3 cast (fp8); a non-contiguous input too, and the
+    input is not modified (the packer scales a bf16 input's fp32 copy in place)."""
+    x = _spread((4, 6, 128), seed=7).to(dtype).transpose(0, 1)  # not contiguous
+    before = x.clone()
+    codes, scale = _quantizer(policy).pack(x)
+    width, limit = (64, 127.0) if policy == "int8" else (128, 448.0)
+    rows = x.float().reshape(-1, width)
+    absmax = rows.abs().amax(-1, keepdim=True).clamp_min(2.0**-100)
+    plain = rows * (limit / absmax)
+    if policy == "int8":
+        assert torch.equal(codes, plain.round().to(torch.int8))
+    else:
+        expected = plain.to(torch.float8_e4m3fn)
+        assert torch.equal(codes.view(torch.uint8), expected.view(torch.uint8))
+    assert torch.equal(scale, absmax / limit)
+    assert torch.equal(x, before)
+
+
 # ----------------------------------------------------------------------------- SwiGLU + FC2
 
 
@@ -329,6 +352,15 @@ def test_storage_variants():
         # recompute_KIND: memory.policy.KIND = recompute.
         "recompute_swiglu": ("recompute_swiglu", "none", "none"),
         "compact:0.25+recompute_attention": ("compact:0.25+recompute_attention", "compact", "none"),
+        # STORAGE@KIND/KIND: 8 bits on the kinds named, listed in KINDS order.
+        "int8@swiglu/norm": ("int8@norm/swiglu", "none", "none"),
+        "fp8@norm+ac_selective": ("ac_selective+fp8@norm", "none", "selective"),
+        "int8@swiglu/attention": ("int8", "none", "none"),
+        "compact:0.25+int8@norm/attention/swiglu": (
+            "compact:0.25+int8@norm/attention/swiglu",
+            "compact",
+            "none",
+        ),
     }
     for text, (name, method, ac_mode) in cases.items():
         variant = parse_variant(text)
@@ -340,6 +372,10 @@ def test_storage_variants():
         attention="int8", swiglu="int8"
     )
     assert parse_variant("none").storage_policy({"swiglu": "fp8"}) == StoragePolicy(swiglu="fp8")
+    assert parse_variant("int8@swiglu/norm").storage_policy({"attention": "fp8"}) == StoragePolicy(
+        norm="int8", attention="fp8", swiglu="int8"
+    )
+    assert parse_variant("int8@norm/swiglu").slug == "int8-norm-swiglu"
     # ac_lowrank:R: LoRAct's norm and act_fn modes; the compression method lowrank is separate.
     assert parse_variant("ac_lowrank:0.25").storage_policy({"attention": "int8"}) == StoragePolicy(
         norm="lowrank:0.25", swiglu="lowrank:0.25", attention="int8"
@@ -362,7 +398,12 @@ def test_storage_variants():
         ("ac_sublayer+naive", "ac_sublayer re-runs each sublayer from what the memory-efficient"),
         ("int8+fp8", "at most one of ['int8', 'fp8']"),
         ("int8+naive", "int8 storage needs the memory-efficient block"),
-        ("ac_lowrank:8+int8", "at most one of ['int8', 'fp8'], ac_lowrank:RANK"),
+        ("ac_lowrank:8+int8", "at most one of ['int8', 'fp8'] (or their @KIND/KIND forms)"),
+        ("int8@norm+fp8@swiglu", "at most one of ['int8', 'fp8'] (or their @KIND/KIND forms)"),
+        ("int8@", "'int8@' needs int8@KIND/KIND... with distinct KINDs from ['norm', 'attent"),
+        ("int8@qkv", "'int8@qkv' needs int8@KIND/KIND... with distinct KINDs from ['norm', 'a"),
+        ("fp8@norm/norm", "'fp8@norm/norm' needs fp8@KIND/KIND... with distinct KINDs"),
+        ("int8@norm+naive", "int8@norm storage needs the memory-efficient block"),
         ("ac_lowrank:8+naive", "ac_lowrank:8 storage needs the memory-efficient block"),
         ("ac_lowrank:1.5", "needs ac_lowrank:RANK with RANK a ratio in (0, 1]"),
         ("ac_lowrank", "needs ac_lowrank:RANK"),
