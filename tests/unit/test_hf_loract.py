@@ -14,6 +14,7 @@ References:
   tokens the activations are exactly representable, and the gradients are as accurate as the
   unpatched model's against float64 (the wiring of every factor is right); at the preset's
   rank the saved bytes equal the closed form.
+Policies applied with ``loss_chunk_tokens=None`` (transformers' loss; see test_hf_policy).
 """
 
 from __future__ import annotations
@@ -114,7 +115,11 @@ def test_full_rank_low_rank_storage_gives_exact_gradients(lora):
     model = build()
     loss, grads = _loss_and_grads(model, tokens)
     reference = _float64_grads(model, tokens)
-    apply_memory_policy(model, {"norm": f"lowrank:{HIDDEN}", "swiglu": f"lowrank:{INTERMEDIATE}"})
+    apply_memory_policy(
+        model,
+        {"norm": f"lowrank:{HIDDEN}", "swiglu": f"lowrank:{INTERMEDIATE}"},
+        loss_chunk_tokens=None,
+    )
     patched_loss, patched_grads = _loss_and_grads(model, tokens)
     assert torch.equal(patched_loss, loss)
     _assert_as_accurate_as_unpatched(patched_grads, grads, reference, torch.float32)
@@ -127,10 +132,10 @@ def test_loract_preset_saved_bytes_closed_form(lora):
     up (``2 N I``); ``k = hidden // 8`` for both. The readers keep nothing of their own."""
     build = make_lora_model if lora else make_model
     tokens = _tokens()
-    model = apply_memory_policy(build(), "exact")
+    model = apply_memory_policy(build(), "exact", loss_chunk_tokens=None)
     exact = saved_activation_bytes(lambda: _loss(model, tokens))
     loss = _loss(model, tokens).detach()
-    apply_memory_policy(model, "loract")
+    apply_memory_policy(model, "loract", loss_chunk_tokens=None)
     loract = saved_activation_bytes(lambda: _loss(model, tokens))
     assert torch.equal(_loss(model, tokens).detach(), loss)  # forward unchanged
     k_h = k_i = HIDDEN // LORACT_RANK_DIVISOR
@@ -150,9 +155,11 @@ def test_loract_refusals_leave_the_model_untouched():
     model = peft.get_peft_model(make_model(), config)
     classes = [type(m) for m in model.modules()]
     with pytest.raises(ValueError, match="q_proj adapter 'default' has Dropout"):
-        apply_memory_policy(model, "loract")
+        apply_memory_policy(model, "loract", loss_chunk_tokens=None)
     with pytest.raises(ValueError, match="choose one"):
-        apply_memory_policy(make_model(), "loract", compression=CompressionConfig("compact"))
+        apply_memory_policy(
+            make_model(), "loract", compression=CompressionConfig("compact"), loss_chunk_tokens=None
+        )
     with pytest.raises(ValueError, match="memory.policy.attention='lowrank:4' is not served"):
-        apply_memory_policy(model, {"attention": "lowrank:4"})
+        apply_memory_policy(model, {"attention": "lowrank:4"}, loss_chunk_tokens=None)
     assert [type(m) for m in model.modules()] == classes
