@@ -1,7 +1,7 @@
 """The Hugging Face decoder families :func:`actcomp_dist.hf.apply_memory_policy` patches.
 
-A family is recognised by its decoder-layer class; its norm, MLP and attention classes and its
-RoPE function are what the patches replace or call. Llama, Mistral and Qwen2 share one block
+A family is recognised by its decoder-layer class; its norm, MLP, attention and causal-LM classes
+and its RoPE function are what the patches replace or call. Llama, Mistral and Qwen2 share one block
 shape: pre-norm RMSNorm (``weight * normalise(x.float()).to(dtype)``), SwiGLU MLP with separate
 ``gate_proj`` / ``up_proj`` / ``down_proj``, grouped-query attention with separate
 ``q_proj`` / ``k_proj`` / ``v_proj`` / ``o_proj`` and rotate-half RoPE. Qwen2's q/k/v biases
@@ -27,6 +27,7 @@ class Family:
     mlp: type
     attention: type
     apply_rotary: Callable
+    causal_lm: type
 
 
 _FAMILY_MODULES: dict[str, tuple[str, str]] = {}
@@ -34,7 +35,8 @@ _FAMILY_MODULES: dict[str, tuple[str, str]] = {}
 
 def register_family(name: str, module: str, prefix: str) -> None:
     """Family ``name`` lives in ``module`` with classes ``{prefix}DecoderLayer``,
-    ``{prefix}RMSNorm``, ``{prefix}MLP``, ``{prefix}Attention`` and ``apply_rotary_pos_emb``."""
+    ``{prefix}RMSNorm``, ``{prefix}MLP``, ``{prefix}Attention``, ``{prefix}ForCausalLM`` and
+    ``apply_rotary_pos_emb``."""
     _FAMILY_MODULES[name] = (module, prefix)
     supported_families.cache_clear()
 
@@ -52,6 +54,7 @@ def supported_families() -> dict[type, Family]:
             getattr(module, f"{prefix}MLP"),
             getattr(module, f"{prefix}Attention"),
             module.apply_rotary_pos_emb,
+            getattr(module, f"{prefix}ForCausalLM"),
         )
         out[family.decoder_layer] = family
     return out

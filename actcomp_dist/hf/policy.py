@@ -58,6 +58,17 @@ text was not checked for a single recommended mode. A mapping in the run config'
 ``memory.policy`` format (kind -> policy) gives any other mix, e.g.
 ``{"norm": "lowrank:16", "attention": "int8"}``.
 
+The loss (``loss_chunk_tokens``, default 1024; every policy): with ``labels`` and grad enabled
+the ``*ForCausalLM``'s output layer and transformers' ``ForCausalLMLoss`` run as one function,
+:func:`actcomp_dist.hf.loss.linear_cross_entropy`, that keeps no logits (transformers' loss keeps
+the fp32 log-probabilities ``[N, V]``: at vocabulary 2048 and hidden 128 more than all the
+decoder layers of ``"loract"`` together) and computes the logits of labelled tokens only; the
+output's ``logits`` is then ``None``. Equal to transformers' loss and gradients to rounding
+(tests/unit/test_hf_loss.py). Without labels or under ``torch.no_grad()`` the forward is
+transformers' own. Serves a plain ``nn.Linear`` head (tied or not, frozen or trained) with the
+default loss function; a PEFT-wrapped head (``modules_to_save``, LoRA on ``lm_head``) or a
+custom ``loss_function`` is refused: pass ``loss_chunk_tokens=None``.
+
 ``compression`` (a :class:`~actcomp_dist.config.CompressionConfig`) swaps the trainable
 ``nn.Linear`` inputs of q/k/v, gate/up and down (or, under PEFT, their LoRA A) for
 :class:`~actcomp_dist.layers.CompressedLinear` (:func:`~actcomp_dist.layers.compress_linears`;
@@ -87,6 +98,7 @@ from torch import nn
 
 from actcomp_dist.config import CompressionConfig
 from actcomp_dist.hf.families import Family, supported_families, supported_names
+from actcomp_dist.hf.loss import linear_cross_entropy
 from actcomp_dist.hf.ops import (
     factored_input_linear,
     low_rank_rms_norm,
@@ -359,6 +371,72 @@ class _StoredInputsAttention:
         return self.o_proj(out), None
 
 
+class _LinearCrossEntropyCausalLM:
+    """A ``*ForCausalLM`` whose training loss (``labels`` given, grad enabled) runs
+    :func:`actcomp_dist.hf.loss.linear_cross_entropy` on the last hidden states: no logits are
+    kept for backward, and none are returned (``logits`` is ``None``). Anything else
+    (no labels, ``torch.no_grad()``, ``logits_to_keep``) is Hugging Face's own forward."""
+
+    _actcomp_loss_chunk_tokens: int
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: Any = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Any,
+    ):
+        inputs = dict(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+        )
+        all_logits = isinstance(logits_to_keep, int) and logits_to_keep == 0
+        if labels is None or not torch.is_grad_enabled() or not all_logits:
+            return self._actcomp_base.forward(
+                self, **inputs, labels=labels, logits_to_keep=logits_to_keep, **kwargs
+            )
+        # What transformers' can_return_tuple does around its forward.
+        return_dict = kwargs.pop("return_dict", None)
+        if return_dict is None:
+            return_dict = getattr(self.config, "return_dict", True)
+        # kwargs go to the model and the loss alike, as in transformers' forward.
+        outputs = self.model(**inputs, **kwargs)
+        ignore_index = kwargs.get("ignore_index", -100)
+        target = kwargs.get("shift_labels")
+        if target is None:  # ForCausalLMLoss's shift: token t predicts label t + 1
+            target = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+        head = self.get_output_embeddings()
+        loss = linear_cross_entropy(
+            outputs.last_hidden_state,
+            head.weight,
+            head.bias,
+            target,
+            chunk_tokens=self._actcomp_loss_chunk_tokens,
+            num_items_in_batch=kwargs.get("num_items_in_batch"),
+            ignore_index=ignore_index,
+        )
+        # Imported here: importing actcomp_dist.hf does not import transformers.
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        result = CausalLMOutputWithPast(
+            loss=loss,
+            logits=None,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+        return result if return_dict else result.to_tuple()
+
+
 def _trainable(module: nn.Module) -> bool:
     return any(p.requires_grad for p in module.parameters())
 
@@ -545,6 +623,35 @@ def _check_attention(name: str, attention: nn.Module, policy: StoragePolicy) -> 
         )
 
 
+def _check_fused_loss(causal_lms: list[tuple[str, nn.Module]], chunk_tokens: Any) -> None:
+    """The fused loss computes transformers' ``ForCausalLMLoss`` from a plain ``lm_head``
+    weight: refuse a bad chunk size, a wrapped head or another loss function."""
+    if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
+        raise ValueError(
+            f"apply_memory_policy: loss_chunk_tokens={chunk_tokens!r} must be an int >= 1 "
+            "(tokens per chunk of the fused loss) or None (transformers' loss)"
+        )
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    for name, causal_lm in causal_lms:
+        head = causal_lm.get_output_embeddings()
+        where = f"{name}.lm_head" if name else "lm_head"
+        if type(head) is not nn.Linear:
+            raise ValueError(
+                f"apply_memory_policy: loss_chunk_tokens={chunk_tokens} computes the loss from "
+                f"{where}'s weight and serves a plain nn.Linear head; {where} is a "
+                f"{type(head).__name__} (a PEFT adapter or modules_to_save on the head?): pass "
+                "loss_chunk_tokens=None for transformers' loss"
+            )
+        if causal_lm.loss_function is not ForCausalLMLoss:
+            raise ValueError(
+                f"apply_memory_policy: loss_chunk_tokens={chunk_tokens} computes transformers' "
+                f"ForCausalLMLoss; {name or type(causal_lm).__name__} has loss_function "
+                f"{getattr(causal_lm.loss_function, '__name__', causal_lm.loss_function)!r}: "
+                "pass loss_chunk_tokens=None to keep it"
+            )
+
+
 def _compression_targets(model: nn.Module, family: Family) -> list[str]:
     """Full names of the trainable ``nn.Linear`` that read the input of a compressed projection
     (the projection itself, or its PEFT LoRA A)."""
@@ -564,9 +671,13 @@ def apply_memory_policy(
     model: nn.Module,
     policy: str | Mapping[str, Any] | StoragePolicy = "exact",
     compression: CompressionConfig | None = None,
+    loss_chunk_tokens: int | None = 1024,
 ) -> nn.Module:
     """Patch ``model`` (a transformers Llama / Mistral / Qwen2 model, PEFT-wrapped or not) in
     place so each kind of saved tensor follows ``policy`` (see the module doc); returns it.
+    ``loss_chunk_tokens``: the causal LM's training loss runs
+    :func:`actcomp_dist.hf.loss.linear_cross_entropy` this many tokens at a time and keeps no
+    logits (``None``: transformers' own loss, which keeps fp32 log-probabilities ``[N, V]``).
 
     Everything is validated before anything is patched: an unsupported model, a policy a
     module cannot take, or a bad preset raises ``ValueError`` and leaves ``model`` untouched.
@@ -605,6 +716,9 @@ def apply_memory_policy(
             f"{ {k: getattr(policy, k) for k in recomputing} }: a re-run sublayer or layer keeps "
             "nothing of its linears' inputs, there is nothing to compress; choose one"
         )
+    causal_lms = [(n, m) for n, m in modules if _original(type(m)) is family.causal_lm]
+    if loss_chunk_tokens is not None:
+        _check_fused_loss(causal_lms, loss_chunk_tokens)
     low_rank_norms, consumers = [], []
     if policy.norm != "keep":
         if compression is not None:
@@ -652,6 +766,12 @@ def apply_memory_policy(
             continue
         layer.__class__ = _layer_class(family)
         layer._actcomp_block_input = policy.storage("block_input")
+    for _, causal_lm in causal_lms:
+        if loss_chunk_tokens is None:
+            causal_lm.__class__ = family.causal_lm
+            continue
+        causal_lm.__class__ = _patched_class(family.causal_lm, _LinearCrossEntropyCausalLM)
+        causal_lm._actcomp_loss_chunk_tokens = loss_chunk_tokens
     if targets:
         compress_linears(model, compression, include=targets)
     return model

@@ -18,6 +18,7 @@ rounding of the largest value: both round the same quantities in reductions of t
 lengths, with bit-identical factors since the forward is bit-identical; a wrong wiring would
 be off by the size of the approximation, R = 4 of 64 columns here). Bytes: exact counts
 against closed forms.
+Policies applied with ``loss_chunk_tokens=None`` (transformers' loss; see test_hf_policy).
 """
 
 from __future__ import annotations
@@ -125,7 +126,9 @@ def test_modes_follow_loract_rules_against_float64(mode, lora):
     loss, _ = _loss_and_grads(model, tokens)
     reference = _rule_grads(model, tokens, mode, torch.float64)
     rule32 = _rule_grads(model, tokens, mode, torch.float32)
-    apply_memory_policy(model, LAYER_MODE if mode == "layer" else SUBLAYER_MODE)
+    apply_memory_policy(
+        model, LAYER_MODE if mode == "layer" else SUBLAYER_MODE, loss_chunk_tokens=None
+    )
     patched_loss, patched = _loss_and_grads(model, tokens)
     assert torch.equal(patched_loss, loss)  # the forward is exact
     _assert_as_accurate_as_unpatched(patched, rule32, reference, torch.float32, mode)
@@ -140,9 +143,9 @@ def test_modes_compose_with_hf_gradient_checkpointing(mode, reentrant, lora):
     tokens = _tokens()
     build = make_lora_model if lora else make_model
     policy = LAYER_MODE if mode == "layer" else SUBLAYER_MODE
-    plain = apply_memory_policy(build(), policy)
+    plain = apply_memory_policy(build(), policy, loss_chunk_tokens=None)
     loss, grads = _loss_and_grads(plain, tokens)
-    model = apply_memory_policy(build(), policy)
+    model = apply_memory_policy(build(), policy, loss_chunk_tokens=None)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     if lora and reentrant and mode == "sublayer":
         model.enable_input_require_grads()  # HF's reentrant checkpoint needs it (not ours)
@@ -169,10 +172,10 @@ def test_layer_mode_keeps_the_input_factors_only():
     """Per decoder layer ``(N + h) R`` elements (``L``, ``Q``) and nothing else of the layer;
     ``exact`` under HF gradient checkpointing keeps the ``N h`` input instead."""
     tokens = _tokens()
-    model = apply_memory_policy(make_lora_model(), "exact")
+    model = apply_memory_policy(make_lora_model(), "exact", loss_chunk_tokens=None)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     assert _layer_bytes(model, tokens) == 4 * LAYERS * TOKENS * HIDDEN
-    apply_memory_policy(model, LAYER_MODE)  # takes HF checkpointing's place
+    apply_memory_policy(model, LAYER_MODE, loss_chunk_tokens=None)  # takes HF checkpointing's place
     assert _layer_bytes(model, tokens) == 4 * LAYERS * (TOKENS + HIDDEN) * RANK + ROPE_BYTES
     model.gradient_checkpointing_disable()
     assert _layer_bytes(model, tokens) == 4 * LAYERS * (TOKENS + HIDDEN) * RANK + ROPE_BYTES
@@ -184,24 +187,26 @@ def test_sublayer_mode_keeps_one_factorisation_per_norm():
     nothing upstream to differentiate: it keeps no ``rstd`` (its factors are still kept, by
     the attention that reads them)."""
     tokens = _tokens()
-    model = apply_memory_policy(make_lora_model(), SUBLAYER_MODE)
+    model = apply_memory_policy(make_lora_model(), SUBLAYER_MODE, loss_chunk_tokens=None)
     per_norm = TOKENS + (TOKENS + HIDDEN) * RANK
     expected = 4 * (2 * LAYERS * per_norm - TOKENS) + ROPE_BYTES
     assert _layer_bytes(model, tokens) == expected
-    full = apply_memory_policy(make_model(), SUBLAYER_MODE)
+    full = apply_memory_policy(make_model(), SUBLAYER_MODE, loss_chunk_tokens=None)
     assert _layer_bytes(full, tokens) == 4 * 2 * LAYERS * per_norm + ROPE_BYTES
 
 
 def test_preset_ranks_and_refusals():
     model = make_lora_model()
-    apply_memory_policy(model, "loract-sublayer")
+    apply_memory_policy(model, "loract-sublayer", loss_chunk_tokens=None)
     norm = model.base_model.model.model.layers[0].input_layernorm
     assert norm._actcomp_norm.rank == HIDDEN // 8
-    apply_memory_policy(model, "loract-layer")
+    apply_memory_policy(model, "loract-layer", loss_chunk_tokens=None)
     assert model.base_model.model.model.layers[0]._actcomp_block_input.rank == HIDDEN // 8
     classes = [type(m) for m in model.modules()]
     with pytest.raises(ValueError, match="nothing to compress"):
-        apply_memory_policy(model, LAYER_MODE, compression=CompressionConfig("compact"))
+        apply_memory_policy(
+            model, LAYER_MODE, compression=CompressionConfig("compact"), loss_chunk_tokens=None
+        )
     with pytest.raises(ValueError, match="memory.policy.norm='recompute' is not served"):
-        apply_memory_policy(model, {"norm": "recompute"})
+        apply_memory_policy(model, {"norm": "recompute"}, loss_chunk_tokens=None)
     assert [type(m) for m in model.modules()] == classes

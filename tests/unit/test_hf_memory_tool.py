@@ -1,6 +1,8 @@
 """tools/hf_memory.py: the measured saved bytes of ``lora+exact`` against ``lora`` equal the
 closed form of tests/unit/test_hf_peft.py (norms whose input needs a gradient: one hidden-sized
-tensor each; per MLP two intermediate-sized tensors), at the tool's own shapes."""
+tensor each; per MLP two intermediate-sized tensors), at the tool's own shapes, with
+transformers' loss (``--loss-chunk-tokens 0``; the fused loss's bytes are tested in
+tests/unit/test_hf_loss.py); runs of single seeds merged give the joint run's summary."""
 
 from __future__ import annotations
 
@@ -16,15 +18,38 @@ def test_tool_measures_the_closed_form_saving(tmp_path):
             "--steps", "2", "--warmup", "1", "--variants", "lora", "lora+exact",
             "--layers", str(layers), "--hidden", str(hidden), "--intermediate",
             str(intermediate), "--rank", str(rank), "--batch", str(batch), "--words",
-            str(words), "--out", str(tmp_path),
+            str(words), "--loss-chunk-tokens", "0", "--seeds", "0", "1", "--heldout-rows",
+            "3", "--out", str(tmp_path),
         ]
     )  # fmt: skip
-    results = json.loads((tmp_path / "results.json").read_text())["results"]
+    saved = json.loads((tmp_path / "results.json").read_text())
+    results = saved["results"]
+    assert sorted(saved["seeds"]) == ["0", "1"]
     tokens = batch * (2 * words + 2)
     saving = 4 * tokens * ((2 * layers - 1) * hidden + layers * 2 * intermediate)
     assert results["lora"]["saved_bytes"] - results["lora+exact"]["saved_bytes"] == saving
     assert results["lora+exact"]["final_loss"] > 0
     assert "| lora+exact |" in (tmp_path / "results.md").read_text()
+    # One process per seed, merged: the same numbers as one run of both seeds (each seed's run
+    # is deterministic on one thread), timings aside.
+    single = []
+    for seed in ("0", "1"):
+        out = tmp_path / f"seed{seed}"
+        main(
+            [
+                "--steps", "2", "--warmup", "1", "--variants", "lora", "lora+exact",
+                "--layers", str(layers), "--hidden", str(hidden), "--intermediate",
+                str(intermediate), "--rank", str(rank), "--batch", str(batch), "--words",
+                str(words), "--loss-chunk-tokens", "0", "--seeds", seed, "--heldout-rows", "3",
+                "--out", str(out),
+            ]
+        )  # fmt: skip
+        single.append(str(out / "results.json"))
+    main(["--merge", *single, "--out", str(tmp_path / "merged")])
+    merged = json.loads((tmp_path / "merged" / "results.json").read_text())["results"]
+    for name, row in results.items():
+        for metric in ("saved_bytes", "final_loss", "final_loss_sd", "heldout_loss", "last_loss"):
+            assert merged[name][metric] == row[metric], (name, metric)
 
 
 def test_tool_fine_tunes_a_pretrained_directory(tmp_path):

@@ -42,7 +42,7 @@ def make_lora_model(family: str = "llama", seed: int = 0, policy_first: bool = F
     )
     base = make_model(family, seed)
     if policy_first:
-        apply_memory_policy(base, "exact")
+        apply_memory_policy(base, "exact", loss_chunk_tokens=None)
     torch.manual_seed(seed + 1)
     return peft.get_peft_model(base, config)
 
@@ -69,7 +69,7 @@ def test_lora_exact_equals_unpatched_and_keeps_what_is_predicted(order):
         reference_model, lambda: _loss(reference_model, tokens)
     )
     if order == "peft_first":
-        model = apply_memory_policy(make_lora_model(), "exact")
+        model = apply_memory_policy(make_lora_model(), "exact", loss_chunk_tokens=None)
     else:
         model = make_lora_model(policy_first=True)
     patched_loss, patched_grads = _loss_and_grads(model, tokens)
@@ -101,7 +101,12 @@ def test_include_lora_a_matches_peft_modules_and_names_sites():
 
 def test_policy_compression_compresses_lora_a_inputs_only():
     model = make_lora_model()
-    apply_memory_policy(model, "exact", compression=CompressionConfig(method="compact", rank=4))
+    apply_memory_policy(
+        model,
+        "exact",
+        compression=CompressionConfig(method="compact", rank=4),
+        loss_chunk_tokens=None,
+    )
     compressed = [n for n, m in model.named_modules() if isinstance(m, CompressedLinear)]
     leaves = ALL_LINEAR[:3] + ALL_LINEAR[4:]  # not o_proj
     assert sorted(compressed) == sorted(
@@ -124,7 +129,7 @@ def test_hf_gradient_checkpointing(reentrant, lora):
     reference_model = build()
     loss, grads = _loss_and_grads(reference_model, tokens)
     reference = _float64_grads(reference_model, tokens)
-    model = apply_memory_policy(build(), "exact")
+    model = apply_memory_policy(build(), "exact", loss_chunk_tokens=None)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     if lora and reentrant:
         model.enable_input_require_grads()  # reentrant checkpointing needs a grad-requiring input
@@ -140,7 +145,7 @@ def test_bf16_autocast(lora):
     reference_model = build()
     loss, grads = _loss_and_grads(reference_model, tokens, autocast=True)
     reference = _float64_grads(reference_model, tokens)
-    model = apply_memory_policy(build(), "exact")
+    model = apply_memory_policy(build(), "exact", loss_chunk_tokens=None)
     patched_loss, patched_grads = _loss_and_grads(model, tokens, autocast=True)
     assert torch.equal(patched_loss, loss)
     _assert_as_accurate_as_unpatched(patched_grads, grads, reference, torch.bfloat16)
@@ -161,7 +166,10 @@ def test_lora_dropout_is_replayed_in_the_recomputed_down_projection():
 
     tokens = _tokens()
     results = {}
-    for name, model in (("unpatched", build()), ("exact", apply_memory_policy(build(), "exact"))):
+    for name, model in (
+        ("unpatched", build()),
+        ("exact", apply_memory_policy(build(), "exact", loss_chunk_tokens=None)),
+    ):
         torch.manual_seed(5)
         loss, grads = _loss_and_grads(model, tokens)
         results[name] = (loss, grads, torch.get_rng_state())
@@ -189,7 +197,7 @@ def test_bf16_8bit_and_low_rank_policies(mode, lora):
         model = build()
         if not autocast:
             model = model.to(torch.bfloat16)
-        apply_memory_policy(model, policy)
+        apply_memory_policy(model, policy, loss_chunk_tokens=None)
         loss, grads = _loss_and_grads(model, tokens, autocast=autocast)
         return loss, torch.cat([g.float().reshape(-1) for g in grads.values()])
 

@@ -16,6 +16,11 @@ References:
   bounds against float64 are tested in tests/unit/test_storage_policies.py.
 - **Memory**: exact saved-byte counts (``actcomp_dist.memory``) against closed forms derived in
   each test from what each op keeps.
+
+The policies are applied with ``loss_chunk_tokens=None`` (transformers' own loss) here and in
+the other block tests (test_hf_peft, test_hf_loract, test_hf_loract_modes): they test the
+blocks, whose forward is bit-identical. The fused loss that ``apply_memory_policy`` applies by
+default is tested against transformers' loss in tests/unit/test_hf_loss.py.
 """
 
 from __future__ import annotations
@@ -112,7 +117,7 @@ def test_exact_losses_and_grads_equal_unpatched(family):
     model, tokens = make_model(family), _tokens()
     loss, grads = _loss_and_grads(model, tokens)
     reference = _float64_grads(model, tokens)
-    apply_memory_policy(model, "exact")
+    apply_memory_policy(model, "exact", loss_chunk_tokens=None)
     patched_loss, patched_grads = _loss_and_grads(model, tokens)
     assert torch.equal(patched_loss, loss)
     _assert_as_accurate_as_unpatched(patched_grads, grads, reference, torch.float32, family)
@@ -131,7 +136,7 @@ def _exact_saving_full_finetuning(layers=LAYERS, tokens=TOKENS, bytes_per=4) -> 
 def test_exact_saved_bytes_closed_form(family):
     model, tokens = make_model(family), _tokens()
     before = saved_activation_bytes_by_module(model, lambda: _loss(model, tokens))
-    apply_memory_policy(model, "exact")
+    apply_memory_policy(model, "exact", loss_chunk_tokens=None)
     after = saved_activation_bytes_by_module(model, lambda: _loss(model, tokens))
     assert sum(before.values()) - sum(after.values()) == _exact_saving_full_finetuning()
     for layer in range(LAYERS):
@@ -166,11 +171,11 @@ def _attention_saved_bytes(policy: StoragePolicy) -> int:
 @pytest.mark.parametrize("bits", ["int8", "fp8"])
 def test_8bit_policies_forward_unchanged_grads_bounded_bytes_exact(family, bits):
     model, tokens = make_model(family), _tokens()
-    apply_memory_policy(model, "exact")
+    apply_memory_policy(model, "exact", loss_chunk_tokens=None)
     exact_loss, exact_grads = _loss_and_grads(model, tokens)
     exact_bytes = saved_activation_bytes(lambda: _loss(model, tokens))
     policy = StoragePolicy(attention=bits, swiglu=bits)
-    apply_memory_policy(model, {"attention": bits, "swiglu": bits})
+    apply_memory_policy(model, {"attention": bits, "swiglu": bits}, loss_chunk_tokens=None)
     loss, grads = _loss_and_grads(model, tokens)
     assert torch.equal(loss, exact_loss)
     flat = torch.cat([grads[n].reshape(-1) for n in exact_grads])
@@ -188,7 +193,7 @@ def test_8bit_policies_forward_unchanged_grads_bounded_bytes_exact(family, bits)
 
 def test_8bit_attention_refuses_a_padding_mask():
     model = make_model()
-    apply_memory_policy(model, {"attention": "int8"})
+    apply_memory_policy(model, {"attention": "int8"}, loss_chunk_tokens=None)
     tokens = _tokens()
     mask = torch.ones_like(tokens)
     mask[0, -3:] = 0
@@ -219,7 +224,7 @@ def test_bad_policies_are_refused_and_nothing_is_patched(policy, match):
     model = make_model()
     classes = _classes(model)
     with pytest.raises(ValueError, match=match):
-        apply_memory_policy(model, policy)
+        apply_memory_policy(model, policy, loss_chunk_tokens=None)
     assert _classes(model) == classes
 
 
@@ -228,7 +233,7 @@ def test_unsupported_models_are_refused_and_nothing_is_patched():
         transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)
     )
     with pytest.raises(ValueError, match="GPT2LMHeadModel has no supported decoder layer.*Llama"):
-        apply_memory_policy(gpt2, "exact")
+        apply_memory_policy(gpt2, "exact", loss_chunk_tokens=None)
     qwen3 = transformers.Qwen3ForCausalLM(
         transformers.Qwen3Config(
             vocab_size=64,
@@ -242,10 +247,10 @@ def test_unsupported_models_are_refused_and_nothing_is_patched():
     )
     classes = _classes(qwen3)
     with pytest.raises(ValueError, match="Qwen3DecoderLayer, not a supported decoder layer"):
-        apply_memory_policy(qwen3, "exact")
+        apply_memory_policy(qwen3, "exact", loss_chunk_tokens=None)
     assert _classes(qwen3) == classes
     gelu = make_model(hidden_act="gelu")
     classes = _classes(gelu)
     with pytest.raises(ValueError, match="hidden_act='gelu'"):
-        apply_memory_policy(gelu, "exact")
+        apply_memory_policy(gelu, "exact", loss_chunk_tokens=None)
     assert _classes(gelu) == classes

@@ -1,0 +1,215 @@
+"""The fused output layer + cross-entropy of ``apply_memory_policy(..., loss_chunk_tokens=N)``
+(:mod:`actcomp_dist.hf.loss`) against transformers' own ``ForCausalLMLoss``.
+
+References:
+
+- **Loss**: both the fused and transformers' loss are evaluated in fp32 from the same fp32 hidden
+  states (the ``exact`` blocks' forward is bit-identical to the unpatched one), so they are two
+  roundings of one quantity: per labelled token ``logsumexp_v(z) - z_y`` with ``z = h W^T``,
+  then the sum over the ``n`` labelled tokens over the normaliser. ``logsumexp`` and ``z_y``
+  move by at most ``max_v |dz_v|`` each when the logits are rounded, ``|dz_v| <= gamma_h
+  (|h| |W|^T)_v``; the fp32 log-sum-exp and the sum add ``gamma_{V + n}`` of ``|lse| + |z_y|``
+  (:func:`_loss_bound`; each evaluation within it of the exact value, so they differ by at
+  most twice it). A wrong term (a token counted twice, a wrong normaliser) moves the loss by
+  about ``loss / n``, far above that bound in fp32. Under bf16 autocast the logits' own
+  rounding (``3 u_bf16`` of ``|h| |W|``) makes the bound about ``loss / n`` at these shapes: that
+  test catches a wrong normaliser or a missing upcast, not one token.
+- **Gradients**: the same closed form ``(softmax - onehot) / normaliser`` propagated through
+  the same GEMMs, a chunk of rows at a time. Both are compared with the unpatched model run in
+  float64: the patched error must be no larger than twice the unpatched one plus one rounding
+  of the largest reference value
+  (:func:`tests.unit.test_hf_policy._assert_as_accurate_as_unpatched`).
+- **Memory**: exact bytes. The causal LM's own forward (where the fused function runs) keeps
+  ``dh`` of the labelled tokens ``[n, h]`` and a bool mask ``[N]``, plus ``dW`` ``[V, h]``
+  when the head is trained; nothing else in the model changes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from actcomp_dist.hf import apply_memory_policy
+from actcomp_dist.memory import saved_activation_bytes_by_module
+from tests.helpers.tolerances import UNIT_ROUNDOFF, gamma
+from tests.unit.test_hf_peft import make_lora_model
+from tests.unit.test_hf_policy import (
+    BATCH,
+    HIDDEN,
+    SEQ,
+    VOCAB,
+    _assert_as_accurate_as_unpatched,
+    _tokens,
+    make_model,
+)
+
+peft = pytest.importorskip("peft")
+PROMPT = 5  # labels -100 on the first PROMPT tokens of every row, as a prompt / response task
+
+
+def _labels(tokens: torch.Tensor) -> torch.Tensor:
+    labels = tokens.clone()
+    labels[:, :PROMPT] = -100
+    return labels
+
+
+def _labelled_tokens(labels: torch.Tensor) -> int:
+    """Tokens with a label after transformers' shift (token t predicts label t + 1)."""
+    return int((labels[:, 1:] != -100).sum())
+
+
+def _run(model, tokens, labels, autocast=False, **kwargs):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = model(input_ids=tokens, labels=labels, **kwargs).loss
+    loss.backward()
+    values = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    values["loss"] = loss.detach().reshape(1)
+    return values
+
+
+def _loss_bound(model, tokens, labels, num_items, autocast=False) -> float:
+    """Twice the rounding bound of the loss from the model's hidden states (module docstring):
+    the logits' error times ``A = sum_i 2 max_v (|h_i| |W|^T)_v`` plus the fp32 log-sum-exp
+    and sum's ``gamma_{V + n} B``, ``B = sum_i |lse_i| + |z_yi|``, both over the normaliser.
+    Under bf16 autocast the logits' error is the rounding of ``h``, ``W`` and ``z`` to bf16
+    (``3 u_bf16``) plus the fp32 accumulation of the GEMM (as PyTorch's bf16 GEMMs
+    accumulate)."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    with torch.no_grad():
+        hidden = causal_lm.model(input_ids=tokens).last_hidden_state.double()
+    weight = causal_lm.lm_head.weight.detach().double()
+    target = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+    rows, picked = hidden[target != -100], target[target != -100]  # [n, h], [n]
+    normaliser = rows.shape[0] if num_items is None else num_items
+    z = rows @ weight.t()  # [n, V]
+    logits_part = 2 * (rows.abs() @ weight.abs().t()).amax(1).sum().item() / normaliser
+    lse_part = torch.logsumexp(z, 1).abs() + z.gather(1, picked[:, None]).abs().squeeze(1)
+    lse_part = lse_part.sum().item() / normaliser
+    logits_rounding = gamma(weight.shape[1], torch.float32)
+    if autocast:
+        logits_rounding += 3 * UNIT_ROUNDOFF[torch.bfloat16]
+    reduction = weight.shape[0] + rows.shape[0]
+    return 2 * (logits_rounding * logits_part + gamma(reduction, torch.float32) * lse_part)
+
+
+def _build(kind: str):
+    if kind == "lora":
+        return make_lora_model()
+    return make_model(tie_word_embeddings=kind == "full_tied")
+
+
+@pytest.mark.parametrize("kind", ["lora", "full", "full_tied"])
+@pytest.mark.parametrize("chunk", [1, 7, 1024])
+@pytest.mark.parametrize("num_items", [None, 11])
+def test_fused_loss_as_accurate_as_transformers_loss(kind, chunk, num_items):
+    """Chunks of one token, of a size that does not divide the labelled tokens, and one chunk;
+    the Trainer's ``num_items_in_batch`` normaliser or the mean; a frozen head (LoRA), a trained
+    one, and one tied to the input embedding."""
+    tokens = _tokens()
+    labels = _labels(tokens)
+    kwargs = {} if num_items is None else {"num_items_in_batch": torch.tensor(num_items)}
+    model = _build(kind)
+    unpatched = _run(model, tokens, labels, **kwargs)
+    reference = _run(_build(kind).double(), tokens, labels, **kwargs)
+    apply_memory_policy(model, "exact", loss_chunk_tokens=chunk)
+    patched = _run(model, tokens, labels, **kwargs)
+    loss, unpatched_loss = patched.pop("loss"), unpatched.pop("loss")
+    bound = _loss_bound(model, tokens, labels, num_items)
+    assert (loss - unpatched_loss).abs().item() <= bound, (loss, unpatched_loss, bound)
+    del reference["loss"]
+    _assert_as_accurate_as_unpatched(patched, unpatched, reference, torch.float32, kind)
+
+
+@pytest.mark.parametrize("kind", ["lora", "full"])
+def test_fused_loss_under_bf16_autocast(kind):
+    """The head's GEMM in bf16 under autocast, as transformers' ``lm_head``; the loss in fp32."""
+    tokens = _tokens()
+    labels = _labels(tokens)
+    model = _build(kind)
+    unpatched = _run(model, tokens, labels, autocast=True)
+    reference = _run(_build(kind).double(), tokens, labels)
+    apply_memory_policy(model, "exact")
+    patched = _run(model, tokens, labels, autocast=True)
+    loss, unpatched_loss = patched.pop("loss"), unpatched.pop("loss")
+    bound = _loss_bound(model, tokens, labels, None, autocast=True)
+    assert (loss - unpatched_loss).abs().item() <= bound, (loss, unpatched_loss, bound)
+    del reference["loss"]
+    _assert_as_accurate_as_unpatched(patched, unpatched, reference, torch.bfloat16, kind)
+
+
+@pytest.mark.parametrize("kind", ["lora", "full"])
+def test_fused_loss_keeps_no_logits(kind):
+    tokens = _tokens()
+    labels = _labels(tokens)
+    model = _build(kind)
+    apply_memory_policy(model, "exact", loss_chunk_tokens=None)
+    transformers_loss = saved_activation_bytes_by_module(
+        model, lambda: model(input_ids=tokens, labels=labels).loss
+    )
+    apply_memory_policy(model, "exact")
+    fused = saved_activation_bytes_by_module(
+        model, lambda: model(input_ids=tokens, labels=labels).loss
+    )
+    causal_lm = "base_model.model" if kind == "lora" else ""
+    tokens_total = BATCH * SEQ
+    # dh of the labelled tokens (fp32) and the bool mask of where they go; dW when trained.
+    expected = _labelled_tokens(labels) * HIDDEN * 4 + tokens_total
+    if kind == "full":
+        expected += VOCAB * HIDDEN * 4
+    assert fused[causal_lm] == expected
+    # transformers keeps at least the fp32 log-probabilities [N, V] there.
+    assert transformers_loss[causal_lm] >= tokens_total * VOCAB * 4
+    others = {name: n for name, n in fused.items() if name != causal_lm}
+    assert others == {name: n for name, n in transformers_loss.items() if name != causal_lm}
+
+
+def test_without_labels_or_grad_the_forward_is_transformers():
+    tokens = _tokens()
+    labels = _labels(tokens)
+    model = make_model()
+    with torch.no_grad():
+        logits = model(input_ids=tokens).logits
+        eval_loss = model(input_ids=tokens, labels=labels).loss
+    apply_memory_policy(model, "exact")
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=tokens).logits, logits)
+        out = model(input_ids=tokens, labels=labels)
+        assert torch.equal(out.loss, eval_loss) and torch.equal(out.logits, logits)
+    assert torch.equal(model(input_ids=tokens).logits, logits)
+    # Training: the loss only; no logits were formed for all tokens at once.
+    out = model(input_ids=tokens, labels=labels)
+    assert out.logits is None
+    as_tuple = model(input_ids=tokens, labels=labels, return_dict=False)
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == 1
+    assert torch.equal(as_tuple[0], out.loss)
+
+
+def _classes(model):
+    return [type(m) for m in model.modules()]
+
+
+@pytest.mark.parametrize("chunk", [0, True, 2.5, "1024"])
+def test_bad_chunk_sizes_are_refused_and_nothing_is_patched(chunk):
+    model = make_model()
+    classes = _classes(model)
+    with pytest.raises(ValueError, match="loss_chunk_tokens=.* must be an int >= 1"):
+        apply_memory_policy(model, "exact", loss_chunk_tokens=chunk)
+    assert _classes(model) == classes
+
+
+def test_a_wrapped_head_or_another_loss_is_refused_and_nothing_is_patched():
+    config = peft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    model = peft.get_peft_model(make_model(), config)
+    classes = _classes(model)
+    with pytest.raises(ValueError, match=r"base_model\.model\.lm_head is a ModulesToSaveWrapper"):
+        apply_memory_policy(model, "loract")
+    assert _classes(model) == classes
+    apply_memory_policy(model, "loract", loss_chunk_tokens=None)  # transformers' loss serves
+
+    model = make_model()
+    model.loss_function = lambda logits, labels, vocab_size, **kwargs: logits.sum()
+    classes = _classes(model)
+    with pytest.raises(ValueError, match="ForCausalLMLoss; LlamaForCausalLM has loss_function"):
+        apply_memory_policy(model, "exact")
+    assert _classes(model) == classes
