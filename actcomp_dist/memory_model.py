@@ -187,10 +187,19 @@ class ActivationPrediction:
 
     by_kind: dict[str, int]
     per_layer: list[int]  # bytes charged to each decoder block (layer-scoped kinds)
+    #: Bytes kept in host memory (``memory.policy`` ``offload``), by kind and per block; not
+    #: in ``total`` or ``per_layer``.
+    host_offload: dict[str, int] = field(default_factory=dict)
+    host_per_layer: list[int] = field(default_factory=list)
 
     @property
     def total(self) -> int:
+        """Device bytes."""
         return sum(self.by_kind.values())
+
+    @property
+    def host_total(self) -> int:
+        return sum(self.host_offload.values())
 
     @property
     def layers_total(self) -> int:
@@ -391,6 +400,40 @@ def _efficient_layer_saved(
     return dict(out)
 
 
+def _layer_host_offload(
+    model: ModelShape, compression: CompressionConfig, mode: str, setting: ActivationSetting
+) -> dict[str, int]:
+    """Host bytes one decoder block keeps under ``offload`` policies, by kind: the tensors the
+    device formulas above count as 0 bytes for an offloaded kind, whole, in their dtype."""
+    storage = setting.storage
+    if not storage.offloaded:
+        return {}
+    e, t = setting.dtype_bytes, setting.tensor_parallel
+    n_all = setting.tokens
+    n_res = n_all // t if setting.sp else n_all
+    h, d = model.hidden_size, model.head_dim
+    heads, groups = model.num_attention_heads // t, model.query_groups // t
+    ffn = model.ffn_hidden_size // t
+    out: dict[str, int] = defaultdict(int)
+    if mode == "full":
+        out["block_input"] = storage.host_bytes("block_input", n_res * h, e)
+        return dict(out)
+    out["norm"] = 2 * storage.host_bytes("norm", n_res * h, e)  # both block norms' outputs
+    if mode == "sublayer":
+        return dict(out)
+    if not storage.recomputes("swiglu"):
+        out["fc2"] = storage.host_bytes("swiglu", n_all * 2 * ffn, e)  # [gate | up]
+    if not storage.recomputes("attention"):
+        proj_input = 0 if _compressed("proj", compression) else n_all * heads * d
+        if mode == "none":
+            # q, k, v (the attention core) and the attention output (proj's input).
+            out["attention_core"] = storage.host_bytes(
+                "attention", n_all * (heads + 2 * groups) * d, e
+            )
+        out["proj"] = storage.host_bytes("attention", proj_input, e)
+    return {kind: nbytes for kind, nbytes in out.items() if nbytes}
+
+
 def predict_saved_activations(
     model: ModelShape,
     compression: CompressionConfig | None,
@@ -420,12 +463,17 @@ def predict_saved_activations(
         checkpointed = layers if ac_num_layers is None else min(ac_num_layers, layers)
 
     by_kind: dict[str, int] = defaultdict(int)
-    per_layer = []
+    host: dict[str, int] = defaultdict(int)
+    per_layer, host_per_layer = [], []
     rope_rows = setting.rope_positions or setting.seq_length
     rope_once = False  # the fp32 tables, shared by every block that keeps them
     for index in range(layers):
         mode = ac_mode if index < checkpointed else "none"
         saved = _layer_saved(model, compression, mode, setting)
+        offloaded = _layer_host_offload(model, compression, mode, setting)
+        for kind, nbytes in offloaded.items():
+            host[kind] += nbytes
+        host_per_layer.append(sum(offloaded.values()))
         if setting.efficient_ops:
             # The tables in the activation dtype (cached on the model), shared by every block
             # that keeps them: counted once, in the first.
@@ -466,7 +514,7 @@ def predict_saved_activations(
     if setting.loss_mask:
         loss += n_all * 4 + 4  # the float mask the losses are multiplied by, and its sum
     by_kind["loss"] = loss
-    return ActivationPrediction(dict(by_kind), per_layer)
+    return ActivationPrediction(dict(by_kind), per_layer, dict(host), host_per_layer)
 
 
 # -- model states -------------------------------------------------------------------------------

@@ -553,6 +553,18 @@ class LlamaModel(nn.Module):
                 f"CompressionConfig.sites has unknown site(s) {unknown}; the LLaMA model's "
                 f"sites are {list(SITES)}"
             )
+        for site in SITES:
+            if getattr(storage_policy, site) == "compress" and not (
+                compression.method != "none" and site in compression.sites
+            ):
+                # The run config resolves the policy into compression.sites (one place that
+                # decides what is compressed); a policy that disagrees is a caller's error.
+                raise ValueError(
+                    f"memory.policy.{site}='compress' but the compression (method "
+                    f"{compression.method!r}, sites {list(compression.sites)}) does not compress "
+                    f"{site!r}; resolve the policy into compression.sites "
+                    f"(actcomp_dist.storage.resolve_compressed_sites)"
+                )
         parallel = parallel or parallel_state.get_parallel_context()
         tp_group, tp_size = parallel.tp_group, parallel.tp_size
         check_tensor_parallel(config, tp_size)
