@@ -32,7 +32,9 @@ op:
   ``lowrank:R`` of ``swiglu`` keeps ``(N + 2f/t) k e`` for ``[gate | up]``, of ``norm``
   ``(N + h) k e`` per block norm instead of ``N h e``, 8-bit ``norm`` the 8-bit bytes of
   ``N h`` (``N/t`` tokens under SP; an uncompressed qkv / fc1 keeps the same packed tensors);
-  the final norm always keeps its output;
+  the final norm always keeps its output; ``offload`` keeps the structure of the 8-bit
+  policies with 0 device bytes per offloaded tensor, and the tensor whole (``numel e``) in host
+  memory, reported apart (:attr:`ActivationPrediction.host_offload`, not in ``total``);
 - a compressed site adds its compressed tensor (below);
 - ``selective`` checkpointing recomputes only the attention core (the rest already keeps one
   tensor): the fused QKV output instead of the core's tensors, and the proj input
@@ -353,7 +355,7 @@ def _efficient_layer_saved(
         return _site_saved(site, compression, width, tokens, setting)
 
     storage = setting.storage
-    attention_8bit = storage.quantizer("attention") is not None
+    attention_packed = storage.quantizer("attention") is not None  # 8-bit or offload
     out: dict[str, int] = defaultdict(int)
     # An uncompressed qkv / fc1 keeps the norm's output, or under ``norm: lowrank:R`` the same
     # factors: nothing of its own.
@@ -367,7 +369,7 @@ def _efficient_layer_saved(
     # The attention output as proj's input [N, H d / t]; packed by proj itself under an 8-bit
     # ``attention`` policy when proj is uncompressed.
     proj_input = storage.saved_bytes("attention", n_all * heads * d, heads * d, e)
-    if mode == "none" and attention_8bit:
+    if mode == "none" and attention_packed:
         # q, k, v packed (rows of d); neither the output nor the log-sum-exp is kept.
         q_and_kv = n_all * heads * d, n_all * groups * d
         out["attention_core"] = storage.saved_bytes(

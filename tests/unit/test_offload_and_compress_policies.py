@@ -272,3 +272,19 @@ def test_fc2_compress_policy_builds_the_model_of_compression_sites_fc2(single_ra
     assert saved_a.by_kind["fc2"] > 0 and saved_a.by_kind.get("qkv", 0) == 0
     assert torch.equal(loss_a, loss_b)
     assert all(torch.equal(grads_a[n], grads_b[n]) for n in grads_b)
+
+
+def test_uncompressed_variant_drops_the_compress_policies_it_cannot_serve():
+    """A ``none`` variant of a config that compresses through ``memory.policy`` runs it
+    uncompressed (``compress`` with method ``none`` would be refused); a compressing variant
+    keeps the policy, so its sites stay the config's."""
+    raw = {
+        "compression": {"method": "compact", "rank": 0.25},
+        "memory": {"policy": {"fc2": "compress", "swiglu": "int8"}},
+    }
+    none, compact = parse_variants("none,compact:0.125")
+    applied = none.apply(raw)
+    assert applied["memory"]["policy"] == {"swiglu": "int8"}
+    assert run_config_from_dict(applied).compression.method == "none"
+    assert run_config_from_dict(compact.apply(raw)).compression.sites == ("fc2",)
+    assert raw["memory"]["policy"]["fc2"] == "compress"  # the base config is not changed
