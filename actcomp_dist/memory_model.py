@@ -743,14 +743,19 @@ class MemoryPlan:
     transient: int
     reserve: int
     gpu_memory: int
+    #: Pinned host memory per GPU for ``offload`` (``None``: not checked).
+    host_memory: int | None = None
 
     @property
     def total(self) -> int:
+        """Device bytes at the peak."""
         return self.states.total + self.activations.total + self.transient + self.reserve
 
     @property
     def fits(self) -> bool:
-        return self.total <= self.gpu_memory
+        """The peak fits the GPU and the offloaded activations fit ``host_memory``."""
+        host_fits = self.host_memory is None or self.activations.host_total <= self.host_memory
+        return self.total <= self.gpu_memory and host_fits
 
 
 def transient_bytes(
@@ -791,9 +796,11 @@ def plan_memory(
     gpu_memory: int = 80 * 10**9,
     reserve: int = 2 * 2**30,
     reduce_bucket_size: int = 500_000_000,
+    host_memory: int | None = None,
 ) -> MemoryPlan:
     """Everything one GPU holds at the peak of a step; ``reserve`` covers the CUDA context,
-    communication buffers and allocator fragmentation."""
+    communication buffers and allocator fragmentation. ``host_memory``: the pinned host
+    memory one GPU's offloaded activations may take (``None``: not checked)."""
     states = predict_model_states(
         model,
         compression,
@@ -805,7 +812,7 @@ def plan_memory(
     )
     activations = predict_saved_activations(model, compression, setting, ac_mode, ac_num_layers)
     transient = transient_bytes(model, compression, setting, ac_mode)
-    return MemoryPlan(states, activations, transient, reserve, gpu_memory)
+    return MemoryPlan(states, activations, transient, reserve, gpu_memory, host_memory)
 
 
 def largest_micro_batch(plan_for, limit: int = 1 << 16) -> int:

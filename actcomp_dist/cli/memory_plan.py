@@ -83,6 +83,12 @@ def parse_size(text: str, option: str) -> int:
     return int(float(match.group(1)) * _UNITS[unit])
 
 
+def _fit_label(plan) -> str:
+    if plan.fits:
+        return "fits"
+    return "OOM" if plan.total > plan.gpu_memory else "host OOM"
+
+
 def _int_list(text: str, option: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -119,6 +125,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="2GiB",
         help="kept free per GPU for the CUDA context, communication buffers and "
         "fragmentation (default 2GiB)",
+    )
+    parser.add_argument(
+        "--host-memory",
+        default="256GB",
+        help="pinned host memory per GPU the offload variants may fill (default 256GB: a "
+        "DGX H100's 2 TB over its 8 GPUs); a variant whose offloaded activations exceed it "
+        "does not fit",
     )
     parser.add_argument(
         "--budget",
@@ -350,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.budget is not None:
             gpu_memory = parse_size(args.budget, "--budget")
         reserve = parse_size(args.reserve, "--reserve")
+        host_memory = parse_size(args.host_memory, "--host-memory")
         memory_bandwidth = parse_size(args.mem_bw, "--mem-bw")
         host_bandwidth = parse_size(args.host_bw, "--host-bw")
         args.peak_tflops = _number(args.peak_tflops, "--peak-tflops")
@@ -425,6 +439,7 @@ def main(argv: list[str] | None = None) -> int:
             data_parallel=dp,
             gpu_memory=gpu_memory,
             reserve=reserve,
+            host_memory=host_memory,
             reduce_bucket_size=bucket,
         )
 
@@ -500,6 +515,7 @@ def main(argv: list[str] | None = None) -> int:
         "precision": precision,
         "micro_batch": micro_batch,
         "reserve": reserve,
+        "host_memory": host_memory,
         "seq_lengths": seq_lengths,
         "variants": [v.name for v in variants],
         "cost_model": {
@@ -602,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
         report["max_micro_batch"][name] = dict(zip(map(str, seq_lengths), batches, strict=True))
         report["step_time_ratio"][name] = dict(zip(map(str, seq_lengths), ratios, strict=True))
         activation_rows.append([name] + [_gb(p.activations.total) for p in plans])
-        peak_rows.append([name] + [f"{_gb(p.total)} {'fits' if p.fits else 'OOM'}" for p in plans])
+        peak_rows.append([name] + [f"{_gb(p.total)} {_fit_label(p)}" for p in plans])
         batch_rows.append([name] + [str(b) for b in batches])
         time_rows.append([name] + [_ratio_text(r) for r in ratios])
     lines += _table(
@@ -613,7 +629,7 @@ def main(argv: list[str] | None = None) -> int:
     if host_rows:
         lines += _table(
             f"Host memory per micro-batch per GPU (GB), offloaded (pinned; not in the peak), "
-            f"micro-batch {micro_batch}:",
+            f"micro-batch {micro_batch}, vs --host-memory {host_memory / 1e9:g} GB:",
             header,
             host_rows,
         )

@@ -67,7 +67,7 @@ def _step(model, variant: str, seq: int = 4096, batch: int = 8, device=None):
 
 
 def test_json_equals_the_memory_model_called_directly(memory_plan, tmp_path):
-    variants, seqs = "none,ac_full,int8,compact:0.25", [1024, 4096]
+    variants, seqs = "none,ac_full,int8,compact:0.25,offload,ac_full_offload", [1024, 4096]
     report = _run(
         memory_plan,
         tmp_path,
@@ -89,6 +89,7 @@ def test_json_equals_the_memory_model_called_directly(memory_plan, tmp_path):
                 ac_mode=variant.ac_mode,
                 zero_stage=1,
                 data_parallel=8,
+                host_memory=256 * 10**9,  # --host-memory's default
             )
 
         states = predict_model_states(model, compression, zero_stage=1, data_parallel=8)
@@ -99,6 +100,11 @@ def test_json_equals_the_memory_model_called_directly(memory_plan, tmp_path):
             assert report["saved_activations"][name][str(seq)] == expected.activations.total
             assert report["peak"][name][str(seq)] == expected.total
             assert report["fits"][name][str(seq)] == expected.fits
+            if variant.offloads:
+                host = report["host_offload"][name][str(seq)]
+                assert host == expected.activations.host_total > 0
+            else:
+                assert name not in report["host_offload"]
             assert report["max_micro_batch"][name][str(seq)] == largest_micro_batch(
                 lambda b, seq=seq, plan=plan: plan(b, seq)
             )
@@ -106,6 +112,11 @@ def test_json_equals_the_memory_model_called_directly(memory_plan, tmp_path):
                 _step(model, name, seq).ratio(), rel=1e-12
             )
     assert report["budget_choice"] is None
+    # The offloaded activations outgrow host memory before the device: the largest
+    # micro-batch of ``offload`` is the host's limit.
+    host_limited = report["max_micro_batch"]["offload"]["4096"]
+    per_sample = report["host_offload"]["offload"]["4096"] / 8
+    assert host_limited == int(256 * 10**9 // per_sample)
 
 
 def test_budget_picks_the_fastest_variant_that_fits(memory_plan, tmp_path):
