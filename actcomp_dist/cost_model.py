@@ -29,7 +29,22 @@ divide everything by the TP size; it cancels in the ratio):
   (6 n k flops per token) and one QR of ``[n, k]`` per micro-batch (4 n k^2, spread over its
   tokens); an uncompressed qkv / fc1 reading the norm's factors takes its weight gradient as
   ``(g^T L) Q^T`` (2 m k + 2 m k h per micro-batch) instead of ``g^T X`` (2 m h), which is
-  negative work at small k. The QR's low arithmetic intensity is not modelled.
+  negative work at small k. The QR's low arithmetic intensity is not modelled. Under full
+  checkpointing ``memory.policy.block_input: lowrank:R`` (``ac_full_lowrank:R``) factorises
+  each checkpointed block's input (width h, k from h) the same way: ``Y = A^T A[:, S]``
+  (2 h k per token), ``L = A Q`` (2 h k), the reconstruction ``L Q^T`` in backward (2 h k)
+  and the QR of ``[h, k]`` (Householder ``2 h k^2`` plus forming the explicit ``Q`` another
+  ``2 h k^2``: 4 h k^2 per micro-batch); 8-bit ``block_input`` moves 6 bytes per element of
+  the block input as the 8-bit storage above;
+- ``transfer`` work (``offload``: the block norms' outputs, q, k, v, o and ``[gate | up]``
+  of every block, ``2 h + (2 H + 2 G) d + 2 f`` 16-bit elements per token and block; or the
+  block input, h per token and checkpointed block, under ``ac_full_offload``): each byte
+  crosses the host link (PCIe) twice at ``host_bandwidth`` per direction. The device-to-host
+  copies run on a side stream in forward and are modelled as *overlapped* with the forward
+  compute (a third of the model flops): only their excess over it counts. The host-to-device
+  copies run on the compute stream when backward needs each tensor (no prefetch), so they are
+  modelled as *not overlapped*: all of their time counts. An offloaded ``attention`` re-runs
+  the SDPA forward in backward (``4 L h s`` flops), counted here too.
 
 Assumptions: flop work runs at ``peak_tflops`` and byte work at ``memory_bandwidth`` (both
 at the same efficiency, so the ratio does not need the achieved MFU); communication, the
@@ -60,7 +75,12 @@ from actcomp_dist.training.flops import model_flops_per_token
 #: 3.35 TB/s; H200: 989 TFLOP/s, 4.8 TB/s; the smaller bandwidth is the default).
 DEFAULT_PEAK_TFLOPS = 989.0
 DEFAULT_MEMORY_BANDWIDTH = 3.35e12
-WORK_KINDS = ("recompute", "storage", "projection", "factorisation")
+#: Host link (PCIe) bandwidth per direction: what pinned copies reach on PCIe 4.0 x16 (32 GB/s
+#: peak); PCIe 5.0 x16 hosts (H100 / H200 SXM) reach about twice it.
+DEFAULT_HOST_BANDWIDTH = 25e9
+WORK_KINDS = ("recompute", "storage", "projection", "factorisation", "transfer")
+#: Bytes per offloaded element (16-bit activations).
+OFFLOAD_BYTES_PER_ELEMENT = 2
 #: Bytes moved per 8-bit stored element: quantise (read 2, write 1) + dequantise (read 1,
 #: write 2).
 STORAGE_BYTES_PER_ELEMENT = 6
@@ -75,6 +95,7 @@ RECOMPUTED_SITES = {
 class Device:
     peak_flops: float = DEFAULT_PEAK_TFLOPS * 1e12
     memory_bandwidth: float = DEFAULT_MEMORY_BANDWIDTH
+    host_bandwidth: float = DEFAULT_HOST_BANDWIDTH  # bytes/s host <-> device, per direction
 
 
 @dataclass(frozen=True)
@@ -103,9 +124,7 @@ def _factorisation_work(model, compression: CompressionConfig, storage: str, tok
     h, f = model.hidden_size, model.ffn_hidden_size
 
     def factorise(n: int) -> float:
-        k = packer.width(n)
-        # Gram A^T A[:, S], L = A Q, and L Q^T in backward; QR of [n, k] once per call.
-        return 6.0 * n * k + 4.0 * n * k * k / tokens
+        return _lowrank_factorisation(n, packer.width(n), tokens)
 
     k = packer.width(h)
     work = 2 * factorise(h) + factorise(2 * f)
@@ -119,6 +138,20 @@ def _factorisation_work(model, compression: CompressionConfig, storage: str, tok
     return work
 
 
+def _lowrank_factorisation(n: int, k: int, tokens: int) -> float:
+    """Flops per token of factorising a tensor of width ``n`` with ``k`` columns: the Gram
+    product ``A^T A[:, S]`` and ``L = A Q`` in forward, ``L Q^T`` in backward (2 n k each), and
+    one QR of ``[n, k]`` with its explicit ``Q`` (4 n k^2) per call of ``tokens`` tokens."""
+    return 6.0 * n * k + 4.0 * n * k * k / tokens
+
+
+def _transfer_seconds(bytes_per_token: float, forward_seconds: float, device: Device) -> float:
+    """Seconds per token of offloading ``bytes_per_token``: the backward host-to-device copies
+    in full, the forward device-to-host copies beyond the forward compute they overlap."""
+    one_way = bytes_per_token / device.host_bandwidth
+    return one_way + max(0.0, one_way - forward_seconds)
+
+
 def predict_step_time(
     model,
     compression: CompressionConfig,
@@ -128,12 +161,15 @@ def predict_step_time(
     ac_mode: str = "none",
     ac_num_layers: int | None = None,
     storage: str | None = None,
+    block_input: str | None = None,
     device: Device = Device(),
 ) -> StepTime | None:
     """Seconds per token of the counted work (module docstring); ``None`` for a compression
     method the model does not cover. ``storage``: a storage variant's policy (``int8``,
-    ``fp8``, or ``lowrank:R`` for the block norms and SwiGLU; ``recompute_attention`` /
-    ``recompute_swiglu``: that sublayer's forward once more)."""
+    ``fp8``, or ``lowrank:R`` for the block norms and SwiGLU; ``offload`` of the norms,
+    attention and SwiGLU; ``recompute_attention`` / ``recompute_swiglu``: that sublayer's
+    forward once more). ``block_input``: ``memory.policy.block_input`` under ``ac_mode``
+    ``full`` (``int8``, ``fp8``, ``offload``, ``lowrank:R``)."""
     if compression.method not in ("none", "compact"):
         return None
     L, h, s = model.num_layers, model.hidden_size, seq_length
@@ -146,16 +182,33 @@ def predict_step_time(
     elif ac_mode in ("full", "sublayer"):  # sublayer: the block less its norms (not counted)
         block = 2.0 * _block_matrix_weights(model) + attention_forward
         extra["recompute"] = checkpointed * block / flops
+    base = model_flops_per_token(model, seq_length) / flops
+    tokens = micro_batch_size * seq_length
+    offloaded_bytes = 0.0  # per token, every block
+    if ac_mode == "full" and block_input not in (None, "keep"):
+        if block_input.startswith("lowrank:"):
+            k = storage_for(block_input).width(h)
+            extra["factorisation"] += checkpointed * _lowrank_factorisation(h, k, tokens) / flops
+        elif block_input == "offload":
+            offloaded_bytes += checkpointed * OFFLOAD_BYTES_PER_ELEMENT * h
+        else:
+            extra["storage"] += (
+                checkpointed * STORAGE_BYTES_PER_ELEMENT * h / device.memory_bandwidth
+            )
     recomputed = RECOMPUTED_SITES.get(storage or "")
-    if recomputed is not None:
+    if storage == "offload":
+        heads, groups, d = model.num_attention_heads, model.query_groups, model.head_dim
+        elements = 2 * h + (2 * heads + 2 * groups) * d + 2 * model.ffn_hidden_size
+        offloaded_bytes += L * OFFLOAD_BYTES_PER_ELEMENT * elements
+        extra["transfer"] += L * attention_forward / flops
+    elif recomputed is not None:
         # memory.policy attention / swiglu ``recompute``: that sublayer's forward again.
         widths = _site_widths(model)
         work = sum(2.0 * n * m for site, (n, m) in widths.items() if site in recomputed)
         work += attention_forward if "qkv" in recomputed else 0.0
         extra["recompute"] += L * work / flops
     elif storage is not None and storage.startswith("lowrank:"):
-        tokens = micro_batch_size * seq_length
-        extra["factorisation"] = (
+        extra["factorisation"] += (
             L * _factorisation_work(model, compression, storage, tokens) / flops
         )
     elif storage is not None:
@@ -170,7 +223,9 @@ def predict_step_time(
         work = sum(moved[kind] for kind in kinds) / device.memory_bandwidth
         if "attention" in kinds:
             work += attention_forward / flops
-        extra["storage"] = L * work
+        extra["storage"] += L * work
+    if offloaded_bytes:
+        extra["transfer"] += _transfer_seconds(offloaded_bytes, base / 3.0, device)
     if compression.method == "compact":
         work = 0.0
         for n, m, r in projected_site_shapes(model, compression):
@@ -178,7 +233,6 @@ def predict_step_time(
             if compression.grad_mode == "lift":
                 work += 2.0 * m * r * n / (micro_batch_size * seq_length)
         extra["projection"] = L * work / flops
-    base = model_flops_per_token(model, seq_length) / flops
     return StepTime(base, {k: v for k, v in extra.items() if v})
 
 

@@ -65,6 +65,8 @@ class SavedTensorCounter:
         self._seen: set[tuple] = set()
         self.total_bytes = 0
         self.by_module: dict[str, int] = defaultdict(int)
+        #: Bytes by device type (``cuda``, ``cpu``): what ``offload`` keeps on the host.
+        self.by_device: dict[str, int] = defaultdict(int)
         self._root = track_modules
         self._stack: list[str] = []
         self._handles: list[Any] = []
@@ -84,6 +86,7 @@ class SavedTensorCounter:
         nbytes = t.untyped_storage().nbytes()
         self.total_bytes += nbytes
         self.by_module[self._stack[-1] if self._stack else ""] += nbytes
+        self.by_device[key[0]] += nbytes
         return t
 
     def _attach(self) -> None:

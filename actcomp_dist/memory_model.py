@@ -32,7 +32,9 @@ op:
   ``lowrank:R`` of ``swiglu`` keeps ``(N + 2f/t) k e`` for ``[gate | up]``, of ``norm``
   ``(N + h) k e`` per block norm instead of ``N h e``, 8-bit ``norm`` the 8-bit bytes of
   ``N h`` (``N/t`` tokens under SP; an uncompressed qkv / fc1 keeps the same packed tensors);
-  the final norm always keeps its output;
+  the final norm always keeps its output; ``offload`` keeps the structure of the 8-bit
+  policies with 0 device bytes per offloaded tensor, and the tensor whole (``numel e``) in host
+  memory, reported apart (:attr:`ActivationPrediction.host_offload`, not in ``total``);
 - a compressed site adds its compressed tensor (below);
 - ``selective`` checkpointing recomputes only the attention core (the rest already keeps one
   tensor): the fused QKV output instead of the core's tensors, and the proj input
@@ -187,10 +189,19 @@ class ActivationPrediction:
 
     by_kind: dict[str, int]
     per_layer: list[int]  # bytes charged to each decoder block (layer-scoped kinds)
+    #: Bytes kept in host memory (``memory.policy`` ``offload``), by kind and per block; not
+    #: in ``total`` or ``per_layer``.
+    host_offload: dict[str, int] = field(default_factory=dict)
+    host_per_layer: list[int] = field(default_factory=list)
 
     @property
     def total(self) -> int:
+        """Device bytes."""
         return sum(self.by_kind.values())
+
+    @property
+    def host_total(self) -> int:
+        return sum(self.host_offload.values())
 
     @property
     def layers_total(self) -> int:
@@ -344,7 +355,7 @@ def _efficient_layer_saved(
         return _site_saved(site, compression, width, tokens, setting)
 
     storage = setting.storage
-    attention_8bit = storage.quantizer("attention") is not None
+    attention_packed = storage.quantizer("attention") is not None  # 8-bit or offload
     out: dict[str, int] = defaultdict(int)
     # An uncompressed qkv / fc1 keeps the norm's output, or under ``norm: lowrank:R`` the same
     # factors: nothing of its own.
@@ -358,7 +369,7 @@ def _efficient_layer_saved(
     # The attention output as proj's input [N, H d / t]; packed by proj itself under an 8-bit
     # ``attention`` policy when proj is uncompressed.
     proj_input = storage.saved_bytes("attention", n_all * heads * d, heads * d, e)
-    if mode == "none" and attention_8bit:
+    if mode == "none" and attention_packed:
         # q, k, v packed (rows of d); neither the output nor the log-sum-exp is kept.
         q_and_kv = n_all * heads * d, n_all * groups * d
         out["attention_core"] = storage.saved_bytes(
@@ -391,6 +402,40 @@ def _efficient_layer_saved(
     return dict(out)
 
 
+def _layer_host_offload(
+    model: ModelShape, compression: CompressionConfig, mode: str, setting: ActivationSetting
+) -> dict[str, int]:
+    """Host bytes one decoder block keeps under ``offload`` policies, by kind: the tensors the
+    device formulas above count as 0 bytes for an offloaded kind, whole, in their dtype."""
+    storage = setting.storage
+    if not storage.offloaded:
+        return {}
+    e, t = setting.dtype_bytes, setting.tensor_parallel
+    n_all = setting.tokens
+    n_res = n_all // t if setting.sp else n_all
+    h, d = model.hidden_size, model.head_dim
+    heads, groups = model.num_attention_heads // t, model.query_groups // t
+    ffn = model.ffn_hidden_size // t
+    out: dict[str, int] = defaultdict(int)
+    if mode == "full":
+        out["block_input"] = storage.host_bytes("block_input", n_res * h, e)
+        return dict(out)
+    out["norm"] = 2 * storage.host_bytes("norm", n_res * h, e)  # both block norms' outputs
+    if mode == "sublayer":
+        return dict(out)
+    if not storage.recomputes("swiglu"):
+        out["fc2"] = storage.host_bytes("swiglu", n_all * 2 * ffn, e)  # [gate | up]
+    if not storage.recomputes("attention"):
+        proj_input = 0 if _compressed("proj", compression) else n_all * heads * d
+        if mode == "none":
+            # q, k, v (the attention core) and the attention output (proj's input).
+            out["attention_core"] = storage.host_bytes(
+                "attention", n_all * (heads + 2 * groups) * d, e
+            )
+        out["proj"] = storage.host_bytes("attention", proj_input, e)
+    return {kind: nbytes for kind, nbytes in out.items() if nbytes}
+
+
 def predict_saved_activations(
     model: ModelShape,
     compression: CompressionConfig | None,
@@ -420,12 +465,17 @@ def predict_saved_activations(
         checkpointed = layers if ac_num_layers is None else min(ac_num_layers, layers)
 
     by_kind: dict[str, int] = defaultdict(int)
-    per_layer = []
+    host: dict[str, int] = defaultdict(int)
+    per_layer, host_per_layer = [], []
     rope_rows = setting.rope_positions or setting.seq_length
     rope_once = False  # the fp32 tables, shared by every block that keeps them
     for index in range(layers):
         mode = ac_mode if index < checkpointed else "none"
         saved = _layer_saved(model, compression, mode, setting)
+        offloaded = _layer_host_offload(model, compression, mode, setting)
+        for kind, nbytes in offloaded.items():
+            host[kind] += nbytes
+        host_per_layer.append(sum(offloaded.values()))
         if setting.efficient_ops:
             # The tables in the activation dtype (cached on the model), shared by every block
             # that keeps them: counted once, in the first.
@@ -466,7 +516,7 @@ def predict_saved_activations(
     if setting.loss_mask:
         loss += n_all * 4 + 4  # the float mask the losses are multiplied by, and its sum
     by_kind["loss"] = loss
-    return ActivationPrediction(dict(by_kind), per_layer)
+    return ActivationPrediction(dict(by_kind), per_layer, dict(host), host_per_layer)
 
 
 # -- model states -------------------------------------------------------------------------------
@@ -693,14 +743,19 @@ class MemoryPlan:
     transient: int
     reserve: int
     gpu_memory: int
+    #: Pinned host memory per GPU for ``offload`` (``None``: not checked).
+    host_memory: int | None = None
 
     @property
     def total(self) -> int:
+        """Device bytes at the peak."""
         return self.states.total + self.activations.total + self.transient + self.reserve
 
     @property
     def fits(self) -> bool:
-        return self.total <= self.gpu_memory
+        """The peak fits the GPU and the offloaded activations fit ``host_memory``."""
+        host_fits = self.host_memory is None or self.activations.host_total <= self.host_memory
+        return self.total <= self.gpu_memory and host_fits
 
 
 def transient_bytes(
@@ -741,9 +796,11 @@ def plan_memory(
     gpu_memory: int = 80 * 10**9,
     reserve: int = 2 * 2**30,
     reduce_bucket_size: int = 500_000_000,
+    host_memory: int | None = None,
 ) -> MemoryPlan:
     """Everything one GPU holds at the peak of a step; ``reserve`` covers the CUDA context,
-    communication buffers and allocator fragmentation."""
+    communication buffers and allocator fragmentation. ``host_memory``: the pinned host
+    memory one GPU's offloaded activations may take (``None``: not checked)."""
     states = predict_model_states(
         model,
         compression,
@@ -755,7 +812,7 @@ def plan_memory(
     )
     activations = predict_saved_activations(model, compression, setting, ac_mode, ac_num_layers)
     transient = transient_bytes(model, compression, setting, ac_mode)
-    return MemoryPlan(states, activations, transient, reserve, gpu_memory)
+    return MemoryPlan(states, activations, transient, reserve, gpu_memory, host_memory)
 
 
 def largest_micro_batch(plan_for, limit: int = 1 << 16) -> int:

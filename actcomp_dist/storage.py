@@ -50,9 +50,46 @@ The memory model (:mod:`actcomp_dist.memory_model`) counts the packed bytes exac
   compressed site's ``Z`` inside the sublayer. Refused where it removes nothing
   (:data:`RECOMPUTE_REFUSED`: ``norm``, ``block_input``, the linear sites).
 
-Named but not implemented yet (refused at start-up with that reason): ``compress``,
-``offload``, ``lowrank:R`` of ``attention`` and the linear sites, and 8-bit storage of the
-linear sites.
+- ``offload`` (``norm``, ``attention``, ``swiglu``, ``block_input``; :class:`HostOffload`):
+  the tensor is copied to pinned host memory and the device copy is released; backward copies
+  it back. Bitwise exact (a copy, not an encoding): losses and gradients equal ``keep``'s.
+  Device bytes kept: 0 (a zero-element tensor remembers the device); host bytes: the tensor's
+  ``numel * dtype bytes`` (:meth:`StoragePolicy.host_bytes`; the memory model reports them
+  apart, as ``host_offload``). Wired exactly where ``int8`` / ``fp8`` are (below; an
+  ``attention`` offload keeps q, k, v and proj's input on the host and re-runs SDPA in
+  backward, as 8-bit attention does). The stream discipline on CUDA:
+
+  * ``pack`` makes a side stream (one per device) wait for the compute stream, so the copy
+    starts after the tensor is written, and issues the device-to-host copy on it
+    (``non_blocking``: forward does not wait for it). ``record_stream`` tells the caching
+    allocator the side stream reads the tensor: when forward drops its last reference, the
+    block is not handed out again before the copy has finished. The tensor must not be
+    changed in place after ``pack`` (as for any tensor saved for backward).
+  * ``unpack`` makes the compute stream wait for the side stream (the host copy is complete
+    before it is read) and copies host -> device on the compute stream, so the ops of
+    backward that read the result are ordered after it. The pinned buffer is freed when
+    autograd releases the saved tensors; PyTorch's pinned-memory allocator records the copy
+    on its stream and does not reuse the buffer before the copy has run.
+
+  The host-to-device copies are not prefetched: each one runs when backward reaches the op
+  that needs it (the cost model counts them as not overlapped, the forward copies as
+  overlapped with forward compute; :mod:`actcomp_dist.cost_model`). On a CPU tensor ``pack``
+  is an ordinary copy into unpinned memory and ``unpack`` a copy back: the same code runs,
+  but host and device are one memory and nothing is saved, so a run config refuses
+  ``offload`` without CUDA (:func:`actcomp_dist.training.config.validate_run`).
+
+- ``compress`` (the linear sites ``qkv``, ``proj``, ``fc1``, ``fc2``): the site's input is
+  compressed with ``compression.method`` (``keep``: not compressed). Another spelling of
+  ``compression.sites``, resolved once at config load by :func:`resolve_compressed_sites`:
+  without an explicit ``compression.sites`` the linear-site policies decide (the sites set to
+  ``compress`` if any, else the default sites less those set to ``keep``); with an explicit
+  list each linear-site policy must agree with it (``compress`` on a site outside the list,
+  or ``keep`` on one inside it, is refused). ``compress`` with ``compression.method: none``
+  is refused. The model builders read ``compression.sites`` only.
+
+Named but not implemented yet (refused at start-up with that reason): ``lowrank:R`` of
+``attention`` and the linear sites, 8-bit storage and ``offload`` of the linear sites (their
+inputs are the tensors of the kinds above: set the policy there).
 
 How the 8-bit kinds are wired (:mod:`actcomp_dist.models.llama`):
 
@@ -113,11 +150,13 @@ KINDS = ("norm", "attention", "swiglu", "block_input", "qkv", "proj", "fc1", "fc
 #: Every policy name (``lowrank:R`` takes a rank).
 POLICIES = ("keep", "recompute", "int8", "fp8", "compress", "lowrank:R", "offload")
 #: The policies each kind accepts today.
-IMPLEMENTED = {kind: ("keep",) for kind in KINDS} | {
-    "norm": ("keep", "int8", "fp8", "lowrank:R"),
-    "attention": ("keep", "int8", "fp8", "recompute"),
-    "swiglu": ("keep", "int8", "fp8", "lowrank:R", "recompute"),
-    "block_input": ("keep", "int8", "fp8", "lowrank:R"),
+#: The linear sites (``compress`` / ``keep`` spell ``compression.sites``).
+LINEAR_SITES = ("qkv", "proj", "fc1", "fc2")
+IMPLEMENTED = {kind: ("keep", "compress") for kind in LINEAR_SITES} | {
+    "norm": ("keep", "int8", "fp8", "lowrank:R", "offload"),
+    "attention": ("keep", "int8", "fp8", "recompute", "offload"),
+    "swiglu": ("keep", "int8", "fp8", "lowrank:R", "recompute", "offload"),
+    "block_input": ("keep", "int8", "fp8", "lowrank:R", "offload"),
 }
 #: Why ``recompute`` is refused where it is: it would remove no bytes.
 RECOMPUTE_REFUSED = {
@@ -230,6 +269,60 @@ class Fp8RowScaled(Quantizer):
 _QUANTIZERS = {"int8": Int8Absmax(), "fp8": Fp8RowScaled()}
 
 
+class HostOffload(Quantizer):
+    """``offload``: the tensor in host memory (pinned on CUDA), the device copy released (see
+    the module doc for the stream discipline). ``pack`` returns ``(host copy, a zero-element
+    tensor on the source device)``; the second only remembers where ``unpack`` copies back
+    to (the ``like`` of :meth:`Quantizer.unpack` may be a meta tensor)."""
+
+    name = "offload"
+
+    def __init__(self) -> None:
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+
+    def _stream(self, device: torch.device) -> torch.cuda.Stream:
+        if device not in self._streams:
+            self._streams[device] = torch.cuda.Stream(device)
+        return self._streams[device]
+
+    def pack(self, x):
+        source = x.detach()
+        anchor = source.new_empty(0)
+        if source.device.type != "cuda":
+            # One memory: a plain copy (nothing is saved; the run config refuses this case).
+            return source.clone(memory_format=torch.contiguous_format), anchor
+        host = torch.empty(source.shape, dtype=source.dtype, pin_memory=True)
+        stream = self._stream(source.device)
+        stream.wait_stream(torch.cuda.current_stream(source.device))
+        with torch.cuda.stream(stream):
+            host.copy_(source, non_blocking=True)
+        # The allocator must not reuse the source's block before the side stream read it.
+        source.record_stream(stream)
+        return host, anchor
+
+    def unpack(self, packed, like):
+        host, anchor = packed
+        device = anchor.device
+        if device.type != "cuda":
+            return host.to(like.dtype, copy=True).reshape(like.shape)
+        if device in self._streams:
+            # The device-to-host copy has completed before the host buffer is read.
+            torch.cuda.current_stream(device).wait_stream(self._streams[device])
+        out = torch.empty(host.shape, dtype=host.dtype, device=device)
+        out.copy_(host, non_blocking=True)
+        return out.to(like.dtype).reshape(like.shape)
+
+    def saved_bytes(self, numel, last_dim):
+        return 0  # device bytes; the host copy is :meth:`host_bytes`
+
+    def host_bytes(self, numel: int, dtype_bytes: int) -> int:
+        return numel * dtype_bytes
+
+
+#: The element-wise packers (same shape back, no factorisation): 8-bit codes and host copies.
+_ELEMENTWISE = _QUANTIZERS | {"offload": HostOffload()}
+
+
 class LowRankStorage(Quantizer):
     """``lowrank:R``: LoRAct's sampled-column orthogonal factors ``L = A Q``, ``Q`` (see the
     module doc). ``rank``: an int ``R >= 1`` or a ratio of the width in ``(0, 1]`` (a float).
@@ -264,16 +357,16 @@ class LowRankStorage(Quantizer):
 
 
 def storage_for(policy: str) -> Quantizer | None:
-    """The packer of one policy name: ``None`` for ``keep``, the 8-bit quantizers, a
-    :class:`LowRankStorage` for ``lowrank:R``."""
+    """The packer of one policy name: ``None`` for ``keep``, the 8-bit quantizers, the
+    :class:`HostOffload` packer for ``offload``, a :class:`LowRankStorage` for ``lowrank:R``."""
     if policy == "keep":
         return None
-    if policy in _QUANTIZERS:
-        return _QUANTIZERS[policy]
+    if policy in _ELEMENTWISE:
+        return _ELEMENTWISE[policy]
     if _valid_policy_name(policy) and policy.startswith("lowrank:"):
         return LowRankStorage(parse_rank_argument(policy.partition(":")[2]))
     raise ValueError(
-        f"storage policy {policy!r} has no packer; valid: keep, {list(_QUANTIZERS)}, lowrank:R"
+        f"storage policy {policy!r} has no packer; valid: keep, {list(_ELEMENTWISE)}, lowrank:R"
     )
 
 
@@ -351,15 +444,27 @@ class StoragePolicy:
         return getattr(self, kind) == "recompute"
 
     def quantizer(self, kind: str) -> Quantizer | None:
-        """The 8-bit packer of ``kind``, or ``None`` when it is not stored in 8 bits."""
-        return _QUANTIZERS.get(getattr(self, kind))
+        """The element-wise packer of ``kind`` (8-bit or :class:`HostOffload`), or ``None``
+        when it is stored otherwise."""
+        return _ELEMENTWISE.get(getattr(self, kind))
 
     def packer(self, kind: str) -> Quantizer | None:
-        """The packer of ``kind`` (8-bit or :class:`LowRankStorage`), or ``None`` for
-        ``keep`` and ``recompute``."""
-        if self.recomputes(kind):
+        """The packer of ``kind`` (8-bit, :class:`HostOffload` or :class:`LowRankStorage`), or
+        ``None`` for ``keep``, ``recompute`` and ``compress`` (a linear site's compression is
+        its compressor's)."""
+        if self.recomputes(kind) or kind in LINEAR_SITES:
             return None
         return storage_for(getattr(self, kind))
+
+    @property
+    def offloaded(self) -> tuple[str, ...]:
+        """The kinds stored in host memory (``offload``)."""
+        return tuple(kind for kind in KINDS if getattr(self, kind) == "offload")
+
+    def host_bytes(self, kind: str, numel: int, dtype_bytes: int) -> int:
+        """Host bytes kept for a tensor of ``kind`` (``numel`` elements of ``dtype_bytes``):
+        the whole tensor under ``offload``, else 0."""
+        return numel * dtype_bytes if getattr(self, kind) == "offload" else 0
 
     def saved_bytes(self, kind: str, numel: int, last_dim: int, dtype_bytes: int) -> int:
         """Bytes kept for a tensor of ``kind`` (``numel`` elements, last dimension
@@ -370,6 +475,36 @@ class StoragePolicy:
         if isinstance(packer, LowRankStorage):
             return packer.saved_bytes(numel, last_dim, dtype_bytes)
         return packer.saved_bytes(numel, last_dim)
+
+
+def resolve_compressed_sites(
+    policy: Mapping[str, Any], sites: tuple[str, ...] | None, method: str, default_sites
+) -> tuple[str, ...]:
+    """The compressed linear sites from ``memory.policy`` (its ``compress`` / ``keep`` entries
+    on :data:`LINEAR_SITES`) and ``compression.sites`` (``sites``; ``None`` when the config
+    does not set it, then ``default_sites`` apply), by the rule of the module doc. Raises
+    ``ValueError`` naming the field for ``compress`` with ``method`` ``'none'`` and for a
+    policy that contradicts an explicit ``compression.sites``."""
+    named = {site: policy[site] for site in LINEAR_SITES if site in policy}
+    compressed = [site for site in LINEAR_SITES if named.get(site) == "compress"]
+    if compressed and method == "none":
+        raise ValueError(
+            f"memory.policy.{compressed[0]}='compress' compresses the site with "
+            f"compression.method, which is 'none'; set compression.method to a compression "
+            f"method or the policy to 'keep'"
+        )
+    if sites is not None:
+        for site, value in named.items():
+            if (value == "compress") != (site in sites):
+                raise ValueError(
+                    f"memory.policy.{site}={value!r} contradicts compression.sites="
+                    f"{list(sites)}; list the compressed sites in one of the two (or make them "
+                    f"agree: 'compress' exactly for the listed sites)"
+                )
+        return tuple(sites)
+    if compressed:
+        return tuple(compressed)
+    return tuple(site for site in default_sites if named.get(site) != "keep")
 
 
 class _AttentionWithStoredInputs(torch.autograd.Function):
@@ -433,7 +568,9 @@ def element_error_bound(policy: str, x: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = [
+    "HostOffload",
     "IMPLEMENTED",
+    "LINEAR_SITES",
     "LowRankStorage",
     "INT8_GROUP",
     "KINDS",
@@ -442,5 +579,6 @@ __all__ = [
     "attention_with_stored_inputs",
     "element_error_bound",
     "policy_grammar",
+    "resolve_compressed_sites",
     "storage_for",
 ]

@@ -13,7 +13,8 @@ covers is recorded as skipped:
    on the device against float64, the parallel layers on an NCCL world of one, SDPA's fused
    attention kernels against the math kernel, saved bytes on the device against the analytic
    model, apex's fused norm when importable, the 8-bit and LoRAct low-rank storage policies on the
-   device.
+   device, and ``offload`` (pinned host copies: bit-identical to ``keep``, saved bytes split by
+   device as the memory model predicts, the allocator's bytes lower by the prediction).
 2. **runs**: ``--steps`` steps of the 60m and 350m configs through the real trainer
    (:func:`actcomp_dist.ablation.run_ablation`, one process) for each variant: peak allocated
    bytes (``torch.cuda.max_memory_allocated``), saved-activation bytes, tokens/s and model flops

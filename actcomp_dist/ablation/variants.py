@@ -7,11 +7,14 @@ A variant names one way of saving activation memory; a list is comma-separated::
                 (the parts in any order)
     BASE     := "none" | AC | METHOD ":" ARG | METHOD
     AC       := "ac_selective" | "ac_full" | "ac_sublayer" | "ac_full_" BLOCK
-    BLOCK    := "int8" | "fp8" | "lowrank:" RANK   (``memory.policy.block_input``: full
-                checkpointing keeping each block's input packed; lowrank is LoRAct's layer mode)
+    BLOCK    := "int8" | "fp8" | "offload" | "lowrank:" RANK   (``memory.policy.block_input``:
+                full checkpointing keeping each block's input packed; lowrank is LoRAct's layer
+                mode; offload keeps it in pinned host memory, CUDA only)
     STORAGE  := "int8" | "fp8"   (``memory.policy`` of ``attention`` and ``swiglu``)
               | ("int8" | "fp8") "@" KIND ("/" KIND)*  (8 bits on the kinds named:
                 ``norm``, ``attention``, ``swiglu``; ``int8@norm/swiglu``)
+              | "offload"  (``memory.policy`` of ``norm``, ``attention`` and ``swiglu``:
+                pinned host memory; CUDA only)
               | "recompute_attention" | "recompute_swiglu"  (``memory.policy`` of that kind:
                 ``recompute``, the sublayer re-run from the norm output)
               | "ac_lowrank:" RANK  (``memory.policy`` of ``norm`` and ``swiglu``: ``lowrank:RANK``)
@@ -27,7 +30,8 @@ Examples: ``none``, ``ac_full``, ``compact:0.25``, ``compact:0.25+ac_full``,
 ``lowrank:0.125+ac_selective``, ``subtoken:32``, ``naive``, ``compact:0.25+naive``, ``int8``,
 ``fp8+ac_selective``, ``compact:0.25+int8``, ``int8@norm/swiglu``, ``ac_lowrank:0.25``,
 ``ac_lowrank:64+ac_selective``, ``ac_full_lowrank:0.25``, ``compact:0.25+ac_full_int8``,
-``ac_full_lowrank:16+ac_lowrank:8``, ``ac_sublayer``, ``ac_sublayer+ac_lowrank:0.125``.
+``ac_full_lowrank:16+ac_lowrank:8``, ``ac_sublayer``, ``ac_sublayer+ac_lowrank:0.125``,
+``offload``, ``compact:0.25+offload``, ``offload+ac_selective``, ``ac_full_offload``.
 ``none+ac_full`` is the same as ``ac_full``, ``none+naive`` the same as ``naive``.
 
 ``naive`` runs the naive block (``memory.efficient_ops: false``: the norms, attention core and
@@ -38,7 +42,10 @@ variant runs the memory-efficient exact block, so ``none`` is the strongest exac
 keep the base config's policy. ``int8@KINDS`` / ``fp8@KINDS`` store only the kinds named
 (``int8@norm/swiglu``: the block norms' outputs and ``[gate | up]``, the attention kept exact,
 so backward runs no SDPA forward again); the canonical spelling lists them in
-:data:`actcomp_dist.storage.KINDS` order. ``ac_lowrank:RANK`` keeps the block norms' outputs and
+:data:`actcomp_dist.storage.KINDS` order. ``offload`` keeps the block norms' outputs, q, k, v, o
+and ``[gate | up]`` in pinned host memory (bitwise exact; 0 device bytes): it runs only on CUDA,
+so ``tools/ablate.py`` refuses it without a GPU (:func:`check_variants_run_here`), while the
+planner predicts it anywhere (no ``offload@KIND`` form). ``ac_lowrank:RANK`` keeps the block norms' outputs and
 ``[gate | up]`` as LoRAct's low-rank factors (``memory.policy`` ``norm`` and ``swiglu`` at
 ``lowrank:RANK``; RANK a ratio of each factorised width with a decimal point or an absolute
 int, as a method's rank). ``ac_full_BLOCK`` is ``ac_full`` whose blocks keep their input
@@ -66,7 +73,7 @@ from actcomp_dist.compression import get_compressor_class, layer_layout, list_co
 from actcomp_dist.compression.base import parse_rank_argument
 from actcomp_dist.config import CompressionConfig
 from actcomp_dist.memory_model import ActivationSetting
-from actcomp_dist.storage import LowRankStorage, StoragePolicy
+from actcomp_dist.storage import LINEAR_SITES, LowRankStorage, StoragePolicy
 
 if TYPE_CHECKING:
     from actcomp_dist.training.config import MemoryConfig
@@ -75,7 +82,9 @@ AC_NAMES = {"ac_selective": "selective", "ac_full": "full", "ac_sublayer": "subl
 #: ``ac_full_BLOCK``: full checkpointing with ``memory.policy.block_input = BLOCK``.
 PACKED_FULL = "ac_full_"
 NAIVE = "naive"
-STORAGE_NAMES = ("int8", "fp8")
+STORAGE_NAMES = ("int8", "fp8", "offload")
+#: The storage names with an ``@KIND/KIND`` form.
+EIGHT_BIT_NAMES = ("int8", "fp8")
 #: ``recompute_KIND``: ``memory.policy.KIND = recompute``.
 RECOMPUTE_NAMES = {"recompute_attention": "attention", "recompute_swiglu": "swiglu"}
 #: The storage variant of LoRAct's factors: ``ac_lowrank:RANK``.
@@ -84,15 +93,17 @@ LOWRANK_STORAGE = "ac_lowrank"
 STORAGE_KINDS = ("attention", "swiglu")
 #: The kinds ``int8@KIND/KIND`` may name.
 STORAGE_SELECTABLE_KINDS = ("norm", "attention", "swiglu")
+#: The kinds an ``offload`` variant keeps in host memory.
+OFFLOAD_KINDS = ("norm", "attention", "swiglu")
 #: The kinds an ``ac_lowrank:RANK`` variant stores as low-rank factors.
 LOWRANK_STORAGE_KINDS = ("norm", "swiglu")
 GRAMMAR = (
     "VARIANT := BASE['+'AC]['+'STORAGE]['+naive'] | STORAGE | naive; "
     "STORAGE := int8 | fp8 | int8@KIND/KIND | fp8@KIND/KIND (KIND: norm, attention, swiglu) | "
-    "ac_lowrank:RANK | recompute_attention | recompute_swiglu; "
+    "offload | ac_lowrank:RANK | recompute_attention | recompute_swiglu; "
     "BASE := none | AC | "
     "METHOD:ARG | METHOD; AC := ac_selective | ac_full | ac_sublayer | ac_full_int8 | "
-    "ac_full_fp8 | ac_full_lowrank:RANK; METHOD:ARG is compact:RANK, "
+    "ac_full_fp8 | ac_full_offload | ac_full_lowrank:RANK; METHOD:ARG is compact:RANK, "
     "lowrank:RANK (RANK a ratio like 0.25 or an absolute int like 64) or subtoken:GROUPS (an "
     "int); '+naive' runs the naive block (memory.efficient_ops=false)"
 )
@@ -139,8 +150,15 @@ class Variant:
             return {RECOMPUTE_NAMES[self.storage]: "recompute"} | changes
         if self.storage.startswith("lowrank:"):
             return dict.fromkeys(LOWRANK_STORAGE_KINDS, self.storage) | changes
+        if self.storage == "offload":
+            return dict.fromkeys(OFFLOAD_KINDS, "offload") | changes
         policy, kinds = storage_kinds(self.storage)
         return dict.fromkeys(kinds, policy) | changes
+
+    @property
+    def offloads(self) -> bool:
+        """Some kind is kept in host memory (``offload``, ``ac_full_offload``)."""
+        return "offload" in self.storage_changes.values()
 
     @property
     def _ac_name(self) -> str:
@@ -206,6 +224,12 @@ class Variant:
         raw.setdefault("activation_checkpointing", {})["mode"] = self.ac_mode
         memory = raw.setdefault("memory", {})
         memory["efficient_ops"] = self.efficient_ops
+        if self.method == "none" and isinstance(memory.get("policy"), dict):
+            # A linear site's ``compress`` names compression.sites, which method 'none'
+            # ignores (and the config refuses 'compress' with it).
+            for site in LINEAR_SITES:
+                if memory["policy"].get(site) == "compress":
+                    del memory["policy"][site]
         if self.storage_changes:
             memory.setdefault("policy", {}).update(self.storage_changes)
         return raw
@@ -282,7 +306,7 @@ def _parse_block_input(part: str, variant: str) -> str:
         else:
             return block
     raise VariantError(
-        f"variant {variant!r}: {part!r} is not ac_full_int8, ac_full_fp8 or "
+        f"variant {variant!r}: {part!r} is not ac_full_int8, ac_full_fp8, ac_full_offload or "
         f"ac_full_lowrank:RANK (RANK a ratio in (0, 1] with a decimal point, or an int >= 1)"
     )
 
@@ -309,6 +333,8 @@ def _parse_storage(part: str, variant: str) -> str:
     if part in STORAGE_NAMES or part in RECOMPUTE_NAMES:
         return part
     policy, at, kinds = part.partition("@")
+    if at and policy not in EIGHT_BIT_NAMES:
+        raise VariantError(f"variant {variant!r}: {part!r}: {policy} takes no @KIND form")
     if at:
         named = kinds.split("/")
         if (
@@ -385,6 +411,19 @@ def parse_variants(text: str) -> list[Variant]:
     if duplicates:
         raise VariantError(f"variants listed more than once: {duplicates}")
     return variants
+
+
+def check_variants_run_here(variants: list[Variant]) -> None:
+    """Refuse, before anything runs, a variant this machine cannot train: ``offload`` needs
+    CUDA (pinned host memory; on a CPU host and device are one memory)."""
+    import torch
+
+    offloading = [v.name for v in variants if v.offloads]
+    if offloading and not torch.cuda.is_available():
+        raise VariantError(
+            f"variant(s) {offloading} keep activations in pinned host memory (memory.policy "
+            f"'offload'): they need a CUDA device; tools/memory_plan.py predicts them anywhere"
+        )
 
 
 def check_variant_fits_model(variant: Variant, compression: CompressionConfig, model) -> None:

@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         run_ablation,
     )
     from actcomp_dist.ablation.report import summary_lines, write_report
+    from actcomp_dist.ablation.variants import check_variants_run_here
     from actcomp_dist.training.config import (
         ConfigError,
         import_plugins,
@@ -112,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             if missing:
                 raise ValueError(f"{out / 'records.json'} has no runs of {missing}")
         else:
+            check_variants_run_here(variants)
             plan = AblationPlan(
                 config_path=Path(args.config),
                 variants=variants,

@@ -40,7 +40,11 @@ import re
 import sys
 from pathlib import Path
 
-from actcomp_dist.cost_model import DEFAULT_MEMORY_BANDWIDTH, DEFAULT_PEAK_TFLOPS
+from actcomp_dist.cost_model import (
+    DEFAULT_HOST_BANDWIDTH,
+    DEFAULT_MEMORY_BANDWIDTH,
+    DEFAULT_PEAK_TFLOPS,
+)
 from actcomp_dist.training.cli import add_override_argument, add_plugin_argument
 
 DEFAULT_VARIANTS = (
@@ -77,6 +81,12 @@ def parse_size(text: str, option: str) -> int:
             f"{option} {text!r} is not a size; use e.g. 80GB, 80GiB, 40960MiB (a bare number is GB)"
         )
     return int(float(match.group(1)) * _UNITS[unit])
+
+
+def _fit_label(plan) -> str:
+    if plan.fits:
+        return "fits"
+    return "OOM" if plan.total > plan.gpu_memory else "host OOM"
 
 
 def _int_list(text: str, option: str) -> list[int]:
@@ -117,6 +127,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "fragmentation (default 2GiB)",
     )
     parser.add_argument(
+        "--host-memory",
+        default="256GB",
+        help="pinned host memory per GPU the offload variants may fill (default 256GB: a "
+        "DGX H100's 2 TB over its 8 GPUs); a variant whose offloaded activations exceed it "
+        "does not fit",
+    )
+    parser.add_argument(
         "--budget",
         default=None,
         help="memory per GPU the policy must fit (replaces --gpu-memory): prints, per sequence "
@@ -151,6 +168,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=f"{DEFAULT_MEMORY_BANDWIDTH / 1e12:g}TB",
         help="cost model: memory bandwidth per GPU per second (default "
         f"{DEFAULT_MEMORY_BANDWIDTH / 1e12:g}TB)",
+    )
+    parser.add_argument(
+        "--host-bw",
+        default=f"{DEFAULT_HOST_BANDWIDTH / 1e9:g}GB",
+        help="cost model: host <-> GPU (PCIe) bandwidth per direction per second, for the "
+        f"offload policies (default {DEFAULT_HOST_BANDWIDTH / 1e9:g}GB)",
     )
     parser.add_argument("--json", default=None, help="also write everything printed to FILE")
     parser.add_argument(
@@ -340,12 +363,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.budget is not None:
             gpu_memory = parse_size(args.budget, "--budget")
         reserve = parse_size(args.reserve, "--reserve")
+        host_memory = parse_size(args.host_memory, "--host-memory")
         memory_bandwidth = parse_size(args.mem_bw, "--mem-bw")
+        host_bandwidth = parse_size(args.host_bw, "--host-bw")
         args.peak_tflops = _number(args.peak_tflops, "--peak-tflops")
         args.max_time_ratio = _number(args.max_time_ratio, "--max-time-ratio")
-        if not args.peak_tflops > 0 or memory_bandwidth <= 0:
+        if not args.peak_tflops > 0 or memory_bandwidth <= 0 or host_bandwidth <= 0:
             raise ValueError(
-                f"--peak-tflops {args.peak_tflops} and --mem-bw {args.mem_bw} must be positive"
+                f"--peak-tflops {args.peak_tflops}, --mem-bw {args.mem_bw} and --host-bw "
+                f"{args.host_bw} must be positive"
             )
         if not args.max_time_ratio >= 1.0:
             raise ValueError(f"--max-time-ratio {args.max_time_ratio} must be >= 1 (none is 1)")
@@ -390,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     zero_stage = args.zero_stage if args.zero_stage is not None else zero.get("stage", 0)
     bucket = int(zero.get("reduce_bucket_size", 500_000_000))
     dtype_bytes = 4 if precision == "fp32" else 2
-    device = Device(args.peak_tflops * 1e12, memory_bandwidth)
+    device = Device(args.peak_tflops * 1e12, memory_bandwidth, host_bandwidth)
 
     def plan(variant, seq, batch):
         compression = variant.compression(config.compression)
@@ -413,6 +439,7 @@ def main(argv: list[str] | None = None) -> int:
             data_parallel=dp,
             gpu_memory=gpu_memory,
             reserve=reserve,
+            host_memory=host_memory,
             reduce_bucket_size=bucket,
         )
 
@@ -428,6 +455,7 @@ def main(argv: list[str] | None = None) -> int:
             ac_mode=variant.ac_mode,
             ac_num_layers=config.activation_checkpointing.num_layers,
             storage=variant.storage,
+            block_input=variant.block_input,
             device=device,
         )
 
@@ -487,16 +515,19 @@ def main(argv: list[str] | None = None) -> int:
         "precision": precision,
         "micro_batch": micro_batch,
         "reserve": reserve,
+        "host_memory": host_memory,
         "seq_lengths": seq_lengths,
         "variants": [v.name for v in variants],
         "cost_model": {
             "peak_tflops": args.peak_tflops,
             "memory_bandwidth": memory_bandwidth,
+            "host_bandwidth": host_bandwidth,
             "calibration": args.calibrate,
             "factors": factors,
         },
         "model_states": {},
         "saved_activations": {},
+        "host_offload": {},
         "peak": {},
         "fits": {},
         "max_micro_batch": {},
@@ -566,7 +597,7 @@ def main(argv: list[str] | None = None) -> int:
         state_rows,
     )
     header = ["variant"] + [f"s={s}" for s in seq_lengths]
-    activation_rows, peak_rows, batch_rows, time_rows = [], [], [], []
+    activation_rows, peak_rows, batch_rows, time_rows, host_rows = [], [], [], [], []
     for variant in variants:
         name = variant.name
         plans = [plan(variant, s, micro_batch) for s in seq_lengths]
@@ -578,11 +609,16 @@ def main(argv: list[str] | None = None) -> int:
             str(s): p.activations.total for s, p in zip(seq_lengths, plans, strict=True)
         }
         report["peak"][name] = {str(s): p.total for s, p in zip(seq_lengths, plans, strict=True)}
+        if variant.offloads:
+            report["host_offload"][name] = {
+                str(s): p.activations.host_total for s, p in zip(seq_lengths, plans, strict=True)
+            }
+            host_rows.append([name] + [_gb(p.activations.host_total) for p in plans])
         report["fits"][name] = {str(s): p.fits for s, p in zip(seq_lengths, plans, strict=True)}
         report["max_micro_batch"][name] = dict(zip(map(str, seq_lengths), batches, strict=True))
         report["step_time_ratio"][name] = dict(zip(map(str, seq_lengths), ratios, strict=True))
         activation_rows.append([name] + [_gb(p.activations.total) for p in plans])
-        peak_rows.append([name] + [f"{_gb(p.total)} {'fits' if p.fits else 'OOM'}" for p in plans])
+        peak_rows.append([name] + [f"{_gb(p.total)} {_fit_label(p)}" for p in plans])
         batch_rows.append([name] + [str(b) for b in batches])
         time_rows.append([name] + [_ratio_text(r) for r in ratios])
     lines += _table(
@@ -590,6 +626,13 @@ def main(argv: list[str] | None = None) -> int:
         header,
         activation_rows,
     )
+    if host_rows:
+        lines += _table(
+            f"Host memory per micro-batch per GPU (GB), offloaded (pinned; not in the peak), "
+            f"micro-batch {micro_batch}, vs --host-memory {host_memory / 1e9:g} GB:",
+            header,
+            host_rows,
+        )
     lines += _table(
         f"Predicted peak per GPU (GB) at micro-batch {micro_batch} vs {gpu_memory / 1e9:.0f} GB:",
         header,
@@ -604,7 +647,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     lines += _table(
         f"Predicted step time over none's at micro-batch {micro_batch} (an estimate: "
-        f"{args.peak_tflops:g} TFLOP/s, {memory_bandwidth / 1e12:g} TB/s, {calibration}):",
+        f"{args.peak_tflops:g} TFLOP/s, {memory_bandwidth / 1e12:g} TB/s, host link "
+        f"{host_bandwidth / 1e9:g} GB/s, {calibration}):",
         header,
         time_rows,
     )

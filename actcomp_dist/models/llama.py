@@ -570,6 +570,18 @@ class LlamaModel(nn.Module):
             )
         compression = compression or CompressionConfig()
         check_model_sites(compression)
+        for site in SITES:
+            if getattr(storage_policy, site) == "compress" and not (
+                compression.method != "none" and site in compression.sites
+            ):
+                # The run config resolves the policy into compression.sites (one place that
+                # decides what is compressed); a policy that disagrees is a caller's error.
+                raise ValueError(
+                    f"memory.policy.{site}='compress' but the compression (method "
+                    f"{compression.method!r}, sites {list(compression.sites)}) does not compress "
+                    f"{site!r}; resolve the policy into compression.sites "
+                    f"(actcomp_dist.storage.resolve_compressed_sites)"
+                )
         parallel = parallel or parallel_state.get_parallel_context()
         tp_group, tp_size = parallel.tp_group, parallel.tp_size
         check_tensor_parallel(config, tp_size)

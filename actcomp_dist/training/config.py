@@ -29,7 +29,7 @@ from actcomp_dist.config import (
     CompressionConfig,
     check_model_sites,
 )
-from actcomp_dist.storage import StoragePolicy
+from actcomp_dist.storage import IMPLEMENTED, StoragePolicy, resolve_compressed_sites
 
 
 class ConfigError(ValueError):
@@ -613,7 +613,30 @@ def run_config_from_dict(
             except ConfigError as err:
                 raise ConfigError(f"{source}: {err}") from None
     _check_block_input_policy(config, source)
+    _resolve_linear_site_policies(config, raw, source)
     return config
+
+
+def _resolve_linear_site_policies(config: RunConfig, raw: dict[str, Any], source: str) -> None:
+    """``memory.policy`` ``compress`` / ``keep`` on the linear sites and ``compression.sites``
+    name one thing: resolve them into ``compression.sites`` (the rule:
+    :func:`actcomp_dist.storage.resolve_compressed_sites`), which the model builders read."""
+    memory = getattr(config, "memory", None)
+    compression = getattr(config, "compression", None)
+    if memory is None or compression is None:
+        return
+    given = "sites" in raw.get("compression", {})
+    try:
+        sites = resolve_compressed_sites(
+            memory.policy,
+            compression.sites if given else None,
+            compression.method,
+            compression.sites,
+        )
+    except ValueError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    if sites != compression.sites:
+        config.compression = compression.replace(sites=sites)
 
 
 def _check_block_input_policy(config: RunConfig, source: str) -> None:
@@ -733,6 +756,15 @@ def validate_run(config: RunConfig, world_size: int) -> None:
         raise ConfigError(
             "train.precision='fp16' needs a CUDA device (DeepSpeed's fp16 optimizer and loss "
             "scaler run on GPUs only); use 'bf16' or 'fp32' on a CPU"
+        )
+    offloaded = config.memory.storage_policy.offloaded
+    if offloaded and not torch.cuda.is_available():
+        kind = offloaded[0]
+        valid = [p for p in IMPLEMENTED[kind] if p != "offload"]
+        raise ConfigError(
+            f"memory.policy.{kind}='offload' needs a CUDA device (it keeps the tensor in "
+            f"pinned host memory instead of device memory; on a CPU they are one memory, so it "
+            f"would save nothing); valid on a CPU: {valid}"
         )
     dp = world_size // tp
     train = config.train

@@ -572,8 +572,9 @@ class Trainer:
             storage=config.memory.storage_policy,
         )
 
-    def predicted_saved_activation_bytes(self) -> int:
-        """The analytic model's saved-activation bytes of one micro-batch on this rank."""
+    def predicted_saved_activations(self):
+        """The analytic model's saved activations of one micro-batch on this rank
+        (:class:`~actcomp_dist.memory_model.ActivationPrediction`)."""
         ac = self.config.activation_checkpointing
         return predict_saved_activations(
             self.model.config,
@@ -581,17 +582,27 @@ class Trainer:
             self._activation_setting(),
             ac.mode,
             ac.num_layers,
-        ).total
+        )
+
+    def predicted_saved_activation_bytes(self) -> int:
+        """The analytic model's saved-activation bytes of one micro-batch on this rank: every
+        byte autograd keeps for backward, on the device and (``memory.policy`` ``offload``)
+        in host memory, as :class:`~actcomp_dist.memory.SavedTensorCounter` counts them."""
+        predicted = self.predicted_saved_activations()
+        return predicted.total + predicted.host_total
 
     def _report_activation_memory(self, batch, measured: int) -> None:
         """Print the model summary and the activation memory of one micro-batch: measured,
         predicted, and measured again on the same batch with compression switched off."""
         print0(describe_model(self.model, self.config))
-        predicted = self.predicted_saved_activation_bytes()
+        prediction = self.predicted_saved_activations()
+        predicted = prediction.total + prediction.host_total
         line = (
             f"saved activations per micro-batch (per rank): measured {format_bytes(measured)}, "
             f"predicted {format_bytes(predicted)}"
         )
+        if prediction.host_total:
+            line += f" (of which {format_bytes(prediction.host_total)} in pinned host memory)"
         if self.config.compression.method != "none":
             tokens, labels, mask = batch
             # Forward only, same batch; the graph is dropped without a backward.

@@ -11,7 +11,9 @@ the rest of the suite; what differs on a GPU and is checked here:
 - saved-activation bytes on the device equal the analytic model's prediction, byte for byte;
 - apex's fused RMSNorm, when apex is importable, against the plain PyTorch norm;
 - the 8-bit storage policies (pack/unpack bounds, exact forward loss) and LoRAct's low-rank
-  storage (cuSOLVER's QR; exact at full rank) on the device.
+  storage (cuSOLVER's QR; exact at full rank) on the device;
+- ``offload``: pinned host copies on a side stream, bit-identical to ``keep``, the saved bytes
+  split by device as predicted, the allocator's bytes lower by the predicted amount.
 
 Tolerances: bf16 results are compared with float64 through rounding bounds: bf16 GEMMs
 accumulate in fp32 (``gamma_k`` of fp32) and round each stage's output to bf16 (``u = 2^-8``),
@@ -20,6 +22,7 @@ each term times the magnitude of the terms (tests/helpers/tolerances.py).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 
@@ -407,3 +410,115 @@ def test_llama_with_lowrank_storage_on_device_is_exact_at_full_rank(single_rank)
     _assert_as_accurate_as_naive(
         results["full"][1], results["keep"][1], reference, torch.bfloat16, "lowrank full rank"
     )
+
+
+def _flushed_allocated(device) -> int:
+    """``memory_allocated`` once every pending stream use has completed: a block freed while
+    another stream still used it (``record_stream``) returns to the pool only when the
+    allocator next processes its events, which an allocation does."""
+    torch.cuda.synchronize(device)
+    torch.empty(1, device=device)
+    return torch.cuda.memory_allocated(device)
+
+
+OFFLOAD_ALL = {"norm": "offload", "attention": "offload", "swiglu": "offload"}
+
+
+def _offload_config():
+    """tiny with 8 blocks: the saving (8 blocks) stands well clear of the peak's slack (two)."""
+    from actcomp_dist.models import get_model_config
+
+    return get_model_config("tiny", num_layers=8, seq_length=128, params_dtype=torch.bfloat16)
+
+
+def _offload_batch(config):
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, config.vocab_size, (4, 129), generator=generator).to(DEVICE)
+    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+
+def test_offload_on_device_equals_keep_bit_for_bit(single_rank):
+    """``memory.policy`` ``offload`` (pinned host copies on a side stream, copied back on the
+    compute stream in backward) against ``keep`` on the same bf16 weights and batch: loss and
+    every gradient bit-identical (a copy, not an encoding). Under the math SDPA kernel, whose
+    backward is deterministic (flash attention's backward accumulates dQ with atomics), so
+    the first assertion checks that premise: ``keep`` twice gives the same bits."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from actcomp_dist.models import build_llama
+    from actcomp_dist.storage import StoragePolicy
+
+    config = _offload_config()
+    inputs, labels = _offload_batch(config)
+    results = []
+    for policy in (None, None, StoragePolicy.from_mapping(OFFLOAD_ALL)):
+        model = build_llama(config, init_seed=0, storage_policy=policy, device=DEVICE)
+        with sdpa_kernel(SDPBackend.MATH):
+            loss = model.loss(inputs, labels)
+            loss.backward()
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+        results.append((loss.detach(), grads))
+    (loss_keep, grads_keep), (loss_again, grads_again), (loss_off, grads_off) = results
+    assert torch.equal(loss_again, loss_keep)
+    assert all(torch.equal(grads_again[n], g) for n, g in grads_keep.items())
+    assert torch.equal(loss_off, loss_keep)
+    for name, grad in grads_keep.items():
+        assert torch.equal(grads_off[name], grad), name
+
+
+def test_offload_on_device_frees_the_predicted_device_bytes(single_rank):
+    """The same models under the default (fused) kernels:
+
+    - the saved tensors split by device: the CUDA bytes are the memory model's device
+      prediction, the CPU (pinned) bytes its ``host_offload``, each to the byte;
+    - after forward (pending copies flushed), the allocator holds less by the predicted
+      difference of device bytes, up to its rounding: every block is a multiple of 512 bytes,
+      so each saved tensor may hold up to 511 bytes more than its size (at most 16 tensors
+      per block differ between the two);
+    - the peak (``max_memory_allocated``) over forward and backward falls by at least the
+      predicted difference less twice one block's offloaded bytes (backward brings one
+      block's tensors back at a time, and the attention re-run builds its output again).
+    """
+    from actcomp_dist import CompressionConfig
+    from actcomp_dist.ablation.measure import masked_mean_loss
+    from actcomp_dist.memory import SavedTensorCounter
+    from actcomp_dist.memory_model import ActivationSetting, predict_saved_activations
+    from actcomp_dist.models import build_llama
+    from actcomp_dist.storage import StoragePolicy
+
+    config = _offload_config()
+    inputs, labels = _offload_batch(config)
+    mask = torch.ones(inputs.shape, device=DEVICE)
+    offload = StoragePolicy.from_mapping(OFFLOAD_ALL)
+    device = torch.device(DEVICE)
+    results = {}
+    for name, policy in (("keep", None), ("offload", offload)):
+        model = build_llama(config, init_seed=0, storage_policy=policy, device=DEVICE)
+        # Warm-up: the RoPE table cache, the side stream, the kernels' workspaces.
+        masked_mean_loss(model(inputs, labels, mask), mask).backward()
+        model.zero_grad(set_to_none=True)
+        before = _flushed_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        with SavedTensorCounter() as counter:
+            loss = masked_mean_loss(model(inputs, labels, mask), mask)
+        forward = _flushed_allocated(device) - before
+        loss.backward()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - before
+        results[name] = (dict(counter.by_device), forward, peak)
+        del model, loss
+    _, forward_keep, peak_keep = results["keep"]
+    by_device, forward_off, peak_off = results["offload"]
+    setting = ActivationSetting(4, 128, dtype_bytes=2, rope_positions=config.seq_length)
+    keep_prediction = predict_saved_activations(config, CompressionConfig(), setting)
+    predicted = predict_saved_activations(
+        config, CompressionConfig(), dataclasses.replace(setting, storage=offload)
+    )
+    assert by_device.get("cpu", 0) == predicted.host_total > 0
+    assert by_device.get("cuda", 0) == predicted.total
+    saving = keep_prediction.total - predicted.total
+    rounding = 511 * 16 * config.num_layers
+    assert saving > 10 * rounding  # the check below means something
+    assert abs((forward_keep - forward_off) - saving) <= rounding, (forward_keep, forward_off)
+    block_host = predicted.host_total // config.num_layers
+    assert peak_keep - peak_off >= saving - 2 * block_host - rounding, (peak_keep, peak_off)

@@ -132,6 +132,20 @@ def test_bad_variant_fails_before_training(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_offload_variant_is_refused_without_cuda_before_training(tmp_path):
+    out = tmp_path / "out"
+    result = _ablate(
+        "--config", str(TINY), "--variants", "none,offload", "--steps", "2", "--out", str(out)
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "error: variant(s) ['offload'] keep activations in pinned host memory (memory.policy "
+        "'offload'): they need a CUDA device; tools/memory_plan.py predicts them anywhere"
+    )
+    assert not out.exists()
+
+
 def test_subtoken_groups_must_divide_the_widths(tmp_path, corpus):
     result = _ablate(
         "--config", str(TINY), "--variants", "subtoken:7", "--steps", "2",

@@ -780,11 +780,18 @@ BAD_INPUTS = {
         None,
         "unknown key(s) ['train.stepz']; valid keys in 'train'",
     ),
-    "storage_policy_not_implemented": (
+    # Refused without CUDA; on a CUDA machine a policy a kind cannot take stands in.
+    "storage_policy_refused": (
         ["memory.policy.swiglu=offload"],
         None,
-        "memory.policy.swiglu='offload' is not implemented yet for kind 'swiglu'; implemented: "
-        "['keep', 'int8', 'fp8', 'lowrank:R', 'recompute']",
+        "memory.policy.swiglu='offload' needs a CUDA device (it keeps the tensor in pinned host "
+        "memory instead of device memory",
+    )
+    if not torch.cuda.is_available()
+    else (
+        ["memory.policy.fc1=int8"],
+        None,
+        "memory.policy.fc1='int8' is not implemented yet for kind 'fc1'",
     ),
     "recompute_removes_nothing": (
         ["memory.policy.norm=recompute"],

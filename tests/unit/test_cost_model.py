@@ -61,12 +61,13 @@ def _step(model, variant: str, seq: int = 4096, batch: int = 8, device=None):
         micro_batch_size=batch,
         ac_mode=v.ac_mode,
         storage=v.storage,
+        block_input=v.block_input,
         device=device or Device(),
     )
 
 
 def test_json_equals_the_memory_model_called_directly(memory_plan, tmp_path):
-    variants, seqs = "none,ac_full,int8,compact:0.25", [1024, 4096]
+    variants, seqs = "none,ac_full,int8,compact:0.25,offload,ac_full_offload", [1024, 4096]
     report = _run(
         memory_plan,
         tmp_path,
@@ -88,6 +89,7 @@ def test_json_equals_the_memory_model_called_directly(memory_plan, tmp_path):
                 ac_mode=variant.ac_mode,
                 zero_stage=1,
                 data_parallel=8,
+                host_memory=256 * 10**9,  # --host-memory's default
             )
 
         states = predict_model_states(model, compression, zero_stage=1, data_parallel=8)
@@ -98,6 +100,11 @@ def test_json_equals_the_memory_model_called_directly(memory_plan, tmp_path):
             assert report["saved_activations"][name][str(seq)] == expected.activations.total
             assert report["peak"][name][str(seq)] == expected.total
             assert report["fits"][name][str(seq)] == expected.fits
+            if variant.offloads:
+                host = report["host_offload"][name][str(seq)]
+                assert host == expected.activations.host_total > 0
+            else:
+                assert name not in report["host_offload"]
             assert report["max_micro_batch"][name][str(seq)] == largest_micro_batch(
                 lambda b, seq=seq, plan=plan: plan(b, seq)
             )
@@ -105,6 +112,11 @@ def test_json_equals_the_memory_model_called_directly(memory_plan, tmp_path):
                 _step(model, name, seq).ratio(), rel=1e-12
             )
     assert report["budget_choice"] is None
+    # The offloaded activations outgrow host memory before the device: the largest
+    # micro-batch of ``offload`` is the host's limit.
+    host_limited = report["max_micro_batch"]["offload"]["4096"]
+    per_sample = report["host_offload"]["offload"]["4096"] / 8
+    assert host_limited == int(256 * 10**9 // per_sample)
 
 
 def test_budget_picks_the_fastest_variant_that_fits(memory_plan, tmp_path):
@@ -207,6 +219,86 @@ def test_cost_model_of_lowrank_storage_closed_form():
     assert compact.extra["factorisation"] == pytest.approx(factorisations / 1e15, rel=1e-12)
 
 
+def test_cost_model_of_packed_block_input_closed_form():
+    """``ac_full_BLOCK``: the recompute of ``ac_full`` plus, per checkpointed block, LoRAct's
+    factorisation of the block input (width h: ``Y = A^T A[:, S]``, ``L = A Q``, ``L Q^T``,
+    2 h k flops per token each, and the QR of [h, k] with its explicit Q, 4 h k^2 per
+    micro-batch), the 8-bit packing's 6 bytes per element, or the host transfer."""
+    model = get_model_config("1b", vocab_size=32000)
+    device = Device(peak_flops=1e15, memory_bandwidth=3e12, host_bandwidth=25e9)
+    seq, batch = 4096, 2
+    tokens = seq * batch
+    h, layers = model.hidden_size, model.num_layers
+    full = _step(model, "ac_full", seq, batch, device=device)
+    k = math.ceil(h / 8)
+    lowrank = _step(model, "ac_full_lowrank:0.125", seq, batch, device=device)
+    factorise = 2 * h * k + 2 * h * k + 2 * h * k + 4 * h * k * k / tokens
+    assert lowrank.extra == {
+        "recompute": full.extra["recompute"],
+        "factorisation": pytest.approx(layers * factorise / 1e15, rel=1e-12),
+    }
+    absolute = _step(model, "ac_full_lowrank:16", seq, batch, device=device)
+    factorise = 6 * h * 16 + 4 * h * 16 * 16 / tokens
+    assert absolute.extra["factorisation"] == pytest.approx(layers * factorise / 1e15, rel=1e-12)
+    int8 = _step(model, "ac_full_int8", seq, batch, device=device)
+    assert int8.extra["storage"] == pytest.approx(
+        layers * STORAGE_BYTES_PER_ELEMENT * h / 3e12, rel=1e-12
+    )
+    # Offloaded block inputs: 2 bytes per element each way; the forward copy counts beyond
+    # the forward compute it overlaps (a third of the model flops).
+    offload = _step(model, "ac_full_offload", seq, batch, device=device)
+    one_way = layers * 2 * h / 25e9
+    expected = one_way + max(0.0, one_way - full.base / 3)
+    assert offload.extra == {
+        "recompute": full.extra["recompute"],
+        "transfer": pytest.approx(expected, rel=1e-12),
+    }
+    assert 1.0 < full.ratio() < lowrank.ratio()
+
+
+def test_lowrank_factorisation_flops_match_flop_counter():
+    """The GEMM part of the factorisation counted by the model (6 N n k per tensor) is what
+    PyTorch's FlopCounterMode counts for pack + unpack of LoRAct's storage; the QR is not a
+    GEMM (FlopCounterMode has no formula for it) and is the rest, 4 n k^2."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from actcomp_dist.cost_model import _lowrank_factorisation
+    from actcomp_dist.storage import LowRankStorage
+
+    tokens, n, k = 96, 40, 8
+    packer = LowRankStorage(k)
+    a = torch.randn(tokens, n)
+    with FlopCounterMode(display=False) as counter:
+        packer.unpack(packer.pack(a), a)
+    assert counter.get_total_flops() == 6 * tokens * n * k
+    per_call = _lowrank_factorisation(n, k, tokens) * tokens
+    assert per_call == counter.get_total_flops() + 4 * n * k * k
+
+
+def test_cost_model_of_offload_closed_form():
+    """``offload``: the block norms' outputs, q, k, v, o and ``[gate | up]`` (16-bit) cross the
+    host link twice; the backward copies count in full (not overlapped), the forward ones only
+    beyond the forward compute; the SDPA forward re-run in backward counts too."""
+    model = get_model_config("1b", vocab_size=32000)
+    seq, batch = 4096, 2
+    h, f, d, layers = model.hidden_size, model.ffn_hidden_size, model.head_dim, model.num_layers
+    heads, groups = model.num_attention_heads, model.query_groups
+    offloaded = layers * 2 * (2 * h + (2 * heads + 2 * groups) * d + 2 * f)  # bytes per token
+    rerun = layers * 4 * h * seq / 1e15
+    for bandwidth in (25e9, 1e12):
+        device = Device(peak_flops=1e15, memory_bandwidth=3e12, host_bandwidth=bandwidth)
+        step = _step(model, "offload", seq, batch, device=device)
+        one_way = offloaded / bandwidth
+        expected = rerun + one_way + max(0.0, one_way - step.base / 3)
+        assert step.extra == {"transfer": pytest.approx(expected, rel=1e-12)}
+    # At 25 GB/s the forward copies outlast the forward compute; at 1 TB/s they hide behind it.
+    assert offloaded / 25e9 > step.base / 3 > offloaded / 1e12
+    slow = _step(model, "offload", seq, batch, device=Device(host_bandwidth=25e9))
+    fast = _step(model, "offload", seq, batch, device=Device(host_bandwidth=50e9))
+    assert slow.ratio() > fast.ratio() > 1.0
+
+
 def test_calibration_reproduces_the_given_ratios():
     model = get_model_config("tiny")
     measured = {"none": 1.0, "ac_selective": 1.21, "int8": 1.37, "compact:0.25": 1.08}
@@ -218,7 +310,13 @@ def test_calibration_reproduces_the_given_ratios():
     assert calibrate(
         {"none": 1.0, "int8+ac_selective": 1.5},
         {"int8+ac_selective": _step(model, "int8+ac_selective", 128, 4)},
-    ) == {"recompute": 1.0, "storage": 1.0, "projection": 1.0, "factorisation": 1.0}
+    ) == {
+        "recompute": 1.0,
+        "storage": 1.0,
+        "projection": 1.0,
+        "factorisation": 1.0,
+        "transfer": 1.0,
+    }
 
 
 def test_cli_calibration_from_records(memory_plan, tmp_path):
@@ -248,6 +346,7 @@ def test_cli_calibration_from_records(memory_plan, tmp_path):
         "storage",
         "projection",
         "factorisation",
+        "transfer",
     }
 
 

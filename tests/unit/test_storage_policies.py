@@ -29,6 +29,7 @@ from actcomp_dist.models import build_llama, get_model_config
 from actcomp_dist.models.llama import swiglu
 from actcomp_dist.storage import (
     IMPLEMENTED,
+    LINEAR_SITES,
     StoragePolicy,
     attention_with_stored_inputs,
     element_error_bound,
@@ -312,9 +313,10 @@ def test_policy_config_defaults_and_validation():
         "not a string": ({"swiglu": 8}, "memory.policy.swiglu=8 is not a policy"),
         "not implemented": (
             {"qkv": "int8"},
-            "memory.policy.qkv='int8' is not implemented yet for kind 'qkv'; implemented: ['keep']",
+            "memory.policy.qkv='int8' is not implemented yet for kind 'qkv'; implemented: "
+            "['keep', 'compress']",
         ),
-        "offload": ({"swiglu": "offload"}, "memory.policy.swiglu='offload' is not implemented"),
+        "offload": ({"fc1": "offload"}, "memory.policy.fc1='offload' is not implemented"),
         "lowrank": ({"attention": "lowrank:8"}, "'lowrank:8' is not implemented yet"),
         "lowrank rank": ({"norm": "lowrank:1.5"}, "memory.policy.norm='lowrank:1.5' is not a"),
     }
@@ -326,10 +328,18 @@ def test_policy_config_defaults_and_validation():
         run_config_from_dict({"memory": {"efficient_ops": False, "policy": {"swiglu": "int8"}}})
     with pytest.raises(ConfigError, match=r"memory.policy='int8' must be an object"):
         run_config_from_dict({"memory": {"policy": "int8"}})
-    assert set(IMPLEMENTED["attention"]) == {"keep", "int8", "fp8", "recompute"}
-    assert set(IMPLEMENTED["swiglu"]) == {"keep", "int8", "fp8", "lowrank:R", "recompute"}
-    assert set(IMPLEMENTED["norm"]) == {"keep", "int8", "fp8", "lowrank:R"}
-    assert set(IMPLEMENTED["block_input"]) == {"keep", "int8", "fp8", "lowrank:R"}
+    assert set(IMPLEMENTED["attention"]) == {"keep", "int8", "fp8", "recompute", "offload"}
+    assert set(IMPLEMENTED["swiglu"]) == {
+        "keep",
+        "int8",
+        "fp8",
+        "lowrank:R",
+        "recompute",
+        "offload",
+    }
+    assert set(IMPLEMENTED["norm"]) == {"keep", "int8", "fp8", "lowrank:R", "offload"}
+    assert set(IMPLEMENTED["block_input"]) == {"keep", "int8", "fp8", "lowrank:R", "offload"}
+    assert all(set(IMPLEMENTED[site]) == {"keep", "compress"} for site in LINEAR_SITES)
 
 
 def test_storage_variants():
@@ -391,19 +401,32 @@ def test_storage_variants():
     assert raw["activation_checkpointing"]["mode"] == "full"
     assert raw["memory"]["policy"] == {"norm": "fp8", "block_input": "int8"}
     for bad, message in (
-        ("ac_full_int4", "'ac_full_int4' is not ac_full_int8, ac_full_fp8 or ac_full_lowrank"),
-        ("ac_full_lowrank:1.5", "is not ac_full_int8, ac_full_fp8 or ac_full_lowrank:RANK"),
+        (
+            "ac_full_int4",
+            "'ac_full_int4' is not ac_full_int8, ac_full_fp8, ac_full_offload or ac_full_lowrank",
+        ),
+        (
+            "ac_full_lowrank:1.5",
+            "is not ac_full_int8, ac_full_fp8, ac_full_offload or ac_full_lowrank:RANK",
+        ),
         ("ac_full_int8+ac_selective", "names two checkpointing modes"),
         ("ac_full_fp8+naive", "ac_full_fp8 packs the block input, which needs the memory-eff"),
         ("ac_sublayer+naive", "ac_sublayer re-runs each sublayer from what the memory-efficient"),
-        ("int8+fp8", "at most one of ['int8', 'fp8']"),
+        ("int8+fp8", "at most one of ['int8', 'fp8', 'offload']"),
         ("int8+naive", "int8 storage needs the memory-efficient block"),
-        ("ac_lowrank:8+int8", "at most one of ['int8', 'fp8'] (or their @KIND/KIND forms)"),
-        ("int8@norm+fp8@swiglu", "at most one of ['int8', 'fp8'] (or their @KIND/KIND forms)"),
+        (
+            "ac_lowrank:8+int8",
+            "at most one of ['int8', 'fp8', 'offload'] (or their @KIND/KIND forms)",
+        ),
+        (
+            "int8@norm+fp8@swiglu",
+            "at most one of ['int8', 'fp8', 'offload'] (or their @KIND/KIND forms)",
+        ),
         ("int8@", "'int8@' needs int8@KIND/KIND... with distinct KINDs from ['norm', 'attent"),
         ("int8@qkv", "'int8@qkv' needs int8@KIND/KIND... with distinct KINDs from ['norm', 'a"),
         ("fp8@norm/norm", "'fp8@norm/norm' needs fp8@KIND/KIND... with distinct KINDs"),
         ("int8@norm+naive", "int8@norm storage needs the memory-efficient block"),
+        ("offload@norm", "'offload@norm': offload takes no @KIND form"),
         ("ac_lowrank:8+naive", "ac_lowrank:8 storage needs the memory-efficient block"),
         ("ac_lowrank:1.5", "needs ac_lowrank:RANK with RANK a ratio in (0, 1]"),
         ("ac_lowrank", "needs ac_lowrank:RANK"),
