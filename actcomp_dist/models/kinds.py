@@ -40,3 +40,27 @@ def module_kind(name: str) -> str:
             return "block_input"
         return BLOCK_MODULE_KINDS.get(rest[-1], rest[-1])
     return parts[0]
+
+
+#: The learning-rate groups of ``train.lr_scale`` (besides ``default``): the four linear sites,
+#: and the parameters outside them.
+LR_GROUP_OF_KIND: dict[str, str] = {
+    "qkv": "qkv",
+    "proj": "proj",
+    "fc1": "fc1",
+    "fc2": "fc2",
+    "embedding": "embedding",
+    "norm": "norm",
+    "final_norm": "norm",
+    "output_layer": "output",
+}
+
+
+def parameter_group(name: str) -> str:
+    """The ``train.lr_scale`` group of a dotted parameter name of
+    :class:`~actcomp_dist.models.LlamaModel`: the group of the module that holds it
+    (``layers.3.attention.qkv.weight`` -> ``qkv``, ``layers.3.input_norm.weight`` and
+    ``final_norm.weight`` -> ``norm``, ``embedding.weight`` -> ``embedding``,
+    ``output_layer.weight`` -> ``output``); any other parameter (an adapter's, a plugin
+    module's) -> ``default``. A tied output layer shares ``embedding.weight``: ``embedding``."""
+    return LR_GROUP_OF_KIND.get(module_kind(name.rpartition(".")[0]), "default")

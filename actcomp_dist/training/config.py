@@ -275,6 +275,9 @@ class TrainSection:
     # CompAct's alpha for grad_mode 'subspace': a number, or a map site -> alpha with "default"
     # (e.g. {"default": 0.25, "proj": 0.125}, the paper's alpha_out on the attention output).
     subspace_scale: float | dict[str, float] = 0.25
+    # Learning-rate multipliers by parameter group ({group: factor}, LR_SCALE_KEYS; a group not
+    # named takes "default", itself 1 when absent): each group's lr is factor x the schedule.
+    lr_scale: dict[str, float] = field(default_factory=dict)
     eval_interval: int = 0
     eval_iters: int = 4
     on_nonfinite: str = "stop"
@@ -345,6 +348,7 @@ class TrainSection:
         ):
             raise ConfigError(f"train.betas={self.betas!r} must be two numbers in [0, 1)")
         _check_subspace_scale(self.subspace_scale)
+        _check_lr_scale(self.lr_scale, self.lr)
 
 
 SUBSPACE_SCALE_KEYS = ("default", *TRANSFORMER_SITES)
@@ -375,6 +379,40 @@ def _check_subspace_scale(scale: Any) -> None:
             f"train.subspace_scale={scale!r} must be a finite number > 0 or a map "
             f"{{site: alpha}} with keys {list(SUBSPACE_SCALE_KEYS)} ('default' required)"
         )
+
+
+# The parameter groups of ``train.lr_scale``: the linear sites, the embedding, every RMSNorm
+# (the blocks' and the final one), the output layer (actcomp_dist.models.kinds.parameter_group).
+LR_SCALE_KEYS = ("default", *TRANSFORMER_SITES, "embedding", "norm", "output")
+
+
+def _check_lr_scale(scale: Any, lr: float) -> None:
+    """``train.lr_scale``: a map from LR_SCALE_KEYS to finite numbers > 0 whose product with
+    ``train.lr`` stays within MAX_LR."""
+    if not isinstance(scale, dict):
+        raise ConfigError(
+            f"train.lr_scale={scale!r} must be a map {{group: factor}} with keys "
+            f'{list(LR_SCALE_KEYS)}, e.g. {{"qkv": 0.25, "proj": 0.125}}'
+        )
+    unknown = sorted(set(scale) - set(LR_SCALE_KEYS))
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {[f'train.lr_scale.{k}' for k in unknown]}; valid keys in "
+            f"'train.lr_scale': {list(LR_SCALE_KEYS)}"
+        )
+    for key, value in scale.items():
+        if not _positive_number(value):
+            raise ConfigError(f"train.lr_scale.{key}={value!r} must be a finite number > 0")
+        if lr * value > MAX_LR:
+            raise ConfigError(
+                f"train.lr * train.lr_scale.{key} = {lr} * {value} is above {MAX_LR}: AdamW "
+                f"would move those weights by about that much per step"
+            )
+
+
+def lr_scale_factor(scale: dict[str, float], group: str) -> float:
+    """The multiplier of parameter group ``group`` under ``train.lr_scale`` ``scale``."""
+    return float(scale.get(group, scale.get("default", 1.0)))
 
 
 def _positive_number(value: Any) -> bool:
@@ -614,6 +652,7 @@ def run_config_from_dict(
                 raise ConfigError(f"{source}: {err}") from None
     _check_block_input_policy(config, source)
     _resolve_linear_site_policies(config, raw, source)
+    _check_lr_scale_subspace(config, source)
     return config
 
 
@@ -637,6 +676,27 @@ def _resolve_linear_site_policies(config: RunConfig, raw: dict[str, Any], source
         raise ConfigError(f"{source}: {err}") from None
     if sites != compression.sites:
         config.compression = compression.replace(sites=sites)
+
+
+def _check_lr_scale_subspace(config: RunConfig, source: str) -> None:
+    """In ``subspace`` mode the compressed weights are stepped at lr x
+    ``train.subspace_scale`` outside the optimizer's param groups: ``train.lr_scale`` naming a
+    compressed site would be a second multiplier, so it is refused (``default`` applies to the
+    other parameters only)."""
+    train = getattr(config, "train", None)
+    compression = getattr(config, "compression", None)
+    if train is None or compression is None or compression.grad_mode != "subspace":
+        return
+    if compression.method == "none":
+        return
+    named = [site for site in compression.sites if site in train.lr_scale]
+    if named:
+        keys = [f"train.lr_scale.{site}" for site in named]
+        raise ConfigError(
+            f"{source}: {keys} name(s) compressed site(s) of compression.grad_mode='subspace', "
+            f"whose weights are stepped at train.lr x train.subspace_scale; set "
+            f"train.subspace_scale.SITE instead, or drop the key"
+        )
 
 
 def _check_block_input_policy(config: RunConfig, source: str) -> None:

@@ -3,7 +3,8 @@
 An exact resume repeats the steps the original run would have taken. That needs the same model
 shape, adapter (mode, seed, rank, targets, mask), compression (refused by the checkpoint's
 marker, :func:`~actcomp_dist.training.checkpoint.verify_checkpoint`), precision, seed (data
-order, dropout-free init), the alpha of each site's subspace update (``subspace`` mode),
+order, dropout-free init), the alpha of each site's subspace update (``subspace`` mode), the
+learning-rate factor of each parameter group (``train.lr_scale``: it decides the param groups),
 tokenizer and data. :func:`resume_drift` lists every such setting
 that differs between the checkpoint and the config, as ``{"key": [old, new]}``; the trainer
 refuses the resume (one line, every rank, before the engine is built) unless each changed key
@@ -40,6 +41,7 @@ EXACT_PREFIXES = (
     "train.precision",
     "train.seed",
     "train.subspace_scale.",
+    "train.lr_scale.",
     "data.",
     "fingerprint.",
 )
@@ -172,17 +174,33 @@ def _subspace_scale_view(config_dict: dict[str, Any]) -> dict:
         return {"train.subspace_scale.default": scale}
 
 
+def _lr_scale_view(config_dict: dict[str, Any]) -> dict:
+    """``train.lr_scale.GROUP``: each parameter group's factor (so ``{}``, a checkpoint
+    without the field and ``{"default": 1}`` agree). Not allowable: the factors decide how the
+    parameters are split into the optimizer's param groups, which the saved state follows."""
+    from actcomp_dist.training.config import LR_SCALE_KEYS, lr_scale_factor
+
+    train = config_dict.get("train")
+    scale = train.get("lr_scale", {}) if isinstance(train, dict) else {}
+    if not isinstance(scale, dict):  # validate_run has said why already
+        return {"train.lr_scale.default": scale}
+    return {f"train.lr_scale.{g}": lr_scale_factor(scale, g) for g in LR_SCALE_KEYS[1:]}
+
+
 def _settings(config_dict: dict[str, Any], model: dict[str, Any] | None, section_class) -> dict:
     rest = {k: v for k, v in config_dict.items() if k != "model"}
     if isinstance(rest.get("finetune"), dict):
         rest["finetune"] = {k: v for k, v in rest["finetune"].items() if k != "adapter"}
     if isinstance(rest.get("train"), dict):
-        rest["train"] = {k: v for k, v in rest["train"].items() if k != "subspace_scale"}
+        rest["train"] = {
+            k: v for k, v in rest["train"].items() if k not in ("subspace_scale", "lr_scale")
+        }
     return {
         **_flatten(rest, "", {}),
         **_model_view(config_dict, model),
         **_adapter_view(config_dict, section_class),
         **_subspace_scale_view(config_dict),
+        **_lr_scale_view(config_dict),
     }
 
 

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from actcomp_dist.models.kinds import parameter_group
 from actcomp_dist.optim.subspace_partitioned import PartitionedSubspaceAdam
 from actcomp_dist.optim.subspace_proxy import (
     SubspaceMerger,
@@ -34,7 +35,7 @@ from actcomp_dist.optim.subspace_proxy import (
     skip_subspace_weights_in_zero0_reduction,
     subspace_layers,
 )
-from actcomp_dist.training.config import ConfigError, RunConfig
+from actcomp_dist.training.config import ConfigError, RunConfig, TrainSection, lr_scale_factor
 from actcomp_dist.training.deepspeed_config import deepspeed_config
 from actcomp_dist.training.schedule import build_lr_scheduler
 
@@ -48,16 +49,29 @@ class Engine:
     gradient_accumulation_steps: int
 
 
-def _param_groups(model: nn.Module, weight_decay: float, exclude: set[int]) -> list[dict]:
-    decay, no_decay = [], []
-    for param in model.parameters():
+def _param_groups(model: nn.Module, train: TrainSection, exclude: set[int]) -> list[dict]:
+    """The optimizer's param groups: weight decay on matrices only, and one group per
+    ``train.lr_scale`` factor (:func:`~actcomp_dist.models.kinds.parameter_group`). Each group
+    starts at ``train.lr x factor`` and carries its ``lr_scale``: the schedule's ``LambdaLR``
+    multiplies that initial lr, so warm-up and decay keep the ratio at every step. Groups come
+    in order of first appearance, decayed ones first, parameters in model order: with every
+    factor 1 they are the two groups (matrices, vectors) of a run without the field."""
+    grouped: dict[tuple[bool, float], list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
         if not param.requires_grad or id(param) in exclude:
             continue
-        (decay if param.dim() >= 2 else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
+        factor = lr_scale_factor(train.lr_scale, parameter_group(name))
+        grouped.setdefault((param.dim() >= 2, factor), []).append(param)
+    keys = sorted(grouped, key=lambda key: not key[0])  # stable: decayed groups first
+    return [
+        {
+            "params": grouped[(decay, factor)],
+            "weight_decay": train.weight_decay if decay else 0.0,
+            "lr": train.lr * factor,
+            "lr_scale": factor,
+        }
+        for decay, factor in keys
+    ]
 
 
 def build_engine(config: RunConfig, model: nn.Module, world_size: int, mpu) -> Engine:
@@ -76,9 +90,9 @@ def build_engine(config: RunConfig, model: nn.Module, world_size: int, mpu) -> E
         if stage == 0:
             proxies = attach_subspace_proxies(model)
         exclude = {id(layer.weight) for layer in subspace_layers(model)} | {id(p) for p in proxies}
-    groups = _param_groups(model, train.weight_decay, exclude)
-    if proxies:
-        groups.append({"params": proxies, "weight_decay": 0.0})
+    groups = _param_groups(model, train, exclude)
+    if proxies:  # stepped at the schedule's lr; the merger scales by train.subspace_scale
+        groups.append({"params": proxies, "weight_decay": 0.0, "lr": train.lr, "lr_scale": 1.0})
     optimizer = torch.optim.AdamW(
         [g for g in groups if g["params"]],
         lr=train.lr,

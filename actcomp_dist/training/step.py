@@ -33,6 +33,7 @@ import torch.distributed as dist
 
 from actcomp_dist.memory import SavedTensorCounter
 from actcomp_dist.training.guard import poison
+from actcomp_dist.training.schedule import schedule_lr
 
 #: A micro-batch on the device: ``(tokens, labels, loss_mask)``, each ``[b, s]``.
 MicroBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -107,7 +108,7 @@ def train_step(
     one also steps the optimizer, merges and advances the schedule) — in order by default; a
     memory tracker that needs a boundary between micro-batches wraps them here.
     """
-    lr = engine.lr_scheduler.get_last_lr()[0]
+    lr = schedule_lr(engine.lr_scheduler)
     accumulation = engine.gradient_accumulation_steps()
     losses: list[torch.Tensor] = []
     # Filled in by the micro-batches (run by run_micro_batches).

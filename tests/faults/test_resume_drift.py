@@ -58,6 +58,13 @@ def test_the_same_config_and_harmless_changes_are_no_drift(tmp_path):
     )
     harmless.data.num_workers = 2
     assert resume_drift(saved, harmless) == {}
+    # train.lr_scale spelled out at factor 1 is the run without it.
+    ones = _pretrain(
+        tmp_path,
+        model={"name": "tiny", "overrides": {"num_layers": 2}},
+        train={"lr_scale": {"default": 1, "qkv": 1.0}},
+    )
+    assert resume_drift(saved, ones) == {}
 
 
 @pytest.mark.parametrize(
@@ -67,6 +74,18 @@ def test_the_same_config_and_harmless_changes_are_no_drift(tmp_path):
         ({"train": {"precision": "bf16"}}, {"train.precision": ["fp32", "bf16"]}),
         ({"train": {"seed": 7}}, {"train.seed": [1234, 7]}),
         ({"data": {"split": "90,10,0"}}, {"data.split": ["98,2,0", "90,10,0"]}),
+        # Per group, on the resolved factor: "default" reaches every group it covers.
+        (
+            {"train": {"lr_scale": {"qkv": 0.25}}},
+            {"train.lr_scale.qkv": [1.0, 0.25]},
+        ),
+        (
+            {"train": {"lr_scale": {"default": 0.5, "qkv": 1}}},
+            {
+                f"train.lr_scale.{group}": [1.0, 0.5]
+                for group in ("proj", "fc1", "fc2", "embedding", "norm", "output")
+            },
+        ),
     ],
 )
 def test_each_exactness_setting_is_compared(tmp_path, sections, expected):
@@ -141,7 +160,13 @@ def test_allow_changes_accepts_only_keys_that_keep_the_saved_shapes(tmp_path):
         tmp_path, checkpoint={"allow_changes": ["train.seed", "data.paths", "train.steps"]}
     )
     validate_run(ok, 1)
-    for key in ("model.num_layers", "compression.rank", "train.stepz", "data.seq_length"):
+    for key in (
+        "model.num_layers",
+        "compression.rank",
+        "train.stepz",
+        "data.seq_length",
+        "train.lr_scale",  # it decides the optimizer's param groups the checkpoint holds
+    ):
         config = _pretrain(tmp_path, checkpoint={"allow_changes": [key]})
         with pytest.raises(ConfigError, match=f"checkpoint.allow_changes: '{key}' cannot be"):
             validate_run(config, 1)

@@ -194,6 +194,8 @@ RESUME_CASES = {
     ],
     # Sub-token vectors are set from the first batch: they must come back from the checkpoint.
     "subtoken_zero1": ["compression.method=subtoken", "compression.groups=8"],
+    # Four param groups by learning-rate factor: each group's lr comes back with it.
+    "lr_scale_zero1": ['train.lr_scale={"qkv": 0.25, "proj": 0.125, "norm": 2, "default": 0.5}'],
 }
 
 
@@ -442,6 +444,140 @@ def test_deepspeed_subspace_path_is_the_subspace_adamw_rule(tmp_path, corpus):
         for group in ("subspace", "other"):
             for name, (trained, expected) in result[group].items():
                 torch.testing.assert_close(trained, expected, rtol=1e-4, atol=1e-6, msg=name)
+
+
+# -- train.lr_scale: per-group learning rates inside DeepSpeed ------------------------------------
+
+LR_SPLIT = {"qkv": 0.25, "fc1": 0.25, "fc2": 0.25, "proj": 0.125, "norm": 2.0, "default": 0.5}
+
+
+def _lr_scale_rank(rank: int, world_size: int, raws: list[dict], replay: list[bool]) -> list:
+    """Train with the Trainer, recording each optimizer param group's (lr_scale, lr) before
+    every step; where ``replay``, repeat the steps on the same samples with a plain
+    ``torch.optim.AdamW`` whose groups are set to factor x the closed-form schedule."""
+    from actcomp_dist.models import build_llama
+    from actcomp_dist.models.kinds import parameter_group
+    from actcomp_dist.optim.clip import clip_grad_norm_
+    from actcomp_dist.training.config import lr_scale_factor, run_config_from_dict
+    from actcomp_dist.training.trainer import Trainer
+
+    results = []
+    for raw, with_replay in zip(raws, replay, strict=True):
+        config = run_config_from_dict(raw)
+        train = config.train
+        trainer = Trainer(config)
+        groups_by_step = []
+        step_once = trainer._train_one_step
+
+        def recorded_step(
+            data,
+            step_once=step_once,
+            optimizer=trainer.lr_scheduler.optimizer,
+            record=groups_by_step,
+        ):
+            record.append([(g["lr_scale"], g["lr"]) for g in optimizer.param_groups])
+            return step_once(data)
+
+        trainer._train_one_step = recorded_step
+        history = trainer.train().history
+        trained = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+        result = {"history": history, "groups": groups_by_step, "trained": trained}
+        if with_replay:
+            model = build_llama(
+                trainer.model.config,
+                config.compression,
+                init_seed=train.seed,
+                device="cpu",
+                efficient_ops=config.memory.efficient_ops,
+                loss_chunk_tokens=config.memory.chunked_loss_tokens,
+            )
+            named = list(model.named_parameters())
+            factors = {n: lr_scale_factor(train.lr_scale, parameter_group(n)) for n, _ in named}
+            optimizer = torch.optim.AdamW(
+                [
+                    {
+                        "params": [p],
+                        "weight_decay": train.weight_decay if p.dim() >= 2 else 0.0,
+                        "factor": factors[n],
+                    }
+                    for n, p in named
+                ],
+                lr=train.lr,
+                betas=tuple(train.betas),
+                eps=train.eps,
+            )
+            dataset, micro = trainer.loader.dataset, train.micro_batch_size
+            for step in range(train.steps):
+                for group in optimizer.param_groups:
+                    group["lr"] = group["factor"] * learning_rate(step, train)
+                losses = []
+                for dp_rank in range(world_size):  # each rank's micro-batch, DP-averaged
+                    first = step * train.global_batch_size + dp_rank * micro
+                    batch = [dataset[i] for i in range(first, first + micro)]
+                    tokens = torch.stack([torch.as_tensor(b["tokens"]) for b in batch])
+                    labels = torch.stack([torch.as_tensor(b["labels"]) for b in batch])
+                    losses.append(model.loss(tokens, labels))
+                (sum(losses) / world_size).backward()
+                clip_grad_norm_(model.parameters(), train.clip_grad)
+                optimizer.step()
+                optimizer.zero_grad()
+                model.compression_schedule.advance()
+            result["factors"] = factors
+            result["expected"] = {n: p.detach() for n, p in named}
+        results.append(result)
+        trainer.close()
+    return results
+
+
+@pytest.mark.distributed
+def test_lr_scale_steps_each_group_at_its_factor_and_ones_change_nothing(tmp_path, corpus):
+    """``train.lr_scale`` under ZeRO 0, 1 and 2 (DP=2, fp32, CompAct lift on qkv/fc1/fc2):
+    before every step each optimizer param group's lr is its factor x the closed-form
+    schedule (warm-up then cosine), and after 4 steps every weight equals a plain AdamW
+    replay with per-parameter lr = factor x schedule on the same samples. The factors are
+    2x to 8x apart: a weight stepped at another group's lr would be off by about lr = 3e-3
+    per step, far outside the tolerance (rtol 1e-4, atol 1e-6 as for the subspace rule above:
+    float32 with another reduction order, Adam amplifying rounding only where g ~ 0).
+    Factors of 1 spelled out (``default`` and a site) train bit for bit like no field."""
+    steps = ["train.steps=4", "train.warmup_steps=2", "train.eval_interval=0"]
+    split = f"train.lr_scale={json.dumps(LR_SPLIT)}"
+    runs = {
+        **{
+            f"zero{stage}": [split, f"deepspeed.zero_optimization.stage={stage}"]
+            for stage in (0, 1, 2)
+        },
+        "none": [],
+        "ones": ['train.lr_scale={"default": 1, "qkv": 1.0}'],
+    }
+    raws = [_config(tmp_path / name, corpus, *steps, *o) for name, o in runs.items()]
+    replay = [name.startswith("zero") for name in runs]
+    results = run_distributed(_lr_scale_rank, 2, tmp_path, raws, replay, timeout=300)[0]
+    by_name = dict(zip(runs, results, strict=True))
+    train = load_run_config(TINY, steps).train
+    for name in ("zero0", "zero1", "zero2"):
+        result = by_name[name]
+        assert len(result["groups"]) == 4
+        for step, groups in enumerate(result["groups"]):
+            # embedding and output at default 0.5, qkv/fc1/fc2 0.25, proj 0.125, the norms 2
+            assert sorted({factor for factor, _ in groups}) == [0.125, 0.25, 0.5, 2.0]
+            for factor, lr in groups:
+                assert lr == pytest.approx(factor * learning_rate(step, train), rel=1e-12)
+        # The logged lr is the schedule's, without a factor.
+        assert [r["lr"] for r in result["history"]] == pytest.approx(
+            [learning_rate(s, train) for s in range(4)], rel=1e-12
+        )
+        assert set(result["factors"].values()) == {0.125, 0.25, 0.5, 2.0}
+        for n, expected in result["expected"].items():
+            torch.testing.assert_close(result["trained"][n], expected, rtol=1e-4, atol=1e-6, msg=n)
+    none, ones = by_name["none"], by_name["ones"]
+    assert _compared(ones["history"]) == _compared(none["history"])
+    assert [[lr for _, lr in g] for g in ones["groups"]] == [
+        [lr for _, lr in g] for g in none["groups"]
+    ]
+    for n, weight in none["trained"].items():
+        assert torch.equal(ones["trained"][n], weight), n
+    # The split really trains differently.
+    assert by_name["zero1"]["history"][-1]["loss"] != none["history"][-1]["loss"]
 
 
 def _bf16_subspace_rank(rank: int, world_size: int, raws: list[dict]) -> list[dict]:
@@ -803,6 +939,18 @@ BAD_INPUTS = {
         None,
         "memory.policy.block_input='lowrank:16' packs the block input that full checkpointing "
         "keeps; it needs activation_checkpointing.mode='full' (got 'none')",
+    ),
+    "unknown_lr_scale_group": (
+        ["train.lr_scale.attention=0.5"],
+        None,
+        "unknown key(s) ['train.lr_scale.attention']; valid keys in 'train.lr_scale': "
+        "['default', 'qkv', 'proj', 'fc1', 'fc2', 'embedding', 'norm', 'output']",
+    ),
+    "changed_lr_scale": (
+        ["checkpoint.resume=latest", "train.lr_scale.qkv=0.25"],
+        lambda ckpts: None,
+        "was written with other settings that an exact resume needs (train.lr_scale.qkv: "
+        "checkpoint 1.0 -> config 0.25)",
     ),
     "missing_data": (
         ['data.paths=["/nonexistent/corpus"]'],

@@ -129,6 +129,23 @@ def test_resolved_config_round_trips_through_json():
         (["train.precision=fp8"], "train.precision='fp8' is not one of ['fp32', 'bf16', 'fp16']"),
         (["train.lr_decay=step"], "train.lr_decay='step' is not one of"),
         (["train.betas=[0.9]"], "train.betas=[0.9] must be two numbers in [0, 1)"),
+        (
+            ["train.lr_scale.qkvv=0.5"],
+            "unknown key(s) ['train.lr_scale.qkvv']; valid keys in 'train.lr_scale': "
+            "['default', 'qkv', 'proj', 'fc1', 'fc2', 'embedding', 'norm', 'output']",
+        ),
+        (["train.lr_scale.norm=0"], "train.lr_scale.norm=0 must be a finite number > 0"),
+        (["train.lr_scale.fc1=true"], "train.lr_scale.fc1=True must be a finite number > 0"),
+        (["train.lr_scale=0.5"], "train.lr_scale=0.5 must be a map {group: factor}"),
+        (
+            ["train.lr_scale.output=1000"],
+            "train.lr * train.lr_scale.output = 0.003 * 1000 is above 1.0",
+        ),
+        (
+            ["compression.grad_mode=subspace", "train.lr_scale.fc1=0.25"],
+            "['train.lr_scale.fc1'] name(s) compressed site(s) of compression.grad_mode="
+            "'subspace', whose weights are stepped at train.lr x train.subspace_scale",
+        ),
         (["activation_checkpointing.mode=some"], "activation_checkpointing.mode='some'"),
         (["activation_checkpointing.num_layers=-1"], "num_layers=-1 must be an int >= 0"),
         (["parallel.sequence_parallel=true"], "sequence_parallel=true needs parallel.tensor"),
