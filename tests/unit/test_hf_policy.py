@@ -12,8 +12,9 @@ References:
   reference value (both errors come from rounding the same quantities in reductions of the
   same lengths; a wrong term would be of the order of the gradient itself).
 - **8-bit** (``int8`` / ``fp8``): forward unchanged (bit-identical loss); the gradients of the
-  whole model within the 8-bit element error (relative Frobenius error <= 2^-4); the per-op
-  bounds against float64 are tested in tests/unit/test_storage_policies.py.
+  whole model within the 8-bit element error (relative Frobenius error <= 2^-4, what it covers
+  and its measured margin in tests/helpers/tolerances.py); the per-op bounds against float64
+  are tested in tests/unit/test_storage_policies.py.
 - **Memory**: exact saved-byte counts (``actcomp_dist.memory``) against closed forms derived in
   each test from what each op keeps.
 
@@ -35,6 +36,7 @@ from actcomp_dist.hf import apply_memory_policy
 from actcomp_dist.memory import saved_activation_bytes, saved_activation_bytes_by_module
 from actcomp_dist.storage import StoragePolicy
 from tests.helpers.hf_weights import randomize_weights
+from tests.helpers.tolerances import assert_within_8bit_error
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
@@ -180,8 +182,7 @@ def test_8bit_policies_forward_unchanged_grads_bounded_bytes_exact(family, bits)
     assert torch.equal(loss, exact_loss)
     flat = torch.cat([grads[n].reshape(-1) for n in exact_grads])
     exact_flat = torch.cat([g.reshape(-1) for g in exact_grads.values()])
-    assert torch.isfinite(flat).all()
-    assert (flat - exact_flat).norm() <= 2.0**-4 * exact_flat.norm()
+    assert_within_8bit_error(flat, exact_flat, (family, bits))
     quantised_bytes = saved_activation_bytes(lambda: _loss(model, tokens))
     swiglu_keep = 2 * TOKENS * INTERMEDIATE * 4
     swiglu_8bit = 2 * policy.quantizer("swiglu").saved_bytes(TOKENS * INTERMEDIATE, INTERMEDIATE)
