@@ -608,7 +608,23 @@ def test_tp2_adapters_match_tp1(tmp_path, adapter_files, tp1_adapter_reference, 
     loss, grads, saved, count, threshold, masks = results[0]
     ref_loss, ref_grads, ref_saved, ref_count, ref_threshold, ref_masks = reference
 
-    # fp32, only the summation order differs (vocab/head/FFN shards summed across ranks).
+    # fp32, one forward + backward; only the summation order differs: TP = 2 adds two halves of
+    # the row-parallel sums (proj over 128, fc2 over 352 inputs), of the column-parallel input
+    # gradients and of the vocabulary's softmax sum (V = 2048). What the numbers cover: one
+    # reordered sum of k terms moves by at most 2 gamma_k of its magnitude (tests/helpers/
+    # tolerances.py); the largest, the softmax's over V positive terms, gives
+    # 2 gamma_2048(fp32) = 2.4e-4 of each token's sum, i.e. 2.4e-4 absolute in its log, and the
+    # loss (about log V = 7.6) moves by at most 3.2e-5 relative from it; rel 1e-5, a third of
+    # that, relies on the roundings of the two halves not all lining up (the other reordered
+    # sums are shorter). Gradients: rtol 1e-4 is
+    # gamma_2048 at the scale of each element; atol 1e-6 = 2e-5 of the largest adapter gradient
+    # (0.02-0.05) covers the elements that cancel to near 0, where a relative bound means
+    # nothing. A whole model nests these sums too deeply for an element-wise bound from the
+    # magnitudes, and it has no float64 replay (its norms, RoPE tables and loss compute in fp32
+    # by design), so these are the worst-case scale of one reorder, not a proof. Measured (x86,
+    # 2 ranks, with and without SP): loss bit-identical, gradients within 9.3e-8 (0.09 of atol;
+    # 2.1e-6 of each tensor's largest element). A wrong shard, a missing reduction or a B at
+    # the wrong rows is an error of the order of the gradient itself, 10^4 times atol.
     assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5)
     assert set(grads) == set(ref_grads)
     for key, grad in ref_grads.items():
