@@ -19,8 +19,9 @@ again in the same process. So:
 
 Resumed runs must match bit for bit: on CPU every step is deterministic (same data, same
 reduction order, RNG and optimizer state restored), so any difference is a resume bug. Runs
-with another ZeRO stage or TP layout compute the same sums in another order: rtol 1e-5 on
-losses and gradient norms over 6 steps (observed: about 1e-7).
+with another ZeRO stage or TP layout compute the same sums in another order: the tolerances
+(:data:`LOSS_ATOL`, :data:`LAYOUT_NORM_RTOL`, :data:`ADAM_RTOL` / :data:`ADAM_ATOL`,
+:data:`BF16_RTOL`) are derived, or what they cover is stated, next to their definitions.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from actcomp_dist.subspace import is_subspace_parameter
 from actcomp_dist.training.config import apply_overrides, load_run_config
 from actcomp_dist.training.schedule import learning_rate
 from tests.helpers.distributed import run_distributed
+from tests.helpers.tolerances import gamma
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny_compact.json"
@@ -61,6 +63,53 @@ METRIC_KEYS = {
     "saved_activation_bytes",
 }
 COMPARED = ("loss", "lr", "grad_norm", "val_loss", "saved_activation_bytes")
+
+# Tolerances between runs that compute the same fp32 sums in another order (another ZeRO stage,
+# TP layout or activation-checkpointing mode). A ZeRO stage at DP 2 changes no forward or
+# backward sum (a rank's gradients are added to one other rank's: two floats commute, the mean's
+# halving is exact); it groups the gradient norm's sum of squares by partition. A TP layout
+# splits the row-parallel sums (k = 128, 352) and the vocabulary-parallel softmax in halves.
+#
+# Losses: the longest reordered sum of the forward is each token's softmax denominator over
+# V = 512 positive terms; at either layout it is within gamma_V of itself (relative: positive
+# terms do not cancel), so each token's log-sum-exp and the mean loss differ by at most
+# 2 gamma_V = 6.1e-5 absolute (tests/helpers/tolerances.py). That is the softmax's share; the
+# shorter reordered sums (the logits' and the row-parallel ones, k <= 352) and, after the first
+# step, the weights' differences (Adam, below) are not bounded here through the nested sums:
+# the check relies on their roundings not lining up with the softmax's. Measured: <= 9.5e-7
+# absolute over 6 steps (0.016 of LOSS_ATOL); ZeRO stages without subspace state: 0.
+LOSS_ATOL = 2 * gamma(VOCAB, torch.float32)
+# Gradient norms: what rtol 1e-5 covers. Grouping the sum of squares of P ~ 1e6 gradients by
+# partition moves it by at most log2(P) u ~ 1.2e-6 relative (pairwise sums; NORM_RTOL in
+# tests/faults/test_elastic.py derives this), the square root halves that; a TP layout's
+# reordered backward sums add the per-element rounding of the gradients (the output layer's
+# softmax - onehot carries the 2 gamma_V above, relative to the probabilities), and later steps
+# the weights' differences. Not a proof through the nested sums; measured: <= 1.0e-6 relative
+# over 6 steps (0.10 of it), a missing gradient (the m x r ones: 0.99 of the norm, below) or a
+# double-counted one is >= 1e-2.
+LAYOUT_NORM_RTOL = 1e-5
+# Weights after a few fp32 AdamW steps against a replay (plain PyTorch, one process) on the same
+# samples. What the numbers cover: an Adam step moves an element by lr m/(sqrt(v) + eps), at
+# most lr (1 - beta1^t) / sqrt(1 - beta2^t) ~ lr = 3e-3; gradients that differ by rounding
+# (relative d) move m / sqrt(v) by about d where |g| >> eps, so after n steps |dW| ~ n lr d:
+# atol 1e-6 = 1/3000 of one step covers d up to ~1e-4 (the rounding of a 2048-term fp32 sum,
+# gamma_2048) over 3-4 steps; rtol 1e-4 covers the norm weights (~1, one fp32 ulp 1.2e-7 per
+# step) and the largest matrix entries. An element whose gradient is itself at rounding level
+# (|g| ~ eps = 1e-8) could move by up to 2 lr and is not covered: the check relies on there
+# being none (Adam's m / (sqrt(v) + eps) amplifies rounding only there). Measured: <= 5.0e-7
+# absolute (0.16 of the tolerance at that element, the embedding; every other case <= 0.06);
+# a weight stepped at another lr or a missing clip coefficient is off by ~lr = 3e-3, 3000 atol.
+ADAM_RTOL, ADAM_ATOL = 1e-4, 1e-6
+# Losses of a bf16 run against the fp32 run over 3 steps: what rtol 1e-2 covers. bf16 keeps 8
+# bits (unit roundoff u = 2^-8): every weight and activation on a logit's path is rounded, about
+# 20 times through the two blocks and the head, each by at most u of its size (the GEMMs
+# accumulate in fp32), and the logits are about 1 in size (sqrt(H) x 0.02 x 4 sigma). A
+# near-uniform predictor's loss moves by at most twice the largest logit change: at worst
+# 2 x 20 u = 0.16 absolute (2.5e-2 of the loss, about log V = 6.2); with roundings of random
+# sign 2 sqrt(20) u / sqrt(3) = 2e-2 absolute (3.2e-3 relative). rtol 1e-2 lies between the two:
+# a scale, not a proof. Measured: 1.3e-4 relative (0.013 of it) with ZeRO 1 and 2; the masters
+# themselves are checked exactly below.
+BF16_RTOL = 1e-2
 
 
 @pytest.fixture(scope="module")
@@ -165,8 +214,10 @@ def test_zero_stages_and_tensor_parallel_match_plain_data_parallel(tmp_path, cor
         prefix = name.split("_")[0]
         reference = histories[f"{prefix}_zero0" if prefix in ("subspace", "none") else "zero0"]
         _assert_loss_falls(history)
-        torch.testing.assert_close(_losses(history), _losses(reference), rtol=1e-5, atol=0)
-        torch.testing.assert_close(_norms(history), _norms(reference), rtol=1e-5, atol=0)
+        torch.testing.assert_close(_losses(history), _losses(reference), rtol=0, atol=LOSS_ATOL)
+        torch.testing.assert_close(
+            _norms(history), _norms(reference), rtol=LAYOUT_NORM_RTOL, atol=0
+        )
     # The two gradient modes really are different training paths.
     assert not torch.allclose(_losses(histories["zero0"]), _losses(histories["subspace_zero0"]))
     # Per rank, TP=2 saves less than TP=1 (sharded heads and FFN), and SP less again (the
@@ -275,8 +326,9 @@ def test_stop_file_checkpoints_at_the_next_step_and_the_run_resumes(tmp_path, co
 def test_activation_checkpointing_modes_match_and_saved_bytes_fall(tmp_path, corpus):
     """With method ``none`` every checkpointing mode trains like no checkpointing: the first
     loss is bit-identical (the forward runs the same float operations); later losses within
-    rtol 1e-5 (recompute may add a tensor's gradient contributions in another order, and Adam
-    carries that rounding into the weights). With ``compact``: the trainer's
+    :data:`LOSS_ATOL` (recompute may add a tensor's gradient contributions in another order, and
+    Adam carries that rounding into the weights; no forward sum is reordered, so the bound for a
+    TP layout covers it; measured: identical). With ``compact``: the trainer's
     ``saved_activation_bytes`` fall none > compact > compact + selective > compact + full in the
     naive block (``memory.efficient_ops=false``; in the memory-efficient block compression adds
     its compressed copy, see tests/distributed/test_efficient_ops.py)."""
@@ -310,7 +362,7 @@ def test_activation_checkpointing_modes_match_and_saved_bytes_fall(tmp_path, cor
     for name in ("none_selective", "none_full", "none_full_1"):
         losses = _losses(histories[name])
         assert losses[0] == reference[0], name
-        torch.testing.assert_close(losses, reference, rtol=1e-5, atol=0, msg=name)
+        torch.testing.assert_close(losses, reference, rtol=0, atol=LOSS_ATOL, msg=name)
     saved = {name: h[0]["saved_activation_bytes"] for name, h in histories.items()}
     assert saved["none"] > saved["compact"] > saved["compact_selective"] > saved["compact_full"]
     assert saved["none"] > saved["none_selective"] > saved["none_full"]
@@ -409,9 +461,8 @@ def test_deepspeed_subspace_path_is_the_subspace_adamw_rule(tmp_path, corpus):
 
     Weight decay and clipping are on (clip 0.5 < every step's norm, so the clip coefficient
     is in every update) and P is resampled every step. Tolerances: float32 against float32
-    with another reduction order; norms rtol 1e-5. Weights after 3 Adam steps rtol 1e-4,
-    atol 1e-6: each step moves a weight by about lr = 3e-3 and Adam's g / (|g| + eps)
-    amplifies rounding noise only in the few entries whose gradient is near 0.
+    with another reduction order; norms :data:`LAYOUT_NORM_RTOL`, weights after 3 Adam steps
+    :data:`ADAM_RTOL` / :data:`ADAM_ATOL` (derivation and measured margins there).
     """
     raws = [
         _config(
@@ -432,7 +483,7 @@ def test_deepspeed_subspace_path_is_the_subspace_adamw_rule(tmp_path, corpus):
         history = result["history"]
         assert min(r["grad_norm"] for r in history) > 0.5  # the clip is active in every step
         reference_norms = torch.tensor(result["reference_norms"], dtype=torch.float64)
-        torch.testing.assert_close(_norms(history), reference_norms, rtol=1e-5, atol=0)
+        torch.testing.assert_close(_norms(history), reference_norms, rtol=LAYOUT_NORM_RTOL, atol=0)
         # Without the m x r gradients the norm would be visibly smaller.
         ordinary = torch.tensor(result["ordinary_norms"], dtype=torch.float64)
         assert (ordinary < 0.99 * reference_norms).all()
@@ -443,7 +494,9 @@ def test_deepspeed_subspace_path_is_the_subspace_adamw_rule(tmp_path, corpus):
         assert result["subspace"]  # qkv, fc1, fc2 of both layers
         for group in ("subspace", "other"):
             for name, (trained, expected) in result[group].items():
-                torch.testing.assert_close(trained, expected, rtol=1e-4, atol=1e-6, msg=name)
+                torch.testing.assert_close(
+                    trained, expected, rtol=ADAM_RTOL, atol=ADAM_ATOL, msg=name
+                )
 
 
 # -- train.lr_scale: per-group learning rates inside DeepSpeed ------------------------------------
@@ -536,8 +589,8 @@ def test_lr_scale_steps_each_group_at_its_factor_and_ones_change_nothing(tmp_pat
     schedule (warm-up then cosine), and after 4 steps every weight equals a plain AdamW
     replay with per-parameter lr = factor x schedule on the same samples. The factors are
     2x to 8x apart: a weight stepped at another group's lr would be off by about lr = 3e-3
-    per step, far outside the tolerance (rtol 1e-4, atol 1e-6 as for the subspace rule above:
-    float32 with another reduction order, Adam amplifying rounding only where g ~ 0).
+    per step, far outside the tolerance (:data:`ADAM_RTOL` / :data:`ADAM_ATOL`, as for the
+    subspace rule above).
     Factors of 1 spelled out (``default`` and a site) train bit for bit like no field."""
     steps = ["train.steps=4", "train.warmup_steps=2", "train.eval_interval=0"]
     split = f"train.lr_scale={json.dumps(LR_SPLIT)}"
@@ -568,7 +621,9 @@ def test_lr_scale_steps_each_group_at_its_factor_and_ones_change_nothing(tmp_pat
         )
         assert set(result["factors"].values()) == {0.125, 0.25, 0.5, 2.0}
         for n, expected in result["expected"].items():
-            torch.testing.assert_close(result["trained"][n], expected, rtol=1e-4, atol=1e-6, msg=n)
+            torch.testing.assert_close(
+                result["trained"][n], expected, rtol=ADAM_RTOL, atol=ADAM_ATOL, msg=n
+            )
     none, ones = by_name["none"], by_name["ones"]
     assert _compared(ones["history"]) == _compared(none["history"])
     assert [[lr for _, lr in g] for g in ones["groups"]] == [
@@ -606,8 +661,8 @@ def _bf16_subspace_rank(rank: int, world_size: int, raws: list[dict]) -> list[di
 def test_bf16_subspace_keeps_fp32_masters_of_the_compressed_weights(tmp_path, corpus):
     """In bf16 (ZeRO 1 and 2) each subspace weight is updated in an fp32 master and copied to
     the bf16 weight, so updates far below bf16's resolution accumulate; training follows the
-    fp32 run (bf16 forward: losses within 1e-2 over 3 steps). Each of the 2 data-parallel
-    ranks keeps the master of its half of the rows only."""
+    fp32 run (bf16 forward: losses within :data:`BF16_RTOL` over 3 steps). Each of the 2
+    data-parallel ranks keeps the master of its half of the rows only."""
     common = ["compression.grad_mode=subspace", "train.steps=3", "train.eval_interval=0"]
     raws = [
         _config(tmp_path / "fp32", corpus, *common),
@@ -624,7 +679,7 @@ def test_bf16_subspace_keeps_fp32_masters_of_the_compressed_weights(tmp_path, co
     assert all(m is None for m in fp32["masters"])  # fp32 weights are their own masters
     for run in bf16_runs:
         torch.testing.assert_close(
-            _losses(run["history"]), _losses(fp32["history"]), rtol=1e-2, atol=0
+            _losses(run["history"]), _losses(fp32["history"]), rtol=BF16_RTOL, atol=0
         )
         for weight, (start, master) in zip(run["weights"], run["masters"], strict=True):
             rows = weight[start : start + master.shape[0]]
