@@ -61,9 +61,11 @@ SUBSPACE = ["compression.grad_mode=subspace"]
 # the square root halves the relative difference of the two.
 PARAMETERS = parameter_count(get_model_config("tiny", seq_length=128, vocab_size=512))
 NORM_RTOL = math.log2(PARAMETERS) * 2.0**-24
-# Another TP layout sums the row-parallel products in another order too: the bound
-# tests/integration/test_pretrain.py uses for TP layouts against plain data parallelism.
-TP_RTOL = 1e-5
+# Another TP layout sums the row-parallel products and the vocabulary's softmax in another order
+# too: tests/integration/test_pretrain.py derives LOSS_ATOL = 2 gamma_512 = 6.1e-5 for the losses
+# (about 6.2 at steps 3-4 here, where 1e-5 relative is 6.2e-5 absolute: that bound) and states
+# what LAYOUT_NORM_RTOL = 1e-5 covers for the norms, with measured margins; one rtol serves both.
+TP_RTOL = test_pretrain.LAYOUT_NORM_RTOL
 
 
 def _step2(run_dir: Path) -> Path:
