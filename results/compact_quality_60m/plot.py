@@ -23,11 +23,13 @@ RUNS = {  # label -> metrics file (copied from each run directory); seed 1234 un
     "none, lr 1e-3, seed 4321": "none_lr1e-3_seed4321.metrics.jsonl",
     "none, lr 1e-2, linears x alpha, seed 4321": "none_split_lr_seed4321.metrics.jsonl",
     "compact r = n/4, lr 1e-2, seed 4321": "compact_0.25_seed4321.metrics.jsonl",
+    "compact r = n/8, lr 1e-2, seed 4321": "compact_0.125_seed4321.metrics.jsonl",
 }
 SECOND_SEED = {  # drawn dashed, in the colour of the same run at seed 1234
     "none, lr 1e-3, seed 4321": "none, lr 1e-3 (the baseline recipe)",
     "none, lr 1e-2, linears x alpha, seed 4321": "none, lr 1e-2, linears x alpha (split lr)",
     "compact r = n/4, lr 1e-2, seed 4321": "compact r = n/4, lr 1e-2",
+    "compact r = n/8, lr 1e-2, seed 4321": "compact r = n/8, lr 1e-2",
 }
 
 
