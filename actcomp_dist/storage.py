@@ -76,6 +76,13 @@ The memory model (:mod:`actcomp_dist.memory_model`) counts the packed bytes exac
     pinned memory held can exceed :meth:`StoragePolicy.host_bytes` (the tensors' own bytes)
     by up to 2x.
 
+  Under activation checkpointing that re-runs the offloaded tensor's producer (``full``
+  without a packed ``block_input``, ``selective`` for ``attention``), ``pack`` runs twice:
+  in forward, where the checkpoint drops what was saved (a device-to-host copy for nothing),
+  and in the re-run in backward, whose copy out and back is waited for at once. Correct,
+  but only the blocks that are not checkpointed gain; offload the block input instead
+  (``block_input: offload``).
+
   The host-to-device copies are not prefetched: each one runs when backward reaches the op
   that needs it (the cost model counts them as not overlapped, the forward copies as
   overlapped with forward compute; :mod:`actcomp_dist.cost_model`). On a CPU tensor ``pack``
