@@ -252,3 +252,26 @@ def test_fused_loss_under_fp16_loss_scaling(tokens, loss_scale):
         grads[name] = {"hidden": hidden.grad / scale, "weight": weight.grad / scale}
     assert all(g.isfinite().all() for g in grads["fused"].values())
     assert_as_accurate_as(grads["fused"], grads["plain"], grads["float64"], torch.float16)
+
+
+def test_fused_loss_backward_scales_in_fp32_under_bf16():
+    """bf16 head, the loss divided by 3 before backward (three gradient accumulation steps,
+    as the HF Trainer and DeepSpeed divide it): each gradient is the one of the undivided loss
+    (the same stored bf16 values) divided by 3 and rounded once to bf16, within ``u_bf16``
+    of the float64 quotient. 1 / 3 rounded to bf16 first is 2^-9 off, and the product's own
+    rounding adds up to ``u_bf16`` more: that would fail here."""
+    generator = torch.Generator().manual_seed(0)
+    hidden64 = torch.randn(64, 16, generator=generator, dtype=torch.float64)
+    weight64 = torch.randn(512, 16, generator=generator, dtype=torch.float64) * 0.5
+    target = torch.randint(0, 512, (64,), generator=generator)
+    grads = {}
+    for divisor in (1, 3):
+        hidden = hidden64.to(torch.bfloat16).requires_grad_(True)
+        weight = weight64.to(torch.bfloat16).requires_grad_(True)
+        loss = linear_cross_entropy(hidden, weight, None, target, chunk_tokens=16)
+        (loss / divisor).backward()
+        grads[divisor] = (hidden.grad, weight.grad)
+    for one, third in zip(grads[1], grads[3], strict=True):
+        exact = one.double() / 3
+        bound = UNIT_ROUNDOFF[torch.bfloat16] * exact.abs()
+        assert ((third.double() - exact).abs() <= bound).all()
