@@ -67,9 +67,21 @@ The memory model (:mod:`actcomp_dist.memory_model`) counts the packed bytes exac
     changed in place after ``pack`` (as for any tensor saved for backward).
   * ``unpack`` makes the compute stream wait for the side stream (the host copy is complete
     before it is read) and copies host -> device on the compute stream, so the ops of
-    backward that read the result are ordered after it. The pinned buffer is freed when
+    backward that read the result are ordered after it. The copy gets the saved tensor's
+    strides back (a dense permuted view, as q and k after RoPE, stays one): backward's GEMMs
+    see the layout they see under ``keep``. The pinned buffer is freed when
     autograd releases the saved tensors; PyTorch's pinned-memory allocator records the copy
-    on its stream and does not reuse the buffer before the copy has run.
+    on its stream and does not reuse the buffer before the copy has run. That allocator
+    rounds a block up to a power of two (below its ``pinned_max_round_threshold``), so the
+    pinned memory held can exceed :meth:`StoragePolicy.host_bytes` (the tensors' own bytes)
+    by up to 2x.
+
+  Under activation checkpointing that re-runs the offloaded tensor's producer (``full``
+  without a packed ``block_input``, ``selective`` for ``attention``), ``pack`` runs twice:
+  in forward, where the checkpoint drops what was saved (a device-to-host copy for nothing),
+  and in the re-run in backward, whose copy out and back is waited for at once. Correct,
+  but only the blocks that are not checkpointed gain; offload the block input instead
+  (``block_input: offload``).
 
   The host-to-device copies are not prefetched: each one runs when backward reaches the op
   that needs it (the cost model counts them as not overlapped, the forward copies as
@@ -303,14 +315,17 @@ class HostOffload(Quantizer):
     def unpack(self, packed, like):
         host, anchor = packed
         device = anchor.device
+        # ``like``'s strides (a dense permuted view stays one, as q after RoPE is): backward
+        # gets the layout ``keep`` would have kept, so the GEMMs that read it (SDPA's re-run)
+        # take the same kernels and give the same bits.
+        out = torch.empty_like(like, dtype=host.dtype, device=device)
         if device.type != "cuda":
-            return host.to(like.dtype, copy=True).reshape(like.shape)
+            return out.copy_(host.view(like.shape)).to(like.dtype)
         if device in self._streams:
             # The device-to-host copy has completed before the host buffer is read.
             torch.cuda.current_stream(device).wait_stream(self._streams[device])
-        out = torch.empty(host.shape, dtype=host.dtype, device=device)
-        out.copy_(host, non_blocking=True)
-        return out.to(like.dtype).reshape(like.shape)
+        out.copy_(host.view(like.shape), non_blocking=True)
+        return out.to(like.dtype)
 
     def saved_bytes(self, numel, last_dim):
         return 0  # device bytes; the host copy is :meth:`host_bytes`

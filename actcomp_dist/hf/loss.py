@@ -19,11 +19,22 @@ of the scalar loss (exact: the loss is linear in it). Tokens whose label is ``ig
 (the prompt of a prompt/response row, padding) contribute nothing to the loss or gradients,
 so their logits are never computed.
 
+fp16 GEMMs (fp16 weights, or fp16 autocast): a loss scaler (``torch.amp.GradScaler``,
+DeepSpeed's fp16 engine) multiplies the loss by ``S`` so that backward's fp16 gradients stay
+in range, and here ``S`` arrives only in backward. So in fp16 ``dz`` is cast without the
+``1 / n`` (``|dz| <= 1``: a probability over ``n`` tokens would fall below fp16's normal
+range before ``S`` lifted it), ``dW`` and ``db`` stay in their fp32 accumulators, and
+backward multiplies by ``upstream / n`` in fp32 before the cast to the parameter's dtype
+(``S = 2^16``, both scalers' first scale, is not finite in fp16). bf16 and fp32 have fp32's
+range: there ``dz / n`` is formed in forward. In every dtype backward forms the product with
+the upstream factor in fp32 and rounds once (a bf16 ``1 / 3``, three accumulation steps, would
+scale every gradient 0.2% off).
+
 Kept for backward: ``dh`` of the labelled tokens ``[n_labelled, h]`` in ``h``'s dtype and a
 bool mask ``[N]`` of where they go; with a trainable weight (full fine-tuning) also ``dW`` and
-``db`` in the weight's dtype (``V h`` elements: fewer bytes than the fp32 log-probabilities
-whenever ``N > h``). Memory while running: the logits of one chunk in the GEMM dtype plus their
-fp32 copy, ``chunk_tokens * V * (e + 4)`` bytes.
+``db`` in the weight's dtype (fp32 under fp16; ``V h`` elements: fewer bytes than the fp32
+log-probabilities whenever ``N > h``). Memory while running: the logits of one chunk in the
+GEMM dtype plus their fp32 copy, ``chunk_tokens * V * (e + 4)`` bytes.
 
 Compared with :mod:`actcomp_dist.parallel.cross_entropy` (the project's own LLaMA model): that
 one keeps ``h`` (shared with the final norm's output) and recomputes the logits in backward,
@@ -51,6 +62,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_rows = torch.empty_like(rows) if need_hidden else None
         grad_weight = grad_bias = None
+        # fp16 GEMMs (fp16 weights, fp16 autocast): the gradients are formed without the
+        # 1 / normaliser and dW, db are kept in fp32; backward applies upstream / normaliser
+        # in fp32 (see the module doc: a loss scaler's factor arrives only there).
+        ctx.deferred = False
         if need_weight:
             grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         if need_bias:
@@ -68,37 +83,69 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_z.scatter_add_(
                 1, labels[chunk].unsqueeze(1), torch.full_like(picked, -1.0).unsqueeze(1)
             )
-            grad_logits = grad_z.div_(normaliser).to(logits.dtype)  # [C, V]
+            ctx.deferred = logits.dtype == torch.float16
+            if not ctx.deferred:
+                grad_z.div_(normaliser)
+            grad_logits = grad_z.to(logits.dtype)  # [C, V]
             if need_hidden:
                 grad_rows[chunk] = grad_logits.matmul(weight.to(logits.dtype)).to(rows.dtype)
             if need_weight:
                 grad_weight += grad_logits.t().matmul(rows[chunk].to(logits.dtype))
             if need_bias:
                 grad_bias += grad_logits.sum(0)
-        if need_weight:
+        if need_weight and not ctx.deferred:
             grad_weight = grad_weight.to(weight.dtype)
-        if need_bias:
+        if need_bias and not ctx.deferred:
             grad_bias = grad_bias.to(bias.dtype)
         ctx.hidden_like = torch.empty_like(hidden, device="meta")
+        ctx.weight_dtype = weight.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        # An input, not an output: a ctx attribute holds it without a reference cycle.
+        ctx.normaliser = normaliser if ctx.deferred else None
         ctx.save_for_backward(grad_rows, labelled, grad_weight, grad_bias)
         return total / normaliser
 
     @staticmethod
     def backward(ctx, grad_loss):
         grad_rows, labelled, grad_weight, grad_bias = ctx.saved_tensors
+        # The factor in fp32: a loss scale of 2^16 (GradScaler's and DeepSpeed's first) is inf
+        # in fp16, and 1 / 3 (3 accumulation steps) rounded to bf16 is 0.2% off.
+        factor = grad_loss.float()
+        if ctx.deferred:
+            factor = factor / ctx.normaliser.float()
+
+        def scale(grad, dtype):
+            return _scaled(grad, factor, dtype)
+
         grad_hidden = None
         if grad_rows is not None:
             like = ctx.hidden_like
             grad_hidden = torch.zeros(
                 labelled.shape[0], like.shape[-1], dtype=like.dtype, device=grad_rows.device
             )
-            grad_hidden[labelled] = grad_rows * grad_loss.to(grad_rows.dtype)
+            grad_hidden[labelled] = scale(grad_rows, grad_rows.dtype)
             grad_hidden = grad_hidden.view(like.shape)
         if grad_weight is not None:
-            grad_weight = grad_weight * grad_loss.to(grad_weight.dtype)
+            grad_weight = scale(grad_weight, ctx.weight_dtype)
         if grad_bias is not None:
-            grad_bias = grad_bias * grad_loss.to(grad_bias.dtype)
+            grad_bias = scale(grad_bias, ctx.bias_dtype)
         return grad_hidden, grad_weight, grad_bias, None, None, None, None
+
+
+#: Rows of a stored gradient scaled per fp32 temporary in backward (bounds the temporary).
+_SCALE_ROWS = 4096
+
+
+def _scaled(grad: torch.Tensor, factor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``grad * factor`` formed in fp32 and rounded once to ``dtype``, ``_SCALE_ROWS`` rows
+    at a time."""
+    if grad.dtype == torch.float32 and dtype == torch.float32:
+        return grad * factor
+    out = torch.empty(grad.shape, dtype=dtype, device=grad.device)
+    for begin in range(0, grad.shape[0], _SCALE_ROWS):
+        rows = slice(begin, begin + _SCALE_ROWS)
+        out[rows] = grad[rows].float().mul_(factor)
+    return out
 
 
 def linear_cross_entropy(

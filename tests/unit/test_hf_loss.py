@@ -30,8 +30,9 @@ import pytest
 import torch
 
 from actcomp_dist.hf import apply_memory_policy
+from actcomp_dist.hf.loss import linear_cross_entropy
 from actcomp_dist.memory import saved_activation_bytes_by_module
-from tests.helpers.tolerances import UNIT_ROUNDOFF, gamma
+from tests.helpers.tolerances import UNIT_ROUNDOFF, assert_as_accurate_as, gamma
 from tests.unit.test_hf_peft import make_lora_model
 from tests.unit.test_hf_policy import (
     BATCH,
@@ -213,3 +214,64 @@ def test_a_wrapped_head_or_another_loss_is_refused_and_nothing_is_patched():
     with pytest.raises(ValueError, match="ForCausalLMLoss; LlamaForCausalLM has loss_function"):
         apply_memory_policy(model, "exact")
     assert _classes(model) == classes
+
+
+@pytest.mark.parametrize(
+    ("tokens", "loss_scale"),
+    [(64, 2.0**16), (8192, 2.0**10)],
+    ids=["first_scale_of_the_scalers", "many_tokens"],
+)
+def test_fused_loss_under_fp16_loss_scaling(tokens, loss_scale):
+    """fp16 head (fp16 weights, as DeepSpeed's fp16 engine) with the loss multiplied by a loss
+    scale before backward, as GradScaler and DeepSpeed's dynamic scaler do: the gradients
+    divided by the scale are as accurate against float64 as those of the plain fp16 head +
+    fp32 cross-entropy under the same scale. 2^16 is both scalers' first scale (not finite in
+    fp16: the factor must be applied in fp32); with 8192 tokens the probabilities over the
+    token count fall below fp16's normal range, so the 1/n may not be applied before the cast
+    to fp16 (the scale would come too late to lift them). The float64 reference is the
+    unscaled loss of the same fp16-rounded operands."""
+    generator = torch.Generator().manual_seed(0)
+    width, vocab = 8, 1024
+    hidden64 = torch.randn(tokens, width, generator=generator, dtype=torch.float64)
+    weight64 = torch.randn(vocab, width, generator=generator, dtype=torch.float64) * 0.5
+    target = torch.randint(0, vocab, (tokens,), generator=generator)
+    grads = {}
+    for name in ("fused", "plain", "float64"):
+        dtype = torch.float64 if name == "float64" else torch.float16
+        hidden = hidden64.half().to(dtype).requires_grad_(True)
+        weight = weight64.half().to(dtype).requires_grad_(True)
+        if name == "fused":
+            loss = linear_cross_entropy(hidden, weight, None, target, chunk_tokens=1000)
+        else:
+            loss = torch.nn.functional.cross_entropy(
+                torch.nn.functional.linear(hidden, weight).float(), target
+            )
+        scale = 1.0 if name == "float64" else loss_scale
+        (loss * scale).backward()
+        assert hidden.grad.dtype == weight.grad.dtype == dtype
+        grads[name] = {"hidden": hidden.grad / scale, "weight": weight.grad / scale}
+    assert all(g.isfinite().all() for g in grads["fused"].values())
+    assert_as_accurate_as(grads["fused"], grads["plain"], grads["float64"], torch.float16)
+
+
+def test_fused_loss_backward_scales_in_fp32_under_bf16():
+    """bf16 head, the loss divided by 3 before backward (three gradient accumulation steps,
+    as the HF Trainer and DeepSpeed divide it): each gradient is the one of the undivided loss
+    (the same stored bf16 values) divided by 3 and rounded once to bf16, within ``u_bf16``
+    of the float64 quotient. 1 / 3 rounded to bf16 first is 2^-9 off, and the product's own
+    rounding adds up to ``u_bf16`` more: that would fail here."""
+    generator = torch.Generator().manual_seed(0)
+    hidden64 = torch.randn(64, 16, generator=generator, dtype=torch.float64)
+    weight64 = torch.randn(512, 16, generator=generator, dtype=torch.float64) * 0.5
+    target = torch.randint(0, 512, (64,), generator=generator)
+    grads = {}
+    for divisor in (1, 3):
+        hidden = hidden64.to(torch.bfloat16).requires_grad_(True)
+        weight = weight64.to(torch.bfloat16).requires_grad_(True)
+        loss = linear_cross_entropy(hidden, weight, None, target, chunk_tokens=16)
+        (loss / divisor).backward()
+        grads[divisor] = (hidden.grad, weight.grad)
+    for one, third in zip(grads[1], grads[3], strict=True):
+        exact = one.double() / 3
+        bound = UNIT_ROUNDOFF[torch.bfloat16] * exact.abs()
+        assert ((third.double() - exact).abs() <= bound).all()

@@ -52,6 +52,7 @@ def test_offload_packer_round_trip_is_a_bitwise_copy(dtype):
     restored = packer.unpack((host, anchor), like)
     assert restored.dtype == dtype and restored.shape == x.shape
     assert torch.equal(restored, x)
+    assert restored.stride() == x.stride()  # the layout keep would hand to backward
     assert restored.untyped_storage().data_ptr() != host.untyped_storage().data_ptr()
     assert packer.saved_bytes(x.numel(), x.shape[-1]) == 0
     policy = StoragePolicy(swiglu="offload")
