@@ -350,18 +350,23 @@ class ModelStateProbe:
     parameter groups one at a time (DeepSpeed ZeRO 1/2) fires the hook once per group; the
     largest total of one optimizer step is kept in ``last``; call :meth:`measure` after the
     last backward of a step too (before the engine's step reduces and frees gradients) and
-    :meth:`reset` before each step.
+    :meth:`reset` before each step. ``active``: measure in this step (a walk over every
+    parameter, gradient and optimizer tensor: not free on a small model); while ``False`` the
+    hook does nothing and ``last`` stays as :meth:`reset` left it.
     """
 
     def __init__(self, model: nn.Module, optimizer: Any, merger: Any = None) -> None:
         self.model, self.optimizer, self.merger = model, optimizer, merger
         self.last: dict[str, int] | None = None
+        self.active = True
         self._handles = [
             opt.register_step_post_hook(lambda *args: self.measure())
             for opt in _torch_optimizers(optimizer)[-1:]
         ]
 
     def measure(self) -> None:
+        if not self.active:
+            return
         current = model_state_bytes(self.model, self.optimizer, self.merger)
         if self.last is None or current["total"] > self.last["total"]:
             self.last = current

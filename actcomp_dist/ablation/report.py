@@ -5,7 +5,8 @@ Per variant (over its repeats):
 - memory numbers come from the first repeat (they are exact counts; the report flags a variant
   whose repeats disagree);
 - ``step_time_s`` / ``tokens_per_s``: the median over repeats of each run's median after
-  warm-up, with the min and max;
+  warm-up (over the steps where the trainer did not measure: ``timed_steps`` of each record),
+  with the min and max;
 - ratios against ``none`` are formed *per repeat* (both runs in the same session) and then
   summarised by their median, min and max: that is the spread the table shows;
 - ``step_cpu_s``: the same for the process's CPU seconds per step (``time.process_time``;
@@ -197,7 +198,9 @@ def write_markdown(rows: list[dict[str, Any]], meta: dict[str, Any], path: Path)
         "",
         *[f"- {line}" for line in meta["setup"]],
         f"- Repeats: {repeats} per variant, run back to back (odd repeats in reverse order); "
-        f"step time is the median after {meta['warmup_steps']} warm-up steps; ratios are "
+        f"step time is the median over the steps after {meta['warmup_steps']} warm-up steps "
+        "that did not count saved tensors or model states (the trainer measures on its first "
+        "two, logged, evaluated and last steps); ratios are "
         f"taken within each repeat against `{reference}`, shown as median [min-max] over "
         f"repeats. CPU time: the training process's CPU seconds per step (median after "
         f"warm-up; on a shared CPU the wall time also counts other jobs' share of the cores).",

@@ -8,7 +8,8 @@ attributes only (``model``, ``engine``, ``optimizer``, ``merger``, ``loader``, `
 
 - **saved-activation bytes per micro-batch by layer kind**: one more forward of the first
   training micro-batch under :func:`~actcomp_dist.ablation.measure.measure_saved_bytes`; its
-  total is checked against the trainer's own count (``saved_activation_bytes`` of every step);
+  total is checked against the trainer's own count (``saved_activation_bytes`` of every step
+  that counted: the trainer counts on its first two steps, logged, evaluated and last steps);
 - **peak memory by category**: one more optimizer step, the trainer's own
   :func:`~actcomp_dist.training.step.train_step` (all micro-batches, the subspace merge, the
   compression schedule's advance) under :func:`actcomp_dist.memory.peak_memory_by_category`
@@ -18,7 +19,10 @@ attributes only (``model``, ``engine``, ``optimizer``, ``merger``, ``loader``, `
 - the predicted bytes of the analytic model (:mod:`actcomp_dist.memory_model`), for the table.
 
 Both extra measurements run after training, so they cannot change the loss curve or the
-validation loss; the trainer's timing covers only its own steps.
+validation loss; the trainer's timing covers only its own steps. The step times reported
+(``step_time_s``, ``tokens_per_s``, ``step_cpu_s``) are medians over the steps after the warm-up
+that did not count saved tensors or measure model states (``timed_steps`` lists them), so the
+measurement's hooks are not in the time of what they measure.
 """
 
 from __future__ import annotations
@@ -39,11 +43,20 @@ from actcomp_dist.training.step import batch_to, masked_mean_loss, train_step
 from actcomp_dist.training.trainer import Trainer
 
 
-def median_after_warmup(history: list[dict[str, Any]], key: str, warmup_steps: int) -> float:
-    values = [r[key] for r in history if r["step"] > warmup_steps and r.get(key) is not None]
-    if not values:  # a run shorter than the warm-up: use what there is
-        values = [r[key] for r in history if r.get(key) is not None]
-    return statistics.median(values)
+def timed_steps(history: list[dict[str, Any]], warmup_steps: int) -> list[int]:
+    """The steps whose times the ablation reports: after the warm-up, and without the
+    trainer's measurements (no ``saved_activation_bytes`` in their record). A run too short to
+    have such steps falls back to the steps after the warm-up, then to every step."""
+    after = [r for r in history if r["step"] > warmup_steps] or history
+    bare = [r for r in after if "saved_activation_bytes" not in r]
+    return [r["step"] for r in bare or after]
+
+
+def median_over_steps(history: list[dict[str, Any]], key: str, steps: list[int]) -> float:
+    chosen = set(steps)
+    return statistics.median(
+        r[key] for r in history if r["step"] in chosen and r.get(key) is not None
+    )
 
 
 def _peak_step(trainer) -> dict[str, int]:
@@ -96,6 +109,7 @@ def train_and_measure(config: RunConfig, warmup_steps: int, keep_checkpoints: bo
         )
         predicted = trainer.predicted_saved_activation_bytes()
         peak = _peak_step(trainer)
+        timed = timed_steps(history, warmup_steps)
         record = {
             "parameters": parameter_count(trainer.model.config),
             "vocab_size": trainer.model.config.vocab_size,
@@ -112,11 +126,12 @@ def train_and_measure(config: RunConfig, warmup_steps: int, keep_checkpoints: bo
                 history[-1]["peak_bytes"] if trainer.device.type == "cuda" else peak["total"]
             ),
             "step_times": [r["step_time_s"] for r in history],
-            "step_time_s": median_after_warmup(history, "step_time_s", warmup_steps),
-            "tokens_per_s": median_after_warmup(history, "tokens_per_s", warmup_steps),
+            "timed_steps": timed,
+            "step_time_s": median_over_steps(history, "step_time_s", timed),
+            "tokens_per_s": median_over_steps(history, "tokens_per_s", timed),
             # The process's CPU seconds per step (on a CPU shared with other jobs the wall
             # time also counts their share of the cores; this does not).
-            "step_cpu_s": median_after_warmup(history, "step_cpu_s", warmup_steps),
+            "step_cpu_s": median_over_steps(history, "step_cpu_s", timed),
             "losses": [r["loss"] for r in history],
             "val_losses": [[r["step"], r["val_loss"]] for r in history if "val_loss" in r],
             "final_loss": result.final_loss,

@@ -686,6 +686,7 @@ class Trainer:
             pending_changes=dict(self.resume_changes),
         )
         self.engine.train()
+        self.first_step = self.step  # of this run (a resumed run starts at its checkpoint's)
         described = states_reported = False
         try:
             while self.step < train.steps:
@@ -707,7 +708,7 @@ class Trainer:
                     history.append(record)
                     self._log(record, interval)
                     raise NonFiniteError(stop_reason)
-                if self._evaluation_due():
+                if self._evaluation_due(self.step):
                     last_val = self.evaluate()
                     if last_val is not None:
                         record["val_loss"] = last_val
@@ -740,11 +741,29 @@ class Trainer:
         return result
 
     # -- the loop's parts ----------------------------------------------------------------------
+    def _measurement_due(self, step: int) -> bool:
+        """Whether step ``step`` (1-based) counts its saved activations and measures its
+        model states: the first two steps of this run (the start-up reports: the activation
+        memory after the first, the model states after the second, when Adam's moments
+        exist), the steps that log on schedule (every ``logging.interval``), the steps that
+        evaluate, and the last step. The other steps run without the saved-tensor hook and
+        the model-state walk, which cost a few percent of a small model's step (more for
+        8-bit storage: its codes and scales are more tensors to hook), so that their times
+        are those of training alone."""
+        return (
+            step <= self.first_step + 2
+            or step % self.config.logging.interval == 0
+            or step == self.config.train.steps
+            or self._evaluation_due(step)
+        )
+
     def _train_one_step(self, data) -> tuple[StepResult, float, str | None]:
         """One optimizer step on the next batches of ``data``, the non-finite verdict, the
         data position moved on: ``(result, seconds, the reason to stop or None)``."""
         start, cpu_start = time.perf_counter(), time.process_time()
+        measured = self._measurement_due(self.step + 1)
         self.model_states.reset()
+        self.model_states.active = measured
         result = train_step(
             self.engine,
             data,
@@ -752,7 +771,7 @@ class Trainer:
             device=self.device,
             dp_group=self.ctx.dp_group,
             merger=self.merger,
-            count_saved_activations=True,
+            count_saved_activations=measured,
             after_last_backward=self.model_states.measure,  # what backward left, before the step
         )
         stop_reason = self.guard.after_step(self.step + 1, result.loss_finite, result.applied)
@@ -774,17 +793,20 @@ class Trainer:
         record["step_time_s"] = step_time
         record["tokens_per_s"] = tokens_per_step / step_time
         record["step_cpu_s"] = self.step_cpu_s
-        record["saved_activation_bytes"] = result.saved_activation_bytes
+        # Only on the steps that measure (``_measurement_due``); absent on the others.
+        if result.saved_activation_bytes is not None:
+            record["saved_activation_bytes"] = result.saved_activation_bytes
         record.update(memory_record(self.device))
-        record["model_state_bytes"] = self.model_states.last
+        if self.model_states.last is not None:
+            record["model_state_bytes"] = self.model_states.last
         record["skipped_steps"] = self.engine.skipped_steps
         if not result.applied:
             record["skipped"] = True
         return record
 
-    def _evaluation_due(self) -> bool:
+    def _evaluation_due(self, step: int) -> bool:
         every = self.config.train.eval_interval
-        return bool(every) and (self.step % every == 0 or self.step == self.config.train.steps)
+        return bool(every) and (step % every == 0 or step == self.config.train.steps)
 
     def _log_due(self, record: dict[str, Any]) -> bool:
         return (

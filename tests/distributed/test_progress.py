@@ -115,6 +115,12 @@ def test_interval_means_summary_and_a_changed_schedule_on_resume(tmp_path, corpu
     ranks = run_distributed(_run_rank, 2, tmp_path, [first, resumed], timeout=300)
     history = ranks[0][0]["history"] + ranks[0][1]["history"]
     assert [r["step"] for r in history] == [1, 2, 3, 4, 5, 6]
+    # Saved activations and model states are measured on each run's first two steps, the
+    # logged steps (every 2) and the last; step 3 runs without the hooks and has neither key.
+    measured = [r["step"] for r in history if "saved_activation_bytes" in r]
+    assert measured == [1, 2, 4, 5, 6]
+    assert [r["step"] for r in history if "model_state_bytes" in r] == measured
+    assert len({r["saved_activation_bytes"] for r in history if r["step"] in measured}) == 1
     records = test_pretrain._metrics(run_dir)
     assert [r["step"] for r in records] == [2, 4, 6]
     config = run_config_from_dict(resumed)
