@@ -372,6 +372,20 @@ def test_activation_checkpointing_modes_match_and_saved_bytes_fall(tmp_path, cor
 # -- the subspace update rule inside DeepSpeed -------------------------------------------------
 
 
+def _dp_averaged_loss(model, dataset, step: int, train, world_size: int) -> torch.Tensor:
+    """The loss a DP world of ``world_size`` ranks averages at ``step``: each rank's micro-batch
+    of the global batch, in the trainer's order, replayed on one process."""
+    micro = train.micro_batch_size
+    losses = []
+    for dp_rank in range(world_size):
+        first = step * train.global_batch_size + dp_rank * micro
+        batch = [dataset[i] for i in range(first, first + micro)]
+        tokens = torch.stack([torch.as_tensor(b["tokens"]) for b in batch])
+        labels = torch.stack([torch.as_tensor(b["labels"]) for b in batch])
+        losses.append(model.loss(tokens, labels))
+    return sum(losses) / world_size
+
+
 def _subspace_rank(rank: int, world_size: int, raws: list[dict]) -> list[dict]:
     """Train with the Trainer (DeepSpeed, proxies, merger), and replay the same steps on the
     same samples with ``SubspaceAdamW`` on a fresh model in this process."""
@@ -386,7 +400,6 @@ def _subspace_rank(rank: int, world_size: int, raws: list[dict]) -> list[dict]:
         config = run_config_from_dict(raw)
         train = config.train
         trainer = Trainer(config)
-        micro = train.micro_batch_size
         dataset = trainer.loader.dataset
         history = trainer.train().history
 
@@ -414,14 +427,7 @@ def _subspace_rank(rank: int, world_size: int, raws: list[dict]) -> list[dict]:
         for step in range(train.steps):
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, train)
-            losses = []
-            for dp_rank in range(world_size):  # each rank's micro-batch, DP-averaged
-                first = step * train.global_batch_size + dp_rank * micro
-                batch = [dataset[i] for i in range(first, first + micro)]
-                tokens = torch.stack([torch.as_tensor(b["tokens"]) for b in batch])
-                labels = torch.stack([torch.as_tensor(b["labels"]) for b in batch])
-                losses.append(model.loss(tokens, labels))
-            (sum(losses) / world_size).backward()
+            _dp_averaged_loss(model, dataset, step, train, world_size).backward()
             grads = [p.grad for p in model.parameters() if p.grad is not None]
             ordinary_norms.append(torch.stack([g.pow(2).sum() for g in grads]).sum().sqrt().item())
             norms.append(clip_grad_norm_(model.parameters(), train.clip_grad).item())
@@ -559,18 +565,11 @@ def _lr_scale_rank(rank: int, world_size: int, raws: list[dict], replay: list[bo
                 betas=tuple(train.betas),
                 eps=train.eps,
             )
-            dataset, micro = trainer.loader.dataset, train.micro_batch_size
+            dataset = trainer.loader.dataset
             for step in range(train.steps):
                 for group in optimizer.param_groups:
                     group["lr"] = group["factor"] * learning_rate(step, train)
-                losses = []
-                for dp_rank in range(world_size):  # each rank's micro-batch, DP-averaged
-                    first = step * train.global_batch_size + dp_rank * micro
-                    batch = [dataset[i] for i in range(first, first + micro)]
-                    tokens = torch.stack([torch.as_tensor(b["tokens"]) for b in batch])
-                    labels = torch.stack([torch.as_tensor(b["labels"]) for b in batch])
-                    losses.append(model.loss(tokens, labels))
-                (sum(losses) / world_size).backward()
+                _dp_averaged_loss(model, dataset, step, train, world_size).backward()
                 clip_grad_norm_(model.parameters(), train.clip_grad)
                 optimizer.step()
                 optimizer.zero_grad()
