@@ -678,9 +678,8 @@ class LlamaModel(nn.Module):
         """The ``(cos, sin)`` tables the blocks take for a sequence of ``seq_len`` tokens; with
         ``efficient_ops`` in ``dtype`` (the activations'; cached), else the fp32 buffers (in
         float64, computed in float64, for float64 activations)."""
-        if not self.efficient_ops and dtype is not None:
-            dtype = torch.promote_types(dtype, torch.float32)
-        return self.rotary(seq_len, dtype)
+        wide = dtype is not None and torch.promote_types(dtype, torch.float32) != torch.float32
+        return self.rotary(seq_len, dtype if self.efficient_ops or wide else None)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token ids [b, s] -> the residual stream [s, b, h] ([s/t, b, h] under SP)."""
