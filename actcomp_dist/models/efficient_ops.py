@@ -52,6 +52,9 @@ the SwiGLU and FC2 recompute runs the same ops, so they match bit for bit; RMSNo
 is the closed form ``rstd * (dn - x_hat * mean(dn * x_hat))`` with ``dn = g * weight`` and a
 recovered ``x_hat`` (one rounding of ``y`` away from the forward's), so its input and weight
 gradients agree with the naive block's autograd to rounding (tested against float64).
+
+The statistics are in at least fp32: a float64 input keeps float64 throughout (as the naive
+RMSNorm), so ``model.double()`` replays the model in float64.
 """
 
 from __future__ import annotations
@@ -79,20 +82,21 @@ def _rms_norm_backward(ctx, grad_y, y, weight, rstd):
     """The closed-form RMSNorm backward from the output ``y`` (kept, or reconstructed from
     low-rank factors): ``x_hat = y / weight``, ``dx = rstd (dn - x_hat mean(dn x_hat))`` with
     ``dn = g weight``, ``dw = sum(g x_hat)``."""
-    x_hat = y.float() / weight.float()  # [..., h]; NaN in a column whose weight is 0
+    wide = rstd.dtype  # fp32, float64 for float64 inputs
+    x_hat = y.to(wide) / weight.to(wide)  # [..., h]; NaN in a column whose weight is 0
     grad_x = grad_w = None
     if ctx.needs_input_grad[0]:
-        grad_normed = (grad_y * weight).float()  # as autograd through weight * normed
+        grad_normed = (grad_y * weight).to(wide)  # as autograd through weight * normed
         dot = (grad_normed * x_hat).mean(-1, keepdim=True)
         grad_x = (rstd * (grad_normed - x_hat * dot)).to(ctx.x_dtype)
     if ctx.needs_input_grad[1]:
-        grad_w = (grad_y.float() * x_hat).reshape(-1, y.shape[-1]).sum(0).to(weight.dtype)
+        grad_w = (grad_y.to(wide) * x_hat).reshape(-1, y.shape[-1]).sum(0).to(weight.dtype)
     return grad_x, grad_w
 
 
 def _rms_norm_forward(x, weight, eps):
-    x32 = x.float()
-    rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)  # [..., 1] fp32
+    x32 = x.to(torch.promote_types(x.dtype, torch.float32))  # float64 stays float64
+    rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)  # [..., 1] fp32 (or float64)
     return weight * (x32 * rstd).to(x.dtype), rstd
 
 

@@ -205,12 +205,25 @@ class RMSNorm(nn.Module):
         fused = _apex_fused_rms_norm() if x.is_cuda else None
         if fused is not None:
             return fused(x, weight, weight.shape, self.eps)
-        x32 = x.float()
+        # The statistic in at least fp32 (float64 stays float64, so the model replays in it).
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return weight * normed.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}, efficient={self.efficient}"
+
+
+def _rotary_tables(
+    head_dim: int, max_positions: int, theta: float, dtype: torch.dtype, device
+) -> Rope:
+    """``(cos, sin)`` [max_positions, head_dim] with the angles computed in ``dtype``."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).to(dtype)
+    inv_freq = 1.0 / (theta ** (exponents / head_dim))  # [d/2]
+    positions = torch.arange(max_positions, dtype=dtype, device=device)
+    angles = torch.outer(positions, inv_freq)  # [s, d/2]
+    angles = torch.cat((angles, angles), dim=-1)  # [s, d]
+    return angles.cos(), angles.sin()
 
 
 class RotaryEmbedding(nn.Module):
@@ -230,22 +243,27 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         if head_dim % 2 != 0:
             raise ValueError(f"rotary embeddings need an even head_dim, got {head_dim}")
-        exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
-        inv_freq = 1.0 / (theta**exponents)  # [d/2]
-        positions = torch.arange(max_positions, dtype=torch.float32)
-        angles = torch.outer(positions, inv_freq)  # [s, d/2]
-        angles = torch.cat((angles, angles), dim=-1)  # [s, d]
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        self.head_dim, self.theta = head_dim, theta
+        cos, sin = _rotary_tables(head_dim, max_positions, theta, torch.float32, None)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
         self._cast_tables: dict[tuple[torch.dtype, torch.device], Rope] = {}
 
     def _tables(self, dtype: torch.dtype | None) -> Rope:
-        if dtype is None or dtype == self.cos.dtype:
+        wide = dtype is not None and torch.promote_types(dtype, torch.float32) != torch.float32
+        if not wide and (dtype is None or dtype == self.cos.dtype):
             return self.cos, self.sin
         key = (dtype, self.cos.device)
         if key not in self._cast_tables:
             with torch.no_grad():
-                self._cast_tables[key] = (self.cos.to(dtype), self.sin.to(dtype))
+                if wide:
+                    # float64: angles and cos / sin computed in float64, not the fp32 values
+                    # widened (``model.double()`` casts the buffers, not their precision).
+                    self._cast_tables[key] = _rotary_tables(
+                        self.head_dim, self.cos.shape[0], self.theta, dtype, self.cos.device
+                    )
+                else:
+                    self._cast_tables[key] = (self.cos.to(dtype), self.sin.to(dtype))
         return self._cast_tables[key]
 
     def forward(self, seq_len: int, dtype: torch.dtype | None = None) -> Rope:
@@ -658,8 +676,10 @@ class LlamaModel(nn.Module):
 
     def rope(self, seq_len: int, dtype: torch.dtype | None = None) -> Rope:
         """The ``(cos, sin)`` tables the blocks take for a sequence of ``seq_len`` tokens; with
-        ``efficient_ops`` in ``dtype`` (the activations'; cached), else the fp32 buffers."""
-        return self.rotary(seq_len, dtype if self.efficient_ops else None)
+        ``efficient_ops`` in ``dtype`` (the activations'; cached), else the fp32 buffers (in
+        float64, computed in float64, for float64 activations)."""
+        wide = dtype is not None and torch.promote_types(dtype, torch.float32) != torch.float32
+        return self.rotary(seq_len, dtype if self.efficient_ops or wide else None)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token ids [b, s] -> the residual stream [s, b, h] ([s/t, b, h] under SP)."""
@@ -694,10 +714,10 @@ class LlamaModel(nn.Module):
             logits, _ = self.output_layer(hidden, weight=weight)  # [s, b, V/t]
             if labels is None:
                 return logits.transpose(0, 1)
-            # The cross-entropy works in fp32 and edits its input in place (not saved).
-            losses = vocab_parallel_cross_entropy(
-                logits.float(), labels.t().contiguous(), self.tp_group
-            ).t()
+            # The cross-entropy works in at least fp32 (float64 logits stay float64) and edits
+            # its input in place (not saved).
+            wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
+            losses = vocab_parallel_cross_entropy(wide, labels.t().contiguous(), self.tp_group).t()
         if loss_mask is not None:
             losses = losses * loss_mask
         return losses

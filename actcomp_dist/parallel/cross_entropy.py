@@ -46,6 +46,9 @@ copy, ``chunk_tokens * V/t * (e + 4)`` bytes. A chunk of 1024 - 2048 tokens keep
 0.2 - 0.4 GiB for a 32000-token vocabulary (0.75 - 1.5 GiB at 128256) while each GEMM is still
 ``chunk x h x V/t`` with every dimension in the thousands, large enough to run at full
 throughput; smaller chunks save little more memory and add per-chunk launch overhead.
+
+"fp32" above means at least fp32: float64 inputs (``model.double()``, a float64 replay of the
+model) are computed in float64 throughout, by both functions.
 """
 
 from __future__ import annotations
@@ -65,7 +68,10 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, target, group):
-        logits, logits_max = VocabParallelCrossEntropy.calculate_logits_max(logits)
+        if logits.dtype == torch.float32:
+            logits, logits_max = VocabParallelCrossEntropy.calculate_logits_max(logits)
+        else:  # float64: megatron's step would cast to fp32; the same max in float64
+            logits_max = torch.max(logits, dim=-1)[0]
         dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=group)
         local_vocab = logits.shape[-1]
         start = _vocab_start(local_vocab, group)
@@ -100,17 +106,19 @@ def vocab_parallel_cross_entropy(
     """Per-token cross-entropy of logits whose vocabulary is sharded over ``group``.
 
     Args:
-        logits: ``[s, b, V/t]`` fp32, this rank's vocabulary ids ``[i V/t, (i + 1) V/t)``
+        logits: ``[s, b, V/t]`` fp32 (or float64), this rank's vocabulary ids ``[i V/t, (i + 1) V/t)``
             (megatron's layout); overwritten in place by the softmax, which is kept for
             backward (do not reuse them).
         target: ``[s, b]`` vocabulary ids in ``[0, V)``, the same on every rank of ``group``.
         group: the tensor-parallel group the vocabulary is sharded over.
 
-    Returns the fp32 losses ``[s, b]``; megatron-core's ``vocab_parallel_cross_entropy`` bit
+    Returns the losses ``[s, b]`` in the logits' dtype; megatron-core's ``vocab_parallel_cross_entropy`` bit
     for bit when ``group`` is megatron's TP group. Three all-reduces over ``group``.
     """
-    if logits.dtype != torch.float32:
-        raise TypeError(f"vocab_parallel_cross_entropy takes fp32 logits, got {logits.dtype}")
+    if logits.dtype not in (torch.float32, torch.float64):
+        raise TypeError(
+            f"vocab_parallel_cross_entropy takes fp32 or float64 logits, got {logits.dtype}"
+        )
     if target.shape != logits.shape[:-1]:
         raise ValueError(
             f"target of shape {tuple(target.shape)} does not match the logits' leading shape "
@@ -155,11 +163,12 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
         target = torch.empty(n_tokens, dtype=torch.int64, device=labels.device)
         target.view(labels.shape).copy_(labels)
         start = _vocab_start(local_vocab, group)
-        local_max = torch.empty(n_tokens, dtype=torch.float32, device=hidden.device)
-        local_sum = torch.empty(2, n_tokens, dtype=torch.float32, device=hidden.device)
+        wide = torch.promote_types(hidden.dtype, torch.float32)  # float64 stays float64
+        local_max = torch.empty(n_tokens, dtype=wide, device=hidden.device)
+        local_sum = torch.empty(2, n_tokens, dtype=wide, device=hidden.device)
         for begin in range(0, n_tokens, chunk_tokens):
             rows = slice(begin, min(begin + chunk_tokens, n_tokens))
-            logits = torch.matmul(h2d[rows], weight.t()).float()  # [C, V/t]
+            logits = torch.matmul(h2d[rows], weight.t()).to(wide)  # [C, V/t]
             index, inside = _target_in_shard(target[rows], start, local_vocab)
             picked = logits.gather(1, index.unsqueeze(1)).squeeze(1)
             local_sum[1, rows] = picked.masked_fill(~inside, 0.0)  # z_y on the owning rank
@@ -191,7 +200,8 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
         width = hidden.shape[-1]
         h2d = hidden.view(-1, width)  # [N, h]
         n_tokens, local_vocab = h2d.shape[0], weight.shape[0]
-        grad = grad_losses.reshape(-1).float()  # [N]
+        wide = lse.dtype  # fp32, float64 for float64 inputs
+        grad = grad_losses.reshape(-1).to(wide)  # [N]
         start = _vocab_start(local_vocab, ctx.group)
         grad_hidden = torch.empty_like(h2d) if need_hidden else None
         grad_weight = None
@@ -201,10 +211,10 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
         for begin in range(0, n_tokens, ctx.chunk_tokens):
             rows = slice(begin, min(begin + ctx.chunk_tokens, n_tokens))
             h_chunk = h2d[rows]
-            logits = torch.matmul(h_chunk, weight.t()).float()  # [C, V/t]
+            logits = torch.matmul(h_chunk, weight.t()).to(wide)  # [C, V/t]
             probs = logits.sub_(lse[rows].unsqueeze(1)).exp_()  # the softmax, in place
             index, inside = _target_in_shard(target[rows], start, local_vocab)
-            probs.scatter_add_(1, index.unsqueeze(1), -inside.float().unsqueeze(1))
+            probs.scatter_add_(1, index.unsqueeze(1), -inside.to(wide).unsqueeze(1))
             grad_logits = probs.mul_(grad[rows].unsqueeze(1)).to(hidden.dtype)
             if need_hidden:
                 torch.matmul(grad_logits, weight, out=grad_hidden[rows])
