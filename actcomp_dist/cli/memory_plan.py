@@ -418,9 +418,8 @@ def main(argv: list[str] | None = None) -> int:
     dtype_bytes = 4 if precision == "fp32" else 2
     device = Device(args.peak_tflops * 1e12, memory_bandwidth, host_bandwidth)
 
-    def plan(variant, seq, batch):
-        compression = variant.compression(config.compression)
-        setting = variant.activation_setting(
+    def setting_of(variant, seq, batch):
+        return variant.activation_setting(
             config.memory,
             batch,
             seq,
@@ -428,10 +427,12 @@ def main(argv: list[str] | None = None) -> int:
             tensor_parallel=tp,
             sequence_parallel=config.parallel.sequence_parallel,
         )
+
+    def plan(variant, seq, batch):
         return plan_memory(
             model.replace(seq_length=seq),
-            compression,
-            setting,
+            variant.compression(config.compression),
+            setting_of(variant, seq, batch),
             ac_mode=variant.ac_mode,
             ac_num_layers=config.activation_checkpointing.num_layers,
             precision=precision,
@@ -460,18 +461,10 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     def effects_of(variant, seq, batch):
-        setting = variant.activation_setting(
-            config.memory,
-            batch,
-            seq,
-            dtype_bytes=dtype_bytes,
-            tensor_parallel=tp,
-            sequence_parallel=config.parallel.sequence_parallel,
-        )
         return site_effects(
             model.replace(seq_length=seq),
             variant.compression(config.compression),
-            setting,
+            setting_of(variant, seq, batch),
             variant.ac_mode,
             config.activation_checkpointing.num_layers,
         )
