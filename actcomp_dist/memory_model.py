@@ -92,6 +92,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -622,6 +623,44 @@ def subspace_row_elements(
     return model.num_layers * sum(-(-m // data_parallel) * r for _, m, r in shapes)
 
 
+def optimizer_group_sizes(
+    model: ModelShape,
+    compression: CompressionConfig,
+    tensor_parallel: int = 1,
+    lr_factors: Mapping[str, float] | None = None,
+) -> list[int]:
+    """Parameters of each of the trainer's optimizer param groups on one TP rank, in its order
+    (``actcomp_dist.training.engine``): one group per (matrix or vector, learning-rate factor),
+    the matrices' groups first, each family in order of first appearance along the model's
+    parameters (embedding; per block the norm, qkv, proj, the norm, fc1, fc2; the final norm;
+    the output layer unless tied). ``lr_factors``: the factor of each ``train.lr_scale`` group
+    (``qkv``, ``proj``, ``fc1``, ``fc2``, ``embedding``, ``norm``, ``output``; a missing name
+    is 1.0). Weights trained in ``subspace`` mode are in no group; empty groups are dropped,
+    as the trainer drops them."""
+    t, h = tensor_parallel, model.hidden_size
+    factors = dict(lr_factors or {})
+    subspace = set()
+    if compression.grad_mode == "subspace" and projected_site_shapes(model, compression, t):
+        subspace = set(compression.sites)
+    sites = {
+        site: (n * m // t) * model.num_layers
+        for site, (n, m) in _site_widths(model).items()
+        if site not in subspace
+    }
+    embedding = model.vocab_size * h // t
+    order = [("embedding", True, embedding), ("norm", False, 2 * model.num_layers * h)]
+    order += [(site, True, count) for site, count in sites.items()]
+    order.append(("norm", False, h))  # the final norm
+    if not getattr(model, "tie_embeddings", False):
+        order.append(("output", True, embedding))
+    grouped: dict[tuple[bool, float], int] = {}
+    for name, matrix, count in order:
+        key = (matrix, float(factors.get(name, 1.0)))
+        grouped[key] = grouped.get(key, 0) + count
+    keys = sorted(grouped, key=lambda key: not key[0])  # stable: matrices first
+    return [grouped[key] for key in keys if grouped[key]]
+
+
 def predict_model_states(
     model: ModelShape,
     compression: CompressionConfig,
@@ -631,6 +670,7 @@ def predict_model_states(
     data_parallel: int = 1,
     tensor_parallel: int = 1,
     reduce_bucket_size: int = 500_000_000,
+    lr_factors: Mapping[str, float] | None = None,
 ) -> ModelStates:
     """Parameters, gradients and AdamW state per GPU under DeepSpeed ZeRO, at their peak: the
     optimizer step.
@@ -649,8 +689,9 @@ def predict_model_states(
       and 1, 1/D at ZeRO 2 and 3; bf16 at ZeRO 0 adds fp32 accumulators of all of them) and
       what the step holds while it steps parameter group g (ZeRO 1-3): 1/D of the gradients of
       group g and of the groups after it, and an fp32 copy of group g's partition. The groups
-      are the trainer's, in its order: matrices (weight decay), vectors (none), ``subspace``
-      proxies.
+      are the trainer's, in its order (:func:`optimizer_group_sizes`): matrices (weight
+      decay), vectors (none), one of each per ``train.lr_scale`` factor (``lr_factors``),
+      then the ``subspace`` proxies.
 
     ``subspace`` mode: the compressed weights get no m x n gradient and no Adam state, and in
     16-bit training an fp32 master of each is kept partitioned by output rows over the
@@ -679,8 +720,9 @@ def predict_model_states(
         proxies = 0
     model_params = counts["total"] + proxies
     trained = model_params - weights  # parameters DeepSpeed's optimizer steps
-    vectors = model.num_layers * 2 * model.hidden_size + model.hidden_size  # the RMSNorms
-    groups = [trained - vectors - proxies, vectors, proxies]  # the trainer's, in its order
+    # The trainer's groups in its order; the ZeRO 0 subspace proxies come last.
+    groups = optimizer_group_sizes(model, compression, tensor_parallel, lr_factors) + [proxies]
+    assert sum(groups) == trained, (groups, trained)
     parameters = model_params * p_bytes
     if zero_stage >= 3:
         parameters = math.ceil(parameters / dp)
@@ -797,10 +839,12 @@ def plan_memory(
     reserve: int = 2 * 2**30,
     reduce_bucket_size: int = 500_000_000,
     host_memory: int | None = None,
+    lr_factors: Mapping[str, float] | None = None,
 ) -> MemoryPlan:
     """Everything one GPU holds at the peak of a step; ``reserve`` covers the CUDA context,
     communication buffers and allocator fragmentation. ``host_memory``: the pinned host
-    memory one GPU's offloaded activations may take (``None``: not checked)."""
+    memory one GPU's offloaded activations may take (``None``: not checked).
+    ``lr_factors``: as :func:`predict_model_states`."""
     states = predict_model_states(
         model,
         compression,
@@ -809,6 +853,7 @@ def plan_memory(
         data_parallel=data_parallel,
         tensor_parallel=setting.tensor_parallel,
         reduce_bucket_size=reduce_bucket_size,
+        lr_factors=lr_factors,
     )
     activations = predict_saved_activations(model, compression, setting, ac_mode, ac_num_layers)
     transient = transient_bytes(model, compression, setting, ac_mode)

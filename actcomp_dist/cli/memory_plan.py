@@ -356,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         run_config_from_dict,
         with_plugins,
     )
+    from actcomp_dist.training.model_states import lr_factors
     from actcomp_dist.training.trainer import padded_vocab_size
 
     try:
@@ -428,6 +429,8 @@ def main(argv: list[str] | None = None) -> int:
             sequence_parallel=config.parallel.sequence_parallel,
         )
 
+    factors = lr_factors(config)  # train.lr_scale decides the optimizer's param groups
+
     def plan(variant, seq, batch):
         return plan_memory(
             model.replace(seq_length=seq),
@@ -442,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
             reserve=reserve,
             host_memory=host_memory,
             reduce_bucket_size=bucket,
+            lr_factors=factors,
         )
 
     def step_time(variant, seq, batch):
@@ -547,6 +551,7 @@ def main(argv: list[str] | None = None) -> int:
             data_parallel=dp,
             tensor_parallel=tp,
             reduce_bucket_size=bucket,
+            lr_factors=factors,
         )
         report["model_states"][variant.name] = {
             "parameters": states.parameters,

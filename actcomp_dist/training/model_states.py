@@ -10,7 +10,7 @@ from torch import nn
 from actcomp_dist.memory_model import ModelStates, predict_model_states
 from actcomp_dist.optim.subspace_proxy import subspace_layers
 from actcomp_dist.subspace import is_subspace_parameter
-from actcomp_dist.training.config import RunConfig
+from actcomp_dist.training.config import LR_SCALE_KEYS, RunConfig, lr_scale_factor
 from actcomp_dist.training.metrics import format_bytes
 
 
@@ -25,7 +25,14 @@ def predicted_model_states(config: RunConfig, model: nn.Module, dp_size: int) ->
         data_parallel=dp_size,
         tensor_parallel=config.parallel.tensor_parallel,
         reduce_bucket_size=int(zero.get("reduce_bucket_size", 500_000_000)),
+        lr_factors=lr_factors(config),
     )
+
+
+def lr_factors(config: RunConfig) -> dict[str, float]:
+    """Each ``train.lr_scale`` group's factor (``default`` resolved): they decide the
+    optimizer's param groups, whose sizes set the gradients' peak at ZeRO 1-3."""
+    return {g: lr_scale_factor(config.train.lr_scale, g) for g in LR_SCALE_KEYS if g != "default"}
 
 
 def gradient_reduction_bytes(model: nn.Module) -> dict[str, int]:

@@ -62,6 +62,13 @@ LAYOUTS = {
         "train.precision=bf16",
         "compression.grad_mode=subspace",
     ],
+    # Per-site learning-rate factors split the matrices into three param groups: the gradients'
+    # peak is while ZeRO-1 steps the largest group, no longer all matrices at once.
+    "zero1_bf16_lr_scale": [
+        "deepspeed.zero_optimization.stage=1",
+        "train.precision=bf16",
+        'train.lr_scale={"qkv": 0.5, "fc1": 0.5, "fc2": 0.5, "proj": 0.25}',
+    ],
     "tp2_zero1_bf16_subspace": [
         "parallel.tensor_parallel=2",
         "deepspeed.zero_optimization.stage=1",

@@ -121,6 +121,36 @@ def test_without_factors_the_groups_are_matrices_then_vectors():
         assert [g["lr"] for g in groups] == [1e-2, 1e-2]
 
 
+@pytest.mark.parametrize(
+    "scale, tied, grad_mode",
+    [
+        ({}, False, "lift"),
+        ({**SPLIT, "norm": 2.0}, False, "lift"),
+        ({"proj": 0.5, "embedding": 0.5, "output": 3.0}, True, "lift"),
+        ({"proj": 0.5, "default": 2.0}, False, "subspace"),  # qkv, fc1, fc2 in no group
+    ],
+)
+def test_planner_sizes_the_trainers_param_groups(single_rank, scale, tied, grad_mode):
+    """The memory model's param groups (their sizes set the gradients' peak while ZeRO 1-3
+    steps one group) are the trainer's, counted on the real LLaMA model."""
+    from actcomp_dist import CompressionConfig
+    from actcomp_dist.memory_model import optimizer_group_sizes
+    from actcomp_dist.models import build_llama, get_model_config
+    from actcomp_dist.optim.subspace_proxy import subspace_layers
+    from actcomp_dist.training.model_states import lr_factors
+
+    config = get_model_config("tiny").replace(tie_embeddings=tied)
+    compression = CompressionConfig(method="compact", rank=0.25, grad_mode=grad_mode)
+    model = build_llama(config, compression)
+    exclude = {id(layer.weight) for layer in subspace_layers(model)}
+    assert bool(exclude) == (grad_mode == "subspace")
+    train = _train(lr_scale=scale)
+    groups = _param_groups(model, train, exclude)
+    run = type("Run", (), {"train": train})()
+    predicted = optimizer_group_sizes(config, compression, 1, lr_factors(run))
+    assert predicted == [sum(p.numel() for p in g["params"]) for g in groups]
+
+
 def _optimizer(train: TrainSection) -> tuple[torch.optim.Optimizer, list[float]]:
     groups = _param_groups(_Model(), train, exclude=set())
     optimizer = torch.optim.AdamW(groups, lr=train.lr)
