@@ -687,8 +687,9 @@ def predict_model_states(
       ZeRO 1-3 keep 1/D of it;
     - gradients: the larger of what backward leaves (16-bit gradients: all of them at ZeRO 0
       and 1, 1/D at ZeRO 2 and 3; bf16 at ZeRO 0 adds fp32 accumulators of all of them) and
-      what the step holds while it steps parameter group g (ZeRO 1-3): 1/D of the gradients of
-      group g and of the groups after it, and an fp32 copy of group g's partition. The groups
+      what the step holds while it steps parameter group g (ZeRO 1-3): the rank's 1/D of
+      every group's gradients (one flat buffer, alive until the last group's turn: measured
+      storages) and an fp32 copy of group g's partition. The groups
       are the trainer's, in its order (:func:`optimizer_group_sizes`): matrices (weight
       decay), vectors (none), one of each per ``train.lr_scale`` factor (``lr_factors``),
       then the ``subspace`` proxies.
@@ -734,14 +735,16 @@ def predict_model_states(
         gradients = trained * (p_bytes if precision == "fp32" else p_bytes + 4)
     else:
         held = trained * p_bytes if zero_stage == 1 else math.ceil(trained / dp) * p_bytes
+        # While the engine steps group g: this rank's partition of every group's 16-bit
+        # gradients, one flat buffer whose storage lives until the last group's turn (freeing a
+        # group's views frees nothing), and an fp32 copy of group g's partition.
+        stepped = [group for group in groups if group]
+        buffer = math.ceil(trained / dp) * p_bytes
         stepping = max(
-            (
-                math.ceil(group / dp) * (p_bytes + 4)
-                + sum(groups[later] for later in range(g + 1, len(groups))) * p_bytes / dp
-            )
-            for g, group in enumerate(groups)
+            (buffer if g < len(stepped) - 1 else 0) + math.ceil(group / dp) * 4
+            for g, group in enumerate(stepped)
         )
-        gradients = max(held, math.ceil(stepping))
+        gradients = max(held, stepping)
     gradients += 4 * rows  # the subspace gradients (fp32 accumulators of this rank's rows)
     masters = 0
     if precision != "fp32":
