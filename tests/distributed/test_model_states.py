@@ -63,8 +63,11 @@ LAYOUTS = {
         "compression.grad_mode=subspace",
     ],
     # Per-site learning-rate factors split the matrices into three param groups: the gradients'
-    # peak is while ZeRO-1 steps the largest group, no longer all matrices at once.
-    "zero1_bf16_lr_scale": [
+    # peak is while ZeRO-1 steps the largest one (qkv, fc1, fc2), the second, with the flat
+    # partition of every group's gradients still alive.
+    "60m_zero1_bf16_lr_scale": [
+        "model.name=60m",
+        "model.overrides.num_layers=2",
         "deepspeed.zero_optimization.stage=1",
         "train.precision=bf16",
         'train.lr_scale={"qkv": 0.5, "fc1": 0.5, "fc2": 0.5, "proj": 0.25}',
@@ -87,8 +90,13 @@ def corpus(tmp_path_factory) -> list[str]:
 
 
 def _states_rank(rank: int, world_size: int, raws: list[dict]) -> list[dict]:
+    from actcomp_dist.memory_model import optimizer_group_sizes
     from actcomp_dist.training.config import run_config_from_dict
-    from actcomp_dist.training.model_states import gradient_reduction_bytes, predicted_model_states
+    from actcomp_dist.training.model_states import (
+        gradient_reduction_bytes,
+        lr_factors,
+        predicted_model_states,
+    )
     from actcomp_dist.training.trainer import Trainer
 
     results = []
@@ -97,11 +105,20 @@ def _states_rank(rank: int, world_size: int, raws: list[dict]) -> list[dict]:
         history = trainer.train().history
         predicted = predicted_model_states(trainer.config, trainer.model, trainer.ctx.dp_size)
         merger = trainer.merger
+        config = trainer.config
+        sizes = optimizer_group_sizes(
+            trainer.model.config,
+            config.compression,
+            config.parallel.tensor_parallel,
+            lr_factors(config),
+        )
+        p_bytes = 4 if config.train.precision == "fp32" else 2
         results.append(
             {
                 "recorded": [r["model_state_bytes"] for r in history],
                 "predicted": predicted,
                 "reduction": gradient_reduction_bytes(trainer.model),
+                "smallest_group_share": min(sizes) * p_bytes // trainer.ctx.dp_size,
                 # ZeRO 1/2 subspace: the Adam moments this rank keeps ([its rows, r] fp32).
                 "subspace_moments": sum(
                     4 * m.numel() for pair in getattr(merger, "moments", {}).values() for m in pair
@@ -131,6 +148,11 @@ def test_measured_model_states_match_the_planner(tmp_path, corpus):
         # partitions' alignment padding, Adam's step counters), so the planner is a lower
         # bound, exactly; observed 8 - 524 bytes above it (< 0.02%).
         assert expected <= measured["total"] <= 1.05 * expected, (name, measured, expected)
+        # The gradients alone: what is above the prediction is DeepSpeed's alignment padding
+        # (observed 0 - 516 bytes); a group's gradients wrongly counted as alive or freed
+        # during the step would be at least the smallest group's share of them.
+        excess = measured["gradients"] - predicted.gradients
+        assert 0 <= excess < result["smallest_group_share"], (name, excess)
         reduction = predicted.detail["dp_reduction_bytes"]
         assert result["reduction"] == reduction, name
         assert (reduction["compressed"] > 0) == ("subspace" in name), name
