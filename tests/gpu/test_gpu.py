@@ -136,28 +136,12 @@ def test_parallel_layers_on_nccl_world_of_one_match_single_device_layer(tmp_path
         def init(weight):
             return torch.nn.init.normal_(weight, std=0.02)
 
+        common = dict(config=megatron, init_method=init, bias=False, compression=cfg, layer_id=1)
         column = CompressedColumnParallelLinear(
-            width,
-            out,
-            config=megatron,
-            init_method=init,
-            bias=False,
-            gather_output=False,
-            compression=cfg,
-            layer_id=1,
-            site="fc1",
+            width, out, gather_output=False, site="fc1", **common
         ).to(DEVICE)
         row = CompressedRowParallelLinear(
-            width,
-            out,
-            config=megatron,
-            init_method=init,
-            bias=False,
-            input_is_parallel=True,
-            skip_bias_add=False,
-            compression=cfg,
-            layer_id=1,
-            site="fc2",
+            width, out, input_is_parallel=True, skip_bias_add=False, site="fc2", **common
         ).to(DEVICE)
         x64, g64 = _inputs(tokens, width, out, seed=1)
         for layer, site in ((column, "fc1"), (row, "fc2")):
