@@ -38,12 +38,11 @@ from actcomp_dist.training.activation_checkpointing import (
 from actcomp_dist.training.config import ConfigError, run_config_from_dict
 from tests.helpers.distributed import run_distributed
 from tests.helpers.llama_reference import (
+    assert_exact_loss_and_as_accurate_as_keep,
     loss_and_full_grads,
     next_token_batch,
     random_full_weights,
-    reference_grads,
 )
-from tests.helpers.tolerances import assert_as_accurate_as
 
 SMALL = get_model_config("tiny", seq_length=32)
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -144,11 +143,9 @@ def _assert_full_rank_exact(results, full):
     (tests/helpers/tolerances.py assert_as_accurate_as: the full-rank model's error at most
     twice the ``keep`` model's plus one fp32 rounding of the largest entry). A rank lifting
     another rank's shard, or a missing term, is an error of the order of the gradient."""
-    (loss, grads), (keep_loss, keep_grads) = results["lowrank"], results["keep"]
-    assert torch.equal(loss, keep_loss)  # forward results never change
-    tokens, labels = next_token_batch(SMALL)
-    reference = reference_grads(full, SMALL, tokens, labels)
-    assert_as_accurate_as(grads, keep_grads, reference, torch.float32, "full rank")
+    assert_exact_loss_and_as_accurate_as_keep(
+        results["lowrank"], results["keep"], full, SMALL, torch.float32, "full rank"
+    )
 
 
 def test_full_rank_block_input_gives_the_exact_gradients(single_rank):

@@ -35,13 +35,13 @@ from actcomp_dist.parallel import state
 from actcomp_dist.storage import LowRankStorage, StoragePolicy
 from tests.helpers.distributed import run_distributed
 from tests.helpers.llama_reference import (
+    assert_exact_loss_and_as_accurate_as_keep,
     loss_and_full_grads,
     next_token_batch,
     random_full_weights,
-    reference_grads,
 )
 from tests.helpers.storage import fc2_grads
-from tests.helpers.tolerances import assert_as_accurate_as, assert_within_8bit_error
+from tests.helpers.tolerances import assert_within_8bit_error
 
 SMALL = get_model_config("tiny", seq_length=32)
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -72,12 +72,15 @@ def _full_rank_run(full, sequence_parallel=False):
 
 
 def _assert_full_rank_exact(results):
-    tokens, labels = next_token_batch(SMALL)
     for dtype in (torch.float32, torch.bfloat16):
-        (loss, grads), (keep_loss, keep_grads) = results[dtype, "lowrank"], results[dtype, "keep"]
-        assert torch.equal(loss, keep_loss), dtype  # forward results never change
-        reference = reference_grads(results[dtype, "weights"], SMALL, tokens, labels)
-        assert_as_accurate_as(grads, keep_grads, reference, dtype, dtype)
+        assert_exact_loss_and_as_accurate_as_keep(
+            results[dtype, "lowrank"],
+            results[dtype, "keep"],
+            results[dtype, "weights"],
+            SMALL,
+            dtype,
+            dtype,
+        )
 
 
 def test_full_rank_gives_the_exact_gradients(single_rank):

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from actcomp_dist.models import LlamaConfig, gather_full
 from actcomp_dist.models.weights import logical_shapes
+from tests.helpers.tolerances import assert_as_accurate_as
 
 
 def random_full_weights(config: LlamaConfig, seed: int) -> dict[str, torch.Tensor]:
@@ -120,3 +121,20 @@ def loss_and_full_grads(model, tokens, labels):
     loss.backward()
     grads = gather_full(model, {n: p.grad for n, p in model.named_parameters()})
     return loss.detach(), grads
+
+
+def assert_exact_loss_and_as_accurate_as_keep(
+    result, keep_result, weights: dict, config: LlamaConfig, dtype: torch.dtype, msg=""
+) -> None:
+    """``result`` and ``keep_result``: :func:`loss_and_full_grads` of a model that stores some
+    activation otherwise (at full rank, say) and of the same model keeping it, with the logical
+    ``weights`` on :func:`next_token_batch`. Forward results never change: the losses are bit
+    for bit equal. The gradients are as accurate against the float64 reference as ``keep``'s
+    (``assert_as_accurate_as``: at most twice its error plus one rounding of the largest entry
+    in ``dtype``); a missing term or a rank reading another rank's shard is an error of the
+    order of the gradient itself."""
+    (loss, grads), (keep_loss, keep_grads) = result, keep_result
+    assert torch.equal(loss, keep_loss), msg
+    tokens, labels = next_token_batch(config)
+    reference = reference_grads(weights, config, tokens, labels)
+    assert_as_accurate_as(grads, keep_grads, reference, dtype, msg)
