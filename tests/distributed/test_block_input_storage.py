@@ -39,6 +39,7 @@ from actcomp_dist.training.config import ConfigError, run_config_from_dict
 from tests.helpers.distributed import run_distributed
 from tests.helpers.llama_reference import (
     assert_exact_loss_and_as_accurate_as_keep,
+    loaded_llama,
     loss_and_full_grads,
     next_token_batch,
     random_full_weights,
@@ -50,12 +51,9 @@ PACKERS = pytest.mark.parametrize("policy", ["lowrank:8", "int8", "fp8"])
 
 
 def _model(dtype, full, storage_policy=None, sequence_parallel=False, mode="full"):
-    model = build_llama(
-        SMALL, init_seed=0, sequence_parallel=sequence_parallel, storage_policy=storage_policy
+    model = loaded_llama(
+        SMALL, full, dtype, sequence_parallel=sequence_parallel, storage_policy=storage_policy
     )
-    load_full_weights(model, full)
-    for param in model.parameters():  # as DeepSpeed's bf16 engine: parameters, not buffers
-        param.data = param.data.to(dtype)
     apply_activation_checkpointing(model, mode, None)
     return model
 

@@ -30,14 +30,14 @@ import torch
 
 from actcomp_dist import CompressionConfig
 from actcomp_dist.ablation.measure import measure_model_forward
-from actcomp_dist.models import build_llama, full_state_dict, get_model_config
+from actcomp_dist.models import full_state_dict, get_model_config
 from actcomp_dist.models.efficient_ops import rms_norm
 from actcomp_dist.models.llama import RMSNorm
-from actcomp_dist.models.weights import load_full_weights
 from actcomp_dist.parallel import state
 from actcomp_dist.training.config import ConfigError, run_config_from_dict
 from tests.helpers.distributed import run_distributed
 from tests.helpers.llama_reference import (
+    loaded_llama,
     loss_and_full_grads,
     next_token_batch,
     random_full_weights,
@@ -50,17 +50,14 @@ DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=[
 
 
 def _model(config, efficient_ops, dtype, full, compression=None, sequence_parallel=False):
-    model = build_llama(
+    return loaded_llama(
         config,
+        full,
+        dtype,
         compression,
-        init_seed=0,
         efficient_ops=efficient_ops,
         sequence_parallel=sequence_parallel,
     )
-    load_full_weights(model, full)
-    for param in model.parameters():  # as DeepSpeed's bf16 engine: parameters, not buffers
-        param.data = param.data.to(dtype)
-    return model
 
 
 # ----------------------------------------------------------------------------- exactness

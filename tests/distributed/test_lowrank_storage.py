@@ -30,12 +30,12 @@ import pytest
 import torch
 
 from actcomp_dist.models import build_llama, full_state_dict, get_model_config
-from actcomp_dist.models.weights import load_full_weights
 from actcomp_dist.parallel import state
 from actcomp_dist.storage import LowRankStorage, StoragePolicy
 from tests.helpers.distributed import run_distributed
 from tests.helpers.llama_reference import (
     assert_exact_loss_and_as_accurate_as_keep,
+    loaded_llama,
     loss_and_full_grads,
     next_token_batch,
     random_full_weights,
@@ -51,13 +51,9 @@ FULL_RANK = StoragePolicy(norm=f"lowrank:{SMALL.hidden_size}", swiglu="lowrank:1
 
 
 def _model(dtype, full, storage_policy=None, sequence_parallel=False):
-    model = build_llama(
-        SMALL, init_seed=0, sequence_parallel=sequence_parallel, storage_policy=storage_policy
+    return loaded_llama(
+        SMALL, full, dtype, sequence_parallel=sequence_parallel, storage_policy=storage_policy
     )
-    load_full_weights(model, full)
-    for param in model.parameters():  # as DeepSpeed's bf16 engine: parameters, not buffers
-        param.data = param.data.to(dtype)
-    return model
 
 
 def _full_rank_run(full, sequence_parallel=False):
@@ -103,18 +99,26 @@ def test_full_rank_gives_the_exact_gradients_at_tp2(tmp_path, sequence_parallel)
 # ----------------------------------------------------------------------------- low rank
 
 
-def test_norm_and_linear_at_low_rank_are_the_float64_backward_at_the_reconstruction(
-    single_rank,
-):
-    """``norm: lowrank:8``: the norm keeps ``(L, Q)``, qkv keeps the same two tensors; qkv's
-    input gradient is exact, its weight gradient and the norm's backward read ``L Q^T``."""
-    model = build_llama(SMALL, init_seed=0, storage_policy=StoragePolicy(norm="lowrank:8"))
+def _norm_into_qkv(policy: str):
+    """The first block's input norm (weight 1 + 0.1 N(0, 1)) under ``memory.policy.norm =
+    policy`` applied to a random ``x`` [s, b, h], and the qkv linear that reads its output
+    ``y``; the generator goes on to draw the caller's gradients."""
+    model = build_llama(SMALL, init_seed=0, storage_policy=StoragePolicy(norm=policy))
     norm, qkv = model.layers[0].input_norm, model.layers[0].attention.qkv
     generator = torch.Generator().manual_seed(5)
     h = SMALL.hidden_size
     norm.weight.data = 1 + 0.1 * torch.randn(h, generator=generator)
     x = torch.randn(16, 2, h, generator=generator).requires_grad_(True)  # [s, b, h]
-    y = norm(x)
+    return norm, qkv, x, norm(x), generator
+
+
+def test_norm_and_linear_at_low_rank_are_the_float64_backward_at_the_reconstruction(
+    single_rank,
+):
+    """``norm: lowrank:8``: the norm keeps ``(L, Q)``, qkv keeps the same two tensors; qkv's
+    input gradient is exact, its weight gradient and the norm's backward read ``L Q^T``."""
+    norm, qkv, x, y, generator = _norm_into_qkv("lowrank:8")
+    h = SMALL.hidden_size
     packer, (low, q) = y.stored_as  # [N, k], [h, k]
     seen = {}
     y.register_hook(lambda grad: seen.setdefault("dy", grad))
@@ -205,13 +209,8 @@ def test_norm_8bit_backward_is_the_float64_backward_at_the_dequantised_output(si
     """``norm: int8`` / ``fp8``: the norm keeps its output in 8 bits and qkv keeps the same
     codes and scales. qkv's weight gradient is the ``keep`` layer's at the dequantised output,
     bit for bit; the norm's gradients equal the float64 closed form at it within rounding."""
-    model = build_llama(SMALL, init_seed=0, storage_policy=StoragePolicy(norm=policy))
-    norm, qkv = model.layers[0].input_norm, model.layers[0].attention.qkv
-    generator = torch.Generator().manual_seed(5)
+    norm, qkv, x, y, generator = _norm_into_qkv(policy)
     h = SMALL.hidden_size
-    norm.weight.data = 1 + 0.1 * torch.randn(h, generator=generator)
-    x = torch.randn(16, 2, h, generator=generator).requires_grad_(True)  # [s, b, h]
-    y = norm(x)
     packer, packed = y.stored_as
     dequantised = packer.unpack(packed, y)
     out, _ = qkv(y, stored=(packer, packed))

@@ -36,23 +36,26 @@ from actcomp_dist.training.activation_checkpointing import (
 )
 from actcomp_dist.training.config import ConfigError, run_config_from_dict
 from tests.helpers.distributed import run_distributed
-from tests.helpers.llama_reference import loss_and_full_grads, next_token_batch, random_full_weights
+from tests.helpers.llama_reference import (
+    loaded_llama,
+    loss_and_full_grads,
+    next_token_batch,
+    random_full_weights,
+)
 
 SMALL = get_model_config("tiny", seq_length=32)
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 
 
 def _model(dtype, full, mode, compression=None, storage_policy=None, sequence_parallel=False):
-    model = build_llama(
+    model = loaded_llama(
         SMALL,
+        full,
+        dtype,
         compression,
-        init_seed=0,
         sequence_parallel=sequence_parallel,
         storage_policy=storage_policy,
     )
-    load_full_weights(model, full)
-    for param in model.parameters():  # as DeepSpeed's bf16 engine: parameters, not buffers
-        param.data = param.data.to(dtype)
     apply_activation_checkpointing(model, mode, None)
     return model
 

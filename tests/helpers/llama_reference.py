@@ -16,7 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from actcomp_dist.models import LlamaConfig, gather_full
+from actcomp_dist.models import LlamaConfig, build_llama, gather_full, load_full_weights
 from actcomp_dist.models.weights import logical_shapes
 from tests.helpers.tolerances import assert_as_accurate_as
 
@@ -113,6 +113,17 @@ def reference_loss_and_grads(full: dict, config: LlamaConfig, tokens, labels):
 def reference_grads(full: dict, config: LlamaConfig, tokens, labels) -> dict[str, torch.Tensor]:
     """The gradients of :func:`reference_loss_and_grads`."""
     return reference_loss_and_grads(full, config, tokens, labels)[1]
+
+
+def loaded_llama(config: LlamaConfig, full: dict, dtype: torch.dtype, compression=None, **kwargs):
+    """``build_llama(config, compression, init_seed=0, **kwargs)`` with the logical weights
+    ``full`` loaded (sharded over the current TP group) and its parameters, not its buffers,
+    cast to ``dtype``, as DeepSpeed's bf16 engine casts them."""
+    model = build_llama(config, compression, init_seed=0, **kwargs)
+    load_full_weights(model, full)
+    for param in model.parameters():
+        param.data = param.data.to(dtype)
+    return model
 
 
 def loss_and_full_grads(model, tokens, labels):

@@ -272,37 +272,21 @@ TP_STORAGE_VARIANTS = (
 def _tp_measure(rank, world_size, sequence_parallel):
     state.initialize_model_parallel(world_size)
     config, b, s = SHAPES["tiny"]
+
+    def measure(variant, **kwargs):
+        method, options, mode, num_layers = VARIANTS[variant]
+        compression = CompressionConfig(method=method, seed=3, **options)
+        return _measure(
+            config, compression, mode, num_layers, b, s, torch.float32, sequence_parallel, **kwargs
+        )
+
     out = {}
     for efficient_ops in (True, False):
         for variant in TP_VARIANTS:
-            method, options, mode, num_layers = VARIANTS[variant]
-            compression = CompressionConfig(method=method, seed=3, **options)
-            out[variant, efficient_ops] = _measure(
-                config,
-                compression,
-                mode,
-                num_layers,
-                b,
-                s,
-                torch.float32,
-                sequence_parallel,
-                efficient_ops,
-            )
+            out[variant, efficient_ops] = measure(variant, efficient_ops=efficient_ops)
     for name in TP_STORAGE_VARIANTS:
         row, policy = STORAGE_VARIANTS[name]
-        method, options, mode, num_layers = VARIANTS[row]
-        compression = CompressionConfig(method=method, seed=3, **options)
-        out[name, "storage"] = _measure(
-            config,
-            compression,
-            mode,
-            num_layers,
-            b,
-            s,
-            torch.float32,
-            sequence_parallel,
-            storage_policy=StoragePolicy.from_mapping(policy),
-        )
+        out[name, "storage"] = measure(row, storage_policy=StoragePolicy.from_mapping(policy))
     return out
 
 
