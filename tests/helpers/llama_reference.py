@@ -1,5 +1,7 @@
-"""The hand-written float64 LLaMA the model tests compare against, and the weights and batches
-they feed it.
+"""The hand-written float64 LLaMA the model tests compare against, and what they feed it and
+the model under test: random logical weights, a next-token batch, the model built with those
+weights (:func:`loaded_llama`), its loss and gathered gradients, and the check that a stored-
+activation policy is as accurate as ``keep`` against the float64 gradients.
 
 :func:`reference_logits` evaluates LLaMA from its logical weights (Hugging Face names and
 shapes, :func:`actcomp_dist.models.weights.logical_shapes`) with nothing from the package but
