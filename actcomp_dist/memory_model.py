@@ -94,7 +94,7 @@ import math
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from actcomp_dist.compression import BlockLayout, get_compressor_class, layer_layout
 from actcomp_dist.config import CompressionConfig
@@ -264,6 +264,29 @@ def _norm_saved(
     return tokens * hidden * 4 + tokens * 4 + tokens * hidden * e
 
 
+class _RankShape(NamedTuple):
+    """A decoder block's sizes on one tensor-parallel rank."""
+
+    e: int  # bytes per activation element
+    n_all: int  # tokens attention and the row-parallel layers see: the whole sequence
+    n_res: int  # tokens of the residual stream and the column-parallel inputs (N/t under SP)
+    heads: int  # query heads on this rank
+    groups: int  # key/value groups on this rank
+    ffn: int  # FFN width on this rank
+
+
+def _rank_shape(model: ModelShape, setting: ActivationSetting) -> _RankShape:
+    t, n_all = setting.tensor_parallel, setting.tokens
+    return _RankShape(
+        e=setting.dtype_bytes,
+        n_all=n_all,
+        n_res=n_all // t if setting.sp else n_all,
+        heads=model.num_attention_heads // t,
+        groups=model.query_groups // t,
+        ffn=model.ffn_hidden_size // t,
+    )
+
+
 def _compressed(site: str, compression: CompressionConfig) -> bool:
     return compression.method != "none" and site in compression.sites
 
@@ -275,13 +298,9 @@ def _layer_saved(
     setting: ActivationSetting,
 ) -> dict[str, int]:
     """Bytes one decoder block saves, by kind (rope tables excluded: see the caller)."""
-    e, t = setting.dtype_bytes, setting.tensor_parallel
+    e, n_all, n_res, heads, groups, ffn = _rank_shape(model, setting)
     b, s = setting.micro_batch_size, setting.seq_length
-    n_all = setting.tokens  # attention and row-parallel layers see the whole sequence
-    n_res = n_all // t if setting.sp else n_all  # residual stream / column-parallel inputs
-    h, f = model.hidden_size, model.ffn_hidden_size
-    d = model.head_dim
-    heads, groups, ffn = model.num_attention_heads // t, model.query_groups // t, f // t
+    h, f, d = model.hidden_size, model.ffn_hidden_size, model.head_dim
     attn_width = model.num_attention_heads * d
     qkv_out = n_all * (heads + 2 * groups) * d * e
     attn_out = n_all * heads * d * e
@@ -339,13 +358,9 @@ def _efficient_layer_saved(
     setting: ActivationSetting,
 ) -> dict[str, int]:
     """:func:`_layer_saved` of the ``efficient_ops`` block (modes ``none`` and ``selective``)."""
-    e, t = setting.dtype_bytes, setting.tensor_parallel
+    e, n_all, n_res, heads, groups, ffn = _rank_shape(model, setting)
     b, s = setting.micro_batch_size, setting.seq_length
-    n_all = setting.tokens
-    n_res = n_all // t if setting.sp else n_all
     h, d = model.hidden_size, model.head_dim
-    heads, groups = model.num_attention_heads // t, model.query_groups // t
-    ffn = model.ffn_hidden_size // t
     attn_width = model.num_attention_heads * d
     attn_out = n_all * heads * d * e
 
@@ -411,12 +426,8 @@ def _layer_host_offload(
     storage = setting.storage
     if not storage.offloaded:
         return {}
-    e, t = setting.dtype_bytes, setting.tensor_parallel
-    n_all = setting.tokens
-    n_res = n_all // t if setting.sp else n_all
+    e, n_all, n_res, heads, groups, ffn = _rank_shape(model, setting)
     h, d = model.hidden_size, model.head_dim
-    heads, groups = model.num_attention_heads // t, model.query_groups // t
-    ffn = model.ffn_hidden_size // t
     out: dict[str, int] = defaultdict(int)
     if mode == "full":
         out["block_input"] = storage.host_bytes("block_input", n_res * h, e)
@@ -455,9 +466,8 @@ def predict_saved_activations(
         raise ValueError(
             f"activation checkpointing mode {ac_mode!r} is not one of {list(AC_MODES)}"
         )
-    e, t = setting.dtype_bytes, setting.tensor_parallel
-    n_all = setting.tokens
-    n_res = n_all // t if setting.sp else n_all
+    e, n_all, n_res, *_ = _rank_shape(model, setting)
+    t = setting.tensor_parallel
     h, d = model.hidden_size, model.head_dim
     layers = model.num_layers
     if ac_mode == "none":

@@ -180,33 +180,24 @@ def site_effects(
         saved_without = predict_saved_activations(model, without, setting, ac_mode, ac_num_layers)
         if site in ROW_SLICE_SITES:
             # A slice of a fused linear's rows: the linear keeps its exact input and runs the
-            # exact weight-gradient GEMM either way (then projects the slice's rows).
-            fused = ROW_SLICE_SITES[site]
-            effects.append(
-                SiteEffect(
-                    site=site,
-                    saved_with=with_all.total,
-                    saved_without=saved_without.total,
-                    all_gather_with=_all_gather_bytes(model, without, fused, setting),
-                    all_gather_without=_all_gather_bytes(model, without, fused, setting),
-                    weight_gradient_flops_with=None,
-                    weight_gradient_flops_without=_weight_gradient_flops(
-                        model, without, fused, setting
-                    ),
-                )
-            )
-            continue
+            # exact weight-gradient GEMM either way (then projects the slice's rows), so its
+            # all-gather is the exact one; its flops with the slice compressed are not modelled.
+            linear, linear_compression = ROW_SLICE_SITES[site], without
+            flops_with = None
+        else:
+            linear, linear_compression = site, compression
+            flops_with = _weight_gradient_flops(model, compression, site, setting)
         effects.append(
             SiteEffect(
                 site=site,
                 saved_with=with_all.total,
                 saved_without=saved_without.total,
-                all_gather_with=_all_gather_bytes(model, compression, site, setting),
-                all_gather_without=_all_gather_bytes(model, without, site, setting),
-                weight_gradient_flops_with=_weight_gradient_flops(
-                    model, compression, site, setting
+                all_gather_with=_all_gather_bytes(model, linear_compression, linear, setting),
+                all_gather_without=_all_gather_bytes(model, without, linear, setting),
+                weight_gradient_flops_with=flops_with,
+                weight_gradient_flops_without=_weight_gradient_flops(
+                    model, without, linear, setting
                 ),
-                weight_gradient_flops_without=_weight_gradient_flops(model, without, site, setting),
             )
         )
     return effects

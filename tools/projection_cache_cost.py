@@ -21,7 +21,12 @@ import statistics
 import time
 
 import torch
-import torch.distributed as dist
+
+from actcomp_dist.cli.single_process import (
+    add_model_shape_arguments,
+    model_config_from_args,
+    one_rank_world,
+)
 
 
 def _step(model, optimizer, batch) -> float:
@@ -34,24 +39,20 @@ def _step(model, optimizer, batch) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="tiny")
-    parser.add_argument("--layers", type=int, default=None, help="override num_layers")
-    parser.add_argument("--micro-batch", type=int, default=4)
-    parser.add_argument("--seq-length", type=int, default=128)
+    add_model_shape_arguments(parser)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rank", type=float, default=0.25)
     args = parser.parse_args(argv)
+    with one_rank_world():
+        _report(args)
+    return 0
 
+
+def _report(args) -> None:
     from actcomp_dist.config import CompressionConfig
-    from actcomp_dist.models import build_llama, get_model_config
-    from actcomp_dist.parallel import state
+    from actcomp_dist.models import build_llama
 
-    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29533", rank=0, world_size=1)
-    state.initialize_model_parallel(1)
-    overrides = {"seq_length": args.seq_length}
-    if args.layers:
-        overrides["num_layers"] = args.layers
-    config = get_model_config(args.model, **overrides)
+    config = model_config_from_args(args)
     models, optimizers = {}, {}
     for cache in (True, False):
         compression = CompressionConfig(method="compact", rank=args.rank, cache_projection=cache)
@@ -86,9 +87,6 @@ def main(argv: list[str] | None = None) -> int:
         f"({100 * (uncached / cached - 1):+.1f}%); drawing every P twice {regenerate * 1e3:.2f} "
         f"ms = {100 * regenerate / cached:.2f}% of the cached step"
     )
-    state.destroy()
-    dist.destroy_process_group()
-    return 0
 
 
 if __name__ == "__main__":

@@ -31,13 +31,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
+
+from actcomp_dist.cli.single_process import (
+    add_model_shape_arguments,
+    model_config_from_args,
+    one_rank_world,
+)
 
 KINDS = ("norm", "attention", "swiglu")
 
@@ -141,32 +144,21 @@ def _alternating_ratios(config, mixes, batch, seq, dtype, rounds: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="tiny")
-    parser.add_argument("--layers", type=int, default=None, help="override num_layers")
-    parser.add_argument("--micro-batch", type=int, default=4)
-    parser.add_argument("--seq-length", type=int, default=128)
+    add_model_shape_arguments(parser)
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--policy", choices=("int8", "fp8"), default="int8")
     parser.add_argument("--repeats", type=int, default=50, help="rounds of the per-kind timing")
     parser.add_argument("--mixes", default="", help="comma-separated storage variants")
     parser.add_argument("--rounds", type=int, default=20, help="alternating steps per model")
     args = parser.parse_args(argv)
-
-    from actcomp_dist.models import get_model_config
-    from actcomp_dist.parallel import state
-
     torch.set_num_threads(1)
-    own_group = not dist.is_initialized()
-    if own_group:
-        store = Path(tempfile.mkdtemp()) / "store"
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-    own_state = not state.is_initialized()
-    if own_state:
-        state.initialize_model_parallel(1)
-    overrides = {"seq_length": args.seq_length}
-    if args.layers:
-        overrides["num_layers"] = args.layers
-    config = get_model_config(args.model, **overrides)
+    with one_rank_world():
+        _report(args)
+    return 0
+
+
+def _report(args) -> None:
+    config = model_config_from_args(args)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     batch, seq = args.micro_batch, args.seq_length
     print(
@@ -215,11 +207,6 @@ def main(argv: list[str] | None = None) -> int:
                 low, _, high = statistics.quantiles(ratios, n=4)
                 cells.append(f"{statistics.median(ratios):.3f} [{low:.3f}-{high:.3f}]")
             print(f"| `{name}` | {statistics.median(samples) * 1e3:.1f} ms | {' | '.join(cells)} |")
-    if own_state:
-        state.destroy()
-    if own_group:
-        dist.destroy_process_group()
-    return 0
 
 
 if __name__ == "__main__":

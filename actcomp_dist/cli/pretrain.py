@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import sys
 
-from actcomp_dist.training.cli import PRETRAIN_DESCRIPTION, exit_status, parse_args
-from actcomp_dist.training.config import load_run_config
-from actcomp_dist.training.quiet import quiet_third_party
+from actcomp_dist.training.cli import (
+    PRETRAIN_DESCRIPTION,
+    exit_status,
+    load_config,
+    parse_args,
+)
 
 
 def _pretraining_trainer(config):
@@ -35,15 +38,9 @@ def pretrain(
     trainer (:mod:`actcomp_dist.cli.finetune`)."""
     args = parse_args(argv, description)
     # 1. The config: the file, then --deepspeed_config, then each --set override. Plugins
-    #    (the config's "plugins" list) are imported first, so their methods validate.
-    config = load_run_config(
-        args.config,
-        args.overrides,
-        config_class=config_class,
-        deepspeed_file=args.deepspeed_config,
-    )
-    # megatron-core and DeepSpeed print at import: the filters go first, then the trainer.
-    quiet_third_party(config.logging.verbose)
+    #    (the config's "plugins" list) are imported first, so their methods validate. Then the
+    #    log filters: megatron-core and DeepSpeed print at import, the trainer comes after.
+    config = load_config(args, config_class)
     # 2. The run, in a fixed order (actcomp_dist/training/trainer.py): validate -> resume
     #    checks -> process group -> parallel state, seeds -> data -> model (compression,
     #    memory policy, activation checkpointing) -> DeepSpeed engine -> resume -> run dir.

@@ -77,6 +77,21 @@ def parse_args(
     return parser.parse_args(argv)
 
 
+def load_config(args: argparse.Namespace, config_class: type | None = None):
+    """The run config the command line names (``config_class``, default ``RunConfig``): the
+    file, then ``--deepspeed_config``, then each ``--set`` override; the config's plugins are
+    imported first, so their methods validate. Then the third-party log filters it asks for:
+    megatron-core and DeepSpeed print at import, so they go before the trainer loads."""
+    config = load_run_config(
+        args.config,
+        args.overrides,
+        config_class=config_class,
+        deepspeed_file=args.deepspeed_config,
+    )
+    quiet_third_party(config.logging.verbose)
+    return config
+
+
 def exit_status(train: Callable[[], Any]) -> int:
     """Run ``train`` (load a config, build a run, train it; returns a
     :class:`~actcomp_dist.training.trainer.TrainResult`) under the launchers' error contract
@@ -122,13 +137,7 @@ def main(
     args = parse_args(argv, description)
 
     def load_and_run():
-        config = load_run_config(
-            args.config,
-            args.overrides,
-            config_class=config_class,
-            deepspeed_file=args.deepspeed_config,
-        )
-        quiet_third_party(config.logging.verbose)
+        config = load_config(args, config_class)
         if run is not None:
             return run(config)
         # megatron-core and DeepSpeed print at import: the trainer comes after the filters.

@@ -72,6 +72,7 @@ from actcomp_dist.training.trainer import (
     check_resume,
     eval_samples,
     load_run_tokenizer,
+    model_build_options,
     print0,
     total_train_samples,
 )
@@ -145,13 +146,10 @@ class FinetuneTrainer(Trainer):
             model = build_llama_from_hf(
                 init_from,
                 config.compression,
-                sequence_parallel=config.parallel.sequence_parallel,
                 seq_length=config.data.seq_length,
                 device=self.device,
-                efficient_ops=config.memory.efficient_ops,
-                loss_chunk_tokens=config.memory.chunked_loss_tokens,
-                storage_policy=config.memory.storage_policy,
                 parallel=self.ctx,
+                **model_build_options(config),
             )
             if model.config.vocab_size < self.tokenizer.vocab_size:
                 raise ConfigError(

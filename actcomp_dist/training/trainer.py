@@ -258,13 +258,23 @@ def build_pretraining_model(
     return build_llama(
         model_config,
         config.compression,
-        sequence_parallel=config.parallel.sequence_parallel,
         init_seed=config.train.seed,
         device=device,
+        parallel=parallel,
+        **model_build_options(config),
+    )
+
+
+def model_build_options(config: RunConfig) -> dict:
+    """What a LLaMA model is built with from ``config`` besides its shape, compression and
+    weights: sequence parallelism and the ``memory.*`` policies (the keyword arguments of
+    :func:`~actcomp_dist.models.build_llama` and
+    :func:`~actcomp_dist.models.hf.build_llama_from_hf` alike)."""
+    return dict(
+        sequence_parallel=config.parallel.sequence_parallel,
         efficient_ops=config.memory.efficient_ops,
         loss_chunk_tokens=config.memory.chunked_loss_tokens,
         storage_policy=config.memory.storage_policy,
-        parallel=parallel,
     )
 
 

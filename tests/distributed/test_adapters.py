@@ -55,8 +55,9 @@ from actcomp_dist.memory import saved_activation_bytes, saved_activation_bytes_b
 from actcomp_dist.models import build_llama, full_state_dict, get_model_config
 from actcomp_dist.models.hf import export_hf, read_hf_config, read_hf_state_dict
 from actcomp_dist.parallel import state
-from tests.distributed.test_llama_model import reference_logits
+from tests.helpers.adapters import randomize_adapters
 from tests.helpers.distributed import run_distributed
+from tests.helpers.llama_reference import reference_logits
 from tests.helpers.tolerances import assert_as_accurate_as, assert_within_rounding
 
 SMALL = get_model_config("tiny", seq_length=32)
@@ -79,16 +80,6 @@ def _site_shapes(config=SMALL) -> dict[str, tuple[int, int]]:
         "fc1": (2 * f, h),
         "fc2": (h, f),
     }
-
-
-@torch.no_grad()
-def _randomize(model: nn.Module, name: str | None = None, seed: int = 0) -> None:
-    """Non-zero B (and A for LoRA) drawn per logical tensor, so any TP size gets the same."""
-    generator = torch.Generator().manual_seed(seed)
-    for _, _, adapter in iter_adapters(model, name):
-        adapter.B.copy_(0.1 * torch.randn(adapter.B.shape, generator=generator))
-        if isinstance(adapter.A, nn.Parameter):
-            adapter.A.add_(0.05 * torch.randn(adapter.A.shape, generator=generator))
 
 
 def _train(model, steps: int, seed: int, lr: float = 1e-2, weight_decay: float = 0.1):
@@ -177,7 +168,7 @@ def _adapted_formula(model, leaves: dict, dtype: torch.dtype):
 def test_adapter_matches_float64_reference(method):
     model = _plain_model()
     apply_adapters(model, AdapterConfig(method=method, rank=RANK, alpha=6.0, targets=("0", "2")))
-    _randomize(model)
+    randomize_adapters(model)
     x = torch.randn(3, 5, 16, requires_grad=True)
     out = model(x)
     out.pow(2).sum().backward()
@@ -213,7 +204,7 @@ def test_lora_compressed_input_gives_the_projected_exact_gradient():
             method="lora", rank=RANK, targets=("0",), input_compression=compression
         )
         apply_adapters(model, config)
-        _randomize(model)
+        randomize_adapters(model)
         x = torch.randn(6, 16)
         model(x).pow(2).sum().backward()
         adapter = model[0].adapters["default"]
@@ -265,7 +256,7 @@ def test_uncached_A_gives_the_same_results():
     for cache in (True, False):
         model = _plain_model()
         apply_adapters(model, AdapterConfig(rank=RANK, targets=("0", "2"), cache_A=cache))
-        _randomize(model)
+        randomize_adapters(model)
         x = torch.randn(4, 16, requires_grad=True)
         out = model(x)
         out.sum().backward()
@@ -326,7 +317,7 @@ def test_trainable_parameter_counts_match_formulas(single_rank):
     apply_adapters(model, AdapterConfig(method="lori", rank=RANK, sparsity=0.9))
     assert adapter_parameter_count(model) == lori_dense
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == lori_dense
-    _randomize(model)
+    randomize_adapters(model)
     compute_masks(model)  # the configured 90%
     assert adapter_parameter_count(model) == round(0.1 * lori_dense)
 
@@ -401,8 +392,8 @@ def test_merging_two_adapters_equals_running_both(single_rank):
     model = build_llama(SMALL, init_seed=1)
     apply_adapters(model, AdapterConfig(method="lori", rank=RANK, seed=1), "task_a")
     apply_adapters(model, AdapterConfig(method="lora", rank=2, seed=2, alpha=3.0), "task_b")
-    _randomize(model, "task_a", seed=1)
-    _randomize(model, "task_b", seed=2)
+    randomize_adapters(model, "task_a", seed=1)
+    randomize_adapters(model, "task_b", seed=2)
     weights = {"task_a": 0.7, "task_b": 0.4}
     for name, weight in weights.items():
         set_adapter_multiplier(model, name, weight)
@@ -431,12 +422,12 @@ def test_export_merged_hf_runs_in_transformers(tmp_path, single_rank):
     transformers = pytest.importorskip("transformers")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from actcomp_dist.models.hf import build_llama_from_hf
-    from tests.distributed.test_hf_llama import make_hf_model
+    from tests.helpers.hf_models import make_hf_model
 
     make_hf_model(tmp_path / "hf")
     model = build_llama_from_hf(tmp_path / "hf").eval()
     apply_adapters(model, AdapterConfig(method="lori", rank=RANK, seed=5))
-    _randomize(model, seed=5)
+    randomize_adapters(model, seed=5)
     tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ours = model(tokens)
@@ -471,7 +462,7 @@ def test_save_load_round_trip(tmp_path, single_rank, kind):
     config = AdapterConfig(method=method, rank=RANK, seed=9, sparsity=0.9)
     model = build_llama(SMALL, init_seed=2)
     apply_adapters(model, config, "task")
-    _randomize(model, seed=3)
+    randomize_adapters(model, seed=3)
     if kind != "lora":
         compute_masks(model, name="task")
         base = snapshot_B(model, "task") if kind == "lori_continual" else None
@@ -508,7 +499,7 @@ def test_masked_state_dict_resumes_into_a_fresh_model(single_rank):
     loads strictly after ``allocate_masks`` and reproduces the outputs bit for bit."""
     model = build_llama(SMALL, init_seed=2)
     apply_adapters(model, AdapterConfig(method="lori", rank=RANK, seed=4))
-    _randomize(model)
+    randomize_adapters(model)
     compute_masks(model, 0.5)
     start_masked_training(model, base=snapshot_B(model))
     state_dict = model.state_dict()
@@ -605,8 +596,8 @@ def adapter_files(tmp_path_factory, single_rank):
     compression = CompressionConfig(method="compact", rank=0.5)
     lora = AdapterConfig(method="lora", rank=2, seed=12, input_compression=compression)
     apply_adapters(model, lora, "lora")
-    _randomize(model, "lori", seed=1)
-    _randomize(model, "lora", seed=2)
+    randomize_adapters(model, "lori", seed=1)
+    randomize_adapters(model, "lora", seed=2)
     save_adapter(model, directory / "lori", "lori")
     save_adapter(model, directory / "lora", "lora")
     return directory

@@ -36,10 +36,14 @@ from actcomp_dist.training.activation_checkpointing import (
     checkpoint_packed_input,
 )
 from actcomp_dist.training.config import ConfigError, run_config_from_dict
-from tests.distributed.test_efficient_ops import _batch, _loss_and_full_grads, _reference_grads
-from tests.distributed.test_llama_model import _random_full_weights
 from tests.helpers.distributed import run_distributed
-from tests.helpers.tolerances import assert_as_accurate_as
+from tests.helpers.llama_reference import (
+    assert_exact_loss_and_as_accurate_as_keep,
+    loaded_llama,
+    loss_and_full_grads,
+    next_token_batch,
+    random_full_weights,
+)
 
 SMALL = get_model_config("tiny", seq_length=32)
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -47,12 +51,9 @@ PACKERS = pytest.mark.parametrize("policy", ["lowrank:8", "int8", "fp8"])
 
 
 def _model(dtype, full, storage_policy=None, sequence_parallel=False, mode="full"):
-    model = build_llama(
-        SMALL, init_seed=0, sequence_parallel=sequence_parallel, storage_policy=storage_policy
+    model = loaded_llama(
+        SMALL, full, dtype, sequence_parallel=sequence_parallel, storage_policy=storage_policy
     )
-    load_full_weights(model, full)
-    for param in model.parameters():  # as DeepSpeed's bf16 engine: parameters, not buffers
-        param.data = param.data.to(dtype)
     apply_activation_checkpointing(model, mode, None)
     return model
 
@@ -73,7 +74,7 @@ def _block_grads(layer, x, rope, grad_out, packer=None):
 
 def _block_case(dtype, seed=3):
     model = build_llama(SMALL, init_seed=0)
-    load_full_weights(model, _random_full_weights(SMALL, seed=1))
+    load_full_weights(model, random_full_weights(SMALL, seed=1))
     layer = model.layers[0].to(dtype)
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(32, 2, SMALL.hidden_size, generator=generator).to(dtype)  # [s, b, h]
@@ -121,9 +122,9 @@ FULL_RANK = StoragePolicy(block_input=f"lowrank:{SMALL.hidden_size}")
 def _full_rank_run(full, sequence_parallel=False):
     """Loss and full gradients of the full-rank and the ``keep`` model (both under full
     activation checkpointing, float64 parameters)."""
-    tokens, labels = _batch(SMALL)
+    tokens, labels = next_token_batch(SMALL)
     return {
-        name: _loss_and_full_grads(
+        name: loss_and_full_grads(
             _model(torch.float64, full, policy, sequence_parallel), tokens, labels
         )
         for name, policy in (("keep", None), ("lowrank", FULL_RANK))
@@ -140,15 +141,13 @@ def _assert_full_rank_exact(results, full):
     (tests/helpers/tolerances.py assert_as_accurate_as: the full-rank model's error at most
     twice the ``keep`` model's plus one fp32 rounding of the largest entry). A rank lifting
     another rank's shard, or a missing term, is an error of the order of the gradient."""
-    (loss, grads), (keep_loss, keep_grads) = results["lowrank"], results["keep"]
-    assert torch.equal(loss, keep_loss)  # forward results never change
-    tokens, labels = _batch(SMALL)
-    reference = _reference_grads(full, SMALL, tokens, labels)
-    assert_as_accurate_as(grads, keep_grads, reference, torch.float32, "full rank")
+    assert_exact_loss_and_as_accurate_as_keep(
+        results["lowrank"], results["keep"], full, SMALL, torch.float32, "full rank"
+    )
 
 
 def test_full_rank_block_input_gives_the_exact_gradients(single_rank):
-    full = _random_full_weights(SMALL, seed=1)
+    full = random_full_weights(SMALL, seed=1)
     _assert_full_rank_exact(_full_rank_run(full), full)
 
 
@@ -161,24 +160,24 @@ def _tp_run(rank, world_size, sequence_parallel, full):
 @pytest.mark.distributed
 @pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp2", "tp2_sp"])
 def test_full_rank_block_input_gives_the_exact_gradients_at_tp2(tmp_path, sequence_parallel):
-    full = _random_full_weights(SMALL, seed=1)
+    full = random_full_weights(SMALL, seed=1)
     _assert_full_rank_exact(run_distributed(_tp_run, 2, tmp_path, sequence_parallel, full)[0], full)
 
 
 @PACKERS
 def test_packed_block_input_model_forward_is_unchanged(single_rank, policy):
-    full = _random_full_weights(SMALL, seed=1)
-    tokens, labels = _batch(SMALL)
-    keep_loss, keep_grads = _loss_and_full_grads(_model(torch.float32, full), tokens, labels)
+    full = random_full_weights(SMALL, seed=1)
+    tokens, labels = next_token_batch(SMALL)
+    keep_loss, keep_grads = loss_and_full_grads(_model(torch.float32, full), tokens, labels)
     model = _model(torch.float32, full, StoragePolicy(block_input=policy))
-    loss, grads = _loss_and_full_grads(model, tokens, labels)
+    loss, grads = loss_and_full_grads(model, tokens, labels)
     assert torch.equal(loss, keep_loss)
     assert all(torch.isfinite(grad).all() for grad in grads.values())
     assert any(not torch.equal(grads[name], keep_grads[name]) for name in keep_grads)
 
 
 def test_packed_block_input_needs_full_checkpointing(single_rank):
-    full = _random_full_weights(SMALL, seed=1)
+    full = random_full_weights(SMALL, seed=1)
     for mode in ("none", "selective"):
         with pytest.raises(ValueError, match="needs activation_checkpointing.mode='full'"):
             _model(torch.float32, full, StoragePolicy(block_input="int8"), mode=mode)

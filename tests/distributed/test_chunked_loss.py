@@ -40,8 +40,8 @@ from actcomp_dist.parallel.cross_entropy import (
     vocab_parallel_cross_entropy,
     vocab_parallel_linear_cross_entropy,
 )
-from tests.distributed.test_llama_model import reference_logits
 from tests.helpers.distributed import run_distributed
+from tests.helpers.llama_reference import reference_logits
 from tests.helpers.tolerances import UNIT_ROUNDOFF, assert_as_accurate_as, gamma
 
 SEQ, BATCH, HIDDEN, VOCAB = 12, 2, 32, 256  # N = 24 tokens

@@ -12,10 +12,10 @@ References:
   model gradients differ from the naive block's by rounding. The attention and the MLP
   without their norms are bit-identical. Both are therefore
   compared with a float64 reference (the model written from its logical weights in float64,
-  ``tests/test_llama_model.reference_logits``): the efficient block's error must be no larger
-  than twice the naive block's, plus one rounding of the largest reference value. Both errors
-  come from rounding the same quantities in reductions of the same lengths; a factor 2 allows
-  a reordered reduction, not a wrong formula (a wrong term would be of the order of the
+  ``tests/helpers/llama_reference.reference_logits``): the efficient block's error must be no
+  larger than twice the naive block's, plus one rounding of the largest reference value. Both
+  errors come from rounding the same quantities in reductions of the same lengths; a factor 2
+  allows a reordered reduction, not a wrong formula (a wrong term would be of the order of the
   gradient itself, 10^4-10^6 times larger than these errors).
 - **Memory**: exact saved-byte counts per block against the closed form, and the target
   ``efficient <= 0.5 x naive`` per block.
@@ -27,62 +27,37 @@ import dataclasses
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from actcomp_dist import CompressionConfig
 from actcomp_dist.ablation.measure import measure_model_forward
-from actcomp_dist.models import build_llama, full_state_dict, gather_full, get_model_config
+from actcomp_dist.models import full_state_dict, get_model_config
 from actcomp_dist.models.efficient_ops import rms_norm
 from actcomp_dist.models.llama import RMSNorm
-from actcomp_dist.models.weights import load_full_weights
 from actcomp_dist.parallel import state
 from actcomp_dist.training.config import ConfigError, run_config_from_dict
-from tests.distributed.test_llama_model import _random_full_weights, reference_logits
 from tests.helpers.distributed import run_distributed
+from tests.helpers.llama_reference import (
+    loaded_llama,
+    loss_and_full_grads,
+    next_token_batch,
+    random_full_weights,
+    reference_grads,
+)
 from tests.helpers.tolerances import assert_as_accurate_as
 
 SMALL = get_model_config("tiny", seq_length=32)
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 
 
-def _batch(config, b=2, s=32, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, config.vocab_size, (b, s + 1), generator=generator)
-    return tokens[:, :-1], tokens[:, 1:]
-
-
 def _model(config, efficient_ops, dtype, full, compression=None, sequence_parallel=False):
-    model = build_llama(
+    return loaded_llama(
         config,
+        full,
+        dtype,
         compression,
-        init_seed=0,
         efficient_ops=efficient_ops,
         sequence_parallel=sequence_parallel,
     )
-    load_full_weights(model, full)
-    for param in model.parameters():  # as DeepSpeed's bf16 engine: parameters, not buffers
-        param.data = param.data.to(dtype)
-    return model
-
-
-def _loss_and_full_grads(model, tokens, labels):
-    loss = model.loss(tokens, labels)
-    loss.backward()
-    grads = gather_full(model, {n: p.grad for n, p in model.named_parameters()})
-    return loss.detach(), grads
-
-
-def _reference_grads(weights, config, tokens, labels):
-    """float64 loss gradients with respect to the logical ``weights`` (cast from the model's)."""
-    leaves = {name: w.double().requires_grad_() for name, w in weights.items()}
-    logits = reference_logits(leaves, config, tokens)
-    F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)).backward()
-    return {name: leaf.grad for name, leaf in leaves.items()}
-
-
-# Per tensor: max |efficient - float64| <= 2 max |naive - float64| + eps max |float64| (see the
-# module docstring). tests/gpu/test_gpu.py and tests/distributed/test_lowrank_storage.py import it by this name.
-_assert_as_accurate_as_naive = assert_as_accurate_as
 
 
 # ----------------------------------------------------------------------------- exactness
@@ -90,18 +65,18 @@ _assert_as_accurate_as_naive = assert_as_accurate_as
 
 @DTYPES
 def test_efficient_model_matches_naive_model(single_rank, dtype):
-    full = _random_full_weights(SMALL, seed=1)  # norm weights differ from 1
-    tokens, labels = _batch(SMALL)
+    full = random_full_weights(SMALL, seed=1)  # norm weights differ from 1
+    tokens, labels = next_token_batch(SMALL)
     results = {}
     for efficient_ops in (True, False):
         model = _model(SMALL, efficient_ops, dtype, full)
-        results[efficient_ops] = _loss_and_full_grads(model, tokens, labels)
+        results[efficient_ops] = loss_and_full_grads(model, tokens, labels)
     (loss, grads), (naive_loss, naive_grads) = results[True], results[False]
     assert torch.equal(loss, naive_loss)
     # The output layer's gradient is formed before any norm backward: bit-identical.
     assert torch.equal(grads["lm_head.weight"], naive_grads["lm_head.weight"])
-    reference = _reference_grads(full_state_dict(model), SMALL, tokens, labels)
-    _assert_as_accurate_as_naive(grads, naive_grads, reference, dtype, "tp1")
+    reference = reference_grads(full_state_dict(model), SMALL, tokens, labels)
+    assert_as_accurate_as(grads, naive_grads, reference, dtype, "tp1")
 
 
 @DTYPES
@@ -112,7 +87,7 @@ def test_attention_and_mlp_are_bit_identical(single_rank, dtype, method, part):
     MLP (SwiGLU recomputed inside FC2, or in front of the compressed FC2 with ``compact``) run
     the same ops as the naive block in forward and backward, so the output, the input
     gradient and every weight gradient are bit-identical."""
-    full = _random_full_weights(SMALL, seed=2)
+    full = random_full_weights(SMALL, seed=2)
     compression = CompressionConfig(method=method, rank=0.25, seed=3)
     generator = torch.Generator().manual_seed(4)
     x = torch.randn(32, 2, SMALL.hidden_size, generator=generator).to(dtype)
@@ -144,7 +119,7 @@ def test_adapters_on_fc2_see_the_swiglu_product(single_rank, method):
     gradients equal the naive MLP's bit for bit; the base weights are frozen."""
     from actcomp_dist.adapters import AdapterConfig, apply_adapters
 
-    full = _random_full_weights(SMALL, seed=2)
+    full = random_full_weights(SMALL, seed=2)
     generator = torch.Generator().manual_seed(4)
     x = torch.randn(32, 2, SMALL.hidden_size, generator=generator)
     grad_out = torch.randn(32, 2, SMALL.hidden_size, generator=generator)
@@ -171,12 +146,12 @@ def test_adapters_on_fc2_see_the_swiglu_product(single_rank, method):
 
 def _tp_run(rank, world_size, sequence_parallel, full):
     state.initialize_model_parallel(world_size)
-    tokens, labels = _batch(SMALL)
+    tokens, labels = next_token_batch(SMALL)
     out = {}
     for dtype in (torch.float32, torch.bfloat16):
         for efficient_ops in (True, False):
             model = _model(SMALL, efficient_ops, dtype, full, sequence_parallel=sequence_parallel)
-            out[dtype, efficient_ops] = _loss_and_full_grads(model, tokens, labels)
+            out[dtype, efficient_ops] = loss_and_full_grads(model, tokens, labels)
         out[dtype, "weights"] = full_state_dict(model)
     return out if rank == 0 else None
 
@@ -184,14 +159,14 @@ def _tp_run(rank, world_size, sequence_parallel, full):
 @pytest.mark.distributed
 @pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp2", "tp2_sp"])
 def test_efficient_model_matches_naive_model_at_tp2(tmp_path, sequence_parallel):
-    full = _random_full_weights(SMALL, seed=1)
+    full = random_full_weights(SMALL, seed=1)
     results = run_distributed(_tp_run, 2, tmp_path, sequence_parallel, full)[0]
-    tokens, labels = _batch(SMALL)
+    tokens, labels = next_token_batch(SMALL)
     for dtype in (torch.float32, torch.bfloat16):
         (loss, grads), (naive_loss, naive_grads) = results[dtype, True], results[dtype, False]
         assert torch.equal(loss, naive_loss), dtype
-        reference = _reference_grads(results[dtype, "weights"], SMALL, tokens, labels)
-        _assert_as_accurate_as_naive(grads, naive_grads, reference, dtype, (dtype, "tp2"))
+        reference = reference_grads(results[dtype, "weights"], SMALL, tokens, labels)
+        assert_as_accurate_as(grads, naive_grads, reference, dtype, (dtype, "tp2"))
 
 
 @DTYPES
@@ -217,7 +192,7 @@ def test_rms_norm_forward_is_the_naive_norm_and_backward_is_accurate(single_rank
     y64 = w64 * x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6)
     y64.backward(grad_out.double())
     reference = {"x": x64.grad, "weight": w64.grad}
-    _assert_as_accurate_as_naive(grads, naive_grads, reference, dtype, "rms_norm")
+    assert_as_accurate_as(grads, naive_grads, reference, dtype, "rms_norm")
 
 
 def test_rms_norm_zero_weight_gives_nan_gradients_not_wrong_ones():
@@ -241,9 +216,9 @@ MEMORY_SHAPES = {
 
 
 def _per_block(config, b, s, dtype, efficient_ops):
-    full = _random_full_weights(config, seed=0)
+    full = random_full_weights(config, seed=0)
     model = _model(config, efficient_ops, dtype, full)
-    tokens, labels = _batch(config, b, s)
+    tokens, labels = next_token_batch(config, b, s)
     return measure_model_forward(model, tokens, labels, torch.ones(b, s)).per_layer
 
 

@@ -29,7 +29,7 @@ def _zero3_step(rank, world_size, chunk):
     from deepspeed.utils import safe_get_full_grad
 
     from actcomp_dist.hf import apply_memory_policy
-    from tests.unit.test_hf_policy import BATCH, _tokens, make_model
+    from tests.helpers.hf_models import BATCH, make_model, random_tokens
 
     model = make_model()
     if chunk is not None:
@@ -43,7 +43,7 @@ def _zero3_step(rank, world_size, chunk):
             "zero_allow_untested_optimizer": True,  # torch's SGD
         },
     )
-    tokens = _tokens()
+    tokens = random_tokens()
     loss = engine(input_ids=tokens, labels=tokens).loss
     engine.backward(loss)
     grads = {  # collective: every rank, in the same order
@@ -55,13 +55,13 @@ def _zero3_step(rank, world_size, chunk):
 
 
 def test_fused_loss_under_deepspeed_zero3(tmp_path):
-    from tests.unit.test_hf_policy import _tokens, make_model
+    from tests.helpers.hf_models import make_model, random_tokens
 
     fused_loss, fused, fused_head = run_distributed(_zero3_step, 2, tmp_path, CHUNK, timeout=300)[0]
     plain_loss, plain, plain_head = run_distributed(_zero3_step, 2, tmp_path, None, timeout=300)[0]
     assert fused_head == plain_head == (0,)  # partitioned: the test means something
     reference_model = make_model().double()
-    tokens = _tokens()
+    tokens = random_tokens()
     reference_loss = reference_model(input_ids=tokens, labels=tokens).loss
     reference_loss.backward()
     reference = {n: p.grad for n, p in reference_model.named_parameters()}

@@ -38,48 +38,13 @@ from actcomp_dist.models.hf import (
 )
 from actcomp_dist.parallel import state
 from tests.helpers.distributed import run_distributed
-from tests.helpers.hf_weights import randomize_weights
+from tests.helpers.hf_models import make_hf_model
 from tests.helpers.tolerances import assert_as_accurate_as, gamma
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
 SEQ = 16
-
-
-def make_hf_model(
-    directory,
-    *,
-    groups: int = 2,
-    tie: bool = False,
-    dtype: torch.dtype = torch.float32,
-    max_shard_size: str | None = None,
-    seed: int = 0,
-):
-    """A tiny random ``LlamaForCausalLM`` saved to ``directory``; returns the model (fp32 eval).
-
-    Weights at std 1/sqrt(fan-in) and norm weights away from 1, so attention is far from
-    uniform and a wrong layout (q/k order, GQA grouping, gate/up) cannot go unnoticed.
-    """
-    config = transformers.LlamaConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=groups,
-        max_position_embeddings=32,
-        rope_theta=500000.0,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=tie,
-    )
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(config)
-    randomize_weights(model, seed)
-    model = model.to(dtype)
-    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
-    model.save_pretrained(directory, **kwargs)
-    return model.float().eval()
 
 
 def _tokens(batch: int = 2, seq: int = SEQ, seed: int = 0) -> torch.Tensor:

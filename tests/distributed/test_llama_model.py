@@ -47,6 +47,13 @@ from actcomp_dist.models.llama import RotaryEmbedding, apply_rotary
 from actcomp_dist.models.weights import logical_shapes
 from actcomp_dist.parallel import state
 from tests.helpers.distributed import DistributedError, run_distributed
+from tests.helpers.llama_reference import (
+    random_full_weights,
+    reference_attention,
+    reference_logits,
+    reference_loss_and_grads,
+    reference_rope,
+)
 from tests.helpers.tolerances import UNIT_ROUNDOFF, assert_as_accurate_as, gamma
 
 TINY = get_model_config("tiny")
@@ -59,89 +66,7 @@ def _tokens(config: LlamaConfig, batch: int, seq: int, seed: int) -> torch.Tenso
     return torch.randint(0, config.vocab_size, (batch, seq + 1), generator=generator)
 
 
-def _random_full_weights(config: LlamaConfig, seed: int) -> dict[str, torch.Tensor]:
-    """Logical weights at a scale where attention is far from uniform (std 1/sqrt(fan-in))
-    and every norm weight differs from 1, so a wrong layout or name cannot go unnoticed."""
-    generator = torch.Generator().manual_seed(seed)
-    full = {}
-    for name, shape in logical_shapes(config).items():
-        if len(shape) == 1:
-            full[name] = 1.0 + 0.2 * torch.randn(shape, generator=generator)
-        else:
-            full[name] = torch.randn(shape, generator=generator) / math.sqrt(shape[-1])
-    return full
-
-
 # ----------------------------------------------------------------------------- references
-
-
-def reference_rope(x: torch.Tensor, theta: float, dtype=torch.float64) -> torch.Tensor:
-    """RoPE as a complex rotation: feature pair (j, j + d/2) at position p turns by
-    p * theta^(-2j/d). x: [b, heads, s, d].
-
-    In ``dtype``: float64 is the reference; in float32 the angles are formed as Hugging Face
-    forms them (``1 / theta^(2j/d)``, then ``p * inv_freq``, in float32), the plain fp32
-    evaluation a model is held to (``assert_as_accurate_as``)."""
-    x = x.to(dtype)
-    d, s = x.shape[-1], x.shape[-2]
-    inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.int64).to(dtype) / d)
-    angles = torch.arange(s, dtype=dtype)[:, None] * inv_freq[None, :]  # [s, d/2]
-    real, imag = x[..., : d // 2], x[..., d // 2 :]
-    cos, sin = angles.cos(), angles.sin()
-    return torch.cat((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
-
-
-def reference_attention(x, wq, wk, wv, wo, config: LlamaConfig, dtype=torch.float64):
-    """Causal softmax(Q K^T / sqrt(d)) V with query head i reading kv head i // (heads /
-    groups), in ``dtype`` (float64: the reference). x: [b, s, h] -> [b, s, h]."""
-    x, wq, wk, wv, wo = (t.to(dtype) for t in (x, wq, wk, wv, wo))
-    b, s, _ = x.shape
-    heads, groups, d = config.num_attention_heads, config.query_groups, config.head_dim
-    q = (x @ wq.T).view(b, s, heads, d).transpose(1, 2)
-    k = (x @ wk.T).view(b, s, groups, d).transpose(1, 2)
-    v = (x @ wv.T).view(b, s, groups, d).transpose(1, 2)
-    q, k = reference_rope(q, config.rope_theta, dtype), reference_rope(k, config.rope_theta, dtype)
-    kv_head = torch.arange(heads) // (heads // groups)
-    k, v = k[:, kv_head], v[:, kv_head]
-    scores = q @ k.transpose(-1, -2) / math.sqrt(d)
-    causal = torch.triu(torch.ones(s, s, dtype=torch.bool), diagonal=1)
-    probs = torch.softmax(scores.masked_fill(causal, float("-inf")), dim=-1)
-    return (probs @ v).transpose(1, 2).reshape(b, s, heads * d) @ wo.T
-
-
-def reference_logits(
-    full: dict, config: LlamaConfig, tokens: torch.Tensor, dtype=torch.float64
-) -> torch.Tensor:
-    """LLaMA forward from the logical weights, in ``dtype`` (float64: the reference; float32:
-    the plain fp32 evaluation a model is held to). tokens [b, s] -> logits [b, s, V]."""
-    w = {name: t.to(dtype) for name, t in full.items()}
-
-    def rms_norm(x, weight):
-        return weight * x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + config.rms_norm_eps)
-
-    x = w["model.embed_tokens.weight"][tokens]
-    for i in range(config.num_layers):
-        p = f"model.layers.{i}."
-        attn_in = rms_norm(x, w[p + "input_layernorm.weight"])
-        x = x + reference_attention(
-            attn_in, *(w[p + f"self_attn.{n}_proj.weight"] for n in "qkvo"), config, dtype
-        )
-        mlp_in = rms_norm(x, w[p + "post_attention_layernorm.weight"])
-        gate = mlp_in @ w[p + "mlp.gate_proj.weight"].T
-        up = mlp_in @ w[p + "mlp.up_proj.weight"].T
-        x = x + (F.silu(gate) * up) @ w[p + "mlp.down_proj.weight"].T
-    x = rms_norm(x, w["model.norm.weight"])
-    return x @ w.get("lm_head.weight", w["model.embed_tokens.weight"]).T
-
-
-def reference_loss_and_grads(full: dict, config: LlamaConfig, tokens, labels):
-    """float64 mean cross-entropy of :func:`reference_logits` and its gradients with respect
-    to the logical weights ``full``."""
-    leaves = {name: w.detach().double().requires_grad_() for name, w in full.items()}
-    logits = reference_logits(leaves, config, tokens)
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
-    loss.backward()
-    return loss.detach(), {name: leaf.grad for name, leaf in leaves.items()}
 
 
 def lift_compact_grads(grads: dict, config: LlamaConfig, compression, epoch: int) -> dict:
@@ -270,7 +195,7 @@ def test_rope_matches_float64_reference():
 def test_gqa_attention_matches_float64_reference(single_rank):
     config = SMALL
     model = LlamaModel(config)
-    full = _random_full_weights(config, seed=1)
+    full = random_full_weights(config, seed=1)
     load_full_weights(model, full)
     x = torch.randn(
         2, config.seq_length, config.hidden_size, generator=torch.Generator().manual_seed(0)
@@ -295,7 +220,7 @@ def test_gqa_attention_matches_float64_reference(single_rank):
 )
 def test_logits_match_float64_reference_llama(single_rank, config):
     model = LlamaModel(config)
-    full = _random_full_weights(config, seed=2)
+    full = random_full_weights(config, seed=2)
     load_full_weights(model, full)
     tokens = _tokens(config, batch=2, seq=config.seq_length, seed=0)[:, :-1]
     with torch.no_grad():
@@ -447,7 +372,7 @@ def test_full_weights_round_trip_is_bit_exact(single_rank):
 @pytest.mark.parametrize("tp", [2, 4])
 def test_shard_merge_round_trip_is_bit_exact(tp):
     config = SMALL.replace(num_query_groups=4, num_attention_heads=8, hidden_size=128)
-    full = _random_full_weights(config, seed=5)
+    full = random_full_weights(config, seed=5)
     shards = [shard_full_state_dict(full, config, rank, tp) for rank in range(tp)]
     merged = merge_shards(shards, config)
     assert set(merged) == set(full)

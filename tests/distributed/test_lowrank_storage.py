@@ -30,19 +30,18 @@ import pytest
 import torch
 
 from actcomp_dist.models import build_llama, full_state_dict, get_model_config
-from actcomp_dist.models.weights import load_full_weights
 from actcomp_dist.parallel import state
 from actcomp_dist.storage import LowRankStorage, StoragePolicy
-from tests.distributed.test_efficient_ops import (
-    _assert_as_accurate_as_naive,
-    _batch,
-    _loss_and_full_grads,
-    _reference_grads,
-)
-from tests.distributed.test_llama_model import _random_full_weights
 from tests.helpers.distributed import run_distributed
+from tests.helpers.llama_reference import (
+    assert_exact_loss_and_as_accurate_as_keep,
+    loaded_llama,
+    loss_and_full_grads,
+    next_token_batch,
+    random_full_weights,
+)
+from tests.helpers.storage import fc2_grads
 from tests.helpers.tolerances import assert_within_8bit_error
-from tests.unit.test_storage_policies import _fc2_grads
 
 SMALL = get_model_config("tiny", seq_length=32)
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -52,37 +51,36 @@ FULL_RANK = StoragePolicy(norm=f"lowrank:{SMALL.hidden_size}", swiglu="lowrank:1
 
 
 def _model(dtype, full, storage_policy=None, sequence_parallel=False):
-    model = build_llama(
-        SMALL, init_seed=0, sequence_parallel=sequence_parallel, storage_policy=storage_policy
+    return loaded_llama(
+        SMALL, full, dtype, sequence_parallel=sequence_parallel, storage_policy=storage_policy
     )
-    load_full_weights(model, full)
-    for param in model.parameters():  # as DeepSpeed's bf16 engine: parameters, not buffers
-        param.data = param.data.to(dtype)
-    return model
 
 
 def _full_rank_run(full, sequence_parallel=False):
-    tokens, labels = _batch(SMALL)
+    tokens, labels = next_token_batch(SMALL)
     out = {}
     for dtype in (torch.float32, torch.bfloat16):
         for name, policy in (("keep", None), ("lowrank", FULL_RANK)):
             model = _model(dtype, full, policy, sequence_parallel)
-            out[dtype, name] = _loss_and_full_grads(model, tokens, labels)
+            out[dtype, name] = loss_and_full_grads(model, tokens, labels)
         out[dtype, "weights"] = full_state_dict(model)
     return out
 
 
 def _assert_full_rank_exact(results):
-    tokens, labels = _batch(SMALL)
     for dtype in (torch.float32, torch.bfloat16):
-        (loss, grads), (keep_loss, keep_grads) = results[dtype, "lowrank"], results[dtype, "keep"]
-        assert torch.equal(loss, keep_loss), dtype  # forward results never change
-        reference = _reference_grads(results[dtype, "weights"], SMALL, tokens, labels)
-        _assert_as_accurate_as_naive(grads, keep_grads, reference, dtype, dtype)
+        assert_exact_loss_and_as_accurate_as_keep(
+            results[dtype, "lowrank"],
+            results[dtype, "keep"],
+            results[dtype, "weights"],
+            SMALL,
+            dtype,
+            dtype,
+        )
 
 
 def test_full_rank_gives_the_exact_gradients(single_rank):
-    _assert_full_rank_exact(_full_rank_run(_random_full_weights(SMALL, seed=1)))
+    _assert_full_rank_exact(_full_rank_run(random_full_weights(SMALL, seed=1)))
 
 
 def _tp_run(rank, world_size, sequence_parallel, full):
@@ -94,11 +92,24 @@ def _tp_run(rank, world_size, sequence_parallel, full):
 @pytest.mark.distributed
 @pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp2", "tp2_sp"])
 def test_full_rank_gives_the_exact_gradients_at_tp2(tmp_path, sequence_parallel):
-    full = _random_full_weights(SMALL, seed=1)
+    full = random_full_weights(SMALL, seed=1)
     _assert_full_rank_exact(run_distributed(_tp_run, 2, tmp_path, sequence_parallel, full)[0])
 
 
 # ----------------------------------------------------------------------------- low rank
+
+
+def _norm_into_qkv(policy: str):
+    """The first block's input norm (weight 1 + 0.1 N(0, 1)) under ``memory.policy.norm =
+    policy`` applied to a random ``x`` [s, b, h], and the qkv linear that reads its output
+    ``y``; the generator goes on to draw the caller's gradients."""
+    model = build_llama(SMALL, init_seed=0, storage_policy=StoragePolicy(norm=policy))
+    norm, qkv = model.layers[0].input_norm, model.layers[0].attention.qkv
+    generator = torch.Generator().manual_seed(5)
+    h = SMALL.hidden_size
+    norm.weight.data = 1 + 0.1 * torch.randn(h, generator=generator)
+    x = torch.randn(16, 2, h, generator=generator).requires_grad_(True)  # [s, b, h]
+    return norm, qkv, x, norm(x), generator
 
 
 def test_norm_and_linear_at_low_rank_are_the_float64_backward_at_the_reconstruction(
@@ -106,13 +117,8 @@ def test_norm_and_linear_at_low_rank_are_the_float64_backward_at_the_reconstruct
 ):
     """``norm: lowrank:8``: the norm keeps ``(L, Q)``, qkv keeps the same two tensors; qkv's
     input gradient is exact, its weight gradient and the norm's backward read ``L Q^T``."""
-    model = build_llama(SMALL, init_seed=0, storage_policy=StoragePolicy(norm="lowrank:8"))
-    norm, qkv = model.layers[0].input_norm, model.layers[0].attention.qkv
-    generator = torch.Generator().manual_seed(5)
+    norm, qkv, x, y, generator = _norm_into_qkv("lowrank:8")
     h = SMALL.hidden_size
-    norm.weight.data = 1 + 0.1 * torch.randn(h, generator=generator)
-    x = torch.randn(16, 2, h, generator=generator).requires_grad_(True)  # [s, b, h]
-    y = norm(x)
     packer, (low, q) = y.stored_as  # [N, k], [h, k]
     seen = {}
     y.register_hook(lambda grad: seen.setdefault("dy", grad))
@@ -175,10 +181,10 @@ def test_fc2_at_low_rank_is_the_keep_backward_at_the_reconstruction(single_rank,
     assert isinstance(storage, LowRankStorage) and storage.width(2 * f) == 2 * f // 4
     reconstruction = storage.unpack(storage.pack(gate_up), gate_up)
 
-    out, d_source, d_weight = _fc2_grads(fc2, gate_up, grad_out, storage)
-    out_keep, *_ = _fc2_grads(fc2, gate_up, grad_out, None)
+    out, d_source, d_weight = fc2_grads(fc2, gate_up, grad_out, storage)
+    out_keep, *_ = fc2_grads(fc2, gate_up, grad_out, None)
     assert torch.equal(out, out_keep)
-    _, d_source_at, d_weight_at = _fc2_grads(fc2, reconstruction, grad_out, None)
+    _, d_source_at, d_weight_at = fc2_grads(fc2, reconstruction, grad_out, None)
     assert torch.equal(d_source, d_source_at) and torch.equal(d_weight, d_weight_at)
     assert not torch.equal(reconstruction, gate_up)  # rank 64 of 256 columns: not exact
 
@@ -186,11 +192,11 @@ def test_fc2_at_low_rank_is_the_keep_backward_at_the_reconstruction(single_rank,
 def test_low_rank_model_forward_is_unchanged(single_rank):
     """Only what backward reads changes: the loss is bit-identical to ``keep``'s and every
     gradient is finite."""
-    full = _random_full_weights(SMALL, seed=1)
-    tokens, labels = _batch(SMALL)
-    keep_loss, _ = _loss_and_full_grads(_model(torch.float32, full), tokens, labels)
+    full = random_full_weights(SMALL, seed=1)
+    tokens, labels = next_token_batch(SMALL)
+    keep_loss, _ = loss_and_full_grads(_model(torch.float32, full), tokens, labels)
     policy = StoragePolicy(norm="lowrank:0.125", swiglu="lowrank:16")
-    loss, grads = _loss_and_full_grads(_model(torch.float32, full, policy), tokens, labels)
+    loss, grads = loss_and_full_grads(_model(torch.float32, full, policy), tokens, labels)
     assert torch.equal(loss, keep_loss)
     assert all(torch.isfinite(grad).all() for grad in grads.values())
 
@@ -203,13 +209,8 @@ def test_norm_8bit_backward_is_the_float64_backward_at_the_dequantised_output(si
     """``norm: int8`` / ``fp8``: the norm keeps its output in 8 bits and qkv keeps the same
     codes and scales. qkv's weight gradient is the ``keep`` layer's at the dequantised output,
     bit for bit; the norm's gradients equal the float64 closed form at it within rounding."""
-    model = build_llama(SMALL, init_seed=0, storage_policy=StoragePolicy(norm=policy))
-    norm, qkv = model.layers[0].input_norm, model.layers[0].attention.qkv
-    generator = torch.Generator().manual_seed(5)
+    norm, qkv, x, y, generator = _norm_into_qkv(policy)
     h = SMALL.hidden_size
-    norm.weight.data = 1 + 0.1 * torch.randn(h, generator=generator)
-    x = torch.randn(16, 2, h, generator=generator).requires_grad_(True)  # [s, b, h]
-    y = norm(x)
     packer, packed = y.stored_as
     dequantised = packer.unpack(packed, y)
     out, _ = qkv(y, stored=(packer, packed))
@@ -244,12 +245,12 @@ def test_norm_8bit_backward_is_the_float64_backward_at_the_dequantised_output(si
 
 def _norm_8bit_run(sequence_parallel=False):
     """Loss and full gradients of keep and of 8-bit norms (fp32), on this TP layout."""
-    full = _random_full_weights(SMALL, seed=1)
-    tokens, labels = _batch(SMALL)
+    full = random_full_weights(SMALL, seed=1)
+    tokens, labels = next_token_batch(SMALL)
     out = {}
     for name, policy in (("keep", None), ("int8", StoragePolicy(norm="int8", swiglu="int8"))):
         model = _model(torch.float32, full, policy, sequence_parallel)
-        out[name] = _loss_and_full_grads(model, tokens, labels)
+        out[name] = loss_and_full_grads(model, tokens, labels)
     return out
 
 

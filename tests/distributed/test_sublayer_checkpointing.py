@@ -35,25 +35,27 @@ from actcomp_dist.training.activation_checkpointing import (
     checkpoint_sublayer,
 )
 from actcomp_dist.training.config import ConfigError, run_config_from_dict
-from tests.distributed.test_efficient_ops import _batch, _loss_and_full_grads
-from tests.distributed.test_llama_model import _random_full_weights
 from tests.helpers.distributed import run_distributed
+from tests.helpers.llama_reference import (
+    loaded_llama,
+    loss_and_full_grads,
+    next_token_batch,
+    random_full_weights,
+)
 
 SMALL = get_model_config("tiny", seq_length=32)
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 
 
 def _model(dtype, full, mode, compression=None, storage_policy=None, sequence_parallel=False):
-    model = build_llama(
+    model = loaded_llama(
         SMALL,
+        full,
+        dtype,
         compression,
-        init_seed=0,
         sequence_parallel=sequence_parallel,
         storage_policy=storage_policy,
     )
-    load_full_weights(model, full)
-    for param in model.parameters():  # as DeepSpeed's bf16 engine: parameters, not buffers
-        param.data = param.data.to(dtype)
     apply_activation_checkpointing(model, mode, None)
     return model
 
@@ -67,8 +69,8 @@ EXACT = {
 
 
 def _exact_run(sequence_parallel=False, cases=EXACT):
-    full = _random_full_weights(SMALL, seed=1)
-    tokens, labels = _batch(SMALL)
+    full = random_full_weights(SMALL, seed=1)
+    tokens, labels = next_token_batch(SMALL)
     out = {}
     for dtype in (torch.float32, torch.bfloat16):
         for method in ("none", "compact"):
@@ -76,7 +78,7 @@ def _exact_run(sequence_parallel=False, cases=EXACT):
             for name, (mode, policy) in {"keep": ("none", {}), **cases}.items():
                 storage = StoragePolicy.from_mapping(policy)
                 model = _model(dtype, full, mode, compression, storage, sequence_parallel)
-                out[dtype, method, name] = _loss_and_full_grads(model, tokens, labels)
+                out[dtype, method, name] = loss_and_full_grads(model, tokens, labels)
     return out
 
 
@@ -133,7 +135,7 @@ def test_sublayer_checkpointing_with_kept_norms_is_exact_at_tp2(tmp_path, sequen
 
 def _attention_case(dtype, zero_proj=False):
     model = build_llama(SMALL, init_seed=0, storage_policy=StoragePolicy(norm="lowrank:8"))
-    load_full_weights(model, _random_full_weights(SMALL, seed=1))
+    load_full_weights(model, random_full_weights(SMALL, seed=1))
     layer = model.layers[0].to(dtype)
     if zero_proj:
         layer.attention.proj.weight.data.zero_()

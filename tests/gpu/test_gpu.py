@@ -136,28 +136,12 @@ def test_parallel_layers_on_nccl_world_of_one_match_single_device_layer(tmp_path
         def init(weight):
             return torch.nn.init.normal_(weight, std=0.02)
 
+        common = dict(config=megatron, init_method=init, bias=False, compression=cfg, layer_id=1)
         column = CompressedColumnParallelLinear(
-            width,
-            out,
-            config=megatron,
-            init_method=init,
-            bias=False,
-            gather_output=False,
-            compression=cfg,
-            layer_id=1,
-            site="fc1",
+            width, out, gather_output=False, site="fc1", **common
         ).to(DEVICE)
         row = CompressedRowParallelLinear(
-            width,
-            out,
-            config=megatron,
-            init_method=init,
-            bias=False,
-            input_is_parallel=True,
-            skip_bias_add=False,
-            compression=cfg,
-            layer_id=1,
-            site="fc2",
+            width, out, input_is_parallel=True, skip_bias_add=False, site="fc2", **common
         ).to(DEVICE)
         x64, g64 = _inputs(tokens, width, out, seed=1)
         for layer, site in ((column, "fc1"), (row, "fc2")):
@@ -378,17 +362,17 @@ def test_llama_with_lowrank_storage_on_device_is_exact_at_full_rank(single_rank)
     from actcomp_dist.models import build_llama, full_state_dict, get_model_config
     from actcomp_dist.models.weights import load_full_weights
     from actcomp_dist.storage import StoragePolicy
-    from tests.distributed.test_efficient_ops import (
-        _assert_as_accurate_as_naive,
-        _batch,
-        _loss_and_full_grads,
-        _reference_grads,
+    from tests.helpers.llama_reference import (
+        loss_and_full_grads,
+        next_token_batch,
+        random_full_weights,
+        reference_grads,
     )
-    from tests.distributed.test_llama_model import _random_full_weights
+    from tests.helpers.tolerances import assert_as_accurate_as
 
     config = get_model_config("tiny", seq_length=32)
-    full = _random_full_weights(config, seed=1)
-    tokens, labels = _batch(config)
+    full = random_full_weights(config, seed=1)
+    tokens, labels = next_token_batch(config)
     policies = {
         "keep": None,
         "full": StoragePolicy(norm=f"lowrank:{config.hidden_size}", swiglu="lowrank:1.0"),
@@ -400,14 +384,14 @@ def test_llama_with_lowrank_storage_on_device_is_exact_at_full_rank(single_rank)
         load_full_weights(model, full)
         for param in model.parameters():  # as DeepSpeed's bf16 engine
             param.data = param.data.to(torch.bfloat16)
-        loss, grads = _loss_and_full_grads(model, tokens.to(DEVICE), labels.to(DEVICE))
+        loss, grads = loss_and_full_grads(model, tokens.to(DEVICE), labels.to(DEVICE))
         results[name] = loss.cpu(), {k: v.cpu() for k, v in grads.items()}
     weights = {k: v.cpu() for k, v in full_state_dict(model).items()}
     assert torch.equal(results["full"][0], results["keep"][0])
     assert torch.equal(results["low"][0], results["keep"][0])
     assert all(torch.isfinite(g).all() for g in results["low"][1].values())
-    reference = _reference_grads(weights, config, tokens, labels)
-    _assert_as_accurate_as_naive(
+    reference = reference_grads(weights, config, tokens, labels)
+    assert_as_accurate_as(
         results["full"][1], results["keep"][1], reference, torch.bfloat16, "lowrank full rank"
     )
 

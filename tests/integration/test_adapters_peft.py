@@ -20,7 +20,7 @@ import torch
 
 from actcomp_dist.adapters import AdapterConfig, apply_adapters, compute_masks, save_adapter
 from actcomp_dist.adapters.merge import export_merged_hf
-from tests.distributed.test_adapters import _randomize
+from tests.helpers.adapters import randomize_adapters
 from tests.helpers.tolerances import assert_within_rounding
 
 peft = pytest.importorskip("peft")
@@ -40,12 +40,12 @@ def test_peft_loads_the_adapter_and_merges_to_our_weights(case, tmp_path, single
     from safetensors.torch import load_file
 
     from actcomp_dist.models.hf import build_llama_from_hf
-    from tests.distributed.test_hf_llama import make_hf_model
+    from tests.helpers.hf_models import make_hf_model
 
     make_hf_model(tmp_path / "base")
     model = build_llama_from_hf(tmp_path / "base").eval()
     apply_adapters(model, CASES[case])
-    _randomize(model, seed=11)
+    randomize_adapters(model, seed=11)
     if CASES[case].sparsity:
         compute_masks(model)
     save_adapter(model, tmp_path / "adapter")
@@ -83,14 +83,14 @@ def test_merge_adapters_tool_equals_the_python_merge(tmp_path, single_rank):
 
     from actcomp_dist.adapters import load_adapter
     from actcomp_dist.models.hf import build_llama_from_hf
-    from tests.distributed.test_hf_llama import make_hf_model
+    from tests.helpers.hf_models import make_hf_model
 
     root = Path(__file__).resolve().parents[2]
     make_hf_model(tmp_path / "base")
     model = build_llama_from_hf(tmp_path / "base").eval()
     for name, seed in (("a", 1), ("b", 2)):
         apply_adapters(model, CASES["lori"].replace(seed=seed), name)
-        _randomize(model, name, seed=seed)
+        randomize_adapters(model, name, seed=seed)
         save_adapter(model, tmp_path / name, name)
     fresh = build_llama_from_hf(tmp_path / "base").eval()
     load_adapter(fresh, tmp_path / "a", "a")

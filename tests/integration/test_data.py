@@ -12,7 +12,6 @@ import ast
 import hashlib
 import json
 import os
-import random
 import runpy
 import subprocess
 import sys
@@ -35,35 +34,13 @@ from actcomp_dist.data.indexed import preprocess_files, write_indexed_dataset
 from actcomp_dist.data.sampler import PretrainingSampler, build_data_loader
 from actcomp_dist.data.tokenizer import SentencePieceTokenizer, train_tokenizer
 from tests.helpers.distributed import run_distributed
+from tests.helpers.documents import VOCAB_SIZE, generated_documents
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-WORDS = (
-    "the of and to in is that for it as with was on be by this are at from or an which "
-    "model data layer memory gradient token training activation compress project rank "
-    "sequence parallel tensor batch step optimizer weight matrix random seed vector value "
-    "function return number string list file system process thread read write error time"
-).split()
 SEQ_LENGTH = 32
 NUM_DOCUMENTS = 400
-VOCAB_SIZE = 512
 # Small embedded corpus for tests: ~40 modules, enough for a 512-piece vocabulary, < 1 s.
 SMALL_CORPUS = {"vocab_size": VOCAB_SIZE, "max_bytes": 100_000}
-
-
-def generated_documents(count: int, seed: int) -> list[str]:
-    """Deterministic English-like documents of one to three paragraphs."""
-    rng = random.Random(seed)
-    documents = []
-    for _ in range(count):
-        paragraphs = []
-        for _ in range(rng.randint(1, 3)):
-            sentences = []
-            for _ in range(rng.randint(1, 4)):
-                words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12)))
-                sentences.append(words.capitalize() + ".")
-            paragraphs.append(" ".join(sentences))
-        documents.append("\n\n".join(paragraphs))
-    return documents
 
 
 def sha256(path: Path) -> str:

@@ -34,9 +34,9 @@ from actcomp_dist.training.finetune_config import (
     load_finetune_config,
     validate_finetune,
 )
-from tests.distributed.test_llama_model import reference_logits
 from tests.helpers.distributed import run_distributed
 from tests.helpers.hf_weights import randomize_weights
+from tests.helpers.llama_reference import reference_logits
 from tests.helpers.tolerances import assert_as_accurate_as
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -42,15 +42,15 @@ def _run(out: Path) -> dict:
 
     from actcomp_dist.hf import ScheduleCallback
     from actcomp_dist.layers import find_schedule
-    from tests.unit.test_hf_trainer import _losses, _trainer
+    from tests.helpers.hf_trainer import logged_losses, make_trainer
 
     def trainer(callbacks):
-        return _trainer(out, callbacks, deepspeed=ZERO_CONFIG, use_cpu=False)
+        return make_trainer(out, callbacks, deepspeed=ZERO_CONFIG, use_cpu=False)
 
     full = trainer([ScheduleCallback()])
     full.train()
     engine_class = type(full.model_wrapped).__name__
-    expected = _losses(full)
+    expected = logged_losses(full)
     schedule_step = find_schedule(full.model).step
     checkpoint = out / "checkpoint-3"
     resumed = trainer([ScheduleCallback()])
@@ -61,8 +61,8 @@ def _run(out: Path) -> dict:
         "engine": engine_class,
         "zero_stage": full.model_wrapped.zero_optimization_stage(),
         "expected": expected,
-        "resumed": _losses(resumed),
-        "unscheduled": _losses(unscheduled),
+        "resumed": logged_losses(resumed),
+        "unscheduled": logged_losses(unscheduled),
         "schedule_step": schedule_step,
         "schedule_file": (checkpoint / "actcomp_schedule.json").is_file(),
         "torch": torch.__version__,

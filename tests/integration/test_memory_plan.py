@@ -272,37 +272,21 @@ TP_STORAGE_VARIANTS = (
 def _tp_measure(rank, world_size, sequence_parallel):
     state.initialize_model_parallel(world_size)
     config, b, s = SHAPES["tiny"]
+
+    def measure(variant, **kwargs):
+        method, options, mode, num_layers = VARIANTS[variant]
+        compression = CompressionConfig(method=method, seed=3, **options)
+        return _measure(
+            config, compression, mode, num_layers, b, s, torch.float32, sequence_parallel, **kwargs
+        )
+
     out = {}
     for efficient_ops in (True, False):
         for variant in TP_VARIANTS:
-            method, options, mode, num_layers = VARIANTS[variant]
-            compression = CompressionConfig(method=method, seed=3, **options)
-            out[variant, efficient_ops] = _measure(
-                config,
-                compression,
-                mode,
-                num_layers,
-                b,
-                s,
-                torch.float32,
-                sequence_parallel,
-                efficient_ops,
-            )
+            out[variant, efficient_ops] = measure(variant, efficient_ops=efficient_ops)
     for name in TP_STORAGE_VARIANTS:
         row, policy = STORAGE_VARIANTS[name]
-        method, options, mode, num_layers = VARIANTS[row]
-        compression = CompressionConfig(method=method, seed=3, **options)
-        out[name, "storage"] = _measure(
-            config,
-            compression,
-            mode,
-            num_layers,
-            b,
-            s,
-            torch.float32,
-            sequence_parallel,
-            storage_policy=StoragePolicy.from_mapping(policy),
-        )
+        out[name, "storage"] = measure(row, storage_policy=StoragePolicy.from_mapping(policy))
     return out
 
 
@@ -387,23 +371,25 @@ def test_largest_micro_batch_is_the_boundary():
     assert plan(best).fits and not plan(best + 1).fits
 
 
-def test_memory_plan_cli_prints_the_table():
-    result = subprocess.run(
+def _memory_plan_tool(config: str, *args: str) -> subprocess.CompletedProcess:
+    """tools/memory_plan.py on ``configs/<config>`` in its own interpreter, as a user runs it."""
+    return subprocess.run(
         [
             sys.executable,
             str(REPO / "tools" / "memory_plan.py"),
             "--config",
-            str(REPO / "configs" / "llama1b_compact.json"),
-            "--gpus",
-            "8",
-            "--gpu-memory",
-            "80GB",
+            str(REPO / "configs" / config),
+            *args,
         ],
         capture_output=True,
         text=True,
         timeout=120,
-        check=True,
     )
+
+
+def test_memory_plan_cli_prints_the_table():
+    result = _memory_plan_tool("llama1b_compact.json", "--gpus", "8", "--gpu-memory", "80GB")
+    assert result.returncode == 0, result.stderr
     out = result.stdout
     for row in ("none", "ac_selective", "ac_full", "compact:0.25", "compact:0.125"):
         assert row in out
@@ -413,19 +399,7 @@ def test_memory_plan_cli_prints_the_table():
 
 
 def test_memory_plan_cli_rejects_bad_memory_string():
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "tools" / "memory_plan.py"),
-            "--config",
-            str(REPO / "configs" / "tiny_compact.json"),
-            "--gpu-memory",
-            "lots",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = _memory_plan_tool("tiny_compact.json", "--gpu-memory", "lots")
     assert result.returncode != 0
     assert "--gpu-memory" in result.stderr and "lots" in result.stderr
 

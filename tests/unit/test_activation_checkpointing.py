@@ -8,7 +8,7 @@ bit-identical too, except with selective recompute in the naive block: there the
 RMSNorm outputs make
 autograd add a residual stream's gradient contributions in another order, so those gradients
 are compared with a float64 reference (the model written from its logical weights in float64,
-``tests/test_llama_model.reference_logits``; for ``compact`` its compressed weights' gradient
+``tests/helpers/llama_reference.reference_logits``; for ``compact`` its compressed weights' gradient
 lifted as ``G P P^T`` with the layer's projection): each must be as accurate as the
 un-checkpointed model's (tests/tolerances.assert_as_accurate_as).
 Saved bytes are exact storage counts, so their order is asserted strictly.
@@ -23,7 +23,7 @@ from actcomp_dist import CompressionConfig
 from actcomp_dist.memory import saved_activation_bytes
 from actcomp_dist.models import build_llama, full_state_dict, gather_full, get_model_config
 from actcomp_dist.training.activation_checkpointing import apply_activation_checkpointing
-from tests.distributed.test_efficient_ops import _reference_grads
+from tests.helpers.llama_reference import reference_grads
 from tests.helpers.tolerances import assert_as_accurate_as
 
 CONFIG = get_model_config("tiny", seq_length=32, num_layers=2)
@@ -65,7 +65,7 @@ def _float64_grads(model, method):
     """float64 gradients of the loss w.r.t. the logical weights; ``compact``'s compressed
     weights get the exact gradient lifted through the layer's own (fp32-drawn) projection."""
     tokens, labels = _batch()
-    reference = _reference_grads(full_state_dict(model), CONFIG, tokens, labels)
+    reference = reference_grads(full_state_dict(model), CONFIG, tokens, labels)
     if method == "compact":
         for i, layer in enumerate(model.layers):
             for (part, site), names in _LIFTED.items():

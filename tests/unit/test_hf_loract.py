@@ -27,20 +27,20 @@ from actcomp_dist.hf import apply_memory_policy
 from actcomp_dist.hf.policy import LORACT_RANK_DIVISOR
 from actcomp_dist.memory import saved_activation_bytes, saved_activation_bytes_by_module
 from actcomp_dist.storage import LowRankStorage, storage_for
-from tests.helpers.tolerances import gamma
-from tests.unit.test_hf_peft import make_lora_model
-from tests.unit.test_hf_policy import (
+from tests.helpers.hf_models import (
     HIDDEN,
     INTERMEDIATE,
     LAYERS,
     TOKENS,
-    _assert_as_accurate_as_unpatched,
-    _float64_grads,
-    _loss,
-    _loss_and_grads,
-    _tokens,
+    assert_as_accurate_as_unpatched,
+    causal_lm_loss,
+    float64_grads,
+    loss_and_grads,
+    make_lora_model,
     make_model,
+    random_tokens,
 )
+from tests.helpers.tolerances import gamma
 
 peft = pytest.importorskip("peft")
 
@@ -121,18 +121,18 @@ def test_full_rank_low_rank_storage_gives_exact_gradients(lora):
     """R >= tokens: every factorised activation has rank <= R, so backward is exact up to
     rounding; this checks that each factor reaches its reader (norm, q/k/v, gate/up, LoRA A)."""
     build = make_lora_model if lora else make_model
-    tokens = _tokens()
+    tokens = random_tokens()
     model = build()
-    loss, grads = _loss_and_grads(model, tokens)
-    reference = _float64_grads(model, tokens)
+    loss, grads = loss_and_grads(model, tokens)
+    reference = float64_grads(model, tokens)
     apply_memory_policy(
         model,
         {"norm": f"lowrank:{HIDDEN}", "swiglu": f"lowrank:{INTERMEDIATE}"},
         loss_chunk_tokens=None,
     )
-    patched_loss, patched_grads = _loss_and_grads(model, tokens)
+    patched_loss, patched_grads = loss_and_grads(model, tokens)
     assert torch.equal(patched_loss, loss)
-    _assert_as_accurate_as_unpatched(patched_grads, grads, reference, torch.float32)
+    assert_as_accurate_as_unpatched(patched_grads, grads, reference, torch.float32)
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
@@ -141,20 +141,20 @@ def test_loract_preset_saved_bytes_closed_form(lora):
     (``N h``; its readers kept the same tensor), each MLP ``2 (N + I) k_I`` instead of gate and
     up (``2 N I``); ``k = hidden // 8`` for both. The readers keep nothing of their own."""
     build = make_lora_model if lora else make_model
-    tokens = _tokens()
+    tokens = random_tokens()
     model = apply_memory_policy(build(), "exact", loss_chunk_tokens=None)
-    exact = saved_activation_bytes(lambda: _loss(model, tokens))
-    loss = _loss(model, tokens).detach()
+    exact = saved_activation_bytes(lambda: causal_lm_loss(model, tokens))
+    loss = causal_lm_loss(model, tokens).detach()
     apply_memory_policy(model, "loract", loss_chunk_tokens=None)
-    loract = saved_activation_bytes(lambda: _loss(model, tokens))
-    assert torch.equal(_loss(model, tokens).detach(), loss)  # forward unchanged
+    loract = saved_activation_bytes(lambda: causal_lm_loss(model, tokens))
+    assert torch.equal(causal_lm_loss(model, tokens).detach(), loss)  # forward unchanged
     k_h = k_i = HIDDEN // LORACT_RANK_DIVISOR
     norm_saving = TOKENS * HIDDEN - (TOKENS + HIDDEN) * k_h
     mlp_saving = 2 * (TOKENS * INTERMEDIATE - (TOKENS + INTERMEDIATE) * k_i)
     # Under LoRA both compute down's A from (kept or packed) gate and up and B keeps ``A h``
     # [N, r] in both: no difference there.
     assert exact - loract == 4 * LAYERS * (2 * norm_saving + mlp_saving)
-    by_module = saved_activation_bytes_by_module(model, lambda: _loss(model, tokens))
+    by_module = saved_activation_bytes_by_module(model, lambda: causal_lm_loss(model, tokens))
     for name, nbytes in by_module.items():
         if name.endswith(("k_proj.lora_A.default", "v_proj.lora_A.default", "up_proj")):
             pytest.fail(f"{name} keeps {nbytes} bytes of its own")

@@ -32,18 +32,18 @@ from actcomp_dist.config import CompressionConfig
 from actcomp_dist.hf import apply_memory_policy
 from actcomp_dist.memory import saved_activation_bytes_by_module
 from actcomp_dist.storage import LowRankStorage
-from tests.unit.test_hf_peft import make_lora_model
-from tests.unit.test_hf_policy import (
+from tests.helpers.hf_models import (
     HEADS,
     HIDDEN,
     LAYERS,
     SEQ,
     TOKENS,
-    _assert_as_accurate_as_unpatched,
-    _loss,
-    _loss_and_grads,
-    _tokens,
+    assert_as_accurate_as_unpatched,
+    causal_lm_loss,
+    loss_and_grads,
+    make_lora_model,
     make_model,
+    random_tokens,
 )
 
 peft = pytest.importorskip("peft")
@@ -115,23 +115,23 @@ def _rule_model(model, mode: str):
 
 def _rule_grads(model, tokens, mode, dtype):
     rule = _rule_model(model, mode).to(dtype)
-    return _loss_and_grads(rule, tokens)[1]
+    return loss_and_grads(rule, tokens)[1]
 
 
 @pytest.mark.parametrize("mode", ["layer", "sublayer"])
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_modes_follow_loract_rules_against_float64(mode, lora):
-    tokens = _tokens()
+    tokens = random_tokens()
     model = (make_lora_model if lora else make_model)()
-    loss, _ = _loss_and_grads(model, tokens)
+    loss, _ = loss_and_grads(model, tokens)
     reference = _rule_grads(model, tokens, mode, torch.float64)
     rule32 = _rule_grads(model, tokens, mode, torch.float32)
     apply_memory_policy(
         model, LAYER_MODE if mode == "layer" else SUBLAYER_MODE, loss_chunk_tokens=None
     )
-    patched_loss, patched = _loss_and_grads(model, tokens)
+    patched_loss, patched = loss_and_grads(model, tokens)
     assert torch.equal(patched_loss, loss)  # the forward is exact
-    _assert_as_accurate_as_unpatched(patched, rule32, reference, torch.float32, mode)
+    assert_as_accurate_as_unpatched(patched, rule32, reference, torch.float32, mode)
 
 
 @pytest.mark.parametrize("mode", ["layer", "sublayer"])
@@ -140,16 +140,16 @@ def test_modes_follow_loract_rules_against_float64(mode, lora):
 def test_modes_compose_with_hf_gradient_checkpointing(mode, reentrant, lora):
     """Under HF gradient checkpointing (either variant) the same loss and gradients as without
     it (layer mode takes HF's place: one re-run; sublayer mode is re-run inside HF's)."""
-    tokens = _tokens()
+    tokens = random_tokens()
     build = make_lora_model if lora else make_model
     policy = LAYER_MODE if mode == "layer" else SUBLAYER_MODE
     plain = apply_memory_policy(build(), policy, loss_chunk_tokens=None)
-    loss, grads = _loss_and_grads(plain, tokens)
+    loss, grads = loss_and_grads(plain, tokens)
     model = apply_memory_policy(build(), policy, loss_chunk_tokens=None)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     if lora and reentrant and mode == "sublayer":
         model.enable_input_require_grads()  # HF's reentrant checkpoint needs it (not ours)
-    checkpointed_loss, checkpointed = _loss_and_grads(model, tokens)
+    checkpointed_loss, checkpointed = loss_and_grads(model, tokens)
     assert torch.equal(checkpointed_loss, loss)
     assert set(checkpointed) == set(grads)
     for name, grad in grads.items():
@@ -164,14 +164,14 @@ ROPE_BYTES = 2 * SEQ * (HIDDEN // HEADS) * 4 + SEQ * 8
 
 
 def _layer_bytes(model, tokens) -> int:
-    by_module = saved_activation_bytes_by_module(model, lambda: _loss(model, tokens))
+    by_module = saved_activation_bytes_by_module(model, lambda: causal_lm_loss(model, tokens))
     return sum(n for name, n in by_module.items() if ".layers." in name)
 
 
 def test_layer_mode_keeps_the_input_factors_only():
     """Per decoder layer ``(N + h) R`` elements (``L``, ``Q``) and nothing else of the layer;
     ``exact`` under HF gradient checkpointing keeps the ``N h`` input instead."""
-    tokens = _tokens()
+    tokens = random_tokens()
     model = apply_memory_policy(make_lora_model(), "exact", loss_chunk_tokens=None)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     assert _layer_bytes(model, tokens) == 4 * LAYERS * TOKENS * HIDDEN
@@ -186,7 +186,7 @@ def test_sublayer_mode_keeps_one_factorisation_per_norm():
     per norm the fp32 ``rstd`` (N) and ``(N + h) R`` factors. The first norm under PEFT has
     nothing upstream to differentiate: it keeps no ``rstd`` (its factors are still kept, by
     the attention that reads them)."""
-    tokens = _tokens()
+    tokens = random_tokens()
     model = apply_memory_policy(make_lora_model(), SUBLAYER_MODE, loss_chunk_tokens=None)
     per_norm = TOKENS + (TOKENS + HIDDEN) * RANK
     expected = 4 * (2 * LAYERS * per_norm - TOKENS) + ROPE_BYTES

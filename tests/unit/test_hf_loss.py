@@ -18,7 +18,7 @@ References:
   the same GEMMs, a chunk of rows at a time. Both are compared with the unpatched model run in
   float64: the patched error must be no larger than twice the unpatched one plus one rounding
   of the largest reference value
-  (:func:`tests.unit.test_hf_policy._assert_as_accurate_as_unpatched`).
+  (:func:`tests.helpers.hf_models.assert_as_accurate_as_unpatched`).
 - **Memory**: exact bytes. The causal LM's own forward (where the fused function runs) keeps
   ``dh`` of the labelled tokens ``[n, h]`` and a bool mask ``[N]``, plus ``dW`` ``[V, h]``
   when the head is trained; nothing else in the model changes.
@@ -32,17 +32,17 @@ import torch
 from actcomp_dist.hf import apply_memory_policy
 from actcomp_dist.hf.loss import linear_cross_entropy
 from actcomp_dist.memory import saved_activation_bytes_by_module
-from tests.helpers.tolerances import UNIT_ROUNDOFF, assert_as_accurate_as, gamma
-from tests.unit.test_hf_peft import make_lora_model
-from tests.unit.test_hf_policy import (
+from tests.helpers.hf_models import (
     BATCH,
     HIDDEN,
     SEQ,
     VOCAB,
-    _assert_as_accurate_as_unpatched,
-    _tokens,
+    assert_as_accurate_as_unpatched,
+    make_lora_model,
     make_model,
+    random_tokens,
 )
+from tests.helpers.tolerances import UNIT_ROUNDOFF, assert_as_accurate_as, gamma
 
 peft = pytest.importorskip("peft")
 PROMPT = 5  # labels -100 on the first PROMPT tokens of every row, as a prompt / response task
@@ -107,7 +107,7 @@ def test_fused_loss_as_accurate_as_transformers_loss(kind, chunk, num_items):
     """Chunks of one token, of a size that does not divide the labelled tokens, and one chunk;
     the Trainer's ``num_items_in_batch`` normaliser or the mean; a frozen head (LoRA), a trained
     one, and one tied to the input embedding."""
-    tokens = _tokens()
+    tokens = random_tokens()
     labels = _labels(tokens)
     kwargs = {} if num_items is None else {"num_items_in_batch": torch.tensor(num_items)}
     model = _build(kind)
@@ -119,13 +119,13 @@ def test_fused_loss_as_accurate_as_transformers_loss(kind, chunk, num_items):
     bound = _loss_bound(model, tokens, labels, num_items)
     assert (loss - unpatched_loss).abs().item() <= bound, (loss, unpatched_loss, bound)
     del reference["loss"]
-    _assert_as_accurate_as_unpatched(patched, unpatched, reference, torch.float32, kind)
+    assert_as_accurate_as_unpatched(patched, unpatched, reference, torch.float32, kind)
 
 
 @pytest.mark.parametrize("kind", ["lora", "full"])
 def test_fused_loss_under_bf16_autocast(kind):
     """The head's GEMM in bf16 under autocast, as transformers' ``lm_head``; the loss in fp32."""
-    tokens = _tokens()
+    tokens = random_tokens()
     labels = _labels(tokens)
     model = _build(kind)
     unpatched = _run(model, tokens, labels, autocast=True)
@@ -136,12 +136,12 @@ def test_fused_loss_under_bf16_autocast(kind):
     bound = _loss_bound(model, tokens, labels, None, autocast=True)
     assert (loss - unpatched_loss).abs().item() <= bound, (loss, unpatched_loss, bound)
     del reference["loss"]
-    _assert_as_accurate_as_unpatched(patched, unpatched, reference, torch.bfloat16, kind)
+    assert_as_accurate_as_unpatched(patched, unpatched, reference, torch.bfloat16, kind)
 
 
 @pytest.mark.parametrize("kind", ["lora", "full"])
 def test_fused_loss_keeps_no_logits(kind):
-    tokens = _tokens()
+    tokens = random_tokens()
     labels = _labels(tokens)
     model = _build(kind)
     apply_memory_policy(model, "exact", loss_chunk_tokens=None)
@@ -166,7 +166,7 @@ def test_fused_loss_keeps_no_logits(kind):
 
 
 def test_without_labels_or_grad_the_forward_is_transformers():
-    tokens = _tokens()
+    tokens = random_tokens()
     labels = _labels(tokens)
     model = make_model()
     with torch.no_grad():

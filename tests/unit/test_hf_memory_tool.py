@@ -59,7 +59,7 @@ def test_tool_fine_tunes_a_pretrained_directory(tmp_path):
     import transformers
 
     from actcomp_dist.data.tokenizer import train_tokenizer
-    from tests.integration.test_data import VOCAB_SIZE, generated_documents
+    from tests.helpers.documents import VOCAB_SIZE, generated_documents
 
     base = tmp_path / "base"
     config = transformers.LlamaConfig(

@@ -15,37 +15,24 @@ from actcomp_dist.config import CompressionConfig
 from actcomp_dist.hf import apply_memory_policy
 from actcomp_dist.layers import CompressedLinear, compress_linears
 from actcomp_dist.memory import saved_activation_bytes_by_module
-from tests.helpers.tolerances import assert_within_8bit_error
-from tests.unit.test_hf_policy import (
+from tests.helpers.hf_models import (
     ALL_LINEAR,
     HIDDEN,
     INTERMEDIATE,
     LAYERS,
+    LORA_RANK,
     TOKENS,
-    _assert_as_accurate_as_unpatched,
-    _float64_grads,
-    _loss,
-    _loss_and_grads,
-    _tokens,
+    assert_as_accurate_as_unpatched,
+    causal_lm_loss,
+    float64_grads,
+    loss_and_grads,
+    make_lora_model,
     make_model,
+    random_tokens,
 )
+from tests.helpers.tolerances import assert_within_8bit_error
 
 peft = pytest.importorskip("peft")
-RANK = 8
-
-
-def make_lora_model(family: str = "llama", seed: int = 0, policy_first: bool = False):
-    """PEFT LoRA r=8 on all seven projections; B random (PEFT's zero init would make A's
-    gradient zero and hide a wrong one). ``policy_first``: ``exact`` applied to the base model
-    before PEFT wraps it (same weights)."""
-    config = peft.LoraConfig(
-        r=RANK, lora_alpha=16, target_modules=ALL_LINEAR, init_lora_weights=False
-    )
-    base = make_model(family, seed)
-    if policy_first:
-        apply_memory_policy(base, "exact", loss_chunk_tokens=None)
-    torch.manual_seed(seed + 1)
-    return peft.get_peft_model(base, config)
 
 
 def _lora_saving(layers=LAYERS) -> int:
@@ -62,27 +49,27 @@ def _lora_saving(layers=LAYERS) -> int:
 
 @pytest.mark.parametrize("order", ["peft_first", "policy_first"])
 def test_lora_exact_equals_unpatched_and_keeps_what_is_predicted(order):
-    tokens = _tokens()
+    tokens = random_tokens()
     reference_model = make_lora_model()
-    loss, grads = _loss_and_grads(reference_model, tokens)
-    reference = _float64_grads(reference_model, tokens)
+    loss, grads = loss_and_grads(reference_model, tokens)
+    reference = float64_grads(reference_model, tokens)
     before = saved_activation_bytes_by_module(
-        reference_model, lambda: _loss(reference_model, tokens)
+        reference_model, lambda: causal_lm_loss(reference_model, tokens)
     )
     if order == "peft_first":
         model = apply_memory_policy(make_lora_model(), "exact", loss_chunk_tokens=None)
     else:
         model = make_lora_model(policy_first=True)
-    patched_loss, patched_grads = _loss_and_grads(model, tokens)
+    patched_loss, patched_grads = loss_and_grads(model, tokens)
     assert torch.equal(patched_loss, loss)
     assert all("lora_" in name for name in patched_grads)  # only the adapters train
-    _assert_as_accurate_as_unpatched(patched_grads, grads, reference, torch.float32, order)
-    after = saved_activation_bytes_by_module(model, lambda: _loss(model, tokens))
+    assert_as_accurate_as_unpatched(patched_grads, grads, reference, torch.float32, order)
+    after = saved_activation_bytes_by_module(model, lambda: causal_lm_loss(model, tokens))
     assert sum(before.values()) - sum(after.values()) == _lora_saving()
     assert not any("base_layer" in name for name in after)  # frozen weights keep nothing
     for name, nbytes in after.items():
         if ".lora_B." in name:  # B keeps only A x [tokens, r]
-            assert nbytes == TOKENS * RANK * 4, name
+            assert nbytes == TOKENS * LORA_RANK * 4, name
     down_a = [n for n in after if "down_proj.lora_A" in n]
     assert not down_a, down_a  # down's A reads the product recomputed from gate and up
 
@@ -116,7 +103,7 @@ def test_policy_compression_compresses_lora_a_inputs_only():
         for i in range(LAYERS)
         for leaf in leaves
     )
-    loss, _ = _loss_and_grads(model, _tokens())
+    loss, _ = loss_and_grads(model, random_tokens())
     assert torch.isfinite(loss)
 
 
@@ -125,31 +112,31 @@ def test_policy_compression_compresses_lora_a_inputs_only():
 def test_hf_gradient_checkpointing(reentrant, lora):
     """Checkpointed and patched: the same loss as the unpatched model without checkpointing,
     gradients as accurate."""
-    tokens = _tokens()
+    tokens = random_tokens()
     build = make_lora_model if lora else make_model
     reference_model = build()
-    loss, grads = _loss_and_grads(reference_model, tokens)
-    reference = _float64_grads(reference_model, tokens)
+    loss, grads = loss_and_grads(reference_model, tokens)
+    reference = float64_grads(reference_model, tokens)
     model = apply_memory_policy(build(), "exact", loss_chunk_tokens=None)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     if lora and reentrant:
         model.enable_input_require_grads()  # reentrant checkpointing needs a grad-requiring input
-    patched_loss, patched_grads = _loss_and_grads(model, tokens)
+    patched_loss, patched_grads = loss_and_grads(model, tokens)
     assert torch.equal(patched_loss, loss)
-    _assert_as_accurate_as_unpatched(patched_grads, grads, reference, torch.float32)
+    assert_as_accurate_as_unpatched(patched_grads, grads, reference, torch.float32)
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_bf16_autocast(lora):
-    tokens = _tokens()
+    tokens = random_tokens()
     build = make_lora_model if lora else make_model
     reference_model = build()
-    loss, grads = _loss_and_grads(reference_model, tokens, autocast=True)
-    reference = _float64_grads(reference_model, tokens)
+    loss, grads = loss_and_grads(reference_model, tokens, autocast=True)
+    reference = float64_grads(reference_model, tokens)
     model = apply_memory_policy(build(), "exact", loss_chunk_tokens=None)
-    patched_loss, patched_grads = _loss_and_grads(model, tokens, autocast=True)
+    patched_loss, patched_grads = loss_and_grads(model, tokens, autocast=True)
     assert torch.equal(patched_loss, loss)
-    _assert_as_accurate_as_unpatched(patched_grads, grads, reference, torch.bfloat16)
+    assert_as_accurate_as_unpatched(patched_grads, grads, reference, torch.bfloat16)
 
 
 def test_lora_dropout_is_replayed_in_the_recomputed_down_projection():
@@ -157,7 +144,7 @@ def test_lora_dropout_is_replayed_in_the_recomputed_down_projection():
     re-run must draw forward's mask (saved RNG state) and leave the global RNG as forward left
     it. Same seed before each run: the masks of the unpatched and patched runs are the same."""
     config = peft.LoraConfig(
-        r=RANK, target_modules=ALL_LINEAR, lora_dropout=0.25, init_lora_weights=False
+        r=LORA_RANK, target_modules=ALL_LINEAR, lora_dropout=0.25, init_lora_weights=False
     )
 
     def build():
@@ -165,20 +152,20 @@ def test_lora_dropout_is_replayed_in_the_recomputed_down_projection():
         torch.manual_seed(1)
         return peft.get_peft_model(base, config)
 
-    tokens = _tokens()
+    tokens = random_tokens()
     results = {}
     for name, model in (
         ("unpatched", build()),
         ("exact", apply_memory_policy(build(), "exact", loss_chunk_tokens=None)),
     ):
         torch.manual_seed(5)
-        loss, grads = _loss_and_grads(model, tokens)
+        loss, grads = loss_and_grads(model, tokens)
         results[name] = (loss, grads, torch.get_rng_state())
     torch.manual_seed(5)
-    reference = _float64_grads(build(), tokens)
+    reference = float64_grads(build(), tokens)
     assert torch.equal(results["exact"][0], results["unpatched"][0])
     assert torch.equal(results["exact"][2], results["unpatched"][2])
-    _assert_as_accurate_as_unpatched(
+    assert_as_accurate_as_unpatched(
         results["exact"][1], results["unpatched"][1], reference, torch.float32
     )
 
@@ -191,7 +178,7 @@ def test_bf16_8bit_and_low_rank_policies(mode, lora):
     error of ``exact``'s (relative Frobenius 2^-4, as tests/unit/test_hf_policy.py); low-rank ones
     are finite."""
     build = make_lora_model if lora else make_model
-    tokens = _tokens()
+    tokens = random_tokens()
     autocast = mode == "autocast"
 
     def run(policy):
@@ -199,7 +186,7 @@ def test_bf16_8bit_and_low_rank_policies(mode, lora):
         if not autocast:
             model = model.to(torch.bfloat16)
         apply_memory_policy(model, policy, loss_chunk_tokens=None)
-        loss, grads = _loss_and_grads(model, tokens, autocast=autocast)
+        loss, grads = loss_and_grads(model, tokens, autocast=autocast)
         return loss, torch.cat([g.float().reshape(-1) for g in grads.values()])
 
     exact_loss, exact = run("exact")

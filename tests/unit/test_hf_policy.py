@@ -26,89 +26,31 @@ default is tested against transformers' loss in tests/unit/test_hf_loss.py.
 
 from __future__ import annotations
 
-import copy
-import os
-
 import pytest
 import torch
 
 from actcomp_dist.hf import apply_memory_policy
 from actcomp_dist.memory import saved_activation_bytes, saved_activation_bytes_by_module
 from actcomp_dist.storage import StoragePolicy
-from tests.helpers.hf_weights import randomize_weights
+from tests.helpers.hf_models import (
+    FAMILIES,
+    GROUPS,
+    HEADS,
+    HIDDEN,
+    INTERMEDIATE,
+    LAYERS,
+    TOKENS,
+    assert_as_accurate_as_unpatched,
+    causal_lm_loss,
+    float64_grads,
+    loss_and_grads,
+    make_model,
+    random_tokens,
+)
 from tests.helpers.tolerances import assert_within_8bit_error
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
-
-HIDDEN, INTERMEDIATE, LAYERS, HEADS, GROUPS, VOCAB = 64, 96, 2, 4, 2, 256
-BATCH, SEQ = 2, 16
-TOKENS = BATCH * SEQ
-FAMILIES = ("llama", "mistral", "qwen2")
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def make_model(family: str = "llama", seed: int = 0, **overrides) -> torch.nn.Module:
-    """A tiny random causal LM of ``family`` built from its config (nothing downloaded).
-
-    Weights at std 1/sqrt(fan-in) and norm weights away from 1 (a norm backward that ignored
-    its weight could not go unnoticed)."""
-    kwargs = dict(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        intermediate_size=INTERMEDIATE,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        num_key_value_heads=GROUPS,
-        max_position_embeddings=64,
-        use_cache=False,
-    )
-    kwargs.update(overrides)
-    config_class, model_class = {
-        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
-        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-    }[family]
-    torch.manual_seed(seed)
-    model = model_class(config_class(**kwargs))
-    randomize_weights(model, seed)
-    return model.train()
-
-
-def _tokens(seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(seed))
-
-
-def _loss(model, tokens):
-    return model(input_ids=tokens, labels=tokens).loss
-
-
-def _loss_and_grads(model, tokens, autocast: bool = False):
-    model.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        loss = _loss(model, tokens)
-    loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-    return loss.detach(), grads
-
-
-def _assert_as_accurate_as_unpatched(patched, unpatched, reference, dtype, what=""):
-    """Per tensor: max |patched - float64| <= 2 max |unpatched - float64| + eps max |float64|
-    (see the module docstring)."""
-    eps = torch.finfo(dtype).eps
-    assert set(patched) == set(unpatched) == set(reference)
-    for name, ref in reference.items():
-        err_patched = (patched[name].double() - ref).abs().max().item()
-        err_unpatched = (unpatched[name].double() - ref).abs().max().item()
-        bound = 2 * err_unpatched + eps * ref.abs().max().item()
-        assert err_patched <= bound, (what, name, err_patched, err_unpatched)
-
-
-def _float64_grads(model, tokens):
-    reference = copy.deepcopy(model).double()
-    _, grads = _loss_and_grads(reference, tokens)
-    return grads
+pytest.importorskip("peft")
 
 
 # ----------------------------------------------------------------------------- exact
@@ -116,13 +58,13 @@ def _float64_grads(model, tokens):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_exact_losses_and_grads_equal_unpatched(family):
-    model, tokens = make_model(family), _tokens()
-    loss, grads = _loss_and_grads(model, tokens)
-    reference = _float64_grads(model, tokens)
+    model, tokens = make_model(family), random_tokens()
+    loss, grads = loss_and_grads(model, tokens)
+    reference = float64_grads(model, tokens)
     apply_memory_policy(model, "exact", loss_chunk_tokens=None)
-    patched_loss, patched_grads = _loss_and_grads(model, tokens)
+    patched_loss, patched_grads = loss_and_grads(model, tokens)
     assert torch.equal(patched_loss, loss)
-    _assert_as_accurate_as_unpatched(patched_grads, grads, reference, torch.float32, family)
+    assert_as_accurate_as_unpatched(patched_grads, grads, reference, torch.float32, family)
 
 
 def _exact_saving_full_finetuning(layers=LAYERS, tokens=TOKENS, bytes_per=4) -> int:
@@ -136,10 +78,10 @@ def _exact_saving_full_finetuning(layers=LAYERS, tokens=TOKENS, bytes_per=4) -> 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_exact_saved_bytes_closed_form(family):
-    model, tokens = make_model(family), _tokens()
-    before = saved_activation_bytes_by_module(model, lambda: _loss(model, tokens))
+    model, tokens = make_model(family), random_tokens()
+    before = saved_activation_bytes_by_module(model, lambda: causal_lm_loss(model, tokens))
     apply_memory_policy(model, "exact", loss_chunk_tokens=None)
-    after = saved_activation_bytes_by_module(model, lambda: _loss(model, tokens))
+    after = saved_activation_bytes_by_module(model, lambda: causal_lm_loss(model, tokens))
     assert sum(before.values()) - sum(after.values()) == _exact_saving_full_finetuning()
     for layer in range(LAYERS):
         prefix = f"model.layers.{layer}"
@@ -172,18 +114,18 @@ def _attention_saved_bytes(policy: StoragePolicy) -> int:
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("bits", ["int8", "fp8"])
 def test_8bit_policies_forward_unchanged_grads_bounded_bytes_exact(family, bits):
-    model, tokens = make_model(family), _tokens()
+    model, tokens = make_model(family), random_tokens()
     apply_memory_policy(model, "exact", loss_chunk_tokens=None)
-    exact_loss, exact_grads = _loss_and_grads(model, tokens)
-    exact_bytes = saved_activation_bytes(lambda: _loss(model, tokens))
+    exact_loss, exact_grads = loss_and_grads(model, tokens)
+    exact_bytes = saved_activation_bytes(lambda: causal_lm_loss(model, tokens))
     policy = StoragePolicy(attention=bits, swiglu=bits)
     apply_memory_policy(model, {"attention": bits, "swiglu": bits}, loss_chunk_tokens=None)
-    loss, grads = _loss_and_grads(model, tokens)
+    loss, grads = loss_and_grads(model, tokens)
     assert torch.equal(loss, exact_loss)
     flat = torch.cat([grads[n].reshape(-1) for n in exact_grads])
     exact_flat = torch.cat([g.reshape(-1) for g in exact_grads.values()])
     assert_within_8bit_error(flat, exact_flat, (family, bits))
-    quantised_bytes = saved_activation_bytes(lambda: _loss(model, tokens))
+    quantised_bytes = saved_activation_bytes(lambda: causal_lm_loss(model, tokens))
     swiglu_keep = 2 * TOKENS * INTERMEDIATE * 4
     swiglu_8bit = 2 * policy.quantizer("swiglu").saved_bytes(TOKENS * INTERMEDIATE, INTERMEDIATE)
     per_layer = (swiglu_keep - swiglu_8bit) + (
@@ -195,7 +137,7 @@ def test_8bit_policies_forward_unchanged_grads_bounded_bytes_exact(family, bits)
 def test_8bit_attention_refuses_a_padding_mask():
     model = make_model()
     apply_memory_policy(model, {"attention": "int8"}, loss_chunk_tokens=None)
-    tokens = _tokens()
+    tokens = random_tokens()
     mask = torch.ones_like(tokens)
     mask[0, -3:] = 0
     with pytest.raises(ValueError, match="attention mask"):

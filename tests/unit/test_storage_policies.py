@@ -35,6 +35,7 @@ from actcomp_dist.storage import (
     element_error_bound,
 )
 from actcomp_dist.training.config import ConfigError, run_config_from_dict
+from tests.helpers.storage import fc2_grads
 from tests.helpers.tolerances import assert_within_8bit_error
 
 POLICIES_8BIT = ("int8", "fp8")
@@ -108,14 +109,6 @@ def test_packing_is_the_plain_formula_and_leaves_the_input(policy, dtype):
 # ----------------------------------------------------------------------------- SwiGLU + FC2
 
 
-def _fc2_grads(fc2, gate_up, grad_out, storage):
-    source = gate_up.detach().requires_grad_(True)
-    fc2.weight.grad = None
-    out, _ = fc2(source, input_fn=swiglu, storage=storage)
-    out.backward(grad_out)
-    return out.detach(), source.grad, fc2.weight.grad.clone()
-
-
 def _swiglu_grads64(gate_up, weight, grad_out):
     """Exact float64 gradients of ``sum(grad_out * (swiglu(gate_up) @ weight^T))``."""
     source = gate_up.double().requires_grad_(True)
@@ -136,11 +129,11 @@ def test_swiglu_8bit_backward_is_exact_backward_at_dequantised_and_bounded(singl
     storage = _quantizer(policy)
     dequantised = _roundtrip(policy, gate_up)
 
-    out, d_source, d_weight = _fc2_grads(fc2, gate_up, grad_out, storage)
-    out_keep, d_source_keep, d_weight_keep = _fc2_grads(fc2, gate_up, grad_out, None)
+    out, d_source, d_weight = fc2_grads(fc2, gate_up, grad_out, storage)
+    out_keep, d_source_keep, d_weight_keep = fc2_grads(fc2, gate_up, grad_out, None)
     assert torch.equal(out, out_keep)  # forward reads the exact [gate | up]
     # Mechanism: the keep backward run on the dequantised copy, bit for bit.
-    _, d_source_deq, d_weight_deq = _fc2_grads(fc2, dequantised, grad_out, None)
+    _, d_source_deq, d_weight_deq = fc2_grads(fc2, dequantised, grad_out, None)
     assert torch.equal(d_source, d_source_deq) and torch.equal(d_weight, d_weight_deq)
     # Against float64 at the original point: the 8-bit error and rounding.
     d_source64, d_weight64 = _swiglu_grads64(gate_up, fc2.weight.detach(), grad_out)
