@@ -173,7 +173,12 @@ def _replay(
     ``reset_optimizer_at`` (``checkpoint.reset_optimizer``). Per step: the DP-averaged loss,
     the gradient norm DeepSpeed logs and clips with (before clipping; ordinary and m x r
     gradients, in ``dtype``) and the ordinary gradients' alone; the final weights, the names
-    of the subspace ones and each ordinary parameter's lr factor."""
+    of the subspace ones and each ordinary parameter's lr factor.
+
+    Not all float64: ``SubspaceAdamW`` keeps float32 moments (and takes the m x r gradient in
+    float32), so in the float64 replay a subspace weight's update (about lr x alpha = 7.5e-4 per
+    element) is rounded at 2^-24 of itself, some 20 times below the fp32 runs' rounding of the
+    weights themselves (2^-24 |W|, |W| ~ 0.02)."""
     from actcomp_dist.models import build_llama
     from actcomp_dist.models.kinds import parameter_group
     from actcomp_dist.optim import SubspaceAdamW
