@@ -87,6 +87,7 @@ def assert_as_accurate_as(
     reference: dict[str, torch.Tensor],
     dtype: torch.dtype,
     msg: object = "",
+    baseline_dtype: torch.dtype | None = None,
 ) -> None:
     """Two evaluations in ``dtype`` of the same tensors through a whole model (a candidate and
     the baseline it must not be worse than) against a float64 ``reference``, where the
@@ -98,14 +99,24 @@ def assert_as_accurate_as(
     a reordered reduction moves the error by a factor of order one, not by the size of the
     quantity; a wrong term would be of the order of the tensor itself, 10^4-10^6 times these
     errors. ``eps`` (one rounding of the largest value) covers a tensor that the baseline
-    happens to get (nearly) exact."""
-    eps = torch.finfo(dtype).eps
+    happens to get (nearly) exact.
+
+    ``baseline_dtype``: the baseline ran the same computation in a finer dtype (an fp32 run as
+    the baseline of a bf16 one). To first order every rounding error is ``u |x|`` for the value
+    ``x`` it rounds, carried to the result by the same (linearised) computation, so the error
+    bound grows with the unit roundoff ``u``: the whole right-hand side above, taken in the
+    baseline's dtype, is scaled by ``u(dtype) / u(baseline_dtype)``. It is a scale, not a
+    proof: where the finer run does not round at all (its inputs are exact) the coarser one
+    may."""
+    baseline_dtype = baseline_dtype or dtype
+    eps = torch.finfo(baseline_dtype).eps
+    ratio = UNIT_ROUNDOFF[dtype] / UNIT_ROUNDOFF[baseline_dtype]
     for name, ref in reference.items():
         ref = ref.double()
         err_candidate = (candidate[name].double() - ref).abs().max().item()
         err_baseline = (baseline[name].double() - ref).abs().max().item()
-        bound = 2 * err_baseline + eps * ref.abs().max().item()
-        assert err_candidate <= bound, (msg, name, err_candidate, err_baseline)
+        bound = ratio * (2 * err_baseline + eps * ref.abs().max().item())
+        assert err_candidate <= bound, (msg, name, err_candidate, err_baseline, bound)
 
 
 def _assert_below(actual, expected, bound, bound_name, msg) -> None:
