@@ -18,7 +18,8 @@ rounding of the largest value: both round the same quantities in reductions of t
 lengths, with bit-identical factors since the forward is bit-identical; a wrong wiring would
 be off by the size of the approximation, R = 4 of 64 columns here). Bytes: exact counts
 against closed forms.
-Policies applied with ``loss_chunk_tokens=None`` (transformers' loss; see test_hf_policy).
+Policies applied with ``loss_chunk_tokens=None`` (transformers' loss; see test_hf_policy),
+except one test of the modes with the default fused loss (what tools/hf_memory.py measures).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from actcomp_dist.config import CompressionConfig
 from actcomp_dist.hf import apply_memory_policy
 from actcomp_dist.memory import saved_activation_bytes_by_module
 from actcomp_dist.storage import LowRankStorage
+from tests.unit.test_hf_loss import _loss_bound
 from tests.unit.test_hf_peft import make_lora_model
 from tests.unit.test_hf_policy import (
     HEADS,
@@ -131,6 +133,26 @@ def test_modes_follow_loract_rules_against_float64(mode, lora):
     )
     patched_loss, patched = _loss_and_grads(model, tokens)
     assert torch.equal(patched_loss, loss)  # the forward is exact
+    _assert_as_accurate_as_unpatched(patched, rule32, reference, torch.float32, mode)
+
+
+@pytest.mark.parametrize("mode", ["layer", "sublayer"])
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_modes_with_the_fused_loss_follow_loract_rules_against_float64(mode, lora):
+    """The default ``loss_chunk_tokens`` (the fused output layer + loss) under the layer and
+    sublayer modes changes the loss and gradients by rounding only: the loss within the fused
+    loss's rounding bound of transformers' (test_hf_loss), the gradients as accurate against
+    the float64 rule as the float32 rule with transformers' loss (the bound of the test above;
+    a gradient the fused loss dropped or scaled wrongly would be off by its own size)."""
+    tokens = _tokens()
+    model = (make_lora_model if lora else make_model)()
+    loss, _ = _loss_and_grads(model, tokens)
+    reference = _rule_grads(model, tokens, mode, torch.float64)
+    rule32 = _rule_grads(model, tokens, mode, torch.float32)
+    apply_memory_policy(model, LAYER_MODE if mode == "layer" else SUBLAYER_MODE)
+    patched_loss, patched = _loss_and_grads(model, tokens)
+    bound = _loss_bound(model, tokens, tokens, None)
+    assert (patched_loss - loss).abs().item() <= bound, (patched_loss, loss, bound)
     _assert_as_accurate_as_unpatched(patched, rule32, reference, torch.float32, mode)
 
 
