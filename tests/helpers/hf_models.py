@@ -14,7 +14,7 @@ import torch
 
 from actcomp_dist.hf import apply_memory_policy
 from tests.helpers.hf_weights import randomize_weights
-from tests.helpers.tolerances import assert_as_accurate_as
+from tests.helpers.tolerances import UNIT_ROUNDOFF, assert_as_accurate_as, gamma
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -145,3 +145,30 @@ def assert_as_accurate_as_unpatched(patched, unpatched, reference, dtype, what="
     reference value; a wrong term would be of the order of the gradient itself."""
     assert set(patched) == set(unpatched) == set(reference)
     assert_as_accurate_as(patched, unpatched, reference, dtype, what)
+
+
+def fused_loss_rounding_bound(model, tokens, labels, num_items, autocast=False) -> float:
+    """Twice the rounding bound of the causal-LM loss computed from the model's hidden states
+    (the output layer and cross-entropy; tests/unit/test_hf_loss.py derives it), so two
+    evaluations of it (transformers' loss, the fused one) differ by at most this:
+    the logits' error times ``A = sum_i 2 max_v (|h_i| |W|^T)_v`` plus the fp32 log-sum-exp
+    and sum's ``gamma_{V + n} B``, ``B = sum_i |lse_i| + |z_yi|``, both over the normaliser.
+    Under bf16 autocast the logits' error is the rounding of ``h``, ``W`` and ``z`` to bf16
+    (``3 u_bf16``) plus the fp32 accumulation of the GEMM (as PyTorch's bf16 GEMMs
+    accumulate)."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    with torch.no_grad():
+        hidden = causal_lm.model(input_ids=tokens).last_hidden_state.double()
+    weight = causal_lm.lm_head.weight.detach().double()
+    target = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+    rows, picked = hidden[target != -100], target[target != -100]  # [n, h], [n]
+    normaliser = rows.shape[0] if num_items is None else num_items
+    z = rows @ weight.t()  # [n, V]
+    logits_part = 2 * (rows.abs() @ weight.abs().t()).amax(1).sum().item() / normaliser
+    lse_part = torch.logsumexp(z, 1).abs() + z.gather(1, picked[:, None]).abs().squeeze(1)
+    lse_part = lse_part.sum().item() / normaliser
+    logits_rounding = gamma(weight.shape[1], torch.float32)
+    if autocast:
+        logits_rounding += 3 * UNIT_ROUNDOFF[torch.bfloat16]
+    reduction = weight.shape[0] + rows.shape[0]
+    return 2 * (logits_rounding * logits_part + gamma(reduction, torch.float32) * lse_part)

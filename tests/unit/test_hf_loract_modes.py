@@ -18,7 +18,8 @@ rounding of the largest value: both round the same quantities in reductions of t
 lengths, with bit-identical factors since the forward is bit-identical; a wrong wiring would
 be off by the size of the approximation, R = 4 of 64 columns here). Bytes: exact counts
 against closed forms.
-Policies applied with ``loss_chunk_tokens=None`` (transformers' loss; see test_hf_policy).
+Policies applied with ``loss_chunk_tokens=None`` (transformers' loss; see test_hf_policy),
+except one test of the modes with the default fused loss (what tools/hf_memory.py measures).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from tests.helpers.hf_models import (
     TOKENS,
     assert_as_accurate_as_unpatched,
     causal_lm_loss,
+    fused_loss_rounding_bound,
     loss_and_grads,
     make_lora_model,
     make_model,
@@ -131,6 +133,26 @@ def test_modes_follow_loract_rules_against_float64(mode, lora):
     )
     patched_loss, patched = loss_and_grads(model, tokens)
     assert torch.equal(patched_loss, loss)  # the forward is exact
+    assert_as_accurate_as_unpatched(patched, rule32, reference, torch.float32, mode)
+
+
+@pytest.mark.parametrize("mode", ["layer", "sublayer"])
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_modes_with_the_fused_loss_follow_loract_rules_against_float64(mode, lora):
+    """The default ``loss_chunk_tokens`` (the fused output layer + loss) under the layer and
+    sublayer modes changes the loss and gradients by rounding only: the loss within the fused
+    loss's rounding bound of transformers' (tests/helpers/hf_models.py), the gradients as accurate against
+    the float64 rule as the float32 rule with transformers' loss (the bound of the test above;
+    a gradient the fused loss dropped or scaled wrongly would be off by its own size)."""
+    tokens = random_tokens()
+    model = (make_lora_model if lora else make_model)()
+    loss, _ = loss_and_grads(model, tokens)
+    reference = _rule_grads(model, tokens, mode, torch.float64)
+    rule32 = _rule_grads(model, tokens, mode, torch.float32)
+    apply_memory_policy(model, LAYER_MODE if mode == "layer" else SUBLAYER_MODE)
+    patched_loss, patched = loss_and_grads(model, tokens)
+    bound = fused_loss_rounding_bound(model, tokens, tokens, None)
+    assert (patched_loss - loss).abs().item() <= bound, (patched_loss, loss, bound)
     assert_as_accurate_as_unpatched(patched, rule32, reference, torch.float32, mode)
 
 

@@ -9,8 +9,8 @@ References:
   then the sum over the ``n`` labelled tokens over the normaliser. ``logsumexp`` and ``z_y``
   move by at most ``max_v |dz_v|`` each when the logits are rounded, ``|dz_v| <= gamma_h
   (|h| |W|^T)_v``; the fp32 log-sum-exp and the sum add ``gamma_{V + n}`` of ``|lse| + |z_y|``
-  (:func:`_loss_bound`; each evaluation within it of the exact value, so they differ by at
-  most twice it). A wrong term (a token counted twice, a wrong normaliser) moves the loss by
+  (:func:`tests.helpers.hf_models.fused_loss_rounding_bound`; each evaluation within it of the
+  exact value, so they differ by at most twice it). A wrong term (a token counted twice, a wrong normaliser) moves the loss by
   about ``loss / n``, far above that bound in fp32. Under bf16 autocast the logits' own
   rounding (``3 u_bf16`` of ``|h| |W|``) makes the bound about ``loss / n`` at these shapes: that
   test catches a wrong normaliser or a missing upcast, not one token.
@@ -38,11 +38,12 @@ from tests.helpers.hf_models import (
     SEQ,
     VOCAB,
     assert_as_accurate_as_unpatched,
+    fused_loss_rounding_bound,
     make_lora_model,
     make_model,
     random_tokens,
 )
-from tests.helpers.tolerances import UNIT_ROUNDOFF, assert_as_accurate_as, gamma
+from tests.helpers.tolerances import UNIT_ROUNDOFF, assert_as_accurate_as
 
 peft = pytest.importorskip("peft")
 PROMPT = 5  # labels -100 on the first PROMPT tokens of every row, as a prompt / response task
@@ -69,31 +70,6 @@ def _run(model, tokens, labels, autocast=False, **kwargs):
     return values
 
 
-def _loss_bound(model, tokens, labels, num_items, autocast=False) -> float:
-    """Twice the rounding bound of the loss from the model's hidden states (module docstring):
-    the logits' error times ``A = sum_i 2 max_v (|h_i| |W|^T)_v`` plus the fp32 log-sum-exp
-    and sum's ``gamma_{V + n} B``, ``B = sum_i |lse_i| + |z_yi|``, both over the normaliser.
-    Under bf16 autocast the logits' error is the rounding of ``h``, ``W`` and ``z`` to bf16
-    (``3 u_bf16``) plus the fp32 accumulation of the GEMM (as PyTorch's bf16 GEMMs
-    accumulate)."""
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    with torch.no_grad():
-        hidden = causal_lm.model(input_ids=tokens).last_hidden_state.double()
-    weight = causal_lm.lm_head.weight.detach().double()
-    target = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
-    rows, picked = hidden[target != -100], target[target != -100]  # [n, h], [n]
-    normaliser = rows.shape[0] if num_items is None else num_items
-    z = rows @ weight.t()  # [n, V]
-    logits_part = 2 * (rows.abs() @ weight.abs().t()).amax(1).sum().item() / normaliser
-    lse_part = torch.logsumexp(z, 1).abs() + z.gather(1, picked[:, None]).abs().squeeze(1)
-    lse_part = lse_part.sum().item() / normaliser
-    logits_rounding = gamma(weight.shape[1], torch.float32)
-    if autocast:
-        logits_rounding += 3 * UNIT_ROUNDOFF[torch.bfloat16]
-    reduction = weight.shape[0] + rows.shape[0]
-    return 2 * (logits_rounding * logits_part + gamma(reduction, torch.float32) * lse_part)
-
-
 def _build(kind: str):
     if kind == "lora":
         return make_lora_model()
@@ -116,7 +92,7 @@ def test_fused_loss_as_accurate_as_transformers_loss(kind, chunk, num_items):
     apply_memory_policy(model, "exact", loss_chunk_tokens=chunk)
     patched = _run(model, tokens, labels, **kwargs)
     loss, unpatched_loss = patched.pop("loss"), unpatched.pop("loss")
-    bound = _loss_bound(model, tokens, labels, num_items)
+    bound = fused_loss_rounding_bound(model, tokens, labels, num_items)
     assert (loss - unpatched_loss).abs().item() <= bound, (loss, unpatched_loss, bound)
     del reference["loss"]
     assert_as_accurate_as_unpatched(patched, unpatched, reference, torch.float32, kind)
@@ -133,7 +109,7 @@ def test_fused_loss_under_bf16_autocast(kind):
     apply_memory_policy(model, "exact")
     patched = _run(model, tokens, labels, autocast=True)
     loss, unpatched_loss = patched.pop("loss"), unpatched.pop("loss")
-    bound = _loss_bound(model, tokens, labels, None, autocast=True)
+    bound = fused_loss_rounding_bound(model, tokens, labels, None, autocast=True)
     assert (loss - unpatched_loss).abs().item() <= bound, (loss, unpatched_loss, bound)
     del reference["loss"]
     assert_as_accurate_as_unpatched(patched, unpatched, reference, torch.bfloat16, kind)
