@@ -559,11 +559,14 @@ def stores_attention_output(
     and whose backward takes it (both take grouped ``k``, ``v`` as they are: GQA needs no
     expanded copy).
     Elsewhere backward runs the SDPA forward again: on CUDA (see the module doc), under a
-    kernel other than flash (``torch.nn.attention.sdpa_kernel``), and for ``offload``, which
+    kernel other than flash (``torch.nn.attention.sdpa_kernel``), under CPU autocast, and
+    for ``offload``, which
     runs on CUDA only (on a CPU tensor it stands in for the CUDA path, as the tests run it)."""
     return (
         not isinstance(quantizer, HostOffload)
         and q.device.type == "cpu"
+        # Autocast casts SDPA's inputs but not the kernel's op: the forward would differ.
+        and not torch.is_autocast_enabled("cpu")
         and torch._fused_sdp_choice(q, k, v, is_causal=True, enable_gqa=enable_gqa)
         == int(SDPBackend.FLASH_ATTENTION.value)
     )

@@ -389,6 +389,11 @@ def test_attention_8bit_forward_again_off_the_flash_kernel(policy):
     assert torch.equal(out, out_keep)
     for got, want in zip(grads_8bit, grads_deq, strict=True):
         assert torch.equal(got, want)
+    # Autocast casts SDPA's inputs, not the kernel's op: the forward again keeps SDPA's result.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not stores_attention_output(*inputs, True, quantizer)
+        out, _ = _attention_grads(inputs, grad_out, quantizer)
+        assert out.dtype == torch.bfloat16 and out.stored_as is None
 
 
 # ----------------------------------------------------------------------------- the model
