@@ -557,11 +557,10 @@ def stores_attention_output(
     backward without the forward again): a ``quantizer`` other than ``offload`` and SDPA
     running these inputs on PyTorch's CPU flash kernel, whose forward returns the log-sum-exp
     and whose backward takes it (both take grouped ``k``, ``v`` as they are: GQA needs no
-    expanded copy).
-    Elsewhere backward runs the SDPA forward again: on CUDA (see the module doc), under a
-    kernel other than flash (``torch.nn.attention.sdpa_kernel``), under CPU autocast, and
-    for ``offload``, which
-    runs on CUDA only (on a CPU tensor it stands in for the CUDA path, as the tests run it)."""
+    expanded copy). Elsewhere backward runs the SDPA forward again: on CUDA (see the module
+    doc), under a kernel other than flash (``torch.nn.attention.sdpa_kernel``), under CPU
+    autocast, and for ``offload``, which runs on CUDA only (on a CPU tensor it stands in for
+    the CUDA path, as the tests run it)."""
     return (
         not isinstance(quantizer, HostOffload)
         and q.device.type == "cpu"
@@ -623,8 +622,9 @@ class _AttentionWithStoredOutput(torch.autograd.Function):
         *saved, lse = ctx.saved_tensors
         (q, k, v, out), _ = _unpack_all(ctx.quantizer, saved, ctx.counts, ctx.likes)
         # SDPA's backward on the dequantised copies with the forward's log-sum-exp: the
-        # softmax is exp(q^ k^T / sqrt(d) - lse) and the output enters only through
-        # rowsum(dO * o^) (see the module doc for what this changes against the forward again).
+        # softmax is exp(q_hat k_hat^T / sqrt(d) - lse) and the output enters only through
+        # rowsum(dO * o_hat) (see the module doc for what this changes against the forward
+        # again).
         grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             _heads_last(grad_out.contiguous(), ctx.heads),
             q,
