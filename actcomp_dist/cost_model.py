@@ -61,7 +61,10 @@ From measured step times (``tools/ablate.py``'s ``records.json``: the median
 ``step_time_s`` per variant, over ``none``'s), each factor is the least-squares fit of ``measured_ratio - 1 = factor * extra``
 over the measured variants with only that kind of extra work; a kind no such variant measures
 keeps factor 1. The extra work of each record is counted on the model it was measured on
-(the record's own config), so the factors carry to other model sizes.
+(the record's own config), so the factors carry to other model sizes. The work is counted for
+the planner's device (``Device.type``, CUDA): records measured on CPU, where the 8-bit
+attention runs no SDPA forward again, fit a ``storage`` factor that absorbs that difference;
+calibrate with records from the device the plan is for.
 """
 
 from __future__ import annotations
