@@ -253,7 +253,7 @@ POLICIES_8BIT = {
 }
 
 
-def _norm_8bit_run(sequence_parallel=False, kind="norm"):
+def _run_8bit(sequence_parallel=False, kind="norm"):
     """Loss and full gradients of keep and of an 8-bit policy (fp32), on this TP layout."""
     full = _random_full_weights(SMALL, seed=1)
     tokens, labels = _batch(SMALL)
@@ -276,18 +276,18 @@ def _assert_8bit_close(results):
 
 
 @pytest.mark.parametrize("kind", list(POLICIES_8BIT))
-def test_norm_8bit_model_gradients_close(single_rank, kind):
-    _assert_8bit_close(_norm_8bit_run(kind=kind))
+def test_8bit_model_gradients_close(single_rank, kind):
+    _assert_8bit_close(_run_8bit(kind=kind))
 
 
 def _tp_8bit_run(rank, world_size, sequence_parallel, kind):
     state.initialize_model_parallel(world_size)
-    out = _norm_8bit_run(sequence_parallel, kind)
+    out = _run_8bit(sequence_parallel, kind)
     return out if rank == 0 else None
 
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("kind", list(POLICIES_8BIT))
 @pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp2", "tp2_sp"])
-def test_norm_8bit_model_gradients_close_at_tp2(tmp_path, sequence_parallel, kind):
+def test_8bit_model_gradients_close_at_tp2(tmp_path, sequence_parallel, kind):
     _assert_8bit_close(run_distributed(_tp_8bit_run, 2, tmp_path, sequence_parallel, kind)[0])
