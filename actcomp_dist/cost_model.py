@@ -13,11 +13,14 @@ divide everything by the TP size; it cancels in the ratio):
 - ``storage`` work (``int8`` / ``fp8``): the attention's q, k, v, o and SwiGLU's
   ``[gate | up]`` are quantised in forward (read 16-bit, write 8-bit) and dequantised in
   backward (read 8-bit, write 16-bit): 3 bytes moved per stored element each way, over the
-  memory bandwidth; and backward runs the SDPA forward again (``4 L h s`` flops) for the
-  softmax statistics the 8-bit copy does not keep. ``int8@KINDS`` counts the kinds named:
+  memory bandwidth; and on CUDA (``Device.type``) backward runs the SDPA forward again
+  (``4 L h s`` flops) for the softmax statistics the 8-bit copy does not keep; on CPU it keeps
+  them (the log-sum-exp and the packed output) and runs no forward again, and the packed
+  output is dequantised twice (the attention's backward and proj's weight gradient).
+  ``int8@KINDS`` counts the kinds named:
   ``norm`` the two norm outputs (``2 h`` elements per token and block, dequantised twice: for
-  the norm's backward and the next linear's weight gradient), ``attention`` q, k, v, o and the
-  SDPA forward, ``swiglu`` ``[gate | up]``;
+  the norm's backward and the next linear's weight gradient), ``attention`` q, k, v, o and
+  (CUDA) the SDPA forward, ``swiglu`` ``[gate | up]``;
 - ``projection`` work (``compact``): per compressed site of input width n, output width m and
   rank r, the projection ``Z = X P`` (2 n r flops per token) and the weight gradient's
   ``g^T Z`` (2 m r) instead of ``g^T X`` (2 m n); ``lift`` mode also multiplies
@@ -58,7 +61,10 @@ From measured step times (``tools/ablate.py``'s ``records.json``: the median
 ``step_time_s`` per variant, over ``none``'s), each factor is the least-squares fit of ``measured_ratio - 1 = factor * extra``
 over the measured variants with only that kind of extra work; a kind no such variant measures
 keeps factor 1. The extra work of each record is counted on the model it was measured on
-(the record's own config), so the factors carry to other model sizes.
+(the record's own config), so the factors carry to other model sizes. The work is counted for
+the planner's device (``Device.type``, CUDA): records measured on CPU, where the 8-bit
+attention runs no SDPA forward again, fit a ``storage`` factor that absorbs that difference;
+calibrate with records from the device the plan is for.
 """
 
 from __future__ import annotations
@@ -96,6 +102,8 @@ class Device:
     peak_flops: float = DEFAULT_PEAK_TFLOPS * 1e12
     memory_bandwidth: float = DEFAULT_MEMORY_BANDWIDTH
     host_bandwidth: float = DEFAULT_HOST_BANDWIDTH  # bytes/s host <-> device, per direction
+    #: ``"cuda"`` or ``"cpu"``: which backward an 8-bit ``attention`` runs (module docstring).
+    type: str = "cuda"
 
 
 @dataclass(frozen=True)
@@ -215,13 +223,16 @@ def predict_step_time(
         heads, groups, d = model.num_attention_heads, model.query_groups, model.head_dim
         _, _, named = storage.partition("@")
         kinds = named.split("/") if named else ("attention", "swiglu")
+        rerun = device.type == "cuda"  # the 8-bit attention's backward runs SDPA again
         moved = {  # bytes per token and block: pack once, unpack once (the norm's twice)
             "norm": 2 * model.hidden_size * (STORAGE_BYTES_PER_ELEMENT + 3),
-            "attention": (2 * heads + 2 * groups) * d * STORAGE_BYTES_PER_ELEMENT,  # q,k,v,o
+            # q, k, v, o; without the re-run o is unpacked twice (attention, proj)
+            "attention": (2 * heads + 2 * groups) * d * STORAGE_BYTES_PER_ELEMENT
+            + (0 if rerun else heads * d * 3),
             "swiglu": 2 * model.ffn_hidden_size * STORAGE_BYTES_PER_ELEMENT,  # [gate | up]
         }
         work = sum(moved[kind] for kind in kinds) / device.memory_bandwidth
-        if "attention" in kinds:
+        if "attention" in kinds and rerun:
             work += attention_forward / flops
         extra["storage"] += L * work
     if offloaded_bytes:

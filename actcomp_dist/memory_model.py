@@ -28,7 +28,10 @@ op:
 - SwiGLU and fc2: ``2 N f e`` (``[gate | up]``, kept by fc2, which recomputes
   ``silu(gate) * up``), charged to ``fc2``;
 - storage policies (:mod:`actcomp_dist.storage`) replace a kept tensor by its packed bytes:
-  8-bit ``attention`` / ``swiglu`` as :meth:`~actcomp_dist.storage.Quantizer.saved_bytes`;
+  8-bit ``attention`` / ``swiglu`` as :meth:`~actcomp_dist.storage.Quantizer.saved_bytes`
+  (8-bit ``attention``: q, k, v packed; on CPU also the packed output, kept once for the
+  attention and an uncompressed proj, and the fp32 log-sum-exp ``b H s 4``; on CUDA the packed
+  output only for an uncompressed proj, charged to it; :attr:`ActivationSetting.device_type`);
   ``lowrank:R`` of ``swiglu`` keeps ``(N + 2f/t) k e`` for ``[gate | up]``, of ``norm``
   ``(N + h) k e`` per block norm instead of ``N h e``, 8-bit ``norm`` the 8-bit bytes of
   ``N h`` (``N/t`` tokens under SP; an uncompressed qkv / fc1 keeps the same packed tensors);
@@ -153,6 +156,10 @@ class ActivationSetting:
         loss_chunk_tokens: the model's chunked loss (``LlamaModel(loss_chunk_tokens=...)``;
             ``None``: the logits and megatron's cross-entropy).
         storage: the model's storage policy (``memory.policy``; :mod:`actcomp_dist.storage`).
+        device_type: where the model runs, ``"cpu"`` or ``"cuda"``: an 8-bit ``attention``
+            keeps its packed output and the log-sum-exp on CPU (PyTorch's CPU flash kernel;
+            :func:`actcomp_dist.storage.stores_attention_output`) and re-runs the SDPA
+            forward on CUDA instead.
     """
 
     micro_batch_size: int
@@ -166,8 +173,13 @@ class ActivationSetting:
     efficient_ops: bool = True
     loss_chunk_tokens: int | None = None
     storage: StoragePolicy = field(default_factory=StoragePolicy)
+    device_type: str = "cpu"
 
     def __post_init__(self) -> None:
+        if self.device_type not in ("cpu", "cuda"):
+            raise ValueError(
+                f"ActivationSetting.device_type={self.device_type!r} must be 'cpu' or 'cuda'"
+            )
         for name in ("micro_batch_size", "seq_length", "tensor_parallel"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -386,16 +398,22 @@ def _efficient_layer_saved(
     # ``attention`` policy when proj is uncompressed.
     proj_input = storage.saved_bytes("attention", n_all * heads * d, heads * d, e)
     if mode == "none" and attention_packed:
-        # q, k, v packed (rows of d); neither the output nor the log-sum-exp is kept.
+        # q, k, v packed (rows of d). On CUDA (and under ``offload``) neither the output nor
+        # the log-sum-exp is kept: backward runs the SDPA forward again, and an uncompressed
+        # proj packs the output itself. On CPU 8-bit the attention keeps the fp32
+        # log-sum-exp [b, H/t, s] and the packed output, which an uncompressed proj keeps too
+        # (the same tensors, counted where first saved: at the attention).
         q_and_kv = n_all * heads * d, n_all * groups * d
         out["attention_core"] = storage.saved_bytes(
             "attention", q_and_kv[0], d, e
         ) + 2 * storage.saved_bytes("attention", q_and_kv[1], d, e)
-        out["proj"] = (
-            compressed_bytes("proj", attn_width, n_all)
-            if _compressed("proj", compression)
-            else proj_input
-        )
+        keeps_output = setting.device_type == "cpu" and storage.attention != "offload"
+        if keeps_output:
+            out["attention_core"] += b * heads * s * 4 + proj_input
+        if _compressed("proj", compression):
+            out["proj"] = compressed_bytes("proj", attn_width, n_all)
+        elif not keeps_output:
+            out["proj"] = proj_input
     elif mode == "none":
         # q, k after RoPE, v (contiguous), the output (also proj's input), the fp32 LSE.
         out["attention_core"] = n_all * (heads + 2 * groups) * d * e + attn_out + b * heads * s * 4

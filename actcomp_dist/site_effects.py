@@ -4,9 +4,11 @@ In the memory-efficient block (:mod:`actcomp_dist.models.efficient_ops`) most li
 are already kept by a neighbour: qkv and fc1 read the norm's kept output, fc2's input is
 recomputed from the ``[gate | up]`` the SwiGLU backward needs anyway, and proj reads the
 attention output SDPA keeps. Compressing such a site removes nothing and *adds* its compressed
-tensor. Which sites pay depends on the storage policy (``memory.policy``): under an 8-bit
-``attention`` policy proj keeps the packed attention output of its own, which a compressed
-proj replaces by ``Z``.
+tensor. Which sites pay depends on the storage policy (``memory.policy``) and the device:
+under an 8-bit ``attention`` policy on CUDA proj keeps the packed attention output of its
+own (the attention keeps q, k, v only), which a compressed proj replaces by ``Z``; on CPU
+the attention keeps that packed output itself (its backward starts from it), so there a
+compressed proj adds its ``Z`` too (``ActivationSetting.device_type``).
 
 Per compressed site (:func:`site_effects`), for one micro-batch on one rank:
 

@@ -57,7 +57,7 @@ The memory model (:mod:`actcomp_dist.memory_model`) counts the packed bytes exac
   ``numel * dtype bytes`` (:meth:`StoragePolicy.host_bytes`; the memory model reports them
   apart, as ``host_offload``). Wired exactly where ``int8`` / ``fp8`` are (below; an
   ``attention`` offload keeps q, k, v and proj's input on the host and re-runs SDPA in
-  backward, as 8-bit attention does). The stream discipline on CUDA:
+  backward, as 8-bit attention does on CUDA). The stream discipline on CUDA:
 
   * ``pack`` makes a side stream (one per device) wait for the compute stream, so the copy
     starts after the tensor is written, and issues the device-to-host copy on it
@@ -115,11 +115,38 @@ How the 8-bit kinds are wired (:mod:`actcomp_dist.models.llama`):
 - ``swiglu``: FC2 keeps the packed ``[gate | up]`` instead of the tensor and recomputes
   ``silu(gate) * up`` from its dequantised copy in backward (the same recompute it runs when
   keeping ``[gate | up]``); no extra compute.
-- ``attention``: :func:`attention_with_stored_inputs` runs SDPA without autograd in forward and
-  keeps the packed q, k, v only (no output, no log-sum-exp); backward dequantises them, re-runs
-  the SDPA forward under autograd and backpropagates through it. Cost: one more attention
-  forward per backward (as selective checkpointing of the attention core). ``proj`` keeps the
-  packed attention output when it is uncompressed (its weight gradient reads it).
+- ``attention`` (:func:`attention_with_stored_output`): SDPA's backward needs q, k, v, the
+  output o, the per-row log-sum-exp ``lse`` of the scores and dO: with
+  ``P = exp(q k^T / sqrt(d) - lse)`` (causal), ``dV = P^T dO``,
+  ``dS = P (dO V^T - rowsum(dO o))``, ``dQ = dS K / sqrt(d)``, ``dK = dS^T Q / sqrt(d)``
+  (o enters only through ``rowsum(dO o)``). On the CPU flash kernel
+  (:func:`stores_attention_output`) the attention runs the kernel's forward op, which
+  returns ``lse``, and keeps packed q, k, v, the packed output ``[s, b, H d / t]`` (the layout
+  proj reads) and the fp32 ``lse`` ``[b, H / t, s]``; backward runs the kernel's backward op
+  on the dequantised q, k, v, o with that ``lse``. No forward again. An uncompressed proj
+  keeps the *same* packed output (``out.stored_as``; one storage, counted once): its weight
+  gradient reads the dequantised copy, so the output is dequantised twice. Against the
+  forward again this is not the exact gradient at the dequantised point: the softmax
+  ``exp(q_hat k_hat^T / sqrt(d) - lse)`` of the dequantised q, k with the exact ``lse`` sums to
+  ``1 + O(packing error)`` per row, and ``rowsum(dO o_hat)`` is the dequantised output's, not the
+  re-run's; both are first order in the packing error, bounded like it (tested against
+  float64 through the Jacobian of the backward above), and with exact stored tensors the
+  backward is SDPA's own bit for bit (the same two ops SDPA's autograd runs; the CPU kernel
+  takes grouped k, v as they are, GQA included).
+  Elsewhere (CUDA; a kernel other than flash chosen, e.g. under
+  ``torch.nn.attention.sdpa_kernel``; ``offload``) :func:`attention_with_stored_inputs` runs
+  SDPA without autograd in forward and keeps the packed q, k, v only (no output, no
+  log-sum-exp); backward dequantises them, re-runs the SDPA forward under autograd and
+  backpropagates through it (the exact backward at the dequantised point). Cost: one more
+  attention forward per backward (as selective checkpointing of the attention core).
+  ``proj`` then packs the attention output itself when it is uncompressed (its weight
+  gradient reads it). Why not the kernel's ops on CUDA too: CUDA's SDPA picks among flash,
+  memory-efficient and cuDNN kernels with different ops, ``lse`` layouts (padded in the
+  memory-efficient kernel) and RNG state arguments, and the forward must stay SDPA's bit for
+  bit; written without a GPU to run it, a wrong ``lse`` would silently give wrong gradients.
+  The Hugging Face path (:mod:`actcomp_dist.hf.policy`) keeps the forward again on every
+  device: its ``o_proj`` keeps its own input, so a packed output in the attention would add
+  bytes there.
 - ``swiglu: lowrank:R`` (LoRAct's act_fn mode): as the 8-bit ``swiglu``, FC2 keeps the factors
   of its shard ``[gate_i | up_i]`` (one factorisation of the fused tensor, ``(N + 2f/t) k``
   elements) and recomputes ``silu(gate) * up`` from ``L Q^T`` in backward.
@@ -152,6 +179,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend
 
 from actcomp_dist.compression.base import parse_rank_argument
 from actcomp_dist.compression.lowrank import low_rank_factors
@@ -522,29 +550,112 @@ def resolve_compressed_sites(
     return tuple(site for site in default_sites if named.get(site) != "keep")
 
 
+def stores_attention_output(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, enable_gqa: bool, quantizer: Quantizer
+) -> bool:
+    """Whether :func:`attention_with_stored_output` keeps the output and the log-sum-exp (the
+    backward without the forward again): a ``quantizer`` other than ``offload`` and SDPA
+    running these inputs on PyTorch's CPU flash kernel, whose forward returns the log-sum-exp
+    and whose backward takes it (both take grouped ``k``, ``v`` as they are: GQA needs no
+    expanded copy). Elsewhere backward runs the SDPA forward again: on CUDA (see the module
+    doc), under a kernel other than flash (``torch.nn.attention.sdpa_kernel``), under CPU
+    autocast, and for ``offload``, which runs on CUDA only (on a CPU tensor it stands in for
+    the CUDA path, as the tests run it)."""
+    return (
+        not isinstance(quantizer, HostOffload)
+        and q.device.type == "cpu"
+        # Autocast casts SDPA's inputs but not the kernel's op: the forward would differ.
+        and not torch.is_autocast_enabled("cpu")
+        and torch._fused_sdp_choice(q, k, v, is_causal=True, enable_gqa=enable_gqa)
+        == int(SDPBackend.FLASH_ATTENTION.value)
+    )
+
+
+def _heads_last(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """``[s, b, heads * d]`` (proj's layout) as ``[b, heads, s, d]`` (SDPA's), a view."""
+    s, b, width = x.shape
+    return x.view(s, b, heads, width // heads).permute(1, 2, 0, 3)
+
+
+def _tokens_first(o: torch.Tensor) -> torch.Tensor:
+    """``[b, heads, s, d]`` as ``[s, b, heads * d]``: the attention output as proj reads it."""
+    b, heads, s, d = o.shape
+    return o.permute(2, 0, 1, 3).reshape(s, b, heads * d)
+
+
+def _pack_like(quantizer, tensors):
+    """Each tensor packed, and a meta tensor of its shape, dtype and strides for ``unpack``."""
+    packed = [quantizer.pack(t) for t in tensors]
+    likes = [
+        torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta") for t in tensors
+    ]
+    return packed, likes
+
+
+def _unpack_all(quantizer, saved, counts, likes):
+    out = []
+    for count, like in zip(counts, likes, strict=True):
+        packed, saved = tuple(saved[:count]), saved[count:]
+        out.append(quantizer.unpack(packed, like))
+    return out, saved
+
+
+class _AttentionWithStoredOutput(torch.autograd.Function):
+    """Causal SDPA on the CPU flash kernel keeping packed ``q``, ``k``, ``v``, the packed
+    output ``o`` (``[s, b, heads * d]``, the layout proj reads, so proj can keep the same
+    tensors) and the fp32 log-sum-exp ``[b, heads, s]``. Returns the output and its packed
+    tensors (non-differentiable)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, quantizer):
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, is_causal=True)
+        out = _tokens_first(o)  # [s, b, heads * d]
+        packed, likes = _pack_like(quantizer, (q, k, v, out))
+        ctx.save_for_backward(*(t for pair in packed for t in pair), lse)
+        ctx.counts, ctx.likes, ctx.quantizer = [len(pair) for pair in packed], likes, quantizer
+        ctx.heads = q.shape[1]
+        ctx.mark_non_differentiable(*packed[3])
+        return out, *packed[3]
+
+    @staticmethod
+    def backward(ctx, grad_out, *_grad_packed):
+        *saved, lse = ctx.saved_tensors
+        (q, k, v, out), _ = _unpack_all(ctx.quantizer, saved, ctx.counts, ctx.likes)
+        # SDPA's backward on the dequantised copies with the forward's log-sum-exp: the
+        # softmax is exp(q_hat k_hat^T / sqrt(d) - lse) and the output enters only through
+        # rowsum(dO * o_hat) (see the module doc for what this changes against the forward
+        # again).
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            _heads_last(grad_out.contiguous(), ctx.heads),
+            q,
+            k,
+            v,
+            _heads_last(out, ctx.heads),
+            lse,
+            0.0,
+            True,
+        )
+        return (*grads, None)
+
+
 class _AttentionWithStoredInputs(torch.autograd.Function):
+    """Causal SDPA keeping packed ``q``, ``k``, ``v`` only; backward runs the SDPA forward
+    again on the dequantised copies and backpropagates through it."""
+
     @staticmethod
     def forward(ctx, q, k, v, quantizer, enable_gqa):
         with torch.no_grad():
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=enable_gqa)
-        packed = [quantizer.pack(t) for t in (q, k, v)]
+        packed, ctx.likes = _pack_like(quantizer, (q, k, v))
         ctx.save_for_backward(*(t for pair in packed for t in pair))
         ctx.counts = [len(pair) for pair in packed]
-        # Shape, dtype, strides: the dequantised copies take the layout of the originals.
-        ctx.likes = [
-            torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
-            for t in (q, k, v)
-        ]
         ctx.quantizer, ctx.enable_gqa = quantizer, enable_gqa
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        saved = list(ctx.saved_tensors)
-        inputs = []
-        for count, like in zip(ctx.counts, ctx.likes, strict=True):
-            packed, saved = tuple(saved[:count]), saved[count:]
-            inputs.append(ctx.quantizer.unpack(packed, like).detach().requires_grad_(True))
+        inputs, _ = _unpack_all(ctx.quantizer, list(ctx.saved_tensors), ctx.counts, ctx.likes)
+        inputs = [t.detach().requires_grad_(True) for t in inputs]
         with torch.enable_grad():
             out = F.scaled_dot_product_attention(*inputs, is_causal=True, enable_gqa=ctx.enable_gqa)
         grads = torch.autograd.grad(out, inputs, grad_out)
@@ -554,11 +665,33 @@ class _AttentionWithStoredInputs(torch.autograd.Function):
 def attention_with_stored_inputs(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, quantizer: Quantizer, enable_gqa: bool
 ) -> torch.Tensor:
-    """Causal SDPA that keeps ``q``, ``k``, ``v`` packed by ``quantizer`` and nothing else;
-    backward re-runs SDPA on the dequantised copies (see the module doc). Forward is SDPA's."""
+    """Causal SDPA of ``q`` ``[b, heads, s, d]``, ``k``, ``v`` ``[b, groups, s, d]`` that keeps
+    them packed by ``quantizer`` and nothing else; backward re-runs SDPA on the dequantised
+    copies. Forward is SDPA's, ``[b, heads, s, d]``. (The Hugging Face path's 8-bit attention,
+    whose ``o_proj`` keeps its own input: see :mod:`actcomp_dist.hf.policy`.)"""
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=enable_gqa)
     return _AttentionWithStoredInputs.apply(q, k, v, quantizer, enable_gqa)
+
+
+def attention_with_stored_output(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, quantizer: Quantizer, enable_gqa: bool
+) -> torch.Tensor:
+    """Causal SDPA of ``q`` ``[b, heads, s, d]``, ``k``, ``v`` ``[b, groups, s, d]`` keeping
+    them packed by ``quantizer``, and where :func:`stores_attention_output` also the packed
+    output and the log-sum-exp (backward without the forward again; see the module doc);
+    elsewhere :func:`attention_with_stored_inputs`. Returns the output as proj reads it,
+    ``[s, b, heads * d]``, the values of SDPA's, with ``out.stored_as = (quantizer, packed)``,
+    the output's packed tensors for proj to keep instead of packing it again (``None`` where
+    the attention keeps no output)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        if stores_attention_output(q, k, v, enable_gqa, quantizer):
+            out, *packed = _AttentionWithStoredOutput.apply(q, k, v, quantizer)
+            out.stored_as = (quantizer, tuple(packed))
+            return out
+    out = _tokens_first(attention_with_stored_inputs(q, k, v, quantizer, enable_gqa))
+    out.stored_as = None
+    return out
 
 
 def element_error_bound(policy: str, x: torch.Tensor) -> torch.Tensor:
@@ -592,8 +725,10 @@ __all__ = [
     "POLICIES",
     "StoragePolicy",
     "attention_with_stored_inputs",
+    "attention_with_stored_output",
     "element_error_bound",
     "policy_grammar",
     "resolve_compressed_sites",
     "storage_for",
+    "stores_attention_output",
 ]

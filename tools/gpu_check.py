@@ -145,6 +145,7 @@ def _predicted_peak(record: dict[str, Any], config) -> dict[str, int]:
         efficient_ops=config.memory.efficient_ops,
         loss_chunk_tokens=config.memory.chunked_loss_tokens,
         storage=config.memory.storage_policy,
+        device_type=record["device"].split(":")[0],  # "cuda", or "cpu" in a dry run
     )
     plan = plan_memory(
         model,
@@ -300,6 +301,7 @@ def _planned_micro_batch(setup: Setup, variant, gpu_memory: int) -> int:
             setup.batch_seq_length,
             dtype_bytes=4 if config.train.precision == "fp32" else 2,
             rope_positions=setup.batch_seq_length,
+            device_type="cpu" if setup.dry_run else "cuda",
         )
         return plan_memory(
             model,

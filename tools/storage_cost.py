@@ -13,8 +13,11 @@ decoder block keeps less per micro-batch (the analytic memory model,
 micro-batch, timed on tensors of the block's shapes: ``norm`` packs each of the two norm
 outputs and unpacks it twice (the norm's backward and the next linear's weight gradient);
 ``swiglu`` packs ``[gate | up]`` and unpacks it once; ``attention`` packs q, k, v and the
-attention output, unpacks all four, and runs the SDPA forward again in backward (its split is
-printed). Time is this process's CPU time (``time.process_time``: on a CPU shared with other
+attention output and unpacks all four, the output twice (the attention's backward from the
+stored output and log-sum-exp, and proj's weight gradient). Where the attention runs the
+SDPA forward again instead (off the CPU flash kernel; see
+:func:`~actcomp_dist.storage.stores_attention_output`) it unpacks the output once and times
+that forward too (its split is printed). Time is this process's CPU time (``time.process_time``: on a CPU shared with other
 jobs the wall time also counts their share of the cores), the median of ``--repeats`` rounds in
 which every kind's work runs once, in turn.
 
@@ -54,7 +57,7 @@ def _cpu(fn) -> float:
 def _kind_work(config, policy: str, tokens: int, batch: int, dtype: torch.dtype):
     """Per kind: a callable running the work the 8-bit policy adds to one block and
     micro-batch (see the module doc), on random tensors of the block's shapes."""
-    from actcomp_dist.storage import storage_for
+    from actcomp_dist.storage import storage_for, stores_attention_output
 
     packer = storage_for(policy)
     seq = tokens // batch
@@ -82,10 +85,21 @@ def _kind_work(config, policy: str, tokens: int, batch: int, dtype: torch.dtype)
     def sdpa():
         F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=groups != heads)
 
-    def attention_packing():
-        for t in (q, k, v, out):
-            round_trip(t)
+    # On the CPU flash kernel the attention keeps its packed output and the log-sum-exp:
+    # no SDPA forward again, the output unpacked twice (the attention's backward, proj's).
+    keeps_output = stores_attention_output(q, k, v, groups != heads, packer)
 
+    def attention_packing():
+        for t in (q, k, v):
+            round_trip(t)
+        round_trip(out, unpacks=2 if keeps_output else 1)
+
+    if keeps_output:
+        return {
+            "norm": lambda: [round_trip(y, unpacks=2) for _ in range(2)],
+            "attention": attention_packing,
+            "swiglu": lambda: round_trip(gate_up),
+        }
     return {
         "norm": lambda: [round_trip(y, unpacks=2) for _ in range(2)],
         "attention": lambda: (attention_packing(), sdpa()),

@@ -427,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
             dtype_bytes=dtype_bytes,
             tensor_parallel=tp,
             sequence_parallel=config.parallel.sequence_parallel,
+            device_type="cuda",  # the planner sizes GPUs
         )
 
     factors = lr_factors(config)  # train.lr_scale decides the optimizer's param groups

@@ -121,7 +121,7 @@ from actcomp_dist.parallel.cross_entropy import (
 from actcomp_dist.parallel.megatron_layers import ModelParallelConfig, VocabParallelEmbedding
 from actcomp_dist.parallel.state import ParallelContext
 from actcomp_dist.seeds import CompressionSchedule
-from actcomp_dist.storage import StoragePolicy, attention_with_stored_inputs
+from actcomp_dist.storage import StoragePolicy, attention_with_stored_output
 
 #: The linear sites of a block, in forward order.
 SITES = TRANSFORMER_SITES
@@ -413,8 +413,14 @@ class LlamaAttention(nn.Module):
         mixed, _ = self.qkv(x, stored=getattr(x, "stored_as", None))
         out = run(self.core, mixed, *rope)  # [s, b, heads * d]
         if self.storage is not None and self.proj.recomputes_input and not self._proj_adapters:
-            # proj keeps the attention output packed (its input is the output itself).
-            out, _ = self.proj(out, input_fn=_identity, storage=self.storage)
+            # proj keeps the attention output packed (its input is the output itself): the
+            # attention's own packed copy where it keeps one (``out.stored_as``), one storage.
+            out, _ = self.proj(
+                out,
+                input_fn=_identity,
+                storage=self.storage,
+                stored=getattr(out, "stored_as", None),
+            )
         else:
             out, _ = self.proj(out)  # [s(/t), b, h]
         return out
@@ -436,12 +442,12 @@ class LlamaAttention(nn.Module):
             v = v.contiguous()
         q, k = apply_rotary(q, (cos, sin)), apply_rotary(k, (cos, sin))
         if self.storage is not None:
-            # Keeps 8-bit q, k, v; backward re-runs SDPA on them (actcomp_dist.storage).
-            out = attention_with_stored_inputs(q, k, v, self.storage, self.groups != self.heads)
-        else:
-            out = F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, enable_gqa=self.groups != self.heads
-            )  # [b, heads, s, d]; query head i reads key/value group i // heads_per_group
+            # Keeps packed q, k, v (on the CPU flash kernel also the packed output and the
+            # log-sum-exp; actcomp_dist.storage). [s, b, heads * d], with ``out.stored_as``.
+            return attention_with_stored_output(q, k, v, self.storage, self.groups != self.heads)
+        out = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=self.groups != self.heads
+        )  # [b, heads, s, d]; query head i reads key/value group i // heads_per_group
         return out.permute(2, 0, 1, 3).reshape(s, b, self.heads * self.head_dim)
 
 

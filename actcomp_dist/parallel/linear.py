@@ -232,10 +232,12 @@ class _RecomputedInputParallelLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, source, weight, input_fn, storage):
+    def forward(ctx, source, weight, input_fn, storage, packed=None):
         x = input_fn(source)  # [s, b, n_local]
-        # ``storage`` (an 8-bit or low-rank packer, actcomp_dist.storage) keeps ``R`` packed.
-        packed = (source,) if storage is None else storage.pack(source)
+        # ``storage`` (an 8-bit or low-rank packer, actcomp_dist.storage) keeps ``R`` packed;
+        # ``packed``: ``R`` as its producer already packed it with ``storage`` (kept as is).
+        if packed is None:
+            packed = (source,) if storage is None else storage.pack(source)
         ctx.save_for_backward(weight, *packed)
         ctx.input_fn, ctx.storage = input_fn, storage
         ctx.source_like = torch.empty_like(source, device="meta")
@@ -258,7 +260,7 @@ class _RecomputedInputParallelLinear(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             g2d = grad_out.reshape(-1, grad_out.shape[-1])  # [N, m]
             grad_w = g2d.t().matmul(x.detach().reshape(-1, x.shape[-1]))
-        return grad_source, grad_w, None, None
+        return grad_source, grad_w, None, None, None
 
 
 class _CompressedParallelMixin:
@@ -478,7 +480,7 @@ class CompressedRowParallelLinear(_CompressedParallelMixin, RowParallelLinear):
         )
         self._setup_compression(compression, layer_id, site, schedule, layout)
 
-    def forward(self, input_: torch.Tensor, input_fn=None, storage=None):
+    def forward(self, input_: torch.Tensor, input_fn=None, storage=None, stored=None):
         """``input_fn``: the layer's input is ``input_fn(input_)``, a pure function of one
         tensor that backward needs anyway (FC2: ``swiglu`` of ``[gate | up]``). The layer then
         never keeps ``input_fn(input_)`` itself: uncompressed it keeps ``input_`` and
@@ -486,7 +488,10 @@ class CompressedRowParallelLinear(_CompressedParallelMixin, RowParallelLinear):
         ``input_fn``'s backward. Forward hooks see ``input_`` (not ``input_fn(input_)``), so
         callers with hooks that read the layer's input (adapters) must pass the input itself.
         ``storage``: with ``input_fn``, keep ``input_`` packed by this 8-bit or low-rank packer
-        (:mod:`actcomp_dist.storage`); backward reads its dequantised copy.
+        (:mod:`actcomp_dist.storage`); backward reads its dequantised copy. ``stored``:
+        ``(storage, packed)``, ``input_`` already packed by ``storage`` by its producer (the
+        attention's packed output); an uncompressed layer keeps those tensors instead of
+        packing ``input_`` again (one storage), a compressed one ignores them.
         """
         tp_size = dist.get_world_size(self.tp_group)
         # A dense row-parallel projection sums the partial Z with the output, in one collective.
@@ -499,8 +504,12 @@ class CompressedRowParallelLinear(_CompressedParallelMixin, RowParallelLinear):
         if input_fn is None:
             output_parallel = self._compressed_forward(input_, None, _DGRAD_NONE, reduce)
         elif self.recomputes_input:
+            packed = None
+            if stored is not None:
+                assert stored[0] is storage, "stored input packed by another packer"
+                packed = stored[1]
             output_parallel = _RecomputedInputParallelLinear.apply(
-                input_, self.weight, input_fn, storage
+                input_, self.weight, input_fn, storage, packed
             )
         else:
             output_parallel = self._compressed_forward(

@@ -580,6 +580,7 @@ class Trainer:
             efficient_ops=config.memory.efficient_ops,
             loss_chunk_tokens=config.memory.chunked_loss_tokens,
             storage=config.memory.storage_policy,
+            device_type=self.device.type,
         )
 
     def predicted_saved_activations(self):

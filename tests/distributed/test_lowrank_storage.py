@@ -20,7 +20,9 @@ References:
 - **8-bit norm**: qkv's weight gradient is the ``keep`` layer's at the dequantised output, bit
   for bit; the norm's gradients equal the float64 closed form there within rounding; the whole
   model at TP = 1, 2, 2 + SP keeps the loss bit-identical and the gradients within the 8-bit
-  element error (2^-4, relative Frobenius) of ``keep``'s.
+  element error (2^-4, relative Frobenius) of ``keep``'s. The same whole-model check for the
+  8-bit attention (its backward from the packed output proj also keeps and the log-sum-exp:
+  each rank's heads and output slice; another head's output, say, fails it).
 - **Memory**: byte-exact against the memory model in ``tests/integration/test_memory_plan.py``.
 """
 
@@ -243,12 +245,21 @@ def test_norm_8bit_backward_is_the_float64_backward_at_the_dequantised_output(si
     assert ((norm.weight.grad.double() - (dy * x_hat).sum(0)).abs() <= bound_norm).all()
 
 
-def _norm_8bit_run(sequence_parallel=False):
-    """Loss and full gradients of keep and of 8-bit norms (fp32), on this TP layout."""
+#: The 8-bit policies run at TP 1 / 2 / 2 + SP: 8-bit norms (shared with qkv / fc1), and the
+#: 8-bit attention (on CPU: backward from its packed output, which proj keeps too, and the
+#: log-sum-exp; each rank packs its own heads' q, k, v and its slice of the output).
+POLICIES_8BIT = {
+    "norm": StoragePolicy(norm="int8", swiglu="int8"),
+    "attention": StoragePolicy(attention="int8"),
+}
+
+
+def _run_8bit(sequence_parallel=False, kind="norm"):
+    """Loss and full gradients of keep and of an 8-bit policy (fp32), on this TP layout."""
     full = random_full_weights(SMALL, seed=1)
     tokens, labels = next_token_batch(SMALL)
     out = {}
-    for name, policy in (("keep", None), ("int8", StoragePolicy(norm="int8", swiglu="int8"))):
+    for name, policy in (("keep", None), ("int8", POLICIES_8BIT[kind])):
         model = _model(torch.float32, full, policy, sequence_parallel)
         out[name] = loss_and_full_grads(model, tokens, labels)
     return out
@@ -265,17 +276,19 @@ def _assert_8bit_close(results):
     assert_within_8bit_error(flat, exact)
 
 
-def test_norm_8bit_model_gradients_close(single_rank):
-    _assert_8bit_close(_norm_8bit_run())
+@pytest.mark.parametrize("kind", list(POLICIES_8BIT))
+def test_8bit_model_gradients_close(single_rank, kind):
+    _assert_8bit_close(_run_8bit(kind=kind))
 
 
-def _tp_8bit_run(rank, world_size, sequence_parallel):
+def _tp_8bit_run(rank, world_size, sequence_parallel, kind):
     state.initialize_model_parallel(world_size)
-    out = _norm_8bit_run(sequence_parallel)
+    out = _run_8bit(sequence_parallel, kind)
     return out if rank == 0 else None
 
 
 @pytest.mark.distributed
+@pytest.mark.parametrize("kind", list(POLICIES_8BIT))
 @pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp2", "tp2_sp"])
-def test_norm_8bit_model_gradients_close_at_tp2(tmp_path, sequence_parallel):
-    _assert_8bit_close(run_distributed(_tp_8bit_run, 2, tmp_path, sequence_parallel)[0])
+def test_8bit_model_gradients_close_at_tp2(tmp_path, sequence_parallel, kind):
+    _assert_8bit_close(run_distributed(_tp_8bit_run, 2, tmp_path, sequence_parallel, kind)[0])

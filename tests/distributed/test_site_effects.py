@@ -10,6 +10,7 @@ forward + backward (TP = 1). All comparisons are exact: they are counts, not tim
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -115,13 +116,18 @@ def test_plain_words_where_compression_removes_nothing(single_rank):
         line = effect.warning(format_bytes)
         assert line.startswith(f"warning: compressing {effect.site} adds ")
         assert format_bytes(-effect.removed) in line
-    # Under 8-bit attention proj keeps the packed attention output of its own: compressing
-    # proj replaces it by Z and removes bytes; the other sites still add.
-    by_site = {
-        e.site: e for e in site_effects(CONFIG, COMPRESSION, _setting(torch.float32, "int8"))
-    }
-    assert by_site["proj"].removed > 0 and by_site["proj"].warning(format_bytes) is None
-    assert all(by_site[s].removed < 0 for s in ("qkv", "fc1", "fc2"))
+    # Under 8-bit attention on CUDA proj keeps the packed attention output of its own (the
+    # attention keeps q, k, v only and runs SDPA again): compressing proj replaces it by Z and
+    # removes bytes. On CPU the attention keeps the packed output itself (its backward starts
+    # from it), so there every site adds. The other sites add on both.
+    for device_type in ("cuda", "cpu"):
+        setting = dataclasses.replace(_setting(torch.float32, "int8"), device_type=device_type)
+        by_site = {e.site: e for e in site_effects(CONFIG, COMPRESSION, setting)}
+        if device_type == "cuda":
+            assert by_site["proj"].removed > 0 and by_site["proj"].warning(format_bytes) is None
+        else:
+            assert by_site["proj"].removed < 0
+        assert all(by_site[s].removed < 0 for s in ("qkv", "fc1", "fc2"))
     assert site_effects(CONFIG, CompressionConfig(), setting) == []
 
 
@@ -225,6 +231,7 @@ def test_memory_plan_json_and_warnings_equal_site_effects(tmp_path, capsys):
                 dtype_bytes=2,
                 tensor_parallel=2,
                 sequence_parallel=True,
+                device_type="cuda",  # the planner sizes GPUs
             )
             expected = site_effects(
                 model.replace(seq_length=seq), variant.compression(config.compression), setting

@@ -353,6 +353,45 @@ def test_llama_with_8bit_storage_on_device_keeps_the_exact_loss(llama_on_device,
     assert all(torch.isfinite(p.grad).all() for p in quantized.parameters() if p.grad is not None)
 
 
+@pytest.mark.parametrize("policy", ["int8", "fp8"])
+def test_8bit_attention_on_device_runs_sdpa_again_and_bytes_equal_the_prediction(
+    llama_on_device, policy
+):
+    """On CUDA the 8-bit attention keeps packed q, k, v only (no output, no log-sum-exp) and
+    runs the SDPA forward again in backward (``stores_attention_output`` is false there);
+    proj packs its input itself. The saved bytes equal the memory model's
+    ``device_type="cuda"`` formula to the byte."""
+    from actcomp_dist.ablation.measure import masked_mean_loss
+    from actcomp_dist.memory import saved_activation_bytes
+    from actcomp_dist.memory_model import ActivationSetting, predict_saved_activations
+    from actcomp_dist.models import build_llama
+    from actcomp_dist.storage import StoragePolicy, stores_attention_output
+
+    model, tokens = llama_on_device
+    storage = StoragePolicy(attention=policy)
+    quantized = build_llama(model.config, model.compression, storage_policy=storage, device=DEVICE)
+    quantized.load_state_dict(model.state_dict())
+    q = torch.zeros(1, 4, 8, 16, device=DEVICE, dtype=torch.bfloat16)
+    assert not stores_attention_output(q, q, q, False, storage.quantizer("attention"))
+    inputs, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    mask = torch.ones(inputs.shape, device=DEVICE)
+    measured = saved_activation_bytes(
+        lambda: masked_mean_loss(quantized(inputs, labels, mask), mask)
+    )
+    setting = ActivationSetting(
+        micro_batch_size=tokens.shape[0],
+        seq_length=tokens.shape[1] - 1,
+        dtype_bytes=2,
+        rope_positions=model.config.seq_length,
+        storage=storage,
+        device_type="cuda",
+    )
+    predicted = predict_saved_activations(
+        model.config, model.compression, setting, "none", None
+    ).total
+    assert measured == predicted
+
+
 def test_llama_with_lowrank_storage_on_device_is_exact_at_full_rank(single_rank):
     """LoRAct's low-rank storage on the device (cuSOLVER's QR of the bf16 norm outputs and
     ``[gate | up]``): at full rank ``L Q^T`` is the stored tensor up to rounding, so the loss is

@@ -81,7 +81,9 @@ def test_json_equals_the_memory_model_called_directly(memory_plan, tmp_path):
         compression = variant.compression(config.compression)
 
         def plan(batch, seq, variant=variant, compression=compression):
-            setting = variant.activation_setting(config.memory, batch, seq, dtype_bytes=2)
+            setting = variant.activation_setting(
+                config.memory, batch, seq, dtype_bytes=2, device_type="cuda"
+            )
             return plan_memory(
                 model.replace(seq_length=seq),
                 compression,
@@ -186,6 +188,14 @@ def test_cost_model_closed_form_and_ordering():
     )
     assert norm_swiglu.extra == {"storage": pytest.approx(layers * moved / 3e12, rel=1e-12)}
     assert 1.0 < norm_swiglu.ratio() < int8.ratio()
+    # On CPU the 8-bit attention keeps the log-sum-exp and its packed output: no SDPA forward
+    # again, the output (H d per token) dequantised a second time (proj's weight gradient).
+    cpu = Device(peak_flops=1e15, memory_bandwidth=3e12, type="cpu")
+    extra_unpack = layers * 3 * model.num_attention_heads * model.head_dim / 3e12
+    assert _step(model, "int8", seq, device=cpu).extra == {
+        "storage": pytest.approx(pack + extra_unpack, rel=1e-12)
+    }
+    assert _step(model, "int8@norm/swiglu", seq, device=cpu) == norm_swiglu
     # Slower memory makes the 8-bit packing, and only it, dearer.
     slow = Device(peak_flops=1e15, memory_bandwidth=1e12)
     assert _step(model, "int8", seq, device=slow).ratio() > int8.ratio()

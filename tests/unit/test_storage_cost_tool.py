@@ -24,10 +24,11 @@ def test_bytes_removed_per_kind_are_the_int8_closed_form():
     assert removed["norm"] == 2 * (4 * n * h - int8(n * h, h))
     # [gate | up] [n, 2f].
     assert removed["swiglu"] == 4 * n * 2 * f - int8(n * 2 * f, 2 * f)
-    # q, k, v per head ([.., d] rows), the attention output [n, heads d] that proj keeps, and
-    # SDPA's fp32 log-sum-exp per query head, which the 8-bit path does not keep.
+    # q, k, v per head ([.., d] rows) and the attention output [n, heads d] (the attention's
+    # and proj's one copy); SDPA's fp32 log-sum-exp per query head is kept by both (the 8-bit
+    # backward on CPU starts from it).
     qkv = (heads + 2 * groups) * n * d
-    kept = 4 * qkv + 4 * n * heads * d + 4 * n * heads
+    kept = 4 * qkv + 4 * n * heads * d
     assert removed["attention"] == kept - int8(qkv, d) - int8(n * heads * d, heads * d)
 
 

@@ -6,7 +6,10 @@ References:
   :func:`actcomp_dist.storage.element_error_bound` (int8: half a step ``absmax / 254`` per group;
   fp8 e4m3: ``2^-4 |x|`` plus ``2^-10`` of the row scale), bytes exactly ``saved_bytes``.
 - **Mechanism**: the 8-bit backward is the exact backward evaluated at the dequantised copy,
-  bit for bit (FC2 after the SwiGLU; SDPA), and forward results are unchanged.
+  bit for bit (FC2 after the SwiGLU; on the CPU flash kernel SDPA's backward op from the
+  dequantised q, k, v, o and the forward's log-sum-exp, elsewhere SDPA's backward at the
+  dequantised q, k, v after its forward again), and forward results are unchanged. With exact
+  stored tensors the stored-output backward is SDPA's own, bit for bit.
 - **Error against float64**: the exact float64 gradient at the dequantised copy differs from
   the exact float64 gradient at the original by at most a bound derived from the element
   bound (SwiGLU: closed form through ``silu``; attention: the gradient map's Jacobian along the
@@ -23,6 +26,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from actcomp_dist.ablation.variants import VariantError, parse_variant
 from actcomp_dist.models import build_llama, get_model_config
@@ -30,9 +34,11 @@ from actcomp_dist.models.llama import swiglu
 from actcomp_dist.storage import (
     IMPLEMENTED,
     LINEAR_SITES,
+    Quantizer,
     StoragePolicy,
-    attention_with_stored_inputs,
+    attention_with_stored_output,
     element_error_bound,
+    stores_attention_output,
 )
 from actcomp_dist.training.config import ConfigError, run_config_from_dict
 from tests.helpers.storage import fc2_grads
@@ -193,65 +199,194 @@ def _attention64(q, k, v, groups_per_head):
     return scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v
 
 
+def _attention_backward64(q, k, v, o, lse, grad_out, groups_per_head):
+    """SDPA's backward from the stored ``(q, k, v, o, lse)``, written out (what the flash
+    kernel's backward computes): ``P = exp(q k^T / sqrt(d) - lse)`` (causal), ``dV = P^T dO``,
+    ``dS = P (dO V^T - rowsum(dO o))``, ``dQ = dS K / sqrt(d)``, ``dK = dS^T Q / sqrt(d)``;
+    ``dK``, ``dV`` summed over the query heads of each group."""
+    b, heads, s, d = q.shape
+    kx = k.repeat_interleave(groups_per_head, dim=1)
+    vx = v.repeat_interleave(groups_per_head, dim=1)
+    scale = d**-0.5
+    mask = torch.ones(s, s, dtype=torch.bool).tril()
+    p = torch.exp(q @ kx.transpose(-1, -2) * scale - lse[..., None]).masked_fill(~mask, 0.0)
+    dv = p.transpose(-1, -2) @ grad_out
+    ds = p * (grad_out @ vx.transpose(-1, -2) - (grad_out * o).sum(-1, keepdim=True))
+    dq = ds @ kx * scale
+    dk = ds.transpose(-1, -2) @ q * scale
+
+    def per_group(t):
+        return t.view(b, heads // groups_per_head, groups_per_head, s, d).sum(2)
+
+    return dq, per_group(dk), per_group(dv)
+
+
+def _heads_last(x, heads):
+    s, b, width = x.shape
+    return x.view(s, b, heads, width // heads).permute(1, 2, 0, 3)
+
+
+class _ExactPacker(Quantizer):
+    """Stores a copy: the stored-output backward on exact q, k, v, o."""
+
+    name = "exact"
+
+    def pack(self, x):
+        return (x.detach().clone(),)
+
+    def unpack(self, packed, like):
+        return packed[0]
+
+    def saved_bytes(self, numel, last_dim):
+        raise NotImplementedError
+
+
+ATTENTION_SHAPE = {"heads": 4, "groups": 2, "s": 8, "d": 16}
+
+
+def _attention_inputs(dtype=torch.float32, seed=2):
+    heads, groups, s, d = (ATTENTION_SHAPE[k] for k in ("heads", "groups", "s", "d"))
+    generator = torch.Generator().manual_seed(seed)
+    q, k, v = (
+        torch.randn(1, n, s, d, generator=generator).to(dtype) for n in (heads, groups, groups)
+    )
+    grad_out = torch.randn(s, 1, heads * d, generator=generator).to(dtype)  # proj's layout
+    return (q, k, v), grad_out
+
+
+def _attention_grads(inputs, grad_out, quantizer=None):
+    """Output [s, b, heads d] and input gradients: stored by ``quantizer``, or SDPA's own."""
+    leaves = [t.detach().requires_grad_(True) for t in inputs]
+    if quantizer is not None:
+        out = attention_with_stored_output(*leaves, quantizer, enable_gqa=True)
+    else:
+        out4 = F.scaled_dot_product_attention(*leaves, is_causal=True, enable_gqa=True)
+        b, heads, s, d = out4.shape
+        out = out4.permute(2, 0, 1, 3).reshape(s, b, heads * d)
+    out.backward(grad_out)
+    return out, [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_attention_stored_output_backward_is_sdpa_backward_on_exact_inputs(dtype):
+    """With exact q, k, v, o (a copying packer) the backward from the stored output and
+    log-sum-exp is SDPA's own backward bit for bit (the kernel's forward and backward ops are
+    the ones SDPA's autograd runs; GQA without an expanded copy)."""
+    inputs, grad_out = _attention_inputs(dtype)
+    assert stores_attention_output(*inputs, True, _ExactPacker())
+    out, grads = _attention_grads(inputs, grad_out, _ExactPacker())
+    out_sdpa, grads_sdpa = _attention_grads(inputs, grad_out)
+    assert torch.equal(out, out_sdpa)
+    for got, want in zip(grads, grads_sdpa, strict=True):
+        assert torch.equal(got, want)
+
+
+def test_attention_backward_formula_is_sdpa_gradient_in_float64():
+    """The float64 formula the bound below differentiates is SDPA's gradient: at the exact
+    output and log-sum-exp it equals autograd through the written-out float64 attention. Both
+    are float64 (u = 1.1e-16) with reductions of length s = 8 and d = 16 over O(1) terms:
+    their difference is ~1e-15; 1e-12 leaves room, a wrong term is O(1e-1)."""
+    (q, k, v), grad_out = _attention_inputs(torch.float64)
+    ratio = ATTENTION_SHAPE["heads"] // ATTENTION_SHAPE["groups"]
+    heads = ATTENTION_SHAPE["heads"]
+    leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+    out = _attention64(*leaves, ratio)
+    grad4 = _heads_last(grad_out, heads)
+    out.backward(grad4)
+    s, d = q.shape[-2:]
+    kx = k.repeat_interleave(ratio, dim=1)
+    scores = (q @ kx.transpose(-1, -2) / d**0.5).masked_fill(
+        ~torch.ones(s, s, dtype=torch.bool).tril(), float("-inf")
+    )
+    lse = scores.logsumexp(-1)
+    formula = _attention_backward64(q, k, v, out.detach(), lse, grad4, ratio)
+    for got, leaf in zip(formula, leaves, strict=True):
+        assert (got - leaf.grad).abs().max() <= 1e-12
+
+
 @pytest.mark.parametrize("policy", POLICIES_8BIT)
-def test_attention_8bit_backward_is_exact_backward_at_dequantised_and_bounded(policy):
-    heads, groups, s, d = 4, 2, 8, 16
-    generator = torch.Generator().manual_seed(2)
-    q = torch.randn(1, heads, s, d, generator=generator)
-    k = torch.randn(1, groups, s, d, generator=generator)
-    v = torch.randn(1, groups, s, d, generator=generator)
-    grad_out = torch.randn(1, heads, s, d, generator=generator)
+def test_attention_8bit_backward_from_stored_output_and_bounded(policy):
+    """8-bit q, k, v and o with the forward's exact log-sum-exp, no SDPA forward again.
+
+    Mechanism: forward is SDPA's (bit for bit), proj's copy of the output is the attention's
+    packed output (the same tensors), and backward is the flash kernel's backward op on the
+    dequantised q, k, v, o with the forward's log-sum-exp, bit for bit.
+
+    Error against float64: the gradient map ``G(q, k, v, o)`` at the forward's log-sum-exp
+    (:func:`_attention_backward64`), at the stored point and at the dequantised one. By the
+    mean value theorem ``|G(x^) - G(x)| <= sup_t |J(x + t (x^ - x))| |x^ - x|``; the sup over
+    5 points of the segment (G is smooth, the segment short), ``|x^ - x|`` by the element
+    bound of each packed tensor (o's in its packed layout, proj's). The softmax from the
+    dequantised q, k and the exact lse no longer sums to one and ``rowsum(dO o^)`` is not the
+    re-run's: both are first-order in the packing error, which is what the bound charges.
+    Together with the bit-for-bit mechanism this bounds the 8-bit step against float64 (the
+    fp32 rounding is the kernel's, as ``keep``'s)."""
+    inputs, grad_out = _attention_inputs()
     quantizer = StoragePolicy(attention=policy).quantizer("attention")
-
-    def grads(inputs, stored):
-        leaves = [t.detach().requires_grad_(True) for t in inputs]
-        if stored:
-            out = attention_with_stored_inputs(*leaves, quantizer, enable_gqa=True)
-        else:
-            out = F.scaled_dot_product_attention(*leaves, is_causal=True, enable_gqa=True)
-        out.backward(grad_out)
-        return out.detach(), [t.grad for t in leaves]
-
-    out, grads_8bit = grads((q, k, v), stored=True)
-    out_keep, _ = grads((q, k, v), stored=False)
+    heads = ATTENTION_SHAPE["heads"]
+    ratio = heads // ATTENTION_SHAPE["groups"]
+    out, grads_8bit = _attention_grads(inputs, grad_out, quantizer)
+    out_keep, _ = _attention_grads(inputs, grad_out)
     assert torch.equal(out, out_keep)  # forward is SDPA's
-    dequantised = [quantizer.unpack(quantizer.pack(t), t) for t in (q, k, v)]
-    _, grads_deq = grads(dequantised, stored=False)
-    for got, want in zip(grads_8bit, grads_deq, strict=True):
-        assert torch.equal(got, want)  # the keep backward at the dequantised copy
+    stored_by, packed = out.stored_as
+    assert stored_by is quantizer
+    assert all(torch.equal(a, b) for a, b in zip(packed, quantizer.pack(out), strict=True))
 
-    # float64: the gradient map G(q, k, v) at the original and at the dequantised point. By
-    # the mean value theorem |G(x^) - G(x)| <= sup_t |J(x + t (x^ - x))| |x^ - x|; the sup is
-    # taken over 5 points of the segment (G is smooth and the segment is short: the Jacobian
-    # changes by a few percent along it), and |x^ - x| is bounded by the element bound.
-    ratio = heads // groups
-    sizes = [t.numel() for t in (q, k, v)]
+    dequantised = [quantizer.unpack(quantizer.pack(t), t) for t in inputs]
+    out_deq = quantizer.unpack(packed, out)  # [s, b, heads d]
+    _, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(*inputs, is_causal=True)
+    want = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        _heads_last(grad_out, heads), *dequantised, _heads_last(out_deq, heads), lse, 0.0, True
+    )
+    for got, expected in zip(grads_8bit, want, strict=True):
+        assert torch.equal(got, expected)
+
+    stored = [*inputs, out.detach()]
+    restored = [*dequantised, out_deq]
+    sizes = [t.numel() for t in stored]
+    lse64, grad64 = lse.double(), _heads_last(grad_out.double(), heads)
 
     def gradient_map(flat):
-        if not flat.requires_grad:  # evaluated outside jacobian()
-            flat = flat.detach().requires_grad_(True)
-        parts = [p.view_as(t) for p, t in zip(flat.split(sizes), (q, k, v), strict=True)]
-        out = _attention64(*parts, ratio)
-        return torch.cat(
-            [
-                g.reshape(-1)
-                for g in torch.autograd.grad(out, parts, grad_out.double(), create_graph=True)
-            ]
-        )
+        parts = [p.view_as(t) for p, t in zip(flat.split(sizes), stored, strict=True)]
+        q, k, v, o = *parts[:3], _heads_last(parts[3], heads)
+        grads = _attention_backward64(q, k, v, o, lse64, grad64, ratio)
+        return torch.cat([g.reshape(-1) for g in grads])
 
-    x = torch.cat([t.double().reshape(-1) for t in (q, k, v)])
-    x_deq = torch.cat([t.double().reshape(-1) for t in dequantised])
-    delta = torch.cat([element_error_bound(policy, t).reshape(-1) for t in (q, k, v)])
+    x = torch.cat([t.double().reshape(-1) for t in stored])
+    x_deq = torch.cat([t.double().reshape(-1) for t in restored])
+    delta = torch.cat([element_error_bound(policy, t).reshape(-1) for t in stored])
     jacobians = [
-        torch.autograd.functional.jacobian(gradient_map, x + t * (x_deq - x)).abs()
+        torch.autograd.functional.jacobian(gradient_map, x + t * (x_deq - x), vectorize=True).abs()
         for t in (0.0, 0.25, 0.5, 0.75, 1.0)
     ]
     bound = torch.stack(jacobians).amax(0) @ delta
-    error = (gradient_map(x_deq) - gradient_map(x)).detach().abs()
+    error = (gradient_map(x_deq) - gradient_map(x)).abs()
     assert (error <= bound).all()
     assert error.max() > 1e-3 * bound.max()  # not vacuous
-    # The fp32 rounding of the 8-bit step is SDPA's own backward's (bit-identical to the keep
-    # path at the dequantised point, asserted above): the policy adds none.
+
+
+@pytest.mark.parametrize("policy", POLICIES_8BIT)
+def test_attention_8bit_forward_again_off_the_flash_kernel(policy):
+    """Where the kernel keeps no log-sum-exp (here the math kernel; on CUDA always) the
+    attention keeps packed q, k, v only and backward is SDPA's backward at the dequantised
+    copies, bit for bit; proj packs the output itself (``stored_as`` is ``None``)."""
+    inputs, grad_out = _attention_inputs()
+    quantizer = StoragePolicy(attention=policy).quantizer("attention")
+    with sdpa_kernel(SDPBackend.MATH):
+        assert not stores_attention_output(*inputs, True, quantizer)
+        out, grads_8bit = _attention_grads(inputs, grad_out, quantizer)
+        out_keep, _ = _attention_grads(inputs, grad_out)
+        dequantised = [quantizer.unpack(quantizer.pack(t), t) for t in inputs]
+        _, grads_deq = _attention_grads(dequantised, grad_out)
+    assert out.stored_as is None
+    assert torch.equal(out, out_keep)
+    for got, want in zip(grads_8bit, grads_deq, strict=True):
+        assert torch.equal(got, want)
+    # Autocast casts SDPA's inputs, not the kernel's op: the forward again keeps SDPA's result.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not stores_attention_output(*inputs, True, quantizer)
+        out, _ = _attention_grads(inputs, grad_out, quantizer)
+        assert out.dtype == torch.bfloat16 and out.stored_as is None
 
 
 # ----------------------------------------------------------------------------- the model
