@@ -1,7 +1,7 @@
 """Damaged checkpoints and data files met by a real 2-rank run: refused, nothing touched.
 
 Gloo ranks forked by :func:`tests.helpers.distributed.run_distributed` run the launcher's own ``main``
-(the ``compact`` model of ``tests/integration/test_pretrain.py``). A good 2-step run leaves a checkpoint;
+(the ``compact`` model of ``tests/helpers/runs.py``). A good 2-step run leaves a checkpoint;
 copies of its run directory are damaged three ways (a flipped byte in DeepSpeed's model
 states, a truncated per-rank file, a marker that is not JSON) and resumed with
 ``checkpoint.resume=latest``; a copy of the corpus with a truncated ``.bin`` is trained on.
@@ -22,10 +22,8 @@ import pytest
 import torch
 
 from tests.helpers.distributed import run_distributed
-from tests.integration import test_pretrain
-from tests.integration.test_pretrain import _config, _flip_a_byte, _tree_hashes, _truncate
-
-corpus = test_pretrain.corpus  # the module-scoped corpus fixture, shared
+from tests.helpers.runs import tiny_config
+from tests.integration.test_pretrain import _flip_a_byte, _tree_hashes, _truncate
 
 STEP = "step_0000002"
 DAMAGE = {
@@ -79,7 +77,7 @@ def _damaged_rank(rank: int, world_size: int, config_file: str, bad_prefix: str)
 
 @pytest.mark.distributed
 def test_damaged_checkpoints_and_data_are_refused_on_every_rank(tmp_path, corpus):
-    raw = _config(tmp_path / "good", corpus, "train.steps=2", "train.eval_interval=0")
+    raw = tiny_config(tmp_path / "good", corpus, "train.steps=2", "train.eval_interval=0")
     config_file = tmp_path / "config.json"
     config_file.write_text(json.dumps(raw))
     prefix = json.loads(corpus[0].split("=", 1)[1])[0]

@@ -27,10 +27,8 @@ from actcomp_dist.training.watchdog import (
     poll_interval,
     process_group_timeout,
 )
-from tests.integration import test_pretrain
-from tests.integration.test_pretrain import ROOT, _config, _launch, _rank_pid, _wait, _wait_for_step
-
-corpus = test_pretrain.corpus  # the module-scoped corpus fixture, shared
+from tests.helpers.runs import ROOT, tiny_config
+from tests.integration.test_pretrain import _launch, _rank_pid, _wait, _wait_for_step
 
 TIMEOUT_S = 10  # train.collective_timeout_s of the test run; a tiny step takes ~0.1 s
 
@@ -42,7 +40,7 @@ def test_sigstop_of_one_rank_stops_the_job_naming_it(tmp_path, corpus):
     (and slack), that rank 1 (its pid) stopped responding and exits with code 4; the launcher
     then ends the job with that code. Every checkpoint that was complete stays complete and verifies."""
     run_dir = tmp_path / "run"
-    raw = _config(
+    raw = tiny_config(
         run_dir,
         corpus,
         "train.steps=100000",

@@ -2,7 +2,7 @@
 
 Faults are injected into real runs (2 gloo ranks forked by :func:`tests.helpers.distributed.run_distributed`,
 the launcher's own ``main`` so exit codes and messages are the ones a user sees, DeepSpeed
-ZeRO 0 and 1, the ``compact`` model on the small test corpus of ``tests/integration/test_pretrain.py``):
+ZeRO 0 and 1, the ``compact`` model on the small test corpus of ``tests/conftest.py``):
 
 - a NaN written into one weight on one rank (a memory fault, a corrupted shard): every step's
   loss is NaN on that rank;
@@ -35,10 +35,8 @@ from actcomp_dist.training.config import load_run_config
 from actcomp_dist.training.guard import NONFINITE_EXIT_CODE, NonFiniteGuard
 from actcomp_dist.training.schedule import learning_rate
 from tests.helpers.distributed import run_distributed
-from tests.integration import test_pretrain
-from tests.integration.test_pretrain import ROOT, _config, _srun_ranks, _tree_hashes, _wait
-
-corpus = test_pretrain.corpus  # the module-scoped corpus fixture, shared
+from tests.helpers.runs import ROOT, tiny_config
+from tests.integration.test_pretrain import _srun_ranks, _tree_hashes, _wait
 
 
 def _strict(line: str) -> dict:
@@ -176,7 +174,7 @@ def test_non_finite_loss_stops_without_saving_and_the_good_checkpoint_resumes(tm
     logs step 3 as skipped with ``loss: null``. The same command without the fault resumes
     from step 2 and finishes, and its record of step 3 replaces the diverged one."""
     run_dir = tmp_path / "run"
-    raw = _config(
+    raw = tiny_config(
         run_dir,
         corpus,
         "train.eval_interval=0",
@@ -253,7 +251,7 @@ def test_skip_policy_leaves_the_state_alone_counts_and_stops_after_n(tmp_path, c
     after it; every metrics line is strict JSON."""
     files = []
     for name, overrides in SKIP_LAYOUTS.items():
-        raw = _config(
+        raw = tiny_config(
             tmp_path / name,
             corpus,
             *overrides,
@@ -345,7 +343,7 @@ def test_second_run_on_a_busy_run_dir_is_refused_and_the_first_goes_on(tmp_path,
     code 2 and one line naming the holder's host and pid; the first run then stops cleanly
     (stop file), with every step logged once and its checkpoint, and removes its lock."""
     run_dir = tmp_path / "run"
-    raw = _config(run_dir, corpus, "train.steps=10000", "train.eval_interval=0")
+    raw = tiny_config(run_dir, corpus, "train.steps=10000", "train.eval_interval=0")
     config_file = _write_config(tmp_path / "config.json", raw)
     command = [sys.executable, "launch/pretrain.py", "--config", str(config_file)]
     with open(tmp_path / "first.log", "w") as log:
@@ -396,7 +394,7 @@ def test_lock_decided_by_rank_0_reaches_every_rank_and_a_stale_lock_is_taken_ove
     by a live process on this host refuses the run on both ranks (exit 2, the lock left
     alone); a lock whose process is gone is taken over with a message, the run trains, and
     the lock is removed at the end."""
-    raw = _config(tmp_path / "run", corpus, "train.steps=1", "train.eval_interval=0")
+    raw = tiny_config(tmp_path / "run", corpus, "train.steps=1", "train.eval_interval=0")
     config_file = _write_config(tmp_path / "config.json", raw)
     finished = subprocess.Popen(["true"])
     finished.wait()  # its pid is now free (and not reused within this test, in practice)
@@ -500,7 +498,7 @@ def test_a_save_without_the_disk_space_is_refused_on_every_rank_before_writing(t
     with both numbers, nothing written, the previous checkpoint intact."""
     from actcomp_dist.models import LlamaConfig, parameter_count
 
-    raw = _config(
+    raw = tiny_config(
         tmp_path / "run",
         corpus,
         "train.eval_interval=0",

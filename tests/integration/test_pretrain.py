@@ -46,16 +46,21 @@ import psutil
 import pytest
 import torch
 
-from actcomp_dist.data.corpus import ensure_embedded_corpus
 from actcomp_dist.subspace import is_subspace_parameter
-from actcomp_dist.training.config import apply_overrides, load_run_config
+from actcomp_dist.training.config import load_run_config
 from actcomp_dist.training.schedule import learning_rate
 from tests.helpers.distributed import run_distributed
+from tests.helpers.runs import (
+    ROOT,
+    TINY,
+    VOCAB,
+    compared_fields,
+    read_metrics,
+    tiny_config,
+    train_rank,
+)
 from tests.helpers.tolerances import assert_as_accurate_as, gamma
 
-ROOT = Path(__file__).resolve().parents[2]
-TINY = ROOT / "configs" / "tiny_compact.json"
-VOCAB = 512  # the test corpus's tokenizer; the tiny model pads it to 512 (a multiple of 128)
 METRIC_KEYS = {
     "step",
     "loss",
@@ -65,7 +70,6 @@ METRIC_KEYS = {
     "step_time_s",
     "saved_activation_bytes",
 }
-COMPARED = ("loss", "lr", "grad_norm", "val_loss", "saved_activation_bytes")
 
 # Tolerances between runs that compute the same fp32 sums in another order (another ZeRO stage,
 # TP layout or activation-checkpointing mode). A ZeRO stage at DP 2 changes no forward or
@@ -84,49 +88,6 @@ COMPARED = ("loss", "lr", "grad_norm", "val_loss", "saved_activation_bytes")
 # Where the whole trajectory matters (gradient norms, the weights after Adam steps, bf16 against
 # fp32) the runs are compared with the model's float64 replay instead: :func:`_replay`.
 LOSS_ATOL = 2 * gamma(VOCAB, torch.float32)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> list[str]:
-    """The embedded corpus, small (107 modules, 112 k tokens): ``data.*`` overrides for it."""
-    built = ensure_embedded_corpus(
-        tmp_path_factory.mktemp("corpus"), vocab_size=VOCAB, max_bytes=200_000
-    )
-    return [
-        f"data.paths={json.dumps([built.data_prefix])}",
-        f"data.tokenizer={built.tokenizer_model}",
-    ]
-
-
-def _config(run_dir: Path, corpus: list[str], *overrides: str) -> dict:
-    """tiny_compact.json for a short test run in ``run_dir``, plus ``overrides``."""
-    raw = json.loads(TINY.read_text())
-    base = [
-        f"run_dir={run_dir}",
-        *corpus,
-        "train.steps=6",
-        "train.eval_interval=3",
-        "logging.interval=1",
-        "compression.resample_every=2",
-    ]
-    return apply_overrides(raw, base + list(overrides))
-
-
-def _metrics(run_dir: Path) -> list[dict]:
-    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines]
-
-
-def _compared(records: list[dict]) -> list[dict]:
-    return [{k: r.get(k) for k in ("step", *COMPARED)} for r in records]
-
-
-def _train_rank(rank: int, world_size: int, raws: list[dict]) -> list[list[dict]]:
-    """Run ``run_pretraining`` once per config, one after the other; the per-step records."""
-    from actcomp_dist.training.config import run_config_from_dict
-    from actcomp_dist.training.trainer import run_pretraining
-
-    return [run_pretraining(run_config_from_dict(raw)).history for raw in raws]
 
 
 def _losses(history: list[dict]) -> torch.Tensor:
@@ -358,7 +319,7 @@ def test_zero_stages_and_tensor_parallel_match_plain_data_parallel(tmp_path, cor
     ``none`` at every layout: bit for bit the fp32 replay's), norms 0.01-0.47 (ZeRO 0 computes
     its norm as the replay does: 0.44-0.47)."""
     raws = [
-        _config(tmp_path / name, corpus, "train.eval_interval=0", *overrides)
+        tiny_config(tmp_path / name, corpus, "train.eval_interval=0", *overrides)
         for name, overrides in LAYOUTS.items()
     ]
     replays = [{} if name.endswith("zero0") else None for name in LAYOUTS]
@@ -417,14 +378,14 @@ def test_resume_from_step_3_repeats_steps_4_to_6_exactly(tmp_path, corpus, case)
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     step3 = full / "checkpoints" / "step_0000003"
     raws = [
-        _config(full, corpus, *overrides),
-        _config(resumed, corpus, *overrides, f"checkpoint.resume={step3}"),
+        tiny_config(full, corpus, *overrides),
+        tiny_config(resumed, corpus, *overrides, f"checkpoint.resume={step3}"),
     ]
-    run_distributed(_train_rank, 2, tmp_path, raws, timeout=300)
+    run_distributed(train_rank, 2, tmp_path, raws, timeout=300)
 
-    reference, after_resume = _metrics(full), _metrics(resumed)
+    reference, after_resume = read_metrics(full), read_metrics(resumed)
     assert [r["step"] for r in reference] == [1, 2, 3, 4, 5, 6]
-    assert _compared(after_resume) == _compared(reference[3:])
+    assert compared_fields(after_resume) == compared_fields(reference[3:])
     assert "val_loss" in after_resume[-1]
     for path in (
         step3,
@@ -460,7 +421,7 @@ def test_stop_file_checkpoints_at_the_next_step_and_the_run_resumes(tmp_path, co
     a finished run trains nothing and writes no new checkpoint. Resuming the older checkpoint
     in the same run dir redoes steps 2-3 identically, and metrics.jsonl keeps each step once."""
     run_dir = tmp_path / "run"
-    raw = _config(run_dir, corpus, "train.steps=3", "train.eval_interval=0")
+    raw = tiny_config(run_dir, corpus, "train.steps=3", "train.eval_interval=0")
     stopped, stop_file_left, finished, again, redo = run_distributed(
         _stop_file_rank, 2, tmp_path, raw, str(run_dir / "STOP"), timeout=300
     )[0]
@@ -471,8 +432,10 @@ def test_stop_file_checkpoints_at_the_next_step_and_the_run_resumes(tmp_path, co
     assert (again.steps_done, again.history) == (3, [])
     names = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
     assert names == ["step_0000001", "step_0000003"]
-    assert _compared(redo.history) == _compared(finished.history)
-    assert _compared(_metrics(run_dir)) == _compared(stopped.history + finished.history)
+    assert compared_fields(redo.history) == compared_fields(finished.history)
+    assert compared_fields(read_metrics(run_dir)) == compared_fields(
+        stopped.history + finished.history
+    )
 
 
 # -- activation checkpointing ----------------------------------------------------------------
@@ -502,7 +465,7 @@ def test_activation_checkpointing_modes_match_and_saved_bytes_fall(tmp_path, cor
         "compact_full": ["activation_checkpointing.mode=full"],
     }
     raws = [
-        _config(
+        tiny_config(
             tmp_path / name,
             corpus,
             "train.steps=3",
@@ -512,7 +475,7 @@ def test_activation_checkpointing_modes_match_and_saved_bytes_fall(tmp_path, cor
         )
         for name, overrides in runs.items()
     ]
-    results = run_distributed(_train_rank, 1, tmp_path, raws, timeout=300)[0]
+    results = run_distributed(train_rank, 1, tmp_path, raws, timeout=300)[0]
     histories = dict(zip(runs, results, strict=True))
     reference = _losses(histories["none"])
     for name in ("none_selective", "none_full", "none_full_1"):
@@ -561,7 +524,7 @@ def test_deepspeed_subspace_path_is_the_subspace_adamw_rule(tmp_path, corpus):
     the model's float64 replay (``model.double()``): norms and weights after 3 Adam steps as
     accurate as the fp32 replay against the float64 one."""
     raws = [
-        _config(
+        tiny_config(
             tmp_path / f"zero{stage}",
             corpus,
             "compression.grad_mode=subspace",
@@ -668,7 +631,7 @@ def test_lr_scale_steps_each_group_at_its_factor_and_ones_change_nothing(tmp_pat
         "none": [],
         "ones": ['train.lr_scale={"default": 1, "qkv": 1.0}'],
     }
-    raws = [_config(tmp_path / name, corpus, *steps, *o) for name, o in runs.items()]
+    raws = [tiny_config(tmp_path / name, corpus, *steps, *o) for name, o in runs.items()]
     replay = [name.startswith("zero") for name in runs]
     results = run_distributed(_lr_scale_rank, 2, tmp_path, raws, replay, timeout=300)[0]
     by_name = dict(zip(runs, results, strict=True))
@@ -691,7 +654,7 @@ def test_lr_scale_steps_each_group_at_its_factor_and_ones_change_nothing(tmp_pat
         ours = {n: result["trained"][n] for n in exact}
         assert_as_accurate_as(ours, replay, exact, torch.float32, name)
     none, ones = by_name["none"], by_name["ones"]
-    assert _compared(ones["history"]) == _compared(none["history"])
+    assert compared_fields(ones["history"]) == compared_fields(none["history"])
     assert [[lr for _, lr in g] for g in ones["groups"]] == [
         [lr for _, lr in g] for g in none["groups"]
     ]
@@ -738,9 +701,9 @@ def test_bf16_subspace_keeps_fp32_masters_of_the_compressed_weights(tmp_path, co
     keeps the master of its half of the rows only."""
     common = ["compression.grad_mode=subspace", "train.steps=3", "train.eval_interval=0"]
     raws = [
-        _config(tmp_path / "fp32", corpus, *common),
-        _config(tmp_path / "bf16_zero1", corpus, *common, "train.precision=bf16"),
-        _config(
+        tiny_config(tmp_path / "fp32", corpus, *common),
+        tiny_config(tmp_path / "bf16_zero1", corpus, *common, "train.precision=bf16"),
+        tiny_config(
             tmp_path / "bf16_zero2",
             corpus,
             *common,
@@ -832,7 +795,7 @@ def launched_run(tmp_path_factory, corpus) -> dict:
     a checkpoint and a validation loss every 4 steps."""
     tmp = tmp_path_factory.mktemp("launched")
     config_file = tmp / "config.json"
-    config_file.write_text(json.dumps(_config(tmp / "run", corpus)))
+    config_file.write_text(json.dumps(tiny_config(tmp / "run", corpus)))
     log = tmp / "launcher.log"
     port = _free_port()
     returncode = _wait(_launch(config_file, LAUNCHED, log, port))
@@ -873,7 +836,7 @@ def test_launcher_trains_the_tiny_config(launched_run):
     RUN_DIR/config.json; complete checkpoints every 4 steps; a progress line per step."""
     assert launched_run["returncode"] == 0, launched_run["output"][-3000:]
     run_dir = launched_run["run_dir"]
-    records = _metrics(run_dir)
+    records = read_metrics(run_dir)
     assert [r["step"] for r in records] == list(range(1, LAUNCHED_STEPS + 1))
     _assert_loss_falls(records)
     config = load_run_config(launched_run["config_file"], LAUNCHED)
@@ -982,7 +945,7 @@ def test_sigterm_to_one_rank_checkpoints_and_resume_matches(launched_run, tmp_pa
         returncode = _wait(launcher)
     output = (tmp_path / "preempted.log").read_text()
     assert returncode == 0, output[-3000:]
-    stopped_at = _metrics(run_dir)[-1]["step"]
+    stopped_at = read_metrics(run_dir)[-1]["step"]
     assert 2 <= stopped_at < LAUNCHED_STEPS
     assert f"preemption requested: saving at step {stopped_at} and exiting" in output
     # Every rank knows it stopped; rank 0 alone says so, and sums the run up.
@@ -996,7 +959,9 @@ def test_sigterm_to_one_rank_checkpoints_and_resume_matches(launched_run, tmp_pa
         f"resumed from {run_dir / 'checkpoints'}/step_{stopped_at:07d}"
         in (tmp_path / "resumed.log").read_text()
     )
-    assert _compared(_metrics(run_dir)) == _compared(_metrics(launched_run["run_dir"]))
+    assert compared_fields(read_metrics(run_dir)) == compared_fields(
+        read_metrics(launched_run["run_dir"])
+    )
 
 
 # -- bad inputs --------------------------------------------------------------------------------
@@ -1231,7 +1196,7 @@ def test_allowed_change_resumes_and_is_logged(launched_run, tmp_path):
     ]
     ranks = _srun_ranks(launched_run["config_file"], overrides, tmp_path)
     assert [_wait(process, timeout=180) for process in ranks] == [0, 0]
-    record = _metrics(run_dir)[-1]
+    record = read_metrics(run_dir)[-1]
     assert record["step"] == LAUNCHED_STEPS + 1
     assert record["resume_changed"] == {
         "train.steps": [LAUNCHED_STEPS, LAUNCHED_STEPS + 1],
