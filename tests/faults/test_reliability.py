@@ -35,8 +35,9 @@ from actcomp_dist.training.config import load_run_config
 from actcomp_dist.training.guard import NONFINITE_EXIT_CODE, NonFiniteGuard
 from actcomp_dist.training.schedule import learning_rate
 from tests.helpers.distributed import run_distributed
+from tests.helpers.launcher import srun_ranks, wait_or_kill
 from tests.helpers.runs import ROOT, tiny_config
-from tests.integration.test_pretrain import _srun_ranks, _tree_hashes, _wait
+from tests.integration.test_pretrain import _tree_hashes
 
 
 def _strict(line: str) -> dict:
@@ -354,10 +355,10 @@ def test_second_run_on_a_busy_run_dir_is_refused_and_the_first_goes_on(tmp_path,
         _wait_for_metrics(run_dir, first)
         lock = json.loads((run_dir / "LOCK").read_text())
         assert (lock["host"], lock["pid"]) == (socket.gethostname(), first.pid)
-        second = _srun_ranks(config_file, [], tmp_path)
-        codes = [_wait(process, timeout=120) for process in second]
+        second = srun_ranks(config_file, [], tmp_path)
+        codes = [wait_or_kill(process, timeout=120) for process in second]
         (run_dir / "STOP").touch()
-        assert _wait(first, timeout=120) == 0, (tmp_path / "first.log").read_text()[-3000:]
+        assert wait_or_kill(first, timeout=120) == 0, (tmp_path / "first.log").read_text()[-3000:]
     finally:
         if first.poll() is None:
             first.kill()

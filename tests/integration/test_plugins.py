@@ -28,8 +28,8 @@ import pytest
 import torch
 
 from actcomp_dist.compression.registry import COMPRESSORS
+from tests.helpers.launcher import launch_deepspeed, srun_ranks, startup_saved_bytes, wait_or_kill
 from tests.helpers.runs import ROOT, TINY, read_metrics, tiny_config
-from tests.integration.test_pretrain import _launch, _srun_ranks, _wait, startup_saved_bytes
 
 PLUGIN = "leading_features_method"
 PLUGIN_SOURCE = '''
@@ -161,7 +161,7 @@ def test_plugin_trains_through_the_launcher_with_predicted_bytes(tmp_path, plugi
     env_path = os.pathsep.join([str(plugin_dir), os.environ.get("PYTHONPATH", str(ROOT))])
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("PYTHONPATH", env_path)  # inherited by the launcher and its ranks
-        returncode = _wait(_launch(config_file, [], log))
+        returncode = wait_or_kill(launch_deepspeed(config_file, [], log))
     output = log.read_text()
     assert returncode == 0, output[-3000:]
     measured, predicted, uncompressed = startup_saved_bytes(output)
@@ -237,10 +237,10 @@ def test_bad_plugin_fails_on_every_rank_and_in_the_tools(tmp_path, plugin_dir, c
     raw = tiny_config(tmp_path / "run", corpus, 'plugins=["no_such_plugin_module"]')
     config_file = tmp_path / "config.json"
     config_file.write_text(json.dumps(raw))
-    ranks = _srun_ranks(config_file, [], tmp_path)
+    ranks = srun_ranks(config_file, [], tmp_path)
     message = "plugins: cannot import module 'no_such_plugin_module' (ModuleNotFoundError"
     for rank, process in enumerate(ranks):
-        assert _wait(process, timeout=120) == 2, rank
+        assert wait_or_kill(process, timeout=120) == 2, rank
         err = (tmp_path / f"rank{rank}.err").read_text()
         assert f"error (rank {rank}/2): " in err and message in err, err
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err

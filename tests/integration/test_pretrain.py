@@ -36,13 +36,8 @@ import os
 import re
 import shutil
 import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 
@@ -50,8 +45,16 @@ from actcomp_dist.subspace import is_subspace_parameter
 from actcomp_dist.training.config import load_run_config
 from actcomp_dist.training.schedule import learning_rate
 from tests.helpers.distributed import run_distributed
+from tests.helpers.launcher import (
+    free_port,
+    launch_deepspeed,
+    rank_pid,
+    srun_ranks,
+    startup_saved_bytes,
+    wait_for_step,
+    wait_or_kill,
+)
 from tests.helpers.runs import (
-    ROOT,
     TINY,
     VOCAB,
     compared_fields,
@@ -745,46 +748,6 @@ def test_bf16_subspace_keeps_fp32_masters_of_the_compressed_weights(tmp_path, co
 # -- through the deepspeed launcher --------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _launch(
-    config_file: Path, overrides: list[str], log: Path, port: int | None = None
-) -> subprocess.Popen:
-    """``deepspeed --num_gpus 2 launch/pretrain.py --config FILE --set ...`` (in its own
-    process group, so a hang can be killed whole)."""
-    command = [
-        sys.executable,
-        "-m",
-        "deepspeed.launcher.runner",
-        "--master_port",
-        str(port or _free_port()),
-        "--num_gpus",
-        "2",
-        "launch/pretrain.py",
-        "--config",
-        str(config_file),
-    ]
-    for override in overrides:
-        command += ["--set", override]
-    with open(log, "w") as stream:
-        return subprocess.Popen(
-            command, cwd=ROOT, stdout=stream, stderr=subprocess.STDOUT, start_new_session=True
-        )
-
-
-def _wait(process: subprocess.Popen, timeout: float = 300) -> int:
-    try:
-        return process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-        raise
-
-
 LAUNCHED_STEPS = 16
 LAUNCHED = [f"train.steps={LAUNCHED_STEPS}", "checkpoint.interval=4", "train.eval_interval=4"]
 
@@ -797,8 +760,8 @@ def launched_run(tmp_path_factory, corpus) -> dict:
     config_file = tmp / "config.json"
     config_file.write_text(json.dumps(tiny_config(tmp / "run", corpus)))
     log = tmp / "launcher.log"
-    port = _free_port()
-    returncode = _wait(_launch(config_file, LAUNCHED, log, port))
+    port = free_port()
+    returncode = wait_or_kill(launch_deepspeed(config_file, LAUNCHED, log, port))
     return {
         "returncode": returncode,
         "port": port,
@@ -887,46 +850,6 @@ def test_launcher_trains_the_tiny_config(launched_run):
     assert abs(float(match.group(1)) - float(match.group(2))) <= 0.05 * float(match.group(2))
 
 
-def startup_saved_bytes(output: str) -> tuple[str, str, str]:
-    """The start-up report's saved bytes per micro-batch: measured, predicted, uncompressed."""
-    match = re.search(
-        r"saved activations per micro-batch \(per rank\): measured (.+?), predicted (.+?); "
-        r"uncompressed (.+?) -> compression (saves|adds)",
-        output,
-    )
-    assert match, output[-3000:]
-    return match.group(1), match.group(2), match.group(3)
-
-
-def _rank_pid(launcher: subprocess.Popen, rank: int, timeout: float = 120) -> int:
-    """The pid of the launcher's child process with ``RANK=rank``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for child in psutil.Process(launcher.pid).children(recursive=True):
-            try:
-                command = " ".join(child.cmdline())
-                if child.environ().get("RANK") == str(rank) and "pretrain.py" in command:
-                    return child.pid
-            except psutil.Error:
-                continue
-        assert launcher.poll() is None, "the launcher exited before its ranks were found"
-        time.sleep(0.05)
-    raise TimeoutError(f"no rank {rank} process under the launcher after {timeout} s")
-
-
-def _wait_for_step(run_dir: Path, step: int, launcher: subprocess.Popen, timeout: float = 120):
-    deadline = time.monotonic() + timeout
-    metrics = run_dir / "metrics.jsonl"
-    while time.monotonic() < deadline:
-        if metrics.is_file():
-            lines = metrics.read_text().splitlines()
-            if lines and json.loads(lines[-1])["step"] >= step:
-                return
-        assert launcher.poll() is None, "the run ended before the signal could be sent"
-        time.sleep(0.01)
-    raise TimeoutError(f"step {step} not logged after {timeout} s")
-
-
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_sigterm_to_one_rank_checkpoints_and_resume_matches(launched_run, tmp_path):
@@ -936,13 +859,13 @@ def test_sigterm_to_one_rank_checkpoints_and_resume_matches(launched_run, tmp_pa
     assert launched_run["returncode"] == 0
     run_dir = tmp_path / "run"
     overrides = [*LAUNCHED, f"run_dir={run_dir}"]
-    launcher = _launch(launched_run["config_file"], overrides, tmp_path / "preempted.log")
+    launcher = launch_deepspeed(launched_run["config_file"], overrides, tmp_path / "preempted.log")
     try:
-        rank1 = _rank_pid(launcher, 1)
-        _wait_for_step(run_dir, 2, launcher)
+        rank1 = rank_pid(launcher, 1)
+        wait_for_step(run_dir, 2, launcher)
         os.kill(rank1, signal.SIGTERM)
     finally:
-        returncode = _wait(launcher)
+        returncode = wait_or_kill(launcher)
     output = (tmp_path / "preempted.log").read_text()
     assert returncode == 0, output[-3000:]
     stopped_at = read_metrics(run_dir)[-1]["step"]
@@ -953,8 +876,8 @@ def test_sigterm_to_one_rank_checkpoints_and_resume_matches(launched_run, tmp_pa
     assert output.count(f"stopped early (preemption): step {stopped_at}/{LAUNCHED_STEPS}") == 1
     assert (run_dir / "checkpoints" / f"step_{stopped_at:07d}" / "COMPLETE").is_file()
 
-    resume = _launch(launched_run["config_file"], overrides, tmp_path / "resumed.log")
-    assert _wait(resume) == 0, (tmp_path / "resumed.log").read_text()[-3000:]
+    resume = launch_deepspeed(launched_run["config_file"], overrides, tmp_path / "resumed.log")
+    assert wait_or_kill(resume) == 0, (tmp_path / "resumed.log").read_text()[-3000:]
     assert (
         f"resumed from {run_dir / 'checkpoints'}/step_{stopped_at:07d}"
         in (tmp_path / "resumed.log").read_text()
@@ -995,28 +918,6 @@ def _set_format_version(path: Path, version: int) -> None:
     marker = json.loads((path / "COMPLETE").read_text())
     assert marker["format_version"] == 1  # what a save records
     (path / "COMPLETE").write_text(json.dumps({**marker, "format_version": version}))
-
-
-def _srun_ranks(config_file: Path, overrides: list[str], log_dir: Path) -> list[subprocess.Popen]:
-    """Two ranks started the way ``srun`` starts them: each with its SLURM_PROCID."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(SLURM_NTASKS="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    command = [sys.executable, "launch/pretrain.py", "--config", str(config_file)]
-    for override in overrides:
-        command += ["--set", override]
-    processes = []
-    for rank in range(2):
-        env_rank = dict(env, SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank))
-        with (
-            open(log_dir / f"rank{rank}.out", "w") as out,
-            open(log_dir / f"rank{rank}.err", "w") as err,
-        ):
-            processes.append(
-                subprocess.Popen(
-                    command, cwd=ROOT, env=env_rank, stdout=out, stderr=err, start_new_session=True
-                )
-            )
-    return processes
 
 
 BAD_INPUTS = {
@@ -1155,7 +1056,7 @@ def test_bad_inputs_fail_on_every_rank_and_change_nothing(launched_run, tmp_path
         for name, (ranks, run_dir, before) in started.items():
             message = BAD_INPUTS[name][2]
             for rank, process in enumerate(ranks):
-                assert _wait(process, timeout=120) == 2, (name, rank)
+                assert wait_or_kill(process, timeout=120) == 2, (name, rank)
                 err = (tmp_path / name / f"rank{rank}.err").read_text()
                 assert f"error (rank {rank}/2): " in err and message in err, (name, err)
                 assert "Traceback" not in err, (name, err)
@@ -1175,7 +1076,7 @@ def _start_bad_input(name: str, launched_run: dict, tmp_path: Path) -> tuple:
         prepare(run_dir / "checkpoints")
     before = _tree_hashes(run_dir) if run_dir.exists() else None
     config = launched_run["config_file"]
-    ranks = _srun_ranks(config, [*overrides, f"run_dir={run_dir}"], case_dir)
+    ranks = srun_ranks(config, [*overrides, f"run_dir={run_dir}"], case_dir)
     return ranks, run_dir, before
 
 
@@ -1194,8 +1095,8 @@ def test_allowed_change_resumes_and_is_logged(launched_run, tmp_path):
         "train.seed=7",
         'checkpoint.allow_changes=["train.seed"]',
     ]
-    ranks = _srun_ranks(launched_run["config_file"], overrides, tmp_path)
-    assert [_wait(process, timeout=180) for process in ranks] == [0, 0]
+    ranks = srun_ranks(launched_run["config_file"], overrides, tmp_path)
+    assert [wait_or_kill(process, timeout=180) for process in ranks] == [0, 0]
     record = read_metrics(run_dir)[-1]
     assert record["step"] == LAUNCHED_STEPS + 1
     assert record["resume_changed"] == {
@@ -1215,11 +1116,11 @@ def test_launcher_exits_non_zero_on_a_changed_compression_config(launched_run, t
     _copy_run(launched_run["run_dir"], run_dir)
     before = _tree_hashes(run_dir)
     log = tmp_path / "launcher.log"
-    launcher = _launch(
+    launcher = launch_deepspeed(
         launched_run["config_file"],
         [*LAUNCHED, f"run_dir={run_dir}", "compression.method=lowrank"],
         log,
     )
-    assert _wait(launcher, timeout=120) != 0
+    assert wait_or_kill(launcher, timeout=120) != 0
     assert "method: checkpoint 'compact' -> config 'lowrank'" in log.read_text()
     assert _tree_hashes(run_dir) == before
