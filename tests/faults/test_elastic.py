@@ -27,7 +27,7 @@ loss change, well inside :data:`NORM_RTOL` of the loss. After a TP change the ro
 products and the vocabulary's softmax are summed in another order too: the resumed run and the
 run it continues (at TP 2) are each as accurate as an fp32 replay of the 4 steps (with the
 optimizer state reset at step 2 where the resume resets it), all against the model's float64
-replay (``tests/integration/test_pretrain.py`` ``_replay``).
+replay (``tests/helpers/replay.py`` ``replay_run``).
 """
 
 from __future__ import annotations
@@ -43,12 +43,12 @@ import torch
 
 from actcomp_dist.models import get_model_config, parameter_count
 from tests.helpers.distributed import run_distributed
-from tests.helpers.runs import read_metrics, tiny_config, train_rank
-from tests.integration.test_pretrain import (
-    _assert_as_accurate_as_replay,
-    _replayed,
-    _train_and_replay_rank,
+from tests.helpers.replay import (
+    assert_as_accurate_as_replay,
+    fp32_and_float64_replays,
+    train_and_replay_rank,
 )
+from tests.helpers.runs import read_metrics, tiny_config, train_rank
 
 STEPS = ["train.steps=4", "checkpoint.interval=2", "train.eval_interval=0"]
 CASES = {
@@ -99,8 +99,8 @@ def _assert_resumed_as_accurate_as(
     ``replay`` against the float64 one (``exact``)."""
     assert [r["step"] for r in resumed] == [r["step"] for r in reference] == [3, 4]
     assert [r["lr"] for r in resumed] == [r["lr"] for r in reference]
-    _assert_as_accurate_as_replay(reference, replay, exact, (msg, "continued"))
-    _assert_as_accurate_as_replay(resumed, replay, exact, (msg, "resumed"))
+    assert_as_accurate_as_replay(reference, replay, exact, (msg, "continued"))
+    assert_as_accurate_as_replay(resumed, replay, exact, (msg, "resumed"))
 
 
 def _refused_rank(rank: int, world_size: int, config_file: str) -> dict:
@@ -159,7 +159,7 @@ def test_resume_at_another_data_parallel_and_tensor_parallel_size(tmp_path, corp
     refused = run_distributed(_refused_rank, 2, tmp_path, str(refused_file), timeout=300)
     # The TP 1 resumes are replayed (rank 0 in float64, rank 1 in fp32) from step 1.
     replays = [None] * len(CASES) + [{}, None, {"reset_optimizer_at": 2}]
-    trained = run_distributed(_train_and_replay_rank, 2, tmp_path, raws, replays, timeout=600)
+    trained = run_distributed(train_and_replay_rank, 2, tmp_path, raws, replays, timeout=600)
 
     for name in CASES:
         for reference, resumed, new_layout in ((old, "dp2to1", one), (one, "dp1to2", old)):
@@ -198,7 +198,7 @@ def test_resume_at_another_data_parallel_and_tensor_parallel_size(tmp_path, corp
     tp2to1 = len(CASES)
     resumed = read_metrics(tmp_path / "tp2to1")
     assert "optimizer_state" not in resumed[0]["resume_changed"]
-    replay, exact = _replayed(trained, tp2to1)
+    replay, exact = fp32_and_float64_replays(trained, tp2to1)
     _assert_resumed_as_accurate_as(_after_step_2(tp2), resumed, replay, exact, "tp2to1")
     # With checkpoint.reset_optimizer: a resume with the flag at TP 2, against the replay whose
     # optimizer state starts afresh at step 3.
@@ -206,7 +206,7 @@ def test_resume_at_another_data_parallel_and_tensor_parallel_size(tmp_path, corp
     resumed = read_metrics(tmp_path / "tp2to1_reset")
     assert resumed[0]["resume_changed"]["optimizer_state"] == ["from checkpoint", "reset"]
     assert resumed[0]["resume_changed"]["parallel.layout"][1] == "2 ranks (TP 1 x DP 2, ZeRO 1)"
-    replay, exact = _replayed(trained, tp2to1 + 2)
+    replay, exact = fp32_and_float64_replays(trained, tp2to1 + 2)
     _assert_resumed_as_accurate_as(reference, resumed, replay, exact, "tp2to1_reset")
 
 

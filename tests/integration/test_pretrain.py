@@ -23,8 +23,8 @@ with another ZeRO stage or TP layout compute the same sums in another order: the
 agree within :data:`LOSS_ATOL` (derived next to its definition), and their losses and gradient
 norms, like the weights after a few AdamW steps (the subspace rule, ``train.lr_scale``), are as
 accurate as an fp32 replay of the same steps against the model's float64 replay
-(``model.double()``, :func:`_replay`); a bf16 run's as accurate as the fp32 run's, in bf16's
-unit roundoff.
+(``model.double()``, :func:`tests.helpers.replay.replay_run`); a bf16 run's as accurate as the
+fp32 run's, in bf16's unit roundoff.
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from actcomp_dist.subspace import is_subspace_parameter
 from actcomp_dist.training.config import load_run_config
 from actcomp_dist.training.schedule import learning_rate
 from tests.helpers.distributed import run_distributed
@@ -53,6 +52,14 @@ from tests.helpers.launcher import (
     startup_saved_bytes,
     wait_for_step,
     wait_or_kill,
+)
+from tests.helpers.replay import (
+    assert_as_accurate_as_replay,
+    fp32_and_float64_replays,
+    history_losses,
+    history_norms,
+    replay_run,
+    train_and_replay_rank,
 )
 from tests.helpers.runs import (
     TINY,
@@ -89,193 +96,16 @@ METRIC_KEYS = {
 # sums: the check relies on their roundings not lining up with the softmax's. Measured:
 # <= 9.5e-7 absolute over 6 steps (0.016 of LOSS_ATOL); ZeRO stages without subspace state: 0.
 # Where the whole trajectory matters (gradient norms, the weights after Adam steps, bf16 against
-# fp32) the runs are compared with the model's float64 replay instead: :func:`_replay`.
+# fp32) the runs are compared with the model's float64 replay instead:
+# :func:`tests.helpers.replay.replay_run`.
 LOSS_ATOL = 2 * gamma(VOCAB, torch.float32)
 
 
-def _losses(history: list[dict]) -> torch.Tensor:
-    return torch.tensor([r["loss"] for r in history], dtype=torch.float64)
-
-
-def _norms(history: list[dict]) -> torch.Tensor:
-    return torch.tensor([r["grad_norm"] for r in history], dtype=torch.float64)
-
-
 def _assert_loss_falls(history: list[dict]) -> None:
-    losses = _losses(history)
+    losses = history_losses(history)
     # An untrained model predicts close to uniformly: cross-entropy ln(V).
     assert abs(losses[0].item() - math.log(VOCAB)) < 0.15, losses
     assert losses[-1] < losses[0] - 0.4, losses
-
-
-# -- the model's float64 replay: the reference of runs that reorder fp32 sums -------------------
-
-
-def _dp_averaged_loss(model, dataset, step: int, train, world_size: int) -> torch.Tensor:
-    """The loss a DP world of ``world_size`` ranks averages at ``step``: each rank's micro-batch
-    of the global batch, in the trainer's order, replayed on one process."""
-    micro = train.micro_batch_size
-    losses = []
-    for dp_rank in range(world_size):
-        first = step * train.global_batch_size + dp_rank * micro
-        batch = [dataset[i] for i in range(first, first + micro)]
-        tokens = torch.stack([torch.as_tensor(b["tokens"]) for b in batch])
-        labels = torch.stack([torch.as_tensor(b["labels"]) for b in batch])
-        losses.append(model.loss(tokens, labels))
-    return sum(losses) / world_size
-
-
-def _replay(
-    trainer, config, world_size: int, dtype: torch.dtype, reset_optimizer_at: int | None = None
-) -> dict:
-    """The trainer's steps replayed on one process on a fresh model in ``dtype`` (float64:
-    ``model.double()``, the model's float64 replay) on the same samples, the same projections
-    (the model's seeds and schedule) and the closed-form lr: ``torch.optim.AdamW`` on the
-    ordinary parameters (weight decay on matrices, lr x their ``train.lr_scale`` factor),
-    ``SubspaceAdamW``'s rule on the subspace weights (at the schedule's lr, as the engine's
-    proxies), one global clip over both; the optimizer state starts afresh at step
-    ``reset_optimizer_at`` (``checkpoint.reset_optimizer``). Per step: the DP-averaged loss,
-    the gradient norm DeepSpeed logs and clips with (before clipping; ordinary and m x r
-    gradients, in ``dtype``) and the ordinary gradients' alone; the final weights, the names
-    of the subspace ones and each ordinary parameter's lr factor.
-
-    Not all float64: ``SubspaceAdamW`` keeps float32 moments (and takes the m x r gradient in
-    float32), so in the float64 replay a subspace weight's update (about lr x alpha = 7.5e-4 per
-    element) is rounded at 2^-24 of itself, some 20 times below the fp32 runs' rounding of the
-    weights themselves (2^-24 |W|, |W| ~ 0.02)."""
-    from actcomp_dist.models import build_llama
-    from actcomp_dist.models.kinds import parameter_group
-    from actcomp_dist.optim import SubspaceAdamW
-    from actcomp_dist.optim.clip import gradients
-    from actcomp_dist.training.config import lr_scale_factor
-
-    train, dataset = config.train, trainer.loader.dataset
-    model = build_llama(
-        trainer.model.config,
-        config.compression,
-        init_seed=train.seed,
-        device="cpu",
-        efficient_ops=config.memory.efficient_ops,  # the same block and head as trained
-        loss_chunk_tokens=config.memory.chunked_loss_tokens,
-    ).to(dtype)
-    named = list(model.named_parameters())
-    subspace = {n: p for n, p in named if is_subspace_parameter(p)}
-    ordinary = {n: p for n, p in named if n not in subspace}
-    factors = {n: lr_scale_factor(train.lr_scale, parameter_group(n)) for n in ordinary}
-    hyper = {"lr": train.lr, "betas": tuple(train.betas), "eps": train.eps}
-
-    def fresh_optimizers() -> list[torch.optim.Optimizer]:
-        plain = torch.optim.AdamW(
-            [
-                {
-                    "params": [p],
-                    "weight_decay": train.weight_decay if p.dim() >= 2 else 0.0,
-                    "lr_scale": factors[n],
-                }
-                for n, p in ordinary.items()
-            ],
-            foreach=False,
-            **hyper,
-        )
-        if not subspace:
-            return [plain]
-        rule = SubspaceAdamW(
-            [{"params": list(subspace.values()), "lr_scale": 1.0}],
-            weight_decay=train.weight_decay,
-            subspace_scale=train.subspace_scale,
-            **hyper,
-        )
-        return [plain, rule]
-
-    def norm(grads: list[torch.Tensor]) -> torch.Tensor:
-        # As DeepSpeed's clip_grad_norm_ (the ZeRO 0 norm): one ``norm()`` per tensor, then
-        # the root of their sum of squares. The layouts' norm algorithms differ (partitioned,
-        # flattened, per tensor); this is the coarsest of them: torch's CPU ``norm()`` adds in
-        # a few vector lanes, not by cascade (fp32: measured 8 u at 2^16 elements, 34 u at
-        # 2^18, where ``pow(2).sum()`` stays at 1-2 u), so the fp32 replay's error includes
-        # the rounding of the longest reductions a layout's norm may make.
-        return torch.stack([g.norm() for g in grads]).pow(2).sum().sqrt()
-
-    optimizers = fresh_optimizers()
-    losses, norms, ordinary_norms = [], [], []
-    for step in range(train.steps):
-        if step == reset_optimizer_at:
-            optimizers = fresh_optimizers()
-        for optimizer in optimizers:
-            for group in optimizer.param_groups:
-                group["lr"] = group["lr_scale"] * learning_rate(step, train)
-        loss = _dp_averaged_loss(model, dataset, step, train, world_size)
-        loss.backward()
-        losses.append(loss.item())
-        ordinary_norms.append(norm([p.grad for p in ordinary.values()]).item())
-        grads = gradients(model.parameters())
-        total = norm(grads)
-        norms.append(total.item())
-        if train.clip_grad > 0:  # DeepSpeed's (and torch's) rule: min(1, clip / (norm + 1e-6))
-            scale = (train.clip_grad / (total + 1e-6)).clamp(max=1.0)
-            with torch.no_grad():
-                for grad in grads:
-                    grad.mul_(scale)
-        for optimizer in optimizers:
-            optimizer.step()
-            optimizer.zero_grad()
-        model.compression_schedule.advance()
-    return {
-        "losses": torch.tensor(losses, dtype=torch.float64),
-        "norms": torch.tensor(norms, dtype=torch.float64),
-        "ordinary_norms": torch.tensor(ordinary_norms, dtype=torch.float64),
-        "weights": {n: p.detach() for n, p in named},
-        "subspace": set(subspace),
-        "factors": factors,
-    }
-
-
-def _train_and_replay_rank(
-    rank: int, world_size: int, raws: list[dict], replays: list[dict | None]
-) -> list[dict]:
-    """Train each config with the Trainer (its history); where ``replays`` gives
-    :func:`_replay`'s keyword arguments (a TP 1 run), replay it before the next config: rank 0
-    as the model's float64 replay while rank 1 replays it in fp32."""
-    from actcomp_dist.training.config import run_config_from_dict
-    from actcomp_dist.training.trainer import Trainer
-
-    assert world_size == 2
-    dtype = {0: torch.float64, 1: torch.float32}[rank]
-    results = []
-    for raw, replay in zip(raws, replays, strict=True):
-        config = run_config_from_dict(raw)
-        trainer = Trainer(config)
-        try:
-            result = {"history": trainer.train().history}
-            if replay is not None:
-                assert config.parallel.tensor_parallel == 1  # the replay builds a TP 1 model
-                micro_batches = config.train.global_batch_size // config.train.micro_batch_size
-                result["replay"] = _replay(trainer, config, micro_batches, dtype, **replay)
-        finally:
-            trainer.close()
-        results.append(result)
-    return results
-
-
-def _replayed(results: list[list[dict]], index: int) -> tuple[dict, dict]:
-    """Config ``index``'s (fp32 replay, float64 replay) from :func:`_train_and_replay_rank`."""
-    return results[1][index]["replay"], results[0][index]["replay"]
-
-
-def _assert_as_accurate_as_replay(
-    history: list[dict], replay: dict, exact: dict, msg: object, dtype=torch.float32
-) -> None:
-    """A run's losses and gradient norms are as accurate as the fp32 ``replay`` of its steps,
-    both against the float64 replay ``exact`` (:func:`~tests.helpers.tolerances.
-    assert_as_accurate_as`; steps in ``history`` are 1-based, the replays' 0-based)."""
-    steps = [r["step"] - 1 for r in history]
-    assert_as_accurate_as(
-        {"loss": _losses(history), "grad_norm": _norms(history)},
-        {"loss": replay["losses"][steps], "grad_norm": replay["norms"][steps]},
-        {"loss": exact["losses"][steps], "grad_norm": exact["norms"][steps]},
-        dtype,
-        msg,
-    )
 
 
 # -- layouts: ZeRO stages, tensor and sequence parallelism, subspace ---------------------------
@@ -313,7 +143,7 @@ def test_zero_stages_and_tensor_parallel_match_plain_data_parallel(tmp_path, cor
     micro-batches of the same samples). Uncompressed, ZeRO-3 trains like ZeRO 0.
 
     Each ZeRO 0 run is replayed on one process (fp32 and the model's float64 replay, the same
-    samples, projections and lr; :func:`_replay`), and every layout's losses and gradient norms
+    samples, projections and lr; :func:`replay_run`), and every layout's losses and gradient norms
     are as accurate as the fp32 replay against the float64 one: the layouts compute the same
     sums in other orders. The norms agreeing means the m x r gradients (on proxies at ZeRO 0,
     partitioned at ZeRO 1/2) are in the norm DeepSpeed clips with under every stage: without
@@ -326,20 +156,22 @@ def test_zero_stages_and_tensor_parallel_match_plain_data_parallel(tmp_path, cor
         for name, overrides in LAYOUTS.items()
     ]
     replays = [{} if name.endswith("zero0") else None for name in LAYOUTS]
-    results = run_distributed(_train_and_replay_rank, 2, tmp_path, raws, replays, timeout=600)
+    results = run_distributed(train_and_replay_rank, 2, tmp_path, raws, replays, timeout=600)
     names = list(LAYOUTS)
     histories = {name: result["history"] for name, result in zip(names, results[0], strict=True)}
     for name, history in histories.items():
         prefix = name.split("_")[0]
         family = f"{prefix}_zero0" if prefix in ("subspace", "none") else "zero0"
-        replay, exact = _replayed(results, names.index(family))
+        replay, exact = fp32_and_float64_replays(results, names.index(family))
         _assert_loss_falls(history)
         torch.testing.assert_close(
-            _losses(history), _losses(histories[family]), rtol=0, atol=LOSS_ATOL
+            history_losses(history), history_losses(histories[family]), rtol=0, atol=LOSS_ATOL
         )
-        _assert_as_accurate_as_replay(history, replay, exact, name)
+        assert_as_accurate_as_replay(history, replay, exact, name)
     # The two gradient modes really are different training paths.
-    assert not torch.allclose(_losses(histories["zero0"]), _losses(histories["subspace_zero0"]))
+    assert not torch.allclose(
+        history_losses(histories["zero0"]), history_losses(histories["subspace_zero0"])
+    )
     # Per rank, TP=2 saves less than TP=1 (sharded heads and FFN), and SP less again (the
     # sequence-sharded norms and residual stream).
     saved = {name: h[0]["saved_activation_bytes"] for name, h in histories.items()}
@@ -480,9 +312,9 @@ def test_activation_checkpointing_modes_match_and_saved_bytes_fall(tmp_path, cor
     ]
     results = run_distributed(train_rank, 1, tmp_path, raws, timeout=300)[0]
     histories = dict(zip(runs, results, strict=True))
-    reference = _losses(histories["none"])
+    reference = history_losses(histories["none"])
     for name in ("none_selective", "none_full", "none_full_1"):
-        losses = _losses(histories[name])
+        losses = history_losses(histories[name])
         assert losses[0] == reference[0], name
         torch.testing.assert_close(losses, reference, rtol=0, atol=LOSS_ATOL, msg=name)
     saved = {name: h[0]["saved_activation_bytes"] for name, h in histories.items()}
@@ -506,7 +338,7 @@ def _subspace_rank(rank: int, world_size: int, raws: list[dict]) -> list[dict]:
         trainer = Trainer(config)
         history = trainer.train().history
         replays = {
-            dtype: _replay(trainer, config, world_size, dtype)
+            dtype: replay_run(trainer, config, world_size, dtype)
             for dtype in (torch.float32, torch.float64)
         }
         trained = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
@@ -552,7 +384,7 @@ def test_deepspeed_subspace_path_is_the_subspace_adamw_rule(tmp_path, corpus):
         # lr is off by ~lr = 3e-3, 10^4 times the replay's error. Measured: norms 0.35, weights
         # 0.55 of the bound (ZeRO 0, 1, 2).
         assert_as_accurate_as(
-            {"norms": _norms(history)},
+            {"norms": history_norms(history)},
             {"norms": replay["norms"]},
             {"norms": exact["norms"]},
             torch.float32,
@@ -577,7 +409,7 @@ LR_SPLIT = {"qkv": 0.25, "fc1": 0.25, "fc2": 0.25, "proj": 0.125, "norm": 2.0, "
 
 def _lr_scale_rank(rank: int, world_size: int, raws: list[dict], replay: list[bool]) -> list:
     """Train with the Trainer, recording each optimizer param group's (lr_scale, lr) before
-    every step; where ``replay``, repeat the steps on the same samples (:func:`_replay`: a
+    every step; where ``replay``, repeat the steps on the same samples (:func:`replay_run`: a
     plain ``torch.optim.AdamW`` whose groups are set to factor x the closed-form schedule)."""
     from actcomp_dist.training.config import run_config_from_dict
     from actcomp_dist.training.trainer import Trainer
@@ -604,7 +436,7 @@ def _lr_scale_rank(rank: int, world_size: int, raws: list[dict], replay: list[bo
         result = {"history": history, "groups": groups_by_step, "trained": trained}
         if with_replay:
             replays = {
-                dtype: _replay(trainer, config, world_size, dtype)
+                dtype: replay_run(trainer, config, world_size, dtype)
                 for dtype in (torch.float32, torch.float64)
             }
             result["factors"] = replays[torch.float32]["factors"]
@@ -670,7 +502,7 @@ def test_lr_scale_steps_each_group_at_its_factor_and_ones_change_nothing(tmp_pat
 def _bf16_subspace_rank(
     rank: int, world_size: int, raws: list[dict], replays: list[dict | None]
 ) -> list[dict]:
-    """:func:`_train_and_replay_rank`, and each subspace weight with its fp32 master."""
+    """:func:`train_and_replay_rank`, and each subspace weight with its fp32 master."""
     from actcomp_dist.training.config import run_config_from_dict
     from actcomp_dist.training.trainer import Trainer
 
@@ -689,7 +521,7 @@ def _bf16_subspace_rank(
             "masters": [None if m is None else (m[0], m[1].clone()) for m in masters],
         }
         if replay is not None:
-            result["replay"] = _replay(trainer, config, world_size, dtype, **replay)
+            result["replay"] = replay_run(trainer, config, world_size, dtype, **replay)
         results.append(result)
         trainer.close()
     return results
@@ -716,11 +548,11 @@ def test_bf16_subspace_keeps_fp32_masters_of_the_compressed_weights(tmp_path, co
     ]
     results = run_distributed(_bf16_subspace_rank, 2, tmp_path, raws, [{}, None, None], timeout=300)
     fp32, *bf16_runs = results[0]
-    replay, exact = _replayed(results, 0)
+    replay, exact = fp32_and_float64_replays(results, 0)
     assert all(m is None for m in fp32["masters"])  # fp32 weights are their own masters
     # The fp32 run against its replays (as the layouts are), so that its error is a rounding
     # error: a wrong replay would make it O(1) and the bound below vacuous.
-    _assert_as_accurate_as_replay(fp32["history"], replay, exact, "fp32")
+    assert_as_accurate_as_replay(fp32["history"], replay, exact, "fp32")
     for name, run in zip(("bf16_zero1", "bf16_zero2"), bf16_runs, strict=True):
         # The bf16 run rounds the weights, activations and gradients that the fp32 run rounds,
         # with u = 2^-8 for 2^-24 (its GEMMs accumulate in fp32, so fewer of its roundings are
@@ -730,8 +562,8 @@ def test_bf16_subspace_keeps_fp32_masters_of_the_compressed_weights(tmp_path, co
         # bound of 0.11 (the fp32 run's error 4.7e-7; 0.007 of it).
         steps = [r["step"] - 1 for r in run["history"]]
         assert_as_accurate_as(
-            {"loss": _losses(run["history"])},
-            {"loss": _losses(fp32["history"])},
+            {"loss": history_losses(run["history"])},
+            {"loss": history_losses(fp32["history"])},
             {"loss": exact["losses"][steps]},
             torch.bfloat16,
             name,
