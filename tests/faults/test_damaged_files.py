@@ -22,18 +22,18 @@ import pytest
 import torch
 
 from tests.helpers.distributed import run_distributed
+from tests.helpers.run_files import flip_a_byte, tree_hashes, truncate
 from tests.helpers.runs import tiny_config
-from tests.integration.test_pretrain import _flip_a_byte, _tree_hashes, _truncate
 
 STEP = "step_0000002"
 DAMAGE = {
     # name: (damage the copied checkpoint directory, expected message)
     "flipped_byte": (
-        lambda ckpts: _flip_a_byte(ckpts / STEP / STEP / "mp_rank_00_model_states.pt"),
+        lambda ckpts: flip_a_byte(ckpts / STEP / STEP / "mp_rank_00_model_states.pt"),
         f"is damaged: {STEP}/mp_rank_00_model_states.pt differs from what was saved",
     ),
     "truncated_rank_file": (
-        lambda ckpts: _truncate(ckpts / STEP / "rank_00001.pt"),
+        lambda ckpts: truncate(ckpts / STEP / "rank_00001.pt"),
         "is damaged: rank_00001.pt differs from what was saved",
     ),
     "garbage_marker": (
@@ -62,14 +62,14 @@ def _damaged_rank(rank: int, world_size: int, config_file: str, bad_prefix: str)
         for name, (damage, _) in DAMAGE.items():
             shutil.copytree(tmp / "good", tmp / name)
             damage(tmp / name / "checkpoints")
-        results["before"] = {name: _tree_hashes(tmp / name) for name in DAMAGE}
+        results["before"] = {name: tree_hashes(tmp / name) for name in DAMAGE}
     torch.distributed.barrier()
     for name in DAMAGE:
         resume = [f"run_dir={tmp / name}", "checkpoint.resume=latest", "train.steps=4"]
         results[name] = _main(config_file, resume)
     torch.distributed.barrier()
     if rank == 0:
-        results["after"] = {name: _tree_hashes(tmp / name) for name in DAMAGE}
+        results["after"] = {name: tree_hashes(tmp / name) for name in DAMAGE}
     data = [f"run_dir={tmp / 'bad_data'}", f"data.paths={json.dumps([bad_prefix])}"]
     results["bad_data"] = _main(config_file, data)
     return results
@@ -85,7 +85,7 @@ def test_damaged_checkpoints_and_data_are_refused_on_every_rank(tmp_path, corpus
     bad_prefix.parent.mkdir()
     for suffix in (".bin", ".idx"):
         shutil.copy(prefix + suffix, str(bad_prefix) + suffix)
-    _truncate(Path(str(bad_prefix) + ".bin"))  # 100 bytes short of what the index describes
+    truncate(Path(str(bad_prefix) + ".bin"))  # 100 bytes short of what the index describes
     ranks = run_distributed(_damaged_rank, 2, tmp_path, str(config_file), str(bad_prefix))
 
     for rank, results in enumerate(ranks):

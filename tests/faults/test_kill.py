@@ -25,8 +25,8 @@ import torch
 from actcomp_dist.training import checkpoint as ckpt
 from actcomp_dist.training.config import load_run_config
 from tests.helpers.distributed import DistributedError, run_distributed
+from tests.helpers.run_files import tree_hashes
 from tests.helpers.runs import compared_fields, read_metrics, tiny_config
-from tests.integration import test_pretrain
 
 
 def _die() -> None:
@@ -111,7 +111,7 @@ def test_kill_9_mid_step_and_mid_save_resume_bit_identically(tmp_path, corpus):
         assert [p.name for p in ckpt.complete_checkpoints(checkpoints)] == ["step_0000002"]
         assert (checkpoints / "latest").read_text() == "step_0000002/step_0000002"
         step_2 = checkpoints / "step_0000002"
-        step_2_files[fault] = test_pretrain._tree_hashes(step_2)
+        step_2_files[fault] = tree_hashes(step_2)
         assert json.loads((step_2 / ckpt.MARKER).read_text())["format_version"] == 1
         if fault == "mid_save":
             torn = checkpoints / "step_0000004"
@@ -131,7 +131,7 @@ def test_kill_9_mid_step_and_mid_save_resume_bit_identically(tmp_path, corpus):
         )
         # Step 2's files were read, not rewritten; the torn step 4 was replaced by a good one.
         checkpoints = tmp_path / fault / "checkpoints"
-        assert test_pretrain._tree_hashes(checkpoints / "step_0000002") == step_2_files[fault]
+        assert tree_hashes(checkpoints / "step_0000002") == step_2_files[fault]
         names = [p.name for p in ckpt.complete_checkpoints(checkpoints)]
         assert names == ["step_0000002", "step_0000004", "step_0000006"]
         compression = load_run_config(files[fault]).compression.to_dict()

@@ -36,8 +36,8 @@ from actcomp_dist.training.guard import NONFINITE_EXIT_CODE, NonFiniteGuard
 from actcomp_dist.training.schedule import learning_rate
 from tests.helpers.distributed import run_distributed
 from tests.helpers.launcher import srun_ranks, wait_or_kill
+from tests.helpers.run_files import tree_hashes
 from tests.helpers.runs import ROOT, tiny_config
-from tests.integration.test_pretrain import _tree_hashes
 
 
 def _strict(line: str) -> dict:
@@ -156,10 +156,10 @@ def _stop_rank(rank: int, world_size: int, config_file: str) -> dict:
     results["good"] = _main(config_file, ["train.steps=2"])
     torch.distributed.barrier()
     if rank == 0:
-        results["hashes_before"] = _tree_hashes(checkpoints)
+        results["hashes_before"] = tree_hashes(checkpoints)
     results["diverged"] = _main(config_file, ["train.steps=4"], faults=[("weight", 2)])
     if rank == 0:
-        results["hashes_after"] = _tree_hashes(checkpoints)
+        results["hashes_after"] = tree_hashes(checkpoints)
         results["metrics_after"] = metrics.read_text()
     torch.distributed.barrier()
     results["resumed"] = _main(config_file, ["train.steps=4"])
@@ -484,11 +484,11 @@ def _disk_rank(rank: int, world_size: int, config_file: str) -> dict:
     results["step_1_bytes"] = ckpt.checkpoint_bytes(step_1)
     results["model_config"] = json.loads((step_1 / ckpt.TRAINER_STATE).read_text())["model_config"]
     free["bytes"] = results["step_1_bytes"] - 1
-    before = _tree_hashes(checkpoints) if rank == 0 else None
+    before = tree_hashes(checkpoints) if rank == 0 else None
     torch.distributed.barrier()
     results["second"] = _main(config_file, ["train.steps=2"])
     torch.distributed.barrier()
-    results["unchanged"] = rank != 0 or _tree_hashes(checkpoints) == before
+    results["unchanged"] = rank != 0 or tree_hashes(checkpoints) == before
     return results
 
 

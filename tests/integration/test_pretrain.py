@@ -29,7 +29,6 @@ fp32 run's, in bf16's unit roundoff.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -61,6 +60,7 @@ from tests.helpers.replay import (
     replay_run,
     train_and_replay_rank,
 )
+from tests.helpers.run_files import flip_a_byte, tree_hashes, truncate
 from tests.helpers.runs import (
     TINY,
     VOCAB,
@@ -722,28 +722,10 @@ def test_sigterm_to_one_rank_checkpoints_and_resume_matches(launched_run, tmp_pa
 # -- bad inputs --------------------------------------------------------------------------------
 
 
-def _tree_hashes(directory: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(directory.rglob("*"))
-        if p.is_file()
-    }
-
-
 def _copy_run(source: Path, target: Path) -> None:
     """A copy of a finished run with only its latest checkpoint (what resume=latest reads)."""
     older = [f"step_{s:07d}" for s in range(1, LAUNCHED_STEPS)]
     shutil.copytree(source, target, ignore=shutil.ignore_patterns(*older))
-
-
-def _flip_a_byte(path: Path) -> None:
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    path.write_bytes(bytes(data))
-
-
-def _truncate(path: Path) -> None:
-    path.write_bytes(path.read_bytes()[:-100])
 
 
 def _set_format_version(path: Path, version: int) -> None:
@@ -821,14 +803,14 @@ BAD_INPUTS = {
     ),
     "flipped_byte": (
         ["checkpoint.resume=latest"],
-        lambda ckpts: _flip_a_byte(
+        lambda ckpts: flip_a_byte(
             ckpts / "step_0000016" / "step_0000016" / "mp_rank_00_model_states.pt"
         ),
         "is damaged: step_0000016/mp_rank_00_model_states.pt differs from what was saved",
     ),
     "truncated_file": (
         ["checkpoint.resume=latest"],
-        lambda ckpts: _truncate(ckpts / "step_0000016" / "rank_00001.pt"),
+        lambda ckpts: truncate(ckpts / "step_0000016" / "rank_00001.pt"),
         "is damaged: rank_00001.pt differs from what was saved",
     ),
     "newer_format_version": (
@@ -895,7 +877,7 @@ def test_bad_inputs_fail_on_every_rank_and_change_nothing(launched_run, tmp_path
             if before is None:
                 assert not run_dir.exists(), name
             else:
-                assert _tree_hashes(run_dir) == before, name
+                assert tree_hashes(run_dir) == before, name
 
 
 def _start_bad_input(name: str, launched_run: dict, tmp_path: Path) -> tuple:
@@ -906,7 +888,7 @@ def _start_bad_input(name: str, launched_run: dict, tmp_path: Path) -> tuple:
     if prepare is not None:
         _copy_run(launched_run["run_dir"], run_dir)
         prepare(run_dir / "checkpoints")
-    before = _tree_hashes(run_dir) if run_dir.exists() else None
+    before = tree_hashes(run_dir) if run_dir.exists() else None
     config = launched_run["config_file"]
     ranks = srun_ranks(config, [*overrides, f"run_dir={run_dir}"], case_dir)
     return ranks, run_dir, before
@@ -946,7 +928,7 @@ def test_launcher_exits_non_zero_on_a_changed_compression_config(launched_run, t
     (the launcher stops the other rank as soon as one fails)."""
     run_dir = tmp_path / "run"
     _copy_run(launched_run["run_dir"], run_dir)
-    before = _tree_hashes(run_dir)
+    before = tree_hashes(run_dir)
     log = tmp_path / "launcher.log"
     launcher = launch_deepspeed(
         launched_run["config_file"],
@@ -955,4 +937,4 @@ def test_launcher_exits_non_zero_on_a_changed_compression_config(launched_run, t
     )
     assert wait_or_kill(launcher, timeout=120) != 0
     assert "method: checkpoint 'compact' -> config 'lowrank'" in log.read_text()
-    assert _tree_hashes(run_dir) == before
+    assert tree_hashes(run_dir) == before
