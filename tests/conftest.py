@@ -1,12 +1,28 @@
 """Shared fixtures."""
 
+import json
 import os
 from pathlib import Path
 
 import pytest
 
 from actcomp_dist.cli.single_process import one_rank_world
+from actcomp_dist.data.corpus import ensure_embedded_corpus
 from actcomp_dist.training.distributed import CPU_ALLREDUCE_BUFFER_PREFIX
+from tests.helpers.runs import VOCAB
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> list[str]:
+    """The embedded corpus, small (107 modules, 112 k tokens; a tokenizer of
+    :data:`tests.helpers.runs.VOCAB` tokens): ``data.*`` overrides for it, built once per module."""
+    built = ensure_embedded_corpus(
+        tmp_path_factory.mktemp("corpus"), vocab_size=VOCAB, max_bytes=200_000
+    )
+    return [
+        f"data.paths={json.dumps([built.data_prefix])}",
+        f"data.tokenizer={built.tokenizer_model}",
+    ]
 
 
 @pytest.fixture(scope="module")

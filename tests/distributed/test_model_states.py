@@ -18,10 +18,9 @@ import pytest
 import torch
 from torch import nn
 
-from actcomp_dist.data.corpus import ensure_embedded_corpus
 from actcomp_dist.memory import ModelStateProbe, model_state_bytes
 from tests.helpers.distributed import run_distributed
-from tests.integration.test_pretrain import VOCAB, _config
+from tests.helpers.runs import tiny_config
 
 LAYOUTS = {
     "zero0_fp32_lift": ["deepspeed.zero_optimization.stage=0"],
@@ -81,14 +80,6 @@ LAYOUTS = {
 }
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> list[str]:
-    built = ensure_embedded_corpus(
-        tmp_path_factory.mktemp("corpus"), vocab_size=VOCAB, max_bytes=200_000
-    )
-    return [f'data.paths=["{built.data_prefix}"]', f"data.tokenizer={built.tokenizer_model}"]
-
-
 def _states_rank(rank: int, world_size: int, raws: list[dict]) -> list[dict]:
     from actcomp_dist.memory_model import optimizer_group_sizes
     from actcomp_dist.training.config import run_config_from_dict
@@ -133,7 +124,8 @@ def _states_rank(rank: int, world_size: int, raws: list[dict]) -> list[dict]:
 def test_measured_model_states_match_the_planner(tmp_path, corpus):
     common = ["train.steps=2", "train.eval_interval=0", "compression.cache_projection=true"]
     raws = [
-        _config(tmp_path / name, corpus, *common, *overrides) for name, overrides in LAYOUTS.items()
+        tiny_config(tmp_path / name, corpus, *common, *overrides)
+        for name, overrides in LAYOUTS.items()
     ]
     ranks = run_distributed(_states_rank, 2, tmp_path, raws, timeout=300)
     for name, result in zip(LAYOUTS, ranks[0], strict=True):

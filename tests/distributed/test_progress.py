@@ -5,7 +5,7 @@ model flops, and the TensorBoard / W&B loggers on resume.
 References: closed forms (flops per token, tokens seen, ``fsum`` of the steps' losses over the
 interval: the same float operations as the trainer's, so equality is exact), the values written
 in the test, and the run's own per-step history. The end-to-end test runs 2 gloo ranks forked by
-:func:`tests.helpers.distributed.run_distributed` on the small corpus of ``tests/integration/test_pretrain.py``.
+:func:`tests.helpers.distributed.run_distributed` on the small corpus of ``tests/conftest.py``.
 """
 
 from __future__ import annotations
@@ -26,9 +26,7 @@ from actcomp_dist.training.flops import model_flops_per_token, peak_flops
 from actcomp_dist.training.metrics import MetricsLogger, format_duration
 from actcomp_dist.training.schedule import learning_rate
 from tests.helpers.distributed import run_distributed
-from tests.integration import test_pretrain
-
-corpus = test_pretrain.corpus  # the module-scoped corpus fixture, shared
+from tests.helpers.runs import read_metrics, tiny_config
 
 
 def test_progress_line_names_each_value():
@@ -108,8 +106,8 @@ def test_interval_means_summary_and_a_changed_schedule_on_resume(tmp_path, corpu
     blend = json.dumps(["0.3", prefix, "0.7", str(copy)])
     run_dir = tmp_path / "run"
     base = [f"data.paths={blend}", corpus[1], "logging.interval=2", "train.eval_interval=0"]
-    first = test_pretrain._config(run_dir, [], *base, "train.steps=4")
-    resumed = test_pretrain._config(
+    first = tiny_config(run_dir, [], *base, "train.steps=4")
+    resumed = tiny_config(
         run_dir, [], *base, "train.steps=6", "train.lr=0.002", "checkpoint.resume=latest"
     )
     ranks = run_distributed(_run_rank, 2, tmp_path, [first, resumed], timeout=300)
@@ -121,7 +119,7 @@ def test_interval_means_summary_and_a_changed_schedule_on_resume(tmp_path, corpu
     assert measured == [1, 2, 4, 5, 6]
     assert [r["step"] for r in history if "model_state_bytes" in r] == measured
     assert len({r["saved_activation_bytes"] for r in history if r["step"] in measured}) == 1
-    records = test_pretrain._metrics(run_dir)
+    records = read_metrics(run_dir)
     assert [r["step"] for r in records] == [2, 4, 6]
     config = run_config_from_dict(resumed)
     tokens_per_step = config.train.global_batch_size * config.data.seq_length

@@ -1,7 +1,7 @@
 """Damaged checkpoints and data files met by a real 2-rank run: refused, nothing touched.
 
 Gloo ranks forked by :func:`tests.helpers.distributed.run_distributed` run the launcher's own ``main``
-(the ``compact`` model of ``tests/integration/test_pretrain.py``). A good 2-step run leaves a checkpoint;
+(the ``compact`` model of ``tests/helpers/runs.py``). A good 2-step run leaves a checkpoint;
 copies of its run directory are damaged three ways (a flipped byte in DeepSpeed's model
 states, a truncated per-rank file, a marker that is not JSON) and resumed with
 ``checkpoint.resume=latest``; a copy of the corpus with a truncated ``.bin`` is trained on.
@@ -22,20 +22,18 @@ import pytest
 import torch
 
 from tests.helpers.distributed import run_distributed
-from tests.integration import test_pretrain
-from tests.integration.test_pretrain import _config, _flip_a_byte, _tree_hashes, _truncate
-
-corpus = test_pretrain.corpus  # the module-scoped corpus fixture, shared
+from tests.helpers.run_files import flip_a_byte, tree_hashes, truncate
+from tests.helpers.runs import tiny_config
 
 STEP = "step_0000002"
 DAMAGE = {
     # name: (damage the copied checkpoint directory, expected message)
     "flipped_byte": (
-        lambda ckpts: _flip_a_byte(ckpts / STEP / STEP / "mp_rank_00_model_states.pt"),
+        lambda ckpts: flip_a_byte(ckpts / STEP / STEP / "mp_rank_00_model_states.pt"),
         f"is damaged: {STEP}/mp_rank_00_model_states.pt differs from what was saved",
     ),
     "truncated_rank_file": (
-        lambda ckpts: _truncate(ckpts / STEP / "rank_00001.pt"),
+        lambda ckpts: truncate(ckpts / STEP / "rank_00001.pt"),
         "is damaged: rank_00001.pt differs from what was saved",
     ),
     "garbage_marker": (
@@ -64,14 +62,14 @@ def _damaged_rank(rank: int, world_size: int, config_file: str, bad_prefix: str)
         for name, (damage, _) in DAMAGE.items():
             shutil.copytree(tmp / "good", tmp / name)
             damage(tmp / name / "checkpoints")
-        results["before"] = {name: _tree_hashes(tmp / name) for name in DAMAGE}
+        results["before"] = {name: tree_hashes(tmp / name) for name in DAMAGE}
     torch.distributed.barrier()
     for name in DAMAGE:
         resume = [f"run_dir={tmp / name}", "checkpoint.resume=latest", "train.steps=4"]
         results[name] = _main(config_file, resume)
     torch.distributed.barrier()
     if rank == 0:
-        results["after"] = {name: _tree_hashes(tmp / name) for name in DAMAGE}
+        results["after"] = {name: tree_hashes(tmp / name) for name in DAMAGE}
     data = [f"run_dir={tmp / 'bad_data'}", f"data.paths={json.dumps([bad_prefix])}"]
     results["bad_data"] = _main(config_file, data)
     return results
@@ -79,7 +77,7 @@ def _damaged_rank(rank: int, world_size: int, config_file: str, bad_prefix: str)
 
 @pytest.mark.distributed
 def test_damaged_checkpoints_and_data_are_refused_on_every_rank(tmp_path, corpus):
-    raw = _config(tmp_path / "good", corpus, "train.steps=2", "train.eval_interval=0")
+    raw = tiny_config(tmp_path / "good", corpus, "train.steps=2", "train.eval_interval=0")
     config_file = tmp_path / "config.json"
     config_file.write_text(json.dumps(raw))
     prefix = json.loads(corpus[0].split("=", 1)[1])[0]
@@ -87,7 +85,7 @@ def test_damaged_checkpoints_and_data_are_refused_on_every_rank(tmp_path, corpus
     bad_prefix.parent.mkdir()
     for suffix in (".bin", ".idx"):
         shutil.copy(prefix + suffix, str(bad_prefix) + suffix)
-    _truncate(Path(str(bad_prefix) + ".bin"))  # 100 bytes short of what the index describes
+    truncate(Path(str(bad_prefix) + ".bin"))  # 100 bytes short of what the index describes
     ranks = run_distributed(_damaged_rank, 2, tmp_path, str(config_file), str(bad_prefix))
 
     for rank, results in enumerate(ranks):

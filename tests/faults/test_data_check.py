@@ -18,10 +18,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
 from actcomp_dist.data.check import DataFileError, check_data_files, check_indexed_dataset
 from actcomp_dist.training.config import ConfigError, load_run_config, validate_run
-from tests.integration import test_pretrain
-from tests.integration.test_pretrain import TINY
-
-corpus = test_pretrain.corpus  # the module-scoped corpus fixture, shared
+from tests.helpers.runs import TINY
 
 
 def _write(prefix: Path, documents: list[np.ndarray], dtype=np.uint16) -> str:

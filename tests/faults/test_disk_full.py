@@ -1,7 +1,7 @@
 """A write that fails mid-save (disk full) stops every rank cleanly; the run then resumes.
 
 Real 2-rank runs (gloo ranks forked by :func:`tests.helpers.distributed.run_distributed`, the launcher's
-own ``main``, the ``compact`` model of ``tests/integration/test_pretrain.py``, ZeRO 1, a checkpoint every 2
+own ``main``, the ``compact`` model of ``tests/helpers/runs.py``, ZeRO 1, a checkpoint every 2
 steps). The fault is injected where the bytes are written: ``torch.save`` in rank 1 (used by
 DeepSpeed's checkpoint engine for its optimizer shard, and by the trainer) raises what a full
 disk raises, for the files of step 4 only. The space check before a save passes (the disk
@@ -23,10 +23,7 @@ import torch
 from actcomp_dist.training import checkpoint as ckpt
 from actcomp_dist.training.config import load_run_config
 from tests.helpers.distributed import run_distributed
-from tests.integration import test_pretrain
-from tests.integration.test_pretrain import _compared, _config, _metrics
-
-corpus = test_pretrain.corpus  # the module-scoped corpus fixture, shared
+from tests.helpers.runs import compared_fields, read_metrics, tiny_config
 
 ERRORS = {
     "enospc": OSError(errno.ENOSPC, "No space left on device"),
@@ -83,7 +80,7 @@ def test_a_write_error_mid_save_stops_every_rank_and_the_run_resumes(tmp_path, c
     uninterrupted one."""
     files = {}
     for kind in ("reference", *ERRORS):
-        raw = _config(
+        raw = tiny_config(
             tmp_path / kind,
             corpus,
             "checkpoint.interval=2",
@@ -93,7 +90,7 @@ def test_a_write_error_mid_save_stops_every_rank_and_the_run_resumes(tmp_path, c
         Path(files[kind]).write_text(json.dumps(raw))
     ranks = run_distributed(_disk_full_rank, 2, tmp_path, files, timeout=300)
 
-    reference = _metrics(tmp_path / "reference")
+    reference = read_metrics(tmp_path / "reference")
     assert ranks[0]["reference"]["first"]["code"] == 0
     for kind, error in ERRORS.items():
         for rank in range(2):
@@ -110,4 +107,4 @@ def test_a_write_error_mid_save_stops_every_rank_and_the_run_resumes(tmp_path, c
             assert result["left"] == ["latest", "step_0000002"]
             assert result["resumed"]["code"] == 0, result["resumed"]["stderr"]
         assert ranks[0][kind]["latest"] == "step_0000002/step_0000002"
-        assert _compared(_metrics(tmp_path / kind)) == _compared(reference), kind
+        assert compared_fields(read_metrics(tmp_path / kind)) == compared_fields(reference), kind

@@ -1,6 +1,6 @@
 """Elastic resume (issue 16 item 8): a run resumes at another data-parallel or TP size.
 
-Real runs of the ``compact`` and ``none`` models of ``tests/integration/test_pretrain.py`` (gloo ranks
+Real runs of the ``compact`` and ``none`` models of ``tests/helpers/runs.py`` (gloo ranks
 forked by :func:`tests.helpers.distributed.run_distributed`, DeepSpeed ZeRO 0, 1 and 2, 4 steps with a
 checkpoint at step 2, the projection resampled every 2 steps so steps 3-4 use a new one,
 global batch 8 = micro-batch 4 x DP 2, or x 2 accumulated micro-batches at DP 1):
@@ -27,7 +27,7 @@ loss change, well inside :data:`NORM_RTOL` of the loss. After a TP change the ro
 products and the vocabulary's softmax are summed in another order too: the resumed run and the
 run it continues (at TP 2) are each as accurate as an fp32 replay of the 4 steps (with the
 optimizer state reset at step 2 where the resume resets it), all against the model's float64
-replay (``tests/integration/test_pretrain.py`` ``_replay``).
+replay (``tests/helpers/replay.py`` ``replay_run``).
 """
 
 from __future__ import annotations
@@ -43,17 +43,12 @@ import torch
 
 from actcomp_dist.models import get_model_config, parameter_count
 from tests.helpers.distributed import run_distributed
-from tests.integration import test_pretrain
-from tests.integration.test_pretrain import (
-    _assert_as_accurate_as_replay,
-    _config,
-    _metrics,
-    _replayed,
-    _train_and_replay_rank,
-    _train_rank,
+from tests.helpers.replay import (
+    assert_as_accurate_as_replay,
+    fp32_and_float64_replays,
+    train_and_replay_rank,
 )
-
-corpus = test_pretrain.corpus  # the module-scoped corpus fixture, shared
+from tests.helpers.runs import read_metrics, tiny_config, train_rank
 
 STEPS = ["train.steps=4", "checkpoint.interval=2", "train.eval_interval=0"]
 CASES = {
@@ -78,11 +73,11 @@ def _step2(run_dir: Path) -> Path:
 
 
 def _raw(run_dir: Path, corpus: list[str], *overrides: str) -> dict:
-    return _config(run_dir, corpus, *STEPS, *overrides)
+    return tiny_config(run_dir, corpus, *STEPS, *overrides)
 
 
 def _after_step_2(run_dir: Path) -> list[dict]:
-    return [r for r in _metrics(run_dir) if r["step"] > 2]
+    return [r for r in read_metrics(run_dir) if r["step"] > 2]
 
 
 def _assert_continues(reference: list[dict], resumed: list[dict], rtol: float) -> None:
@@ -104,8 +99,8 @@ def _assert_resumed_as_accurate_as(
     ``replay`` against the float64 one (``exact``)."""
     assert [r["step"] for r in resumed] == [r["step"] for r in reference] == [3, 4]
     assert [r["lr"] for r in resumed] == [r["lr"] for r in reference]
-    _assert_as_accurate_as_replay(reference, replay, exact, (msg, "continued"))
-    _assert_as_accurate_as_replay(resumed, replay, exact, (msg, "resumed"))
+    assert_as_accurate_as_replay(reference, replay, exact, (msg, "continued"))
+    assert_as_accurate_as_replay(resumed, replay, exact, (msg, "resumed"))
 
 
 def _refused_rank(rank: int, world_size: int, config_file: str) -> dict:
@@ -127,14 +122,14 @@ def test_resume_at_another_data_parallel_and_tensor_parallel_size(tmp_path, corp
     # The runs at DP 2 (and TP 2), each with its step-2 checkpoint.
     raws = [_raw(old[n], corpus, *o) for n, o in CASES.items()]
     raws += [_raw(tp2, corpus, *TP2), _raw(tp2_subspace, corpus, *TP2, *SUBSPACE)]
-    run_distributed(_train_rank, 2, tmp_path, raws, timeout=600)
+    run_distributed(train_rank, 2, tmp_path, raws, timeout=600)
     # At DP 1: the uninterrupted runs, and the resumes from the DP 2 checkpoints.
     raws = [_raw(one[n], corpus, *o) for n, o in CASES.items()]
     raws += [
         _raw(tmp_path / "dp2to1" / n, corpus, *o, f"checkpoint.resume={_step2(old[n])}")
         for n, o in CASES.items()
     ]
-    run_distributed(_train_rank, 1, tmp_path, raws, timeout=600)
+    run_distributed(train_rank, 1, tmp_path, raws, timeout=600)
     # At DP 2: the resumes from the DP 1 checkpoints; TP 2 -> 1 without and with the flag, and
     # the reference for the flag: TP 2 -> 2 with it.
     raws = [
@@ -164,7 +159,7 @@ def test_resume_at_another_data_parallel_and_tensor_parallel_size(tmp_path, corp
     refused = run_distributed(_refused_rank, 2, tmp_path, str(refused_file), timeout=300)
     # The TP 1 resumes are replayed (rank 0 in float64, rank 1 in fp32) from step 1.
     replays = [None] * len(CASES) + [{}, None, {"reset_optimizer_at": 2}]
-    trained = run_distributed(_train_and_replay_rank, 2, tmp_path, raws, replays, timeout=600)
+    trained = run_distributed(train_and_replay_rank, 2, tmp_path, raws, replays, timeout=600)
 
     for name in CASES:
         for reference, resumed, new_layout in ((old, "dp2to1", one), (one, "dp1to2", old)):
@@ -175,7 +170,7 @@ def test_resume_at_another_data_parallel_and_tensor_parallel_size(tmp_path, corp
             # And the run that trained at the new layout from the start (the same argument).
             _assert_continues(_after_step_2(new_layout[name]), after, rtol=NORM_RTOL)
     # The layout change is in the first record of the resumed run.
-    first = _metrics(tmp_path / "dp2to1" / "zero1_subspace")[0]
+    first = read_metrics(tmp_path / "dp2to1" / "zero1_subspace")[0]
     assert first["resume_changed"]["parallel.layout"] == [
         "2 ranks (TP 1 x DP 2, ZeRO 1)",
         "1 ranks (TP 1 x DP 1, ZeRO 1)",
@@ -201,17 +196,17 @@ def test_resume_at_another_data_parallel_and_tensor_parallel_size(tmp_path, corp
     # rows moves those weights by up to lr = 3e-3 in step 3, where the bound on the losses and
     # norms is below 5e-6 absolute).
     tp2to1 = len(CASES)
-    resumed = _metrics(tmp_path / "tp2to1")
+    resumed = read_metrics(tmp_path / "tp2to1")
     assert "optimizer_state" not in resumed[0]["resume_changed"]
-    replay, exact = _replayed(trained, tp2to1)
+    replay, exact = fp32_and_float64_replays(trained, tp2to1)
     _assert_resumed_as_accurate_as(_after_step_2(tp2), resumed, replay, exact, "tp2to1")
     # With checkpoint.reset_optimizer: a resume with the flag at TP 2, against the replay whose
     # optimizer state starts afresh at step 3.
-    reference = _metrics(tmp_path / "tp2to2_reset")
-    resumed = _metrics(tmp_path / "tp2to1_reset")
+    reference = read_metrics(tmp_path / "tp2to2_reset")
+    resumed = read_metrics(tmp_path / "tp2to1_reset")
     assert resumed[0]["resume_changed"]["optimizer_state"] == ["from checkpoint", "reset"]
     assert resumed[0]["resume_changed"]["parallel.layout"][1] == "2 ranks (TP 1 x DP 2, ZeRO 1)"
-    replay, exact = _replayed(trained, tp2to1 + 2)
+    replay, exact = fp32_and_float64_replays(trained, tp2to1 + 2)
     _assert_resumed_as_accurate_as(reference, resumed, replay, exact, "tp2to1_reset")
 
 

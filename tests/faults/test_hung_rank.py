@@ -27,10 +27,8 @@ from actcomp_dist.training.watchdog import (
     poll_interval,
     process_group_timeout,
 )
-from tests.integration import test_pretrain
-from tests.integration.test_pretrain import ROOT, _config, _launch, _rank_pid, _wait, _wait_for_step
-
-corpus = test_pretrain.corpus  # the module-scoped corpus fixture, shared
+from tests.helpers.launcher import launch_deepspeed, rank_pid, wait_for_step, wait_or_kill
+from tests.helpers.runs import ROOT, tiny_config
 
 TIMEOUT_S = 10  # train.collective_timeout_s of the test run; a tiny step takes ~0.1 s
 
@@ -42,7 +40,7 @@ def test_sigstop_of_one_rank_stops_the_job_naming_it(tmp_path, corpus):
     (and slack), that rank 1 (its pid) stopped responding and exits with code 4; the launcher
     then ends the job with that code. Every checkpoint that was complete stays complete and verifies."""
     run_dir = tmp_path / "run"
-    raw = _config(
+    raw = tiny_config(
         run_dir,
         corpus,
         "train.steps=100000",
@@ -53,16 +51,16 @@ def test_sigstop_of_one_rank_stops_the_job_naming_it(tmp_path, corpus):
     config_file = tmp_path / "config.json"
     config_file.write_text(json.dumps(raw))
     log = tmp_path / "launcher.log"
-    launcher = _launch(config_file, [], log)
+    launcher = launch_deepspeed(config_file, [], log)
     try:
-        rank0, rank1 = psutil.Process(_rank_pid(launcher, 0)), _rank_pid(launcher, 1)
-        _wait_for_step(run_dir, 4, launcher)
+        rank0, rank1 = psutil.Process(rank_pid(launcher, 0)), rank_pid(launcher, 1)
+        wait_for_step(run_dir, 4, launcher)
         os.kill(rank1, signal.SIGSTOP)
         stopped_at = time.monotonic()
         rank0.wait(timeout=TIMEOUT_S + 60)
         rank0_exited_after = time.monotonic() - stopped_at
         # The launcher waits up to 30 s for the stopped rank to take its SIGTERM, then kills it.
-        returncode = _wait(launcher, timeout=60)
+        returncode = wait_or_kill(launcher, timeout=60)
     finally:
         if launcher.poll() is None:
             os.killpg(launcher.pid, signal.SIGKILL)

@@ -1,7 +1,7 @@
 """kill -9 of a rank mid-step and mid-save, then a resume that repeats the run bit for bit.
 
 Real 2-rank runs (gloo ranks forked by :func:`tests.helpers.distributed.run_distributed`, the launcher's
-own ``main``, the ``compact`` model of ``tests/integration/test_pretrain.py``: 6 steps, a checkpoint every
+own ``main``, the ``compact`` model of ``tests/helpers/runs.py``: 6 steps, a checkpoint every
 2, resampling every 2, validation at 3 and 6). Rank 1 sends itself SIGKILL — no handler, no
 ``finally``, what the OOM killer or a node failure does — at a chosen point; the harness then
 kills rank 0, which waits in a collective. ``checkpoint.resume=latest`` then finishes the run in
@@ -25,10 +25,8 @@ import torch
 from actcomp_dist.training import checkpoint as ckpt
 from actcomp_dist.training.config import load_run_config
 from tests.helpers.distributed import DistributedError, run_distributed
-from tests.integration import test_pretrain
-from tests.integration.test_pretrain import _compared, _config, _metrics
-
-corpus = test_pretrain.corpus  # the module-scoped corpus fixture, shared
+from tests.helpers.run_files import tree_hashes
+from tests.helpers.runs import compared_fields, read_metrics, tiny_config
 
 
 def _die() -> None:
@@ -98,7 +96,9 @@ def test_kill_9_mid_step_and_mid_save_resume_bit_identically(tmp_path, corpus):
     interrupted run equals the uninterrupted run's bit for bit, each step once."""
     files = {}
     for name in ("reference", *FAULTS):
-        raw = _config(tmp_path / name, corpus, "checkpoint.interval=2", "checkpoint.resume=latest")
+        raw = tiny_config(
+            tmp_path / name, corpus, "checkpoint.interval=2", "checkpoint.resume=latest"
+        )
         files[name] = str(tmp_path / f"{name}.json")
         Path(files[name]).write_text(json.dumps(raw))
 
@@ -111,7 +111,7 @@ def test_kill_9_mid_step_and_mid_save_resume_bit_identically(tmp_path, corpus):
         assert [p.name for p in ckpt.complete_checkpoints(checkpoints)] == ["step_0000002"]
         assert (checkpoints / "latest").read_text() == "step_0000002/step_0000002"
         step_2 = checkpoints / "step_0000002"
-        step_2_files[fault] = test_pretrain._tree_hashes(step_2)
+        step_2_files[fault] = tree_hashes(step_2)
         assert json.loads((step_2 / ckpt.MARKER).read_text())["format_version"] == 1
         if fault == "mid_save":
             torn = checkpoints / "step_0000004"
@@ -121,17 +121,17 @@ def test_kill_9_mid_step_and_mid_save_resume_bit_identically(tmp_path, corpus):
     for rank, results in enumerate(ranks):
         for name, result in zip(files, results, strict=True):
             assert result["code"] == 0, (name, rank, result["stderr"])
-    reference = _metrics(tmp_path / "reference")
+    reference = read_metrics(tmp_path / "reference")
     assert [r["step"] for r in reference] == [1, 2, 3, 4, 5, 6]
     for fault in FAULTS:
-        assert _compared(_metrics(tmp_path / fault)) == _compared(reference), fault
+        assert compared_fields(read_metrics(tmp_path / fault)) == compared_fields(reference), fault
         assert (
             f"resumed from {tmp_path / fault / 'checkpoints' / 'step_0000002'}"
             in (ranks[0][list(files).index(fault)]["stdout"])
         )
         # Step 2's files were read, not rewritten; the torn step 4 was replaced by a good one.
         checkpoints = tmp_path / fault / "checkpoints"
-        assert test_pretrain._tree_hashes(checkpoints / "step_0000002") == step_2_files[fault]
+        assert tree_hashes(checkpoints / "step_0000002") == step_2_files[fault]
         names = [p.name for p in ckpt.complete_checkpoints(checkpoints)]
         assert names == ["step_0000002", "step_0000004", "step_0000006"]
         compression = load_run_config(files[fault]).compression.to_dict()

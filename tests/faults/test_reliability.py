@@ -2,7 +2,7 @@
 
 Faults are injected into real runs (2 gloo ranks forked by :func:`tests.helpers.distributed.run_distributed`,
 the launcher's own ``main`` so exit codes and messages are the ones a user sees, DeepSpeed
-ZeRO 0 and 1, the ``compact`` model on the small test corpus of ``tests/integration/test_pretrain.py``):
+ZeRO 0 and 1, the ``compact`` model on the small test corpus of ``tests/conftest.py``):
 
 - a NaN written into one weight on one rank (a memory fault, a corrupted shard): every step's
   loss is NaN on that rank;
@@ -35,10 +35,9 @@ from actcomp_dist.training.config import load_run_config
 from actcomp_dist.training.guard import NONFINITE_EXIT_CODE, NonFiniteGuard
 from actcomp_dist.training.schedule import learning_rate
 from tests.helpers.distributed import run_distributed
-from tests.integration import test_pretrain
-from tests.integration.test_pretrain import ROOT, _config, _srun_ranks, _tree_hashes, _wait
-
-corpus = test_pretrain.corpus  # the module-scoped corpus fixture, shared
+from tests.helpers.launcher import srun_ranks, wait_or_kill
+from tests.helpers.run_files import tree_hashes
+from tests.helpers.runs import ROOT, tiny_config
 
 
 def _strict(line: str) -> dict:
@@ -157,10 +156,10 @@ def _stop_rank(rank: int, world_size: int, config_file: str) -> dict:
     results["good"] = _main(config_file, ["train.steps=2"])
     torch.distributed.barrier()
     if rank == 0:
-        results["hashes_before"] = _tree_hashes(checkpoints)
+        results["hashes_before"] = tree_hashes(checkpoints)
     results["diverged"] = _main(config_file, ["train.steps=4"], faults=[("weight", 2)])
     if rank == 0:
-        results["hashes_after"] = _tree_hashes(checkpoints)
+        results["hashes_after"] = tree_hashes(checkpoints)
         results["metrics_after"] = metrics.read_text()
     torch.distributed.barrier()
     results["resumed"] = _main(config_file, ["train.steps=4"])
@@ -176,7 +175,7 @@ def test_non_finite_loss_stops_without_saving_and_the_good_checkpoint_resumes(tm
     logs step 3 as skipped with ``loss: null``. The same command without the fault resumes
     from step 2 and finishes, and its record of step 3 replaces the diverged one."""
     run_dir = tmp_path / "run"
-    raw = _config(
+    raw = tiny_config(
         run_dir,
         corpus,
         "train.eval_interval=0",
@@ -253,7 +252,7 @@ def test_skip_policy_leaves_the_state_alone_counts_and_stops_after_n(tmp_path, c
     after it; every metrics line is strict JSON."""
     files = []
     for name, overrides in SKIP_LAYOUTS.items():
-        raw = _config(
+        raw = tiny_config(
             tmp_path / name,
             corpus,
             *overrides,
@@ -345,7 +344,7 @@ def test_second_run_on_a_busy_run_dir_is_refused_and_the_first_goes_on(tmp_path,
     code 2 and one line naming the holder's host and pid; the first run then stops cleanly
     (stop file), with every step logged once and its checkpoint, and removes its lock."""
     run_dir = tmp_path / "run"
-    raw = _config(run_dir, corpus, "train.steps=10000", "train.eval_interval=0")
+    raw = tiny_config(run_dir, corpus, "train.steps=10000", "train.eval_interval=0")
     config_file = _write_config(tmp_path / "config.json", raw)
     command = [sys.executable, "launch/pretrain.py", "--config", str(config_file)]
     with open(tmp_path / "first.log", "w") as log:
@@ -356,10 +355,10 @@ def test_second_run_on_a_busy_run_dir_is_refused_and_the_first_goes_on(tmp_path,
         _wait_for_metrics(run_dir, first)
         lock = json.loads((run_dir / "LOCK").read_text())
         assert (lock["host"], lock["pid"]) == (socket.gethostname(), first.pid)
-        second = _srun_ranks(config_file, [], tmp_path)
-        codes = [_wait(process, timeout=120) for process in second]
+        second = srun_ranks(config_file, [], tmp_path)
+        codes = [wait_or_kill(process, timeout=120) for process in second]
         (run_dir / "STOP").touch()
-        assert _wait(first, timeout=120) == 0, (tmp_path / "first.log").read_text()[-3000:]
+        assert wait_or_kill(first, timeout=120) == 0, (tmp_path / "first.log").read_text()[-3000:]
     finally:
         if first.poll() is None:
             first.kill()
@@ -396,7 +395,7 @@ def test_lock_decided_by_rank_0_reaches_every_rank_and_a_stale_lock_is_taken_ove
     by a live process on this host refuses the run on both ranks (exit 2, the lock left
     alone); a lock whose process is gone is taken over with a message, the run trains, and
     the lock is removed at the end."""
-    raw = _config(tmp_path / "run", corpus, "train.steps=1", "train.eval_interval=0")
+    raw = tiny_config(tmp_path / "run", corpus, "train.steps=1", "train.eval_interval=0")
     config_file = _write_config(tmp_path / "config.json", raw)
     finished = subprocess.Popen(["true"])
     finished.wait()  # its pid is now free (and not reused within this test, in practice)
@@ -485,11 +484,11 @@ def _disk_rank(rank: int, world_size: int, config_file: str) -> dict:
     results["step_1_bytes"] = ckpt.checkpoint_bytes(step_1)
     results["model_config"] = json.loads((step_1 / ckpt.TRAINER_STATE).read_text())["model_config"]
     free["bytes"] = results["step_1_bytes"] - 1
-    before = _tree_hashes(checkpoints) if rank == 0 else None
+    before = tree_hashes(checkpoints) if rank == 0 else None
     torch.distributed.barrier()
     results["second"] = _main(config_file, ["train.steps=2"])
     torch.distributed.barrier()
-    results["unchanged"] = rank != 0 or _tree_hashes(checkpoints) == before
+    results["unchanged"] = rank != 0 or tree_hashes(checkpoints) == before
     return results
 
 
@@ -500,7 +499,7 @@ def test_a_save_without_the_disk_space_is_refused_on_every_rank_before_writing(t
     with both numbers, nothing written, the previous checkpoint intact."""
     from actcomp_dist.models import LlamaConfig, parameter_count
 
-    raw = _config(
+    raw = tiny_config(
         tmp_path / "run",
         corpus,
         "train.eval_interval=0",

@@ -1,7 +1,7 @@
 """Seed agreement (issue 16 item 7): ranks that compute different projection seeds stop.
 
 Real 2-rank runs (gloo ranks forked by :func:`tests.helpers.distributed.run_distributed`, the launcher's
-own ``main``, the ``compact`` model of ``tests/integration/test_pretrain.py``, ``resample_every=2``) with
+own ``main``, the ``compact`` model of ``tests/helpers/runs.py``, ``resample_every=2``) with
 one rank's seed inputs changed: a wrong ``compression.seed`` in one layer from the start, and a
 compression schedule that misses the optimizer step which resamples. References: the seeds
 computed in the test with :func:`~actcomp_dist.seeds.projection_seed` itself.
@@ -29,10 +29,7 @@ from actcomp_dist.seeds import (
 )
 from actcomp_dist.training.cli import SEED_MISMATCH_EXIT_CODE
 from tests.helpers.distributed import run_distributed
-from tests.integration import test_pretrain
-from tests.integration.test_pretrain import _config
-
-corpus = test_pretrain.corpus  # the module-scoped corpus fixture, shared
+from tests.helpers.runs import tiny_config
 
 WRONG_SEED = 99
 
@@ -98,7 +95,9 @@ def test_ranks_with_different_projection_seeds_stop_naming_layer_and_ranks(tmp_p
     checkpoint is written after the fault."""
     files = {}
     for fault in FAULTS:
-        raw = _config(tmp_path / fault, corpus, "train.eval_interval=0", "checkpoint.interval=1")
+        raw = tiny_config(
+            tmp_path / fault, corpus, "train.eval_interval=0", "checkpoint.interval=1"
+        )
         files[fault] = str(tmp_path / f"{fault}.json")
         (tmp_path / f"{fault}.json").write_text(json.dumps(raw))
     ranks = run_distributed(_seed_rank, 2, tmp_path, files, timeout=300)

@@ -28,17 +28,9 @@ import pytest
 import torch
 
 from actcomp_dist.compression.registry import COMPRESSORS
-from tests.integration.test_pretrain import (
-    _config,
-    _launch,
-    _metrics,
-    _srun_ranks,
-    _wait,
-    startup_saved_bytes,
-)
+from tests.helpers.launcher import launch_deepspeed, srun_ranks, startup_saved_bytes, wait_or_kill
+from tests.helpers.runs import ROOT, TINY, read_metrics, tiny_config
 
-ROOT = Path(__file__).resolve().parents[2]
-TINY = ROOT / "configs" / "tiny_compact.json"
 PLUGIN = "leading_features_method"
 PLUGIN_SOURCE = '''
 """``leading``: keep the first r features of every token (a test plugin).
@@ -156,7 +148,7 @@ def test_plugin_trains_through_the_launcher_with_predicted_bytes(tmp_path, plugi
     """``plugins`` in the run config: both ranks import it, train with it through the
     ``deepspeed`` launcher, and the start-up report's measured saved bytes equal the analytic
     prediction (and are below the same batch uncompressed)."""
-    raw = _config(
+    raw = tiny_config(
         tmp_path / "run",
         corpus,
         f'plugins=["{PLUGIN}"]',
@@ -169,12 +161,12 @@ def test_plugin_trains_through_the_launcher_with_predicted_bytes(tmp_path, plugi
     env_path = os.pathsep.join([str(plugin_dir), os.environ.get("PYTHONPATH", str(ROOT))])
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("PYTHONPATH", env_path)  # inherited by the launcher and its ranks
-        returncode = _wait(_launch(config_file, [], log))
+        returncode = wait_or_kill(launch_deepspeed(config_file, [], log))
     output = log.read_text()
     assert returncode == 0, output[-3000:]
     measured, predicted, uncompressed = startup_saved_bytes(output)
     assert measured == predicted != uncompressed
-    records = _metrics(tmp_path / "run")
+    records = read_metrics(tmp_path / "run")
     assert [r["step"] for r in records] == list(range(1, 7))
     assert records[-1]["loss"] < records[0]["loss"]
     resolved = json.loads((tmp_path / "run" / "config.json").read_text())
@@ -242,13 +234,13 @@ print(predict_saved_activations(model, compression, setting).total)
 def test_bad_plugin_fails_on_every_rank_and_in_the_tools(tmp_path, plugin_dir, corpus):
     """A module that cannot be imported: one line naming it, exit 2, on every rank, before any
     collective (no hang), run directory not created; the same line from both tools."""
-    raw = _config(tmp_path / "run", corpus, 'plugins=["no_such_plugin_module"]')
+    raw = tiny_config(tmp_path / "run", corpus, 'plugins=["no_such_plugin_module"]')
     config_file = tmp_path / "config.json"
     config_file.write_text(json.dumps(raw))
-    ranks = _srun_ranks(config_file, [], tmp_path)
+    ranks = srun_ranks(config_file, [], tmp_path)
     message = "plugins: cannot import module 'no_such_plugin_module' (ModuleNotFoundError"
     for rank, process in enumerate(ranks):
-        assert _wait(process, timeout=120) == 2, rank
+        assert wait_or_kill(process, timeout=120) == 2, rank
         err = (tmp_path / f"rank{rank}.err").read_text()
         assert f"error (rank {rank}/2): " in err and message in err, err
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
@@ -261,16 +253,3 @@ def test_bad_plugin_fails_on_every_rank_and_in_the_tools(tmp_path, plugin_dir, c
         assert result.returncode == 2, (tool, result.stderr)
         assert message in result.stderr and "Traceback" not in result.stderr, (tool, result)
     assert not (tmp_path / "out").exists()
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> list[str]:
-    from actcomp_dist.data.corpus import ensure_embedded_corpus
-
-    built = ensure_embedded_corpus(
-        tmp_path_factory.mktemp("corpus"), vocab_size=512, max_bytes=200_000
-    )
-    return [
-        f"data.paths={json.dumps([built.data_prefix])}",
-        f"data.tokenizer={built.tokenizer_model}",
-    ]

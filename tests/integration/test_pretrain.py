@@ -23,39 +23,54 @@ with another ZeRO stage or TP layout compute the same sums in another order: the
 agree within :data:`LOSS_ATOL` (derived next to its definition), and their losses and gradient
 norms, like the weights after a few AdamW steps (the subspace rule, ``train.lr_scale``), are as
 accurate as an fp32 replay of the same steps against the model's float64 replay
-(``model.double()``, :func:`_replay`); a bf16 run's as accurate as the fp32 run's, in bf16's
-unit roundoff.
+(``model.double()``, :func:`tests.helpers.replay.replay_run`); a bf16 run's as accurate as the
+fp32 run's, in bf16's unit roundoff.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import re
 import shutil
 import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 
-from actcomp_dist.data.corpus import ensure_embedded_corpus
-from actcomp_dist.subspace import is_subspace_parameter
-from actcomp_dist.training.config import apply_overrides, load_run_config
+from actcomp_dist.training.config import load_run_config
 from actcomp_dist.training.schedule import learning_rate
 from tests.helpers.distributed import run_distributed
+from tests.helpers.launcher import (
+    free_port,
+    launch_deepspeed,
+    rank_pid,
+    srun_ranks,
+    startup_saved_bytes,
+    wait_for_step,
+    wait_or_kill,
+)
+from tests.helpers.replay import (
+    assert_as_accurate_as_replay,
+    fp32_and_float64_replays,
+    history_losses,
+    history_norms,
+    replay_run,
+    train_and_replay_rank,
+)
+from tests.helpers.run_files import flip_a_byte, tree_hashes, truncate
+from tests.helpers.runs import (
+    TINY,
+    VOCAB,
+    compared_fields,
+    read_metrics,
+    tiny_config,
+    train_rank,
+)
 from tests.helpers.tolerances import assert_as_accurate_as, gamma
 
-ROOT = Path(__file__).resolve().parents[2]
-TINY = ROOT / "configs" / "tiny_compact.json"
-VOCAB = 512  # the test corpus's tokenizer; the tiny model pads it to 512 (a multiple of 128)
 METRIC_KEYS = {
     "step",
     "loss",
@@ -65,7 +80,6 @@ METRIC_KEYS = {
     "step_time_s",
     "saved_activation_bytes",
 }
-COMPARED = ("loss", "lr", "grad_norm", "val_loss", "saved_activation_bytes")
 
 # Tolerances between runs that compute the same fp32 sums in another order (another ZeRO stage,
 # TP layout or activation-checkpointing mode). A ZeRO stage at DP 2 changes no forward or
@@ -82,236 +96,16 @@ COMPARED = ("loss", "lr", "grad_norm", "val_loss", "saved_activation_bytes")
 # sums: the check relies on their roundings not lining up with the softmax's. Measured:
 # <= 9.5e-7 absolute over 6 steps (0.016 of LOSS_ATOL); ZeRO stages without subspace state: 0.
 # Where the whole trajectory matters (gradient norms, the weights after Adam steps, bf16 against
-# fp32) the runs are compared with the model's float64 replay instead: :func:`_replay`.
+# fp32) the runs are compared with the model's float64 replay instead:
+# :func:`tests.helpers.replay.replay_run`.
 LOSS_ATOL = 2 * gamma(VOCAB, torch.float32)
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> list[str]:
-    """The embedded corpus, small (107 modules, 112 k tokens): ``data.*`` overrides for it."""
-    built = ensure_embedded_corpus(
-        tmp_path_factory.mktemp("corpus"), vocab_size=VOCAB, max_bytes=200_000
-    )
-    return [
-        f"data.paths={json.dumps([built.data_prefix])}",
-        f"data.tokenizer={built.tokenizer_model}",
-    ]
-
-
-def _config(run_dir: Path, corpus: list[str], *overrides: str) -> dict:
-    """tiny_compact.json for a short test run in ``run_dir``, plus ``overrides``."""
-    raw = json.loads(TINY.read_text())
-    base = [
-        f"run_dir={run_dir}",
-        *corpus,
-        "train.steps=6",
-        "train.eval_interval=3",
-        "logging.interval=1",
-        "compression.resample_every=2",
-    ]
-    return apply_overrides(raw, base + list(overrides))
-
-
-def _metrics(run_dir: Path) -> list[dict]:
-    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines]
-
-
-def _compared(records: list[dict]) -> list[dict]:
-    return [{k: r.get(k) for k in ("step", *COMPARED)} for r in records]
-
-
-def _train_rank(rank: int, world_size: int, raws: list[dict]) -> list[list[dict]]:
-    """Run ``run_pretraining`` once per config, one after the other; the per-step records."""
-    from actcomp_dist.training.config import run_config_from_dict
-    from actcomp_dist.training.trainer import run_pretraining
-
-    return [run_pretraining(run_config_from_dict(raw)).history for raw in raws]
-
-
-def _losses(history: list[dict]) -> torch.Tensor:
-    return torch.tensor([r["loss"] for r in history], dtype=torch.float64)
-
-
-def _norms(history: list[dict]) -> torch.Tensor:
-    return torch.tensor([r["grad_norm"] for r in history], dtype=torch.float64)
-
-
 def _assert_loss_falls(history: list[dict]) -> None:
-    losses = _losses(history)
+    losses = history_losses(history)
     # An untrained model predicts close to uniformly: cross-entropy ln(V).
     assert abs(losses[0].item() - math.log(VOCAB)) < 0.15, losses
     assert losses[-1] < losses[0] - 0.4, losses
-
-
-# -- the model's float64 replay: the reference of runs that reorder fp32 sums -------------------
-
-
-def _dp_averaged_loss(model, dataset, step: int, train, world_size: int) -> torch.Tensor:
-    """The loss a DP world of ``world_size`` ranks averages at ``step``: each rank's micro-batch
-    of the global batch, in the trainer's order, replayed on one process."""
-    micro = train.micro_batch_size
-    losses = []
-    for dp_rank in range(world_size):
-        first = step * train.global_batch_size + dp_rank * micro
-        batch = [dataset[i] for i in range(first, first + micro)]
-        tokens = torch.stack([torch.as_tensor(b["tokens"]) for b in batch])
-        labels = torch.stack([torch.as_tensor(b["labels"]) for b in batch])
-        losses.append(model.loss(tokens, labels))
-    return sum(losses) / world_size
-
-
-def _replay(
-    trainer, config, world_size: int, dtype: torch.dtype, reset_optimizer_at: int | None = None
-) -> dict:
-    """The trainer's steps replayed on one process on a fresh model in ``dtype`` (float64:
-    ``model.double()``, the model's float64 replay) on the same samples, the same projections
-    (the model's seeds and schedule) and the closed-form lr: ``torch.optim.AdamW`` on the
-    ordinary parameters (weight decay on matrices, lr x their ``train.lr_scale`` factor),
-    ``SubspaceAdamW``'s rule on the subspace weights (at the schedule's lr, as the engine's
-    proxies), one global clip over both; the optimizer state starts afresh at step
-    ``reset_optimizer_at`` (``checkpoint.reset_optimizer``). Per step: the DP-averaged loss,
-    the gradient norm DeepSpeed logs and clips with (before clipping; ordinary and m x r
-    gradients, in ``dtype``) and the ordinary gradients' alone; the final weights, the names
-    of the subspace ones and each ordinary parameter's lr factor.
-
-    Not all float64: ``SubspaceAdamW`` keeps float32 moments (and takes the m x r gradient in
-    float32), so in the float64 replay a subspace weight's update (about lr x alpha = 7.5e-4 per
-    element) is rounded at 2^-24 of itself, some 20 times below the fp32 runs' rounding of the
-    weights themselves (2^-24 |W|, |W| ~ 0.02)."""
-    from actcomp_dist.models import build_llama
-    from actcomp_dist.models.kinds import parameter_group
-    from actcomp_dist.optim import SubspaceAdamW
-    from actcomp_dist.optim.clip import gradients
-    from actcomp_dist.training.config import lr_scale_factor
-
-    train, dataset = config.train, trainer.loader.dataset
-    model = build_llama(
-        trainer.model.config,
-        config.compression,
-        init_seed=train.seed,
-        device="cpu",
-        efficient_ops=config.memory.efficient_ops,  # the same block and head as trained
-        loss_chunk_tokens=config.memory.chunked_loss_tokens,
-    ).to(dtype)
-    named = list(model.named_parameters())
-    subspace = {n: p for n, p in named if is_subspace_parameter(p)}
-    ordinary = {n: p for n, p in named if n not in subspace}
-    factors = {n: lr_scale_factor(train.lr_scale, parameter_group(n)) for n in ordinary}
-    hyper = {"lr": train.lr, "betas": tuple(train.betas), "eps": train.eps}
-
-    def fresh_optimizers() -> list[torch.optim.Optimizer]:
-        plain = torch.optim.AdamW(
-            [
-                {
-                    "params": [p],
-                    "weight_decay": train.weight_decay if p.dim() >= 2 else 0.0,
-                    "lr_scale": factors[n],
-                }
-                for n, p in ordinary.items()
-            ],
-            foreach=False,
-            **hyper,
-        )
-        if not subspace:
-            return [plain]
-        rule = SubspaceAdamW(
-            [{"params": list(subspace.values()), "lr_scale": 1.0}],
-            weight_decay=train.weight_decay,
-            subspace_scale=train.subspace_scale,
-            **hyper,
-        )
-        return [plain, rule]
-
-    def norm(grads: list[torch.Tensor]) -> torch.Tensor:
-        # As DeepSpeed's clip_grad_norm_ (the ZeRO 0 norm): one ``norm()`` per tensor, then
-        # the root of their sum of squares. The layouts' norm algorithms differ (partitioned,
-        # flattened, per tensor); this is the coarsest of them: torch's CPU ``norm()`` adds in
-        # a few vector lanes, not by cascade (fp32: measured 8 u at 2^16 elements, 34 u at
-        # 2^18, where ``pow(2).sum()`` stays at 1-2 u), so the fp32 replay's error includes
-        # the rounding of the longest reductions a layout's norm may make.
-        return torch.stack([g.norm() for g in grads]).pow(2).sum().sqrt()
-
-    optimizers = fresh_optimizers()
-    losses, norms, ordinary_norms = [], [], []
-    for step in range(train.steps):
-        if step == reset_optimizer_at:
-            optimizers = fresh_optimizers()
-        for optimizer in optimizers:
-            for group in optimizer.param_groups:
-                group["lr"] = group["lr_scale"] * learning_rate(step, train)
-        loss = _dp_averaged_loss(model, dataset, step, train, world_size)
-        loss.backward()
-        losses.append(loss.item())
-        ordinary_norms.append(norm([p.grad for p in ordinary.values()]).item())
-        grads = gradients(model.parameters())
-        total = norm(grads)
-        norms.append(total.item())
-        if train.clip_grad > 0:  # DeepSpeed's (and torch's) rule: min(1, clip / (norm + 1e-6))
-            scale = (train.clip_grad / (total + 1e-6)).clamp(max=1.0)
-            with torch.no_grad():
-                for grad in grads:
-                    grad.mul_(scale)
-        for optimizer in optimizers:
-            optimizer.step()
-            optimizer.zero_grad()
-        model.compression_schedule.advance()
-    return {
-        "losses": torch.tensor(losses, dtype=torch.float64),
-        "norms": torch.tensor(norms, dtype=torch.float64),
-        "ordinary_norms": torch.tensor(ordinary_norms, dtype=torch.float64),
-        "weights": {n: p.detach() for n, p in named},
-        "subspace": set(subspace),
-        "factors": factors,
-    }
-
-
-def _train_and_replay_rank(
-    rank: int, world_size: int, raws: list[dict], replays: list[dict | None]
-) -> list[dict]:
-    """Train each config with the Trainer (its history); where ``replays`` gives
-    :func:`_replay`'s keyword arguments (a TP 1 run), replay it before the next config: rank 0
-    as the model's float64 replay while rank 1 replays it in fp32."""
-    from actcomp_dist.training.config import run_config_from_dict
-    from actcomp_dist.training.trainer import Trainer
-
-    assert world_size == 2
-    dtype = {0: torch.float64, 1: torch.float32}[rank]
-    results = []
-    for raw, replay in zip(raws, replays, strict=True):
-        config = run_config_from_dict(raw)
-        trainer = Trainer(config)
-        try:
-            result = {"history": trainer.train().history}
-            if replay is not None:
-                assert config.parallel.tensor_parallel == 1  # the replay builds a TP 1 model
-                micro_batches = config.train.global_batch_size // config.train.micro_batch_size
-                result["replay"] = _replay(trainer, config, micro_batches, dtype, **replay)
-        finally:
-            trainer.close()
-        results.append(result)
-    return results
-
-
-def _replayed(results: list[list[dict]], index: int) -> tuple[dict, dict]:
-    """Config ``index``'s (fp32 replay, float64 replay) from :func:`_train_and_replay_rank`."""
-    return results[1][index]["replay"], results[0][index]["replay"]
-
-
-def _assert_as_accurate_as_replay(
-    history: list[dict], replay: dict, exact: dict, msg: object, dtype=torch.float32
-) -> None:
-    """A run's losses and gradient norms are as accurate as the fp32 ``replay`` of its steps,
-    both against the float64 replay ``exact`` (:func:`~tests.helpers.tolerances.
-    assert_as_accurate_as`; steps in ``history`` are 1-based, the replays' 0-based)."""
-    steps = [r["step"] - 1 for r in history]
-    assert_as_accurate_as(
-        {"loss": _losses(history), "grad_norm": _norms(history)},
-        {"loss": replay["losses"][steps], "grad_norm": replay["norms"][steps]},
-        {"loss": exact["losses"][steps], "grad_norm": exact["norms"][steps]},
-        dtype,
-        msg,
-    )
 
 
 # -- layouts: ZeRO stages, tensor and sequence parallelism, subspace ---------------------------
@@ -349,7 +143,7 @@ def test_zero_stages_and_tensor_parallel_match_plain_data_parallel(tmp_path, cor
     micro-batches of the same samples). Uncompressed, ZeRO-3 trains like ZeRO 0.
 
     Each ZeRO 0 run is replayed on one process (fp32 and the model's float64 replay, the same
-    samples, projections and lr; :func:`_replay`), and every layout's losses and gradient norms
+    samples, projections and lr; :func:`replay_run`), and every layout's losses and gradient norms
     are as accurate as the fp32 replay against the float64 one: the layouts compute the same
     sums in other orders. The norms agreeing means the m x r gradients (on proxies at ZeRO 0,
     partitioned at ZeRO 1/2) are in the norm DeepSpeed clips with under every stage: without
@@ -358,24 +152,26 @@ def test_zero_stages_and_tensor_parallel_match_plain_data_parallel(tmp_path, cor
     ``none`` at every layout: bit for bit the fp32 replay's), norms 0.01-0.47 (ZeRO 0 computes
     its norm as the replay does: 0.44-0.47)."""
     raws = [
-        _config(tmp_path / name, corpus, "train.eval_interval=0", *overrides)
+        tiny_config(tmp_path / name, corpus, "train.eval_interval=0", *overrides)
         for name, overrides in LAYOUTS.items()
     ]
     replays = [{} if name.endswith("zero0") else None for name in LAYOUTS]
-    results = run_distributed(_train_and_replay_rank, 2, tmp_path, raws, replays, timeout=600)
+    results = run_distributed(train_and_replay_rank, 2, tmp_path, raws, replays, timeout=600)
     names = list(LAYOUTS)
     histories = {name: result["history"] for name, result in zip(names, results[0], strict=True)}
     for name, history in histories.items():
         prefix = name.split("_")[0]
         family = f"{prefix}_zero0" if prefix in ("subspace", "none") else "zero0"
-        replay, exact = _replayed(results, names.index(family))
+        replay, exact = fp32_and_float64_replays(results, names.index(family))
         _assert_loss_falls(history)
         torch.testing.assert_close(
-            _losses(history), _losses(histories[family]), rtol=0, atol=LOSS_ATOL
+            history_losses(history), history_losses(histories[family]), rtol=0, atol=LOSS_ATOL
         )
-        _assert_as_accurate_as_replay(history, replay, exact, name)
+        assert_as_accurate_as_replay(history, replay, exact, name)
     # The two gradient modes really are different training paths.
-    assert not torch.allclose(_losses(histories["zero0"]), _losses(histories["subspace_zero0"]))
+    assert not torch.allclose(
+        history_losses(histories["zero0"]), history_losses(histories["subspace_zero0"])
+    )
     # Per rank, TP=2 saves less than TP=1 (sharded heads and FFN), and SP less again (the
     # sequence-sharded norms and residual stream).
     saved = {name: h[0]["saved_activation_bytes"] for name, h in histories.items()}
@@ -417,14 +213,14 @@ def test_resume_from_step_3_repeats_steps_4_to_6_exactly(tmp_path, corpus, case)
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     step3 = full / "checkpoints" / "step_0000003"
     raws = [
-        _config(full, corpus, *overrides),
-        _config(resumed, corpus, *overrides, f"checkpoint.resume={step3}"),
+        tiny_config(full, corpus, *overrides),
+        tiny_config(resumed, corpus, *overrides, f"checkpoint.resume={step3}"),
     ]
-    run_distributed(_train_rank, 2, tmp_path, raws, timeout=300)
+    run_distributed(train_rank, 2, tmp_path, raws, timeout=300)
 
-    reference, after_resume = _metrics(full), _metrics(resumed)
+    reference, after_resume = read_metrics(full), read_metrics(resumed)
     assert [r["step"] for r in reference] == [1, 2, 3, 4, 5, 6]
-    assert _compared(after_resume) == _compared(reference[3:])
+    assert compared_fields(after_resume) == compared_fields(reference[3:])
     assert "val_loss" in after_resume[-1]
     for path in (
         step3,
@@ -460,7 +256,7 @@ def test_stop_file_checkpoints_at_the_next_step_and_the_run_resumes(tmp_path, co
     a finished run trains nothing and writes no new checkpoint. Resuming the older checkpoint
     in the same run dir redoes steps 2-3 identically, and metrics.jsonl keeps each step once."""
     run_dir = tmp_path / "run"
-    raw = _config(run_dir, corpus, "train.steps=3", "train.eval_interval=0")
+    raw = tiny_config(run_dir, corpus, "train.steps=3", "train.eval_interval=0")
     stopped, stop_file_left, finished, again, redo = run_distributed(
         _stop_file_rank, 2, tmp_path, raw, str(run_dir / "STOP"), timeout=300
     )[0]
@@ -471,8 +267,10 @@ def test_stop_file_checkpoints_at_the_next_step_and_the_run_resumes(tmp_path, co
     assert (again.steps_done, again.history) == (3, [])
     names = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
     assert names == ["step_0000001", "step_0000003"]
-    assert _compared(redo.history) == _compared(finished.history)
-    assert _compared(_metrics(run_dir)) == _compared(stopped.history + finished.history)
+    assert compared_fields(redo.history) == compared_fields(finished.history)
+    assert compared_fields(read_metrics(run_dir)) == compared_fields(
+        stopped.history + finished.history
+    )
 
 
 # -- activation checkpointing ----------------------------------------------------------------
@@ -502,7 +300,7 @@ def test_activation_checkpointing_modes_match_and_saved_bytes_fall(tmp_path, cor
         "compact_full": ["activation_checkpointing.mode=full"],
     }
     raws = [
-        _config(
+        tiny_config(
             tmp_path / name,
             corpus,
             "train.steps=3",
@@ -512,11 +310,11 @@ def test_activation_checkpointing_modes_match_and_saved_bytes_fall(tmp_path, cor
         )
         for name, overrides in runs.items()
     ]
-    results = run_distributed(_train_rank, 1, tmp_path, raws, timeout=300)[0]
+    results = run_distributed(train_rank, 1, tmp_path, raws, timeout=300)[0]
     histories = dict(zip(runs, results, strict=True))
-    reference = _losses(histories["none"])
+    reference = history_losses(histories["none"])
     for name in ("none_selective", "none_full", "none_full_1"):
-        losses = _losses(histories[name])
+        losses = history_losses(histories[name])
         assert losses[0] == reference[0], name
         torch.testing.assert_close(losses, reference, rtol=0, atol=LOSS_ATOL, msg=name)
     saved = {name: h[0]["saved_activation_bytes"] for name, h in histories.items()}
@@ -540,7 +338,7 @@ def _subspace_rank(rank: int, world_size: int, raws: list[dict]) -> list[dict]:
         trainer = Trainer(config)
         history = trainer.train().history
         replays = {
-            dtype: _replay(trainer, config, world_size, dtype)
+            dtype: replay_run(trainer, config, world_size, dtype)
             for dtype in (torch.float32, torch.float64)
         }
         trained = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
@@ -561,7 +359,7 @@ def test_deepspeed_subspace_path_is_the_subspace_adamw_rule(tmp_path, corpus):
     the model's float64 replay (``model.double()``): norms and weights after 3 Adam steps as
     accurate as the fp32 replay against the float64 one."""
     raws = [
-        _config(
+        tiny_config(
             tmp_path / f"zero{stage}",
             corpus,
             "compression.grad_mode=subspace",
@@ -586,7 +384,7 @@ def test_deepspeed_subspace_path_is_the_subspace_adamw_rule(tmp_path, corpus):
         # lr is off by ~lr = 3e-3, 10^4 times the replay's error. Measured: norms 0.35, weights
         # 0.55 of the bound (ZeRO 0, 1, 2).
         assert_as_accurate_as(
-            {"norms": _norms(history)},
+            {"norms": history_norms(history)},
             {"norms": replay["norms"]},
             {"norms": exact["norms"]},
             torch.float32,
@@ -611,7 +409,7 @@ LR_SPLIT = {"qkv": 0.25, "fc1": 0.25, "fc2": 0.25, "proj": 0.125, "norm": 2.0, "
 
 def _lr_scale_rank(rank: int, world_size: int, raws: list[dict], replay: list[bool]) -> list:
     """Train with the Trainer, recording each optimizer param group's (lr_scale, lr) before
-    every step; where ``replay``, repeat the steps on the same samples (:func:`_replay`: a
+    every step; where ``replay``, repeat the steps on the same samples (:func:`replay_run`: a
     plain ``torch.optim.AdamW`` whose groups are set to factor x the closed-form schedule)."""
     from actcomp_dist.training.config import run_config_from_dict
     from actcomp_dist.training.trainer import Trainer
@@ -638,7 +436,7 @@ def _lr_scale_rank(rank: int, world_size: int, raws: list[dict], replay: list[bo
         result = {"history": history, "groups": groups_by_step, "trained": trained}
         if with_replay:
             replays = {
-                dtype: _replay(trainer, config, world_size, dtype)
+                dtype: replay_run(trainer, config, world_size, dtype)
                 for dtype in (torch.float32, torch.float64)
             }
             result["factors"] = replays[torch.float32]["factors"]
@@ -668,7 +466,7 @@ def test_lr_scale_steps_each_group_at_its_factor_and_ones_change_nothing(tmp_pat
         "none": [],
         "ones": ['train.lr_scale={"default": 1, "qkv": 1.0}'],
     }
-    raws = [_config(tmp_path / name, corpus, *steps, *o) for name, o in runs.items()]
+    raws = [tiny_config(tmp_path / name, corpus, *steps, *o) for name, o in runs.items()]
     replay = [name.startswith("zero") for name in runs]
     results = run_distributed(_lr_scale_rank, 2, tmp_path, raws, replay, timeout=300)[0]
     by_name = dict(zip(runs, results, strict=True))
@@ -691,7 +489,7 @@ def test_lr_scale_steps_each_group_at_its_factor_and_ones_change_nothing(tmp_pat
         ours = {n: result["trained"][n] for n in exact}
         assert_as_accurate_as(ours, replay, exact, torch.float32, name)
     none, ones = by_name["none"], by_name["ones"]
-    assert _compared(ones["history"]) == _compared(none["history"])
+    assert compared_fields(ones["history"]) == compared_fields(none["history"])
     assert [[lr for _, lr in g] for g in ones["groups"]] == [
         [lr for _, lr in g] for g in none["groups"]
     ]
@@ -704,7 +502,7 @@ def test_lr_scale_steps_each_group_at_its_factor_and_ones_change_nothing(tmp_pat
 def _bf16_subspace_rank(
     rank: int, world_size: int, raws: list[dict], replays: list[dict | None]
 ) -> list[dict]:
-    """:func:`_train_and_replay_rank`, and each subspace weight with its fp32 master."""
+    """:func:`train_and_replay_rank`, and each subspace weight with its fp32 master."""
     from actcomp_dist.training.config import run_config_from_dict
     from actcomp_dist.training.trainer import Trainer
 
@@ -723,7 +521,7 @@ def _bf16_subspace_rank(
             "masters": [None if m is None else (m[0], m[1].clone()) for m in masters],
         }
         if replay is not None:
-            result["replay"] = _replay(trainer, config, world_size, dtype, **replay)
+            result["replay"] = replay_run(trainer, config, world_size, dtype, **replay)
         results.append(result)
         trainer.close()
     return results
@@ -738,9 +536,9 @@ def test_bf16_subspace_keeps_fp32_masters_of_the_compressed_weights(tmp_path, co
     keeps the master of its half of the rows only."""
     common = ["compression.grad_mode=subspace", "train.steps=3", "train.eval_interval=0"]
     raws = [
-        _config(tmp_path / "fp32", corpus, *common),
-        _config(tmp_path / "bf16_zero1", corpus, *common, "train.precision=bf16"),
-        _config(
+        tiny_config(tmp_path / "fp32", corpus, *common),
+        tiny_config(tmp_path / "bf16_zero1", corpus, *common, "train.precision=bf16"),
+        tiny_config(
             tmp_path / "bf16_zero2",
             corpus,
             *common,
@@ -750,11 +548,11 @@ def test_bf16_subspace_keeps_fp32_masters_of_the_compressed_weights(tmp_path, co
     ]
     results = run_distributed(_bf16_subspace_rank, 2, tmp_path, raws, [{}, None, None], timeout=300)
     fp32, *bf16_runs = results[0]
-    replay, exact = _replayed(results, 0)
+    replay, exact = fp32_and_float64_replays(results, 0)
     assert all(m is None for m in fp32["masters"])  # fp32 weights are their own masters
     # The fp32 run against its replays (as the layouts are), so that its error is a rounding
     # error: a wrong replay would make it O(1) and the bound below vacuous.
-    _assert_as_accurate_as_replay(fp32["history"], replay, exact, "fp32")
+    assert_as_accurate_as_replay(fp32["history"], replay, exact, "fp32")
     for name, run in zip(("bf16_zero1", "bf16_zero2"), bf16_runs, strict=True):
         # The bf16 run rounds the weights, activations and gradients that the fp32 run rounds,
         # with u = 2^-8 for 2^-24 (its GEMMs accumulate in fp32, so fewer of its roundings are
@@ -764,8 +562,8 @@ def test_bf16_subspace_keeps_fp32_masters_of_the_compressed_weights(tmp_path, co
         # bound of 0.11 (the fp32 run's error 4.7e-7; 0.007 of it).
         steps = [r["step"] - 1 for r in run["history"]]
         assert_as_accurate_as(
-            {"loss": _losses(run["history"])},
-            {"loss": _losses(fp32["history"])},
+            {"loss": history_losses(run["history"])},
+            {"loss": history_losses(fp32["history"])},
             {"loss": exact["losses"][steps]},
             torch.bfloat16,
             name,
@@ -782,46 +580,6 @@ def test_bf16_subspace_keeps_fp32_masters_of_the_compressed_weights(tmp_path, co
 # -- through the deepspeed launcher --------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _launch(
-    config_file: Path, overrides: list[str], log: Path, port: int | None = None
-) -> subprocess.Popen:
-    """``deepspeed --num_gpus 2 launch/pretrain.py --config FILE --set ...`` (in its own
-    process group, so a hang can be killed whole)."""
-    command = [
-        sys.executable,
-        "-m",
-        "deepspeed.launcher.runner",
-        "--master_port",
-        str(port or _free_port()),
-        "--num_gpus",
-        "2",
-        "launch/pretrain.py",
-        "--config",
-        str(config_file),
-    ]
-    for override in overrides:
-        command += ["--set", override]
-    with open(log, "w") as stream:
-        return subprocess.Popen(
-            command, cwd=ROOT, stdout=stream, stderr=subprocess.STDOUT, start_new_session=True
-        )
-
-
-def _wait(process: subprocess.Popen, timeout: float = 300) -> int:
-    try:
-        return process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-        raise
-
-
 LAUNCHED_STEPS = 16
 LAUNCHED = [f"train.steps={LAUNCHED_STEPS}", "checkpoint.interval=4", "train.eval_interval=4"]
 
@@ -832,10 +590,10 @@ def launched_run(tmp_path_factory, corpus) -> dict:
     a checkpoint and a validation loss every 4 steps."""
     tmp = tmp_path_factory.mktemp("launched")
     config_file = tmp / "config.json"
-    config_file.write_text(json.dumps(_config(tmp / "run", corpus)))
+    config_file.write_text(json.dumps(tiny_config(tmp / "run", corpus)))
     log = tmp / "launcher.log"
-    port = _free_port()
-    returncode = _wait(_launch(config_file, LAUNCHED, log, port))
+    port = free_port()
+    returncode = wait_or_kill(launch_deepspeed(config_file, LAUNCHED, log, port))
     return {
         "returncode": returncode,
         "port": port,
@@ -873,7 +631,7 @@ def test_launcher_trains_the_tiny_config(launched_run):
     RUN_DIR/config.json; complete checkpoints every 4 steps; a progress line per step."""
     assert launched_run["returncode"] == 0, launched_run["output"][-3000:]
     run_dir = launched_run["run_dir"]
-    records = _metrics(run_dir)
+    records = read_metrics(run_dir)
     assert [r["step"] for r in records] == list(range(1, LAUNCHED_STEPS + 1))
     _assert_loss_falls(records)
     config = load_run_config(launched_run["config_file"], LAUNCHED)
@@ -924,46 +682,6 @@ def test_launcher_trains_the_tiny_config(launched_run):
     assert abs(float(match.group(1)) - float(match.group(2))) <= 0.05 * float(match.group(2))
 
 
-def startup_saved_bytes(output: str) -> tuple[str, str, str]:
-    """The start-up report's saved bytes per micro-batch: measured, predicted, uncompressed."""
-    match = re.search(
-        r"saved activations per micro-batch \(per rank\): measured (.+?), predicted (.+?); "
-        r"uncompressed (.+?) -> compression (saves|adds)",
-        output,
-    )
-    assert match, output[-3000:]
-    return match.group(1), match.group(2), match.group(3)
-
-
-def _rank_pid(launcher: subprocess.Popen, rank: int, timeout: float = 120) -> int:
-    """The pid of the launcher's child process with ``RANK=rank``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for child in psutil.Process(launcher.pid).children(recursive=True):
-            try:
-                command = " ".join(child.cmdline())
-                if child.environ().get("RANK") == str(rank) and "pretrain.py" in command:
-                    return child.pid
-            except psutil.Error:
-                continue
-        assert launcher.poll() is None, "the launcher exited before its ranks were found"
-        time.sleep(0.05)
-    raise TimeoutError(f"no rank {rank} process under the launcher after {timeout} s")
-
-
-def _wait_for_step(run_dir: Path, step: int, launcher: subprocess.Popen, timeout: float = 120):
-    deadline = time.monotonic() + timeout
-    metrics = run_dir / "metrics.jsonl"
-    while time.monotonic() < deadline:
-        if metrics.is_file():
-            lines = metrics.read_text().splitlines()
-            if lines and json.loads(lines[-1])["step"] >= step:
-                return
-        assert launcher.poll() is None, "the run ended before the signal could be sent"
-        time.sleep(0.01)
-    raise TimeoutError(f"step {step} not logged after {timeout} s")
-
-
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_sigterm_to_one_rank_checkpoints_and_resume_matches(launched_run, tmp_path):
@@ -973,16 +691,16 @@ def test_sigterm_to_one_rank_checkpoints_and_resume_matches(launched_run, tmp_pa
     assert launched_run["returncode"] == 0
     run_dir = tmp_path / "run"
     overrides = [*LAUNCHED, f"run_dir={run_dir}"]
-    launcher = _launch(launched_run["config_file"], overrides, tmp_path / "preempted.log")
+    launcher = launch_deepspeed(launched_run["config_file"], overrides, tmp_path / "preempted.log")
     try:
-        rank1 = _rank_pid(launcher, 1)
-        _wait_for_step(run_dir, 2, launcher)
+        rank1 = rank_pid(launcher, 1)
+        wait_for_step(run_dir, 2, launcher)
         os.kill(rank1, signal.SIGTERM)
     finally:
-        returncode = _wait(launcher)
+        returncode = wait_or_kill(launcher)
     output = (tmp_path / "preempted.log").read_text()
     assert returncode == 0, output[-3000:]
-    stopped_at = _metrics(run_dir)[-1]["step"]
+    stopped_at = read_metrics(run_dir)[-1]["step"]
     assert 2 <= stopped_at < LAUNCHED_STEPS
     assert f"preemption requested: saving at step {stopped_at} and exiting" in output
     # Every rank knows it stopped; rank 0 alone says so, and sums the run up.
@@ -990,24 +708,18 @@ def test_sigterm_to_one_rank_checkpoints_and_resume_matches(launched_run, tmp_pa
     assert output.count(f"stopped early (preemption): step {stopped_at}/{LAUNCHED_STEPS}") == 1
     assert (run_dir / "checkpoints" / f"step_{stopped_at:07d}" / "COMPLETE").is_file()
 
-    resume = _launch(launched_run["config_file"], overrides, tmp_path / "resumed.log")
-    assert _wait(resume) == 0, (tmp_path / "resumed.log").read_text()[-3000:]
+    resume = launch_deepspeed(launched_run["config_file"], overrides, tmp_path / "resumed.log")
+    assert wait_or_kill(resume) == 0, (tmp_path / "resumed.log").read_text()[-3000:]
     assert (
         f"resumed from {run_dir / 'checkpoints'}/step_{stopped_at:07d}"
         in (tmp_path / "resumed.log").read_text()
     )
-    assert _compared(_metrics(run_dir)) == _compared(_metrics(launched_run["run_dir"]))
+    assert compared_fields(read_metrics(run_dir)) == compared_fields(
+        read_metrics(launched_run["run_dir"])
+    )
 
 
 # -- bad inputs --------------------------------------------------------------------------------
-
-
-def _tree_hashes(directory: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(directory.rglob("*"))
-        if p.is_file()
-    }
 
 
 def _copy_run(source: Path, target: Path) -> None:
@@ -1016,42 +728,10 @@ def _copy_run(source: Path, target: Path) -> None:
     shutil.copytree(source, target, ignore=shutil.ignore_patterns(*older))
 
 
-def _flip_a_byte(path: Path) -> None:
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    path.write_bytes(bytes(data))
-
-
-def _truncate(path: Path) -> None:
-    path.write_bytes(path.read_bytes()[:-100])
-
-
 def _set_format_version(path: Path, version: int) -> None:
     marker = json.loads((path / "COMPLETE").read_text())
     assert marker["format_version"] == 1  # what a save records
     (path / "COMPLETE").write_text(json.dumps({**marker, "format_version": version}))
-
-
-def _srun_ranks(config_file: Path, overrides: list[str], log_dir: Path) -> list[subprocess.Popen]:
-    """Two ranks started the way ``srun`` starts them: each with its SLURM_PROCID."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(SLURM_NTASKS="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    command = [sys.executable, "launch/pretrain.py", "--config", str(config_file)]
-    for override in overrides:
-        command += ["--set", override]
-    processes = []
-    for rank in range(2):
-        env_rank = dict(env, SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank))
-        with (
-            open(log_dir / f"rank{rank}.out", "w") as out,
-            open(log_dir / f"rank{rank}.err", "w") as err,
-        ):
-            processes.append(
-                subprocess.Popen(
-                    command, cwd=ROOT, env=env_rank, stdout=out, stderr=err, start_new_session=True
-                )
-            )
-    return processes
 
 
 BAD_INPUTS = {
@@ -1123,14 +803,14 @@ BAD_INPUTS = {
     ),
     "flipped_byte": (
         ["checkpoint.resume=latest"],
-        lambda ckpts: _flip_a_byte(
+        lambda ckpts: flip_a_byte(
             ckpts / "step_0000016" / "step_0000016" / "mp_rank_00_model_states.pt"
         ),
         "is damaged: step_0000016/mp_rank_00_model_states.pt differs from what was saved",
     ),
     "truncated_file": (
         ["checkpoint.resume=latest"],
-        lambda ckpts: _truncate(ckpts / "step_0000016" / "rank_00001.pt"),
+        lambda ckpts: truncate(ckpts / "step_0000016" / "rank_00001.pt"),
         "is damaged: rank_00001.pt differs from what was saved",
     ),
     "newer_format_version": (
@@ -1190,14 +870,14 @@ def test_bad_inputs_fail_on_every_rank_and_change_nothing(launched_run, tmp_path
         for name, (ranks, run_dir, before) in started.items():
             message = BAD_INPUTS[name][2]
             for rank, process in enumerate(ranks):
-                assert _wait(process, timeout=120) == 2, (name, rank)
+                assert wait_or_kill(process, timeout=120) == 2, (name, rank)
                 err = (tmp_path / name / f"rank{rank}.err").read_text()
                 assert f"error (rank {rank}/2): " in err and message in err, (name, err)
                 assert "Traceback" not in err, (name, err)
             if before is None:
                 assert not run_dir.exists(), name
             else:
-                assert _tree_hashes(run_dir) == before, name
+                assert tree_hashes(run_dir) == before, name
 
 
 def _start_bad_input(name: str, launched_run: dict, tmp_path: Path) -> tuple:
@@ -1208,9 +888,9 @@ def _start_bad_input(name: str, launched_run: dict, tmp_path: Path) -> tuple:
     if prepare is not None:
         _copy_run(launched_run["run_dir"], run_dir)
         prepare(run_dir / "checkpoints")
-    before = _tree_hashes(run_dir) if run_dir.exists() else None
+    before = tree_hashes(run_dir) if run_dir.exists() else None
     config = launched_run["config_file"]
-    ranks = _srun_ranks(config, [*overrides, f"run_dir={run_dir}"], case_dir)
+    ranks = srun_ranks(config, [*overrides, f"run_dir={run_dir}"], case_dir)
     return ranks, run_dir, before
 
 
@@ -1229,9 +909,9 @@ def test_allowed_change_resumes_and_is_logged(launched_run, tmp_path):
         "train.seed=7",
         'checkpoint.allow_changes=["train.seed"]',
     ]
-    ranks = _srun_ranks(launched_run["config_file"], overrides, tmp_path)
-    assert [_wait(process, timeout=180) for process in ranks] == [0, 0]
-    record = _metrics(run_dir)[-1]
+    ranks = srun_ranks(launched_run["config_file"], overrides, tmp_path)
+    assert [wait_or_kill(process, timeout=180) for process in ranks] == [0, 0]
+    record = read_metrics(run_dir)[-1]
     assert record["step"] == LAUNCHED_STEPS + 1
     assert record["resume_changed"] == {
         "train.steps": [LAUNCHED_STEPS, LAUNCHED_STEPS + 1],
@@ -1248,13 +928,13 @@ def test_launcher_exits_non_zero_on_a_changed_compression_config(launched_run, t
     (the launcher stops the other rank as soon as one fails)."""
     run_dir = tmp_path / "run"
     _copy_run(launched_run["run_dir"], run_dir)
-    before = _tree_hashes(run_dir)
+    before = tree_hashes(run_dir)
     log = tmp_path / "launcher.log"
-    launcher = _launch(
+    launcher = launch_deepspeed(
         launched_run["config_file"],
         [*LAUNCHED, f"run_dir={run_dir}", "compression.method=lowrank"],
         log,
     )
-    assert _wait(launcher, timeout=120) != 0
+    assert wait_or_kill(launcher, timeout=120) != 0
     assert "method: checkpoint 'compact' -> config 'lowrank'" in log.read_text()
-    assert _tree_hashes(run_dir) == before
+    assert tree_hashes(run_dir) == before

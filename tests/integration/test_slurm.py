@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from actcomp_dist.data.corpus import ensure_embedded_corpus
+from tests.helpers.launcher import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -37,12 +37,6 @@ case "$1 $2" in
     *) echo "scontrol stand-in: unexpected $*" >&2; exit 1 ;;
 esac
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -70,7 +64,7 @@ def test_sbatch_passes_quoted_overrides_through_byte_for_byte(tmp_path):
         SLURM_JOB_NODELIST="localhost",
         SLURM_NNODES="1",
         SLURM_GPUS_ON_NODE="2",
-        MASTER_PORT=str(_free_port()),
+        MASTER_PORT=str(free_port()),
         REQUEUE_LOG=str(tmp_path / "requeued"),
         OMP_NUM_THREADS="1",
     )
