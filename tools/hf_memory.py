@@ -51,6 +51,7 @@ from actcomp_dist.config import CompressionConfig  # noqa: E402
 from actcomp_dist.data.jsonl import synthetic_rows  # noqa: E402
 from actcomp_dist.data.tokenizer import load_tokenizer  # noqa: E402
 from actcomp_dist.hf import apply_memory_policy  # noqa: E402
+from actcomp_dist.hf.policy import LORACT_RANK_DIVISOR  # noqa: E402
 from actcomp_dist.layers import find_schedule  # noqa: E402
 from actcomp_dist.memory import saved_activation_bytes  # noqa: E402
 
@@ -60,11 +61,16 @@ COMPACT = CompressionConfig(method="compact", rank=0.25, resample_every=50, seed
 
 #: name -> (baseline, LoRA?, policy or None, compression or None). ``+hf_loss``: the policy
 #: with transformers' own loss (``loss_chunk_tokens=None``: the fp32 log-probabilities kept).
+#: In a policy mapping, ``lowrank:R`` is the preset's rank (hidden // 8, see
+#: :func:`resolved`); ``loract_norm`` / ``loract_swiglu`` are ``"loract"`` with only one of its
+#: two kinds factorised (the other ``keep``, as in ``"exact"``).
 VARIANTS = {
     "lora": ("lora", True, None, None),
     "lora+exact": ("lora", True, "exact", None),
     "lora+loract": ("lora", True, "loract", None),
     "lora+loract+hf_loss": ("lora", True, "loract", None),
+    "lora+loract_norm": ("lora", True, {"norm": "lowrank:R"}, None),
+    "lora+loract_swiglu": ("lora", True, {"swiglu": "lowrank:R"}, None),
     "lora+loract-layer": ("lora", True, "loract-layer", None),
     "lora+loract-sublayer": ("lora", True, "loract-sublayer", None),
     "lora+lowrank_h/4": ("lora", True, {"norm": "lowrank:32", "swiglu": "lowrank:88"}, None),
@@ -79,6 +85,15 @@ VARIANTS = {
     "full+exact+compact": ("full", False, "exact", COMPACT),
     "full+loract": ("full", False, "loract", None),
 }
+
+
+def resolved(policy, model: torch.nn.Module):
+    """``policy`` with ``lowrank:R`` in a mapping replaced by the presets' rank, hidden // 8
+    (:data:`actcomp_dist.hf.policy.LORACT_RANK_DIVISOR`) of ``model``."""
+    if not isinstance(policy, dict):
+        return policy
+    rank = max(1, model.config.hidden_size // LORACT_RANK_DIVISOR)
+    return {k: f"lowrank:{rank}" if v == "lowrank:R" else v for k, v in policy.items()}
 
 
 def build_model(args, seed: int) -> torch.nn.Module:
@@ -161,7 +176,10 @@ class Variant:
         if policy is not None:
             chunk = None if name.endswith("+hf_loss") else args.loss_chunk_tokens
             apply_memory_policy(
-                model, policy, compression=compression, loss_chunk_tokens=chunk or None
+                model,
+                resolved(policy, model),
+                compression=compression,
+                loss_chunk_tokens=chunk or None,
             )
         trainable = [p for p in model.parameters() if p.requires_grad]
         self.model = model
