@@ -113,6 +113,7 @@ from actcomp_dist.models.efficient_ops import rms_norm
 from actcomp_dist.storage import (
     KINDS,
     POLICIES,
+    LowRankStorage,
     Quantizer,
     StoragePolicy,
     attention_with_stored_inputs,
@@ -157,8 +158,14 @@ class HfPolicy:
     block_input: str = "keep"
 
     def storage(self, kind: str) -> Quantizer | None:
+        """The packer of ``kind``; ``lowrank:R`` draws its columns afresh in every call, as
+        the authors' code does (:class:`~actcomp_dist.storage.LowRankStorage`
+        ``fresh_columns``)."""
         value = getattr(self, kind)
-        return None if value == "recompute" else storage_for(value)
+        packer = None if value == "recompute" else storage_for(value)
+        if isinstance(packer, LowRankStorage):
+            return LowRankStorage(packer.rank, fresh_columns=True)
+        return packer
 
     def recomputes(self, kind: str) -> bool:
         return getattr(self, kind) == "recompute"
@@ -234,9 +241,20 @@ class _LowRankRMSNorm:
     _actcomp_norm: Quantizer
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        _draw_without_packing(self, self._actcomp_norm, hidden_states.shape[-1])
         return low_rank_rms_norm(
             hidden_states, self.weight, self.variance_epsilon, self._actcomp_norm
         )
+
+
+def _draw_without_packing(module: nn.Module, storage: Quantizer | None, *widths: int) -> None:
+    """A training forward without grad (the first pass of HF's reentrant checkpointing) takes
+    the column draws a forward with grad takes when it packs (one per factorised tensor of
+    ``widths``), as dropout draws its mask: the re-run, which restores the RNG state, then
+    draws what the run without checkpointing draws."""
+    if module.training and not torch.is_grad_enabled() and isinstance(storage, LowRankStorage):
+        for width in widths:
+            storage.skip(width)
 
 
 class _FactoredInputLinearModule:
@@ -301,6 +319,7 @@ class _SwiGLUMLP:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_proj(x), self.up_proj(x)  # [b, s, intermediate] each
         down, storage = self.down_proj, self._actcomp_swiglu
+        _draw_without_packing(self, storage, gate.shape[-1], up.shape[-1])
         if type(down) is nn.Linear and down.weight.requires_grad:
             return swiglu_linear(gate, up, down.weight, down.bias, storage)
         if _keeps_no_input(down):
