@@ -27,7 +27,9 @@ The memory model (:mod:`actcomp_dist.memory_model`) counts the packed bytes exac
 - ``lowrank:R`` (``norm``, ``swiglu``, ``block_input``; :class:`LowRankStorage`, also served by
   :mod:`actcomp_dist.hf`): LoRAct's online low-rank factors (Shi et al., "Memory-Efficient Fine-Tuning via Low-Rank Activation
   Compression", arXiv 2509.23472). For ``A`` [N, n] (the tensor as rows of its last dimension)
-  and ``k = min(R, n)``: sample ``k`` feature columns ``S`` with a seeded generator, form
+  and ``k = min(R, n)``: sample ``k`` feature columns ``S`` with a seeded generator (the same
+  sample in every call; :mod:`actcomp_dist.hf` draws them afresh in every call from the global
+  CPU generator, as the authors' code does: :class:`LowRankStorage` ``fresh_columns``), form
   ``Y = A^T A[:, S]`` [n, k] in ``A``'s dtype, orthonormalise ``Q = qr(Y)`` in float32 (float64
   for float64 inputs), keep ``L = A Q`` [N, k] and ``Q`` [n, k] in ``A``'s dtype
   (:func:`actcomp_dist.compression.lowrank.low_rank_factors`); backward reads

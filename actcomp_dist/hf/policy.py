@@ -15,7 +15,10 @@ What each kind's policy does to a Llama / Mistral / Qwen2 block (see :mod:`.fami
   its output (:class:`actcomp_dist.storage.LowRankStorage`); every trainable linear reading
   ``y`` (q/k/v or gate/up, or their PEFT LoRA A) computes its weight gradient as
   ``(g^T L) Q^T`` from the *same* two tensors, so ``y`` is kept by nobody. The norm's own
-  backward reads ``y ~= L Q^T``. Readers must be ``nn.Linear`` or vanilla PEFT LoRA without
+  backward reads ``y ~= L Q^T``. Every ``lowrank:R`` factorisation here draws its ``k``
+  sampled columns afresh from the global CPU generator, as the authors' code does
+  (``torch.randperm(n)[:k]`` per compression; LowRankStorage ``fresh_columns``): like dropout
+  it consumes the RNG, and HF's checkpointing (both variants) replays it in its re-run. Readers must be ``nn.Linear`` or vanilla PEFT LoRA without
   dropout (a dropout mask would need ``y`` itself); anything else is refused.
 - ``swiglu``: the MLP keeps ``gate`` and ``up`` only (``keep``), both packed in 8 bits
   (``int8``, ``fp8``) or as LoRAct factors (``lowrank:R``, LoRAct's act_fn mode: each of
