@@ -63,7 +63,8 @@ COMPACT = CompressionConfig(method="compact", rank=0.25, resample_every=50, seed
 #: with transformers' own loss (``loss_chunk_tokens=None``: the fp32 log-probabilities kept).
 #: In a policy mapping, ``lowrank:R`` is the preset's rank (hidden // 8, see
 #: :func:`resolved`); ``loract_norm`` / ``loract_swiglu`` are ``"loract"`` with only one of its
-#: two kinds factorised (the other ``keep``, as in ``"exact"``).
+#: two kinds factorised (the other ``keep``, as in ``"exact"``); ``int8``: no LoRAct, gate / up
+#: and q / k / v in 8 bits (norms kept as ``"exact"`` keeps them).
 VARIANTS = {
     "lora": ("lora", True, None, None),
     "lora+exact": ("lora", True, "exact", None),
@@ -74,6 +75,7 @@ VARIANTS = {
     "lora+loract-layer": ("lora", True, "loract-layer", None),
     "lora+loract-sublayer": ("lora", True, "loract-sublayer", None),
     "lora+lowrank_h/4": ("lora", True, {"norm": "lowrank:32", "swiglu": "lowrank:88"}, None),
+    "lora+int8": ("lora", True, {"swiglu": "int8", "attention": "int8"}, None),
     "lora+loract+int8_attention": (
         "lora",
         True,
