@@ -57,7 +57,10 @@ authors' code example, github.com/shijxcs/meft README at commit 78695c1:
 ``patch_locations="layer"``, rank 128 on Qwen3-0.6B, hidden 1024, i.e. hidden // 8) and
 ``"loract-sublayer"`` (``norm: lowrank:R``, ``attention`` and ``swiglu`` ``recompute``: the
 pre-norm sublayer mode of that README's previous commit 9b51a01, rank 128). The paper's own
-text was not checked for a single recommended mode. A mapping in the run config's
+text was not checked for a single recommended mode. ``"int8"`` is not LoRAct: ``attention``
+and ``swiglu`` at ``int8`` (q, k, v and gate, up in 8 bits, norms as ``"exact"``), the
+configuration that met the bytes, step-time and loss targets of the ``"loract"`` preset on the
+measured hidden-128 model, where no LoRAct rank did (README, Hugging Face, Measured). A mapping in the run config's
 ``memory.policy`` format (kind -> policy) gives any other mix, e.g.
 ``{"norm": "lowrank:16", "attention": "int8"}``.
 
@@ -130,6 +133,7 @@ PRESETS: dict[str, dict[str, str]] = {
     "loract": {"norm": "lowrank:R", "swiglu": "lowrank:R"},
     "loract-layer": {"block_input": "lowrank:R"},
     "loract-sublayer": {"norm": "lowrank:R", "attention": "recompute", "swiglu": "recompute"},
+    "int8": {"attention": "int8", "swiglu": "int8"},
 }
 #: The presets' rank: hidden // 8 for every factorised tensor (norm outputs, gate and up,
 #: block inputs): the authors' code applies one rank to all of them (128 at hidden 1024).
