@@ -18,8 +18,9 @@ What each kind's policy does to a Llama / Mistral / Qwen2 block (see :mod:`.fami
   backward reads ``y ~= L Q^T``. Every ``lowrank:R`` factorisation here draws its ``k``
   sampled columns afresh from the global CPU generator, as the authors' code does
   (``torch.randperm(n)[:k]`` per compression; LowRankStorage ``fresh_columns``): like dropout
-  it consumes the RNG, and HF's checkpointing (both variants) replays it in its re-run. Readers must be ``nn.Linear`` or vanilla PEFT LoRA without
-  dropout (a dropout mask would need ``y`` itself); anything else is refused.
+  it consumes the RNG, and HF's checkpointing (both variants) replays it in its re-run.
+  Readers must be ``nn.Linear`` or vanilla PEFT LoRA without dropout (a dropout mask would
+  need ``y`` itself); anything else is refused.
 - ``swiglu``: the MLP keeps ``gate`` and ``up`` only (``keep``), both packed in 8 bits
   (``int8``, ``fp8``) or as LoRAct factors (``lowrank:R``, LoRAct's act_fn mode: each of
   ``gate`` and ``up`` as ``(N + I) R`` elements), and recomputes ``silu(gate) * up`` in
@@ -60,9 +61,9 @@ pre-norm sublayer mode of that README's previous commit 9b51a01, rank 128). The 
 text was not checked for a single recommended mode. ``"int8"`` is not LoRAct: ``attention``
 and ``swiglu`` at ``int8`` (q, k, v and gate, up in 8 bits, norms as ``"exact"``), the
 configuration that met the bytes, step-time and loss targets of the ``"loract"`` preset on the
-measured hidden-128 model, where no LoRAct rank did (README, Hugging Face, Measured). A mapping in the run config's
-``memory.policy`` format (kind -> policy) gives any other mix, e.g.
-``{"norm": "lowrank:16", "attention": "int8"}``.
+measured hidden-128 model, where no LoRAct rank did (README, Hugging Face, Measured). A
+mapping in the run config's ``memory.policy`` format (kind -> policy) gives any other mix,
+e.g. ``{"norm": "lowrank:16", "attention": "int8"}``.
 
 The loss (``loss_chunk_tokens``, default 1024; every policy): with ``labels`` and grad enabled
 the ``*ForCausalLM``'s output layer and transformers' ``ForCausalLMLoss`` run as one function,

@@ -69,9 +69,8 @@ def main() -> None:
         for name in ("norm1", "norm2", "gate", "up", "h"):
             a = seen[f"{i}.{name}"]
             error, energy = best(a, k)
-            print(
-                f"{i} | {name} | {energy:.4f} | {relative_error(a, factorised(a, k)):.3f} | {error:.3f}"
-            )
+            ours = relative_error(a, factorised(a, k))
+            print(f"{i} | {name} | {energy:.4f} | {ours:.3f} | {error:.3f}")
         gate, up = seen[f"{i}.gate"], seen[f"{i}.up"]
         recomputed = F.silu(factorised(gate, k)) * factorised(up, k)
         print(f"{i} | h = silu(gate^) up^ | | {relative_error(seen[f'{i}.h'], recomputed):.3f} |")
