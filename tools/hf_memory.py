@@ -57,6 +57,7 @@ from actcomp_dist.memory import saved_activation_bytes  # noqa: E402
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SEP, EOS, FIRST_WORD = 1, 2, 8
+RNG_SEED_OFFSET = 1000  # a variant's global-RNG stream starts at manual_seed(1000 + seed)
 COMPACT = CompressionConfig(method="compact", rank=0.25, resample_every=50, seed=1)
 
 #: name -> (baseline, LoRA?, policy or None, compression or None). ``+hf_loss``: the policy
@@ -192,9 +193,16 @@ class Variant:
         self.times: list[float] = []
         self.cpu_times: list[float] = []
         self.losses: list[float] = []
+        # The variant's own stream of the global CPU RNG, which LoRAct's per-call column draws
+        # consume: its numbers do not depend on which other variants run beside it.
+        self.rng_state = torch.Generator().manual_seed(RNG_SEED_OFFSET + seed).get_state()
 
     def loss(self, tokens, labels):
-        return self.model(input_ids=tokens, labels=labels).loss
+        with torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(self.rng_state)
+            loss = self.model(input_ids=tokens, labels=labels).loss
+            self.rng_state = torch.get_rng_state()
+        return loss
 
     def step(self, tokens, labels) -> None:
         start, start_cpu = time.perf_counter(), time.thread_time()

@@ -110,3 +110,19 @@ def test_tool_splits_loract_into_its_norm_and_act_fn_parts(tmp_path):
     assert saved["lora+exact"] - saved["lora+loract_norm"] == norms
     assert saved["lora+exact"] - saved["lora+loract_swiglu"] == mlps
     assert saved["lora+exact"] - saved["lora+loract"] == norms + mlps
+
+
+def test_a_variant_draws_from_its_own_rng_stream(tmp_path):
+    """LoRAct draws its columns from the global RNG in every call: each variant has its own
+    stream, so ``lora+loract`` gives the same numbers whichever variants run beside it."""
+    common = [
+        "--steps", "3", "--warmup", "1", "--layers", "2", "--hidden", "32", "--intermediate",
+        "80", "--rank", "4", "--batch", "2", "--words", "7", "--heldout-rows", "3",
+    ]  # fmt: skip
+    runs = []
+    for variants in (["lora", "lora+loract"], ["lora", "lora+loract_norm", "lora+loract"]):
+        out = tmp_path / str(len(runs))
+        main([*common, "--variants", *variants, "--out", str(out)])
+        runs.append(json.loads((out / "results.json").read_text())["results"]["lora+loract"])
+    for metric in ("saved_bytes", "last_loss", "final_loss", "heldout_loss"):
+        assert runs[0][metric] == runs[1][metric], metric
