@@ -27,7 +27,9 @@ The memory model (:mod:`actcomp_dist.memory_model`) counts the packed bytes exac
 - ``lowrank:R`` (``norm``, ``swiglu``, ``block_input``; :class:`LowRankStorage`, also served by
   :mod:`actcomp_dist.hf`): LoRAct's online low-rank factors (Shi et al., "Memory-Efficient Fine-Tuning via Low-Rank Activation
   Compression", arXiv 2509.23472). For ``A`` [N, n] (the tensor as rows of its last dimension)
-  and ``k = min(R, n)``: sample ``k`` feature columns ``S`` with a seeded generator, form
+  and ``k = min(R, n)``: sample ``k`` feature columns ``S`` with a seeded generator (the same
+  sample in every call; :mod:`actcomp_dist.hf` draws them afresh in every call from the global
+  CPU generator, as the authors' code does: :class:`LowRankStorage` ``fresh_columns``), form
   ``Y = A^T A[:, S]`` [n, k] in ``A``'s dtype, orthonormalise ``Q = qr(Y)`` in float32 (float64
   for float64 inputs), keep ``L = A Q`` [N, k] and ``Q`` [n, k] in ``A``'s dtype
   (:func:`actcomp_dist.compression.lowrank.low_rank_factors`); backward reads
@@ -370,15 +372,35 @@ class LowRankStorage(Quantizer):
     """``lowrank:R``: LoRAct's sampled-column orthogonal factors ``L = A Q``, ``Q`` (see the
     module doc). ``rank``: an int ``R >= 1`` or a ratio of the width in ``(0, 1]`` (a float).
     ``seed`` fixes the sampled columns (a fresh generator per call, never the global RNG), so
-    the same input always gives the same factors."""
+    the same input always gives the same factors.
 
-    def __init__(self, rank: int | float, seed: int = 0) -> None:
+    ``fresh_columns=True`` (what :mod:`actcomp_dist.hf` uses): the columns are drawn afresh in
+    every :meth:`pack`, as the authors' code does (github.com/shijxcs/meft, commit 78695c1,
+    ``linalg/qb.py``: ``torch.randperm(n)[:k]`` from the global CPU generator in every
+    compression), so each factorisation gets its own sample. ``seed`` is then unused. Like a
+    dropout mask the draw consumes the global CPU RNG, and an activation-checkpoint re-run that
+    restores the RNG state (Hugging Face's and ``torch.utils.checkpoint``'s, with
+    ``preserve_rng_state``) redraws the same columns; :meth:`skip` takes the draw of a forward
+    that does not pack (a no-grad training forward, which reentrant checkpointing runs)."""
+
+    def __init__(self, rank: int | float, seed: int = 0, fresh_columns: bool = False) -> None:
         if isinstance(rank, bool) or not isinstance(rank, int | float):
             raise ValueError(f"lowrank:R needs R an int >= 1 or a ratio in (0, 1], got {rank!r}")
         if isinstance(rank, int) and rank < 1 or isinstance(rank, float) and not 0 < rank <= 1:
             raise ValueError(f"lowrank:R needs R an int >= 1 or a ratio in (0, 1], got {rank}")
-        self.rank, self.seed = rank, seed
+        self.rank, self.seed, self.fresh_columns = rank, seed, fresh_columns
         self.name = f"lowrank:{rank}"
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if self.fresh_columns:
+            return torch.default_generator  # the global CPU generator, as the authors draw
+        return seeded_generator(self.seed, device)
+
+    def skip(self, n: int) -> None:
+        """Take the draw :meth:`pack` would take for a tensor of width ``n`` (only
+        ``fresh_columns`` draws)."""
+        if self.fresh_columns:
+            torch.randperm(n, generator=torch.default_generator)
 
     def width(self, n: int) -> int:
         """``k``, the number of factor columns for a tensor whose last dimension is ``n``."""
@@ -389,7 +411,7 @@ class LowRankStorage(Quantizer):
     def pack(self, x):
         n = x.shape[-1]
         a = x.detach().reshape(-1, n)  # [N, n]; GEMMs in its dtype, the QR in float32
-        return low_rank_factors(a, self.width(n), seeded_generator(self.seed, x.device))
+        return low_rank_factors(a, self.width(n), self._generator(x.device))
 
     def unpack(self, packed, like):
         low, q = packed

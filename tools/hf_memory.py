@@ -51,23 +51,32 @@ from actcomp_dist.config import CompressionConfig  # noqa: E402
 from actcomp_dist.data.jsonl import synthetic_rows  # noqa: E402
 from actcomp_dist.data.tokenizer import load_tokenizer  # noqa: E402
 from actcomp_dist.hf import apply_memory_policy  # noqa: E402
+from actcomp_dist.hf.policy import LORACT_RANK_DIVISOR  # noqa: E402
 from actcomp_dist.layers import find_schedule  # noqa: E402
 from actcomp_dist.memory import saved_activation_bytes  # noqa: E402
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SEP, EOS, FIRST_WORD = 1, 2, 8
+RNG_SEED_OFFSET = 1000  # a variant's global-RNG stream starts at manual_seed(1000 + seed)
 COMPACT = CompressionConfig(method="compact", rank=0.25, resample_every=50, seed=1)
 
 #: name -> (baseline, LoRA?, policy or None, compression or None). ``+hf_loss``: the policy
 #: with transformers' own loss (``loss_chunk_tokens=None``: the fp32 log-probabilities kept).
+#: In a policy mapping, ``lowrank:R`` is the preset's rank (hidden // 8, see
+#: :func:`resolved`); ``loract_norm`` / ``loract_swiglu`` are ``"loract"`` with only one of its
+#: two kinds factorised (the other ``keep``, as in ``"exact"``); ``int8``: no LoRAct, gate / up
+#: and q / k / v in 8 bits (norms kept as ``"exact"`` keeps them).
 VARIANTS = {
     "lora": ("lora", True, None, None),
     "lora+exact": ("lora", True, "exact", None),
     "lora+loract": ("lora", True, "loract", None),
     "lora+loract+hf_loss": ("lora", True, "loract", None),
+    "lora+loract_norm": ("lora", True, {"norm": "lowrank:R"}, None),
+    "lora+loract_swiglu": ("lora", True, {"swiglu": "lowrank:R"}, None),
     "lora+loract-layer": ("lora", True, "loract-layer", None),
     "lora+loract-sublayer": ("lora", True, "loract-sublayer", None),
     "lora+lowrank_h/4": ("lora", True, {"norm": "lowrank:32", "swiglu": "lowrank:88"}, None),
+    "lora+int8": ("lora", True, {"swiglu": "int8", "attention": "int8"}, None),
     "lora+loract+int8_attention": (
         "lora",
         True,
@@ -79,6 +88,15 @@ VARIANTS = {
     "full+exact+compact": ("full", False, "exact", COMPACT),
     "full+loract": ("full", False, "loract", None),
 }
+
+
+def resolved(policy, model: torch.nn.Module):
+    """``policy`` with ``lowrank:R`` in a mapping replaced by the presets' rank, hidden // 8
+    (:data:`actcomp_dist.hf.policy.LORACT_RANK_DIVISOR`) of ``model``."""
+    if not isinstance(policy, dict):
+        return policy
+    rank = max(1, model.config.hidden_size // LORACT_RANK_DIVISOR)
+    return {k: f"lowrank:{rank}" if v == "lowrank:R" else v for k, v in policy.items()}
 
 
 def build_model(args, seed: int) -> torch.nn.Module:
@@ -161,7 +179,10 @@ class Variant:
         if policy is not None:
             chunk = None if name.endswith("+hf_loss") else args.loss_chunk_tokens
             apply_memory_policy(
-                model, policy, compression=compression, loss_chunk_tokens=chunk or None
+                model,
+                resolved(policy, model),
+                compression=compression,
+                loss_chunk_tokens=chunk or None,
             )
         trainable = [p for p in model.parameters() if p.requires_grad]
         self.model = model
@@ -172,9 +193,16 @@ class Variant:
         self.times: list[float] = []
         self.cpu_times: list[float] = []
         self.losses: list[float] = []
+        # The variant's own stream of the global CPU RNG, which LoRAct's per-call column draws
+        # consume: its numbers do not depend on which other variants run beside it.
+        self.rng_state = torch.Generator().manual_seed(RNG_SEED_OFFSET + seed).get_state()
 
     def loss(self, tokens, labels):
-        return self.model(input_ids=tokens, labels=labels).loss
+        with torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(self.rng_state)
+            loss = self.model(input_ids=tokens, labels=labels).loss
+            self.rng_state = torch.get_rng_state()
+        return loss
 
     def step(self, tokens, labels) -> None:
         start, start_cpu = time.perf_counter(), time.thread_time()

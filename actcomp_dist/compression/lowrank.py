@@ -77,7 +77,10 @@ def _factors(a, k, generator, algorithm, oversampling, power_iterations):
     qr_dtype = torch.promote_types(a.dtype, torch.float32)
     n = a.shape[1]
     if algorithm == "sampled":
-        columns = torch.randperm(n, generator=generator, device=a.device)[:k]
+        # Drawn where the generator lives (the global CPU generator for LoRAct's per-call
+        # draw, see storage.LowRankStorage), used on a's device.
+        columns = torch.randperm(n, generator=generator, device=generator.device)[:k]
+        columns = columns.to(a.device)
         q = _orthonormal(a.t() @ a[:, columns], qr_dtype)  # [n, k]
     elif algorithm == "rsvd":
         width = min(k + oversampling, n)

@@ -187,8 +187,8 @@ class _SwiGLUThen(torch.autograd.Function):
     @staticmethod
     def forward(ctx, module, storage, gate, up):
         ctx.module = module
+        _save(ctx, storage, gate, up)  # before the RNG state: packing may draw (lowrank)
         record_forward_state(ctx, gate)
-        _save(ctx, storage, gate, up)
         with torch.no_grad():
             return module(swiglu_product(gate, up))
 

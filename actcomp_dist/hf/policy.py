@@ -15,8 +15,12 @@ What each kind's policy does to a Llama / Mistral / Qwen2 block (see :mod:`.fami
   its output (:class:`actcomp_dist.storage.LowRankStorage`); every trainable linear reading
   ``y`` (q/k/v or gate/up, or their PEFT LoRA A) computes its weight gradient as
   ``(g^T L) Q^T`` from the *same* two tensors, so ``y`` is kept by nobody. The norm's own
-  backward reads ``y ~= L Q^T``. Readers must be ``nn.Linear`` or vanilla PEFT LoRA without
-  dropout (a dropout mask would need ``y`` itself); anything else is refused.
+  backward reads ``y ~= L Q^T``. Every ``lowrank:R`` factorisation here draws its ``k``
+  sampled columns afresh from the global CPU generator, as the authors' code does
+  (``torch.randperm(n)[:k]`` per compression; LowRankStorage ``fresh_columns``): like dropout
+  it consumes the RNG, and HF's checkpointing (both variants) replays it in its re-run.
+  Readers must be ``nn.Linear`` or vanilla PEFT LoRA without dropout (a dropout mask would
+  need ``y`` itself); anything else is refused.
 - ``swiglu``: the MLP keeps ``gate`` and ``up`` only (``keep``), both packed in 8 bits
   (``int8``, ``fp8``) or as LoRAct factors (``lowrank:R``, LoRAct's act_fn mode: each of
   ``gate`` and ``up`` as ``(N + I) R`` elements), and recomputes ``silu(gate) * up`` in
@@ -54,9 +58,12 @@ authors' code example, github.com/shijxcs/meft README at commit 78695c1:
 ``patch_locations="layer"``, rank 128 on Qwen3-0.6B, hidden 1024, i.e. hidden // 8) and
 ``"loract-sublayer"`` (``norm: lowrank:R``, ``attention`` and ``swiglu`` ``recompute``: the
 pre-norm sublayer mode of that README's previous commit 9b51a01, rank 128). The paper's own
-text was not checked for a single recommended mode. A mapping in the run config's
-``memory.policy`` format (kind -> policy) gives any other mix, e.g.
-``{"norm": "lowrank:16", "attention": "int8"}``.
+text was not checked for a single recommended mode. ``"int8"`` is not LoRAct: ``attention``
+and ``swiglu`` at ``int8`` (q, k, v and gate, up in 8 bits, norms as ``"exact"``), the
+configuration that met the bytes, step-time and loss targets of the ``"loract"`` preset on the
+measured hidden-128 model, where no LoRAct rank did (README, Hugging Face, Measured). A
+mapping in the run config's ``memory.policy`` format (kind -> policy) gives any other mix,
+e.g. ``{"norm": "lowrank:16", "attention": "int8"}``.
 
 The loss (``loss_chunk_tokens``, default 1024; every policy): with ``labels`` and grad enabled
 the ``*ForCausalLM``'s output layer and transformers' ``ForCausalLMLoss`` run as one function,
@@ -113,6 +120,7 @@ from actcomp_dist.models.efficient_ops import rms_norm
 from actcomp_dist.storage import (
     KINDS,
     POLICIES,
+    LowRankStorage,
     Quantizer,
     StoragePolicy,
     attention_with_stored_inputs,
@@ -126,6 +134,7 @@ PRESETS: dict[str, dict[str, str]] = {
     "loract": {"norm": "lowrank:R", "swiglu": "lowrank:R"},
     "loract-layer": {"block_input": "lowrank:R"},
     "loract-sublayer": {"norm": "lowrank:R", "attention": "recompute", "swiglu": "recompute"},
+    "int8": {"attention": "int8", "swiglu": "int8"},
 }
 #: The presets' rank: hidden // 8 for every factorised tensor (norm outputs, gate and up,
 #: block inputs): the authors' code applies one rank to all of them (128 at hidden 1024).
@@ -157,8 +166,14 @@ class HfPolicy:
     block_input: str = "keep"
 
     def storage(self, kind: str) -> Quantizer | None:
+        """The packer of ``kind``; ``lowrank:R`` draws its columns afresh in every call, as
+        the authors' code does (:class:`~actcomp_dist.storage.LowRankStorage`
+        ``fresh_columns``)."""
         value = getattr(self, kind)
-        return None if value == "recompute" else storage_for(value)
+        packer = None if value == "recompute" else storage_for(value)
+        if isinstance(packer, LowRankStorage):
+            return LowRankStorage(packer.rank, fresh_columns=True)
+        return packer
 
     def recomputes(self, kind: str) -> bool:
         return getattr(self, kind) == "recompute"
@@ -234,9 +249,20 @@ class _LowRankRMSNorm:
     _actcomp_norm: Quantizer
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        _draw_without_packing(self, self._actcomp_norm, hidden_states.shape[-1])
         return low_rank_rms_norm(
             hidden_states, self.weight, self.variance_epsilon, self._actcomp_norm
         )
+
+
+def _draw_without_packing(module: nn.Module, storage: Quantizer | None, *widths: int) -> None:
+    """A training forward without grad (the first pass of HF's reentrant checkpointing) takes
+    the column draws a forward with grad takes when it packs (one per factorised tensor of
+    ``widths``), as dropout draws its mask: the re-run, which restores the RNG state, then
+    draws what the run without checkpointing draws."""
+    if module.training and not torch.is_grad_enabled() and isinstance(storage, LowRankStorage):
+        for width in widths:
+            storage.skip(width)
 
 
 class _FactoredInputLinearModule:
@@ -301,6 +327,7 @@ class _SwiGLUMLP:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_proj(x), self.up_proj(x)  # [b, s, intermediate] each
         down, storage = self.down_proj, self._actcomp_swiglu
+        _draw_without_packing(self, storage, gate.shape[-1], up.shape[-1])
         if type(down) is nn.Linear and down.weight.requires_grad:
             return swiglu_linear(gate, up, down.weight, down.bias, storage)
         if _keeps_no_input(down):

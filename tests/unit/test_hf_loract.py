@@ -113,6 +113,54 @@ def test_factors_are_deterministic_bytes_exact_and_global_rng_untouched():
     assert kept == storage.saved_bytes(x.numel(), 64, dtype_bytes=4) == (32 + 64) * 8 * 4
 
 
+def _authors_reconstruction(a64: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The authors' rule (github.com/shijxcs/meft, commit 78695c1, ``linalg/qb.py``
+    ``randomized_qb`` with its defaults: ``test_matrix="subs"``, ``niter=0``, no
+    oversampling), written out in float64 for ``A`` [N, n] with N > n: it factorises ``A^T``,
+    so the test matrix is ``k`` of the ``n`` feature columns, ``torch.randperm(n)[:k]`` from
+    the global CPU generator; ``Y = A^T A[:, S] / sqrt(N)``, ``Q = qr(Y)``, ``A_hat = A Q Q^T``.
+    Returns ``A_hat`` and ``Y``."""
+    tokens, n = a64.shape
+    columns = torch.randperm(n)[:k]
+    y = a64.t() @ a64[:, columns] / tokens**0.5
+    q = torch.linalg.qr(y).Q
+    return a64 @ q @ q.t(), y
+
+
+def test_fresh_columns_follow_the_authors_draw_against_float64():
+    """``fresh_columns=True`` (what ``actcomp_dist.hf`` uses): every pack draws its columns
+    from the global CPU generator as the authors' code does, so with the generator seeded alike
+    each pack reconstructs what the authors' rule (float64, by hand) gives for that draw, two
+    packs of one tensor differ, and the generator ends where two of the authors' draws leave
+    it; ``skip`` takes the same draw without factorising."""
+    tokens, n, k = 48, 64, 8
+    a64 = torch.randn(tokens, n, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    storage = LowRankStorage(k, fresh_columns=True)
+    torch.manual_seed(11)
+    packs = [storage.pack(a64), storage.pack(a64)]
+    after_packs = torch.get_rng_state()
+    torch.manual_seed(11)
+    rules = [_authors_reconstruction(a64, k), _authors_reconstruction(a64, k)]
+    assert torch.equal(torch.get_rng_state(), after_packs)
+    torch.manual_seed(11)
+    storage.skip(n)
+    storage.skip(n)
+    assert torch.equal(torch.get_rng_state(), after_packs)
+    for packed, (rule, y) in zip(packs, rules, strict=True):
+        # Both are float64 projections onto the range of the same Y (up to the 1/sqrt(N) the
+        # authors scale it by, which leaves the range alone): they differ by the rounding of
+        # two QRs of Y and three products, amplified by Y's conditioning on its range
+        # (perturbation of an orthogonal projector; Higham, 2nd ed., Thm 19.4 for the QR).
+        singular = torch.linalg.svdvals(y)
+        condition = (singular[0] / singular[-1]).item()
+        bound = (4 * gamma(n * k, torch.float64) * condition + 3 * gamma(n, torch.float64)) * (
+            a64.norm().item()
+        )
+        assert (storage.unpack(packed, a64) - rule).norm().item() <= bound
+    # Two draws, two bases: far apart (by the size of the approximation, not rounding).
+    assert (rules[0][0] - rules[1][0]).norm() > 0.1 * a64.norm()
+
+
 # ----------------------------------------------------------------------------- the model
 
 

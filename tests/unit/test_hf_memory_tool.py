@@ -83,3 +83,46 @@ def test_tool_fine_tunes_a_pretrained_directory(tmp_path):
     results = json.loads((tmp_path / "out" / "results.json").read_text())["results"]
     assert results["lora+loract"]["saved_bytes"] < results["lora"]["saved_bytes"]
     assert results["lora+loract"]["step_cpu_ms"] > 0
+
+
+def test_tool_splits_loract_into_its_norm_and_act_fn_parts(tmp_path):
+    """``lora+loract_norm`` / ``lora+loract_swiglu`` factorise one of the preset's two kinds at
+    the preset's rank ``R = hidden // 8`` and keep the other as ``"exact"`` does: against
+    ``lora+exact`` each saves the closed form of its part (the norms: ``N h`` kept as
+    ``(N + h) R``, per layer two; the MLPs: ``2 N I`` as ``2 (N + I) R``), and the two savings
+    add up to the preset's."""
+    layers, hidden, intermediate, rank, batch, words = 2, 32, 80, 4, 2, 7
+    main(
+        [
+            "--steps", "2", "--warmup", "1", "--variants", "lora", "lora+exact", "lora+loract",
+            "lora+loract_norm", "lora+loract_swiglu", "--layers", str(layers), "--hidden",
+            str(hidden), "--intermediate", str(intermediate), "--rank", str(rank), "--batch",
+            str(batch), "--words", str(words), "--heldout-rows", "3", "--out", str(tmp_path),
+        ]
+    )  # fmt: skip
+    saved = {
+        name: row["saved_bytes"]
+        for name, row in json.loads((tmp_path / "results.json").read_text())["results"].items()
+    }
+    tokens, k = batch * (2 * words + 2), hidden // 8
+    norms = 4 * layers * 2 * (tokens * hidden - (tokens + hidden) * k)
+    mlps = 4 * layers * 2 * (tokens * intermediate - (tokens + intermediate) * k)
+    assert saved["lora+exact"] - saved["lora+loract_norm"] == norms
+    assert saved["lora+exact"] - saved["lora+loract_swiglu"] == mlps
+    assert saved["lora+exact"] - saved["lora+loract"] == norms + mlps
+
+
+def test_a_variant_draws_from_its_own_rng_stream(tmp_path):
+    """LoRAct draws its columns from the global RNG in every call: each variant has its own
+    stream, so ``lora+loract`` gives the same numbers whichever variants run beside it."""
+    common = [
+        "--steps", "3", "--warmup", "1", "--layers", "2", "--hidden", "32", "--intermediate",
+        "80", "--rank", "4", "--batch", "2", "--words", "7", "--heldout-rows", "3",
+    ]  # fmt: skip
+    runs = []
+    for variants in (["lora", "lora+loract"], ["lora", "lora+loract_norm", "lora+loract"]):
+        out = tmp_path / str(len(runs))
+        main([*common, "--variants", *variants, "--out", str(out)])
+        runs.append(json.loads((out / "results.json").read_text())["results"]["lora+loract"])
+    for metric in ("saved_bytes", "last_loss", "final_loss", "heldout_loss"):
+        assert runs[0][metric] == runs[1][metric], metric

@@ -134,6 +134,23 @@ def test_8bit_policies_forward_unchanged_grads_bounded_bytes_exact(family, bits)
     assert exact_bytes - quantised_bytes == LAYERS * per_layer
 
 
+def test_int8_preset_is_the_8bit_mapping():
+    """The ``"int8"`` preset is ``{"attention": "int8", "swiglu": "int8"}`` (tested above):
+    the same loss, gradients and bytes, bit for bit."""
+    tokens = _tokens()
+    runs = []
+    for policy in ("int8", {"attention": "int8", "swiglu": "int8"}):
+        model = apply_memory_policy(make_model(), policy, loss_chunk_tokens=None)
+        loss, grads = _loss_and_grads(model, tokens)
+        runs.append((loss, grads, saved_activation_bytes(lambda m=model: _loss(m, tokens))))
+    (loss, grads, nbytes), (map_loss, map_grads, map_bytes) = runs
+    assert torch.equal(loss, map_loss) and nbytes == map_bytes
+    assert (
+        all(torch.equal(grads[n], map_grads[n]) for n in map_grads)
+        and grads.keys() == map_grads.keys()
+    )
+
+
 def test_8bit_attention_refuses_a_padding_mask():
     model = make_model()
     apply_memory_policy(model, {"attention": "int8"}, loss_chunk_tokens=None)
