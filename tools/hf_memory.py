@@ -228,7 +228,9 @@ def run(names: list[str], args, seed: int) -> dict:
     slows all of them alike), and measure them."""
     variants = {name: Variant(name, args, seed) for name in names}
     held_tokens, held_labels = held_out_rows(args)
-    first = held_tokens[: args.batch], held_labels[: args.batch]
+    # Copies: a slice is a view of all held-out rows, and a trained embedding keeps its input
+    # ids, so the saved-bytes count would charge it the whole held-out tensor's storage.
+    first = held_tokens[: args.batch].clone(), held_labels[: args.batch].clone()
     results = {
         name: {"saved_bytes": saved_activation_bytes(lambda v=v: v.loss(*first))}
         for name, v in variants.items()

@@ -137,12 +137,14 @@ def test_8bit_policies_forward_unchanged_grads_bounded_bytes_exact(family, bits)
 def test_int8_preset_is_the_8bit_mapping():
     """The ``"int8"`` preset is ``{"attention": "int8", "swiglu": "int8"}`` (tested above):
     the same loss, gradients and bytes, bit for bit."""
-    tokens = _tokens()
+    tokens = random_tokens()
     runs = []
     for policy in ("int8", {"attention": "int8", "swiglu": "int8"}):
         model = apply_memory_policy(make_model(), policy, loss_chunk_tokens=None)
-        loss, grads = _loss_and_grads(model, tokens)
-        runs.append((loss, grads, saved_activation_bytes(lambda m=model: _loss(m, tokens))))
+        loss, grads = loss_and_grads(model, tokens)
+        runs.append(
+            (loss, grads, saved_activation_bytes(lambda m=model: causal_lm_loss(m, tokens)))
+        )
     (loss, grads, nbytes), (map_loss, map_grads, map_bytes) = runs
     assert torch.equal(loss, map_loss) and nbytes == map_bytes
     assert (
