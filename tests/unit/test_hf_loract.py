@@ -208,6 +208,31 @@ def test_loract_preset_saved_bytes_closed_form(lora):
             pytest.fail(f"{name} keeps {nbytes} bytes of its own")
 
 
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non_reentrant"])
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_loract_preset_draws_alike_under_hf_gradient_checkpointing(reentrant, lora):
+    """The ``"loract"`` preset draws its columns from the global RNG in every call; under HF
+    gradient checkpointing (either variant) the norms and the MLP take the draws of the run
+    without it (reentrant: its no-grad first pass skips them, the re-run packs with the RNG
+    state restored), so the loss, every gradient and the global RNG state after the step are
+    bit-identical (the same ops on the same inputs and factors)."""
+    tokens = random_tokens()
+    build = make_lora_model if lora else make_model
+    plain = apply_memory_policy(build(), "loract", loss_chunk_tokens=None)
+    torch.manual_seed(7)
+    loss, grads = loss_and_grads(plain, tokens)
+    rng_after = torch.get_rng_state()
+    model = apply_memory_policy(build(), "loract", loss_chunk_tokens=None)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    torch.manual_seed(7)
+    checkpointed_loss, checkpointed = loss_and_grads(model, tokens)
+    assert torch.equal(checkpointed_loss, loss)
+    assert set(checkpointed) == set(grads)
+    for name, grad in grads.items():
+        assert torch.equal(checkpointed[name], grad), name
+    assert torch.equal(torch.get_rng_state(), rng_after)
+
+
 def test_loract_refusals_leave_the_model_untouched():
     config = peft.LoraConfig(r=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.1)
     model = peft.get_peft_model(make_model(), config)
