@@ -184,7 +184,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend
 
 from actcomp_dist.compression.base import parse_rank_argument
-from actcomp_dist.compression.lowrank import low_rank_factors
+from actcomp_dist.compression.lowrank import column_draw, low_rank_factors
 from actcomp_dist.seeds import seeded_generator
 
 #: Kinds of saved tensor a policy can be set for.
@@ -400,7 +400,7 @@ class LowRankStorage(Quantizer):
         """Take the draw :meth:`pack` would take for a tensor of width ``n`` (only
         ``fresh_columns`` draws)."""
         if self.fresh_columns:
-            torch.randperm(n, generator=torch.default_generator)
+            column_draw(n, torch.default_generator)
 
     def width(self, n: int) -> int:
         """``k``, the number of factor columns for a tensor whose last dimension is ``n``."""

@@ -73,14 +73,20 @@ def low_rank_factors(
         return _factors(a, k, generator, algorithm, oversampling, power_iterations)
 
 
+def column_draw(n: int, generator: torch.Generator) -> torch.Tensor:
+    """The ``sampled`` algorithm's draw for a width-``n`` tensor: a permutation of
+    ``range(n)`` (its first ``k`` are the sampled columns), drawn where ``generator`` lives
+    (the global CPU generator for LoRAct's per-call draw, see storage.LowRankStorage). The
+    one place the draw is made, so a caller that takes it without factorising
+    (``LowRankStorage.skip``) consumes the RNG exactly as a factorisation does."""
+    return torch.randperm(n, generator=generator, device=generator.device)
+
+
 def _factors(a, k, generator, algorithm, oversampling, power_iterations):
     qr_dtype = torch.promote_types(a.dtype, torch.float32)
     n = a.shape[1]
     if algorithm == "sampled":
-        # Drawn where the generator lives (the global CPU generator for LoRAct's per-call
-        # draw, see storage.LowRankStorage), used on a's device.
-        columns = torch.randperm(n, generator=generator, device=generator.device)[:k]
-        columns = columns.to(a.device)
+        columns = column_draw(n, generator)[:k].to(a.device)  # used on a's device
         q = _orthonormal(a.t() @ a[:, columns], qr_dtype)  # [n, k]
     elif algorithm == "rsvd":
         width = min(k + oversampling, n)
