@@ -605,20 +605,27 @@ def _tokens_first(o: torch.Tensor) -> torch.Tensor:
     return o.permute(2, 0, 1, 3).reshape(s, b, heads * d)
 
 
-def _pack_like(quantizer, tensors):
-    """Each tensor packed, and a meta tensor of its shape, dtype and strides for ``unpack``."""
+def save_packed(ctx, quantizer: Quantizer, tensors, *extra: torch.Tensor) -> list[tuple]:
+    """Save each of ``tensors`` packed by ``quantizer`` on an autograd ``ctx`` (then ``extra``
+    as they are), with what :func:`load_packed` needs: the count of packed tensors and a meta
+    tensor of the shape, dtype and strides of each (the dequantised copies take the layout of
+    the originals). Returns the packed tuples."""
     packed = [quantizer.pack(t) for t in tensors]
-    likes = [
+    ctx.save_for_backward(*(t for pair in packed for t in pair), *extra)
+    ctx.packed_counts = [len(pair) for pair in packed]
+    ctx.packed_likes = [
         torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta") for t in tensors
     ]
-    return packed, likes
+    ctx.packed_quantizer = quantizer
+    return packed
 
 
-def _unpack_all(quantizer, saved, counts, likes):
-    out = []
-    for count, like in zip(counts, likes, strict=True):
+def load_packed(ctx) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The tensors :func:`save_packed` saved, dequantised, and its ``extra`` tensors."""
+    saved, out = list(ctx.saved_tensors), []
+    for count, like in zip(ctx.packed_counts, ctx.packed_likes, strict=True):
         packed, saved = tuple(saved[:count]), saved[count:]
-        out.append(quantizer.unpack(packed, like))
+        out.append(ctx.packed_quantizer.unpack(packed, like))
     return out, saved
 
 
@@ -632,17 +639,14 @@ class _AttentionWithStoredOutput(torch.autograd.Function):
     def forward(ctx, q, k, v, quantizer):
         o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, is_causal=True)
         out = _tokens_first(o)  # [s, b, heads * d]
-        packed, likes = _pack_like(quantizer, (q, k, v, out))
-        ctx.save_for_backward(*(t for pair in packed for t in pair), lse)
-        ctx.counts, ctx.likes, ctx.quantizer = [len(pair) for pair in packed], likes, quantizer
+        packed = save_packed(ctx, quantizer, (q, k, v, out), lse)
         ctx.heads = q.shape[1]
         ctx.mark_non_differentiable(*packed[3])
         return out, *packed[3]
 
     @staticmethod
     def backward(ctx, grad_out, *_grad_packed):
-        *saved, lse = ctx.saved_tensors
-        (q, k, v, out), _ = _unpack_all(ctx.quantizer, saved, ctx.counts, ctx.likes)
+        (q, k, v, out), (lse,) = load_packed(ctx)
         # SDPA's backward on the dequantised copies with the forward's log-sum-exp: the
         # softmax is exp(q_hat k_hat^T / sqrt(d) - lse) and the output enters only through
         # rowsum(dO * o_hat) (see the module doc for what this changes against the forward
@@ -668,15 +672,13 @@ class _AttentionWithStoredInputs(torch.autograd.Function):
     def forward(ctx, q, k, v, quantizer, enable_gqa):
         with torch.no_grad():
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=enable_gqa)
-        packed, ctx.likes = _pack_like(quantizer, (q, k, v))
-        ctx.save_for_backward(*(t for pair in packed for t in pair))
-        ctx.counts = [len(pair) for pair in packed]
-        ctx.quantizer, ctx.enable_gqa = quantizer, enable_gqa
+        save_packed(ctx, quantizer, (q, k, v))
+        ctx.enable_gqa = enable_gqa
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        inputs, _ = _unpack_all(ctx.quantizer, list(ctx.saved_tensors), ctx.counts, ctx.likes)
+        inputs, _ = load_packed(ctx)
         inputs = [t.detach().requires_grad_(True) for t in inputs]
         with torch.enable_grad():
             out = F.scaled_dot_product_attention(*inputs, is_causal=True, enable_gqa=ctx.enable_gqa)
@@ -749,8 +751,10 @@ __all__ = [
     "attention_with_stored_inputs",
     "attention_with_stored_output",
     "element_error_bound",
+    "load_packed",
     "policy_grammar",
     "resolve_compressed_sites",
+    "save_packed",
     "storage_for",
     "stores_attention_output",
 ]

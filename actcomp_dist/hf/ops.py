@@ -38,7 +38,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from actcomp_dist.autograd import as_in_forward, record_forward_state
 from actcomp_dist.models.efficient_ops import stored_rms_norm
-from actcomp_dist.storage import Quantizer
+from actcomp_dist.storage import Quantizer, load_packed, save_packed
 
 
 def swiglu_product(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -50,23 +50,13 @@ def _save(ctx, storage: Quantizer | None, *tensors: torch.Tensor) -> None:
     ctx.storage = storage
     if storage is None:
         ctx.save_for_backward(*tensors)
-        return
-    packed = [storage.pack(t) for t in tensors]
-    ctx.counts = [len(p) for p in packed]
-    ctx.likes = [torch.empty_like(t, device="meta") for t in tensors]
-    ctx.save_for_backward(*(t for p in packed for t in p))
+    else:
+        save_packed(ctx, storage, tensors)
 
 
 def _load(ctx) -> list[torch.Tensor]:
     """The kept tensors (dequantised), detached and requiring grad for a re-run."""
-    saved = list(ctx.saved_tensors)
-    if ctx.storage is None:
-        tensors = saved
-    else:
-        tensors = []
-        for count, like in zip(ctx.counts, ctx.likes, strict=True):
-            packed, saved = tuple(saved[:count]), saved[count:]
-            tensors.append(ctx.storage.unpack(packed, like))
+    tensors = list(ctx.saved_tensors) if ctx.storage is None else load_packed(ctx)[0]
     return [t.detach().requires_grad_(True) for t in tensors]
 
 
