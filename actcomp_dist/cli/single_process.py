@@ -37,24 +37,22 @@ def model_config_from_args(args: argparse.Namespace):
 @contextlib.contextmanager
 def one_rank_world(store_dir: str | Path | None = None) -> Iterator[None]:
     """``torch.distributed`` (gloo, a file store in ``store_dir``, default a new temporary
-    directory: no port to collide with) and model-parallel state at TP 1, each only if this
-    process has none yet (a test may call a tool's ``main`` inside its own world); what is
-    started here is torn down on exit. The tests' ``single_rank`` fixture is this."""
+    directory, removed on exit: no port to collide with) and model-parallel state at TP 1,
+    each only if this process has none yet (a test may call a tool's ``main`` inside its own
+    world); what is started here is torn down on exit. The tests' ``single_rank`` fixture is
+    this."""
     import torch.distributed as dist
 
     from actcomp_dist.parallel import state
 
-    own_group = not dist.is_initialized()
-    if own_group:
-        store = Path(store_dir or tempfile.mkdtemp()) / "store"
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-    own_state = not state.is_initialized()
-    if own_state:
-        state.initialize_model_parallel(1)
-    try:
+    with contextlib.ExitStack() as cleanup:
+        if not dist.is_initialized():
+            if store_dir is None:
+                store_dir = cleanup.enter_context(tempfile.TemporaryDirectory())
+            store = Path(store_dir) / "store"
+            dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+            cleanup.callback(dist.destroy_process_group)  # before the directory goes
+        if not state.is_initialized():
+            state.initialize_model_parallel(1)
+            cleanup.callback(state.destroy)
         yield
-    finally:
-        if own_state:
-            state.destroy()
-        if own_group:
-            dist.destroy_process_group()
