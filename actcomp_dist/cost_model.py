@@ -105,6 +105,11 @@ class Device:
     #: ``"cuda"`` or ``"cpu"``: which backward an 8-bit ``attention`` runs (module docstring).
     type: str = "cuda"
 
+    def __post_init__(self) -> None:
+        # Any other name would silently count the CPU backward (no SDPA forward again).
+        if self.type not in ("cpu", "cuda"):
+            raise ValueError(f"Device.type={self.type!r} must be 'cpu' or 'cuda'")
+
 
 @dataclass(frozen=True)
 class StepTime:

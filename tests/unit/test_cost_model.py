@@ -203,6 +203,13 @@ def test_cost_model_closed_form_and_ordering():
     assert _step(model, "lowrank:0.25", seq) is None
 
 
+def test_device_type_is_cpu_or_cuda():
+    """``Device.type`` picks the 8-bit attention's backward; a name that is neither (``"gpu"``)
+    is refused, not counted as the CPU backward (as ``ActivationSetting.device_type``)."""
+    with pytest.raises(ValueError, match="Device.type='gpu' must be 'cpu' or 'cuda'"):
+        Device(type="gpu")
+
+
 def test_cost_model_of_lowrank_storage_closed_form():
     """``ac_lowrank:R``: 6 n k flops per token and factorised tensor (two norms of width h,
     ``[gate | up]`` of width 2f), one QR of [n, k] per micro-batch, and the uncompressed qkv /
