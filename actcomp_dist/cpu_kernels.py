@@ -1,0 +1,109 @@
+"""Fused CPU kernels for the 8-bit storages: the ``int8`` pack and unpack in one pass each.
+
+Why: :class:`actcomp_dist.storage.Int8Absmax` written with PyTorch ops runs about ten ops per
+pack (a float copy of a bf16 input, two reductions, the scale arithmetic, the multiply, the
+rounding, the cast) and three per unpack. On a CPU each op costs a few microseconds of its own
+and one pass over the tensor, so at small shapes the 8-bit storage costs more than the memory it
+frees is worth: tiny model, bf16, 8-bit attention and SwiGLU, alternating training steps
+(``tools/storage_cost.py``): 1.05-1.08x the step time of the exact block, of which 1.015x
+remained when packing was made free. :file:`csrc/int8_pack.cpp` reads the tensor twice per pack
+(the group's absmax, then the codes) and once per unpack, with the same values bit for bit
+(its header gives the arithmetic; ``tests/unit/test_cpu_kernels.py`` checks it against the ops
+path).
+
+How it is built: :func:`torch.utils.cpp_extension.load` compiles the source on first use in a
+process (about 10 s on 2 cores, once per machine: the library is cached under
+``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``; ``make`` keeps it in the
+venv, as DeepSpeed's JIT ops) with ``-O3 -march=native -ffp-contract=off``. The library's name
+carries a digest of the CPU model and its feature flags, so a cache shared by unlike machines
+(a cluster's home directory) never loads a library built for another instruction set. Ranks
+that start together wait on torch's file lock while one builds.
+
+Where it is used: CPU tensors of float32 or bfloat16. CUDA, float16, float64 and the ``fp8``
+storage keep the PyTorch ops. When the build fails (no compiler, a toolchain torch rejects) the
+storage warns once per process and keeps the PyTorch ops: the same values, slower.
+``ACTCOMP_CPU_KERNELS=off`` skips the build (the ops path, no compiler needed); ``auto`` (the
+default) builds it.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import platform
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+#: The environment variable that turns the kernels off (``off``) or on (``auto``, default).
+ENV_VAR = "ACTCOMP_CPU_KERNELS"
+SOURCE = Path(__file__).parent / "csrc" / "int8_pack.cpp"
+COMPILE_FLAGS = ("-O3", "-march=native", "-ffp-contract=off")
+#: Dtypes the kernels take (a bf16 or fp32 tensor packs; unpack writes either).
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _cpu_fingerprint() -> str:
+    """Digest of what ``-march=native`` depends on: the architecture, the CPU model and its
+    feature flags (Linux's /proc/cpuinfo; elsewhere ``platform.processor()``)."""
+    parts = [platform.machine(), platform.processor(), *COMPILE_FLAGS]
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                key = line.split(":", 1)[0].strip()
+                if key in ("model name", "flags", "Features", "CPU part", "CPU implementer"):
+                    parts.append(line.strip())
+                if not line.strip():  # the first processor's block is enough
+                    break
+    except OSError:
+        pass
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
+
+
+def _setting() -> str:
+    value = os.environ.get(ENV_VAR, "auto")
+    if value not in ("auto", "off"):
+        raise ValueError(f"{ENV_VAR}={value!r}: expected 'auto' (build the CPU kernels) or 'off'")
+    return value
+
+
+@functools.cache
+def int8_ops() -> Any | None:
+    """``torch.ops.actcomp_dist`` (``int8_pack``, ``int8_unpack``), built on the first call in a
+    process; ``None`` when ``ACTCOMP_CPU_KERNELS=off`` or when the build fails (with a warning
+    naming the error)."""
+    if _setting() == "off":
+        return None
+    from torch.utils.cpp_extension import load
+
+    name = f"actcomp_int8_pack_{_cpu_fingerprint()}"
+    try:
+        load(
+            name=name,
+            sources=[str(SOURCE)],
+            extra_cflags=list(COMPILE_FLAGS),
+            is_python_module=False,
+            verbose=False,
+        )
+    except Exception as error:  # any build or load failure: the ops path still works
+        reason = str(error).strip().splitlines()[-1:] or [type(error).__name__]
+        warnings.warn(
+            f"actcomp_dist: could not build the CPU int8 kernel {SOURCE.name} ({reason[0]}); "
+            f"the int8 storage uses PyTorch ops instead (same values, slower). "
+            f"Set {ENV_VAR}=off to skip the build.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
+    return torch.ops.actcomp_dist
+
+
+def int8_ops_for(x: torch.Tensor, dtype: torch.dtype | None = None) -> Any | None:
+    """:func:`int8_ops` where they serve ``x`` (a CPU tensor; for packing of dtype
+    :data:`DTYPES`, for unpacking into ``dtype`` among them), else ``None``."""
+    if x.device.type != "cpu" or (dtype if dtype is not None else x.dtype) not in DTYPES:
+        return None
+    return int8_ops()
