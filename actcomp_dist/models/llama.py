@@ -140,10 +140,30 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _identity_vjp(source: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return source, grad
+
+
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` for a fused ``[gate | up]`` tensor (split on the last dimension)."""
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def swiglu_vjp(gate_up: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``swiglu(gate_up)`` and the gradient of ``gate_up`` for the product's gradient ``grad``,
+    by the ops autograd runs for :func:`swiglu` (mul's backward, then ``silu_backward``), so the
+    same values bit for bit, without recording a graph and calling the autograd engine again
+    inside a backward (about 0.2 ms per call on a CPU)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    activated = F.silu(gate)
+    grad_gate = torch.ops.aten.silu_backward(grad * up, gate)
+    return activated * up, torch.cat([grad_gate, grad * activated], dim=-1)
+
+
+# The input recipes' gradients by hand (CompressedRowParallelLinear's ``input_fn.vjp``).
+_identity.vjp = _identity_vjp
+swiglu.vjp = swiglu_vjp
 
 
 @functools.cache

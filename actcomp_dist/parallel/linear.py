@@ -250,13 +250,18 @@ class _RecomputedInputParallelLinear(torch.autograd.Function):
             (source,) = packed
         else:
             source = ctx.storage.unpack(tuple(packed), ctx.source_like)
-        with torch.enable_grad():
-            source = source.detach().requires_grad_(ctx.needs_input_grad[0])
-            x = ctx.input_fn(source)
         grad_source = grad_w = None
-        if ctx.needs_input_grad[0]:
+        vjp = getattr(ctx.input_fn, "vjp", None)
+        if vjp is not None and ctx.needs_input_grad[0]:
             grad_x = grad_out.matmul(weight)  # [s, b, n_local]: this rank's shard of dX
-            (grad_source,) = torch.autograd.grad(x, source, grad_x)
+            x, grad_source = vjp(source, grad_x)
+        else:
+            with torch.enable_grad():
+                source = source.detach().requires_grad_(ctx.needs_input_grad[0])
+                x = ctx.input_fn(source)
+            if ctx.needs_input_grad[0]:
+                grad_x = grad_out.matmul(weight)  # [s, b, n_local]: this rank's shard of dX
+                (grad_source,) = torch.autograd.grad(x, source, grad_x)
         if ctx.needs_input_grad[1]:
             g2d = grad_out.reshape(-1, grad_out.shape[-1])  # [N, m]
             grad_w = g2d.t().matmul(x.detach().reshape(-1, x.shape[-1]))
@@ -485,7 +490,10 @@ class CompressedRowParallelLinear(_CompressedParallelMixin, RowParallelLinear):
         tensor that backward needs anyway (FC2: ``swiglu`` of ``[gate | up]``). The layer then
         never keeps ``input_fn(input_)`` itself: uncompressed it keeps ``input_`` and
         recomputes; compressed it keeps its compressed tensor and ``input_`` for
-        ``input_fn``'s backward. Forward hooks see ``input_`` (not ``input_fn(input_)``), so
+        ``input_fn``'s backward. ``input_fn.vjp``, where given, is ``(source, grad_x) ->
+        (input_fn(source), grad of source)`` by hand, the values of autograd's (backward then
+        calls no autograd inside; :func:`actcomp_dist.models.llama.swiglu_vjp`).
+        Forward hooks see ``input_`` (not ``input_fn(input_)``), so
         callers with hooks that read the layer's input (adapters) must pass the input itself.
         ``storage``: with ``input_fn``, keep ``input_`` packed by this 8-bit or low-rank packer
         (:mod:`actcomp_dist.storage`); backward reads its dequantised copy. ``stored``:

@@ -32,7 +32,7 @@ from actcomp_dist import CompressionConfig
 from actcomp_dist.ablation.measure import measure_model_forward
 from actcomp_dist.models import full_state_dict, get_model_config
 from actcomp_dist.models.efficient_ops import rms_norm
-from actcomp_dist.models.llama import RMSNorm
+from actcomp_dist.models.llama import RMSNorm, swiglu, swiglu_vjp
 from actcomp_dist.parallel import state
 from actcomp_dist.training.config import ConfigError, run_config_from_dict
 from tests.helpers.distributed import run_distributed
@@ -110,6 +110,23 @@ def test_attention_and_mlp_are_bit_identical(single_rank, dtype, method, part):
     assert grads.keys() == naive_grads.keys()
     for name, grad in naive_grads.items():
         assert torch.equal(grads[name], grad), name
+
+
+@DTYPES
+def test_swiglu_vjp_is_autograd_bit_for_bit(dtype):
+    """FC2's backward takes the SwiGLU gradient from ``swiglu.vjp`` (no autograd inside a
+    backward): the product and the gradient of ``[gate | up]`` equal autograd's through
+    :func:`swiglu` bit for bit, the ops being the ones autograd runs."""
+    generator = torch.Generator().manual_seed(5)
+    gate_up = torch.randn(16, 3, 2 * 88, generator=generator).mul(4).to(dtype)
+    grad = torch.randn(16, 3, 88, generator=generator).to(dtype)
+    source = gate_up.clone().requires_grad_()
+    product = swiglu(source)
+    product.backward(grad)
+    vjp_product, vjp_grad = swiglu.vjp(gate_up, grad)
+    assert torch.equal(vjp_product, product.detach())
+    assert torch.equal(vjp_grad, source.grad)
+    assert swiglu.vjp is swiglu_vjp
 
 
 @pytest.mark.parametrize("method", ["lora", "lori"])
