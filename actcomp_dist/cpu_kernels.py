@@ -15,9 +15,10 @@ How it is built: :func:`torch.utils.cpp_extension.load` compiles the source on f
 process (about 10 s on 2 cores, once per machine: the library is cached under
 ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``; ``make`` keeps it in the
 venv, as DeepSpeed's JIT ops) with ``-O3 -march=native -ffp-contract=off``. The library's name
-carries a digest of the CPU model and its feature flags, so a cache shared by unlike machines
-(a cluster's home directory) never loads a library built for another instruction set. Ranks
-that start together wait on torch's file lock while one builds.
+carries a digest of the CPU model, its feature flags and the source's path, so a cache shared
+by unlike machines (a cluster's home directory) never loads a library built for another
+instruction set, and two checkouts never rebuild each other's. Ranks that start together wait
+on torch's file lock while one builds.
 
 Where it is used: CPU tensors of float32 or bfloat16. CUDA, float16, float64 and the ``fp8``
 storage keep the PyTorch ops. When the build fails (no compiler, a toolchain torch rejects) the
@@ -46,10 +47,14 @@ COMPILE_FLAGS = ("-O3", "-march=native", "-ffp-contract=off")
 DTYPES = (torch.float32, torch.bfloat16)
 
 
-def _cpu_fingerprint() -> str:
-    """Digest of what ``-march=native`` depends on: the architecture, the CPU model and its
-    feature flags (Linux's /proc/cpuinfo; elsewhere ``platform.processor()``)."""
-    parts = [platform.machine(), platform.processor(), *COMPILE_FLAGS]
+def _build_name() -> str:
+    """The library's name: a digest of what ``-march=native`` depends on (the architecture,
+    the CPU model and its feature flags: Linux's /proc/cpuinfo, elsewhere
+    ``platform.processor()``) and of the source's path. torch rebuilds a library in place
+    when the same name is loaded from another path, so two checkouts sharing a cache (a
+    benchmark clone beside a working tree) would rebuild it for each other in turn, under
+    processes that have it loaded."""
+    parts = [platform.machine(), platform.processor(), *COMPILE_FLAGS, str(SOURCE.resolve())]
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
             for line in cpuinfo:
@@ -60,7 +65,8 @@ def _cpu_fingerprint() -> str:
                     break
     except OSError:
         pass
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
+    digest = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
+    return f"actcomp_int8_pack_{digest}"
 
 
 def _setting() -> str:
@@ -79,10 +85,9 @@ def int8_ops() -> Any | None:
         return None
     from torch.utils.cpp_extension import load
 
-    name = f"actcomp_int8_pack_{_cpu_fingerprint()}"
     try:
         load(
-            name=name,
+            name=_build_name(),
             sources=[str(SOURCE)],
             extra_cflags=list(COMPILE_FLAGS),
             is_python_module=False,
@@ -98,7 +103,23 @@ def int8_ops() -> Any | None:
             stacklevel=2,
         )
         return None
+    _register_fake_kernels()
     return torch.ops.actcomp_dist
+
+
+def _register_fake_kernels() -> None:
+    """Shapes and dtypes of the ops' results for tensors without data (``FakeTensorMode``, as
+    ``torch.compile`` traces), so that tracing a model that packs on CPU does not stop here."""
+
+    @torch.library.register_fake("actcomp_dist::int8_pack")
+    def _int8_pack(x: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        groups = x.numel() // width
+        codes = x.new_empty((groups, width), dtype=torch.int8)
+        return codes, x.new_empty((groups, 1), dtype=torch.float32)
+
+    @torch.library.register_fake("actcomp_dist::int8_unpack")
+    def _int8_unpack(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype):
+        return codes.new_empty(codes.shape, dtype=dtype)
 
 
 def int8_ops_for(x: torch.Tensor, dtype: torch.dtype | None = None) -> Any | None:

@@ -13,7 +13,9 @@ Policies implemented (:data:`IMPLEMENTED`):
 - ``int8`` (``norm``, ``attention``, ``swiglu``, ``block_input``): per-group absmax. The last dimension is cut into
   groups of :data:`INT8_GROUP` elements (the whole last dimension when it is not a multiple);
   each group stores ``round(x / s)`` in int8 with one fp32 scale ``s = absmax / 127``.
-  Per element ``|x - x_hat| <= s / 2``. Bytes: ``numel + 4 numel / group``.
+  Per element ``|x - x_hat| <= s / 2``. Bytes: ``numel + 4 numel / group``. On CPU (float32,
+  bfloat16) a fused C++ kernel packs and unpacks with the same values bit for bit
+  (:mod:`actcomp_dist.cpu_kernels`).
 - ``fp8`` (``norm``, ``attention``, ``swiglu``, ``block_input``): ``torch.float8_e4m3fn`` with one fp32 scale per row
   of the last dimension, ``s = absmax / 448`` (e4m3's largest finite value). e4m3 keeps 3
   mantissa bits: per element ``|x - x_hat| <= 2^-4 |x|`` for ``|x| / s >= 2^-6`` (normal

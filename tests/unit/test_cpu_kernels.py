@@ -94,6 +94,23 @@ def test_kernel_refuses_what_it_does_not_serve():
         kernels.int8_unpack(torch.zeros(4, 64, dtype=torch.int8), torch.ones(4, 1), torch.float16)
 
 
+def test_kernels_trace_without_data():
+    """Under ``FakeTensorMode`` (what ``torch.compile`` traces with) the ops give the shapes and
+    dtypes of the real results."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    kernels = _kernels()
+    real = torch.randn(6, 2, 96).bfloat16()
+    real_codes, real_scales = kernels.int8_pack(real, 32)
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(real)
+        codes, scales = kernels.int8_pack(fake, 32)
+        restored = kernels.int8_unpack(codes, scales, torch.bfloat16)
+    assert (codes.shape, codes.dtype) == (real_codes.shape, real_codes.dtype)
+    assert (scales.shape, scales.dtype) == (real_scales.shape, real_scales.dtype)
+    assert restored.shape == real_codes.shape and restored.dtype == torch.bfloat16
+
+
 _PROBE = textwrap.dedent(
     """
     import warnings
