@@ -69,7 +69,9 @@ def _build_name() -> str:
     return f"actcomp_int8_pack_{digest}"
 
 
-def _setting() -> str:
+def setting() -> str:
+    """``ACTCOMP_CPU_KERNELS``: ``auto`` (unset) or ``off``; another value raises ValueError
+    (the trainer checks it at start-up, with the run config, when a kind is stored in int8)."""
     value = os.environ.get(ENV_VAR, "auto")
     if value not in ("auto", "off"):
         raise ValueError(f"{ENV_VAR}={value!r}: expected 'auto' (build the CPU kernels) or 'off'")
@@ -81,7 +83,7 @@ def int8_ops() -> Any | None:
     """``torch.ops.actcomp_dist`` (``int8_pack``, ``int8_unpack``), built on the first call in a
     process; ``None`` when ``ACTCOMP_CPU_KERNELS=off`` or when the build fails (with a warning
     naming the error)."""
-    if _setting() == "off":
+    if setting() == "off":
         return None
     from torch.utils.cpp_extension import load
 

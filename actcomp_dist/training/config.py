@@ -826,6 +826,13 @@ def validate_run(config: RunConfig, world_size: int) -> None:
             f"pinned host memory instead of device memory; on a CPU they are one memory, so it "
             f"would save nothing); valid on a CPU: {valid}"
         )
+    if "int8" in config.memory.storage_policy.changes().values() and not torch.cuda.is_available():
+        from actcomp_dist.cpu_kernels import setting as cpu_kernel_setting
+
+        try:  # the int8 storage's CPU kernel switch, read at the first pack otherwise
+            cpu_kernel_setting()
+        except ValueError as err:
+            raise ConfigError(f"memory.policy uses int8 on a CPU: {err}") from None
     dp = world_size // tp
     train = config.train
     per_step = train.micro_batch_size * dp

@@ -170,3 +170,18 @@ def test_a_bad_setting_is_refused(tmp_path):
     )
     assert done.returncode != 0
     assert f"{ENV_VAR}='yes': expected 'auto'" in done.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU kernel's switch is checked on CPU")
+def test_a_bad_setting_is_a_config_error_at_start_up(monkeypatch):
+    """The trainer's start-up check (before any collective, every rank) reads the switch when
+    a kind is stored in int8, instead of the first pack inside the first forward."""
+    from actcomp_dist.training.config import ConfigError, run_config_from_dict, validate_run
+
+    monkeypatch.setenv(ENV_VAR, "yes")
+    validate_run(run_config_from_dict({"memory": {"policy": {"swiglu": "fp8"}}}), 1)  # not read
+    config = run_config_from_dict({"memory": {"policy": {"swiglu": "int8"}}})
+    with pytest.raises(ConfigError, match=f"memory.policy uses int8 on a CPU: {ENV_VAR}='yes'"):
+        validate_run(config, 1)
+    monkeypatch.setenv(ENV_VAR, "off")
+    validate_run(config, 1)
