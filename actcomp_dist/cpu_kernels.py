@@ -33,6 +33,7 @@ import functools
 import hashlib
 import os
 import platform
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,8 @@ import torch
 ENV_VAR = "ACTCOMP_CPU_KERNELS"
 SOURCE = Path(__file__).parent / "csrc" / "int8_pack.cpp"
 COMPILE_FLAGS = ("-O3", "-march=native", "-ffp-contract=off")
+#: Age in seconds past which a build lock is taken for one a killed process left.
+STALE_LOCK_S = 600.0
 #: Dtypes the kernels take (a bf16 or fp32 tensor packs; unpack writes either).
 DTYPES = (torch.float32, torch.bfloat16)
 
@@ -87,9 +90,11 @@ def int8_ops() -> Any | None:
         return None
     from torch.utils.cpp_extension import load
 
+    name = _build_name()
+    _remove_stale_lock(name)
     try:
         load(
-            name=_build_name(),
+            name=name,
             sources=[str(SOURCE)],
             extra_cflags=list(COMPILE_FLAGS),
             is_python_module=False,
@@ -107,6 +112,29 @@ def int8_ops() -> Any | None:
         return None
     _register_fake_kernels()
     return torch.ops.actcomp_dist
+
+
+def _remove_stale_lock(name: str) -> None:
+    """torch's build holds a lock file in the build directory, also while it loads a library
+    already built, and a process that finds the file waits for it to go, without a limit. A
+    process killed in that window (SIGKILL: no ``finally``) leaves the file, and every later
+    run would hang at its first int8 pack. A build takes seconds; a lock older than
+    :data:`STALE_LOCK_S` is removed, with a warning."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        lock = Path(_get_build_directory(name, verbose=False)) / "lock"
+        age = time.time() - lock.stat().st_mtime
+    except (ImportError, OSError):  # no lock (the usual case), or torch moved the helper
+        return
+    if age > STALE_LOCK_S:
+        warnings.warn(
+            f"actcomp_dist: removing {lock}, left {age:.0f} s ago by a build or load of the "
+            f"CPU int8 kernel that did not finish (a killed process)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        lock.unlink(missing_ok=True)
 
 
 def _register_fake_kernels() -> None:

@@ -12,6 +12,8 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -157,6 +159,31 @@ def test_a_failed_build_warns_and_falls_back(tmp_path):
     assert "kernels False same True" in out
     assert "could not build the CPU int8 kernel int8_pack.cpp" in out
     assert f"Set {ENV_VAR}=off" in out
+
+
+def test_a_stale_build_lock_is_removed_not_waited_for(tmp_path):
+    """A lock file a killed process left in the build directory (older than STALE_LOCK_S):
+    removed with a warning, then the kernel builds; torch alone would wait for it forever."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    from actcomp_dist.cpu_kernels import STALE_LOCK_S, _build_name
+
+    extensions = tmp_path / "extensions"
+    old_env = os.environ.get("TORCH_EXTENSIONS_DIR")
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(extensions)
+    try:
+        lock = Path(_get_build_directory(_build_name(), verbose=False)) / "lock"
+    finally:
+        if old_env is None:
+            del os.environ["TORCH_EXTENSIONS_DIR"]
+        else:
+            os.environ["TORCH_EXTENSIONS_DIR"] = old_env
+    lock.touch()
+    stale = time.time() - STALE_LOCK_S - 60
+    os.utime(lock, (stale, stale))
+    out = _probe(tmp_path, **{ENV_VAR: "auto"})
+    assert "kernels True same True" in out
+    assert f"removing {lock}" in out
 
 
 def test_a_bad_setting_is_refused(tmp_path):
