@@ -44,6 +44,20 @@ struct LoadBFloat16 {
   uint32_t operator()(int64_t i) const { return static_cast<uint32_t>(row[i]) << 16; }
 };
 
+// Calls fn with the group width as a compile-time constant for the usual widths (64; 32, a
+// head dimension that 64 does not divide), whose loops then unroll into a few vector
+// instructions instead of a loop per group, and with 0 (meaning "the runtime width") otherwise.
+template <typename Fn>
+void with_fixed_width(int64_t width, Fn&& fn) {
+  if (width == 64) {
+    fn(std::integral_constant<int64_t, 64>{});
+  } else if (width == 32) {
+    fn(std::integral_constant<int64_t, 32>{});
+  } else {
+    fn(std::integral_constant<int64_t, 0>{});
+  }
+}
+
 template <typename Load>
 inline void pack_group(Load load, int64_t width, int8_t* __restrict codes, float* scale) {
   // |x| of a finite float orders as the integer of its bits without the sign bit.
@@ -78,8 +92,6 @@ std::tuple<at::Tensor, at::Tensor> int8_pack(const at::Tensor& x, int64_t width)
   float* scale_data = scales.mutable_data_ptr<float>();
   const void* data = input.const_data_ptr();
   const bool bf16 = input.scalar_type() == at::kBFloat16;
-  // The usual group widths (64; 32, a head dimension that 64 does not divide) as constants:
-  // their loops unroll into a few vector instructions instead of a loop per group.
   auto pack_all = [&](auto fixed_width) {
     constexpr int64_t kFixed = decltype(fixed_width)::value;
     const int64_t w = kFixed > 0 ? kFixed : width;
@@ -95,13 +107,7 @@ std::tuple<at::Tensor, at::Tensor> int8_pack(const at::Tensor& x, int64_t width)
       }
     });
   };
-  if (width == 64) {
-    pack_all(std::integral_constant<int64_t, 64>{});
-  } else if (width == 32) {
-    pack_all(std::integral_constant<int64_t, 32>{});
-  } else {
-    pack_all(std::integral_constant<int64_t, 0>{});
-  }
+  with_fixed_width(width, pack_all);
   return {codes, scales};
 }
 
@@ -150,13 +156,7 @@ at::Tensor int8_unpack(const at::Tensor& codes, const at::Tensor& scales, at::Sc
       }
     });
   };
-  if (width == 64) {
-    unpack_all(std::integral_constant<int64_t, 64>{});
-  } else if (width == 32) {
-    unpack_all(std::integral_constant<int64_t, 32>{});
-  } else {
-    unpack_all(std::integral_constant<int64_t, 0>{});
-  }
+  with_fixed_width(width, unpack_all);
   return out;
 }
 
