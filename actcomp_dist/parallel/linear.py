@@ -250,17 +250,17 @@ class _RecomputedInputParallelLinear(torch.autograd.Function):
             (source,) = packed
         else:
             source = ctx.storage.unpack(tuple(packed), ctx.source_like)
-        grad_source = grad_w = None
-        vjp = getattr(ctx.input_fn, "vjp", None)
-        if vjp is not None and ctx.needs_input_grad[0]:
+        grad_source = grad_w = grad_x = None
+        if ctx.needs_input_grad[0]:
             grad_x = grad_out.matmul(weight)  # [s, b, n_local]: this rank's shard of dX
+        vjp = getattr(ctx.input_fn, "vjp", None)
+        if vjp is not None and grad_x is not None:
             x, grad_source = vjp(source, grad_x)
         else:
             with torch.enable_grad():
-                source = source.detach().requires_grad_(ctx.needs_input_grad[0])
+                source = source.detach().requires_grad_(grad_x is not None)
                 x = ctx.input_fn(source)
-            if ctx.needs_input_grad[0]:
-                grad_x = grad_out.matmul(weight)  # [s, b, n_local]: this rank's shard of dX
+            if grad_x is not None:
                 (grad_source,) = torch.autograd.grad(x, source, grad_x)
         if ctx.needs_input_grad[1]:
             g2d = grad_out.reshape(-1, grad_out.shape[-1])  # [N, m]
